@@ -1,0 +1,72 @@
+"""HTTP calls from the client to one worker, with end-to-end page checksums.
+
+A worker sends each page with its xxh3-64 checksum; the client checks it on arrival. A
+mismatch (disk or wire corruption) is retried once with `verify=1`, which makes the
+worker re-check its page file, drop it if corrupt and refetch it from the UFS.
+Connection failures and timeouts become `Unavailable`, so the caller tries the next
+ring candidate; any other error answer is authoritative and is raised as is.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import httpx
+import xxhash
+
+from dorafs.errors import Unavailable, from_wire
+from dorafs.ufs import FileStatus
+
+log = logging.getLogger(__name__)
+
+
+class CorruptPage(Unavailable):
+    """A worker kept sending a page whose bytes do not match its checksum."""
+
+
+class WorkerClient:
+    def __init__(self, *, timeout: float, connect_timeout: float, max_connections: int = 64):
+        self._http = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout, connect=connect_timeout),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _get(self, address: str, path: str, params: dict) -> httpx.Response:
+        try:
+            response = await self._http.get(f"http://{address}{path}", params=params)
+        except httpx.TimeoutException as exc:
+            raise Unavailable(f"worker {address} timed out ({type(exc).__name__})") from None
+        except httpx.TransportError as exc:
+            raise Unavailable(f"worker {address} unreachable: {exc!r}") from None
+        if response.status_code != 200:
+            try:
+                body = response.json()
+            except ValueError:
+                body = {"message": response.text[:200]}
+            raise from_wire(response.status_code, body)
+        return response
+
+    async def page(self, address: str, uri: str, version: str, size: int, index: int, page_size: int) -> bytes:
+        params = {"uri": uri, "version": version, "size": size, "index": index, "page_size": page_size}
+        for attempt in (0, 1):
+            response = await self._get(address, "/v1/page", params)
+            data = response.content
+            expected = response.headers.get("x-dorafs-checksum", "")
+            if xxhash.xxh3_64_hexdigest(data) == expected:
+                return data
+            log.warning("page %d of %s from worker %s failed its checksum%s", index, uri, address,
+                        "; asking the worker to verify and refetch" if attempt == 0 else " again")
+            params["verify"] = "1"
+        raise CorruptPage(f"worker {address} sent a corrupt page {index} of {uri} twice")
+
+    async def stat(self, address: str, uri: str) -> FileStatus:
+        response = await self._get(address, "/v1/stat", {"uri": uri})
+        return FileStatus.from_dict(response.json())
+
+    async def list_page(self, address: str, uri: str, after: str, limit: int) -> tuple[list[FileStatus], str | None]:
+        response = await self._get(address, "/v1/list", {"uri": uri, "after": after, "limit": limit})
+        body = response.json()
+        return [FileStatus.from_dict(e) for e in body["entries"]], body.get("next")

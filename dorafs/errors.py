@@ -1,0 +1,83 @@
+"""Domain errors, each carrying the errno an application should see.
+
+This is the one vocabulary of failure shared by the UFS adapters, the workers, the
+client and the FUSE adapter. Errors cross the worker's HTTP API as a status code plus
+the errno's name (see `to_wire` / `from_wire`), so a worker's ENOENT reaches the
+application as ENOENT, not as a generic EIO.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class DoraError(Exception):
+    """Base class: an error with an errno and an HTTP status."""
+
+    errno: int = _errno.EIO
+    http_status: int = 500
+
+    def __init__(self, message: str = "", *, errno: int | None = None):
+        super().__init__(message or self.__class__.__name__)
+        if errno is not None:
+            self.errno = errno
+
+    def to_wire(self) -> dict:
+        return {"errno": _errno.errorcode.get(self.errno, "EIO"), "message": str(self)}
+
+
+class NotFound(DoraError):
+    errno = _errno.ENOENT
+    http_status = 404
+
+
+class NotADirectory(DoraError):
+    errno = _errno.ENOTDIR
+    http_status = 409
+
+
+class IsADirectory(DoraError):
+    errno = _errno.EISDIR
+    http_status = 409
+
+
+class StaleVersion(DoraError):
+    """The object changed since its version was pinned: never serve mixed bytes."""
+
+    errno = _errno.ESTALE
+    http_status = 412
+
+
+class InvalidRequest(DoraError):
+    errno = _errno.EINVAL
+    http_status = 400
+
+
+class UfsError(DoraError):
+    """The under file system failed (after its own retries)."""
+
+    errno = _errno.EIO
+    http_status = 502
+
+
+class Unavailable(DoraError):
+    """No worker answered; the caller may fall back to the UFS."""
+
+    errno = _errno.EIO
+    http_status = 503
+
+
+_BY_STATUS = {cls.http_status: cls for cls in (NotFound, StaleVersion, InvalidRequest, UfsError, Unavailable)}
+
+
+def from_wire(status: int, body: dict | None) -> DoraError:
+    """Rebuild a DoraError from a daemon's error answer."""
+    body = body or {}
+    message = str(body.get("message") or f"HTTP {status}")
+    code = getattr(_errno, str(body.get("errno", "")), None)
+    if status == 409 and code == _errno.ENOTDIR:
+        return NotADirectory(message)
+    if status == 409 and code == _errno.EISDIR:
+        return IsADirectory(message)
+    cls = _BY_STATUS.get(status, DoraError)
+    return cls(message, errno=code if isinstance(code, int) else None)

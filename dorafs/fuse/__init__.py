@@ -1,0 +1,1 @@
+"""The FUSE adapter: translates kernel requests into DoraClient calls, nothing more."""

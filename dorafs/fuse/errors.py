@@ -1,0 +1,38 @@
+"""The one error boundary between dorafs and the kernel.
+
+Only `pyfuse3.FUSEError` may leave a pyfuse3 handler (anything else ends the mount), so
+every operation is wrapped: a `DoraError` becomes its errno, anything unexpected becomes
+EIO, and each is logged once at a level fitting how surprising it is.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+
+import pyfuse3
+
+from dorafs.errors import DoraError
+
+log = logging.getLogger("dorafs.fuse")
+
+_QUIET = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EROFS, errno.ENOTSUP, errno.ENODATA}
+
+
+def fuse_operation(fn):
+    @functools.wraps(fn)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except DoraError as exc:
+            level = logging.DEBUG if exc.errno in _QUIET else logging.WARNING
+            log.log(level, "%s: %s (%s)", fn.__name__, exc, errno.errorcode.get(exc.errno, exc.errno))
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except Exception:
+            log.exception("%s failed unexpectedly; answering EIO", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper

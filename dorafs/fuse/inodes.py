@@ -1,0 +1,76 @@
+"""Inode numbers for paths, with the kernel's lookup counts.
+
+An inode exists while the kernel holds a reference to it (lookup count > 0) or while a
+file or directory handle uses it. Paths are relative to the mount root ('' is the root).
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+from dataclasses import dataclass, field
+
+import pyfuse3
+
+from dorafs.ufs import FileStatus, join
+
+
+@dataclass(eq=False)
+class Node:
+    inode: int
+    path: str
+    uri: str
+    status: FileStatus
+    lookups: int = 0
+    open_handles: int = 0
+    # Version whose pages the kernel may hold in its page cache for this inode; None
+    # when it may hold pages of more than one version (then the next open flushes them).
+    kernel_version: str | None = None
+    open_versions: dict[str, int] = field(default_factory=dict)
+
+
+class InodeTable:
+    def __init__(self, root_uri: str, root_status: FileStatus):
+        self._numbers = itertools.count(pyfuse3.ROOT_INODE + 1)
+        root = Node(pyfuse3.ROOT_INODE, "", root_uri, root_status, lookups=1)
+        self._by_inode: dict[int, Node] = {root.inode: root}
+        self._by_path: dict[str, Node] = {"": root}
+
+    def __len__(self) -> int:
+        return len(self._by_inode)
+
+    def __getitem__(self, inode: int) -> Node:
+        node = self._by_inode.get(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        return node
+
+    def child(self, parent: Node, name: str, status: FileStatus) -> Node:
+        """The node for parent/name, created if needed, with its status refreshed."""
+        path = f"{parent.path}/{name}" if parent.path else name
+        node = self._by_path.get(path)
+        if node is None:
+            node = Node(next(self._numbers), path, join(parent.uri, name), status)
+            self._by_inode[node.inode] = node
+            self._by_path[path] = node
+        else:
+            node.status = status
+        return node
+
+    def parent_of(self, node: Node) -> Node:
+        if not node.path:
+            return node
+        return self._by_path.get(node.path.rpartition("/")[0]) or self._by_path[""]
+
+    def forget(self, inode: int, count: int) -> None:
+        node = self._by_inode.get(inode)
+        if node is None or inode == pyfuse3.ROOT_INODE:
+            return
+        node.lookups -= count
+        self.release_if_unused(node)
+
+    def release_if_unused(self, node: Node) -> None:
+        if node.lookups <= 0 and node.open_handles <= 0 and node.inode != pyfuse3.ROOT_INODE:
+            self._by_inode.pop(node.inode, None)
+            if self._by_path.get(node.path) is node:
+                del self._by_path[node.path]

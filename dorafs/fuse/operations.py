@@ -1,0 +1,245 @@
+"""pyfuse3 operations for a read-only dorafs mount.
+
+Subtleties:
+- Version pinning: `open` stats the file and pins (version, size) in its handle; every
+  read of that handle is served from that version or fails with ESTALE.
+- Kernel page cache: `keep_cache` is set only when the kernel can hold pages of this
+  version alone. If another handle of the same inode is open on a different version,
+  the new handle bypasses the kernel cache (`direct_io`) and the inode is marked so that
+  the next open flushes the cache.
+- readdir offsets are positions in a listing snapshot taken when the directory handle
+  first reads, so offsets are stable across calls; every entry reported through
+  readdirplus takes one lookup reference, as the kernel expects.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pyfuse3
+
+from dorafs.client import DoraClient, OpenFile
+from dorafs.config import MountConfig
+from dorafs.errors import IsADirectory, NotADirectory, NotFound
+from dorafs.fuse.errors import fuse_operation
+from dorafs.fuse.inodes import InodeTable, Node
+from dorafs.ufs import FileStatus, join
+
+log = logging.getLogger(__name__)
+
+NAME_MAX = 255
+
+
+def valid_name(name: str) -> bool:
+    """Names the kernel can show: not '', '.', '..', no '/' or NUL, at most NAME_MAX bytes."""
+    if name in ("", ".", "..") or "/" in name or "\0" in name:
+        return False
+    return len(name.encode("utf-8", "surrogateescape")) <= NAME_MAX
+
+
+@dataclass
+class FileHandle:
+    node: Node
+    file: OpenFile
+
+
+@dataclass
+class DirHandle:
+    node: Node
+    entries: list[FileStatus] = field(default_factory=list)
+    pages: AsyncIterator[list[FileStatus]] | None = None
+    complete: bool = False
+
+
+class DoraOperations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, client: DoraClient, config: MountConfig, root_uri: str, root_status: FileStatus):
+        super().__init__()
+        self.client = client
+        self.config = config
+        self.inodes = InodeTable(root_uri, root_status)
+        self._handles: dict[int, FileHandle | DirHandle] = {}
+        self._numbers = itertools.count(1)
+        self._uid = os.getuid()
+        self._gid = os.getgid()
+
+    # -- attributes -------------------------------------------------------------------
+
+    def _attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+        status = node.status
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = node.inode
+        attr.generation = 0
+        attr.entry_timeout = self.config.entry_timeout
+        attr.attr_timeout = self.config.attr_timeout
+        attr.st_mode = status.mode
+        attr.st_nlink = 2 if status.is_dir else 1
+        attr.st_uid = self._uid
+        attr.st_gid = self._gid
+        attr.st_size = status.size
+        attr.st_blksize = self.client.page_size
+        attr.st_blocks = (status.size + 511) // 512
+        stamp = int(status.mtime * 1e9)
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = stamp
+        return attr
+
+    def _negative(self) -> pyfuse3.EntryAttributes:
+        """A cacheable "no such entry" answer (kept by the kernel for entry_timeout)."""
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = 0
+        attr.entry_timeout = self.config.entry_timeout
+        return attr
+
+    # -- namespace --------------------------------------------------------------------
+
+    @fuse_operation
+    async def lookup(self, parent_inode, name, ctx):
+        parent = self.inodes[parent_inode]
+        try:
+            text = name.decode("utf-8")
+        except UnicodeDecodeError:
+            return self._negative()
+        if text == ".":
+            node = parent
+        elif text == "..":
+            node = self.inodes.parent_of(parent)
+        elif not valid_name(text):
+            return self._negative()
+        else:
+            if not parent.status.is_dir:
+                raise NotADirectory(parent.path)
+            try:
+                status = await self.client.stat(join(parent.uri, text))
+            except NotFound:
+                return self._negative()
+            node = self.inodes.child(parent, text, status)
+        node.lookups += 1
+        return self._attributes(node)
+
+    @fuse_operation
+    async def forget(self, inode_list):
+        for inode, count in inode_list:
+            self.inodes.forget(inode, count)
+
+    @fuse_operation
+    async def getattr(self, inode, ctx=None):
+        node = self.inodes[inode]
+        node.status = await self.client.stat(node.uri)
+        return self._attributes(node)
+
+    @fuse_operation
+    async def statfs(self, ctx):
+        stat = pyfuse3.StatvfsData()
+        capacity = sum(w.capacity for w in self.client.membership.workers.values()) or (1 << 40)
+        stat.f_bsize = stat.f_frsize = 4096
+        stat.f_blocks = capacity // 4096
+        stat.f_bfree = stat.f_bavail = 0  # read-only: nothing can be written
+        stat.f_files = stat.f_ffree = stat.f_favail = 0
+        stat.f_namemax = NAME_MAX
+        return stat
+
+    # -- files ------------------------------------------------------------------------
+
+    @fuse_operation
+    async def open(self, inode, flags, ctx):
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        node = self.inodes[inode]
+        status = await self.client.stat(node.uri)
+        if status.is_dir:
+            raise IsADirectory(node.path)
+        node.status = status
+        version = status.version
+        others = any(v != version for v, n in node.open_versions.items() if n > 0)
+        if others:
+            direct_io, keep_cache = True, False
+            node.kernel_version = None
+        else:
+            direct_io, keep_cache = False, node.kernel_version == version
+            node.kernel_version = version
+        node.open_versions[version] = node.open_versions.get(version, 0) + 1
+        node.open_handles += 1
+        fh = next(self._numbers)
+        self._handles[fh] = FileHandle(node, self.client.open(node.uri, status))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache, direct_io=direct_io)
+
+    @fuse_operation
+    async def read(self, fh, off, size):
+        handle = self._handles[fh]
+        return await self.client.read(handle.file, off, size)
+
+    @fuse_operation
+    async def release(self, fh):
+        handle = self._handles.pop(fh, None)
+        if not isinstance(handle, FileHandle):
+            return
+        node = handle.node
+        version = handle.file.status.version
+        node.open_versions[version] -= 1
+        if node.open_versions[version] <= 0:
+            del node.open_versions[version]
+        node.open_handles -= 1
+        self.inodes.release_if_unused(node)
+
+    # -- directories ------------------------------------------------------------------
+
+    @fuse_operation
+    async def opendir(self, inode, ctx):
+        node = self.inodes[inode]
+        if not node.status.is_dir:
+            raise NotADirectory(node.path)
+        node.open_handles += 1
+        fh = next(self._numbers)
+        self._handles[fh] = DirHandle(node)
+        return fh
+
+    async def _entry(self, handle: DirHandle, index: int) -> FileStatus | None:
+        """Entry `index` of the handle's listing snapshot, fetching pages as needed."""
+        while index >= len(handle.entries) and not handle.complete:
+            if handle.pages is None:
+                handle.pages = self.client.list_pages(handle.node.uri)
+            try:
+                page = await handle.pages.__anext__()
+            except StopAsyncIteration:
+                handle.complete = True
+                break
+            handle.entries.extend(e for e in page if valid_name(e.name))
+        return handle.entries[index] if index < len(handle.entries) else None
+
+    @fuse_operation
+    async def readdir(self, fh, start_id, token):
+        handle = self._handles[fh]
+        index = start_id
+        while (entry := await self._entry(handle, index)) is not None:
+            node = self.inodes.child(handle.node, entry.name, entry)
+            if not pyfuse3.readdir_reply(token, entry.name.encode("utf-8", "surrogateescape"),
+                                         self._attributes(node), index + 1):
+                self.inodes.release_if_unused(node)
+                return
+            node.lookups += 1
+            index += 1
+
+    @fuse_operation
+    async def releasedir(self, fh):
+        handle = self._handles.pop(fh, None)
+        if not isinstance(handle, DirHandle):
+            return
+        if handle.pages is not None:
+            await handle.pages.aclose()
+        handle.node.open_handles -= 1
+        self.inodes.release_if_unused(handle.node)
+
+    # -- the mount is read-only for now -----------------------------------------------
+
+    async def _read_only(self, *args, **kwargs):
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    create = mkdir = mknod = symlink = link = unlink = rmdir = rename = _read_only
+    setattr = write = setxattr = removexattr = _read_only

@@ -1,0 +1,269 @@
+"""HTTP/1.1 server on trio sockets with h11.
+
+Subtleties:
+- File bodies go out with `os.sendfile` (zero copy). h11's `send_with_data_passthrough`
+  lets a `FileBody` travel through h11's framing as an object with a length; we then
+  stream it with sendfile between the header bytes and the end of the message.
+- Every handler runs inside one error boundary: a `DoraError` becomes its HTTP status
+  with a JSON `{errno, message}`; anything else is logged once and answers 500. The
+  connection and the server keep going either way.
+- Slow or idle clients are bounded by timeouts; oversized headers or bodies get 4xx.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl, urlsplit
+
+import h11
+import trio
+
+from dorafs.errors import DoraError
+
+log = logging.getLogger(__name__)
+
+MAX_HEADER_BYTES = 16 * 1024
+MAX_BODY_BYTES = 8 << 20
+HEADER_TIMEOUT = 10.0  # a client has this long to send a whole request head
+IDLE_TIMEOUT = 120.0  # keep-alive connections idle longer than this are closed
+RECV_SIZE = 64 * 1024
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    body: bytes = b""
+
+    def json(self) -> dict:
+        try:
+            value = json.loads(self.body or b"{}")
+        except ValueError as exc:
+            raise HttpError(400, f"body is not JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise HttpError(400, "body must be a JSON object")
+        return value
+
+    def arg(self, name: str, default: str | None = None) -> str:
+        value = self.query.get(name, default)
+        if value is None:
+            raise HttpError(400, f"missing query parameter {name!r}")
+        return value
+
+    def int_arg(self, name: str, default: int | None = None, minimum: int = 0) -> int:
+        raw = self.query.get(name)
+        if raw is None:
+            if default is None:
+                raise HttpError(400, f"missing query parameter {name!r}")
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise HttpError(400, f"query parameter {name!r} is not an integer") from None
+        if value < minimum or value > 1 << 62:
+            raise HttpError(400, f"query parameter {name!r} out of range")
+        return value
+
+
+@dataclass
+class FileBody:
+    """Bytes [offset, offset+length) of an open file, sent with sendfile.
+
+    The response owns `fd` and closes it after sending.
+    """
+
+    fd: int
+    offset: int
+    length: int
+
+    def __len__(self) -> int:
+        return self.length
+
+
+@dataclass
+class Response:
+    status: int = 200
+    body: bytes | FileBody = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    content_type: str = "application/octet-stream"
+
+
+class HttpError(Exception):
+    """Raised by handlers for a plain HTTP error (bad request, no route...)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def json_response(value, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(status, json.dumps(value).encode(), headers or {}, "application/json")
+
+
+def _error_response(status: int, errname: str, message: str) -> Response:
+    return json_response({"errno": errname, "message": message}, status)
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class HttpServer:
+    """Routes (method, path) to async handlers and serves them on a TCP listener."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.routes: dict[tuple[str, str], Handler] = {}
+        self.address: tuple[str, int] | None = None
+
+    def route(self, method: str, path: str):
+        def register(handler: Handler) -> Handler:
+            self.routes[(method, path)] = handler
+            return handler
+
+        return register
+
+    async def serve(self, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Listen and serve until cancelled; `task_status.started` gets the bound address."""
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        self.address = listeners[0].socket.getsockname()[:2]
+        task_status.started(self.address)
+        await trio.serve_listeners(self._connection, listeners)
+
+    async def _dispatch(self, request: Request) -> Response:
+        handler = self.routes.get((request.method, request.path))
+        if handler is None:
+            if any(path == request.path for _, path in self.routes):
+                return _error_response(405, "EINVAL", f"method {request.method} not allowed")
+            return _error_response(404, "ENOENT", f"no such endpoint: {request.path}")
+        try:
+            return await handler(request)
+        except HttpError as exc:
+            return _error_response(exc.status, "EINVAL", str(exc))
+        except DoraError as exc:
+            if exc.http_status >= 500:
+                log.warning("%s %s: %s", request.method, request.path, exc)
+            return json_response(exc.to_wire(), exc.http_status)
+        except Exception:
+            log.exception("%s %s failed", request.method, request.path)
+            return _error_response(500, "EIO", "internal error (see the daemon's log)")
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        try:
+            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            while True:
+                request = await self._read_request(conn, stream)
+                if request is None:
+                    return
+                response = await self._dispatch(request)
+                await self._send(conn, stream, response)
+                if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                    return
+                conn.start_next_cycle()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+            return
+        except h11.RemoteProtocolError as exc:
+            await self._reject(conn, stream, exc.error_status_hint, str(exc))
+        finally:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(1):
+                    await stream.aclose()
+
+    async def _next_event(self, conn: h11.Connection, stream: trio.SocketStream, timeout: float):
+        while True:
+            event = conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            with trio.fail_after(timeout):
+                data = await stream.receive_some(RECV_SIZE)
+            conn.receive_data(data)
+
+    async def _read_request(self, conn: h11.Connection, stream: trio.SocketStream) -> Request | None:
+        try:
+            event = await self._next_event(conn, stream, IDLE_TIMEOUT)
+        except trio.TooSlowError:
+            return None
+        if isinstance(event, (h11.ConnectionClosed, h11.PAUSED)) or not isinstance(event, h11.Request):
+            return None
+        target = urlsplit(event.target.decode("latin-1"))
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
+        body = bytearray()
+        while True:
+            try:
+                part = await self._next_event(conn, stream, HEADER_TIMEOUT)
+            except trio.TooSlowError:
+                return None
+            if isinstance(part, h11.Data):
+                body += part.data
+                if len(body) > MAX_BODY_BYTES:
+                    raise h11.RemoteProtocolError("request body too large", error_status_hint=413)
+            elif isinstance(part, h11.EndOfMessage):
+                break
+            else:
+                return None
+        return Request(
+            method=event.method.decode("ascii", "replace"),
+            path=target.path,
+            query=dict(parse_qsl(target.query, keep_blank_values=True)),
+            headers=headers,
+            body=bytes(body),
+        )
+
+    async def _send(self, conn: h11.Connection, stream: trio.SocketStream, response: Response) -> None:
+        body = response.body
+        try:
+            headers = [
+                ("Content-Type", response.content_type),
+                ("Content-Length", str(len(body))),
+                ("Server", self.name),
+                *response.headers.items(),
+            ]
+            await stream.send_all(conn.send(h11.Response(status_code=response.status, headers=headers)))
+            if len(body):
+                for chunk in conn.send_with_data_passthrough(h11.Data(data=body)):
+                    if isinstance(chunk, FileBody):
+                        await _sendfile(stream, chunk)
+                    else:
+                        await stream.send_all(chunk)
+            await stream.send_all(conn.send(h11.EndOfMessage()))
+        finally:
+            if isinstance(body, FileBody):
+                os.close(body.fd)
+
+    async def _reject(self, conn, stream, status: int, message: str) -> None:
+        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        try:
+            with trio.move_on_after(2):
+                await self._send(conn, stream, _error_response(status, "EINVAL", message))
+        except Exception:
+            pass  # the client is already gone or broken; nothing more to tell it
+
+
+async def _sendfile(stream: trio.SocketStream, body: FileBody) -> None:
+    """Copy a file range to the socket with os.sendfile, waiting when the socket is full."""
+    sock = stream.socket
+    offset, remaining = body.offset, body.length
+    while remaining:
+        try:
+            sent = os.sendfile(sock.fileno(), body.fd, offset, remaining)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            continue
+        except OSError as exc:
+            if exc.errno in (errno.EPIPE, errno.ECONNRESET):
+                raise trio.BrokenResourceError from exc
+            raise
+        if sent == 0:  # the file is shorter than promised: it changed under us
+            raise trio.BrokenResourceError("file truncated while sending")
+        offset += sent
+        remaining -= sent
+    await trio.lowlevel.checkpoint()

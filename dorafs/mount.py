@@ -1,0 +1,127 @@
+"""Wiring of one mount: membership, client, optional embedded worker, FUSE session.
+
+With neither a registry nor workers named, the mount starts an embedded single-node
+cluster: one `dorafs-worker` child process on a loopback port with its cache under the
+user's cache directory, stopped when the mount ends. It runs as its own process so the
+worker's page I/O and the FUSE handlers use both cores.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from dorafs.client import DoraClient
+from dorafs.config import MountConfig, user_cache_dir
+from dorafs.errors import DoraError
+from dorafs.fuse.operations import DoraOperations
+from dorafs.membership import open_membership
+from dorafs.ufs import UfsSet, normalize
+
+log = logging.getLogger("dorafs.mount")
+
+EMBEDDED_START_TIMEOUT = 30.0
+
+
+class MountError(Exception):
+    """A mount that cannot start; the message is shown to the user as is."""
+
+
+@asynccontextmanager
+async def embedded_worker(config: MountConfig):
+    """Start a local worker process; yield its address; stop it on exit."""
+    cache_dir = config.cache_dir or (user_cache_dir() / "embedded")
+    with tempfile.TemporaryDirectory(prefix="dorafs-mount-") as tmp:
+        port_file = Path(tmp) / "worker.addr"
+        argv = [
+            sys.executable, "-m", "worker.main", "--listen", "127.0.0.1:0",
+            "--cache-dir", str(cache_dir), "--cache-size", str(config.cache_size),
+            "--page-size", str(config.page_size), "--status-ttl", str(config.status_ttl),
+            "--listing-ttl", str(config.listing_ttl), "--port-file", str(port_file),
+        ]
+        proc = await trio.lowlevel.open_process(argv, stdin=subprocess.DEVNULL)
+        try:
+            with trio.move_on_after(EMBEDDED_START_TIMEOUT):
+                while not port_file.exists():
+                    if proc.poll() is not None:
+                        raise MountError(f"the embedded worker exited with status {proc.returncode} "
+                                         f"(cache directory {cache_dir}; see the log above)")
+                    await trio.sleep(0.02)
+            if not port_file.exists():
+                raise MountError("the embedded worker did not start in time")
+            address = port_file.read_text().strip()
+            log.info("embedded worker pid %d on %s, cache %s", proc.pid, address, cache_dir)
+            yield address
+        finally:
+            with trio.CancelScope(shield=True):
+                if proc.returncode is None:
+                    proc.send_signal(signal.SIGTERM)
+                    with trio.move_on_after(10):
+                        await proc.wait()
+                    if proc.returncode is None:
+                        proc.kill()
+                        await proc.wait()
+
+
+def fuse_options(config: MountConfig) -> set[str]:
+    options = set(pyfuse3.default_options)
+    options |= {"ro", "fsname=dorafs", "subtype=dorafs"}
+    if config.allow_other:
+        options.add("allow_other")
+    if config.debug:
+        options.add("debug")
+    return options
+
+
+async def run_mount(config: MountConfig, ready=lambda: None) -> None:
+    """Mount and serve until unmounted or signalled. `ready()` is called once serving."""
+    root_uri = normalize(config.ufs_uri)
+    mountpoint = os.path.abspath(config.mountpoint)
+    if not os.path.isdir(mountpoint):
+        raise MountError(f"mount point {mountpoint} is not a directory")
+    async with AsyncExitStack() as stack:
+        workers = list(config.workers)
+        if not config.registry and not workers:
+            workers = [await stack.enter_async_context(embedded_worker(config))]
+        ufs = UfsSet()
+        stack.push_async_callback(ufs.aclose)
+        client = DoraClient(config, open_membership(config.registry, workers), ufs)
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        stack.callback(nursery.cancel_scope.cancel)
+        await nursery.start(client.run)
+        try:
+            root = await client.stat(root_uri)
+        except DoraError as exc:
+            raise MountError(f"cannot mount {root_uri}: {exc}") from None
+        if not root.is_dir:
+            raise MountError(f"cannot mount {root_uri}: it is a file, not a directory")
+        operations = DoraOperations(client, config, root_uri, root)
+        try:
+            pyfuse3.init(operations, mountpoint, fuse_options(config))
+        except RuntimeError as exc:
+            raise MountError(f"cannot mount on {mountpoint}: {exc} (is it already mounted? is /dev/fuse there?)")
+        try:
+            nursery.start_soon(_terminate_on_signal)
+            log.info("mounted %s on %s", root_uri, mountpoint)
+            ready()
+            await pyfuse3.main(max_tasks=config.fuse_tasks)
+        finally:
+            pyfuse3.close(unmount=True)
+            log.info("unmounted %s", mountpoint)
+
+
+async def _terminate_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("unmounting on %s", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return

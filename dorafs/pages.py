@@ -1,0 +1,50 @@
+"""Page math and page identity.
+
+A page is a fixed-size, page-aligned slice of one version of one object. Its identity is
+(hash(UFS URI, version), index): a changed object gets new page ids, so old and new bytes
+can never be mixed in one read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+
+def object_id(uri: str, version: str) -> str:
+    """Stable 32-hex id of one version of one object."""
+    return hashlib.blake2b(f"{uri}\0{version}".encode(), digest_size=16).hexdigest()
+
+
+@dataclass(frozen=True)
+class PageSpan:
+    """The part of page `index` that a read touches: [start, end) within the page."""
+
+    index: int
+    start: int
+    end: int
+
+
+def page_count(size: int, page_size: int) -> int:
+    return (size + page_size - 1) // page_size
+
+
+def page_length(index: int, size: int, page_size: int) -> int:
+    """Bytes in page `index` of an object of `size` bytes (the last page may be short)."""
+    return max(0, min(page_size, size - index * page_size))
+
+
+def plan(offset: int, length: int, size: int, page_size: int) -> list[PageSpan]:
+    """Pages and in-page ranges covering [offset, offset+length) clipped to the object."""
+    if offset < 0 or length < 0:
+        raise ValueError("negative offset or length")
+    end = min(offset + length, size)
+    spans = []
+    pos = offset
+    while pos < end:
+        index = pos // page_size
+        page_start = index * page_size
+        stop = min(end, page_start + page_size)
+        spans.append(PageSpan(index, pos - page_start, stop - page_start))
+        pos = stop
+    return spans

@@ -1,0 +1,196 @@
+"""fsspec adapter for every scheme without its own adapter (file, memory, hdfs, gs, ...).
+
+Subtleties:
+- One fsspec filesystem per scheme, built with its defaults (credentials, namenode...
+  come from the library's own configuration), created on first use in a thread: some
+  constructors connect. fsspec's listing cache is turned off where the class takes the
+  option: dorafs caches metadata itself, with its own TTLs.
+- Paths are fsspec's own (`_strip_protocol`): `file:///data/x` → `/data/x`,
+  `memory://x/y` → `/x/y` (what `fsspec.filesystem("memory").pipe("/x/y", ...)` writes),
+  `gs://bucket/key` → `bucket/key`. A host in an `hdfs://` URI is dropped by fsspec.
+- Versions: the store's ETag/generation when its info has one, else `{mtime_ns}-{size}`.
+  Most of these stores have no conditional read, so `read` compares the version before
+  and after reading the range: best-effort. A rewrite that keeps both size and mtime
+  (within the store's mtime resolution) between the two checks goes unseen.
+- Only regular files and directories are listed: fifos, sockets and broken symlinks are
+  skipped (reading a fifo would block a thread forever). Local symlinks are followed.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import errno as _errno
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import fsspec
+import trio
+
+from dorafs.errors import (
+    DoraError, InvalidRequest, IsADirectory, NotADirectory, NotFound, StaleVersion, UfsError,
+)
+from dorafs.ufs.base import FileStatus, UnderFileSystem
+
+T = TypeVar("T")
+
+PAGE = 1000  # entries per listing page, like an S3 page
+_VERSION_KEYS = ("ETag", "etag", "generation")
+_TIME_KEYS = ("mtime", "LastModified", "last_modified", "updated", "created")
+
+
+def _seconds(value: Any) -> float | None:
+    if isinstance(value, _dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=_dt.timezone.utc)
+        return value.timestamp()
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return _seconds(_dt.datetime.fromisoformat(value))
+        except ValueError:
+            try:
+                return float(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _status(info: dict) -> FileStatus:
+    name = str(info["name"]).rstrip("/").rsplit("/", 1)[-1]
+    mtime = next((t for t in (_seconds(info.get(k)) for k in _TIME_KEYS) if t is not None), 0.0)
+    if info.get("type") == "directory":
+        return FileStatus(name=name, is_dir=True, mtime=mtime)
+    size = int(info.get("size") or 0)
+    version = next((str(info[k]) for k in _VERSION_KEYS if info.get(k) not in (None, "")), "")
+    return FileStatus(
+        name=name, is_dir=False, size=size, mtime=mtime,
+        version=version or f"{round(mtime * 1e9)}-{size}",
+    )
+
+
+def _failure(op: str, uri: str, exc: Exception) -> DoraError:
+    if isinstance(exc, PermissionError):
+        return UfsError(f"{op} {uri}: permission denied", errno=_errno.EACCES)
+    return UfsError(f"{op} {uri}: {type(exc).__name__}: {exc}")
+
+
+class FsspecUfs(UnderFileSystem):
+    """Every URI of one scheme, through one fsspec filesystem."""
+
+    def __init__(self, scheme: str, threads: int = 16):
+        self.scheme = scheme
+        self._limiter = trio.CapacityLimiter(threads)
+        self._fs: Any = None
+        self._fs_lock = trio.Lock()
+
+    def _make_fs(self) -> Any:
+        try:
+            cls = fsspec.get_filesystem_class(self.scheme)
+        except ValueError as exc:
+            raise InvalidRequest(f"unknown UFS scheme {self.scheme}://") from exc
+        except ImportError as exc:  # e.g. gs:// without gcsfs installed
+            raise InvalidRequest(f"UFS scheme {self.scheme}:// is not usable here: {exc}") from exc
+        try:
+            return cls(use_listings_cache=False)
+        except TypeError:  # a constructor that does not take the option
+            return cls()
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._fs is None:
+            async with self._fs_lock:
+                if self._fs is None:
+                    self._fs = await trio.to_thread.run_sync(self._make_fs, limiter=self._limiter)
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    def _path(self, uri: str) -> str:
+        cls = type(self._fs)
+        return cls._strip_protocol(uri) or cls.root_marker
+
+    def _entry(self, info: dict) -> FileStatus | None:
+        """Status of a listing entry, following local symlinks; None to skip it."""
+        if info.get("islink"):
+            try:
+                info = self._fs.info(info["name"])
+            except OSError:
+                return None  # broken or unreadable link
+        if info.get("type") not in ("file", "directory"):
+            return None
+        return _status(info)
+
+    # -- the interface ----------------------------------------------------------------
+
+    async def stat(self, uri: str) -> FileStatus:
+        def info() -> dict:
+            return self._fs.info(self._path(uri))
+
+        try:
+            status = _status(await self._run(info))
+        except FileNotFoundError as exc:
+            raise NotFound(f"no such file or directory: {uri}") from exc
+        except NotADirectoryError as exc:  # a path through a file: `file/x`
+            raise NotFound(f"no such file or directory: {uri}") from exc
+        except (OSError, ValueError) as exc:
+            raise _failure("stat", uri, exc) from exc
+        return status
+
+    async def list_pages(self, uri: str) -> AsyncIterator[list[FileStatus]]:
+        def listing() -> list[FileStatus]:
+            path = self._path(uri)
+            infos = self._fs.ls(path, detail=True)
+            # fsspec's `ls` of a file answers the file itself.
+            if len(infos) == 1 and infos[0].get("type") != "directory":
+                if str(infos[0]["name"]).rstrip("/") == path.rstrip("/"):
+                    raise NotADirectoryError(path)
+            own = path.rstrip("/")
+            entries = {}
+            for info in infos:
+                if str(info["name"]).rstrip("/") == own:  # some stores list the dir itself
+                    continue
+                status = self._entry(info)
+                if status is not None and status.name:
+                    entries.setdefault(status.name, status)
+            return [entries[n] for n in sorted(entries)]
+
+        try:
+            entries = await self._run(listing)
+        except FileNotFoundError as exc:
+            raise NotFound(f"no such directory: {uri}") from exc
+        except NotADirectoryError as exc:
+            raise NotADirectory(f"not a directory: {uri}") from exc
+        except (OSError, ValueError) as exc:
+            raise _failure("list", uri, exc) from exc
+        for start in range(0, len(entries), PAGE):
+            yield entries[start:start + PAGE]
+
+    async def read(self, uri: str, offset: int, length: int, version: str) -> bytes:
+        if length <= 0:
+            return b""
+
+        def read_range() -> bytes:
+            path = self._path(uri)
+            if version:
+                self._check(path, uri, version)
+            data = self._fs.cat_file(path, start=offset, end=offset + length)
+            if version:
+                self._check(path, uri, version)
+            return bytes(data)
+
+        try:
+            return await self._run(read_range)
+        except FileNotFoundError as exc:
+            if version:  # deleted since its version was pinned: that version is gone
+                raise StaleVersion(f"deleted since version {version}: {uri}") from exc
+            raise NotFound(f"no such file: {uri}") from exc
+        except IsADirectoryError as exc:
+            raise IsADirectory(f"is a directory: {uri}") from exc
+        except (OSError, ValueError) as exc:
+            raise _failure("read", uri, exc) from exc
+
+    def _check(self, path: str, uri: str, version: str) -> None:
+        status = _status(self._fs.info(path))
+        if status.is_dir or status.version != version:
+            raise StaleVersion(f"changed since version {version}: {uri}")
+
+    async def aclose(self) -> None:
+        self._fs = None

@@ -1,0 +1,260 @@
+"""S3 adapter (boto3) for `s3://bucket/key` and `s3a://bucket/key` URIs.
+
+Subtleties:
+- S3 has no directories. `key` is a directory when any object lives under `key/` (or a
+  `key/` marker object exists); a directory shadows a same-named file, as in
+  mountpoint-s3, so `stat` and listings never show both.
+- A listing page ends at an arbitrary key. A file `a` may come on one page and the
+  prefix `a/` that shadows it on the next (keys such as `a.txt` sort between them), so a
+  file whose `name/` sorts after the last key of its page is held back to the next page:
+  the page's last file, and files whose names are prefixes of it; a handful at most. So
+  pages hold up to `MaxKeys` entries, usually one less.
+- Versions are ETags, kept with their quotes. Reads send `If-Match`, so a change between
+  pinning and reading is a 412 (`StaleVersion`), never bytes of another version.
+- mtimes are whole seconds: HEAD gives second resolution, listings may give milliseconds,
+  and `stat` and a listing must agree.
+- boto3 is blocking: every call (client creation included) runs in a thread behind this
+  adapter's `CapacityLimiter`, sized like the client's connection pool.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import errno as _errno
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import trio
+from botocore.exceptions import BotoCoreError, ClientError
+
+from dorafs.errors import NotADirectory, NotFound, StaleVersion, UfsError
+from dorafs.ufs.base import FileStatus, UnderFileSystem
+
+T = TypeVar("T")
+
+# Error codes meaning "this key / bucket is not there" (HEAD answers carry only the status).
+_NO_KEY = {"NoSuchKey", "404", "NotFound"}
+_NO_BUCKET = "NoSuchBucket"
+_ACCESS = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled"}
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """(bucket, key) of `s3://bucket/key`; key is '' at the bucket root, never ends in '/'."""
+    _, sep, rest = uri.partition("://")
+    if not sep:
+        raise ValueError(f"not an S3 URI: {uri!r}")
+    bucket, _, key = rest.partition("/")
+    return bucket, key.rstrip("/")
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", "")) or str(
+        exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "")
+    )
+
+
+def _seconds(value: _dt.datetime | None) -> float:
+    return float(int(value.timestamp())) if value is not None else 0.0
+
+
+def _failure(op: str, bucket: str, key: str, exc: Exception) -> UfsError:
+    """One-line cause: operation, object, error code. Never credentials."""
+    where = f"s3://{bucket}/{key}"
+    if isinstance(exc, ClientError):
+        code = _code(exc)
+        message = exc.response.get("Error", {}).get("Message", "")
+        errno = _errno.EACCES if code in _ACCESS else None
+        return UfsError(f"S3 {op} {where}: {code} {message}".rstrip(), errno=errno)
+    return UfsError(f"S3 {op} {where}: {type(exc).__name__}: {exc}")
+
+
+class S3Ufs(UnderFileSystem):
+    """One boto3 client (thread-safe) shared by every call, created on first use."""
+
+    _page_size = 1000  # MaxKeys of a listing page; S3's own maximum. Tests lower it.
+
+    def __init__(self, threads: int = 16):
+        self._threads = threads
+        self._limiter = trio.CapacityLimiter(threads)
+        self._client: Any = None
+        self._client_lock = trio.Lock()
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    def _make_client(self) -> Any:
+        import boto3.session
+        from botocore.config import Config
+
+        session = boto3.session.Session()  # endpoint, credentials, profile: AWS config
+        return session.client(
+            "s3",
+            # Local S3-compatible servers need some region; AWS itself ignores a wrong one.
+            region_name=session.region_name or "us-east-1",
+            config=Config(
+                retries={"mode": "standard", "max_attempts": 5},
+                max_pool_connections=self._threads,  # one connection per thread
+            ),
+        )
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    async def _s3(self) -> Any:
+        if self._client is None:
+            async with self._client_lock:
+                if self._client is None:
+                    self._client = await self._call(self._make_client)
+        return self._client
+
+    async def _api(self, op: str, bucket: str, key: str, **params: Any) -> dict:
+        """Call `client.<op>(Bucket=bucket, **params)` in a thread; `UfsError` on failure
+        except for `ClientError`, which the caller interprets first."""
+        client = await self._s3()
+        try:
+            return await self._call(lambda: getattr(client, op)(Bucket=bucket, **params))
+        except BotoCoreError as exc:
+            raise _failure(op, bucket, key, exc) from exc
+
+    async def _head(self, bucket: str, key: str) -> dict | None:
+        """head_object, or None if there is no such key."""
+        try:
+            return await self._api("head_object", bucket, key, Key=key)
+        except ClientError as exc:
+            if _code(exc) in _NO_KEY:
+                return None
+            raise _failure("head_object", bucket, key, exc) from exc
+
+    async def _list(self, bucket: str, key: str, **params: Any) -> dict:
+        try:
+            return await self._api("list_objects_v2", bucket, key, **params)
+        except ClientError as exc:
+            if _code(exc) == _NO_BUCKET:
+                raise NotFound(f"no such bucket: s3://{bucket}") from exc
+            raise _failure("list_objects_v2", bucket, key, exc) from exc
+
+    # -- the interface ----------------------------------------------------------------
+
+    async def stat(self, uri: str) -> FileStatus:
+        bucket, key = split_uri(uri)
+        if not key:
+            try:
+                await self._api("head_bucket", bucket, "")
+            except ClientError as exc:
+                if _code(exc) in _NO_KEY | {_NO_BUCKET}:
+                    raise NotFound(f"no such bucket: s3://{bucket}") from exc
+                raise _failure("head_bucket", bucket, "", exc) from exc
+            return FileStatus(name="", is_dir=True)
+
+        # HEAD and a one-key listing concurrently. Each task keeps its outcome, so the
+        # listing's verdict (NoSuchBucket, directory) decides before HEAD's errors do.
+        outcome: dict[str, Any] = {}
+
+        async def keep(name: str, fn: Callable[[], Any]) -> None:
+            try:
+                outcome[name] = await fn()
+            except Exception as exc:  # re-raised below, in order of precedence
+                outcome[name] = exc
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(keep, "head", lambda: self._head(bucket, key))
+            nursery.start_soon(
+                keep, "list", lambda: self._list(bucket, key, Prefix=key + "/", MaxKeys=1)
+            )
+
+        name = key.rsplit("/", 1)[-1]
+        listing, head = outcome["list"], outcome["head"]
+        if isinstance(listing, Exception):
+            raise listing
+        if listing.get("Contents") or listing.get("CommonPrefixes"):
+            marker = next((o for o in listing.get("Contents", []) if o["Key"] == key + "/"), None)
+            return FileStatus(name=name, is_dir=True, mtime=_seconds(marker and marker["LastModified"]))
+        if isinstance(head, Exception):
+            raise head
+        if head is None:
+            raise NotFound(f"no such file or directory: {uri}")
+        return FileStatus(
+            name=name, is_dir=False, size=int(head["ContentLength"]),
+            mtime=_seconds(head.get("LastModified")), version=str(head.get("ETag", "")),
+        )
+
+    async def list_pages(self, uri: str) -> AsyncIterator[list[FileStatus]]:
+        bucket, key = split_uri(uri)
+        prefix = key + "/" if key else ""
+        params: dict[str, Any] = {"Prefix": prefix, "Delimiter": "/", "MaxKeys": self._page_size}
+        held: dict[str, FileStatus] = {}  # files that a prefix on a later page may shadow
+        first = True
+        while True:
+            page = await self._list(bucket, key, **params)
+            contents = page.get("Contents", [])
+            prefixes = page.get("CommonPrefixes", [])
+            if first and key and not contents and not prefixes:
+                if await self._head(bucket, key) is not None:
+                    raise NotADirectory(f"not a directory: {uri}")
+                raise NotFound(f"no such directory: {uri}")
+            first = False
+
+            entries = held
+            held = {}
+            for obj in contents:
+                name = obj["Key"][len(prefix):]
+                if name and "/" not in name:  # skips the directory's own `prefix/` marker
+                    entries[name] = FileStatus(
+                        name=name, is_dir=False, size=int(obj.get("Size", 0)),
+                        mtime=_seconds(obj.get("LastModified")), version=str(obj.get("ETag", "")),
+                    )
+            for common in prefixes:
+                name = common["Prefix"][len(prefix):].rstrip("/")
+                if name and "/" not in name:
+                    entries[name] = FileStatus(name=name, is_dir=True)  # shadows a file
+
+            truncated = bool(page.get("IsTruncated"))
+            if truncated:
+                last = max([o["Key"] for o in contents] + [c["Prefix"] for c in prefixes], default="")
+                for name in [n for n, s in entries.items() if not s.is_dir]:
+                    if prefix + name + "/" > last:
+                        held[name] = entries.pop(name)
+            if entries:
+                yield [entries[n] for n in sorted(entries)]
+            if not truncated:
+                return
+            params["ContinuationToken"] = page["NextContinuationToken"]
+
+    async def read(self, uri: str, offset: int, length: int, version: str) -> bytes:
+        if length <= 0:
+            return b""
+        bucket, key = split_uri(uri)
+        params: dict[str, Any] = {"Key": key, "Range": f"bytes={offset}-{offset + length - 1}"}
+        if version:
+            params["IfMatch"] = version
+        client = await self._s3()
+
+        def get() -> tuple[str, bytes]:
+            response = client.get_object(Bucket=bucket, **params)
+            with response["Body"] as body:  # read fully here: the body is a blocking socket
+                return str(response.get("ETag", "")), body.read()
+
+        try:
+            etag, data = await self._call(get)
+        except ClientError as exc:
+            code = _code(exc)
+            if code in {"PreconditionFailed", "412"}:
+                raise StaleVersion(f"changed since version {version}: {uri}") from exc
+            if code in {"InvalidRange", "416"}:
+                return b""  # S3 answers 416 only for a start at or past the end of the object
+            if code in _NO_KEY:
+                # Deleted since its version was pinned: that version is gone for good, which
+                # is a stale version to the caller (refresh metadata), not a missing path.
+                if version:
+                    raise StaleVersion(f"deleted since version {version}: {uri}") from exc
+                raise NotFound(f"no such file: {uri}") from exc
+            raise _failure("get_object", bucket, key, exc) from exc
+        except BotoCoreError as exc:
+            raise _failure("get_object", bucket, key, exc) from exc
+        if version and etag and etag != version:  # a store that ignores If-Match
+            raise StaleVersion(f"changed since version {version}: {uri}")
+        return data
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await self._call(client.close)

@@ -1,0 +1,1 @@
+"""dorafs-registry: the service registry where workers join, heartbeat and expire."""

@@ -1,0 +1,98 @@
+"""`dorafs-registry`: the service registry daemon."""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import trio
+
+from dorafs.config import RegistryConfig, parse_duration, parse_hostport
+from dorafs.log import setup_logging
+from registry.server import run
+
+log = logging.getLogger("dorafs.registry")
+
+PROG = "dorafs-registry"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line on stderr and exit 2 (argparse would print the usage too)."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_args(argv: list[str] | None) -> tuple[RegistryConfig, str | None]:
+    defaults = RegistryConfig()
+    p = _Parser(prog=PROG, description="Run the dorafs registry: workers join, heartbeat and expire here.")
+    p.add_argument("--listen", default="127.0.0.1:19998", help="HOST:PORT to bind (port 0: any free port)")
+    p.add_argument("--state-dir", type=Path, default=defaults.state_dir, help="where the membership is saved")
+    p.add_argument("--worker-ttl", default="10s", help="drop a worker silent for this long (e.g. 10s)")
+    p.add_argument("--port-file", type=Path, help="write the bound HOST:PORT here once serving")
+    p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING... (default: $DORAFS_LOG_LEVEL or INFO)")
+    args = p.parse_args(argv)
+    try:
+        config = RegistryConfig(
+            listen=parse_hostport(args.listen),
+            state_dir=args.state_dir,
+            worker_ttl=parse_duration(args.worker_ttl),
+            port_file=args.port_file,
+        )
+    except ValueError as exc:
+        p.error(str(exc))
+    if config.worker_ttl <= 0:
+        p.error("--worker-ttl must be positive")
+    if args.log_level and args.log_level.upper() not in logging.getLevelNamesMapping():
+        p.error(f"unknown --log-level {args.log_level!r}")
+    return config, args.log_level
+
+
+def _lock_state_dir(state_dir: Path) -> int:
+    """One registry per state directory: two would overwrite each other's state."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SystemExit(f"{PROG}: state directory {state_dir} is in use by another registry")
+    return fd
+
+
+async def _serve(config: RegistryConfig) -> None:
+    async with trio.open_nursery() as nursery:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            await nursery.start(run, config)
+            async for signum in signals:
+                log.info("registry stopping on %s", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def main(argv: list[str] | None = None) -> None:
+    config, level = parse_args(argv)
+    setup_logging(PROG, level)
+    try:
+        lock = _lock_state_dir(config.state_dir)
+    except OSError as exc:
+        sys.exit(f"{PROG}: cannot use state directory {config.state_dir}: {exc.strerror or exc}")
+    try:
+        trio.run(_serve, config)
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        if exc.filename:  # the state or port file
+            sys.exit(f"{PROG}: {exc.strerror or exc}: {exc.filename}")
+        sys.exit(f"{PROG}: cannot listen on {config.listen[0]}:{config.listen[1]}: {exc.strerror or exc}")
+    finally:
+        os.close(lock)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""Real dorafs processes for tests: workers, registries and FUSE mounts.
+
+Every process logs to a file in the test's temp dir; `check_logs` fails a test on a
+traceback (or an ERROR line it did not expect). Mounts are always unmounted on
+teardown: `fusermount3 -u`, then lazy `-uz`, then the process is killed by its pid.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support import stop_process, wait_for
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("DORAFS_LOG_LEVEL", "INFO")
+    return env
+
+
+class Process:
+    def __init__(self, name: str, argv: list[str], log_path: Path):
+        self.name = name
+        self.argv = argv
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                         env=_env(), cwd=REPO)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def check_log(self, allow: tuple[str, ...] = ()) -> None:
+        bad = [line for line in self.log_text().splitlines()
+               if ("Traceback" in line or " ERROR " in line or " CRITICAL " in line)
+               and not any(re.search(pattern, line) for pattern in allow)]
+        assert not bad, f"{self.name} logged unexpected errors:\n" + "\n".join(bad[:20]) + \
+            f"\n--- full log {self.log_path} ---\n" + self.log_text()[-4000:]
+
+
+class Worker(Process):
+    def __init__(self, tmp: Path, name: str = "worker", *, registry: str | None = None,
+                 cache_size: str = "1GiB", page_size: str = "1MiB", extra: list[str] = ()):
+        self.dir = tmp / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port_file = self.dir / "addr"
+        self.cache_dir = self.dir / "cache"
+        self.registry = registry
+        self.cache_size = cache_size
+        self.page_size = page_size
+        self.extra = list(extra)
+        self.address = ""
+        argv = self._argv("127.0.0.1:0")
+        super().__init__(name, argv, self.dir / "log")
+        self.address = self._await_address()
+
+    def _argv(self, listen: str) -> list[str]:
+        argv = [sys.executable, "-m", "worker.main", "--listen", listen, "--cache-dir", str(self.cache_dir),
+                "--cache-size", self.cache_size, "--page-size", self.page_size, "--port-file", str(self.port_file),
+                "--heartbeat-interval", "0.5s", *self.extra]
+        if self.registry:
+            argv += ["--registry", self.registry]
+        return argv
+
+    def _await_address(self) -> str:
+        def ready():
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited:\n{self.log_text()[-3000:]}")
+            return self.port_file.exists() and self.port_file.read_text().strip()
+        return wait_for(ready, what=f"{self.name} to serve")
+
+    def restart(self, same_port: bool = True) -> None:
+        """Stop and start again on the same address, keeping the cache directory."""
+        self.stop()
+        self.port_file.unlink(missing_ok=True)
+        self.argv = self._argv(self.address if same_port else "127.0.0.1:0")
+        self.start()
+        self.address = self._await_address()
+
+    def metrics(self) -> dict[str, float]:
+        """Samples by name (with labels folded in as name{k=v})."""
+        text = httpx.get(f"http://{self.address}/metrics", timeout=10).text
+        samples: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+        return samples
+
+    def counter(self, name: str) -> float:
+        """Sum of a counter's samples across labels (e.g. all UFS request kinds)."""
+        return sum(v for k, v in self.metrics().items() if k == name or k.startswith(name + "{"))
+
+    def page_files(self) -> list[Path]:
+        root = self.cache_dir / "pages"
+        return [p for p in root.glob("??/*") if p.is_file()]
+
+
+class Registry(Process):
+    def __init__(self, tmp: Path, name: str = "registry", *, ttl: str = "3s"):
+        self.dir = tmp / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port_file = self.dir / "addr"
+        self.ttl = ttl
+        super().__init__(name, self._argv("127.0.0.1:0"), self.dir / "log")
+        self.address = self._await_address()
+        self.url = f"http://{self.address}"
+
+    def _argv(self, listen: str) -> list[str]:
+        return [sys.executable, "-m", "registry.main", "--listen", listen, "--state-dir", str(self.dir / "state"),
+                "--worker-ttl", self.ttl, "--port-file", str(self.port_file)]
+
+    def _await_address(self) -> str:
+        def ready():
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited:\n{self.log_text()[-3000:]}")
+            return self.port_file.exists() and self.port_file.read_text().strip()
+        return wait_for(ready, what="registry to serve")
+
+    def workers(self) -> list[dict]:
+        return httpx.get(f"{self.url}/v1/workers", timeout=5).json()["workers"]
+
+
+def is_mounted(path: Path) -> bool:
+    target = str(Path(path).resolve())
+    with open("/proc/mounts") as f:
+        return any(line.split()[1] == target for line in f)
+
+
+class Mount(Process):
+    """`dorafs mount --foreground` as a child process."""
+
+    def __init__(self, tmp: Path, ufs_uri: str, *, name: str = "mount", workers: list[str] = (),
+                 registry: str | None = None, options: str = "", extra: list[str] = ()):
+        self.mountpoint = tmp / f"{name}-mnt"
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, "-m", "dorafs.cli.main", "mount", ufs_uri, str(self.mountpoint), "--foreground"]
+        if workers:
+            argv += ["--workers", ",".join(workers)]
+        if registry:
+            argv += ["--registry", registry]
+        if options:
+            argv += ["-o", options]
+        argv += list(extra)
+        super().__init__(name, argv, tmp / f"{name}.log")
+
+        def ready():
+            if not self.alive():
+                raise RuntimeError(f"mount exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
+            return is_mounted(self.mountpoint)
+        wait_for(ready, timeout=30, what="the mount")
+
+    def path(self, *parts: str) -> Path:
+        return self.mountpoint.joinpath(*parts)
+
+    def unmount(self) -> None:
+        if is_mounted(self.mountpoint):
+            subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True)
+            deadline = time.monotonic() + 10
+            while is_mounted(self.mountpoint) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if is_mounted(self.mountpoint):
+                subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], capture_output=True)
+        if self.proc is not None:
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    stop = unmount

@@ -1,0 +1,137 @@
+"""`dorafs-worker`: the cache worker daemon."""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import logging
+import os
+import signal
+import sys
+import uuid
+from pathlib import Path
+
+import trio
+
+from dorafs.config import WorkerConfig, parse_duration, parse_hostport, parse_size
+from dorafs.log import setup_logging
+from dorafs.ufs import UfsSet
+from worker.metrics import WorkerMetrics
+from worker.server import build_server
+from worker.service import WorkerService
+
+log = logging.getLogger("dorafs.worker")
+
+
+def parse_args(argv: list[str] | None) -> tuple[WorkerConfig, str]:
+    p = argparse.ArgumentParser(prog="dorafs-worker", description="Run a dorafs cache worker.")
+    p.add_argument("--registry", help="registry URL (http://HOST:PORT); omit for a standalone worker")
+    p.add_argument("--listen", default="127.0.0.1:29998", help="HOST:PORT to bind (port 0: any free port)")
+    p.add_argument("--advertise", help="HOST:PORT clients should use (default: the bound address)")
+    p.add_argument("--cache-dir", type=Path, default=WorkerConfig().cache_dir)
+    p.add_argument("--cache-size", default="10GiB", help="page cache capacity, e.g. 10GiB")
+    p.add_argument("--page-size", default="1MiB")
+    p.add_argument("--status-ttl", default="10s", help="how long a cached file status is trusted")
+    p.add_argument("--listing-ttl", default="10s", help="how long a cached directory listing is trusted")
+    p.add_argument("--heartbeat-interval", default="2s")
+    p.add_argument("--port-file", type=Path, help="write the bound HOST:PORT here once serving")
+    p.add_argument("--log-level", default=None)
+    args = p.parse_args(argv)
+    try:
+        config = WorkerConfig(
+            listen=parse_hostport(args.listen),
+            advertise=args.advertise,
+            registry=args.registry.rstrip("/") if args.registry else None,
+            cache_dir=args.cache_dir,
+            cache_size=parse_size(args.cache_size),
+            page_size=parse_size(args.page_size),
+            status_ttl=parse_duration(args.status_ttl),
+            listing_ttl=parse_duration(args.listing_ttl),
+            heartbeat_interval=parse_duration(args.heartbeat_interval),
+            port_file=args.port_file,
+        )
+    except ValueError as exc:
+        p.error(str(exc))
+    if config.page_size <= 0 or config.cache_size <= 0:
+        p.error("--page-size and --cache-size must be positive")
+    return config, args.log_level
+
+
+def _lock_cache_dir(cache_dir: Path) -> int:
+    """One worker per cache directory: a second one would corrupt the index."""
+    cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(cache_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SystemExit(f"dorafs-worker: cache directory {cache_dir} is in use by another worker")
+    return fd
+
+
+def _worker_id(cache_dir: Path) -> str:
+    """A stable identity, kept with the cache, so a restarted worker owns the same keys."""
+    path = cache_dir / "worker-id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        wid = uuid.uuid4().hex[:16]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(wid + "\n")
+        os.rename(tmp, path)
+        return wid
+
+
+def _write_port_file(path: Path, address: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(address + "\n")
+    os.rename(tmp, path)
+
+
+async def run(config: WorkerConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    from dorafs.membership import WorkerInfo, heartbeat_loop
+
+    ufs = UfsSet(threads=config.ufs_threads)
+    service = WorkerService(config, ufs, WorkerMetrics())
+    await service.start()
+    wid = _worker_id(config.cache_dir)
+    try:
+        async with trio.open_nursery() as nursery:
+            info: dict = {"id": wid, "page_size": config.page_size, "capacity": config.cache_size}
+            server = build_server(service, info)
+            host, port = await nursery.start(server.serve, *config.listen)
+            address = config.advertise or f"{host}:{port}"
+            info["address"] = address
+            if config.registry:
+                worker = WorkerInfo(id=wid, address=address, page_size=config.page_size, capacity=config.cache_size)
+                await nursery.start(heartbeat_loop, config.registry, worker, config.heartbeat_interval)
+            if config.port_file:
+                _write_port_file(config.port_file, address)
+            log.info("worker %s serving on %s (cache %s, %d bytes, page %d)",
+                     wid, address, config.cache_dir, config.cache_size, config.page_size)
+            task_status.started(address)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    log.info("worker %s stopping on %s", wid, signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    break
+    finally:
+        with trio.CancelScope(shield=True):
+            await ufs.aclose()
+
+
+def main(argv: list[str] | None = None) -> None:
+    config, level = parse_args(argv)
+    setup_logging("dorafs-worker", level)
+    lock = _lock_cache_dir(config.cache_dir)
+    try:
+        trio.run(run, config)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        os.close(lock)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""The worker's Prometheus metrics, on a registry of its own (one per daemon)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class WorkerMetrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.page_requests = Counter(
+            "dorafs_worker_page_requests", "Page reads by outcome (hit, miss, shared miss)", ["result"], registry=r)
+        self.bytes_served = Counter("dorafs_worker_bytes_served", "Page bytes sent to clients", registry=r)
+        self.ufs_requests = Counter(
+            "dorafs_worker_ufs_requests", "Requests made to the UFS by operation", ["op"], registry=r)
+        self.ufs_errors = Counter("dorafs_worker_ufs_errors", "Failed UFS requests by operation", ["op"], registry=r)
+        self.ufs_bytes = Counter("dorafs_worker_ufs_bytes", "Bytes read from the UFS", registry=r)
+        self.ufs_latency = Histogram(
+            "dorafs_worker_ufs_latency_seconds", "UFS request latency by operation", ["op"], registry=r,
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.metadata_requests = Counter(
+            "dorafs_worker_metadata_requests", "Status and listing requests by outcome", ["op", "result"], registry=r)
+        self.corrupt_pages = Counter(
+            "dorafs_worker_corrupt_pages", "Cached pages whose checksum failed (dropped and refetched)", registry=r)
+        self.cache_used = Gauge("dorafs_worker_cache_used_bytes", "Bytes of cached pages", registry=r)
+        self.cache_capacity = Gauge("dorafs_worker_cache_capacity_bytes", "Page cache capacity", registry=r)
+        self.pages = Gauge("dorafs_worker_pages", "Cached pages", registry=r)
+        self.evictions = Gauge("dorafs_worker_evictions", "Pages evicted since start", registry=r)
+        self.cache_write_errors = Gauge(
+            "dorafs_worker_cache_write_errors", "Pages that could not be written to the cache disk", registry=r)
