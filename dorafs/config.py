@@ -106,6 +106,7 @@ class MountConfig:
     readahead_pages: int = 8  # pages fetched ahead of a sequential reader
     worker_timeout: float = 5.0  # a worker slower than this is skipped for the next candidate
     connect_timeout: float = 1.0
+    direct_io: bool = False  # bypass the kernel page cache (benchmarks, tests of the read path)
     allow_other: bool = False
     fuse_tasks: int = 64  # concurrent kernel requests served
     debug: bool = False

@@ -8,14 +8,13 @@ worker's page I/O and the FUSE handlers use both cores.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
 import subprocess
 import sys
-import tempfile
 from contextlib import AsyncExitStack, asynccontextmanager
-from pathlib import Path
 
 import pyfuse3
 import trio
@@ -40,36 +39,54 @@ class MountError(Exception):
 async def embedded_worker(config: MountConfig):
     """Start a local worker process; yield its address; stop it on exit."""
     cache_dir = config.cache_dir or (user_cache_dir() / "embedded")
-    with tempfile.TemporaryDirectory(prefix="dorafs-mount-") as tmp:
-        port_file = Path(tmp) / "worker.addr"
-        argv = [
-            sys.executable, "-m", "worker.main", "--listen", "127.0.0.1:0",
-            "--cache-dir", str(cache_dir), "--cache-size", str(config.cache_size),
-            "--page-size", str(config.page_size), "--status-ttl", str(config.status_ttl),
-            "--listing-ttl", str(config.listing_ttl), "--port-file", str(port_file),
-        ]
-        proc = await trio.lowlevel.open_process(argv, stdin=subprocess.DEVNULL)
-        try:
-            with trio.move_on_after(EMBEDDED_START_TIMEOUT):
-                while not port_file.exists():
-                    if proc.poll() is not None:
-                        raise MountError(f"the embedded worker exited with status {proc.returncode} "
-                                         f"(cache directory {cache_dir}; see the log above)")
-                    await trio.sleep(0.02)
-            if not port_file.exists():
-                raise MountError("the embedded worker did not start in time")
-            address = port_file.read_text().strip()
-            log.info("embedded worker pid %d on %s, cache %s", proc.pid, address, cache_dir)
-            yield address
-        finally:
-            with trio.CancelScope(shield=True):
+    cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if _cache_dir_busy(cache_dir):
+        raise MountError(f"the cache directory {cache_dir} is in use by another worker "
+                         "(another embedded mount?); choose another with --cache-dir")
+    # The worker writes its address here once serving; operators find it here too.
+    port_file = cache_dir / "worker.addr"
+    port_file.unlink(missing_ok=True)
+    argv = [
+        sys.executable, "-m", "worker.main", "--listen", "127.0.0.1:0",
+        "--cache-dir", str(cache_dir), "--cache-size", str(config.cache_size),
+        "--page-size", str(config.page_size), "--status-ttl", str(config.status_ttl),
+        "--listing-ttl", str(config.listing_ttl), "--port-file", str(port_file),
+    ]
+    proc = await trio.lowlevel.open_process(argv, stdin=subprocess.DEVNULL)
+    try:
+        with trio.move_on_after(EMBEDDED_START_TIMEOUT):
+            while not port_file.exists():
+                if proc.poll() is not None:
+                    raise MountError(f"the embedded worker exited with status {proc.returncode} "
+                                     f"(cache directory {cache_dir}; see the log above)")
+                await trio.sleep(0.02)
+        if not port_file.exists():
+            raise MountError("the embedded worker did not start in time")
+        address = port_file.read_text().strip()
+        log.info("embedded worker pid %d on %s, cache %s", proc.pid, address, cache_dir)
+        yield address
+    finally:
+        with trio.CancelScope(shield=True):
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+                with trio.move_on_after(10):
+                    await proc.wait()
                 if proc.returncode is None:
-                    proc.send_signal(signal.SIGTERM)
-                    with trio.move_on_after(10):
-                        await proc.wait()
-                    if proc.returncode is None:
-                        proc.kill()
-                        await proc.wait()
+                    proc.kill()
+                    await proc.wait()
+            port_file.unlink(missing_ok=True)
+
+
+def _cache_dir_busy(cache_dir) -> bool:
+    """Whether a worker holds the cache directory's lock (see worker.main)."""
+    fd = os.open(cache_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def fuse_options(config: MountConfig) -> set[str]:

@@ -202,3 +202,44 @@ class Mount(Process):
                 self.proc.wait(10)
 
     stop = unmount
+
+
+class ProcessSet:
+    """Starts processes and always stops them, mounts first; then checks their logs."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.started: list[Process] = []
+        self.allow: tuple[str, ...] = ()
+        self._n = 0
+
+    def _name(self, kind: str, kw: dict) -> str:
+        self._n += 1
+        return kw.pop("name", f"{kind}{self._n}")
+
+    def worker(self, **kw) -> Worker:
+        return self._add(Worker(self.tmp, self._name("worker", kw), **kw))
+
+    def registry(self, **kw) -> Registry:
+        return self._add(Registry(self.tmp, self._name("registry", kw), **kw))
+
+    def mount(self, uri: str, **kw) -> Mount:
+        return self._add(Mount(self.tmp, uri, name=self._name("mount", kw), **kw))
+
+    def _add(self, proc):
+        self.started.append(proc)
+        return proc
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        for proc in sorted(self.started, key=lambda x: not isinstance(x, Mount)):
+            try:
+                proc.stop()
+            except Exception as error:  # keep tearing down the rest
+                print(f"teardown of {proc.name} failed: {error!r}")
+        if exc_type is None:
+            for proc in self.started:
+                proc.check_log(self.allow)
+        return False

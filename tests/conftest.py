@@ -31,43 +31,15 @@ def bucket(s3_server):
     return name
 
 
+
 @pytest.fixture
 def procs(tmp_path):
-    """Start real dorafs processes; all are stopped (mounts unmounted) at teardown.
+    """Real dorafs processes for one test, all stopped (mounts unmounted) at teardown.
 
-    Usage: `worker = procs.worker()`, `mount = procs.mount(uri, workers=[...])`. Logs are
-    checked for tracebacks and unexpected ERROR lines after the test passes.
+    `procs.worker()`, `procs.registry()`, `procs.mount(uri, workers=[...])`; logs are
+    checked for tracebacks and unexpected ERROR lines (extend `procs.allow` with regexes).
     """
-    from tests.cluster import Mount, Registry, Worker
+    from tests.cluster import ProcessSet
 
-    class Procs:
-        def __init__(self):
-            self.started = []
-            self.allow: tuple[str, ...] = ()
-            self.counter = itertools.count()
-
-        def _add(self, proc):
-            self.started.append(proc)
-            return proc
-
-        def worker(self, **kw):
-            return self._add(Worker(tmp_path, kw.pop("name", f"worker{next(self.counter)}"), **kw))
-
-        def registry(self, **kw):
-            return self._add(Registry(tmp_path, kw.pop("name", f"registry{next(self.counter)}"), **kw))
-
-        def mount(self, uri, **kw):
-            return self._add(Mount(tmp_path, uri, name=kw.pop("name", f"mount{next(self.counter)}"), **kw))
-
-    p = Procs()
-    try:
+    with ProcessSet(tmp_path) as p:
         yield p
-    finally:
-        # Mounts first (they may use the workers), then the daemons: always, even on failure.
-        for proc in sorted(p.started, key=lambda x: not isinstance(x, Mount)):
-            try:
-                proc.stop()
-            except Exception as exc:  # keep tearing down the rest
-                print(f"teardown of {proc.name} failed: {exc!r}")
-    for proc in p.started:
-        proc.check_log(p.allow)

@@ -19,7 +19,7 @@ from dorafs.config import MountConfig, parse_duration, parse_size, user_cache_di
 # mount(8) generic options that mean nothing to a FUSE file system of ours.
 _IGNORED = {"defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail", "exec", "noexec",
             "suid", "nosuid", "dev", "nodev", "atime", "noatime", "relatime", "ro", "rw"}
-_FLAGS = {"allow_other", "foreground", "debug"}
+_FLAGS = {"allow_other", "foreground", "debug", "direct_io"}
 _VALUES = {
     "registry": str, "workers": lambda v: [w for w in v.split("+") if w],  # '+' separates: ',' splits options
     "cache_dir": Path, "cache_size": parse_size, "page_size": parse_size,

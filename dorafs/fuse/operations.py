@@ -158,7 +158,7 @@ class DoraOperations(pyfuse3.Operations):
         node.status = status
         version = status.version
         others = any(v != version for v, n in node.open_versions.items() if n > 0)
-        if others:
+        if others or self.config.direct_io:
             direct_io, keep_cache = True, False
             node.kernel_version = None
         else:

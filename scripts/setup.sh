@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Install what dorafs needs on a Debian machine, as root: the system packages (FUSE 3 and
+# what pyfuse3 builds against) and dorafs itself with its test extras. Safe to re-run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(fuse3 libfuse3-dev pkg-config gcc)
+python3 -m pip --version >/dev/null 2>&1 || packages+=(python3-pip)
+python3 - <<'PY' 2>/dev/null || packages+=(python3-dev)
+import os, sysconfig, sys
+sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")) else 1)
+PY
+missing=()
+for pkg in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# Debian's own python3 refuses system-wide pip installs (PEP 668); this machine is ours.
+export PIP_BREAK_SYSTEM_PACKAGES=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+python3 -m pip install -q -e ".[test]" 2>&1 | grep -v -e "Running pip as the 'root' user" -e "is ignored: it is neither" || true
+python3 -c "import dorafs, worker, registry, pyfuse3" || { echo "setup: dorafs did not install" >&2; exit 1; }

@@ -1,0 +1,279 @@
+"""The end-to-end read path through real processes: moto S3 -> workers -> FUSE mount."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dorafs.pages import object_id, page_count
+from dorafs.ring import HashRing
+from tests.cluster import ProcessSet
+
+MiB = 1 << 20
+PAGE = MiB
+
+
+def put(s3, bucket: str, key: str, data: bytes) -> str:
+    return s3.put_object(Bucket=bucket, Key=key, Body=data)["ETag"]
+
+
+def read_file(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def worker_id(worker) -> str:
+    return httpx.get(f"http://{worker.address}/v1/info", timeout=5).json()["id"]
+
+
+# -- byte-exact reads, checked with Hypothesis over (offset, size) sequences ------------
+
+SIZES = {"empty": 0, "one": 1, "page-1": PAGE - 1, "page": PAGE, "page+1": PAGE + 1,
+         "pages": 3 * PAGE + 12345, "large": 100 * MiB + 7}
+
+
+@pytest.fixture(scope="module")
+def exact_cluster(s3_server, tmp_path_factory):
+    """One worker and a direct_io mount (no kernel cache: every read reaches dorafs)."""
+    s3 = s3_server.client()
+    bucket = "exact-reads"
+    s3.create_bucket(Bucket=bucket)
+    rng = random.Random(7)
+    objects = {}
+    for name, size in SIZES.items():
+        data = rng.randbytes(size)
+        put(s3, bucket, f"data/{name}.bin", data)
+        objects[name] = data
+    with ProcessSet(tmp_path_factory.mktemp("exact")) as procs:
+        worker = procs.worker()
+        mount = procs.mount(f"s3://{bucket}/data", workers=[worker.address], options="direct_io")
+        yield mount, objects
+
+
+def test_whole_files_byte_exact(exact_cluster):
+    mount, objects = exact_cluster
+    for name, data in objects.items():
+        path = mount.path(f"{name}.bin")
+        assert path.stat().st_size == len(data), name
+        assert read_file(path) == data, name
+
+
+reads = st.lists(st.tuples(st.integers(0, 101 * MiB), st.integers(0, 3 * MiB)), min_size=1, max_size=12)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.sampled_from(sorted(SIZES)), ops=reads, data=st.data())
+def test_positional_reads_byte_exact(exact_cluster, name, ops, data):
+    mount, objects = exact_cluster
+    expected = objects[name]
+    size = len(expected)
+    fd = os.open(mount.path(f"{name}.bin"), os.O_RDONLY)
+    try:
+        for offset, length in ops:
+            # Half the reads land inside the object, near its pages' edges.
+            if size and data.draw(st.booleans()):
+                edge = data.draw(st.integers(0, size // PAGE)) * PAGE
+                offset = max(0, min(size - 1, edge + data.draw(st.integers(-3, 3))))
+            assert os.pread(fd, length, offset) == expected[offset:offset + length], (name, offset, length)
+    finally:
+        os.close(fd)
+
+
+# -- listings ---------------------------------------------------------------------------
+
+def test_listing_matches_bucket(procs, s3_server, bucket):
+    s3 = s3_server.client()
+    keys = ["top.txt", "a/b/c/deep.txt", "a/b/sibling.bin", "a/x.txt", "with space/file name.txt",
+            "ünïcødé/日本語.txt", "ünïcødé/emoji-🙂.txt", "empty-parent/child/leaf"]
+    keys += [f"big/entry-{i:05d}.dat" for i in range(2100)]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(10) as pool:
+        list(pool.map(lambda k: put(s3, bucket, f"root/{k}", k.encode()), keys))
+    worker = procs.worker()
+    mount = procs.mount(f"s3://{bucket}/root", workers=[worker.address])
+
+    expected_dirs: dict[str, set[str]] = {"": set()}
+    expected_files: dict[str, set[str]] = {"": set()}
+    for key in keys:
+        parts = key.split("/")
+        for depth in range(len(parts) - 1):
+            parent, child = "/".join(parts[:depth]), parts[depth]
+            expected_dirs.setdefault(parent, set()).add(child)
+            expected_dirs.setdefault("/".join(parts[:depth + 1]), set())
+            expected_files.setdefault("/".join(parts[:depth + 1]), set())
+        expected_files.setdefault("/".join(parts[:-1]), set()).add(parts[-1])
+
+    seen_dirs, seen_files = {}, {}
+    for root, dirs, files in os.walk(mount.mountpoint):
+        rel = os.path.relpath(root, mount.mountpoint)
+        rel = "" if rel == "." else rel
+        seen_dirs[rel], seen_files[rel] = set(dirs), set(files)
+    assert seen_dirs == expected_dirs
+    assert seen_files == expected_files
+    assert len(os.listdir(mount.path("big"))) == 2100
+    assert mount.path("a", "b", "c", "deep.txt").read_bytes() == b"a/b/c/deep.txt"
+    assert mount.path("ünïcødé", "日本語.txt").read_bytes() == "ünïcødé/日本語.txt".encode()
+    st_ = mount.path("with space", "file name.txt").stat()
+    assert st_.st_size == len("with space/file name.txt")
+
+
+# -- the cache serves second reads ------------------------------------------------------
+
+def test_second_read_makes_no_ufs_request_even_after_worker_restart(procs, s3_server, bucket):
+    data = os.urandom(5 * MiB + 100)
+    put(s3_server.client(), bucket, "ds/file.bin", data)
+    worker = procs.worker(extra=["--status-ttl", "60s"])
+    first = procs.mount(f"s3://{bucket}/ds", workers=[worker.address])
+    assert read_file(first.path("file.bin")) == data
+    reads_after_first = worker.counter("dorafs_worker_ufs_requests_total")
+    assert worker.metrics()['dorafs_worker_ufs_requests_total{op=read}'] == 6  # one per page
+    first.unmount()
+
+    second = procs.mount(f"s3://{bucket}/ds", workers=[worker.address])  # no kernel cache
+    assert read_file(second.path("file.bin")) == data
+    assert worker.counter("dorafs_worker_ufs_requests_total") == reads_after_first  # not one UFS request
+    assert worker.metrics()["dorafs_worker_page_requests_total{result=hit}"] >= 6
+    second.unmount()
+
+    worker.restart()  # the page index is rebuilt from disk
+    third = procs.mount(f"s3://{bucket}/ds", workers=[worker.address])
+    assert read_file(third.path("file.bin")) == data
+    metrics = worker.metrics()
+    assert metrics.get("dorafs_worker_ufs_requests_total{op=read}", 0) == 0
+    assert metrics["dorafs_worker_page_requests_total{result=hit}"] >= 6
+
+
+def test_pages_live_only_on_their_ring_owner(procs, s3_server, bucket):
+    s3 = s3_server.client()
+    files = {f"f{i:02d}.bin": os.urandom(2 * MiB + i) for i in range(24)}
+    etags = {name: put(s3, bucket, f"two/{name}", data) for name, data in files.items()}
+    workers = [procs.worker(), procs.worker()]
+    mount = procs.mount(f"s3://{bucket}/two", workers=[w.address for w in workers])
+    for name, data in files.items():
+        assert read_file(mount.path(name)) == data
+    ring = HashRing([worker_id(w) for w in workers])
+    by_id = {worker_id(w): w for w in workers}
+    owners = set()
+    for name in files:
+        uri = f"s3://{bucket}/two/{name}"
+        oid = object_id(uri, etags[name])
+        owner = by_id[ring.owner(uri)]
+        owners.add(owner.name)
+        for w in workers:
+            pages = sorted(int(p.name.split("_")[1]) for p in w.page_files() if p.name.startswith(oid))
+            expected = list(range(page_count(len(files[name]), PAGE))) if w is owner else []
+            assert pages == expected, (name, w.name)
+    assert len(owners) == 2  # 24 files: both workers own some
+
+
+def test_read_survives_worker_killed_mid_read(procs, s3_server, bucket):
+    data = os.urandom(64 * MiB)
+    put(s3_server.client(), bucket, "k/long.bin", data)
+    workers = [procs.worker(), procs.worker()]
+    mount = procs.mount(f"s3://{bucket}/k", workers=[w.address for w in workers])
+    ring = HashRing([worker_id(w) for w in workers])
+    owner = next(w for w in workers if worker_id(w) == ring.owner(f"s3://{bucket}/k/long.bin"))
+    procs.allow = (r"worker .* failed",)
+    got = bytearray()
+    with open(mount.path("long.bin"), "rb") as f:
+        while chunk := f.read(256 * 1024):
+            got += chunk
+            if len(got) == 8 * MiB:
+                owner.kill()  # SIGKILL in the middle of the read
+    assert bytes(got) == data
+    assert not owner.alive()
+
+
+# -- versions: never a mix of old and new bytes -------------------------------------------
+
+def test_overwritten_object_never_mixes_versions(procs, s3_server, bucket):
+    s3 = s3_server.client()
+    old, new = os.urandom(8 * MiB), os.urandom(8 * MiB)
+    put(s3, bucket, "v/obj.bin", old)
+    worker = procs.worker(extra=["--status-ttl", "1s"])
+    mount = procs.mount(f"s3://{bucket}/v", workers=[worker.address],
+                        options="attr_timeout=0.2,entry_timeout=0.2,readahead_pages=0")
+    with open(mount.path("obj.bin"), "rb", buffering=0) as f:
+        assert f.read(MiB) == old[:MiB]
+        put(s3, bucket, "v/obj.bin", new)  # overwritten while the handle is open
+        offset = MiB
+        errors = []
+        while offset < len(old):
+            try:
+                chunk = os.pread(f.fileno(), MiB, offset)
+            except OSError as exc:
+                errors.append(exc.errno)
+                offset += MiB
+                continue
+            assert chunk == old[offset:offset + len(chunk)], "an open handle returned new bytes"
+            offset += len(chunk)
+        assert errors and set(errors) == {errno.ESTALE}  # unread pages of the old version are gone
+    time.sleep(1.5)  # past the status TTL
+    assert read_file(mount.path("obj.bin")) == new
+
+
+def test_corrupt_page_file_is_detected_and_refetched(procs, s3_server, bucket):
+    data = os.urandom(3 * MiB)
+    put(s3_server.client(), bucket, "c/file.bin", data)
+    worker = procs.worker()
+    mount = procs.mount(f"s3://{bucket}/c", workers=[worker.address])
+    assert read_file(mount.path("file.bin")) == data
+    mount.unmount()
+    page = sorted(worker.page_files())[1]
+    raw = bytearray(page.read_bytes())
+    raw[1000] ^= 0xFF
+    raw[2000] ^= 0x01
+    page.write_bytes(raw)
+    procs.allow = (r"failed its checksum", r"corrupt page")
+    again = procs.mount(f"s3://{bucket}/c", workers=[worker.address])
+    assert read_file(again.path("file.bin")) == data
+    metrics = worker.metrics()
+    assert metrics["dorafs_worker_corrupt_pages_total"] == 1
+    assert metrics["dorafs_worker_ufs_requests_total{op=read}"] == 4  # 3 pages + 1 refetch
+
+
+# -- other stores -------------------------------------------------------------------------
+
+def test_file_ufs_mounts_and_reads(procs, tmp_path):
+    src = tmp_path / "src"
+    (src / "nested" / "deeper").mkdir(parents=True)
+    files = {"a.bin": os.urandom(PAGE + 1), "nested/b.txt": b"hello", "nested/deeper/c": os.urandom(3 * PAGE),
+             "spaced name ü.txt": b"x" * 10, "empty": b""}
+    for rel, data in files.items():
+        (src / rel).write_bytes(data)
+    worker = procs.worker()
+    mount = procs.mount(f"file://{src}", workers=[worker.address])
+    found = {}
+    for root, _, names in os.walk(mount.mountpoint):
+        for name in names:
+            path = Path(root) / name
+            found[str(path.relative_to(mount.mountpoint))] = read_file(path)
+    assert found == files
+    assert worker.counter("dorafs_worker_page_requests_total") > 0  # served through the worker
+
+
+# -- read-only, errors ----------------------------------------------------------------
+
+def test_writes_are_refused_with_erofs(procs, s3_server, bucket):
+    put(s3_server.client(), bucket, "ro/f.txt", b"data")
+    worker = procs.worker()
+    mount = procs.mount(f"s3://{bucket}/ro", workers=[worker.address])
+    for attempt in (lambda: open(mount.path("new.txt"), "w"), lambda: open(mount.path("f.txt"), "a"),
+                    lambda: os.mkdir(mount.path("d")), lambda: os.unlink(mount.path("f.txt"))):
+        with pytest.raises(OSError) as info:
+            attempt()
+        assert info.value.errno == errno.EROFS
+    with pytest.raises(FileNotFoundError):
+        open(mount.path("missing.txt"))
+    with pytest.raises(NotADirectoryError):
+        os.listdir(mount.path("f.txt"))
+    assert read_file(mount.path("f.txt")) == b"data"
