@@ -1,0 +1,116 @@
+"""Promises of docs/SEMANTICS.md not already checked elsewhere, and the doc-to-test link."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import time
+
+import pytest
+
+from tests.cluster import REPO
+
+MiB = 1 << 20
+
+
+def test_every_promise_has_a_test():
+    text = (REPO / "docs" / "SEMANTICS.md").read_text()
+    promises = re.findall(r"^\d+\. \*\*", text, flags=re.M)
+    cited = re.findall(r"(tests/[\w/]+\.py)::(\w+)", text)
+    assert len(promises) >= 10
+    blocks = re.split(r"^\d+\. \*\*", text, flags=re.M)[1:]
+    assert all("(test: " in block for block in blocks), "a promise without a test"
+    for path, name in cited:
+        source = (REPO / path).read_text()
+        assert re.search(rf"^def {name}\(", source, flags=re.M), f"{path}::{name} does not exist"
+
+
+@pytest.fixture
+def short_ttl_mount(procs, s3_server, bucket):
+    s3_server.client().put_object(Bucket=bucket, Key="s/.keep", Body=b"")
+    worker = procs.worker(extra=["--status-ttl", "1s", "--listing-ttl", "1s"])
+    mount = procs.mount(f"s3://{bucket}/s", workers=[worker.address],
+                        options="attr_timeout=0.2,entry_timeout=0.2")
+    return mount, worker, s3_server.client(), bucket
+
+
+def test_listing_changes_show_after_ttl(short_ttl_mount):
+    mount, _, s3, bucket = short_ttl_mount
+    s3.put_object(Bucket=bucket, Key="s/one.txt", Body=b"1")
+    s3.put_object(Bucket=bucket, Key="s/two.txt", Body=b"2")
+    time.sleep(1.5)
+    assert sorted(os.listdir(mount.mountpoint)) == [".keep", "one.txt", "two.txt"]
+    s3.put_object(Bucket=bucket, Key="s/three.txt", Body=b"3")
+    s3.delete_object(Bucket=bucket, Key="s/one.txt")
+    time.sleep(1.5)  # past listing_ttl + entry_timeout
+    assert sorted(os.listdir(mount.mountpoint)) == [".keep", "three.txt", "two.txt"]
+    assert not mount.path("one.txt").exists()
+    assert mount.path("three.txt").read_bytes() == b"3"
+
+
+def test_deleted_object_gives_estale_to_open_handle(short_ttl_mount):
+    mount, _, s3, bucket = short_ttl_mount
+    data = os.urandom(4 * MiB)
+    s3.put_object(Bucket=bucket, Key="s/gone.bin", Body=data)
+    time.sleep(1.2)
+    fd = os.open(mount.path("gone.bin"), os.O_RDONLY)
+    try:
+        assert os.pread(fd, 4096, 0) == data[:4096]
+        s3.delete_object(Bucket=bucket, Key="s/gone.bin")
+        with pytest.raises(OSError) as info:
+            os.pread(fd, MiB, 3 * MiB)  # a page never read: the object is gone
+        assert info.value.errno == errno.ESTALE
+    finally:
+        os.close(fd)
+    time.sleep(1.5)
+    with pytest.raises(FileNotFoundError):
+        os.stat(mount.path("gone.bin"))
+
+
+def test_kernel_cache_kept_while_version_unchanged(procs, s3_server, bucket):
+    s3 = s3_server.client()
+    old, new = os.urandom(2 * MiB), os.urandom(2 * MiB)
+    s3.put_object(Bucket=bucket, Key="k/f.bin", Body=old)
+    worker = procs.worker(extra=["--status-ttl", "0.5s"])
+    mount = procs.mount(f"s3://{bucket}/k", workers=[worker.address], options="attr_timeout=0.1")
+
+    def served() -> float:
+        return worker.counter("dorafs_worker_page_requests_total")
+
+    assert mount.path("f.bin").read_bytes() == old
+    after_first = served()
+    assert after_first >= 2
+    for _ in range(3):  # unchanged version: the kernel serves it, dorafs sees no page read
+        assert mount.path("f.bin").read_bytes() == old
+    assert served() == after_first
+    s3.put_object(Bucket=bucket, Key="k/f.bin", Body=new)  # same size, new bytes
+    time.sleep(0.8)
+    assert mount.path("f.bin").read_bytes() == new  # the next open dropped the old pages
+    assert served() > after_first
+
+
+def test_directory_shadows_same_named_object(procs, s3_server, bucket):
+    s3 = s3_server.client()
+    s3.put_object(Bucket=bucket, Key="sh/a", Body=b"object a")
+    s3.put_object(Bucket=bucket, Key="sh/a/inner.txt", Body=b"inner")
+    worker = procs.worker()
+    mount = procs.mount(f"s3://{bucket}/sh", workers=[worker.address])
+    assert os.listdir(mount.mountpoint) == ["a"]
+    assert mount.path("a").is_dir()
+    assert mount.path("a", "inner.txt").read_bytes() == b"inner"
+
+
+def test_unrepresentable_names_are_hidden(procs, s3_server, bucket):
+    s3 = s3_server.client()
+    keys = ["u/ok.txt", "u/" + "n" * 256, "u/empty//x", "u/dot/./y", "u/dotdot/../z"]
+    for key in keys:
+        s3.put_object(Bucket=bucket, Key=key, Body=b"k")
+    worker = procs.worker()
+    mount = procs.mount(f"s3://{bucket}/u", workers=[worker.address])
+    top = sorted(os.listdir(mount.mountpoint))
+    assert "ok.txt" in top and "n" * 256 not in top
+    for name in ("dot", "dotdot", "empty"):
+        if name in top:  # the directory may show, but never an entry named '', '.' or '..'
+            assert all(entry not in ("", ".", "..") for entry in os.listdir(mount.path(name)))
+    assert mount.path("ok.txt").read_bytes() == b"k"
