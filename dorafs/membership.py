@@ -227,6 +227,7 @@ class RegistryMembership(Membership):
                     log.warning("registry %s unreachable (%s); keeping the last known %d workers and retrying",
                                 self.url, _describe(exc), len(self.workers))
                     outage = True
+                known = False  # after the outage, resync at once instead of long-polling first
                 await trio.sleep(delay)
                 delay = min(delay * 2, self.max_backoff)
                 continue
