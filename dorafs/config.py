@@ -28,7 +28,8 @@ def parse_size(text: str | int) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _SIZE_UNITS:
         raise ValueError(f"not a size: {text!r} (use e.g. 1MiB, 10GiB, 4096)")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    number, unit = m.group(1), _SIZE_UNITS[m.group(2).lower()]
+    return int(number) * unit if number.isdigit() else int(float(number) * unit)
 
 
 def parse_duration(text: str | float) -> float:
@@ -46,10 +47,9 @@ def parse_hostport(text: str, default_host: str = "127.0.0.1") -> tuple[str, int
     host, sep, port = str(text).rpartition(":")
     if not sep:
         host, port = "", text
-    try:
-        number = int(port)
-    except ValueError:
-        raise ValueError(f"not HOST:PORT: {text!r}") from None
+    if not port.isascii() or not port.isdigit() or (host.count(":") and not host.startswith("[")):
+        raise ValueError(f"not HOST:PORT: {text!r} (IPv6 hosts go in brackets: [::1]:29998)")
+    number = int(port)
     if not 0 <= number <= 65535:
         raise ValueError(f"port out of range in {text!r}")
     return (host.strip("[]") or default_host, number)

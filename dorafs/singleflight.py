@@ -40,7 +40,7 @@ class SingleFlight:
                 break
             flight.waiters += 1
             await flight.done.wait()
-            if isinstance(flight.error, trio.Cancelled):
+            if _is_cancellation(flight.error):
                 continue
             if flight.error is not None:
                 raise flight.error
@@ -55,3 +55,12 @@ class SingleFlight:
         finally:
             del self._flights[key]
             flight.done.set()
+
+
+def _is_cancellation(error: BaseException | None) -> bool:
+    """The leader was cancelled (possibly inside a nursery of its own), not failed."""
+    if isinstance(error, trio.Cancelled):
+        return True
+    if isinstance(error, BaseExceptionGroup):  # trio.MultiError is one too
+        return any(_is_cancellation(e) for e in error.exceptions)
+    return False

@@ -9,7 +9,11 @@ Subtleties:
 - A page is written to `ROOT/pages/tmp/` and renamed into place: a crash leaves either
   the whole page or a temp file (removed on start), never a torn page under a real name.
 - The byte capacity is never exceeded: room is reserved (evicting as needed) before the
-  write starts, and the reservation is dropped if the write fails.
+  write starts, and the reservation is dropped if the write fails. When writes in
+  flight already hold the room, the page is served without being cached.
+- Evicted files are unlinked on the trio thread, before the put that evicted them
+  continues (one unlink per page written, microseconds on a local disk): a late unlink
+  in a thread could delete a page re-cached under the same name in the meantime.
 - The index lives on the trio thread; file I/O runs in threads. Readers of a page that
   eviction unlinks concurrently still hold their open fd, so sendfile completes.
 """
@@ -48,6 +52,7 @@ class PageStore:
         self.tmp = self.root / "tmp"
         self.capacity = capacity
         self.used = 0  # bytes of indexed pages plus reservations for writes in progress
+        self.reserved = 0  # bytes reserved by writes in progress
         self.evictions = 0
         self.write_errors = 0
         self._index: OrderedDict[PageKey, PageEntry] = OrderedDict()
@@ -70,7 +75,10 @@ class PageStore:
             if sub == self.tmp or not sub.is_dir():
                 continue
             for path in sub.iterdir():
-                parsed = _parse_name(path.name)
+                parsed = _parse_name(path.name) if path.is_file() else None
+                if parsed is None and path.is_dir():
+                    log.warning("ignoring unexpected directory in page store: %s", path)
+                    continue
                 if parsed is None:
                     log.warning("removing unrecognised file in page store: %s", path)
                     path.unlink(missing_ok=True)
@@ -103,25 +111,23 @@ class PageStore:
         if key in self._index:
             return self._index[key]
         size = len(data)
-        if size > self.capacity:
-            return None
-        victims = []
-        while self.used + size > self.capacity and self._index:
-            victims.append(self._evict_one())
+        if self.reserved + size > self.capacity:
+            return None  # too big, or writes in flight hold the room: serve without caching
+        while self.used + size > self.capacity:
+            self._unlink(self._evict_one())
         self.used += size  # reserved until the rename lands or fails
+        self.reserved += size
         oid, index = key
         final = self.root / oid[:2] / f"{oid}_{index}_{digest}"
         try:
-            await trio.to_thread.run_sync(self._write, final, data, victims, limiter=self._limiter)
+            await trio.to_thread.run_sync(self._write, final, data, limiter=self._limiter)
         except OSError as exc:
-            self.used -= size
             self.write_errors += 1
             log.warning("cannot cache page %s_%d (serving without caching): %s", oid, index, exc)
             return None
-        except BaseException:
+        finally:
             self.used -= size
-            raise
-        self.used -= size
+            self.reserved -= size
         if key in self._index:  # a concurrent put of the same page won the race
             return self._index[key]
         entry = PageEntry(final, size, digest)
@@ -162,9 +168,8 @@ class PageStore:
         except FileNotFoundError:
             pass
 
-    def _write(self, final: Path, data: bytes, victims: list[PageEntry]) -> None:
-        for victim in victims:  # free the space before using it: capacity is never exceeded
-            self._unlink(victim)
+    def _write(self, final: Path, data: bytes) -> None:
+        self.tmp.mkdir(parents=True, exist_ok=True)
         tmp = self.tmp / f"{uuid.uuid4().hex}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:

@@ -138,7 +138,8 @@ class HttpServer:
         await trio.serve_listeners(self._connection, listeners)
 
     async def _dispatch(self, request: Request) -> Response:
-        handler = self.routes.get((request.method, request.path))
+        method = "GET" if request.method == "HEAD" else request.method
+        handler = self.routes.get((method, request.path))
         if handler is None:
             if any(path == request.path for _, path in self.routes):
                 return _error_response(405, "EINVAL", f"method {request.method} not allowed")
@@ -164,7 +165,7 @@ class HttpServer:
                 if request is None:
                     return
                 response = await self._dispatch(request)
-                await self._send(conn, stream, response)
+                await self._send(conn, stream, response, head=request.method == "HEAD")
                 if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                     return
                 conn.start_next_cycle()
@@ -172,6 +173,9 @@ class HttpServer:
             return
         except h11.RemoteProtocolError as exc:
             await self._reject(conn, stream, exc.error_status_hint, str(exc))
+        except Exception:
+            # One connection's failure never ends the server: log it and drop the connection.
+            log.exception("connection failed; closing it")
         finally:
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(1):
@@ -193,7 +197,12 @@ class HttpServer:
             return None
         if isinstance(event, (h11.ConnectionClosed, h11.PAUSED)) or not isinstance(event, h11.Request):
             return None
-        target = urlsplit(event.target.decode("latin-1"))
+        if sum(len(k) + len(v) + 4 for k, v in event.headers) + len(event.target) > MAX_HEADER_BYTES:
+            raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
+        try:
+            target = urlsplit(event.target.decode("latin-1"))
+        except ValueError as exc:
+            raise h11.RemoteProtocolError(f"bad request target: {exc}", error_status_hint=400) from None
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
         body = bytearray()
         while True:
@@ -217,7 +226,8 @@ class HttpServer:
             body=bytes(body),
         )
 
-    async def _send(self, conn: h11.Connection, stream: trio.SocketStream, response: Response) -> None:
+    async def _send(self, conn: h11.Connection, stream: trio.SocketStream, response: Response,
+                    head: bool = False) -> None:
         body = response.body
         try:
             headers = [
@@ -227,7 +237,7 @@ class HttpServer:
                 *response.headers.items(),
             ]
             await stream.send_all(conn.send(h11.Response(status_code=response.status, headers=headers)))
-            if len(body):
+            if len(body) and not head:
                 for chunk in conn.send_with_data_passthrough(h11.Data(data=body)):
                     if isinstance(chunk, FileBody):
                         await _sendfile(stream, chunk)

@@ -1,0 +1,301 @@
+"""In-process tests of the worker's on-disk page store (worker/pagestore.py)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dorafs.pages import object_id
+from worker.pagestore import PageStore, checksum
+
+
+def key(n: int, index: int = 0) -> tuple[str, int]:
+    return object_id(f"s3://bucket/object-{n}", "v1"), index
+
+
+def page(size: int, fill: int = 0) -> bytes:
+    return bytes((fill + i) % 251 for i in range(size))
+
+
+def new_store(root: Path, capacity: int) -> PageStore:
+    store = PageStore(root, capacity)
+    store.load()
+    return store
+
+
+def page_files(root: Path) -> list[Path]:
+    """Every file under pages/ except the temp dir."""
+    pages = root / "pages"
+    return [p for p in pages.rglob("*") if p.is_file() and p.parent != pages / "tmp"]
+
+
+def disk_total(root: Path) -> int:
+    return sum(p.stat().st_size for p in page_files(root))
+
+
+async def put(store: PageStore, k, data: bytes):
+    return await store.put(k, data, checksum(data))
+
+
+def check_consistent(store: PageStore, root: Path) -> None:
+    """The index and the disk agree, and neither exceeds the capacity."""
+    assert store.used <= store.capacity
+    assert disk_total(root) <= store.capacity
+    entries = [store._index[k] for k in store._index]
+    assert store.used == sum(e.size for e in entries)
+    assert sorted(page_files(root)) == sorted(e.path for e in entries)
+    for e in entries:
+        assert e.path.stat().st_size == e.size
+
+
+def test_put_and_lookup(tmp_path):
+    store = new_store(tmp_path, 1 << 20)
+    data = page(1000)
+
+    async def main():
+        entry = await put(store, key(1), data)
+        assert entry is not None
+        assert entry.size == 1000 and entry.checksum == checksum(data)
+        assert entry.path.read_bytes() == data
+        assert entry.path.name == f"{key(1)[0]}_0_{checksum(data)}"
+        assert store.lookup(key(1)) == entry
+        assert store.lookup(key(2)) is None
+        assert store.used == 1000 and len(store) == 1
+        assert store.pages_of(key(1)[0]) == {0}
+        # A second put of the same page returns the cached entry.
+        assert await put(store, key(1), data) == entry
+        assert store.used == 1000
+
+    trio.run(main)
+    check_consistent(store, tmp_path)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    capacity=st.integers(1, 4000),
+    puts=st.lists(st.tuples(st.integers(0, 8), st.integers(0, 3), st.integers(0, 5000)), max_size=25),
+)
+def test_capacity_never_exceeded(capacity, puts):
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        store = new_store(root, capacity)
+
+        async def main():
+            for n, index, size in puts:
+                k = key(n, index)
+                had = store.lookup(k)
+                entry = await put(store, k, page(size, n))
+                if size > capacity and had is None:
+                    assert entry is None
+                else:
+                    assert entry is not None and store.lookup(k) == entry
+                check_consistent(store, root)
+            assert store.write_errors == 0
+
+        trio.run(main)
+
+
+def test_lru_keeps_recently_looked_up_pages(tmp_path):
+    store = new_store(tmp_path, 300)
+
+    async def main():
+        a = await put(store, key(1), page(100))
+        b = await put(store, key(2), page(100))
+        await put(store, key(3), page(100))
+        assert store.lookup(key(1)) == a  # now key 2 is the least recently used
+        await put(store, key(4), page(100))
+        assert store.lookup(key(1)) == a
+        assert store.lookup(key(2)) is None and not b.path.exists()
+        assert store.evictions == 1
+        # A page as big as the whole capacity evicts everything else.
+        await put(store, key(5), page(300))
+        assert len(store) == 1 and store.used == 300
+
+    trio.run(main)
+    check_consistent(store, tmp_path)
+
+
+def test_page_bigger_than_capacity_is_not_cached(tmp_path):
+    store = new_store(tmp_path, 100)
+
+    async def main():
+        kept = await put(store, key(1), page(50))
+        assert await put(store, key(2), page(101)) is None
+        assert store.lookup(key(2)) is None
+        assert store.lookup(key(1)) == kept  # nothing was evicted for it
+        assert store.used == 50 and store.evictions == 0 and store.write_errors == 0
+
+    trio.run(main)
+    check_consistent(store, tmp_path)
+
+
+def test_drop(tmp_path):
+    store = new_store(tmp_path, 1000)
+
+    async def main():
+        a = await put(store, key(1, 0), page(100))
+        await put(store, key(1, 1), page(100))
+        store.drop(key(1, 0))
+        assert store.lookup(key(1, 0)) is None and not a.path.exists()
+        assert store.used == 100 and store.pages_of(key(1)[0]) == {1}
+        store.drop(key(1, 0))  # dropping a missing page is a no-op
+        store.drop(key(1, 1))
+        assert store.used == 0 and store.pages_of(key(1)[0]) == set() and len(store) == 0
+
+    trio.run(main)
+    check_consistent(store, tmp_path)
+
+
+def test_rebuild_from_disk(tmp_path):
+    store = new_store(tmp_path, 10_000)
+    contents = {key(n, i): page(100 * n + i, n) for n in range(1, 5) for i in range(3)}
+
+    async def main():
+        for k, data in contents.items():
+            await put(store, k, data)
+
+    trio.run(main)
+    again = new_store(tmp_path, 10_000)
+    assert len(again) == len(contents)
+    assert again.used == store.used == sum(map(len, contents.values()))
+    for k, data in contents.items():
+        entry = again.lookup(k)
+        assert entry is not None
+        assert entry.size == len(data) and entry.checksum == checksum(data)
+        assert entry.path.read_bytes() == data
+    assert again.pages_of(key(1)[0]) == {0, 1, 2}
+    check_consistent(again, tmp_path)
+
+
+def test_load_removes_temp_and_unrecognised_files(tmp_path):
+    store = new_store(tmp_path, 10_000)
+
+    async def main():
+        return await put(store, key(1), page(100))
+
+    entry = trio.run(main)
+    sub = entry.path.parent
+    leftovers = [store.tmp / "0123456789abcdef.tmp", store.tmp / "other"]
+    strays = [
+        sub / "notes.txt",
+        sub / f"{key(1)[0]}_0",  # too few fields
+        sub / f"{key(1)[0]}_x_{'0' * 16}",  # index not a number
+        sub / f"{key(1)[0][:31]}_0_{'0' * 16}",  # short object id
+        sub / f"{key(1)[0]}_0_{'0' * 15}",  # short checksum
+    ]
+    for path in leftovers + strays:
+        path.write_bytes(b"junk")
+
+    again = new_store(tmp_path, 10_000)
+    for path in leftovers + strays:
+        assert not path.exists(), path
+    assert list(again.tmp.iterdir()) == []
+    assert again.lookup(key(1)) is not None and again.used == 100 and len(again) == 1
+    check_consistent(again, tmp_path)
+
+
+def test_smaller_capacity_on_restart_evicts(tmp_path):
+    store = new_store(tmp_path, 1000)
+
+    async def main():
+        for n in range(10):
+            await put(store, key(n), page(100, n))
+
+    trio.run(main)
+    assert store.used == 1000
+    smaller = new_store(tmp_path, 350)
+    assert smaller.used <= 350 and len(smaller) == 3
+    assert smaller.evictions == 7
+    check_consistent(smaller, tmp_path)
+
+
+def test_file_and_directory_modes(tmp_path):
+    root = tmp_path / "cache"
+    root.mkdir(mode=0o755)
+    store = new_store(root, 10_000)
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+
+    async def main():
+        return await put(store, key(1), page(100))
+
+    entry = trio.run(main)
+    assert stat.S_IMODE(entry.path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(entry.path.parent.stat().st_mode) == 0o700
+
+
+def test_write_failure_is_counted_and_not_cached(tmp_path):
+    store = new_store(tmp_path, 10_000)
+    good = key(1)
+    bad = next(key(n) for n in range(2, 1000) if key(n)[0][:2] != good[0][:2])  # another subdir
+
+    async def main():
+        await put(store, good, page(100))
+        (store.root / bad[0][:2]).write_bytes(b"")  # the page directory's path is a file
+        assert await put(store, bad, page(200)) is None
+        assert store.write_errors == 1
+        assert store.used == 100 and len(store) == 1
+        assert store.lookup(bad) is None
+        assert list(store.tmp.iterdir()) == []  # the temp file was cleaned up
+        # The store keeps working for other pages.
+        assert await put(store, key(1, 1), page(100)) is not None
+        assert store.used == 200
+
+    trio.run(main)
+
+
+def test_concurrent_puts_never_exceed_capacity(tmp_path):
+    store = new_store(tmp_path, 100)
+    peak = 0
+
+    async def main():
+        nonlocal peak
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(put, store, key(1), page(60))
+            nursery.start_soon(put, store, key(2), page(60))
+            await trio.testing.wait_all_tasks_blocked()
+            peak = store.used  # both reservations are made, neither write has landed
+
+    trio.run(main)
+    assert peak <= store.capacity, f"{peak} bytes reserved of {store.capacity}"
+    assert store.used <= store.capacity, f"{store.used} bytes cached of {store.capacity}"
+    assert disk_total(tmp_path) <= store.capacity
+
+
+def test_evicted_page_put_again_before_the_victim_is_unlinked(tmp_path):
+    store = new_store(tmp_path, 120)
+    gate = threading.Event()
+    real_unlink = store._unlink
+
+    def slow_unlink(entry):  # the evicting thread is slow to get to its victims
+        if entry.path.name.startswith(key(1)[0]):
+            gate.wait(10)
+        real_unlink(entry)
+
+    async def main():
+        await put(store, key(0), page(60, 0))
+        await put(store, key(1), page(60, 1))
+        store.lookup(key(0))  # key 1 is now the least recently used
+        store._unlink = slow_unlink
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(put, store, key(2), page(60, 2))  # evicts key 1
+            try:
+                await trio.testing.wait_all_tasks_blocked()
+                assert store.lookup(key(1)) is None
+                again = await put(store, key(1), page(60, 1))  # a reader fills it again
+                assert again is not None and again.path.exists()
+            finally:
+                gate.set()
+        entry = store.lookup(key(1))
+        assert entry is not None
+        assert entry.path.exists(), "indexed page file was deleted by the earlier eviction"
+
+    trio.run(main)
