@@ -277,3 +277,35 @@ def test_writes_are_refused_with_erofs(procs, s3_server, bucket):
     with pytest.raises(NotADirectoryError):
         os.listdir(mount.path("f.txt"))
     assert read_file(mount.path("f.txt")) == b"data"
+
+
+# -- the worker's own promises, seen from outside ---------------------------------------
+
+def test_concurrent_cold_readers_cause_one_ufs_read_per_page(procs, s3_server, bucket):
+    data = os.urandom(4 * MiB)
+    put(s3_server.client(), bucket, "sf/hot.bin", data)
+    worker = procs.worker()
+    mounts = [procs.mount(f"s3://{bucket}/sf", workers=[worker.address], options="direct_io") for _ in range(2)]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda i: read_file(mounts[i % 2].path("hot.bin")), range(8)))
+    assert all(r == data for r in results)
+    metrics = worker.metrics()
+    assert metrics["dorafs_worker_ufs_requests_total{op=read}"] == 4  # one per page, whatever the readers
+
+
+def test_worker_cache_never_exceeds_its_capacity(procs, s3_server, bucket):
+    s3 = s3_server.client()
+    files = {f"e{i}.bin": os.urandom(MiB) for i in range(10)}
+    for name, blob in files.items():
+        put(s3, bucket, f"ev/{name}", blob)
+    worker = procs.worker(cache_size="3MiB")
+    mount = procs.mount(f"s3://{bucket}/ev", workers=[worker.address], options="direct_io")
+    for _ in range(2):
+        for name, blob in files.items():
+            assert read_file(mount.path(name)) == blob
+            assert sum(p.stat().st_size for p in worker.page_files()) <= 3 * MiB
+    metrics = worker.metrics()
+    assert metrics["dorafs_worker_cache_used_bytes"] <= 3 * MiB
+    assert metrics["dorafs_worker_evictions"] >= 7
