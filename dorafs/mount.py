@@ -8,7 +8,6 @@ worker's page I/O and the FUSE handlers use both cores.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import signal
@@ -22,6 +21,7 @@ import trio
 from dorafs.client import DoraClient
 from dorafs.config import MountConfig, user_cache_dir
 from dorafs.errors import DoraError
+from dorafs.files import lock_directory
 from dorafs.fuse.operations import DoraOperations
 from dorafs.membership import open_membership
 from dorafs.ufs import UfsSet, normalize
@@ -39,10 +39,11 @@ class MountError(Exception):
 async def embedded_worker(config: MountConfig):
     """Start a local worker process; yield its address; stop it on exit."""
     cache_dir = config.cache_dir or (user_cache_dir() / "embedded")
-    cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if _cache_dir_busy(cache_dir):
+    lock = lock_directory(cache_dir)  # probe only: the worker takes it for itself
+    if lock is None:
         raise MountError(f"the cache directory {cache_dir} is in use by another worker "
                          "(another embedded mount?); choose another with --cache-dir")
+    os.close(lock)
     # The worker writes its address here once serving; operators find it here too.
     port_file = cache_dir / "worker.addr"
     port_file.unlink(missing_ok=True)
@@ -75,18 +76,6 @@ async def embedded_worker(config: MountConfig):
                     proc.kill()
                     await proc.wait()
             port_file.unlink(missing_ok=True)
-
-
-def _cache_dir_busy(cache_dir) -> bool:
-    """Whether a worker holds the cache directory's lock (see worker.main)."""
-    fd = os.open(cache_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
 
 
 def fuse_options(config: MountConfig) -> set[str]:

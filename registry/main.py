@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import fcntl
 import logging
 import os
 import signal
@@ -13,6 +12,7 @@ from pathlib import Path
 import trio
 
 from dorafs.config import RegistryConfig, parse_duration, parse_hostport
+from dorafs.files import lock_directory
 from dorafs.log import setup_logging
 from registry.server import run
 
@@ -54,12 +54,8 @@ def parse_args(argv: list[str] | None) -> tuple[RegistryConfig, str | None]:
 
 def _lock_state_dir(state_dir: Path) -> int:
     """One registry per state directory: two would overwrite each other's state."""
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+    fd = lock_directory(state_dir)
+    if fd is None:
         raise SystemExit(f"{PROG}: state directory {state_dir} is in use by another registry")
     return fd
 

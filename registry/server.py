@@ -15,12 +15,12 @@ Bad bodies answer 400 with a message saying which field is wrong; the daemon kee
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
+from dorafs.files import write_atomic
 from dorafs.config import RegistryConfig
 from dorafs.errors import NotFound
 from dorafs.http.server import HttpError, HttpServer, Request, Response, json_response
@@ -128,12 +128,6 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def write_port_file(path: Path, address: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(address + "\n")
-    os.replace(tmp, path)
-
-
 async def run(config: RegistryConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve the registry until cancelled; `task_status.started` gets the bound "host:port"."""
     state_dir = Path(config.state_dir)
@@ -146,7 +140,7 @@ async def run(config: RegistryConfig, *, task_status=trio.TASK_STATUS_IGNORED) -
         address = format_address(host, port)
         nursery.start_soon(expire_loop, table, metrics)
         if config.port_file:
-            await trio.to_thread.run_sync(write_port_file, Path(config.port_file), address)
+            await trio.to_thread.run_sync(write_atomic, Path(config.port_file), address + "\n")
         log.info("registry serving on %s (state %s, worker TTL %.1fs, version %d, %d workers)",
                  address, state_dir, config.worker_ttl, table.version, len(table))
         task_status.started(address)

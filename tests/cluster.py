@@ -63,6 +63,14 @@ class Process:
         except FileNotFoundError:
             return ""
 
+    def _await_address(self) -> str:
+        """Wait for the daemon to write its address to `self.port_file`."""
+        def ready():
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited:\n{self.log_text()[-3000:]}")
+            return self.port_file.exists() and self.port_file.read_text().strip()
+        return wait_for(ready, what=f"{self.name} to serve")
+
     def check_log(self, allow: tuple[str, ...] = ()) -> None:
         bad = [line for line in self.log_text().splitlines()
                if ("Traceback" in line or " ERROR " in line or " CRITICAL " in line)
@@ -95,12 +103,6 @@ class Worker(Process):
             argv += ["--registry", self.registry]
         return argv
 
-    def _await_address(self) -> str:
-        def ready():
-            if not self.alive():
-                raise RuntimeError(f"{self.name} exited:\n{self.log_text()[-3000:]}")
-            return self.port_file.exists() and self.port_file.read_text().strip()
-        return wait_for(ready, what=f"{self.name} to serve")
 
     def restart(self, same_port: bool = True) -> None:
         """Stop and start again on the same address, keeping the cache directory."""
@@ -143,12 +145,6 @@ class Registry(Process):
         return [sys.executable, "-m", "registry.main", "--listen", listen, "--state-dir", str(self.dir / "state"),
                 "--worker-ttl", self.ttl, "--port-file", str(self.port_file)]
 
-    def _await_address(self) -> str:
-        def ready():
-            if not self.alive():
-                raise RuntimeError(f"{self.name} exited:\n{self.log_text()[-3000:]}")
-            return self.port_file.exists() and self.port_file.read_text().strip()
-        return wait_for(ready, what="registry to serve")
 
     def workers(self) -> list[dict]:
         return httpx.get(f"{self.url}/v1/workers", timeout=5).json()["workers"]

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import stat
 import tempfile
 import threading
 from pathlib import Path
 
-import pytest
 import trio
 import trio.testing
 from hypothesis import HealthCheck, given, settings

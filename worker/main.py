@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import fcntl
 import logging
 import os
 import signal
@@ -14,6 +13,7 @@ from pathlib import Path
 import trio
 
 from dorafs.config import WorkerConfig, parse_duration, parse_hostport, parse_size
+from dorafs.files import lock_directory, write_atomic
 from dorafs.log import setup_logging
 from dorafs.ufs import UfsSet
 from worker.metrics import WorkerMetrics
@@ -59,12 +59,8 @@ def parse_args(argv: list[str] | None) -> tuple[WorkerConfig, str]:
 
 def _lock_cache_dir(cache_dir: Path) -> int:
     """One worker per cache directory: a second one would corrupt the index."""
-    cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(cache_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+    fd = lock_directory(cache_dir)
+    if fd is None:
         raise SystemExit(f"dorafs-worker: cache directory {cache_dir} is in use by another worker")
     return fd
 
@@ -76,16 +72,8 @@ def _worker_id(cache_dir: Path) -> str:
         return path.read_text().strip()
     except FileNotFoundError:
         wid = uuid.uuid4().hex[:16]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(wid + "\n")
-        os.rename(tmp, path)
+        write_atomic(path, wid + "\n")
         return wid
-
-
-def _write_port_file(path: Path, address: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(address + "\n")
-    os.rename(tmp, path)
 
 
 async def run(config: WorkerConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -106,7 +94,7 @@ async def run(config: WorkerConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> 
                 worker = WorkerInfo(id=wid, address=address, page_size=config.page_size, capacity=config.cache_size)
                 await nursery.start(heartbeat_loop, config.registry, worker, config.heartbeat_interval)
             if config.port_file:
-                _write_port_file(config.port_file, address)
+                write_atomic(config.port_file, address + "\n")
             log.info("worker %s serving on %s (cache %s, %d bytes, page %d)",
                      wid, address, config.cache_dir, config.cache_size, config.page_size)
             task_status.started(address)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import trio
 
 from dorafs.config import WorkerConfig
-from dorafs.errors import InvalidRequest, NotADirectory, NotFound, StaleVersion, UfsError
+from dorafs.errors import InvalidRequest, NotADirectory, NotFound, StaleVersion
 from dorafs.pages import object_id, page_count, page_length
 from dorafs.singleflight import SingleFlight
 from dorafs.ttlcache import MISSING, TtlCache
