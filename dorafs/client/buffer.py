@@ -17,12 +17,12 @@ class PageBuffer:
         self.used = 0
         self.hits = 0
         self.misses = 0
-        self._pages: OrderedDict[Hashable, bytes] = OrderedDict()
+        self._pages: OrderedDict[Hashable, bytes | bytearray] = OrderedDict()
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._pages
 
-    def get(self, key: Hashable) -> bytes | None:
+    def get(self, key: Hashable) -> bytes | bytearray | None:
         data = self._pages.get(key)
         if data is None:
             self.misses += 1
@@ -31,7 +31,7 @@ class PageBuffer:
         self._pages.move_to_end(key)
         return data
 
-    def put(self, key: Hashable, data: bytes) -> None:
+    def put(self, key: Hashable, data: bytes | bytearray) -> None:
         if len(data) > self.capacity:
             return
         old = self._pages.pop(key, None)

@@ -171,8 +171,12 @@ class DoraClient:
     def open(self, uri: str, status: FileStatus) -> OpenFile:
         return OpenFile(uri, status)
 
-    async def read(self, f: OpenFile, offset: int, length: int) -> bytes:
-        """Bytes [offset, offset+length) of the pinned version, short only at EOF."""
+    async def read(self, f: OpenFile, offset: int, length: int) -> bytes | memoryview:
+        """Bytes [offset, offset+length) of the pinned version, short only at EOF.
+
+        A read within one page returns a memoryview into the buffered page: no copy
+        until the kernel takes the bytes.
+        """
         page_size = self.page_size
         spans = plan(offset, length, f.status.size, page_size)
         if not spans:
@@ -180,13 +184,12 @@ class DoraClient:
         self._readahead(f, offset, offset + length, spans[-1].index)
         if len(spans) == 1:
             span = spans[0]
-            data = await self._page(f, span.index)
-            return data[span.start:span.end] if (span.start, span.end) != (0, len(data)) else data
-        parts: list[bytes] = [b""] * len(spans)
+            return memoryview(await self._page(f, span.index))[span.start:span.end]
+        parts: list[memoryview] = [memoryview(b"")] * len(spans)
 
         async def fetch(i: int) -> None:
             span = spans[i]
-            parts[i] = (await self._page(f, span.index))[span.start:span.end]
+            parts[i] = memoryview(await self._page(f, span.index))[span.start:span.end]
 
         async with trio.open_nursery() as nursery:
             for i in range(len(spans)):
@@ -221,7 +224,7 @@ class DoraClient:
     def _key(self, f: OpenFile, index: int) -> tuple:
         return (f.uri, f.status.version, self.page_size, index)
 
-    async def _page(self, f: OpenFile, index: int) -> bytes:
+    async def _page(self, f: OpenFile, index: int) -> bytes | bytearray:
         key = self._key(f, index)
         data = self.buffer.get(key)
         if data is not None:
@@ -229,7 +232,7 @@ class DoraClient:
         data, _ = await self._flights.do(key, lambda: self._fetch(f, index))
         return data
 
-    async def _fetch(self, f: OpenFile, index: int) -> bytes:
+    async def _fetch(self, f: OpenFile, index: int) -> bytes | bytearray:
         status, page_size = f.status, self.page_size
         try:
             data = await self._route(f.uri, lambda address: self._workers.page(

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import logging
 
-import httpx
+import json
+
 import xxhash
 
+from dorafs.client.transport import Transport, TransportError
 from dorafs.errors import Unavailable, from_wire
 from dorafs.ufs import FileStatus
 
@@ -25,35 +27,31 @@ class CorruptPage(Unavailable):
 
 
 class WorkerClient:
-    def __init__(self, *, timeout: float, connect_timeout: float, max_connections: int = 64):
-        self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout, connect=connect_timeout),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-        )
+    def __init__(self, *, timeout: float, connect_timeout: float):
+        self._transport = Transport(timeout=timeout, connect_timeout=connect_timeout)
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        await self._transport.aclose()
 
-    async def _get(self, address: str, path: str, params: dict) -> httpx.Response:
+    async def _get(self, address: str, path: str, params: dict):
         try:
-            response = await self._http.get(f"http://{address}{path}", params=params)
-        except httpx.TimeoutException as exc:
-            raise Unavailable(f"worker {address} timed out ({type(exc).__name__})") from None
-        except httpx.TransportError as exc:
-            raise Unavailable(f"worker {address} unreachable: {exc!r}") from None
-        if response.status_code != 200:
+            response = await self._transport.get(address, path, params)
+        except TransportError as exc:
+            raise Unavailable(str(exc)) from None
+        if response.status != 200:
             try:
-                body = response.json()
+                body = json.loads(response.body)
             except ValueError:
-                body = {"message": response.text[:200]}
-            raise from_wire(response.status_code, body)
+                body = {"message": bytes(response.body[:200]).decode("utf-8", "replace")}
+            raise from_wire(response.status, body if isinstance(body, dict) else None)
         return response
 
-    async def page(self, address: str, uri: str, version: str, size: int, index: int, page_size: int) -> bytes:
+    async def page(self, address: str, uri: str, version: str, size: int, index: int,
+                   page_size: int) -> bytes | bytearray:
         params = {"uri": uri, "version": version, "size": size, "index": index, "page_size": page_size}
         for attempt in (0, 1):
             response = await self._get(address, "/v1/page", params)
-            data = response.content
+            data = response.body
             expected = response.headers.get("x-dorafs-checksum", "")
             if xxhash.xxh3_64_hexdigest(data) == expected:
                 return data
@@ -64,9 +62,9 @@ class WorkerClient:
 
     async def stat(self, address: str, uri: str) -> FileStatus:
         response = await self._get(address, "/v1/stat", {"uri": uri})
-        return FileStatus.from_dict(response.json())
+        return FileStatus.from_dict(json.loads(response.body))
 
     async def list_page(self, address: str, uri: str, after: str, limit: int) -> tuple[list[FileStatus], str | None]:
         response = await self._get(address, "/v1/list", {"uri": uri, "after": after, "limit": limit})
-        body = response.json()
+        body = json.loads(response.body)
         return [FileStatus.from_dict(e) for e in body["entries"]], body.get("next")
