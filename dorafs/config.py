@@ -1,15 +1,25 @@
 """Typed configuration for the mount, the worker and the registry.
 
-Sizes accept `1MiB`, `10GiB`, `512k`; durations accept `500ms`, `10s`, `2m`, or plain
-seconds. Each default carries the reason it was chosen.
+One TOML file (default `/etc/dorafs/dorafs.toml`, or `--config PATH`, or
+`$DORAFS_CONFIG`) has a section per program: `[worker]`, `[registry]`, `[mount]`.
+Precedence, lowest first: the defaults below, the file, the environment
+(`DORAFS_WORKER_CACHE_SIZE=...`), the command line. An unknown key or a bad value is a
+`ConfigError` whose one-line message names the key and where it came from.
+
+Each option is a dataclass field whose metadata holds its parser and its documentation;
+docs/CONFIG.md is checked against these fields by a test. Sizes accept `1MiB`, `10GiB`,
+`4096`; durations accept `500ms`, `10s`, `2m`, or plain seconds.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -62,51 +72,259 @@ def user_cache_dir() -> Path:
 
 
 DEFAULT_PAGE_SIZE = 1 << 20  # 1 MiB: eight 128 KiB kernel reads per fetch, small read amplification
+DEFAULT_CONFIG_PATH = Path("/etc/dorafs/dorafs.toml")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line naming the key."""
+
+
+# -- value parsers: each takes a TOML value or a string from the environment / CLI ------
+
+def _size(value) -> int:
+    number = parse_size(value) if not isinstance(value, bool) else None
+    if number is None or number <= 0:
+        raise ValueError(f"must be a positive size, got {value!r}")
+    return number
+
+
+def _duration(value) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"not a duration: {value!r}")
+    return parse_duration(value)
+
+
+def _positive_duration(value) -> float:
+    seconds = _duration(value)
+    if seconds <= 0:
+        raise ValueError(f"must be positive, got {value!r}")
+    return seconds
+
+
+def _count(value) -> int:
+    if isinstance(value, bool) or not str(value).strip().isdigit():
+        raise ValueError(f"must be a whole number, got {value!r}")
+    return int(value)
+
+
+def _flag(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on", ""):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"must be true or false, got {value!r}")
+
+
+def _text(value) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, got {value!r}")
+    return value
+
+
+def _optional(parse: Callable) -> Callable:
+    def parse_optional(value):
+        return None if value in (None, "") else parse(value)
+
+    return parse_optional
+
+
+def _url(value) -> str:
+    text = _text(value).strip().rstrip("/")
+    return text if "://" in text else f"http://{text}"
+
+
+def _addresses(value) -> list[str]:
+    items = value if isinstance(value, list) else str(value).replace("+", ",").split(",")
+    found = [str(item).strip() for item in items if str(item).strip()]
+    for item in found:
+        parse_hostport(item)
+    return found
+
+
+def _path(value) -> Path:
+    return Path(_text(value)).expanduser()
+
+
+def option(default, parse: Callable, doc: str, *, factory: Callable | None = None):
+    """A configuration field: its default, how to parse it, and one line of documentation."""
+    metadata = {"parse": parse, "doc": doc}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class WorkerConfig:
-    listen: tuple[str, int] = ("127.0.0.1", 29998)  # loopback unless told otherwise
-    advertise: str | None = None  # address clients use; defaults to the bound address
-    registry: str | None = None  # URL of the registry; None for a standalone worker
-    cache_dir: Path = field(default_factory=lambda: user_cache_dir() / "worker")
-    cache_size: int = 10 << 30  # 10 GiB: a dataset shard, small enough for a laptop disk
-    page_size: int = DEFAULT_PAGE_SIZE
-    status_ttl: float = 10.0  # seconds a cached status is trusted; bounds staleness
-    listing_ttl: float = 10.0  # seconds a cached directory listing is trusted
-    metadata_entries: int = 100_000  # in-memory status/listing entries before LRU eviction
-    ufs_threads: int = 16  # blocking UFS calls in flight; matches boto3's connection pool
-    heartbeat_interval: float = 2.0  # a dead worker is dropped after a few missed beats
-    port_file: Path | None = None  # where to write the bound address (for listen port 0)
+    listen: tuple[str, int] = option(("127.0.0.1", 29998), parse_hostport,
+                                     "HOST:PORT to bind; loopback unless told otherwise; port 0 picks one")
+    advertise: str | None = option(None, _optional(_text), "HOST:PORT clients use (default: the bound address)")
+    registry: str | None = option(None, _optional(_url), "registry URL; unset for a standalone worker")
+    cache_dir: Path = option(None, _path, "directory of the page cache (created 0700)",
+                             factory=lambda: user_cache_dir() / "worker")
+    cache_size: int = option(10 << 30, _size, "page cache capacity; 10GiB fits a shard and a laptop disk")
+    page_size: int = option(DEFAULT_PAGE_SIZE, _size,
+                            "page size; 1MiB serves eight 128 KiB kernel reads per fetch")
+    status_ttl: float = option(10.0, _duration, "how long a cached file status is trusted (-1 never recheck, 0 always)")
+    listing_ttl: float = option(10.0, _duration, "how long a cached directory listing is trusted (-1, 0 as above)")
+    metadata_entries: int = option(100_000, _count, "status and listing entries kept in memory before LRU eviction")
+    ufs_threads: int = option(16, _count, "blocking UFS calls in flight; matches boto3's connection pool")
+    heartbeat_interval: float = option(2.0, _positive_duration,
+                                       "seconds between heartbeats; a few missed ones drop the worker")
+    port_file: Path | None = option(None, _optional(_path), "write the bound HOST:PORT here once serving")
 
 
 @dataclass
 class RegistryConfig:
-    listen: tuple[str, int] = ("127.0.0.1", 19998)
-    state_dir: Path = field(default_factory=lambda: user_cache_dir() / "registry")
-    worker_ttl: float = 10.0  # five missed 2 s heartbeats before a worker is dropped
-    port_file: Path | None = None
+    listen: tuple[str, int] = option(("127.0.0.1", 19998), parse_hostport, "HOST:PORT to bind")
+    state_dir: Path = option(None, _path, "where the membership is saved across restarts",
+                             factory=lambda: user_cache_dir() / "registry")
+    worker_ttl: float = option(10.0, _positive_duration, "drop a worker silent this long (five 2 s heartbeats)")
+    port_file: Path | None = option(None, _optional(_path), "write the bound HOST:PORT here once serving")
 
 
 @dataclass
 class MountConfig:
-    ufs_uri: str = ""
-    mountpoint: Path = Path()
-    registry: str | None = None
-    workers: list[str] = field(default_factory=list)
-    foreground: bool = False
-    cache_dir: Path | None = None  # embedded worker's cache (default: user cache dir)
-    cache_size: int = 10 << 30
-    page_size: int = DEFAULT_PAGE_SIZE
-    attr_timeout: float = 1.0  # kernel attribute cache; short so changes show quickly
-    entry_timeout: float = 1.0  # kernel name cache
-    status_ttl: float = 10.0  # worker-side status TTL for the embedded worker
-    listing_ttl: float = 10.0
-    buffer_size: int = 64 << 20  # client page buffer: 64 pages, enough for 4 readers' readahead
-    readahead_pages: int = 8  # pages fetched ahead of a sequential reader
-    worker_timeout: float = 5.0  # a worker slower than this is skipped for the next candidate
-    connect_timeout: float = 1.0
-    direct_io: bool = False  # bypass the kernel page cache (benchmarks, tests of the read path)
-    allow_other: bool = False
-    fuse_tasks: int = 64  # concurrent kernel requests served
-    debug: bool = False
+    ufs_uri: str = ""  # positional on the command line, not a configuration key
+    mountpoint: Path = Path()  # positional
+    registry: str | None = option(None, _optional(_url), "registry URL (unset with no workers: embedded cluster)")
+    workers: list[str] = option(None, _addresses, "static worker list HOST:PORT,HOST:PORT ('+' also separates)",
+                                factory=list)
+    foreground: bool = option(False, _flag, "stay in the foreground instead of detaching")
+    cache_dir: Path | None = option(None, _optional(_path),
+                                    "embedded worker's cache (default ~/.cache/dorafs/embedded)")
+    cache_size: int = option(10 << 30, _size, "embedded worker's cache capacity")
+    page_size: int = option(DEFAULT_PAGE_SIZE, _size, "embedded worker's page size")
+    attr_timeout: float = option(1.0, _duration, "seconds the kernel trusts attributes; short so changes show")
+    entry_timeout: float = option(1.0, _duration, "seconds the kernel trusts names (and missing names)")
+    status_ttl: float = option(10.0, _duration, "embedded worker's status TTL")
+    listing_ttl: float = option(10.0, _duration, "embedded worker's listing TTL")
+    buffer_size: int = option(64 << 20, _size, "mount's page buffer; 64 pages cover four readers' readahead")
+    readahead_pages: int = option(8, _count, "pages fetched ahead of a sequential reader (0: none)")
+    worker_timeout: float = option(5.0, _positive_duration, "a worker slower than this is skipped for the next")
+    connect_timeout: float = option(1.0, _positive_duration, "time to connect to a worker")
+    direct_io: bool = option(False, _flag, "bypass the kernel page cache (benchmarks, read-path tests)")
+    allow_other: bool = option(False, _flag, "let other users access the mount (FUSE allow_other)")
+    fuse_tasks: int = option(64, _count, "kernel requests served concurrently")
+    metrics_listen: tuple[str, int] | None = option(None, _optional(parse_hostport),
+                                                    "HOST:PORT for the mount's /metrics and /healthz (unset: off)")
+    debug: bool = option(False, _flag, "FUSE debug output and DEBUG logs")
+
+
+SECTIONS: dict[str, type] = {"worker": WorkerConfig, "registry": RegistryConfig, "mount": MountConfig}
+
+
+def options(cls: type) -> dict[str, Any]:
+    """The configurable fields of a config class, by name."""
+    return {f.name: f for f in fields(cls) if "parse" in f.metadata}
+
+
+def _parse(cls: type, section: str, key: str, value, source: str):
+    spec = options(cls).get(key)
+    if spec is None:
+        known = ", ".join(sorted(options(cls)))
+        raise ConfigError(f"{source}: unknown key {section}.{key} (known: {known})")
+    try:
+        return spec.metadata["parse"](value)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {section}.{key}: {exc}") from None
+
+
+def _read_file(path: Path, required: bool) -> dict:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(f"config file {path} does not exist") from None
+        return {}
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror}") from None
+    for name, value in data.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"config file {path}: unknown section [{name}] (known: {', '.join(SECTIONS)})")
+        if not isinstance(value, dict):
+            raise ConfigError(f"config file {path}: {name} must be a [{name}] table")
+    return data
+
+
+def load_config(section: str, cli: Mapping[str, Any], *, config_path: str | Path | None = None,
+                env: Mapping[str, str] | None = None, **positional):
+    """Build the config of one program: defaults, then file, then environment, then `cli`.
+
+    `cli` holds only the options given on the command line (raw strings or values).
+    """
+    cls = SECTIONS[section]
+    env = os.environ if env is None else env
+    explicit = config_path or env.get("DORAFS_CONFIG")
+    path = Path(explicit) if explicit else DEFAULT_CONFIG_PATH
+    values: dict[str, Any] = {}
+    for key, value in _read_file(path, required=bool(explicit)).get(section, {}).items():
+        values[key] = _parse(cls, section, key, value, f"config file {path}")
+    prefix = f"DORAFS_{section.upper()}_"
+    for name, value in env.items():
+        if name.startswith(prefix):
+            key = name[len(prefix):].lower()
+            values[key] = _parse(cls, section, key, value, f"environment {name}")
+    for key, value in cli.items():
+        if value is not None:
+            values[key] = _parse(cls, section, key, value, "command line")
+    return cls(**positional, **values)
+
+
+# -- the reference page -------------------------------------------------------------------
+
+def _format_default(value) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return f"{value[0]}:{value[1]}"
+    if isinstance(value, Path):
+        return str(value).replace(os.path.expanduser("~"), "~", 1)
+    if isinstance(value, list):
+        return ", ".join(value) or "empty"
+    return str(value)
+
+
+def _default_of(spec) -> Any:
+    from dataclasses import MISSING
+
+    if spec.default_factory is not MISSING:
+        return spec.default_factory()
+    return spec.default
+
+
+_SIZE_UNITS_HUMAN = {1 << 40: "TiB", 1 << 30: "GiB", 1 << 20: "MiB", 1 << 10: "KiB"}
+
+
+def _human(spec, value) -> str:
+    parse = spec.metadata["parse"]
+    if parse is _size and isinstance(value, int):
+        for unit, name in _SIZE_UNITS_HUMAN.items():
+            if value % unit == 0:
+                return f"{value // unit}{name}"
+    if parse in (_duration, _positive_duration):
+        return f"{value:g}s"
+    return _format_default(value)
+
+
+def reference_markdown() -> str:
+    """The option tables of docs/CONFIG.md, generated from the fields above."""
+    lines = []
+    for section, cls in SECTIONS.items():
+        lines += [f"### [{section}]", "", "| key | default | environment | meaning |", "|---|---|---|---|"]
+        for name, spec in options(cls).items():
+            env = f"DORAFS_{section.upper()}_{name.upper()}"
+            lines.append(f"| `{name}` | `{_human(spec, _default_of(spec))}` | `{env}` | {spec.metadata['doc']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import trio
 
-from dorafs.config import RegistryConfig, parse_duration, parse_hostport
+from dorafs.config import ConfigError, RegistryConfig, load_config
 from dorafs.files import lock_directory
 from dorafs.log import setup_logging
 from registry.server import run
@@ -28,25 +28,19 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv: list[str] | None) -> tuple[RegistryConfig, str | None]:
-    defaults = RegistryConfig()
     p = _Parser(prog=PROG, description="Run the dorafs registry: workers join, heartbeat and expire here.")
-    p.add_argument("--listen", default="127.0.0.1:19998", help="HOST:PORT to bind (port 0: any free port)")
-    p.add_argument("--state-dir", type=Path, default=defaults.state_dir, help="where the membership is saved")
-    p.add_argument("--worker-ttl", default="10s", help="drop a worker silent for this long (e.g. 10s)")
-    p.add_argument("--port-file", type=Path, help="write the bound HOST:PORT here once serving")
+    p.add_argument("--config", help="TOML config file (default /etc/dorafs/dorafs.toml if present)")
+    p.add_argument("--listen", help="HOST:PORT to bind (port 0: any free port; default 127.0.0.1:19998)")
+    p.add_argument("--state-dir", help="where the membership is saved")
+    p.add_argument("--worker-ttl", help="drop a worker silent for this long (e.g. 10s)")
+    p.add_argument("--port-file", help="write the bound HOST:PORT here once serving")
     p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING... (default: $DORAFS_LOG_LEVEL or INFO)")
     args = p.parse_args(argv)
+    cli = {k: v for k, v in vars(args).items() if k not in ("config", "log_level") and v is not None}
     try:
-        config = RegistryConfig(
-            listen=parse_hostport(args.listen),
-            state_dir=args.state_dir,
-            worker_ttl=parse_duration(args.worker_ttl),
-            port_file=args.port_file,
-        )
-    except ValueError as exc:
+        config = load_config("registry", cli, config_path=args.config)
+    except ConfigError as exc:
         p.error(str(exc))
-    if config.worker_ttl <= 0:
-        p.error("--worker-ttl must be positive")
     if args.log_level and args.log_level.upper() not in logging.getLevelNamesMapping():
         p.error(f"unknown --log-level {args.log_level!r}")
     return config, args.log_level

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import trio
 
-from dorafs.config import WorkerConfig, parse_duration, parse_hostport, parse_size
+from dorafs.config import ConfigError, WorkerConfig, load_config
 from dorafs.files import lock_directory, write_atomic
 from dorafs.log import setup_logging
 from dorafs.ufs import UfsSet
@@ -25,35 +25,24 @@ log = logging.getLogger("dorafs.worker")
 
 def parse_args(argv: list[str] | None) -> tuple[WorkerConfig, str]:
     p = argparse.ArgumentParser(prog="dorafs-worker", description="Run a dorafs cache worker.")
+    p.add_argument("--config", help="TOML config file (default /etc/dorafs/dorafs.toml if present)")
     p.add_argument("--registry", help="registry URL (http://HOST:PORT); omit for a standalone worker")
-    p.add_argument("--listen", default="127.0.0.1:29998", help="HOST:PORT to bind (port 0: any free port)")
+    p.add_argument("--listen", help="HOST:PORT to bind (port 0: any free port; default 127.0.0.1:29998)")
     p.add_argument("--advertise", help="HOST:PORT clients should use (default: the bound address)")
-    p.add_argument("--cache-dir", type=Path, default=WorkerConfig().cache_dir)
-    p.add_argument("--cache-size", default="10GiB", help="page cache capacity, e.g. 10GiB")
-    p.add_argument("--page-size", default="1MiB")
-    p.add_argument("--status-ttl", default="10s", help="how long a cached file status is trusted")
-    p.add_argument("--listing-ttl", default="10s", help="how long a cached directory listing is trusted")
-    p.add_argument("--heartbeat-interval", default="2s")
-    p.add_argument("--port-file", type=Path, help="write the bound HOST:PORT here once serving")
+    p.add_argument("--cache-dir", help="page cache directory")
+    p.add_argument("--cache-size", help="page cache capacity, e.g. 10GiB")
+    p.add_argument("--page-size", help="page size, e.g. 1MiB")
+    p.add_argument("--status-ttl", help="how long a cached file status is trusted, e.g. 10s")
+    p.add_argument("--listing-ttl", help="how long a cached directory listing is trusted, e.g. 10s")
+    p.add_argument("--heartbeat-interval", help="time between heartbeats to the registry, e.g. 2s")
+    p.add_argument("--port-file", help="write the bound HOST:PORT here once serving")
     p.add_argument("--log-level", default=None)
     args = p.parse_args(argv)
+    cli = {k: v for k, v in vars(args).items() if k not in ("config", "log_level") and v is not None}
     try:
-        config = WorkerConfig(
-            listen=parse_hostport(args.listen),
-            advertise=args.advertise,
-            registry=args.registry.rstrip("/") if args.registry else None,
-            cache_dir=args.cache_dir,
-            cache_size=parse_size(args.cache_size),
-            page_size=parse_size(args.page_size),
-            status_ttl=parse_duration(args.status_ttl),
-            listing_ttl=parse_duration(args.listing_ttl),
-            heartbeat_interval=parse_duration(args.heartbeat_interval),
-            port_file=args.port_file,
-        )
-    except ValueError as exc:
-        p.error(str(exc))
-    if config.page_size <= 0 or config.cache_size <= 0:
-        p.error("--page-size and --cache-size must be positive")
+        config = load_config("worker", cli, config_path=args.config)
+    except ConfigError as exc:
+        p.exit(2, f"dorafs-worker: error: {exc}\n")
     return config, args.log_level
 
 

@@ -14,82 +14,60 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dorafs.config import MountConfig, parse_duration, parse_size, user_cache_dir
+from dorafs.config import ConfigError, MountConfig, load_config, user_cache_dir
 
 # mount(8) generic options that mean nothing to a FUSE file system of ours.
 _IGNORED = {"defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail", "exec", "noexec",
             "suid", "nosuid", "dev", "nodev", "atime", "noatime", "relatime", "ro", "rw"}
-_FLAGS = {"allow_other", "foreground", "debug", "direct_io"}
-_VALUES = {
-    "registry": str, "workers": lambda v: [w for w in v.split("+") if w],  # '+' separates: ',' splits options
-    "cache_dir": Path, "cache_size": parse_size, "page_size": parse_size,
-    "attr_timeout": parse_duration, "entry_timeout": parse_duration, "status_ttl": parse_duration,
-    "listing_ttl": parse_duration, "buffer_size": parse_size, "readahead_pages": int,
-    "worker_timeout": parse_duration, "fuse_tasks": int,
-}
-OPTION_NAMES = sorted(_IGNORED | _FLAGS | set(_VALUES))
 
 
 class UsageError(Exception):
     pass
 
 
-def apply_options(config: MountConfig, text: str) -> None:
-    """Apply `-o a=b,c` options to a config; unknown options and bad values are errors."""
+def parse_options(text: str, into: dict) -> None:
+    """`-o a=b,flag` into raw option values; a bare name means true. Checked by load_config,
+    except `config=PATH`, which chooses the config file."""
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, has_value, value = item.partition("=")
         name = name.replace("-", "_")
         if name in _IGNORED:
             continue
-        if name in _FLAGS:
-            if has_value:
-                raise UsageError(f"option {name} takes no value")
-            setattr(config, name, True)
-        elif name in _VALUES:
-            if not has_value or not value:
-                raise UsageError(f"option {name} needs a value ({name}=...)")
-            try:
-                setattr(config, name, _VALUES[name](value))
-            except ValueError as exc:
-                raise UsageError(f"option {name}: {exc}") from None
-        else:
-            raise UsageError(f"unknown mount option {name!r} (known: {', '.join(OPTION_NAMES)})")
+        into[name] = value if has_value else True
 
 
 def add_mount_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ufs_uri", metavar="UFS_URI", help="s3://bucket/prefix, file:///path, ...")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--config", help="TOML config file (default /etc/dorafs/dorafs.toml if present)")
     p.add_argument("--registry", help="registry URL; omit (with --workers) for an embedded single-node cluster")
     p.add_argument("--workers", help="static worker list HOST:PORT,HOST:PORT")
-    p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    p.add_argument("-f", "--foreground", action="store_true", default=None, help="stay in the foreground")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[=VALUE],...",
                    help="mount options, e.g. cache_size=20GiB,page_size=4MiB,attr_timeout=1s")
-    p.add_argument("--cache-dir", type=Path, help="embedded worker's cache directory")
+    p.add_argument("--cache-dir", help="embedded worker's cache directory")
     p.add_argument("--cache-size", help="embedded worker's cache capacity, e.g. 10GiB")
     p.add_argument("--log-level", default=None)
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
 
 def config_from_args(args: argparse.Namespace) -> MountConfig:
-    config = MountConfig(ufs_uri=args.ufs_uri, mountpoint=Path(args.mountpoint))
+    cli: dict = {}
     for text in args.options:
-        apply_options(config, text)
-    if args.registry:
-        config.registry = args.registry.rstrip("/")
-    if args.workers:
-        config.workers = [w.strip() for w in args.workers.split(",") if w.strip()]
-    if args.cache_dir:
-        config.cache_dir = args.cache_dir
-    if args.cache_size:
-        try:
-            config.cache_size = parse_size(args.cache_size)
-        except ValueError as exc:
-            raise UsageError(f"--cache-size: {exc}") from None
-    config.foreground = config.foreground or args.foreground
+        parse_options(text, cli)
+    config_path = cli.pop("config", None) or args.config
+    for key in ("registry", "workers", "foreground", "cache_dir", "cache_size"):
+        if getattr(args, key) is not None:
+            cli[key] = getattr(args, key)
+    if "://" not in args.ufs_uri:
+        raise UsageError(f"not a UFS URI: {args.ufs_uri!r} (expected e.g. s3://bucket/prefix or file:///data)")
+    try:
+        config = load_config("mount", cli, config_path=config_path, ufs_uri=args.ufs_uri,
+                             mountpoint=Path(args.mountpoint))
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
     if config.registry and config.workers:
-        raise UsageError("give --registry or --workers, not both")
-    if "://" not in config.ufs_uri:
-        raise UsageError(f"not a UFS URI: {config.ufs_uri!r} (expected e.g. s3://bucket/prefix or file:///data)")
+        raise UsageError("give a registry or a worker list, not both")
     if not config.mountpoint.is_dir():
         raise UsageError(f"mount point {config.mountpoint} does not exist or is not a directory")
     return config
