@@ -17,13 +17,17 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 import pyfuse3
 import trio
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dorafs.client import DoraClient
 from dorafs.config import MountConfig, user_cache_dir
 from dorafs.errors import DoraError
 from dorafs.files import lock_directory
+from dorafs.fuse.metrics import REGISTRY, ClientCollector
 from dorafs.fuse.operations import DoraOperations
+from dorafs.http import HttpServer, Response, json_response
 from dorafs.membership import open_membership
+from dorafs.notify import notify
 from dorafs.ufs import UfsSet, normalize
 
 log = logging.getLogger("dorafs.mount")
@@ -53,7 +57,8 @@ async def embedded_worker(config: MountConfig):
         "--page-size", str(config.page_size), "--status-ttl", str(config.status_ttl),
         "--listing-ttl", str(config.listing_ttl), "--port-file", str(port_file),
     ]
-    proc = await trio.lowlevel.open_process(argv, stdin=subprocess.DEVNULL)
+    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}  # readiness is the mount's to tell
+    proc = await trio.lowlevel.open_process(argv, stdin=subprocess.DEVNULL, env=env)
     try:
         with trio.move_on_after(EMBEDDED_START_TIMEOUT):
             while not port_file.exists():
@@ -117,12 +122,33 @@ async def run_mount(config: MountConfig, ready=lambda: None) -> None:
             raise MountError(f"cannot mount on {mountpoint}: {exc} (is it already mounted? is /dev/fuse there?)")
         try:
             nursery.start_soon(_terminate_on_signal)
+            if config.metrics_listen:
+                address = await nursery.start(metrics_server(client).serve, *config.metrics_listen)
+                log.info("metrics on http://%s:%d/metrics", *address)
             log.info("mounted %s on %s", root_uri, mountpoint)
             ready()
+            notify("READY=1", f"STATUS=serving {root_uri} on {mountpoint}")
             await pyfuse3.main(max_tasks=config.fuse_tasks)
         finally:
+            notify("STOPPING=1")
             pyfuse3.close(unmount=True)
             log.info("unmounted %s", mountpoint)
+
+
+def metrics_server(client: DoraClient) -> HttpServer:
+    """/metrics and /healthz of the mount process."""
+    REGISTRY.register(ClientCollector(client))
+    server = HttpServer("dorafs-mount")
+
+    @server.route("GET", "/metrics")
+    async def metrics(req):
+        return Response(200, generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST)
+
+    @server.route("GET", "/healthz")
+    async def healthz(req):
+        return json_response({"status": "ok", "workers": len(client.ring)})
+
+    return server
 
 
 async def _terminate_on_signal() -> None:

@@ -14,6 +14,7 @@ import trio
 from dorafs.config import ConfigError, RegistryConfig, load_config
 from dorafs.files import lock_directory
 from dorafs.log import setup_logging
+from dorafs.notify import notify
 from registry.server import run
 
 log = logging.getLogger("dorafs.registry")
@@ -57,9 +58,11 @@ def _lock_state_dir(state_dir: Path) -> int:
 async def _serve(config: RegistryConfig) -> None:
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            await nursery.start(run, config)
+            address = await nursery.start(run, config)
+            notify("READY=1", f"STATUS=serving on {address}")
             async for signum in signals:
                 log.info("registry stopping on %s", signal.Signals(signum).name)
+                notify("STOPPING=1")
                 nursery.cancel_scope.cancel()
                 break
 

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(fuse3 libfuse3-dev pkg-config gcc)
+packages=(fuse3 libfuse3-dev pkg-config gcc systemd)  # systemd: systemd-analyze for the unit tests
 python3 -m pip --version >/dev/null 2>&1 || packages+=(python3-pip)
 python3 - <<'PY' 2>/dev/null || packages+=(python3-dev)
 import os, sysconfig, sys
@@ -24,3 +24,8 @@ fi
 export PIP_BREAK_SYSTEM_PACKAGES=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 python3 -m pip install -q -e ".[test]" 2>&1 | grep -v -e "Running pip as the 'root' user" -e "is ignored: it is neither" || true
 python3 -c "import dorafs, worker, registry, pyfuse3" || { echo "setup: dorafs did not install" >&2; exit 1; }
+
+# mount(8) runs /sbin/mount.<type> for `mount -t dorafs` and fstab lines: link the helper
+# there (the real script, whose first line names this Python, not a shell shim).
+scripts=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+ln -sf "$scripts/mount.dorafs" /sbin/mount.dorafs

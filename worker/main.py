@@ -15,6 +15,7 @@ import trio
 from dorafs.config import ConfigError, WorkerConfig, load_config
 from dorafs.files import lock_directory, write_atomic
 from dorafs.log import setup_logging
+from dorafs.notify import notify
 from dorafs.ufs import UfsSet
 from worker.metrics import WorkerMetrics
 from worker.server import build_server
@@ -86,10 +87,12 @@ async def run(config: WorkerConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> 
                 write_atomic(config.port_file, address + "\n")
             log.info("worker %s serving on %s (cache %s, %d bytes, page %d)",
                      wid, address, config.cache_dir, config.cache_size, config.page_size)
+            notify("READY=1", f"STATUS=serving on {address}")
             task_status.started(address)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for signum in signals:
                     log.info("worker %s stopping on %s", wid, signal.Signals(signum).name)
+                    notify("STOPPING=1")
                     nursery.cancel_scope.cancel()
                     break
     finally:

@@ -14,6 +14,7 @@ import logging
 import pyfuse3
 
 from dorafs.errors import DoraError
+from dorafs.fuse.metrics import ERRORS
 
 log = logging.getLogger("dorafs.fuse")
 
@@ -25,14 +26,21 @@ def fuse_operation(fn):
     async def wrapper(*args, **kwargs):
         try:
             return await fn(*args, **kwargs)
-        except pyfuse3.FUSEError:
+        except pyfuse3.FUSEError as exc:
+            _count(exc.errno)
             raise
         except DoraError as exc:
             level = logging.DEBUG if exc.errno in _QUIET else logging.WARNING
             log.log(level, "%s: %s (%s)", fn.__name__, exc, errno.errorcode.get(exc.errno, exc.errno))
+            _count(exc.errno)
             raise pyfuse3.FUSEError(exc.errno) from None
         except Exception:
             log.exception("%s failed unexpectedly; answering EIO", fn.__name__)
+            _count(errno.EIO)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper
+
+
+def _count(code: int) -> None:
+    ERRORS.labels(errno.errorcode.get(code, str(code))).inc()

@@ -18,6 +18,7 @@ import errno
 import itertools
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ from dorafs.client import DoraClient, OpenFile
 from dorafs.config import MountConfig
 from dorafs.errors import IsADirectory, NotADirectory, NotFound
 from dorafs.fuse.errors import fuse_operation
+from dorafs.fuse.metrics import READ_BYTES, READ_LATENCY, READS
 from dorafs.fuse.inodes import InodeTable, Node
 from dorafs.ufs import FileStatus, join
 
@@ -173,7 +175,12 @@ class DoraOperations(pyfuse3.Operations):
     @fuse_operation
     async def read(self, fh, off, size):
         handle = self._handles[fh]
-        return await self.client.read(handle.file, off, size)
+        start = time.perf_counter()
+        data = await self.client.read(handle.file, off, size)
+        READ_LATENCY.observe(time.perf_counter() - start)
+        READS.inc()
+        READ_BYTES.inc(len(data))
+        return data
 
     @fuse_operation
     async def release(self, fh):

@@ -1,0 +1,45 @@
+"""The mount process's Prometheus metrics (one mount per process, so module level).
+
+Counts of reads, bytes and latency are taken at the FUSE boundary; errors by errno at
+the error boundary; UFS fallbacks, failovers and the page buffer's hits are read from
+the client's own counters when scraped, so nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+REGISTRY = CollectorRegistry()
+
+READS = Counter("dorafs_mount_reads", "read() requests from the kernel", registry=REGISTRY)
+READ_BYTES = Counter("dorafs_mount_read_bytes", "Bytes returned to the kernel by read()", registry=REGISTRY)
+READ_LATENCY = Histogram(
+    "dorafs_mount_read_latency_seconds", "Time to answer one read() request", registry=REGISTRY,
+    buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5))
+ERRORS = Counter("dorafs_mount_errors", "Errors returned to applications, by errno", ["errno"], registry=REGISTRY)
+
+
+class ClientCollector:
+    """Exposes a DoraClient's counters at scrape time."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def collect(self):
+        stats, buffer = self.client.stats, self.client.buffer.statistics()
+        fallbacks = CounterMetricFamily("dorafs_mount_ufs_fallbacks", "Reads served from the UFS directly "
+                                        "because no worker answered", labels=["kind"])
+        fallbacks.add_metric(["page"], stats.ufs_fallback_pages)
+        fallbacks.add_metric(["metadata"], stats.ufs_fallback_metadata)
+        yield fallbacks
+        yield CounterMetricFamily("dorafs_mount_failovers", "Worker requests moved to the next candidate",
+                                  value=stats.failovers)
+        yield CounterMetricFamily("dorafs_mount_worker_pages", "Pages fetched from workers",
+                                  value=stats.worker_pages)
+        hits = CounterMetricFamily("dorafs_mount_buffer_lookups", "Page buffer lookups", labels=["result"])
+        hits.add_metric(["hit"], buffer["hits"])
+        hits.add_metric(["miss"], buffer["misses"])
+        yield hits
+        yield GaugeMetricFamily("dorafs_mount_buffer_bytes", "Bytes in the page buffer", value=buffer["bytes"])
+        yield GaugeMetricFamily("dorafs_mount_workers", "Workers on the ring", value=len(self.client.ring))

@@ -1,0 +1,163 @@
+"""Operations: systemd readiness (sd_notify), the mount's /metrics, mount -t dorafs and fstab."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.cluster import REPO, Mount, Registry, Worker, _env, is_mounted
+from tests.support import free_port, wait_for
+
+
+@pytest.fixture
+def notify_socket(tmp_path, monkeypatch):
+    """A datagram socket standing in for systemd's NOTIFY_SOCKET."""
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(30)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))  # inherited by the processes tests.cluster starts
+    yield sock
+    sock.close()
+
+
+def messages(sock: socket.socket, until: str) -> list[str]:
+    got = []
+    while not any(until in m for m in got):
+        got.append(sock.recv(4096).decode())
+    return got
+
+
+def test_daemons_and_mount_notify_ready(notify_socket, tmp_path, s3_server, bucket):
+    s3_server.client().put_object(Bucket=bucket, Key="n/x", Body=b"x")
+    started = []
+    try:
+        registry = Registry(tmp_path, "registry")
+        started.append(registry)
+        assert any(m.startswith("READY=1") for m in messages(notify_socket, "READY=1"))
+        worker = Worker(tmp_path, "worker", registry=registry.url)
+        started.append(worker)
+        ready = messages(notify_socket, "READY=1")
+        assert any(f"STATUS=serving on {worker.address}" in m for m in ready)
+        mount = Mount(tmp_path, f"s3://{bucket}/n", workers=[worker.address])
+        started.append(mount)
+        assert any("READY=1" in m and "serving s3://" in m for m in messages(notify_socket, "READY=1"))
+        worker.stop()
+        assert any("STOPPING=1" in m for m in messages(notify_socket, "STOPPING=1"))
+    finally:
+        for proc in reversed(started):
+            proc.stop()
+
+
+def test_embedded_worker_leaves_readiness_to_the_mount(notify_socket, tmp_path, s3_server, bucket):
+    s3_server.client().put_object(Bucket=bucket, Key="e/x", Body=b"x")
+    mount = Mount(tmp_path, f"s3://{bucket}/e", extra=["--cache-dir", str(tmp_path / "cache")])
+    try:
+        got = messages(notify_socket, "READY=1")
+        time.sleep(0.5)
+        notify_socket.settimeout(0.2)
+        try:
+            while True:
+                got.append(notify_socket.recv(4096).decode())
+        except TimeoutError:
+            pass
+        assert [m for m in got if "READY=1" in m] == [m for m in got if "serving s3://" in m]  # one sender
+    finally:
+        mount.stop()
+
+
+def scrape(address: str) -> dict[str, float]:
+    samples = {}
+    for family in text_string_to_metric_families(httpx.get(f"http://{address}/metrics", timeout=5).text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return samples
+
+
+def test_mount_serves_its_metrics(procs, s3_server, bucket):
+    s3_server.client().put_object(Bucket=bucket, Key="m/f.bin", Body=os.urandom(3 << 20))
+    worker = procs.worker()
+    port = free_port()
+    mount = procs.mount(f"s3://{bucket}/m", workers=[worker.address],
+                        options=f"metrics_listen=127.0.0.1:{port},readahead_pages=0")
+    assert len(mount.path("f.bin").read_bytes()) == 3 << 20
+    s3_server.client().put_object(Bucket=bucket, Key="m/gone.bin", Body=os.urandom(3 << 20))
+    fd = os.open(mount.path("gone.bin"), os.O_RDONLY)
+    try:
+        s3_server.client().delete_object(Bucket=bucket, Key="m/gone.bin")
+        with pytest.raises(OSError):
+            os.pread(fd, 4096, 2 << 20)  # ESTALE: the pinned version is gone
+    finally:
+        os.close(fd)
+    m = scrape(f"127.0.0.1:{port}")
+    assert m["dorafs_mount_reads_total"] >= 1
+    assert m["dorafs_mount_read_bytes_total"] == 3 << 20  # the failed read returned nothing
+    assert m["dorafs_mount_read_latency_seconds_count"] == m["dorafs_mount_reads_total"]
+    assert m["dorafs_mount_worker_pages_total"] == 3
+    assert m["dorafs_mount_ufs_fallbacks_total{kind=page}"] == 0
+    assert m["dorafs_mount_errors_total{errno=ESTALE}"] >= 1  # the kernel may retry a failed read once
+    assert m["dorafs_mount_workers"] == 1
+    assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).json()["status"] == "ok"
+
+
+# -- mount(8) ---------------------------------------------------------------------------
+
+def _helper_installed() -> bool:
+    return any(os.path.exists(f"{d}/mount.dorafs") for d in ("/sbin", "/usr/sbin"))
+
+
+needs_helper = pytest.mark.skipif(os.geteuid() != 0 or not _helper_installed(),
+                                  reason="needs root and /sbin/mount.dorafs (scripts/setup.sh installs it)")
+
+
+def _wait_unmounted(path) -> None:
+    wait_for(lambda: not is_mounted(path), timeout=20, what="the unmount")
+
+
+@needs_helper
+def test_mount_t_dorafs_and_umount(s3_server, bucket, tmp_path):
+    s3_server.client().put_object(Bucket=bucket, Key="mt/hello.txt", Body=b"mounted by mount(8)")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    env = {**_env(), "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    result = subprocess.run(["mount", "-t", "dorafs", f"s3://{bucket}/mt", str(mnt),
+                             "-o", f"ro,cache_dir={tmp_path / 'cache'},attr_timeout=2s"],
+                            capture_output=True, text=True, env=env, timeout=60)
+    try:
+        assert result.returncode == 0, result.stderr
+        assert (mnt / "hello.txt").read_bytes() == b"mounted by mount(8)"
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+        _wait_unmounted(mnt)
+    bad = subprocess.run(["mount", "-t", "dorafs", f"s3://{bucket}/mt", str(mnt), "-o", "bogus_option=1"],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert bad.returncode != 0 and "unknown key mount.bogus_option" in bad.stderr
+    assert not is_mounted(mnt)
+
+
+@needs_helper
+def test_fstab_line_mounts_with_mount_point_alone(s3_server, bucket, tmp_path):
+    s3_server.client().put_object(Bucket=bucket, Key="fs/a.txt", Body=b"from fstab")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    fstab = tmp_path / "fstab"
+    fstab.write_text(f"# test fstab\ns3://{bucket}/fs {mnt} dorafs "
+                     f"_netdev,nofail,cache_dir={tmp_path / 'cache'} 0 0\n")
+    env = {**_env(), "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    result = subprocess.run(["mount", "--fstab", str(fstab), str(mnt)], capture_output=True, text=True,
+                            env=env, timeout=60)
+    try:
+        assert result.returncode == 0, result.stderr
+        assert (mnt / "a.txt").read_bytes() == b"from fstab"
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+        _wait_unmounted(mnt)
