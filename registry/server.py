@@ -67,7 +67,7 @@ def _wait_arg(req: Request) -> float:
 
 
 def build_server(table: MembershipTable, metrics: RegistryMetrics) -> HttpServer:
-    server = HttpServer("dorafs-registry")
+    server = HttpServer("dorafs-registry", metrics.registry, "dorafs_registry")
 
     @server.route("POST", "/v1/workers")
     async def register(req: Request) -> Response:

@@ -161,3 +161,25 @@ def test_fstab_line_mounts_with_mount_point_alone(s3_server, bucket, tmp_path):
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
         _wait_unmounted(mnt)
+
+
+def test_request_ids_in_logs_and_request_latency_in_metrics(procs):
+    worker = procs.worker()
+    procs.allow = (r"no-such-bucket",)
+    response = httpx.get(f"http://{worker.address}/v1/page", timeout=30, headers={"X-Request-Id": "trace-42"},
+                         params={"uri": "s3://no-such-bucket-x/k", "version": "v", "size": 10, "index": 0})
+    assert response.status_code in (404, 412, 502)
+    wait_for(lambda: "[trace-42]" in worker.log_text(), timeout=10, what="the request id in the log")
+    m = worker.metrics()
+    assert m['dorafs_worker_request_latency_seconds_count{path=/v1/page,status=' +
+             f'{response.status_code // 100}xx}}'] == 1
+
+
+def test_journald_format_under_systemd(tmp_path, monkeypatch):
+    monkeypatch.setenv("JOURNAL_STREAM", "8:12345")
+    worker = Worker(tmp_path, "journald-worker")
+    try:
+        first = worker.log_text().splitlines()[0]
+        assert first.startswith("<6>dorafs-worker: INFO "), first  # priority prefix, no timestamp
+    finally:
+        worker.stop()

@@ -24,7 +24,7 @@ MAX_LIST_LIMIT = 10_000
 
 
 def build_server(service: WorkerService, info: dict) -> HttpServer:
-    server = HttpServer("dorafs-worker")
+    server = HttpServer("dorafs-worker", service.metrics.registry, "dorafs_worker")
 
     @server.route("GET", "/v1/page")
     async def page(req: Request) -> Response:

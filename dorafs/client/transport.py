@@ -19,6 +19,8 @@ from urllib.parse import urlencode
 
 import trio
 
+from dorafs.log import request_id
+
 HEAD_LIMIT = 64 * 1024
 RECV_CHUNK = 256 * 1024
 
@@ -61,7 +63,8 @@ class Transport:
         self._idle.clear()
 
     async def get(self, address: str, path: str, params: dict) -> Response:
-        request = (f"GET {path}?{urlencode(params)} HTTP/1.1\r\nHost: {address}\r\n\r\n").encode()
+        request = (f"GET {path}?{urlencode(params)} HTTP/1.1\r\nHost: {address}\r\n"
+                   f"X-Request-Id: {request_id.get()}\r\n\r\n").encode()
         for attempt in (0, 1):
             conn, reused = await self._checkout(address)
             try:

@@ -15,6 +15,7 @@ import pyfuse3
 
 from dorafs.errors import DoraError
 from dorafs.fuse.metrics import ERRORS
+from dorafs.log import new_request_id
 
 log = logging.getLogger("dorafs.fuse")
 
@@ -24,6 +25,7 @@ _QUIET = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EROFS, errno.ENOTSUP,
 def fuse_operation(fn):
     @functools.wraps(fn)
     async def wrapper(*args, **kwargs):
+        new_request_id("f")
         try:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError as exc:

@@ -17,14 +17,17 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlsplit
 
 import h11
 import trio
+from prometheus_client import CollectorRegistry, Histogram
 
 from dorafs.errors import DoraError
+from dorafs.log import new_request_id, request_id
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +121,15 @@ Handler = Callable[[Request], Awaitable[Response]]
 class HttpServer:
     """Routes (method, path) to async handlers and serves them on a TCP listener."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, metrics: CollectorRegistry | None = None, prefix: str = ""):
+        """With `metrics`, request latency is recorded as `{prefix}_request_latency_seconds`."""
         self.name = name
         self.routes: dict[tuple[str, str], Handler] = {}
         self.address: tuple[str, int] | None = None
+        self.latency = None if metrics is None else Histogram(
+            f"{prefix}_request_latency_seconds", "HTTP request latency by endpoint and status class",
+            ["path", "status"], registry=metrics,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
 
     def route(self, method: str, path: str):
         def register(handler: Handler) -> Handler:
@@ -138,6 +146,20 @@ class HttpServer:
         await trio.serve_listeners(self._connection, listeners)
 
     async def _dispatch(self, request: Request) -> Response:
+        incoming = request.headers.get("x-request-id", "")
+        if incoming and len(incoming) <= 64 and incoming.isprintable():
+            request_id.set(incoming)
+        else:
+            new_request_id("h")
+        start = time.perf_counter()
+        response = await self._handle(request)
+        if self.latency is not None:
+            known = (request.method in ("GET", "HEAD", "POST")) and any(p == request.path for _, p in self.routes)
+            self.latency.labels(request.path if known else "other", f"{response.status // 100}xx").observe(
+                time.perf_counter() - start)
+        return response
+
+    async def _handle(self, request: Request) -> Response:
         method = "GET" if request.method == "HEAD" else request.method
         handler = self.routes.get((method, request.path))
         if handler is None:
