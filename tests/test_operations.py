@@ -183,3 +183,33 @@ def test_journald_format_under_systemd(tmp_path, monkeypatch):
         assert first.startswith("<6>dorafs-worker: INFO "), first  # priority prefix, no timestamp
     finally:
         worker.stop()
+
+
+def test_admin_report_sums_worker_metrics(procs, s3_server, bucket):
+    s3 = s3_server.client()
+    for i in range(6):
+        s3.put_object(Bucket=bucket, Key=f"rep/f{i}.bin", Body=os.urandom((1 << 20) + i))
+    registry = procs.registry()
+    workers = [procs.worker(registry=registry.url) for _ in range(2)]
+    wait_for(lambda: len(registry.workers()) == 2, what="two workers")
+    for _ in range(2):  # a fresh mount each pass (its page buffer is empty): the second is all hits
+        mount = procs.mount(f"s3://{bucket}/rep", registry=registry.url, options="direct_io")
+        for i in range(6):
+            assert len(mount.path(f"f{i}.bin").read_bytes()) == (1 << 20) + i
+        mount.unmount()
+    result = subprocess.run([sys.executable, "-m", "dorafs.cli.admin", "--registry", registry.url, "report",
+                             "--json"], capture_output=True, text=True, cwd=REPO, env=_env(), timeout=60)
+    assert result.returncode == 0, result.stderr
+    import json
+
+    report = json.loads(result.stdout)
+    cluster = report["cluster"]
+    pages = sum(-(-((1 << 20) + i) // (1 << 20)) for i in range(6))  # 11: f0 is exactly one page
+    assert cluster["pages"] == pages and cluster["hits"] == pages and cluster["misses"] == pages
+    assert cluster["hit_rate"] == 0.5
+    assert cluster["ufs_requests"] >= pages
+    assert cluster["capacity"] == sum(w.counter("dorafs_worker_cache_capacity_bytes") for w in workers)
+    assert set(report["workers"]) == {w.address for w in workers}
+    table = subprocess.run([sys.executable, "-m", "dorafs.cli.admin", "--registry", registry.url, "report"],
+                           capture_output=True, text=True, cwd=REPO, env={**_env(), "COLUMNS": "160"}, timeout=60)
+    assert table.returncode == 0 and "total" in table.stdout and "50.0%" in table.stdout

@@ -1,6 +1,8 @@
 """`dorafs-admin`: look at and operate a dorafs cluster.
 
   dorafs-admin [--registry URL] workers [--json]    live workers with their heartbeat age
+  dorafs-admin [--registry URL] report [--json]     cache totals, per worker and for the cluster,
+                                                    read from each worker's /metrics
 
 The registry URL comes from --registry, else $DORAFS_REGISTRY, else the local default.
 Errors are one line on stderr and exit status 1 (2 for bad arguments).
@@ -73,6 +75,76 @@ def cmd_workers(args) -> int:
     return 0
 
 
+# Worker metrics the report reads, summed over their labels.
+_REPORTED = {
+    "pages": "dorafs_worker_pages",
+    "used": "dorafs_worker_cache_used_bytes",
+    "capacity": "dorafs_worker_cache_capacity_bytes",
+    "hits": ("dorafs_worker_page_requests_total", {"result": "hit"}),
+    "misses": ("dorafs_worker_page_requests_total", {"result": ("miss", "shared")}),
+    "bytes_served": "dorafs_worker_bytes_served_total",
+    "ufs_requests": "dorafs_worker_ufs_requests_total",
+    "ufs_bytes": "dorafs_worker_ufs_bytes_total",
+    "evictions": "dorafs_worker_evictions",
+    "corrupt_pages": "dorafs_worker_corrupt_pages_total",
+}
+
+
+def worker_figures(address: str) -> dict:
+    """The report's figures for one worker, from its Prometheus text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = httpx.get(f"http://{address}/metrics", timeout=TIMEOUT).raise_for_status().text
+    except httpx.HTTPError as exc:
+        raise AdminError(f"worker {address}: {exc or type(exc).__name__}") from None
+    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+    figures = {}
+    for key, spec in _REPORTED.items():
+        name, want = (spec, {}) if isinstance(spec, str) else spec
+        figures[key] = sum(
+            s.value for s in samples if s.name == name and all(
+                s.labels.get(k) in (v if isinstance(v, tuple) else (v,)) for k, v in want.items()))
+    lookups = figures["hits"] + figures["misses"]
+    figures["hit_rate"] = figures["hits"] / lookups if lookups else None
+    return figures
+
+
+def cmd_report(args) -> int:
+    state = _get(args.registry, "/v1/workers")
+    rows, unreachable = {}, {}
+    for w in state.get("workers", []):
+        try:
+            rows[w["address"]] = worker_figures(w["address"])
+        except AdminError as exc:
+            unreachable[w["address"]] = str(exc)
+    totals = {key: sum(r[key] for r in rows.values()) for key in _REPORTED}
+    lookups = totals["hits"] + totals["misses"]
+    totals["hit_rate"] = totals["hits"] / lookups if lookups else None
+    report = {"workers": rows, "unreachable": unreachable, "cluster": totals}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 1 if unreachable else 0
+    table = Table(title=f"dorafs cluster: {len(rows)} workers reporting"
+                        + (f", {len(unreachable)} unreachable" if unreachable else ""))
+    for column in ("WORKER", "USED", "CAPACITY", "PAGES", "HIT RATE", "SERVED", "UFS REQUESTS", "UFS READ"):
+        table.add_column(column, justify="left" if column == "WORKER" else "right")
+
+    def add(name: str, f: dict) -> None:
+        rate = "-" if f["hit_rate"] is None else f"{f['hit_rate']:.1%}"
+        table.add_row(name, _human_bytes(int(f["used"])), _human_bytes(int(f["capacity"])), f"{f['pages']:.0f}",
+                      rate, _human_bytes(int(f["bytes_served"])), f"{f['ufs_requests']:.0f}",
+                      _human_bytes(int(f["ufs_bytes"])))
+
+    for address, figures in sorted(rows.items()):
+        add(address, figures)
+    add("total", totals)
+    Console().print(table)
+    for address, error in unreachable.items():
+        print(f"{PROG}: {error}", file=sys.stderr)
+    return 1 if unreachable else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Look at and operate a dorafs cluster.")
     p.add_argument("--registry", default=os.environ.get("DORAFS_REGISTRY") or DEFAULT_REGISTRY,
@@ -81,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     workers = sub.add_parser("workers", help="list live workers")
     workers.add_argument("--json", action="store_true", help="print the registry's answer as JSON")
     workers.set_defaults(func=cmd_workers)
+    report = sub.add_parser("report", help="cache totals per worker and for the cluster")
+    report.add_argument("--json", action="store_true", help="print the figures as JSON")
+    report.set_defaults(func=cmd_report)
     return p
 
 
