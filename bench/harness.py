@@ -1,0 +1,311 @@
+"""dorafs benchmark harness: dorafs against s3fs-fuse, rclone mount and the FUSE ceiling,
+side by side on the same bucket of the same local S3 server, in one run.
+
+    bash bench/run.sh            # quick mode (a few minutes): set up, then run
+    bash bench/run.sh --full     # full mode (1 GiB object, 10,000 files)
+    python3 bench/harness.py --help
+
+Writes bench/results/<timestamp>-<mode>.json and .png and prints a table of figures and
+ratios per scenario, and the targets of issue 3 met or missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from rich.console import Console  # noqa: E402
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,  # noqa: E402
+                           TimeElapsedColumn, TransferSpeedColumn)
+
+import dataset  # noqa: E402
+from procs import BENCH, CACHE, REGISTRY, WORK, clean_stale, peak_rss_mib, reset_peak_rss, rss_mib  # noqa: E402
+from report import Report, Result, fmt  # noqa: E402
+from scenarios import Ctx, all_scenarios, describe  # noqa: E402
+from servers import SERVERS  # noqa: E402
+from systems import SYSTEMS, Mounted, versions  # noqa: E402
+
+console = Console(width=None if sys.stdout.isatty() else 200)
+RESULTS = BENCH / "results"
+
+
+class RssWatch:
+    """Peak RSS of a mount's processes during one run: VmHWM reset at the start (clear_refs),
+    read at the end; a 50 ms VmRSS poll covers kernels that refuse the reset."""
+
+    def __init__(self, m: Mounted):
+        self.pids = dict(m.rss_pids)
+        self.polled = {role: 0.0 for role in self.pids}
+        self.reset = {role: reset_peak_rss(pid) for role, pid in self.pids.items()}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self):
+        while not self._stop.wait(0.05):
+            for role, pid in self.pids.items():
+                v = rss_mib(pid)
+                if v is not None:
+                    self.polled[role] = max(self.polled[role], v)
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        out = {}
+        for role, pid in self.pids.items():
+            hwm = peak_rss_mib(pid) if self.reset[role] else None
+            out[role] = round(max(hwm or 0.0, self.polled[role]), 1)
+        return out
+
+
+def ensure_dataset(server, spec: dataset.Spec) -> None:
+    manifest = CACHE / f"dataset-{server.name}-{spec.mode}.json"
+    s3 = server.client()
+    if server.persistent and manifest.exists():
+        try:
+            ok = json.loads(manifest.read_text()).get("digest") == spec.digest() and \
+                dataset.count_objects(s3, spec) == len(spec.objects())
+        except Exception:
+            ok = False
+        if ok:
+            console.print(f"dataset: s3://{dataset.BUCKET}/{spec.prefix}/ already in {server.name} "
+                          f"({len(spec.objects()):,} objects, {spec.total_bytes / 2**20:,.0f} MiB)")
+            return
+    server.clear(spec.prefix)
+    with Progress(TextColumn("uploading dataset to " + server.name), BarColumn(), TransferSpeedColumn(),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        task = progress.add_task("upload", total=spec.total_bytes)
+        start = time.perf_counter()
+        dataset.upload(s3, spec, progress, task)
+    n = dataset.count_objects(s3, spec)
+    if n != len(spec.objects()):
+        raise SystemExit(f"bench: upload incomplete: {n} of {len(spec.objects())} objects")
+    manifest.write_text(json.dumps({"digest": spec.digest(), "objects": n}))
+    console.print(f"dataset: uploaded {n:,} objects, {spec.total_bytes / 2**20:,.0f} MiB to {server.name} "
+                  f"in {time.perf_counter() - start:.0f} s")
+
+
+def verify(spec: dataset.Spec, mnt: Path) -> str | None:
+    """Compare a sample of bytes read through the mount with the dataset; None if equal."""
+    rng = random.Random(7)
+    checks = [("large/big.bin", spec.large_size, 0, 1 << 20),
+              ("large/big.bin", spec.large_size, rng.randrange(spec.large_size - (3 << 20)), 3 << 20),
+              ("large/big.bin", spec.large_size, spec.large_size - 100_000, 100_000)]
+    checks += [(f"small/{n}", spec.small_size, 0, spec.small_size) for n in rng.sample(spec.small_names(), 5)]
+    checks += [(f"medium/{spec.medium_names()[-1]}", spec.medium_size, 0, spec.medium_size)]
+    for rel, size, off, length in checks:
+        with open(mnt / rel, "rb", buffering=0) as f:
+            if os.fstat(f.fileno()).st_size != size:
+                return f"{rel}: size {os.fstat(f.fileno()).st_size} != {size}"
+            f.seek(off)
+            got = b""
+            while len(got) < length and (chunk := f.read(length - len(got))):
+                got += chunk
+        if got != dataset.content(spec, rel, size, off, length):
+            return f"{rel} [{off}, +{length}): bytes differ"
+    if len(os.listdir(mnt / "dir")) != spec.flat_count:
+        return "dir/: wrong number of entries"
+    if len(os.listdir(mnt / "small")) != -(-spec.small_count // spec.per_dir):
+        return "small/: wrong number of entries"
+    return None
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", dest="mode", action="store_const", const="quick", help="quick mode (default)")
+    mode.add_argument("--full", dest="mode", action="store_const", const="full", help="full mode")
+    p.set_defaults(mode="quick")
+    p.add_argument("--s3", choices=sorted(SERVERS), default="s3rver", help="S3 server (default s3rver)")
+    p.add_argument("--systems", default="dorafs,s3fs,rclone,ceiling",
+                   help=f"comma-separated, from {','.join(SYSTEMS)} (default dorafs,s3fs,rclone,ceiling)")
+    p.add_argument("--scenarios", default="", help="comma-separated subset of scenario names")
+    p.add_argument("--dorafs-options", default="", help="extra -o options for the dorafs mounts")
+    p.add_argument("--timeout", type=float, default=None, help="seconds allowed per workload")
+    p.add_argument("--keep-work", action="store_true", help="keep logs under bench/.cache/work/")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    spec = dataset.SPECS[args.mode]
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    for line in clean_stale():
+        console.print(f"[yellow]{line}[/yellow]")
+    if WORK.exists():
+        shutil.rmtree(WORK, ignore_errors=True)
+    workdir = WORK / stamp
+    workdir.mkdir(parents=True)
+    RESULTS.mkdir(exist_ok=True)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_term)
+
+    server_cls = SERVERS[args.s3]
+    if not server_cls.available():
+        raise SystemExit(f"bench: the {args.s3} server is not installed (run bash bench/setup.sh)")
+    wanted = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = [s for s in wanted if s not in SYSTEMS]
+    if unknown:
+        raise SystemExit(f"bench: unknown systems {unknown}; known: {list(SYSTEMS)}")
+    scenarios = all_scenarios()
+    if args.scenarios:
+        keep = {s.strip() for s in args.scenarios.split(",")}
+        scenarios = [s for s in scenarios if s.name in keep or keep & set(s.row_names())]
+    timeout = args.timeout or (300 if args.mode == "quick" else 1500)
+    ctx = Ctx(spec, workdir, args.mode == "quick", timeout)
+
+    results: list[Result] = []
+    natives: dict[str, float] = {}
+    notes: list[str] = []
+    started = time.perf_counter()
+    try:
+        server = server_cls(workdir)
+        console.print(f"S3 server: {server.name} on {server.endpoint}")
+        ensure_dataset(server, spec)
+
+        systems = []
+        for name in wanted:
+            cls = SYSTEMS[name]
+            why = cls.available()
+            if why:
+                notes.append(f"{name} skipped: {why}")
+                console.print(f"[yellow]{name} skipped: {why}[/yellow]")
+                continue
+            system = cls(server, spec.mode, workdir)
+            if system.is_dorafs:
+                system.options = args.dorafs_options
+            systems.append(system)
+        dorafs_name = next((s.name for s in systems if s.is_dorafs), "dorafs")
+
+        steps = 2 * len(systems) + sum(len(s.phases) * len(systems) for s in scenarios)
+        columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn())
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task("starting", total=steps)
+
+            # 1. every system mounts and returns the right bytes, cold and warm
+            for system in list(systems):
+                session = system.session()
+                try:
+                    for phase in ("cold", "warm"):
+                        progress.update(task, description=f"verify · {phase} · {system.name}")
+                        with session.mount() as m:
+                            problem = verify(spec, m.path)
+                        progress.advance(task)
+                        if problem:
+                            raise RuntimeError(f"wrong bytes: {problem}")
+                    progress.console.print(f"[green]✓[/green] {system.name}: mounts, and its bytes match "
+                                           f"the dataset (cold and warm)")
+                except Exception as exc:
+                    notes.append(f"{system.name} failed verification and was dropped: {exc}")
+                    progress.console.print(f"[red]✗ {system.name}: {exc}[/red]")
+                    systems.remove(system)
+                finally:
+                    session.close()
+
+            # 2. the scenarios, each side by side across systems
+            for scenario in scenarios:
+                native = scenario.native(ctx) if hasattr(scenario, "native") else None
+                if native is not None:
+                    natives[scenario.name] = native
+                    progress.console.print(f"  {scenario.name:<10} native local file    "
+                                           f"{fmt(native, scenario.unit):>10} {scenario.unit}")
+                for system in systems:
+                    session = system.session()
+                    try:
+                        for i, phase in enumerate(scenario.phases):
+                            progress.update(task, description=f"{scenario.name} · {phase} · {system.name}")
+                            results += run_phase(ctx, server, scenario, system, session, phase,
+                                                 prefill=(i + 1 < len(scenario.phases)), console=progress.console,
+                                                 dorafs=dorafs_name)
+                            progress.advance(task)
+                    finally:
+                        session.close()
+            progress.update(task, description=f"done in {time.perf_counter() - started:.0f} s")
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: unmounting and stopping everything we started[/yellow]")
+        notes.append("interrupted")
+        raise
+    finally:
+        REGISTRY.teardown()
+        if not args.keep_work:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    elapsed = time.perf_counter() - started
+    order = [(row, phase) for s in scenarios for row in s.row_names() for phase in s.phases]
+    titles = {row: describe(s, ctx) for s in scenarios for row in s.row_names()}
+    report = Report(results, [s.name for s in systems], [s.name for s in systems if s.is_peer], dorafs_name,
+                    natives, order, titles)
+    title = (f"dorafs bench, {args.mode} mode, S3 server {args.s3}, {os.cpu_count()} CPUs, "
+             f"{elapsed / 60:.1f} min — ratios > 1 mean dorafs is better")
+    console.print(report.table(title))
+    console.print(report.targets_table())
+    for line in notes:
+        console.print(f"[yellow]note: {line}[/yellow]")
+    meta = {"timestamp": stamp, "mode": args.mode, "s3_server": args.s3, "elapsed_s": round(elapsed, 1),
+            "dataset": {"large": spec.large_size, "small": spec.small_count, "small_size": spec.small_size,
+                        "medium": spec.medium_count, "medium_size": spec.medium_size},
+            "systems": {s.name: s.config for s in systems}, "versions": versions(), "notes": notes,
+            "cold": "first mount of a fresh, empty cache", "warm": "remount of the same cache: the system's cache "
+            "kept, the kernel page/dentry cache of the old mount gone with it"}
+    base = RESULTS / f"{stamp}-{args.mode}"
+    report.save_json(base.with_suffix(".json"), meta)
+    report.save_png(base.with_suffix(".png"), title.split(" — ")[0])
+    base.with_suffix(".md").write_text(report.plain_table() + "\n")
+    console.print(f"results: {base}.json, {base.name}.png, {base.name}.md")
+    return 0
+
+
+def run_phase(ctx, server, scenario, system, session, phase, *, prefill, console, dorafs) -> list[Result]:
+    rows = scenario.row_names()
+    with session.mount() as m:
+        watch = RssWatch(m)
+        s3_before = server.requests()
+        start = time.perf_counter()
+        try:
+            out = scenario.run(ctx, m.path, phase)
+            error = None
+        except Exception as exc:
+            out, error = {}, f"{type(exc).__name__}: {exc}"
+        wall = time.perf_counter() - start
+        rss = watch.stop()
+        s3_requests = server.requests() - s3_before
+        if prefill and error is None:
+            try:
+                scenario.prefill(ctx, m.path)
+            except Exception as exc:
+                error = f"prefill failed: {exc}"
+    results = []
+    for row in rows:
+        value, detail = out.get(row, (None, {}))
+        results.append(Result(row, phase, system.name, value, scenario.unit, scenario.higher_better, detail,
+                              rss, s3_requests, round(wall, 3), error))
+        rss_text = "+".join(f"{v:.0f}" for v in rss.values())
+        text = (f"[red]{error[:300]}[/red]" if error else
+                f"{fmt(value, scenario.unit):>10} {scenario.unit:<9} RSS {rss_text:>9} MiB  "
+                f"S3 req {s3_requests:>6}  {wall:6.1f} s")
+        console.print(f"  {row:<10} {phase:<5} {system.name:<8} {text}")
+        if error and os.environ.get("BENCH_DEBUG"):
+            traceback.print_exc()
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,266 @@
+"""Tables, targets, the JSON record and the PNG chart of one run.
+
+Ratios are "how many times better dorafs is": value ratios for higher-is-better units
+(MiB/s, IOPS, files/s), inverse ratios for lower-is-better ones (ms, s). So > 1 always
+means dorafs wins, < 1 that it loses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rich.table import Table
+
+
+@dataclass
+class Result:
+    row: str
+    phase: str
+    system: str
+    value: float | None
+    unit: str
+    higher_better: bool
+    detail: dict = field(default_factory=dict)
+    rss_mib: dict = field(default_factory=dict)  # peak RSS per process role during the run
+    s3_requests: int | None = None
+    wall_s: float = 0.0
+    error: str | None = None
+
+
+def better(a: float | None, b: float | None, higher_better: bool) -> float | None:
+    """How many times better `a` is than `b`."""
+    if a is None or b is None or a <= 0 or b <= 0:
+        return None
+    return a / b if higher_better else b / a
+
+
+def fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "—"
+    if unit == "ms":
+        return f"{value:.2f}" if value < 10 else f"{value:.0f}"
+    if unit == "s":
+        return f"{value:.3f}" if value < 1 else f"{value:.2f}"
+    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+
+
+def fmt_ratio(r: float | None) -> str:
+    if r is None:
+        return "—"
+    return f"{r:.2f}×" if r < 10 else f"{r:.1f}×"
+
+
+class Report:
+    def __init__(self, results: list[Result], systems: list[str], peers: list[str], dorafs: str,
+                 natives: dict[str, float], order: list[tuple[str, str]], titles: dict[str, str]):
+        self.results = results
+        self.systems = systems
+        self.peers = peers
+        self.dorafs = dorafs
+        self.natives = natives
+        self.order = order
+        self.titles = titles
+        self.by = {(r.row, r.phase, r.system): r for r in results}
+
+    def value(self, row, phase, system):
+        r = self.by.get((row, phase, system))
+        return None if r is None or r.error else r.value
+
+    def best_peer(self, row, phase) -> tuple[str | None, float | None]:
+        best, best_v = None, None
+        for p in self.peers:
+            r = self.by.get((row, phase, p))
+            if r is None or r.error or r.value is None:
+                continue
+            if best_v is None or better(r.value, best_v, r.higher_better) > 1:
+                best, best_v = p, r.value
+        return best, best_v
+
+    def ratios(self, row, phase, system=None) -> dict:
+        system = system or self.dorafs
+        r = self.by.get((row, phase, system))
+        if r is None:
+            return {}
+        peer, peer_v = self.best_peer(row, phase)
+        return {
+            "best_peer": peer,
+            "vs_best_peer": better(self.value(row, phase, system), peer_v, r.higher_better),
+            "vs_ceiling": better(self.value(row, phase, system), self.value(row, phase, "ceiling"), r.higher_better),
+            "vs_native": better(self.value(row, phase, system), self.natives.get(row), r.higher_better),
+        }
+
+    # -- the table --------------------------------------------------------------------
+
+    def table(self, title: str) -> Table:
+        t = Table(title=title, title_justify="left")
+        t.add_column("scenario")
+        t.add_column("phase")
+        t.add_column("unit")
+        for s in self.systems:
+            t.add_column(s, justify="right")
+        if self.natives:
+            t.add_column("native", justify="right")
+        t.add_column(f"{self.dorafs}/best peer", justify="right")
+        t.add_column(f"{self.dorafs}/ceiling", justify="right")
+        t.add_column(f"{self.dorafs} RSS MiB", justify="right")
+        for row, phase in self.order:
+            any_r = next((self.by[k] for k in self.by if k[0] == row and k[1] == phase), None)
+            if any_r is None:
+                continue
+            cells = []
+            for s in self.systems:
+                r = self.by.get((row, phase, s))
+                cells.append("—" if r is None else ("[red]error[/red]" if r.error else fmt(r.value, r.unit)))
+            if self.natives:
+                cells.append(fmt(self.natives.get(row), any_r.unit) if row in self.natives else "")
+            rat = self.ratios(row, phase)
+            if row in self.natives:
+                vs = fmt_ratio(rat.get("vs_native"))
+                peer_cell = f"{fmt_ratio(rat.get('vs_best_peer'))} ({vs} native)"
+            else:
+                peer_cell = fmt_ratio(rat.get("vs_best_peer"))
+            d = self.by.get((row, phase, self.dorafs))
+            rss = "—"
+            if d is not None and d.rss_mib:
+                rss = "+".join(f"{v:.0f}" for v in d.rss_mib.values() if v is not None)
+            cells += [peer_cell, fmt_ratio(rat.get("vs_ceiling")), rss]
+            unit = any_r.unit + ("" if any_r.higher_better else " ↓")
+            t.add_row(row, phase, unit, *cells)
+        return t
+
+    def plain_table(self) -> str:
+        """The table as Markdown (for bench/README.md)."""
+        head = ["scenario", "phase", "unit", *self.systems] + (["native"] if self.natives else []) + \
+               [f"{self.dorafs}/best peer", f"{self.dorafs}/ceiling", f"{self.dorafs} RSS MiB (mount+worker)"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for row, phase in self.order:
+            any_r = next((self.by[k] for k in self.by if k[0] == row and k[1] == phase), None)
+            if any_r is None:
+                continue
+            cells = [row, phase, any_r.unit + ("" if any_r.higher_better else " (lower is better)")]
+            for s in self.systems:
+                r = self.by.get((row, phase, s))
+                cells.append("—" if r is None else ("error" if r.error else fmt(r.value, r.unit)))
+            if self.natives:
+                cells.append(fmt(self.natives.get(row), any_r.unit) if row in self.natives else "")
+            rat = self.ratios(row, phase)
+            peer = fmt_ratio(rat.get("vs_best_peer"))
+            if row in self.natives:
+                peer += f" ({fmt_ratio(rat.get('vs_native'))} native)"
+            d = self.by.get((row, phase, self.dorafs))
+            rss = "+".join(f"{v:.0f}" for v in (d.rss_mib or {}).values() if v is not None) if d else "—"
+            cells += [peer, fmt_ratio(rat.get("vs_ceiling")), rss or "—"]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    # -- the targets of issue 3 -------------------------------------------------------
+
+    def targets(self) -> list[dict]:
+        out = []
+
+        def add(name, measured, goal, ok):
+            out.append({"target": name, "measured": measured, "goal": goal,
+                        "met": None if ok is None else bool(ok)})
+
+        def check(label, row, phase, key, goal):
+            r = self.ratios(row, phase).get(key)
+            add(label, None if r is None else round(r, 3), goal, None if r is None else r >= goal)
+
+        check("warm sequential, 1 reader, vs best peer", "seq1", "warm", "vs_best_peer", 1.5)
+        check("warm sequential, 1 reader, vs FUSE ceiling", "seq1", "warm", "vs_ceiling", 0.6)
+        check("cold sequential, 1 reader, vs best peer", "seq1", "cold", "vs_best_peer", 1.5)
+        check("cold sequential, 4 readers, vs best peer", "seq4", "cold", "vs_best_peer", 1.5)
+        check("warm small files vs best peer", "small", "warm", "vs_best_peer", 2.0)
+        check("DataLoader epoch 2 (after a cold epoch 1) vs best peer", "loader-e2", "cold", "vs_best_peer", 2.0)
+        check("DataLoader epoch 2 (remounted, warm) vs best peer", "loader-e2", "warm", "vs_best_peer", 2.0)
+        check("warm random 4 KiB IOPS vs best peer", "rand4k", "warm", "vs_best_peer", 2.0)
+        check("re-read with the kernel cache vs a native local read", "reread", "kept", "vs_native", 0.7)
+        for phase in ("cold", "warm"):
+            r = self.by.get(("open64", phase, self.dorafs))
+            rss = None if r is None or r.error else (r.rss_mib or {}).get("mount")
+            add(f"mount RSS with 64 files open and read ({phase}), MiB", None if rss is None else round(rss),
+                "< 512", None if rss is None else rss < 512)
+        return out
+
+    def targets_table(self) -> Table:
+        t = Table(title="targets of issue 3 (ratios: > 1 = dorafs better)", title_justify="left")
+        t.add_column("target")
+        t.add_column("measured", justify="right")
+        t.add_column("goal", justify="right")
+        t.add_column("met")
+        for x in self.targets():
+            m = x["measured"]
+            t.add_row(x["target"], "—" if m is None else (f"{m}" if isinstance(m, int) else f"{m:.2f}"),
+                      f"≥ {x['goal']}" if not isinstance(x["goal"], str) else x["goal"],
+                      {True: "[green]yes[/green]", False: "[red]no[/red]", None: "—"}[x["met"]])
+        return t
+
+    # -- files ------------------------------------------------------------------------
+
+    def save_json(self, path: Path, meta: dict) -> None:
+        data = {
+            "meta": meta,
+            "scenarios": self.titles,
+            "results": [asdict(r) for r in self.results],
+            "native": self.natives,
+            "ratios": [{"row": row, "phase": phase, **self.ratios(row, phase)} for row, phase in self.order],
+            "targets": self.targets(),
+        }
+        path.write_text(json.dumps(data, indent=1, default=str))
+
+    def save_png(self, path: Path, title: str) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        labels, groups = [], []
+        for row, phase in self.order:
+            peer, peer_v = self.best_peer(row, phase)
+            if peer_v is None and row not in self.natives:
+                continue
+            ref = self.natives.get(row) if row in self.natives else peer_v
+            any_r = next((self.by[k] for k in self.by if k[0] == row and k[1] == phase), None)
+            if any_r is None or ref is None:
+                continue
+            labels.append(f"{row}\n{phase}")
+            groups.append([better(self.value(row, phase, s), ref, any_r.higher_better) for s in self.systems])
+        fig, (ax, ax2) = plt.subplots(2, 1, figsize=(max(10, 0.9 * len(labels) + 3), 9),
+                                      gridspec_kw={"height_ratios": [3, 1.3]})
+        width = 0.8 / max(1, len(self.systems))
+        colors = {"dorafs": "#d62728", "dorafs-w": "#ff7f0e", "s3fs": "#1f77b4", "rclone": "#2ca02c",
+                  "ceiling": "#7f7f7f"}
+        for i, s in enumerate(self.systems):
+            xs = [j + (i - (len(self.systems) - 1) / 2) * width for j in range(len(labels))]
+            ys = [g[i] if g[i] is not None else 0 for g in groups]
+            ax.bar(xs, ys, width, label=s, color=colors.get(s))
+        ax.set_yscale("log")
+        ax.axhline(1, color="black", lw=0.8)
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_ylabel("× best peer (reread: × native)\nhigher is better, log scale")
+        ax.set_title(title)
+        ax.legend(fontsize=8, ncol=len(self.systems))
+        ax.grid(axis="y", which="both", alpha=0.3)
+        # peak RSS of the dorafs mount per scenario
+        rss_labels, rss_vals = [], []
+        for row, phase in self.order:
+            r = self.by.get((row, phase, self.dorafs))
+            if r is not None and r.rss_mib.get("mount") is not None:
+                rss_labels.append(f"{row}\n{phase}")
+                rss_vals.append(r.rss_mib["mount"])
+        ax2.bar(range(len(rss_vals)), rss_vals, color=colors.get(self.dorafs, "#d62728"))
+        ax2.axhline(512, color="black", lw=0.8, ls="--")
+        ax2.set_xticks(range(len(rss_labels)))
+        ax2.set_xticklabels(rss_labels, fontsize=7)
+        ax2.set_ylabel(f"{self.dorafs} mount\npeak RSS, MiB")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+
+def finite(x) -> bool:
+    return x is not None and not (isinstance(x, float) and (math.isnan(x) or math.isinf(x)))

@@ -1,0 +1,120 @@
+"""S3-compatible servers on loopback: s3rver (the main one) and moto (optional).
+
+s3rver (npm) stores objects as files and answers a ranged GET by streaming from the
+offset, so a ranged read costs the same on a 1 GiB object as on a 1 MiB one. moto keeps
+objects in memory and its ranged GET cost grows with the object's size (DESIGN.md), so
+it is here only for comparison (`--s3 moto`).
+
+s3rver 3.7 creates continuation tokens with a cipher that OpenSSL 3 (Node >= 17) only
+offers through the legacy provider; without it every truncated listing fails with
+ERR_OSSL_EVP_UNSUPPORTED. So it runs with NODE_OPTIONS=--openssl-legacy-provider.
+
+Both servers log one line per request; `requests()` counts them, so each measurement
+can report how many S3 requests it caused.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+from procs import CACHE, Tracked, free_port, port_open, wait_for
+
+S3RVER_BIN = CACHE / "node" / "node_modules" / ".bin" / "s3rver"
+_ANSI = re.compile(rb"\x1b\[[0-9;]*m")
+
+
+class S3Server:
+    name = "s3"
+    key = secret = "bench"
+    persistent = False  # does the data survive a restart (skip the upload)?
+    _request_line: re.Pattern[bytes]
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.proc: Tracked | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.key,
+                "AWS_SECRET_ACCESS_KEY": self.secret, "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def client(self):
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.key,
+                            aws_secret_access_key=self.secret, region_name="us-east-1",
+                            config=Config(max_pool_connections=16, retries={"mode": "standard"}))
+
+    def _wait(self) -> None:
+        def ready():
+            if not self.proc.alive():
+                raise RuntimeError(f"{self.name} exited:\n{self.proc.log_tail()}")
+            return port_open(self.port)
+        wait_for(ready, timeout=30, what=self.name)
+
+    def requests(self) -> int:
+        """Requests served so far (lines of the request log)."""
+        try:
+            with open(self.proc.log_path, "rb") as f:
+                data = f.read()
+        except OSError:
+            return 0
+        return len(self._request_line.findall(_ANSI.sub(b"", data)))
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+    def clear(self, prefix: str) -> None:
+        """Forget an older upload under `prefix` (before uploading the dataset again)."""
+
+
+class S3rver(S3Server):
+    name = "s3rver"
+    key = secret = "S3RVER"  # s3rver's built-in credentials
+    persistent = True
+    # "info: /bench/quick/large/big.bin 206 3ms 1mb"
+    _request_line = re.compile(rb"^info: \S+ \d{3} [\d,.]+m?s ", re.M)
+
+    def __init__(self, workdir: Path):
+        super().__init__(workdir)
+        self.data_dir = CACHE / "s3rver-data"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        env["NODE_OPTIONS"] = (env.get("NODE_OPTIONS", "") + " --openssl-legacy-provider").strip()
+        self.proc = Tracked("s3rver", [S3RVER_BIN, "-d", self.data_dir, "-a", "127.0.0.1", "-p", self.port],
+                            workdir / "s3rver.log", env=env)
+        self._wait()
+
+    def clear(self, prefix: str) -> None:
+        # s3rver keeps each object as files under <data>/<bucket>/<key>; it has no index.
+        shutil.rmtree(self.data_dir / "bench" / prefix, ignore_errors=True)
+
+    @staticmethod
+    def available() -> bool:
+        return S3RVER_BIN.exists() and shutil.which("node") is not None
+
+
+class Moto(S3Server):
+    name = "moto"
+    key = secret = "testing"
+    # 127.0.0.1 - - [21/Nov/2026 02:04:55] "GET /bench/... HTTP/1.1" 206 -
+    _request_line = re.compile(rb'"(?:GET|HEAD|PUT|POST|DELETE) [^"]*HTTP/1\.\d" \d{3}')
+
+    def __init__(self, workdir: Path):
+        super().__init__(workdir)
+        self.proc = Tracked("moto", ["moto_server", "-H", "127.0.0.1", "-p", self.port], workdir / "moto.log")
+        self._wait()
+
+    @staticmethod
+    def available() -> bool:
+        return shutil.which("moto_server") is not None
+
+
+SERVERS = {"s3rver": S3rver, "moto": Moto}

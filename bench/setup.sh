@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Install what the benchmark needs on a Debian machine, as root; safe to re-run.
+#   - dorafs itself: scripts/setup.sh (fuse3, build deps, pip install -e '.[test]')
+#   - Debian: s3fs (s3fs-fuse), rclone, fio; nodejs + npm only if there is no npm yet
+#   - npm: s3rver 3.7.1 under bench/.cache/node (not committed)
+#   - pip: matplotlib, and torch==2.13.0 (this exact pin resolves to a local CPU wheel;
+#     any other torch spec would download gigabytes of CUDA libraries)
+# Whatever cannot be installed is reported; the harness then skips what is missing.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh || { echo "bench setup: scripts/setup.sh failed" >&2; exit 1; }
+
+export DEBIAN_FRONTEND=noninteractive PIP_BREAK_SYSTEM_PACKAGES=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+unavailable=()
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+
+want=()
+for pkg in s3fs rclone fio; do installed "$pkg" || want+=("$pkg"); done
+command -v npm >/dev/null 2>&1 || want+=(nodejs npm)
+if ((${#want[@]})); then
+  apt-get update -qq || true
+  ok=()
+  for pkg in "${want[@]}"; do
+    cand=$(apt-cache policy "$pkg" 2>/dev/null | awk '/Candidate:/ {print $2}')
+    if [[ -z "$cand" || "$cand" == "(none)" ]]; then unavailable+=("apt:$pkg"); else ok+=("$pkg"); fi
+  done
+  if ((${#ok[@]})); then
+    echo "bench setup: apt-get install ${ok[*]}" >&2
+    apt-get install -y -qq "${ok[@]}" >/dev/null || unavailable+=("apt:${ok[*]} (install failed)")
+  fi
+fi
+
+S3RVER=bench/.cache/node/node_modules/.bin/s3rver
+if [[ ! -x "$S3RVER" ]]; then
+  if command -v npm >/dev/null 2>&1; then
+    echo "bench setup: npm install s3rver@3.7.1 (under bench/.cache/node)" >&2
+    mkdir -p bench/.cache/node
+    npm install --prefix bench/.cache/node --no-audit --no-fund --loglevel=error s3rver@3.7.1 >/dev/null 2>&1 \
+      || unavailable+=("npm:s3rver")
+  else
+    unavailable+=("npm:s3rver (no npm)")
+  fi
+fi
+
+python3 -c "import matplotlib" 2>/dev/null || python3 -m pip install -q matplotlib 2>&1 | grep -v -e "Running pip as the 'root'" -e "is ignored: it is neither" || true
+python3 -c "import matplotlib" 2>/dev/null || unavailable+=("pip:matplotlib")
+python3 -c "import torch" 2>/dev/null || python3 -m pip install -q "torch==2.13.0" 2>&1 | grep -v -e "Running pip as the 'root'" -e "is ignored: it is neither" || true
+python3 -c "import torch" 2>/dev/null || unavailable+=("pip:torch==2.13.0")
+
+if ((${#unavailable[@]})); then
+  echo "bench setup: NOT available: ${unavailable[*]} (the harness skips what needs them)" >&2
+fi
+exit 0

@@ -1,0 +1,287 @@
+"""The systems under test, each started and stopped the same way.
+
+A system gives *sessions*; a session owns one cache (a fresh, empty one when it starts)
+and can be mounted any number of times. Cold = the first mount of a fresh session; warm
+= a later mount of the same session: the system's own cache is kept, the kernel's page
+and dentry caches of the old mount are gone with it (a FUSE mount's page cache lives and
+dies with its superblock, so no host-wide drop_caches is needed).
+
+Configurations (each peer with its cache on and its documented performance options):
+
+- dorafs: `dorafs mount s3://bench/<mode> MNT --foreground --cache-dir DIR` — the embedded
+  single-node cluster with all defaults (1 MiB pages, readahead 8 pages, 64 MiB buffer,
+  status/listing TTL 10 s, attr/entry timeout 1 s). `dorafs-w` is the same mount with
+  `--workers` pointing at one `dorafs-worker` process the session keeps running.
+- s3fs (Debian's s3fs-fuse 1.90): `-o use_cache=DIR` (local disk cache), `kernel_cache`
+  (keep the kernel page cache across opens), `max_stat_cache_size=100000`,
+  `use_path_request_style`, `ro`; everything else at its defaults (parallel_count=5,
+  multipart_size=10 MiB, stat_cache_expire=900 s).
+- rclone (Debian's rclone 1.60): `rclone mount --vfs-cache-mode full --cache-dir DIR
+  --read-only`, everything else at its defaults (vfs-read-chunk-size 128M, buffer-size
+  16M, dir-cache-time 5m, attr-timeout 1s).
+- ceiling: bench/ceiling.py, pyfuse3 serving the same bytes from memory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from procs import BENCH, REGISTRY, Tracked, children, is_mounted, stop_pid, unmount, wait_for
+
+PY = sys.executable
+
+
+def _rm(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class Mounted:
+    """One live mount: where it is and which pids to watch for memory."""
+
+    def __init__(self, system: "System", path: Path, proc: Tracked):
+        self.system = system
+        self.path = path
+        self.proc = proc
+        self.rss_pids: dict[str, int] = {"mount": proc.pid}
+
+
+class Session:
+    def __init__(self, system: "System", root: Path):
+        self.system = system
+        self.root = root
+        self.cache = root / "cache"
+        _rm(root)
+        self.cache.mkdir(parents=True)
+        self.mounts = 0
+        self.extra: dict[str, Tracked] = {}
+
+    @contextmanager
+    def mount(self):
+        self.mounts += 1
+        mnt = self.root / f"mnt{self.mounts}"
+        mnt.mkdir(parents=True, exist_ok=True)
+        argv, env = self.system.mount_argv(self, mnt)
+        proc = Tracked(f"{self.system.name}-mount", argv, self.root / "mount.log", env=env)
+        REGISTRY.mountpoints.append(mnt.resolve())
+        grandchildren: list[int] = []
+        try:
+            def ready():
+                if not proc.alive():
+                    raise RuntimeError(f"{self.system.name} mount exited with {proc.proc.returncode}:\n"
+                                       f"{proc.log_tail()}")
+                return is_mounted(mnt)
+            wait_for(ready, timeout=60, what=f"the {self.system.name} mount")
+            wait_for(lambda: os.path.isdir(mnt / "large"), timeout=30, what=f"{self.system.name} to serve")
+            m = Mounted(self.system, mnt, proc)
+            self.system.on_mounted(self, m)
+            for pid in children(proc.pid):  # the embedded worker
+                grandchildren.append(pid)
+                REGISTRY.add_pid(pid, "python")
+            yield m
+        finally:
+            unmount(mnt)
+            if not proc.wait_exit(20):
+                proc.stop()
+            REGISTRY.discard(proc)
+            for pid in grandchildren:
+                stop_pid(pid)
+                REGISTRY.extra_pids.pop(pid, None)
+            if mnt.resolve() in REGISTRY.mountpoints:
+                REGISTRY.mountpoints.remove(mnt.resolve())
+
+    def close(self) -> None:
+        for proc in self.extra.values():
+            proc.stop()
+        _rm(self.root)
+
+
+class System:
+    name = "?"
+    is_peer = False
+    is_dorafs = False
+    config = ""
+
+    def __init__(self, s3, mode: str, workdir: Path):
+        self.s3 = s3
+        self.mode = mode
+        self.workdir = workdir / self.name
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._sessions = 0
+
+    def session(self) -> Session:
+        self._sessions += 1
+        return Session(self, self.workdir / f"s{self._sessions}")
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.s3.env)
+        return env
+
+    def mount_argv(self, session: Session, mnt: Path) -> tuple[list, dict]:
+        raise NotImplementedError
+
+    def on_mounted(self, session: Session, m: Mounted) -> None:
+        pass
+
+    @staticmethod
+    def available() -> str | None:
+        """None when it can run here, else why not."""
+        return None
+
+
+class Dorafs(System):
+    name = "dorafs"
+    is_dorafs = True
+    options = ""
+
+    @property
+    def config(self):
+        opts = f" -o {self.options}" if self.options else ""
+        return f"dorafs mount s3://bench/{self.mode} MNT --foreground --cache-dir DIR{opts} (embedded worker)"
+
+    def env(self):
+        env = super().env()
+        env["PYTHONPATH"] = str(BENCH.parent) + os.pathsep + env.get("PYTHONPATH", "")
+        env.setdefault("DORAFS_LOG_LEVEL", "INFO")
+        return env
+
+    def mount_argv(self, session, mnt):
+        argv = [PY, "-m", "dorafs.cli.main", "mount", f"s3://bench/{self.mode}", mnt, "--foreground",
+                "--cache-dir", session.cache]
+        if self.options:
+            argv += ["-o", self.options]
+        return argv, self.env()
+
+    def on_mounted(self, session, m):
+        kids = children(m.proc.pid)
+        if kids:
+            m.rss_pids["worker"] = kids[0]
+
+
+class DorafsWorker(Dorafs):
+    """The mount plus one separate `dorafs-worker` kept for the whole session."""
+
+    name = "dorafs-w"
+
+    @property
+    def config(self):
+        opts = f" -o {self.options}" if self.options else ""
+        return (f"dorafs-worker --listen 127.0.0.1:0 --cache-dir DIR; "
+                f"dorafs mount s3://bench/{self.mode} MNT --foreground --workers ADDR{opts}")
+
+    def _worker(self, session: Session) -> str:
+        if "worker" not in session.extra:
+            port_file = session.root / "worker.addr"
+            session.extra["worker"] = w = Tracked(
+                "dorafs-worker", [PY, "-m", "worker.main", "--listen", "127.0.0.1:0", "--cache-dir",
+                                  session.cache, "--port-file", port_file], session.root / "worker.log",
+                env=self.env())
+
+            def ready():
+                if not w.alive():
+                    raise RuntimeError(f"dorafs-worker exited:\n{w.log_tail()}")
+                return port_file.exists() and port_file.read_text().strip()
+            session.extra["address"] = wait_for(ready, what="dorafs-worker")
+        return session.extra["address"]
+
+    def mount_argv(self, session, mnt):
+        address = self._worker(session)
+        argv = [PY, "-m", "dorafs.cli.main", "mount", f"s3://bench/{self.mode}", mnt, "--foreground",
+                "--workers", address]
+        if self.options:
+            argv += ["-o", self.options]
+        return argv, self.env()
+
+    def on_mounted(self, session, m):
+        m.rss_pids["worker"] = session.extra["worker"].pid
+
+
+class S3fs(System):
+    name = "s3fs"
+    is_peer = True
+    config = ("s3fs bench:/MODE MNT -f -o url=ENDPOINT,use_path_request_style,ro,use_cache=DIR,"
+              "kernel_cache,max_stat_cache_size=100000")
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.passwd = self.workdir / "passwd"
+        self.passwd.write_text(f"{self.s3.key}:{self.s3.secret}\n")
+        self.passwd.chmod(0o600)
+
+    def mount_argv(self, session, mnt):
+        opts = (f"url={self.s3.endpoint},use_path_request_style,passwd_file={self.passwd},ro,"
+                f"use_cache={session.cache},kernel_cache,max_stat_cache_size=100000,dbglevel=warn")
+        return ["s3fs", f"bench:/{self.mode}", mnt, "-f", "-o", opts], self.env()
+
+    @staticmethod
+    def available():
+        return None if shutil.which("s3fs") else "s3fs not installed"
+
+
+class Rclone(System):
+    name = "rclone"
+    is_peer = True
+    config = "rclone mount bench:bench/MODE MNT --vfs-cache-mode full --cache-dir DIR --read-only"
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.conf = self.workdir / "rclone.conf"
+        self.conf.write_text(
+            "[bench]\ntype = s3\nprovider = Other\n"
+            f"endpoint = {self.s3.endpoint}\naccess_key_id = {self.s3.key}\n"
+            f"secret_access_key = {self.s3.secret}\nregion = us-east-1\nforce_path_style = true\n")
+
+    def env(self):
+        env = super().env()
+        # rclone's AWS SDK refuses AWS_CA_BUNDLE with its own HTTP transport; the
+        # endpoint is plain HTTP on loopback anyway.
+        env.pop("AWS_CA_BUNDLE", None)
+        return env
+
+    def mount_argv(self, session, mnt):
+        return ["rclone", "mount", f"bench:bench/{self.mode}", mnt, "--config", self.conf,
+                "--vfs-cache-mode", "full", "--cache-dir", session.cache, "--read-only"], self.env()
+
+    @staticmethod
+    def available():
+        return None if shutil.which("rclone") else "rclone not installed"
+
+
+class Ceiling(System):
+    name = "ceiling"
+    config = "bench/ceiling.py: pyfuse3 + trio serving the same bytes from memory"
+
+    def mount_argv(self, session, mnt):
+        return [PY, BENCH / "ceiling.py", self.mode, mnt], self.env()
+
+
+SYSTEMS = {cls.name: cls for cls in (Dorafs, DorafsWorker, S3fs, Rclone, Ceiling)}
+
+
+def versions() -> dict[str, str]:
+    def run(argv):
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+            return (out.stdout or out.stderr).strip().splitlines()[0]
+        except Exception as exc:
+            return f"unavailable ({exc.__class__.__name__})"
+    import pyfuse3
+    return {
+        "s3fs": run(["s3fs", "--version"]),
+        "rclone": run(["rclone", "version"]),
+        "fio": run(["fio", "--version"]),
+        "pyfuse3": pyfuse3.__version__,
+        "python": sys.version.split()[0],
+        "kernel": os.uname().release,
+        "cpus": str(os.cpu_count()),
+    }
+
+
+def _settle() -> None:
+    time.sleep(0.05)
