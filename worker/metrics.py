@@ -29,3 +29,12 @@ class WorkerMetrics:
         self.evictions = Gauge("dorafs_worker_evictions", "Pages evicted since start", registry=r)
         self.cache_write_errors = Gauge(
             "dorafs_worker_cache_write_errors", "Pages that could not be written to the cache disk", registry=r)
+        # Every label value starts at zero, so dashboards see 0 rather than no series.
+        for op in ("read", "stat", "list"):
+            self.ufs_requests.labels(op)
+            self.ufs_errors.labels(op)
+        for result in ("hit", "miss", "shared"):
+            self.page_requests.labels(result)
+        for op in ("stat", "list"):
+            for result in ("hit", "miss"):
+                self.metadata_requests.labels(op, result)

@@ -18,6 +18,8 @@ READ_LATENCY = Histogram(
     "dorafs_mount_read_latency_seconds", "Time to answer one read() request", registry=REGISTRY,
     buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5))
 ERRORS = Counter("dorafs_mount_errors", "Errors returned to applications, by errno", ["errno"], registry=REGISTRY)
+for _name in ("EIO", "ESTALE", "ENOENT"):  # the usual ones start at zero, visible on dashboards
+    ERRORS.labels(_name)
 
 
 class ClientCollector:
