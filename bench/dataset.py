@@ -4,6 +4,9 @@ Layout under `s3://bench/<mode>/`:
 
     large/big.bin            one large object (1 GiB full, 256 MiB quick)
     small/NN/s00000.bin ...  many 128 KiB objects (10,000 full, 1,000 quick), 100 per directory
+    small/_keep              1 KiB: s3rver 3.7.1 leaves a common prefix out of a delimited
+                             listing when it holds only deeper prefixes (its directory walk
+                             stops at the delimiter), so `small/` needs an object of its own
     dir/e00000 ...           one flat directory (10,000 entries full, 1,000 quick) of 1 KiB
                              objects, for `ls -l` and `stat`
     medium/m00.bin ... m63   64 objects for the "64 files open" scenario
@@ -59,7 +62,7 @@ class Spec:
     def objects(self) -> list[tuple[str, int]]:
         """(relative path, size) of every object."""
         objs = [("large/big.bin", self.large_size)]
-        objs += [(f"small/{n}", self.small_size) for n in self.small_names()]
+        objs += [(f"small/{n}", self.small_size) for n in self.small_names()] + [("small/_keep", 1024)]
         objs += [(f"medium/{n}", self.medium_size) for n in self.medium_names()]
         objs += [(f"dir/{n}", self.flat_size) for n in self.flat_names()]
         return objs
@@ -75,7 +78,7 @@ class Spec:
         return [f"m{i:02d}.bin" for i in range(self.medium_count)]
 
     def digest(self) -> str:
-        text = json.dumps(asdict(self), sort_keys=True) + f"period={PERIOD}"
+        text = json.dumps([asdict(self), self.objects()], sort_keys=True) + f"period={PERIOD}"
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     @property

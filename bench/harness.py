@@ -117,7 +117,7 @@ def verify(spec: dataset.Spec, mnt: Path) -> str | None:
             return f"{rel} [{off}, +{length}): bytes differ"
     if len(os.listdir(mnt / "dir")) != spec.flat_count:
         return "dir/: wrong number of entries"
-    if len(os.listdir(mnt / "small")) != -(-spec.small_count // spec.per_dir):
+    if len(os.listdir(mnt / "small")) != -(-spec.small_count // spec.per_dir) + 1:
         return "small/: wrong number of entries"
     return None
 
@@ -235,7 +235,8 @@ def main(argv=None) -> int:
                             progress.advance(task)
                     finally:
                         session.close()
-            progress.update(task, description=f"done in {time.perf_counter() - started:.0f} s")
+            progress.update(task, description=f"done in {time.perf_counter() - started:.0f} s", total=steps,
+                            completed=steps)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: unmounting and stopping everything we started[/yellow]")
         notes.append("interrupted")
@@ -256,7 +257,7 @@ def main(argv=None) -> int:
     console.print(report.targets_table())
     for line in notes:
         console.print(f"[yellow]note: {line}[/yellow]")
-    meta = {"timestamp": stamp, "mode": args.mode, "s3_server": args.s3, "elapsed_s": round(elapsed, 1),
+    meta = {"timestamp": stamp, "loadavg_end": os.getloadavg(), "dorafs_commit": _commit(), "mode": args.mode, "s3_server": args.s3, "elapsed_s": round(elapsed, 1),
             "dataset": {"large": spec.large_size, "small": spec.small_count, "small_size": spec.small_size,
                         "medium": spec.medium_count, "medium_size": spec.medium_size},
             "systems": {s.name: s.config for s in systems}, "versions": versions(), "notes": notes,
@@ -268,6 +269,19 @@ def main(argv=None) -> int:
     base.with_suffix(".md").write_text(report.plain_table() + "\n")
     console.print(f"results: {base}.json, {base.name}.png, {base.name}.md")
     return 0
+
+
+def _commit() -> str:
+    """The dorafs commit measured (read-only git queries), '+dirty' when the tree has edits."""
+    import subprocess
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCH.parent, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "dorafs", "worker"],
+                               cwd=BENCH.parent, capture_output=True, text=True, timeout=10).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except Exception:
+        return "unknown"
 
 
 def run_phase(ctx, server, scenario, system, session, phase, *, prefill, console, dorafs) -> list[Result]:
