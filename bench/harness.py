@@ -172,6 +172,7 @@ def main(argv=None) -> int:
     natives: dict[str, float] = {}
     notes: list[str] = []
     started = time.perf_counter()
+    load_start = os.getloadavg()
     try:
         server = server_cls(workdir)
         console.print(f"S3 server: {server.name} on {server.endpoint}")
@@ -257,9 +258,9 @@ def main(argv=None) -> int:
     console.print(report.targets_table())
     for line in notes:
         console.print(f"[yellow]note: {line}[/yellow]")
-    meta = {"timestamp": stamp, "loadavg_end": os.getloadavg(), "dorafs_commit": _commit(), "mode": args.mode, "s3_server": args.s3, "elapsed_s": round(elapsed, 1),
+    meta = {"timestamp": stamp, "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "dorafs_commit": _commit(), "mode": args.mode, "s3_server": args.s3, "elapsed_s": round(elapsed, 1),
             "dataset": {"large": spec.large_size, "small": spec.small_count, "small_size": spec.small_size,
-                        "medium": spec.medium_count, "medium_size": spec.medium_size},
+                        "medium": spec.medium_count, "medium_size": spec.medium_size, "flat": spec.flat_count},
             "systems": {s.name: s.config for s in systems}, "versions": versions(), "notes": notes,
             "cold": "first mount of a fresh, empty cache", "warm": "remount of the same cache: the system's cache "
             "kept, the kernel page/dentry cache of the old mount gone with it"}

@@ -42,6 +42,26 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
 
 
+def worker_counters(cache: Path) -> dict[str, float]:
+    """A few of the embedded worker's Prometheus counters (summed over labels)."""
+    import httpx
+    try:
+        address = (cache / "worker.addr").read_text().strip()
+        text = httpx.get(f"http://{address}/metrics", timeout=5).text
+    except Exception:
+        return {}
+    out: dict[str, float] = collections.Counter()
+    for line in text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        name, _, value = line.rpartition(" ")
+        base = name.split("{")[0]
+        if base in ("dorafs_worker_bytes_served_total", "dorafs_worker_page_requests_total",
+                    "dorafs_worker_ufs_requests_total", "dorafs_worker_metadata_requests_total"):
+            out[name if base != "dorafs_worker_bytes_served_total" else base] += float(value)
+    return out
+
+
 def top_frames(raw: Path, n: int = 15) -> list[tuple[int, str]]:
     """Own-time samples per innermost frame from py-spy's collapsed-stack output."""
     own: collections.Counter = collections.Counter()
@@ -62,6 +82,7 @@ def main() -> None:
     p.add_argument("--mode", default="quick", choices=sorted(dataset.SPECS))
     p.add_argument("--cold", action="store_true")
     p.add_argument("--dorafs-options", default="")
+    p.add_argument("--repeat", type=int, default=5, help="run the measured pass this many times (more samples)")
     args = p.parse_args()
     if not shutil.which("py-spy"):
         raise SystemExit("profile: py-spy is not installed (pip install py-spy)")
@@ -95,16 +116,24 @@ def main() -> None:
                                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), raw)
             time.sleep(1.0)
             cpu0 = {role: cpu_seconds(pid) for role, pid in pids.items()}
+            metrics0 = worker_counters(session.cache)
             start = time.perf_counter()
-            out = scenario.run(ctx, m.path, "cold" if args.cold else "warm")
+            for _ in range(1 if args.cold else args.repeat):
+                out = scenario.run(ctx, m.path, "cold" if args.cold else "warm")
             wall = time.perf_counter() - start
             cpu = {role: cpu_seconds(pid) - cpu0[role] for role, pid in pids.items()}
+            metrics1 = worker_counters(session.cache)
             for proc, _ in spies.values():
                 proc.send_signal(2)  # SIGINT: py-spy writes its output and exits
                 proc.wait(30)
         session.close()
         for row, (value, detail) in out.items():
-            print(f"{row}: {value:,.1f} {scenario.unit}  ({wall:.1f} s)")
+            print(f"{row}: {value:,.1f} {scenario.unit} (last pass; {wall:.1f} s for all passes)")
+        print("worker counters during the measured passes:")
+        for name in sorted(metrics1):
+            delta = metrics1[name] - metrics0.get(name, 0)
+            if delta:
+                print(f"   {name} +{delta:,.0f}")
         for role, (_, raw) in spies.items():
             print(f"\n== {role} (pid {pids[role]}): {cpu[role]:.1f} CPU-s in {wall:.1f} s wall "
                   f"= {100 * cpu[role] / wall:.0f}% of one core")

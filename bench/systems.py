@@ -28,7 +28,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -281,7 +280,3 @@ def versions() -> dict[str, str]:
         "kernel": os.uname().release,
         "cpus": str(os.cpu_count()),
     }
-
-
-def _settle() -> None:
-    time.sleep(0.05)
