@@ -53,5 +53,8 @@ class TtlCache:
         while len(self._data) > self.max_entries:
             self._data.popitem(last=False)
 
+    def keys(self) -> list[Hashable]:
+        return list(self._data)
+
     def pop(self, key: Hashable) -> None:
         self._data.pop(key, None)

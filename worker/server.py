@@ -4,6 +4,9 @@
         headers: X-Dorafs-Checksum (xxh3-64 of the body), X-Dorafs-Cache (hit|miss)
   GET /v1/stat?uri=                    FileStatus as JSON
   GET /v1/list?uri=&after=&limit=      {"entries": [...], "next": name | null}
+  POST /v1/invalidate?uri=&recursive=0|1&pages=0|1   drop cached metadata (and pages)
+                                       of uri, its parent's listing, and with recursive
+                                       everything under uri; {"statuses", "listings", "pages"}
   GET /v1/info                         identity, page size, capacity, usage
   GET /healthz, GET /metrics
 
@@ -60,6 +63,13 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
         limit = min(req.int_arg("limit", 1000, minimum=1), MAX_LIST_LIMIT)
         entries, after = await service.list_page(uri, req.query.get("after", ""), limit)
         return json_response({"entries": [e.to_dict() for e in entries], "next": after})
+
+    @server.route("POST", "/v1/invalidate")
+    async def invalidate(req: Request) -> Response:
+        uri = check_uri(req.arg("uri"))
+        counts = await service.invalidate(uri, recursive=req.query.get("recursive") == "1",
+                                          pages=req.query.get("pages") == "1")
+        return json_response(counts)
 
     @server.route("GET", "/v1/info")
     async def get_info(req: Request) -> Response:

@@ -21,6 +21,7 @@ from dorafs.pages import object_id, page_count, page_length
 from dorafs.singleflight import SingleFlight
 from dorafs.ttlcache import MISSING, TtlCache
 from dorafs.ufs import FileStatus, UfsSet, normalize
+from dorafs.ufs.base import parent as parent_uri
 from worker.metrics import WorkerMetrics
 from worker.pagestore import PageEntry, PageStore, checksum
 
@@ -184,6 +185,40 @@ class WorkerService:
         chunk = entries[start:start + limit]
         more = start + limit < len(entries)
         return chunk, (chunk[-1].name if more and chunk else None)
+
+
+    async def invalidate(self, uri: str, *, recursive: bool = False, pages: bool = False) -> dict:
+        """Forget cached metadata of `uri` (and of everything under it if `recursive`).
+
+        The parent directory's listing is dropped too, since it names `uri`. With
+        `pages`, the pages of the dropped versions go as well; without, they stay
+        until evicted (a new version has new page ids, so they are never served for it).
+        """
+        prefix = uri.rstrip("/") + "/"
+        parent = parent_uri(uri)
+        dropped: list[tuple[str, FileStatus]] = []
+        for key in list(self.status_cache.keys()):
+            if key == uri or (recursive and key.startswith(prefix)):
+                status = self.status_cache.get(key)
+                if status is not MISSING:
+                    dropped.append((key, status))
+                self.status_cache.pop(key)
+        listings = 0
+        for key in list(self.listing_cache.keys()):
+            if key in (uri, parent) or (recursive and key.startswith(prefix)):
+                self.listing_cache.pop(key)
+                listings += 1
+        page_count_dropped = 0
+        if pages:
+            for key, status in dropped:
+                if status.is_dir:
+                    continue
+                oid = object_id(key, status.version)
+                for index in self.store.pages_of(oid):
+                    self.store.drop((oid, index))
+                    page_count_dropped += 1
+            self.update_gauges()
+        return {"statuses": len(dropped), "listings": listings, "pages": page_count_dropped}
 
 
 class _NameView:

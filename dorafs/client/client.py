@@ -32,6 +32,7 @@ from dorafs.pages import page_count, plan
 from dorafs.ring import HashRing
 from dorafs.singleflight import SingleFlight
 from dorafs.ufs import FileStatus, UfsSet
+from dorafs.ufs.base import parent as parent_uri
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,20 @@ class DoraClient:
             if after_next is None:
                 return
             after = after_next
+
+    async def invalidate(self, uri: str) -> None:
+        """Make the workers forget `uri` after it changed through this mount.
+
+        The owner of `uri` drops its status, the owner of the parent its listing. A
+        worker that does not answer has nothing this mount can reach anyway; its TTLs
+        bound how long it may serve the old entry.
+        """
+        parent = parent_uri(uri)
+        for key in [uri] + ([parent] if parent else []):
+            try:
+                await self._route(key, lambda address: self._workers.invalidate(address, uri))
+            except Unavailable as exc:
+                log.warning("could not invalidate %s on its owner: %s", uri, exc)
 
     # -- data -------------------------------------------------------------------------
 

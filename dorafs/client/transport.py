@@ -63,8 +63,13 @@ class Transport:
         self._idle.clear()
 
     async def get(self, address: str, path: str, params: dict) -> Response:
-        request = (f"GET {path}?{urlencode(params)} HTTP/1.1\r\nHost: {address}\r\n"
-                   f"X-Request-Id: {request_id.get()}\r\n\r\n").encode()
+        return await self.request("GET", address, path, params)
+
+    async def request(self, method: str, address: str, path: str, params: dict) -> Response:
+        """One request without a body (the worker API takes its arguments in the query)."""
+        length = "" if method in ("GET", "HEAD") else "Content-Length: 0\r\n"
+        request = (f"{method} {path}?{urlencode(params)} HTTP/1.1\r\nHost: {address}\r\n"
+                   f"X-Request-Id: {request_id.get()}\r\n{length}\r\n").encode()
         for attempt in (0, 1):
             conn, reused = await self._checkout(address)
             try:

@@ -33,9 +33,9 @@ class WorkerClient:
     async def aclose(self) -> None:
         await self._transport.aclose()
 
-    async def _get(self, address: str, path: str, params: dict):
+    async def _get(self, address: str, path: str, params: dict, method: str = "GET"):
         try:
-            response = await self._transport.get(address, path, params)
+            response = await self._transport.request(method, address, path, params)
         except TransportError as exc:
             raise Unavailable(str(exc)) from None
         if response.status != 200:
@@ -68,3 +68,9 @@ class WorkerClient:
         response = await self._get(address, "/v1/list", {"uri": uri, "after": after, "limit": limit})
         body = json.loads(response.body)
         return [FileStatus.from_dict(e) for e in body["entries"]], body.get("next")
+
+    async def invalidate(self, address: str, uri: str, *, recursive: bool = False, pages: bool = False) -> dict:
+        """Drop what the worker caches about `uri` (see the worker's /v1/invalidate)."""
+        params = {"uri": uri, "recursive": int(recursive), "pages": int(pages)}
+        response = await self._get(address, "/v1/invalidate", params, method="POST")
+        return json.loads(response.body)

@@ -49,6 +49,15 @@ def join(uri: str, name: str) -> str:
     return uri.rstrip("/") + "/" + name if not uri.endswith("://") else uri + name
 
 
+def parent(uri: str) -> str | None:
+    """The directory URI containing a normalized `uri`; None for a root (`s3://bucket`, `file:///`)."""
+    scheme, _, rest = uri.partition("://")
+    head, sep, _ = rest.rpartition("/")
+    if not sep or rest == "/":
+        return None
+    return f"{scheme}://{head or '/'}"
+
+
 def normalize(uri: str) -> str:
     """Canonical form: a scheme is required, and no trailing slash except after `scheme://`."""
     scheme, sep, rest = uri.partition("://")
