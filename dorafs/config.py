@@ -167,9 +167,12 @@ class WorkerConfig:
     cache_size: int = option(10 << 30, _size, "page cache capacity; 10GiB fits a shard and a laptop disk")
     page_size: int = option(DEFAULT_PAGE_SIZE, _size,
                             "page size; 1MiB serves eight 128 KiB kernel reads per fetch")
-    status_ttl: float = option(10.0, _duration, "how long a cached file status is trusted (-1 never recheck, 0 always)")
-    listing_ttl: float = option(10.0, _duration, "how long a cached directory listing is trusted (-1, 0 as above)")
-    metadata_entries: int = option(100_000, _count, "status and listing entries kept in memory before LRU eviction")
+    status_ttl: float = option(300.0, _duration, "how long a cached status is trusted when a request names no TTL "
+                               "(-1 never recheck, 0 always)")
+    listing_ttl: float = option(300.0, _duration, "the same for a cached directory listing")
+    negative_ttl: float = option(30.0, _duration, "the same for a cached \"no such path\"")
+    metadata_entries: int = option(100_000, _count, "statuses and listing entries kept in memory (LRU); "
+                                   "the rest stay on disk in CACHE_DIR/metadata.db")
     ufs_threads: int = option(16, _count, "blocking UFS calls in flight; matches boto3's connection pool")
     heartbeat_interval: float = option(2.0, _positive_duration,
                                        "seconds between heartbeats; a few missed ones drop the worker")
@@ -197,10 +200,15 @@ class MountConfig:
                                     "embedded worker's cache (default ~/.cache/dorafs/embedded)")
     cache_size: int = option(10 << 30, _size, "embedded worker's cache capacity")
     page_size: int = option(DEFAULT_PAGE_SIZE, _size, "embedded worker's page size")
-    attr_timeout: float = option(1.0, _duration, "seconds the kernel trusts attributes; short so changes show")
-    entry_timeout: float = option(1.0, _duration, "seconds the kernel trusts names (and missing names)")
-    status_ttl: float = option(10.0, _duration, "embedded worker's status TTL")
-    listing_ttl: float = option(10.0, _duration, "embedded worker's listing TTL")
+    status_ttl: float = option(300.0, _duration, "how long this mount trusts a cached status (-1 never recheck, "
+                               "0 always); workers answer within it, the kernel keeps attributes for it")
+    listing_ttl: float = option(300.0, _duration, "how long this mount trusts a cached directory listing")
+    negative_ttl: float = option(30.0, _duration, "how long this mount trusts a cached \"no such path\"")
+    attr_timeout: float | None = option(None, _optional(_duration),
+                                        "seconds the kernel keeps attributes (default: status_ttl)")
+    entry_timeout: float | None = option(None, _optional(_duration),
+                                         "seconds the kernel keeps names (default: status_ttl; "
+                                         "missing names: negative_ttl)")
     buffer_size: int = option(64 << 20, _size, "mount's page buffer; 64 pages cover four readers' readahead")
     readahead_pages: int = option(8, _count, "pages fetched ahead of a sequential reader (0: none)")
     worker_timeout: float = option(5.0, _positive_duration, "a worker slower than this is skipped for the next")

@@ -55,7 +55,7 @@ async def embedded_worker(config: MountConfig):
         sys.executable, "-m", "worker.main", "--listen", "127.0.0.1:0",
         "--cache-dir", str(cache_dir), "--cache-size", str(config.cache_size),
         "--page-size", str(config.page_size), "--status-ttl", str(config.status_ttl),
-        "--listing-ttl", str(config.listing_ttl), "--port-file", str(port_file),
+        "--listing-ttl", str(config.listing_ttl), "--negative-ttl", str(config.negative_ttl), "--port-file", str(port_file),
     ]
     env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}  # readiness is the mount's to tell
     proc = await trio.lowlevel.open_process(argv, stdin=subprocess.DEVNULL, env=env)

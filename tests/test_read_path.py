@@ -199,9 +199,9 @@ def test_overwritten_object_never_mixes_versions(procs, s3_server, bucket):
     s3 = s3_server.client()
     old, new = os.urandom(8 * MiB), os.urandom(8 * MiB)
     put(s3, bucket, "v/obj.bin", old)
-    worker = procs.worker(extra=["--status-ttl", "1s"])
+    worker = procs.worker()
     mount = procs.mount(f"s3://{bucket}/v", workers=[worker.address],
-                        options="attr_timeout=0.2,entry_timeout=0.2,readahead_pages=0")
+                        options="status_ttl=1s,attr_timeout=0.2,entry_timeout=0.2,readahead_pages=0")
     with open(mount.path("obj.bin"), "rb", buffering=0) as f:
         assert f.read(MiB) == old[:MiB]
         put(s3, bucket, "v/obj.bin", new)  # overwritten while the handle is open

@@ -29,9 +29,9 @@ def test_every_promise_has_a_test():
 @pytest.fixture
 def short_ttl_mount(procs, s3_server, bucket):
     s3_server.client().put_object(Bucket=bucket, Key="s/.keep", Body=b"")
-    worker = procs.worker(extra=["--status-ttl", "1s", "--listing-ttl", "1s"])
+    worker = procs.worker()  # the worker's default TTLs are long: the mount's own apply
     mount = procs.mount(f"s3://{bucket}/s", workers=[worker.address],
-                        options="attr_timeout=0.2,entry_timeout=0.2")
+                        options="status_ttl=1s,listing_ttl=1s,negative_ttl=1s,attr_timeout=0.2,entry_timeout=0.2")
     return mount, worker, s3_server.client(), bucket
 
 
@@ -72,8 +72,8 @@ def test_kernel_cache_kept_while_version_unchanged(procs, s3_server, bucket):
     s3 = s3_server.client()
     old, new = os.urandom(2 * MiB), os.urandom(2 * MiB)
     s3.put_object(Bucket=bucket, Key="k/f.bin", Body=old)
-    worker = procs.worker(extra=["--status-ttl", "0.5s"])
-    mount = procs.mount(f"s3://{bucket}/k", workers=[worker.address], options="attr_timeout=0.1")
+    worker = procs.worker()
+    mount = procs.mount(f"s3://{bucket}/k", workers=[worker.address], options="status_ttl=0.5s,attr_timeout=0.1")
 
     def served() -> float:
         return worker.counter("dorafs_worker_page_requests_total")

@@ -20,13 +20,17 @@ class WorkerMetrics:
             "dorafs_worker_ufs_latency_seconds", "UFS request latency by operation", ["op"], registry=r,
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         self.metadata_requests = Counter(
-            "dorafs_worker_metadata_requests", "Status and listing requests by outcome", ["op", "result"], registry=r)
+            "dorafs_worker_metadata_requests", "Status and listing requests by the level that answered (memory, disk) or miss (UFS)", ["op", "result"], registry=r)
         self.corrupt_pages = Counter(
             "dorafs_worker_corrupt_pages", "Cached pages whose checksum failed (dropped and refetched)", registry=r)
         self.cache_used = Gauge("dorafs_worker_cache_used_bytes", "Bytes of cached pages", registry=r)
         self.cache_capacity = Gauge("dorafs_worker_cache_capacity_bytes", "Page cache capacity", registry=r)
         self.pages = Gauge("dorafs_worker_pages", "Cached pages", registry=r)
         self.evictions = Gauge("dorafs_worker_evictions", "Pages evicted since start", registry=r)
+        self.metadata_entries = Gauge(
+            "dorafs_worker_metadata_memory_entries", "Statuses and listing entries held in memory", registry=r)
+        self.metadata_disk_errors = Gauge(
+            "dorafs_worker_metadata_disk_errors", "Metadata store operations that failed on disk", registry=r)
         self.cache_write_errors = Gauge(
             "dorafs_worker_cache_write_errors", "Pages that could not be written to the cache disk", registry=r)
         # Every label value starts at zero, so dashboards see 0 rather than no series.
@@ -36,5 +40,5 @@ class WorkerMetrics:
         for result in ("hit", "miss", "shared"):
             self.page_requests.labels(result)
         for op in ("stat", "list"):
-            for result in ("hit", "miss"):
+            for result in ("memory", "disk", "miss"):
                 self.metadata_requests.labels(op, result)

@@ -2,11 +2,14 @@
 
   GET /v1/page?uri=&version=&size=&index=&page_size=[&verify=1]   page bytes (sendfile)
         headers: X-Dorafs-Checksum (xxh3-64 of the body), X-Dorafs-Cache (hit|miss)
-  GET /v1/stat?uri=                    FileStatus as JSON
-  GET /v1/list?uri=&after=&limit=      {"entries": [...], "next": name | null}
-  POST /v1/invalidate?uri=&recursive=0|1&pages=0|1   drop cached metadata (and pages)
-                                       of uri, its parent's listing, and with recursive
-                                       everything under uri; {"statuses", "listings", "pages"}
+  GET /v1/stat?uri=[&ttl=&negative_ttl=]         FileStatus as JSON (404 if missing)
+  GET /v1/list?uri=&after=&limit=[&ttl=]         {"entries": [...], "next": name | null}
+        ttl, negative_ttl: the caller's freshness in seconds (-1 never recheck, 0 always);
+        the worker's configured TTLs apply when absent.
+  POST /v1/invalidate?uri=&recursive=0|1&pages=0|1|changed
+        drop cached metadata of uri and its parent's listing (recursive: everything
+        under uri); pages=1 drops the dropped files' pages, pages=changed only those of
+        objects the UFS now has at another version; {"statuses", "listings", "pages"}
   GET /v1/info                         identity, page size, capacity, usage
   GET /healthz, GET /metrics
 
@@ -54,21 +57,24 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
 
     @server.route("GET", "/v1/stat")
     async def stat(req: Request) -> Response:
-        status = await service.stat(check_uri(req.arg("uri")))
+        status = await service.stat(check_uri(req.arg("uri")), ttl=_ttl(req, "ttl"),
+                                    negative_ttl=_ttl(req, "negative_ttl"))
         return json_response(status.to_dict())
 
     @server.route("GET", "/v1/list")
     async def listing(req: Request) -> Response:
         uri = check_uri(req.arg("uri"))
         limit = min(req.int_arg("limit", 1000, minimum=1), MAX_LIST_LIMIT)
-        entries, after = await service.list_page(uri, req.query.get("after", ""), limit)
+        entries, after = await service.list_page(uri, req.query.get("after", ""), limit, ttl=_ttl(req, "ttl"))
         return json_response({"entries": [e.to_dict() for e in entries], "next": after})
 
     @server.route("POST", "/v1/invalidate")
     async def invalidate(req: Request) -> Response:
         uri = check_uri(req.arg("uri"))
-        counts = await service.invalidate(uri, recursive=req.query.get("recursive") == "1",
-                                          pages=req.query.get("pages") == "1")
+        pages = {"0": "none", "1": "all", "changed": "changed"}.get(req.query.get("pages", "0"))
+        if pages is None:
+            raise InvalidRequest("pages must be 0, 1 or changed")
+        counts = await service.invalidate(uri, recursive=req.query.get("recursive") == "1", pages=pages)
         return json_response(counts)
 
     @server.route("GET", "/v1/info")
@@ -86,5 +92,19 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
         return Response(200, generate_latest(service.metrics.registry), content_type=CONTENT_TYPE_LATEST)
 
     return server
+
+
+def _ttl(req: Request, name: str) -> float | None:
+    """A TTL in seconds from the query (-1 never recheck, 0 always), or None if absent."""
+    raw = req.query.get(name)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidRequest(f"{name} must be a number of seconds, not {raw[:40]!r}") from None
+    if value != value or value < -1:
+        raise InvalidRequest(f"{name} must be -1, 0 or a positive number of seconds")
+    return value
 
 

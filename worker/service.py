@@ -7,21 +7,22 @@ on one page, status or listing share one UFS request (single-flight).
 
 from __future__ import annotations
 
-import bisect
 import logging
 import os
+import sqlite3
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import trio
 
 from dorafs.config import WorkerConfig
-from dorafs.errors import InvalidRequest, NotADirectory, NotFound, StaleVersion
+from dorafs.errors import InvalidRequest, NotADirectory, NotFound, StaleVersion, Unavailable
 from dorafs.pages import object_id, page_count, page_length
 from dorafs.singleflight import SingleFlight
-from dorafs.ttlcache import MISSING, TtlCache
 from dorafs.ufs import FileStatus, UfsSet, normalize
 from dorafs.ufs.base import parent as parent_uri
+from worker.metastore import Cached, Listing, MetaStore
 from worker.metrics import WorkerMetrics
 from worker.pagestore import PageEntry, PageStore, checksum
 
@@ -45,14 +46,14 @@ class WorkerService:
         self.ufs = ufs
         self.metrics = metrics
         self.store = PageStore(config.cache_dir, config.cache_size)
-        self.status_cache = TtlCache(config.metadata_entries)
-        self.listing_cache = TtlCache(max(1, config.metadata_entries // 100))
+        self.meta = MetaStore(Path(config.cache_dir) / "metadata.db", config.metadata_entries)
         self._page_flights = SingleFlight()
         self._meta_flights = SingleFlight()
         self._file_limiter = trio.CapacityLimiter(8)  # verification reads off the loop
 
     async def start(self) -> None:
         await trio.to_thread.run_sync(self.store.load)
+        await trio.to_thread.run_sync(self.meta.open)
         self.update_gauges()
 
     def update_gauges(self) -> None:
@@ -62,6 +63,8 @@ class WorkerService:
         m.pages.set(len(s))
         m.evictions.set(s.evictions)
         m.cache_write_errors.set(s.write_errors)
+        m.metadata_entries.set(self.meta.memory_size())
+        m.metadata_disk_errors.set(self.meta.disk_errors)
 
     # -- UFS calls, measured ----------------------------------------------------------
 
@@ -142,96 +145,147 @@ class WorkerService:
             return None
 
     # -- metadata ---------------------------------------------------------------------
+    #
+    # Each request may carry the mount's own TTLs (seconds; -1 never recheck, 0 always);
+    # without them the worker's configured TTLs apply. Entries carry their fetch time, so
+    # the same entry is fresh for one mount and stale for another.
 
-    async def stat(self, uri: str) -> FileStatus:
-        cached = self.status_cache.get(uri)
-        if cached is not MISSING:
-            self.metrics.metadata_requests.labels("stat", "hit").inc()
-            return cached
+    def _fresh(self, cached: Cached, ttl: float | None, negative_ttl: float | None) -> bool:
+        if cached.status is None:
+            limit = self.config.negative_ttl if negative_ttl is None else negative_ttl
+        else:
+            limit = self.config.status_ttl if ttl is None else ttl
+        return _within(cached.fetched, limit)
+
+    async def stat(self, uri: str, ttl: float | None = None, negative_ttl: float | None = None) -> FileStatus:
+        """Status from memory, then disk, then the parent's listing held here, then the UFS."""
+        cached = self.meta.memory_status(uri)
+        if cached is None:
+            cached = await self.meta.disk_status(uri)
+        if cached is None or not self._fresh(cached, ttl, negative_ttl):
+            parent = parent_uri(uri)
+            from_listing = await self.meta.child(parent, uri.rpartition("/")[2]) if parent else None
+            if from_listing is not None and self._fresh(from_listing, ttl, negative_ttl):
+                cached = from_listing
+            else:
+                cached = None
+        if cached is not None:
+            self.metrics.metadata_requests.labels("stat", cached.level).inc()
+            return _found(uri, cached.status)
         self.metrics.metadata_requests.labels("stat", "miss").inc()
 
-        async def fetch():
-            status = await self._ufs_call("stat", self.ufs.get(uri).stat, uri)
-            self.status_cache.put(uri, status, self.config.status_ttl)
+        async def fetch() -> FileStatus | None:
+            fetched = time.time()
+            try:
+                status = await self._ufs_call("stat", self.ufs.get(uri).stat, uri)
+            except NotFound:
+                status = None
+            await self.meta.put_status(uri, status, fetched)
             return status
 
         status, _ = await self._meta_flights.do(("stat", uri), fetch)
-        return status
+        return _found(uri, status)
 
-    async def listing(self, uri: str) -> list[FileStatus]:
-        cached = self.listing_cache.get(uri)
-        if cached is not MISSING:
-            self.metrics.metadata_requests.labels("list", "hit").inc()
-            return cached
-        self.metrics.metadata_requests.labels("list", "miss").inc()
+    async def list_page(self, uri: str, after: str, limit: int,
+                        ttl: float | None = None) -> tuple[list[FileStatus], str | None]:
+        """Up to `limit` entries named after `after`, and the cursor for the next page.
 
-        async def fetch():
-            entries: list[FileStatus] = []
-            ufs = self.ufs.get(uri)
-            self.metrics.ufs_requests.labels("list").inc()
-            async for page in ufs.list_pages(uri):
-                entries.extend(page)
-            entries.sort(key=lambda e: e.name)
-            self.listing_cache.put(uri, entries, self.config.listing_ttl)
-            return entries
+        Freshness is checked when a reader starts (`after` empty); a reader part-way
+        through keeps paging the current listing even if it has aged meanwhile.
+        """
+        ttl = self.config.listing_ttl if ttl is None else ttl
+        listing, level = await self.meta.listing(uri)
+        if listing is None or (not after and not _within(listing.fetched, ttl)):
+            self.metrics.metadata_requests.labels("list", "miss").inc()
+            listing, _ = await self._meta_flights.do(("list", uri), lambda: self._fill_listing(uri))
+        else:
+            self.metrics.metadata_requests.labels("list", level).inc()
+        try:
+            entries = await self.meta.page(listing, after, limit + 1)
+        except sqlite3.Error as exc:
+            raise Unavailable(f"the metadata store cannot read the listing of {uri}: {exc}") from None
+        more = len(entries) > limit
+        entries = entries[:limit]
+        return entries, (entries[-1].name if more and entries else None)
 
-        entries, _ = await self._meta_flights.do(("list", uri), fetch)
-        return entries
+    async def _fill_listing(self, uri: str) -> Listing:
+        """Stream a listing from the UFS into the store, a UFS page at a time.
 
-    async def list_page(self, uri: str, after: str, limit: int) -> tuple[list[FileStatus], str | None]:
-        entries = await self.listing(uri)
-        names = _NameView(entries)
-        start = bisect.bisect_right(names, after) if after else 0
-        chunk = entries[start:start + limit]
-        more = start + limit < len(entries)
-        return chunk, (chunk[-1].name if more and chunk else None)
+        The entries are also kept in memory while the listing is small enough for the
+        memory level, or while the disk is failing (then the listing must be served from
+        memory or not at all).
+        """
+        gen = self.meta.new_generation()
+        fetched = time.time()
+        errors_before = self.meta.disk_errors
+        kept: list[FileStatus] | None = []
+        count = 0
+        await self.meta.begin_fill(uri, gen)
+        self.metrics.ufs_requests.labels("list").inc()
+        try:
+            async for page in self.ufs.get(uri).list_pages(uri):
+                await self.meta.add_entries(uri, gen, page)
+                count += len(page)
+                if kept is not None:
+                    kept.extend(page)
+                    if len(kept) > self.meta.memory_listing_max and self.meta.disk_errors == errors_before:
+                        kept = None
+        except BaseException as exc:
+            if not isinstance(exc, (NotFound, NotADirectory, trio.Cancelled)):
+                self.metrics.ufs_errors.labels("list").inc()
+            with trio.CancelScope(shield=True):
+                await self.meta.abort_fill(uri, gen)
+            raise
+        if kept is not None:
+            kept.sort(key=lambda e: e.name)
+        try:
+            return await self.meta.finish_fill(uri, gen, fetched, count, kept)
+        except sqlite3.Error as exc:
+            raise Unavailable(f"the metadata store cannot hold the listing of {uri}: {exc}") from None
 
-
-    async def invalidate(self, uri: str, *, recursive: bool = False, pages: bool = False) -> dict:
+    async def invalidate(self, uri: str, *, recursive: bool = False, pages: str = "none") -> dict:
         """Forget cached metadata of `uri` (and of everything under it if `recursive`).
 
-        The parent directory's listing is dropped too, since it names `uri`. With
-        `pages`, the pages of the dropped versions go as well; without, they stay
-        until evicted (a new version has new page ids, so they are never served for it).
+        The parent directory's listing is dropped too, since it names `uri`. `pages`:
+        "none" keeps cached pages until evicted (a new version has new page ids, so they
+        are never served for it); "all" drops the pages of every dropped file status;
+        "changed" drops them only for objects whose version the UFS no longer has.
         """
-        prefix = uri.rstrip("/") + "/"
         parent = parent_uri(uri)
-        dropped: list[tuple[str, FileStatus]] = []
-        for key in list(self.status_cache.keys()):
-            if key == uri or (recursive and key.startswith(prefix)):
-                status = self.status_cache.get(key)
-                if status is not MISSING:
-                    dropped.append((key, status))
-                self.status_cache.pop(key)
-        listings = 0
-        for key in list(self.listing_cache.keys()):
-            if key in (uri, parent) or (recursive and key.startswith(prefix)):
-                self.listing_cache.pop(key)
-                listings += 1
-        page_count_dropped = 0
-        if pages:
+        dropped, listings = await self.meta.invalidate(
+            [uri], recursive_under=uri if recursive else None, listings=[uri] + ([parent] if parent else []))
+        page_total = 0
+        if pages != "none":
             for key, status in dropped:
-                if status.is_dir:
-                    continue
                 oid = object_id(key, status.version)
-                for index in self.store.pages_of(oid):
+                indices = self.store.pages_of(oid)
+                if not indices:
+                    continue
+                if pages == "changed":
+                    try:
+                        current = await self.stat(key, ttl=0)
+                        if current.version == status.version:
+                            continue
+                    except NotFound:
+                        pass
+                for index in indices:
                     self.store.drop((oid, index))
-                    page_count_dropped += 1
+                    page_total += 1
             self.update_gauges()
-        return {"statuses": len(dropped), "listings": listings, "pages": page_count_dropped}
+        return {"statuses": len(dropped), "listings": listings, "pages": page_total}
 
 
-class _NameView:
-    """Sequence view of entry names, for bisect without building a second list."""
+def _within(fetched: float, ttl: float) -> bool:
+    """Is an entry fetched at `fetched` still trusted under `ttl`?"""
+    if ttl < 0:
+        return True
+    return ttl > 0 and time.time() - fetched <= ttl
 
-    def __init__(self, entries: list[FileStatus]):
-        self._entries = entries
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __getitem__(self, i: int) -> str:
-        return self._entries[i].name
+def _found(uri: str, status: FileStatus | None) -> FileStatus:
+    if status is None:
+        raise NotFound(f"no such file or directory: {uri}")
+    return status
 
 
 def check_uri(raw: str) -> str:

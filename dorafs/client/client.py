@@ -142,7 +142,8 @@ class DoraClient:
 
     async def stat(self, uri: str) -> FileStatus:
         try:
-            return await self._route(uri, lambda address: self._workers.stat(address, uri))
+            return await self._route(uri, lambda address: self._workers.stat(
+                address, uri, ttl=self.config.status_ttl, negative_ttl=self.config.negative_ttl))
         except Unavailable:
             self.stats.ufs_fallback_metadata += 1
             return await self.ufs.get(uri).stat(uri)
@@ -153,7 +154,8 @@ class DoraClient:
         while True:
             try:
                 entries, after_next = await self._route(
-                    uri, lambda address: self._workers.list_page(address, uri, after, LIST_PAGE))
+                    uri, lambda address: self._workers.list_page(address, uri, after, LIST_PAGE,
+                                                                 ttl=self.config.listing_ttl))
             except Unavailable:
                 self.stats.ufs_fallback_metadata += 1
                 async for page in self.ufs.get(uri).list_pages(uri):

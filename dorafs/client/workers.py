@@ -60,17 +60,21 @@ class WorkerClient:
             params["verify"] = "1"
         raise CorruptPage(f"worker {address} sent a corrupt page {index} of {uri} twice")
 
-    async def stat(self, address: str, uri: str) -> FileStatus:
-        response = await self._get(address, "/v1/stat", {"uri": uri})
+    async def stat(self, address: str, uri: str, **ttls: float) -> FileStatus:
+        response = await self._get(address, "/v1/stat", {"uri": uri, **ttls})
         return FileStatus.from_dict(json.loads(response.body))
 
-    async def list_page(self, address: str, uri: str, after: str, limit: int) -> tuple[list[FileStatus], str | None]:
-        response = await self._get(address, "/v1/list", {"uri": uri, "after": after, "limit": limit})
+    async def list_page(self, address: str, uri: str, after: str, limit: int,
+                        **ttls: float) -> tuple[list[FileStatus], str | None]:
+        response = await self._get(address, "/v1/list", {"uri": uri, "after": after, "limit": limit, **ttls})
         body = json.loads(response.body)
         return [FileStatus.from_dict(e) for e in body["entries"]], body.get("next")
 
-    async def invalidate(self, address: str, uri: str, *, recursive: bool = False, pages: bool = False) -> dict:
-        """Drop what the worker caches about `uri` (see the worker's /v1/invalidate)."""
-        params = {"uri": uri, "recursive": int(recursive), "pages": int(pages)}
+    async def invalidate(self, address: str, uri: str, *, recursive: bool = False, pages: str = "0") -> dict:
+        """Drop what the worker caches about `uri` (see the worker's /v1/invalidate).
+
+        pages: "0" keep cached pages, "1" drop them, "changed" drop those of changed objects.
+        """
+        params = {"uri": uri, "recursive": int(recursive), "pages": pages}
         response = await self._get(address, "/v1/invalidate", params, method="POST")
         return json.loads(response.body)

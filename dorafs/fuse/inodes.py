@@ -26,6 +26,8 @@ class Node:
     # Version whose pages the kernel may hold in its page cache for this inode; None
     # when it may hold pages of more than one version (then the next open flushes them).
     kernel_version: str | None = None
+    # Version whose attributes (size, mtime) were last given to the kernel; None if unsure.
+    attr_version: str | None = None
     open_versions: dict[str, int] = field(default_factory=dict)
 
 

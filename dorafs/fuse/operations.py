@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import pyfuse3
+import trio
 
 from dorafs.client import DoraClient, OpenFile
 from dorafs.config import MountConfig
@@ -58,6 +59,32 @@ class DirHandle:
     complete: bool = False
 
 
+KERNEL_FOREVER = 365 * 86400.0  # a TTL of -1 ("never recheck") as a kernel timeout
+
+
+def _first(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+def _kernel_seconds(ttl: float) -> float:
+    return KERNEL_FOREVER if ttl < 0 else ttl
+
+
+def _invalidate_later(inode: int) -> None:
+    """Drop the kernel's cached attributes and pages of `inode`, off the request path.
+
+    Notifying the kernel from inside a request handler can deadlock (the kernel may hold
+    a lock the notification waits for), so it runs in a thread of a system task.
+    """
+    async def invalidate() -> None:
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, False)
+        except OSError as exc:  # ENOENT: the kernel already forgot the inode
+            log.debug("kernel invalidation of inode %d: %s", inode, exc)
+
+    trio.lowlevel.spawn_system_task(invalidate)
+
+
 class DoraOperations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
@@ -71,6 +98,10 @@ class DoraOperations(pyfuse3.Operations):
         self._numbers = itertools.count(1)
         self._uid = os.getuid()
         self._gid = os.getgid()
+        # The kernel's own caches follow the mount's TTLs unless told otherwise.
+        self._attr_timeout = _kernel_seconds(_first(config.attr_timeout, config.status_ttl))
+        self._entry_timeout = _kernel_seconds(_first(config.entry_timeout, config.status_ttl))
+        self._negative_timeout = _kernel_seconds(_first(config.entry_timeout, config.negative_ttl))
 
     # -- attributes -------------------------------------------------------------------
 
@@ -79,8 +110,9 @@ class DoraOperations(pyfuse3.Operations):
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = node.inode
         attr.generation = 0
-        attr.entry_timeout = self.config.entry_timeout
-        attr.attr_timeout = self.config.attr_timeout
+        attr.entry_timeout = self._entry_timeout
+        attr.attr_timeout = self._attr_timeout
+        node.attr_version = status.version
         attr.st_mode = status.mode
         attr.st_nlink = 2 if status.is_dir else 1
         attr.st_uid = self._uid
@@ -93,10 +125,10 @@ class DoraOperations(pyfuse3.Operations):
         return attr
 
     def _negative(self) -> pyfuse3.EntryAttributes:
-        """A cacheable "no such entry" answer (kept by the kernel for entry_timeout)."""
+        """A cacheable "no such entry" answer (kept by the kernel for negative_ttl)."""
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = 0
-        attr.entry_timeout = self.config.entry_timeout
+        attr.entry_timeout = self._negative_timeout
         return attr
 
     # -- namespace --------------------------------------------------------------------
@@ -160,7 +192,14 @@ class DoraOperations(pyfuse3.Operations):
         node.status = status
         version = status.version
         others = any(v != version for v, n in node.open_versions.items() if n > 0)
-        if others or self.config.direct_io:
+        stale_attributes = node.attr_version is not None and node.attr_version != version
+        if stale_attributes:
+            # The kernel holds attributes (the size above all) of another version for up
+            # to attr_timeout, and would clip reads at the old size: this handle bypasses
+            # the kernel cache, and the kernel is told to drop that inode's attributes.
+            node.attr_version = None
+            _invalidate_later(node.inode)
+        if others or stale_attributes or self.config.direct_io:
             direct_io, keep_cache = True, False
             node.kernel_version = None
         else:
