@@ -42,7 +42,7 @@ from pathlib import Path
 
 import trio
 
-from dorafs.ufs import FileStatus
+from dorafs.ufs import FileStatus, join
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class Cached:
 
     status: FileStatus | None
     fetched: float
-    level: str  # "memory", "disk" or "listing" (answered from the parent's listing)
+    level: str  # "memory" or "disk": where it (or the parent listing it came from) was held
 
 
 @dataclass(frozen=True)
@@ -283,7 +283,7 @@ class MetaStore:
             entries = listing.entries
             i = bisect.bisect_left(_Names(entries), name)
             found = entries[i] if i < len(entries) and entries[i].name == name else None
-            return Cached(found, listing.fetched, "listing")
+            return Cached(found, listing.fetched, level)
 
         def query():
             return self._db.execute(
@@ -293,7 +293,9 @@ class MetaStore:
         row = await self._run(query, default=False)
         if row is False:
             return None
-        return Cached(_status(*row) if row else None, listing.fetched, "listing")
+        status = _status(*row) if row else None
+        self._remember(join(dir, name), listing.fetched, status)  # the next lookup stays in memory
+        return Cached(status, listing.fetched, level)
 
     def new_generation(self) -> int:
         self._gen += 1

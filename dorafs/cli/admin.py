@@ -3,6 +3,10 @@
   dorafs-admin [--registry URL] workers [--json]    live workers with their heartbeat age
   dorafs-admin [--registry URL] report [--json]     cache totals, per worker and for the cluster,
                                                     read from each worker's /metrics
+  dorafs-admin [--registry URL] refresh UFS_URI [--recursive] [--workers A,B] [--json]
+                                                    drop cached metadata of UFS_URI (and everything
+                                                    under it) on every worker, and the pages of
+                                                    objects that changed
 
 The registry URL comes from --registry, else $DORAFS_REGISTRY, else the local default.
 Errors are one line on stderr and exit status 1 (2 for bad arguments).
@@ -145,6 +149,47 @@ def cmd_report(args) -> int:
     return 1 if unreachable else 0
 
 
+def cmd_refresh(args) -> int:
+    from dorafs.ufs import normalize
+
+    try:
+        uri = normalize(args.uri)
+    except ValueError as exc:
+        raise AdminError(str(exc)) from None
+    if args.workers:
+        addresses = [a.strip() for a in args.workers.split(",") if a.strip()]
+    else:
+        addresses = [w["address"] for w in _get(args.registry, "/v1/workers").get("workers", [])]
+    if not addresses:
+        raise AdminError("no workers to refresh (none registered, and no --workers given)")
+    # Every worker: the path's status, its parent's listing and (recursively) whatever
+    # lies under it may each be owned by a different worker.
+    params = {"uri": uri, "recursive": int(args.recursive), "pages": "changed"}
+    results, failed = {}, {}
+    for address in addresses:
+        try:
+            response = httpx.post(f"http://{address}/v1/invalidate", params=params, timeout=TIMEOUT)
+        except httpx.HTTPError as exc:
+            failed[address] = f"unreachable: {exc or type(exc).__name__}"
+            continue
+        if response.status_code != 200:
+            failed[address] = f"HTTP {response.status_code}: {response.text[:200]}"
+        else:
+            results[address] = response.json()
+    if args.json:
+        print(json.dumps({"uri": uri, "workers": results, "failed": failed}, indent=2))
+    else:
+        table = Table(title=f"refreshed {uri}" + (" and everything under it" if args.recursive else ""))
+        for column in ("WORKER", "STATUSES", "LISTINGS", "PAGES"):
+            table.add_column(column, justify="left" if column == "WORKER" else "right")
+        for address, counts in sorted(results.items()):
+            table.add_row(address, str(counts.get("statuses")), str(counts.get("listings")), str(counts.get("pages")))
+        Console().print(table)
+    for address, error in failed.items():
+        print(f"{PROG}: worker {address}: {error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Look at and operate a dorafs cluster.")
     p.add_argument("--registry", default=os.environ.get("DORAFS_REGISTRY") or DEFAULT_REGISTRY,
@@ -156,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="cache totals per worker and for the cluster")
     report.add_argument("--json", action="store_true", help="print the figures as JSON")
     report.set_defaults(func=cmd_report)
+    refresh = sub.add_parser("refresh", help="drop cached metadata of a UFS path so the next access rechecks it")
+    refresh.add_argument("uri", metavar="UFS_URI", help="e.g. s3://bucket/prefix/file")
+    refresh.add_argument("--recursive", action="store_true", help="also everything under UFS_URI")
+    refresh.add_argument("--workers", help="HOST:PORT,... to refresh instead of the registry's workers")
+    refresh.add_argument("--json", action="store_true", help="print the counts as JSON")
+    refresh.set_defaults(func=cmd_refresh)
     return p
 
 
