@@ -217,3 +217,26 @@ def test_refresh_errors_are_one_line(procs: ProcessSet):
                                 capture_output=True, text=True, env=_env(), timeout=60)
         assert result.returncode == 1 and message in result.stderr
         assert result.stderr.startswith("dorafs-admin: ") and "Traceback" not in result.stderr
+
+
+def test_hundred_thousand_entry_directory(procs: ProcessSet, tmp_path):
+    """A 100,000-entry directory lists completely through a mount, twice, the second time
+    from the owner's store (not the UFS) while the worker's memory level stays bounded."""
+    src = tmp_path / "huge"
+    src.mkdir()
+    names = [f"item-{i:06d}" for i in range(100_000)]
+    for name in names:
+        (src / name).touch()
+    worker = procs.worker(extra=["--metadata-entries", "20000"])
+    mount = procs.mount(f"file://{src}", workers=[worker.address])
+    assert sorted(os.listdir(mount.mountpoint)) == names
+    assert worker.metrics()["dorafs_worker_metadata_memory_entries"] <= 20_000
+    mount.unmount()
+    again = procs.mount(f"file://{src}", workers=[worker.address])
+    listed = 0
+    with os.scandir(again.mountpoint) as entries:
+        for entry in entries:
+            listed += 1
+    assert listed == len(names)
+    assert ufs_calls(worker, "list") == 1
+    assert levels(worker, "list")["disk"] >= 99
