@@ -240,6 +240,23 @@ class ListLong(Scenario):
         return {self.name: (seconds, {"entries": entries})}
 
 
+class Find(Scenario):
+    name = "find"
+    title = "`find -type f` of a {flat}-entry directory"
+    unit = "s"
+    higher_better = False
+
+    def run(self, ctx, mnt, phase):
+        start = time.perf_counter()
+        out = subprocess.run(["find", str(mnt / "dir"), "-type", "f"], capture_output=True, text=True,
+                             timeout=ctx.timeout)
+        seconds = time.perf_counter() - start
+        entries = len(out.stdout.splitlines())
+        if out.returncode != 0 or entries != ctx.spec.flat_count:
+            raise RuntimeError(f"find found {entries} of {ctx.spec.flat_count} files: {out.stderr[-300:]}")
+        return {self.name: (seconds, {"entries": entries})}
+
+
 class StatAll(Scenario):
     name = "stat"
     title = ("stat by name of the entries of a {flat}-entry directory, random order, no listing first "
@@ -264,7 +281,7 @@ class OpenFiles(Scenario):
 
 def all_scenarios() -> list[Scenario]:
     return [SeqRead(1), SeqRead(4), RandRead(4), RandRead(256), Reread(), SmallFiles(), Loader(),
-            TimeToFirstByte(), ListLong(), StatAll(), OpenFiles()]
+            TimeToFirstByte(), ListLong(), Find(), StatAll(), OpenFiles()]
 
 
 def describe(s: Scenario, ctx: Ctx) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 
 from tests.cluster import ProcessSet, _env
+from tests.support import wait_for
 
 
 def stat(worker, uri: str) -> httpx.Response:
@@ -240,3 +241,18 @@ def test_hundred_thousand_entry_directory(procs: ProcessSet, tmp_path):
     assert listed == len(names)
     assert ufs_calls(worker, "list") == 1
     assert levels(worker, "list")["disk"] >= 99
+
+
+def test_a_stat_scan_prefetches_the_directory_listing(s3_server, bucket, procs: ProcessSet):
+    s3 = s3_server.client()
+    for i in range(40):
+        s3.put_object(Bucket=bucket, Key=f"scan/f{i:02d}", Body=b"x" * i)
+    worker = procs.worker()
+    for i in range(8):  # eight misses in one directory: its listing is fetched behind them
+        assert stat(worker, f"s3://{bucket}/scan/f{i:02d}").json()["size"] == i
+    wait_for(lambda: worker.metrics()["dorafs_worker_listing_prefetches_total"] == 1, what="the prefetch")
+    calls = ufs_calls(worker, "stat")
+    for i in range(8, 40):
+        assert stat(worker, f"s3://{bucket}/scan/f{i:02d}").json()["size"] == i
+    assert stat(worker, f"s3://{bucket}/scan/absent").status_code == 404
+    assert ufs_calls(worker, "stat") == calls and ufs_calls(worker, "list") == 1

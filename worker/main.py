@@ -77,6 +77,7 @@ async def run(config: WorkerConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> 
     wid = _worker_id(config.cache_dir)
     try:
         async with trio.open_nursery() as nursery:
+            service.background = nursery
             info: dict = {"id": wid, "page_size": config.page_size, "capacity": config.cache_size}
             server = build_server(service, info)
             host, port = await nursery.start(server.serve, *config.listen)

@@ -27,6 +27,9 @@ class WorkerMetrics:
         self.cache_capacity = Gauge("dorafs_worker_cache_capacity_bytes", "Page cache capacity", registry=r)
         self.pages = Gauge("dorafs_worker_pages", "Cached pages", registry=r)
         self.evictions = Gauge("dorafs_worker_evictions", "Pages evicted since start", registry=r)
+        self.listing_prefetches = Counter(
+            "dorafs_worker_listing_prefetches", "Directory listings fetched ahead after repeated stat misses",
+            registry=r)
         self.metadata_entries = Gauge(
             "dorafs_worker_metadata_memory_entries", "Statuses and listing entries held in memory", registry=r)
         self.metadata_disk_errors = Gauge(

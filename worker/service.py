@@ -50,6 +50,9 @@ class WorkerService:
         self._page_flights = SingleFlight()
         self._meta_flights = SingleFlight()
         self._file_limiter = trio.CapacityLimiter(8)  # verification reads off the loop
+        self.background: trio.Nursery | None = None  # set by the daemon: background fills
+        self._dir_misses: dict[str, int] = {}  # stat misses per directory, for listing prefetch
+        self._prefetching: set[str] = set()
 
     async def start(self) -> None:
         await trio.to_thread.run_sync(self.store.load)
@@ -173,6 +176,9 @@ class WorkerService:
             self.metrics.metadata_requests.labels("stat", cached.level).inc()
             return _found(uri, cached.status)
         self.metrics.metadata_requests.labels("stat", "miss").inc()
+        parent = parent_uri(uri)
+        if parent:
+            self._note_miss(parent)
 
         async def fetch() -> FileStatus | None:
             fetched = time.time()
@@ -185,6 +191,34 @@ class WorkerService:
 
         status, _ = await self._meta_flights.do(("stat", uri), fetch)
         return _found(uri, status)
+
+    def _note_miss(self, directory: str) -> None:
+        """Count a stat miss under `directory`; after LISTING_PREFETCH_AFTER of them, fetch
+        its listing in the background, so the rest of a scan (`stat` of every file, a
+        loader opening files by name) is answered from one listing instead of one UFS
+        stat per file. Bounded: two prefetches at a time, and the counts are dropped
+        wholesale when they name too many directories.
+        """
+        misses = self._dir_misses.get(directory, 0) + 1
+        if misses < LISTING_PREFETCH_AFTER:
+            if len(self._dir_misses) >= 10_000:
+                self._dir_misses.clear()
+            self._dir_misses[directory] = misses
+            return
+        self._dir_misses.pop(directory, None)
+        if self.background is None or directory in self._prefetching or len(self._prefetching) >= 2:
+            return
+        self._prefetching.add(directory)
+        self.background.start_soon(self._prefetch_listing, directory)
+
+    async def _prefetch_listing(self, directory: str) -> None:
+        try:
+            await self._meta_flights.do(("list", directory), lambda: self._fill_listing(directory))
+            self.metrics.listing_prefetches.inc()
+        except Exception as exc:  # a prefetch is an optimisation: the stats go on without it
+            log.info("listing prefetch of %s failed: %s", directory, exc)
+        finally:
+            self._prefetching.discard(directory)
 
     async def list_page(self, uri: str, after: str, limit: int,
                         ttl: float | None = None) -> tuple[list[FileStatus], str | None]:
@@ -273,6 +307,9 @@ class WorkerService:
                     page_total += 1
             self.update_gauges()
         return {"statuses": len(dropped), "listings": listings, "pages": page_total}
+
+
+LISTING_PREFETCH_AFTER = 8  # stat misses in one directory before its listing is prefetched
 
 
 def _within(fetched: float, ttl: float) -> bool:
