@@ -213,6 +213,8 @@ class MountConfig:
     readahead_pages: int = option(8, _count, "pages fetched ahead of a sequential reader (0: none)")
     worker_timeout: float = option(5.0, _positive_duration, "a worker slower than this is skipped for the next")
     connect_timeout: float = option(1.0, _positive_duration, "time to connect to a worker")
+    short_circuit: bool = option(True, _flag, "read pages of a worker on this machine from its page files "
+                                 "(checked against their checksums) instead of over HTTP")
     direct_io: bool = option(False, _flag, "bypass the kernel page cache (benchmarks, read-path tests)")
     allow_other: bool = option(False, _flag, "let other users access the mount (FUSE allow_other)")
     fuse_tasks: int = option(64, _count, "kernel requests served concurrently")

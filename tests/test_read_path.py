@@ -309,3 +309,35 @@ def test_worker_cache_never_exceeds_its_capacity(procs, s3_server, bucket):
     metrics = worker.metrics()
     assert metrics["dorafs_worker_cache_used_bytes"] <= 3 * MiB
     assert metrics["dorafs_worker_evictions"] >= 7
+
+
+def test_local_worker_pages_are_read_from_their_files(procs, s3_server, bucket):
+    """A worker on loopback: the mount reads its page files itself (short-circuit), and
+    a corrupt file there is never used."""
+    from tests.support import free_port
+
+    data = os.urandom(3 * MiB + 5)
+    put(s3_server.client(), bucket, "sc/f.bin", data)
+    worker = procs.worker()
+    counts = {}
+    for setting in ("1", "0"):
+        port = free_port()
+        mount = procs.mount(f"s3://{bucket}/sc", workers=[worker.address],
+                            options=f"short_circuit={setting},direct_io,metrics_listen=127.0.0.1:{port}")
+        assert read_file(mount.path("f.bin")) == data
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        counts[setting] = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+                           if line.startswith(("dorafs_mount_short_circuit_pages_total",
+                                               "dorafs_mount_worker_pages_total"))}
+        mount.unmount()
+    assert counts["1"]["dorafs_mount_short_circuit_pages_total"] == counts["1"]["dorafs_mount_worker_pages_total"] == 4
+    assert counts["0"]["dorafs_mount_short_circuit_pages_total"] == 0
+    assert counts["0"]["dorafs_mount_worker_pages_total"] == 4
+
+    victim = sorted(worker.page_files())[0]
+    raw = bytearray(victim.read_bytes())
+    raw[10] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    mount = procs.mount(f"s3://{bucket}/sc", workers=[worker.address], options="direct_io")
+    assert read_file(mount.path("f.bin")) == data
+    assert worker.counter("dorafs_worker_corrupt_pages_total") == 1

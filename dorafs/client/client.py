@@ -24,6 +24,7 @@ from typing import TypeVar
 import trio
 
 from dorafs.client.buffer import PageBuffer
+from dorafs.client.local import Unreadable, is_loopback, read_page
 from dorafs.client.workers import WorkerClient
 from dorafs.config import MountConfig
 from dorafs.errors import Unavailable
@@ -56,6 +57,7 @@ class OpenFile:
 @dataclass
 class ClientStats:
     worker_pages: int = 0
+    short_circuit_pages: int = 0  # of worker_pages, read from a local worker's page file
     ufs_fallback_pages: int = 0
     ufs_fallback_metadata: int = 0
     failovers: int = 0
@@ -74,6 +76,7 @@ class DoraClient:
         self._workers = WorkerClient(timeout=config.worker_timeout, connect_timeout=config.connect_timeout)
         self._flights = SingleFlight()
         self._suspect_until: dict[str, float] = {}
+        self._remote: set[str] = set()  # loopback workers whose page files this process cannot read
         self._prefetching = 0
         self._nursery: trio.Nursery | None = None
         membership.add_listener(self._rebuild_ring)
@@ -238,6 +241,25 @@ class DoraClient:
         finally:
             self._prefetching -= 1
 
+    async def _fetch_from(self, address: str, f: OpenFile, index: int) -> bytes | bytearray:
+        """One page from one worker: read from its file when the worker is on this machine."""
+        status, page_size = f.status, self.page_size
+        if self.config.short_circuit and address not in self._remote and is_loopback(address):
+            located = await self._workers.locate(address, f.uri, status.version, status.size, index, page_size)
+            if not isinstance(located, tuple):
+                return located
+            path, size, checksum = located
+            try:
+                data = read_page(path, size, checksum)
+            except Unreadable as exc:
+                log.info("worker %s: its page files are not readable here (%s); reading over HTTP", address, exc)
+                self._remote.add(address)
+                data = None
+            if data is not None:
+                self.stats.short_circuit_pages += 1
+                return data
+        return await self._workers.page(address, f.uri, status.version, status.size, index, page_size)
+
     def _key(self, f: OpenFile, index: int) -> tuple:
         return (f.uri, f.status.version, self.page_size, index)
 
@@ -252,8 +274,7 @@ class DoraClient:
     async def _fetch(self, f: OpenFile, index: int) -> bytes | bytearray:
         status, page_size = f.status, self.page_size
         try:
-            data = await self._route(f.uri, lambda address: self._workers.page(
-                address, f.uri, status.version, status.size, index, page_size))
+            data = await self._route(f.uri, lambda address: self._fetch_from(address, f, index))
             self.stats.worker_pages += 1
         except Unavailable:
             self.stats.ufs_fallback_pages += 1

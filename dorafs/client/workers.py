@@ -60,6 +60,20 @@ class WorkerClient:
             params["verify"] = "1"
         raise CorruptPage(f"worker {address} sent a corrupt page {index} of {uri} twice")
 
+    async def locate(self, address: str, uri: str, version: str, size: int, index: int,
+                     page_size: int) -> tuple[str, int, str] | bytes | bytearray:
+        """Where a page's file is, as (path, size, checksum); or the page itself, checked,
+        when the worker holds it only in memory (it could not be cached)."""
+        params = {"uri": uri, "version": version, "size": size, "index": index, "page_size": page_size,
+                  "locate": 1}
+        response = await self._get(address, "/v1/page", params)
+        path = response.headers.get("x-dorafs-path")
+        if path is not None:
+            return path, int(response.headers.get("x-dorafs-size", "0")), response.headers.get("x-dorafs-checksum", "")
+        if xxhash.xxh3_64_hexdigest(response.body) == response.headers.get("x-dorafs-checksum", ""):
+            return response.body
+        return await self.page(address, uri, version, size, index, page_size)
+
     async def stat(self, address: str, uri: str, **ttls: float) -> FileStatus:
         response = await self._get(address, "/v1/stat", {"uri": uri, **ttls})
         return FileStatus.from_dict(json.loads(response.body))

@@ -39,6 +39,9 @@ class ClientCollector:
                                   value=stats.failovers)
         yield CounterMetricFamily("dorafs_mount_worker_pages", "Pages fetched from workers",
                                   value=stats.worker_pages)
+        yield CounterMetricFamily("dorafs_mount_short_circuit_pages",
+                                  "Pages read from a local worker's page file instead of over HTTP",
+                                  value=stats.short_circuit_pages)
         hits = CounterMetricFamily("dorafs_mount_buffer_lookups", "Page buffer lookups", labels=["result"])
         hits.add_metric(["hit"], buffer["hits"])
         hits.add_metric(["miss"], buffer["misses"])
