@@ -1,9 +1,10 @@
 """The worker's HTTP API.
 
-  GET /v1/page?uri=&version=&size=&index=&page_size=[&verify=1][&locate=1]   page bytes (sendfile)
+  GET /v1/page?uri=&version=&size=&index=&page_size=[&verify=1][&locate=1][&run=N]   page bytes (sendfile)
         headers: X-Dorafs-Checksum (xxh3-64 of the body), X-Dorafs-Cache (hit|miss);
         locate=1: when the page is on disk, an empty body and X-Dorafs-Path/-Size instead
-        (for short-circuit reads by a client on the same machine)
+        (for short-circuit reads by a client on the same machine);
+        run=N: on a miss, also fill up to N-1 following pages with the same UFS read
   GET /v1/stat?uri=[&ttl=&negative_ttl=]         FileStatus as JSON (404 if missing)
   GET /v1/list?uri=&after=&limit=[&ttl=]         {"entries": [...], "next": name | null}
         ttl, negative_ttl: the caller's freshness in seconds (-1 never recheck, 0 always);
@@ -43,7 +44,8 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
         page_size = req.int_arg("page_size", service.config.page_size, minimum=1)
         if page_size != service.config.page_size:
             raise InvalidRequest(f"page size {page_size} differs from this worker's {service.config.page_size}")
-        result = await service.page(uri, version, size, index, verify=req.query.get("verify") == "1")
+        run = req.int_arg("run", 1, minimum=1)
+        result = await service.page(uri, version, size, index, verify=req.query.get("verify") == "1", run=run)
         headers = {"X-Dorafs-Checksum": result.checksum, "X-Dorafs-Cache": "hit" if result.hit else "miss"}
         if req.query.get("locate") == "1" and result.entry is not None:
             # A client on this machine reads the file itself (dorafs/client/local.py).

@@ -48,6 +48,7 @@ class WorkerService:
         self.store = PageStore(config.cache_dir, config.cache_size)
         self.meta = MetaStore(Path(config.cache_dir) / "metadata.db", config.metadata_entries)
         self._page_flights = SingleFlight()
+        self._run_pages: dict[tuple[str, int], trio.Event] = {}  # pages a run in flight will cache
         self._meta_flights = SingleFlight()
         self._file_limiter = trio.CapacityLimiter(8)  # verification reads off the loop
         self.background: trio.Nursery | None = None  # set by the daemon: background fills
@@ -86,11 +87,23 @@ class WorkerService:
 
     # -- pages ------------------------------------------------------------------------
 
-    async def page(self, uri: str, version: str, size: int, index: int, verify: bool) -> PageResult:
+    async def page(self, uri: str, version: str, size: int, index: int, verify: bool,
+                   run: int = 1) -> PageResult:
+        """One page, filled from the UFS on a miss.
+
+        `run` > 1 (a sequential reader's readahead) lets a miss fill up to that many
+        following pages with the same UFS read, as long as none of them is cached or
+        being filled: one large ranged GET costs far less than several small ones.
+        Requests for those pages meanwhile wait for the run instead of reading again.
+        """
         page_size = self.config.page_size
-        if index >= page_count(size, page_size):
+        pages = page_count(size, page_size)
+        if index >= pages:
             raise InvalidRequest(f"page {index} is past the end of a {size}-byte object")
         key = (object_id(uri, version), index)
+        pending = self._run_pages.get(key)
+        if pending is not None:
+            await pending.wait()
         entry = self.store.lookup(key)
         if entry is not None and verify:
             entry = await self._verified(key, entry)
@@ -100,7 +113,8 @@ class WorkerService:
                 return PageResult(entry.checksum, entry.size, entry=entry, hit=True)
             finally:
                 self.metrics.bytes_served.inc(entry.size)
-        result, shared = await self._page_flights.do(key, lambda: self._fill(key, uri, version, size, index))
+        run = max(1, min(run, MAX_RUN, pages - index))
+        result, shared = await self._page_flights.do(key, lambda: self._fill(key, uri, version, size, index, run))
         self.metrics.page_requests.labels("shared" if shared else "miss").inc()
         self.metrics.bytes_served.inc(result.size)
         return result
@@ -125,18 +139,42 @@ class WorkerService:
         self.update_gauges()
         return None
 
-    async def _fill(self, key, uri: str, version: str, size: int, index: int) -> PageResult:
+    async def _fill(self, key, uri: str, version: str, size: int, index: int, run: int = 1) -> PageResult:
         page_size = self.config.page_size
-        want = page_length(index, size, page_size)
-        ufs = self.ufs.get(uri)
-        data = await self._ufs_call("read", ufs.read, uri, index * page_size, want, version)
-        self.metrics.ufs_bytes.inc(len(data))
-        if len(data) != want:
-            raise StaleVersion(f"{uri}: expected {want} bytes of page {index}, the UFS returned {len(data)}")
-        digest = checksum(data)
-        entry = await self.store.put(key, data, digest)
+        oid = key[0]
+        extra = []  # following pages this fill also reads: not cached, not being filled
+        for i in range(index + 1, index + run):
+            other = (oid, i)
+            if other in self._run_pages or other in self._page_flights or self.store.lookup(other) is not None:
+                break
+            extra.append(other)
+        for other in extra:
+            self._run_pages[other] = trio.Event()
+        try:
+            last = index + len(extra)
+            start, end = index * page_size, min(size, (last + 1) * page_size)
+            ufs = self.ufs.get(uri)
+            data = await self._ufs_call("read", ufs.read, uri, start, end - start, version)
+            self.metrics.ufs_bytes.inc(len(data))
+            if len(data) != end - start:
+                raise StaleVersion(f"{uri}: expected {end - start} bytes from page {index}, "
+                                   f"the UFS returned {len(data)}")
+            view = memoryview(data)
+            first = bytes(view[:page_length(index, size, page_size)])
+            digest = checksum(first)
+            entry = await self.store.put(key, first, digest)
+            for other in extra:  # later pages of the run: cached for the requests that follow
+                offset = (other[1] - index) * page_size
+                piece = bytes(view[offset:offset + page_length(other[1], size, page_size)])
+                await self.store.put(other, piece, checksum(piece))
+                self._run_pages.pop(other).set()
+        finally:
+            for other in extra:
+                event = self._run_pages.pop(other, None)
+                if event is not None:
+                    event.set()
         self.update_gauges()
-        return PageResult(digest, len(data), entry=entry, data=data)
+        return PageResult(digest, len(first), entry=entry, data=first)
 
     def open_page(self, result: PageResult) -> int | None:
         """An fd on a cached page for sendfile, or None (gone, or never cached)."""
@@ -309,6 +347,7 @@ class WorkerService:
         return {"statuses": len(dropped), "listings": listings, "pages": page_total}
 
 
+MAX_RUN = 16  # pages one UFS read may fill for a sequential reader
 LISTING_PREFETCH_AFTER = 8  # stat misses in one directory before its listing is prefetched
 
 

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 SUSPECT_SECONDS = 5.0  # how long a failed worker is skipped before it is tried again
 MAX_CANDIDATES = 3  # workers tried for one request before the UFS
-MAX_PREFETCH = 16  # readahead fetches in flight across the mount
+MAX_PREFETCH = 32  # readahead pages in flight across the mount
 LIST_PAGE = 1000
 
 
@@ -77,7 +77,8 @@ class DoraClient:
         self._flights = SingleFlight()
         self._suspect_until: dict[str, float] = {}
         self._remote: set[str] = set()  # loopback workers whose page files this process cannot read
-        self._prefetching = 0
+        self._prefetching = 0  # pages scheduled by readahead and not yet fetched
+        self._scheduled: set[tuple] = set()  # their keys
         self._nursery: trio.Nursery | None = None
         membership.add_listener(self._rebuild_ring)
 
@@ -217,35 +218,79 @@ class DoraClient:
         return b"".join(parts)
 
     def _readahead(self, f: OpenFile, offset: int, end: int, last_index: int) -> None:
+        """Keep a sequential reader's next pages coming, in runs.
+
+        The window doubles on each sequential read up to `readahead_pages`. When fewer
+        than half of the window's pages are buffered or on their way, one run covering
+        the rest is requested: its first page asks the worker to fill the whole run with
+        one UFS read (`run=`), and the others follow from the worker's cache.
+        """
         sequential = offset == f.next_offset
         f.next_offset = end
         if not sequential or self._nursery is None or self.config.readahead_pages <= 0:
             f.window = 0
             return
         f.window = min(max(1, f.window * 2), self.config.readahead_pages)
-        last = min(last_index + f.window, page_count(f.status.size, self.page_size) - 1)
-        for index in range(last_index + 1, last + 1):
-            key = self._key(f, index)
-            if key in self.buffer or key in self._flights:
-                continue
-            if self._prefetching >= MAX_PREFETCH:
-                break
-            self._prefetching += 1
-            self._nursery.start_soon(self._prefetch, f, index)
+        last_page = min(last_index + f.window, page_count(f.status.size, self.page_size) - 1)
+        start = last_index + 1
+        while start <= last_page and self._coming(f, start):
+            start += 1
+        ahead = start - last_index - 1
+        if start > last_page or (ahead and 2 * ahead >= f.window):
+            return
+        count = min(last_page - start + 1, MAX_PREFETCH - self._prefetching)
+        if count <= 0:
+            return
+        keys = [self._key(f, i) for i in range(start, start + count)]
+        self._scheduled.update(keys)
+        self._prefetching += count
+        self._nursery.start_soon(self._prefetch_run, f, start, keys)
 
-    async def _prefetch(self, f: OpenFile, index: int) -> None:
+    def _coming(self, f: OpenFile, index: int) -> bool:
+        key = self._key(f, index)
+        return key in self.buffer or key in self._flights or key in self._scheduled
+
+    async def _prefetch_run(self, f: OpenFile, start: int, keys: list[tuple]) -> None:
         try:
-            await self._page(f, index)
+            await self._page(f, start, run=len(keys))
+            async with trio.open_nursery() as nursery:
+                for i in range(start + 1, start + len(keys)):
+                    nursery.start_soon(self._page, f, i)
         except Exception as exc:  # the reader will hit (and report) the same error itself
-            log.debug("readahead of page %d of %s failed: %s", index, f.uri, exc)
+            log.debug("readahead of pages %d+%d of %s failed: %s", start, len(keys), f.uri, exc)
         finally:
-            self._prefetching -= 1
+            self._scheduled.difference_update(keys)
+            self._prefetching -= len(keys)
 
-    async def _fetch_from(self, address: str, f: OpenFile, index: int) -> bytes | bytearray:
+    def _key(self, f: OpenFile, index: int) -> tuple:
+        return (f.uri, f.status.version, self.page_size, index)
+
+    async def _page(self, f: OpenFile, index: int, run: int = 1) -> bytes | bytearray:
+        key = self._key(f, index)
+        data = self.buffer.get(key)
+        if data is not None:
+            return data
+        data, _ = await self._flights.do(key, lambda: self._fetch(f, index, run))
+        return data
+
+    async def _fetch(self, f: OpenFile, index: int, run: int = 1) -> bytes | bytearray:
+        status, page_size = f.status, self.page_size
+        try:
+            data = await self._route(f.uri, lambda address: self._fetch_from(address, f, index, run))
+            self.stats.worker_pages += 1
+        except Unavailable:
+            self.stats.ufs_fallback_pages += 1
+            length = min(page_size, status.size - index * page_size)
+            data = await self.ufs.get(f.uri).read(f.uri, index * page_size, length, status.version)
+        self.buffer.put(self._key(f, index), data)
+        return data
+
+    async def _fetch_from(self, address: str, f: OpenFile, index: int, run: int = 1) -> bytes | bytearray:
         """One page from one worker: read from its file when the worker is on this machine."""
         status, page_size = f.status, self.page_size
         if self.config.short_circuit and address not in self._remote and is_loopback(address):
-            located = await self._workers.locate(address, f.uri, status.version, status.size, index, page_size)
+            located = await self._workers.locate(address, f.uri, status.version, status.size, index, page_size,
+                                                 run=run)
             if not isinstance(located, tuple):
                 return located
             path, size, checksum = located
@@ -258,27 +303,4 @@ class DoraClient:
             if data is not None:
                 self.stats.short_circuit_pages += 1
                 return data
-        return await self._workers.page(address, f.uri, status.version, status.size, index, page_size)
-
-    def _key(self, f: OpenFile, index: int) -> tuple:
-        return (f.uri, f.status.version, self.page_size, index)
-
-    async def _page(self, f: OpenFile, index: int) -> bytes | bytearray:
-        key = self._key(f, index)
-        data = self.buffer.get(key)
-        if data is not None:
-            return data
-        data, _ = await self._flights.do(key, lambda: self._fetch(f, index))
-        return data
-
-    async def _fetch(self, f: OpenFile, index: int) -> bytes | bytearray:
-        status, page_size = f.status, self.page_size
-        try:
-            data = await self._route(f.uri, lambda address: self._fetch_from(address, f, index))
-            self.stats.worker_pages += 1
-        except Unavailable:
-            self.stats.ufs_fallback_pages += 1
-            length = min(page_size, status.size - index * page_size)
-            data = await self.ufs.get(f.uri).read(f.uri, index * page_size, length, status.version)
-        self.buffer.put(self._key(f, index), data)
-        return data
+        return await self._workers.page(address, f.uri, status.version, status.size, index, page_size, run=run)

@@ -47,8 +47,10 @@ class WorkerClient:
         return response
 
     async def page(self, address: str, uri: str, version: str, size: int, index: int,
-                   page_size: int) -> bytes | bytearray:
+                   page_size: int, run: int = 1) -> bytes | bytearray:
         params = {"uri": uri, "version": version, "size": size, "index": index, "page_size": page_size}
+        if run > 1:
+            params["run"] = run
         for attempt in (0, 1):
             response = await self._get(address, "/v1/page", params)
             data = response.body
@@ -61,11 +63,11 @@ class WorkerClient:
         raise CorruptPage(f"worker {address} sent a corrupt page {index} of {uri} twice")
 
     async def locate(self, address: str, uri: str, version: str, size: int, index: int,
-                     page_size: int) -> tuple[str, int, str] | bytes | bytearray:
+                     page_size: int, run: int = 1) -> tuple[str, int, str] | bytes | bytearray:
         """Where a page's file is, as (path, size, checksum); or the page itself, checked,
         when the worker holds it only in memory (it could not be cached)."""
         params = {"uri": uri, "version": version, "size": size, "index": index, "page_size": page_size,
-                  "locate": 1}
+                  "locate": 1, "run": run}
         response = await self._get(address, "/v1/page", params)
         path = response.headers.get("x-dorafs-path")
         if path is not None:
