@@ -362,6 +362,18 @@ def test_local_worker_pages_are_read_from_their_files(procs, s3_server, bucket):
     assert counts["0"]["dorafs_mount_short_circuit_pages_total"] == 0
     assert counts["0"]["dorafs_mount_worker_pages_total"] == 4
 
+    # A small page buffer: random reads of pages read once come from the kept page files.
+    mount = procs.mount(f"s3://{bucket}/sc", workers=[worker.address], options="direct_io,buffer_size=1MiB")
+    assert read_file(mount.path("f.bin")) == data
+    requests = worker.counter("dorafs_worker_page_requests_total")
+    rng = random.Random(3)
+    with open(mount.path("f.bin"), "rb", buffering=0) as f:
+        offsets = [rng.randrange(len(data)) for _ in range(200)] + [MiB - 100, 2 * MiB - 1]  # two straddle pages
+        for offset in offsets:
+            assert os.pread(f.fileno(), 4096, offset) == data[offset:offset + 4096]
+    assert worker.counter("dorafs_worker_page_requests_total") == requests
+    mount.unmount()
+
     victim = sorted(worker.page_files())[0]
     raw = bytearray(victim.read_bytes())
     raw[10] ^= 0xFF

@@ -24,7 +24,7 @@ from typing import TypeVar
 import trio
 
 from dorafs.client.buffer import PageBuffer
-from dorafs.client.local import Unreadable, is_loopback, read_page
+from dorafs.client.local import LocalPages, Unreadable, is_loopback
 from dorafs.client.workers import WorkerClient
 from dorafs.config import MountConfig
 from dorafs.errors import Unavailable
@@ -77,6 +77,7 @@ class DoraClient:
         self._flights = SingleFlight()
         self._suspect_until: dict[str, float] = {}
         self._remote: set[str] = set()  # loopback workers whose page files this process cannot read
+        self.local = LocalPages()
         self._prefetching = 0  # pages scheduled by readahead and not yet fetched
         self._scheduled: set[tuple] = set()  # their keys
         self._nursery: trio.Nursery | None = None
@@ -94,6 +95,7 @@ class DoraClient:
                 await trio.sleep_forever()
         finally:
             self._nursery = None
+            self.local.close()
             with trio.CancelScope(shield=True):
                 await self._workers.aclose()
 
@@ -204,18 +206,25 @@ class DoraClient:
             return b""
         self._readahead(f, offset, offset + length, spans[-1].index)
         if len(spans) == 1:
-            span = spans[0]
-            return memoryview(await self._page(f, span.index))[span.start:span.end]
-        parts: list[memoryview] = [memoryview(b"")] * len(spans)
+            return await self._span(f, spans[0])
+        parts: list[bytes | memoryview] = [b""] * len(spans)
 
         async def fetch(i: int) -> None:
-            span = spans[i]
-            parts[i] = memoryview(await self._page(f, span.index))[span.start:span.end]
+            parts[i] = await self._span(f, spans[i])
 
         async with trio.open_nursery() as nursery:
             for i in range(len(spans)):
                 nursery.start_soon(fetch, i)
         return b"".join(parts)
+
+    async def _span(self, f: OpenFile, span) -> bytes | memoryview:
+        """The bytes of one page span: from the buffer, a verified local page file, or a fetch."""
+        key = self._key(f, span.index)
+        if key not in self.buffer and key not in self._flights:
+            data = self.local.pread(key, span.end - span.start, span.start)
+            if data is not None:  # just the bytes asked for, no whole-page copy
+                return data
+        return memoryview(await self._page(f, span.index))[span.start:span.end]
 
     def _readahead(self, f: OpenFile, offset: int, end: int, last_index: int) -> None:
         """Keep a sequential reader's next pages coming, in runs.
@@ -295,7 +304,7 @@ class DoraClient:
                 return located
             path, size, checksum = located
             try:
-                data = read_page(path, size, checksum)
+                data = self.local.read(self._key(f, index), path, size, checksum)
             except Unreadable as exc:
                 log.info("worker %s: its page files are not readable here (%s); reading over HTTP", address, exc)
                 self._remote.add(address)

@@ -11,12 +11,20 @@ the page index and the page's checksum, and every page read here is checked agai
 that checksum before it is used. A file that is missing (evicted meanwhile), unreadable
 (another user's cache) or corrupt is not used: the caller fetches the page over HTTP as
 usual, where a corrupt page is verified and refetched by the worker.
+
+Once a file has been read whole and matched its checksum, its descriptor is kept (a
+bounded LRU), and later reads of that page that miss the mount's page buffer, the
+random reads above all, are a `pread` of just the bytes asked for. Page files never
+change under a name (the checksum is in it); a kept descriptor of a file the worker has
+since evicted still reads the same bytes.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+from collections import OrderedDict
+from collections.abc import Hashable
 
 import xxhash
 
@@ -35,24 +43,55 @@ class Unreadable(Exception):
     """The file cannot be opened or read by this process (not merely corrupt)."""
 
 
-def read_page(path: str, size: int, checksum: str) -> bytearray | None:
-    """The page's bytes if the file holds exactly them; None if they do not match.
+class LocalPages:
+    """Verified page files of local workers, by page key, with their descriptors kept."""
 
-    Raises Unreadable when the file cannot be read at all.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None  # evicted since the worker answered: fetch it the usual way
-    except OSError as exc:
-        raise Unreadable(f"{path}: {exc.strerror}") from None
-    try:
-        data = bytearray(size)
-        got = os.preadv(fd, [data], 0) if size else 0
-    except OSError as exc:
-        raise Unreadable(f"{path}: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-    if got != size or xxhash.xxh3_64_hexdigest(data) != checksum:
-        return None
-    return data
+    def __init__(self, max_open: int = 256):
+        self.max_open = max_open
+        self._open: OrderedDict[Hashable, int] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def read(self, key: Hashable, path: str, size: int, checksum: str) -> bytearray | None:
+        """The page's bytes if the file holds exactly them; None if they do not match.
+
+        Raises Unreadable when the file cannot be read at all.
+        """
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None  # evicted since the worker answered: fetch it the usual way
+        except OSError as exc:
+            raise Unreadable(f"{path}: {exc.strerror}") from None
+        try:
+            data = bytearray(size)
+            got = os.preadv(fd, [data], 0) if size else 0
+        except OSError as exc:
+            os.close(fd)
+            raise Unreadable(f"{path}: {exc.strerror}") from None
+        if got != size or xxhash.xxh3_64_hexdigest(data) != checksum:
+            os.close(fd)
+            return None
+        self._keep(key, fd)
+        return data
+
+    def pread(self, key: Hashable, length: int, offset: int) -> bytes | None:
+        """Bytes of a verified page, or None if its descriptor is not kept."""
+        fd = self._open.get(key)
+        if fd is None:
+            return None
+        self._open.move_to_end(key)
+        return os.pread(fd, length, offset)
+
+    def _keep(self, key: Hashable, fd: int) -> None:
+        old = self._open.pop(key, None)
+        if old is not None:
+            os.close(old)
+        self._open[key] = fd
+        while len(self._open) > self.max_open:
+            os.close(self._open.popitem(last=False)[1])
+
+    def close(self) -> None:
+        while self._open:
+            os.close(self._open.popitem()[1])
