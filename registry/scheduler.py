@@ -244,6 +244,9 @@ class Scheduler:
         finally:
             self._nursery = None
             with trio.CancelScope(shield=True):
+                for job in self.jobs.values():  # stopping: keep the running jobs' last positions
+                    if job.state == "running":
+                        await self._save_now(job)
                 await self.calls.aclose()
 
     def _start(self, job: Job) -> None:
@@ -373,11 +376,12 @@ class Scheduler:
                          job.id, job.passes)
                 job.passes += 1
                 job.members = members
+                root = await self._stat(job.spec.uri)  # its owner may be new too
                 if job.root_is_dir:
                     job.stack = [{"dir": job.spec.uri, "after": ""}]
                     job.listing_done = False
                 else:
-                    self._add(job, job.spec.uri, await self._stat(job.spec.uri))
+                    self._add(job, job.spec.uri, root)
                     self._close_open(job)
                 self._mark(job)
                 continue

@@ -7,7 +7,7 @@
   POST /v1/invalidate?uri=&recursive=0|1&pages=0|1   drop cached metadata (and pages)
                                        of uri, its parent's listing, and with recursive
                                        everything under uri; {"statuses", "listings", "pages"}
-  GET /v1/cached?uri=                  {"status", "pages", "cached_pages", "cached_bytes"}
+  GET /v1/cached?uri=[&version=&size=] {"status", "pages", "cached_pages", "cached_bytes"}
   POST /v1/load    {"job", "files": [{"uri", "status"?}], "mode": load|free, "verify",
                    "metadata_only", "bandwidth"}  -> {"job", "cancelled", "results": [per file]}
   POST /v1/load/cancel?job=            stop the job's batches here -> {"stopped"}
@@ -26,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from dorafs.errors import InvalidRequest
 from dorafs.http import FileBody, HttpServer, Request, Response, json_response
 from dorafs.pages import page_count
+from dorafs.ufs import FileStatus
 from worker.loader import Loader
 from worker.service import WorkerService, check_uri
 
@@ -88,8 +89,12 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
 
     @server.route("GET", "/v1/cached")
     async def cached(req: Request) -> Response:
-        status = await service.stat(check_uri(req.arg("uri")))
-        pages, nbytes = (0, 0) if status.is_dir else service.cached_pages(check_uri(req.arg("uri")), status.version)
+        uri = check_uri(req.arg("uri"))
+        if "version" in req.query:  # the caller knows the version (from a listing): no stat
+            status = FileStatus(uri.rpartition("/")[2], False, req.int_arg("size"), version=req.arg("version"))
+        else:
+            status = await service.stat(uri)
+        pages, nbytes = (0, 0) if status.is_dir else service.cached_pages(uri, status.version)
         total = 0 if status.is_dir else page_count(status.size, service.config.page_size)
         return json_response({"status": status.to_dict(), "pages": total, "cached_pages": pages,
                               "cached_bytes": nbytes})
