@@ -46,6 +46,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def _console(stderr: bool = False) -> Console:
+    """A terminal's width; piped output gets wide lines rather than cut-off cells."""
+    console = Console(stderr=stderr)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(stderr=stderr, width=200)
+    return console
+
+
 def _human_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -138,7 +146,7 @@ def cmd_workers(args) -> int:
             _human_bytes(int(w.get("capacity", 0))), used, rate,
             f"{float(w.get('last_heartbeat_age', 0)):.1f}s ago",
         )
-    Console().print(table)
+    _console().print(table)
     return 0
 
 
@@ -206,7 +214,7 @@ def cmd_report(args) -> int:
     for address, figures in sorted(rows.items()):
         add(address, figures)
     add("total", totals)
-    Console().print(table)
+    _console().print(table)
     for address, error in unreachable.items():
         print(f"{PROG}: {error}", file=sys.stderr)
     return 1 if unreachable else 0
@@ -261,7 +269,7 @@ def _follow(registry: str, job: dict, show: bool) -> dict:
                TextColumn("{task.fields[files]}"), TextColumn("{task.fields[bytes]}"),
                TextColumn("{task.fields[rate]}"), TextColumn("ETA {task.fields[eta]}"),
                TextColumn("{task.fields[failures]}")]
-    with Progress(*columns, console=Console(stderr=True), disable=not show, transient=False) as progress:
+    with Progress(*columns, console=_console(stderr=True), disable=not show, transient=False) as progress:
         task = progress.add_task(f"{job['kind']} {job['id']}", total=None, files="", bytes="", rate="",
                                  eta="-", failures="")
         while True:
@@ -336,7 +344,7 @@ def cmd_job(args) -> int:
             table.add_row(job["id"], job["kind"], job["state"], job["uri"] + ("/**" if job["recursive"] else ""),
                           f"{job['files_done']}/{job['files_listed']}", str(job["files_failed"]),
                           _human_bytes(job["bytes_loaded"]), f"{float(job['elapsed']):.1f}s")
-        Console().print(table)
+        _console().print(table)
         return 0
     if not args.id:
         raise AdminError(f"job {args.action} needs a job id (see: {PROG} job list)")
@@ -394,7 +402,7 @@ def cmd_stat(args) -> int:
                       f"{row['owner']} ({row['owner_address']})",
                       "-" if status["is_dir"] else f"{row['cached_pages']}/{row['pages']}",
                       f"{row['percent_cached']:.1f}%")
-    Console().print(table)
+    _console().print(table)
     return 0
 
 
@@ -413,7 +421,7 @@ def cmd_ring(args) -> int:
         table.add_column(column)
     for c in candidates:
         table.add_row(str(c["rank"]), c["id"], c["address"], c["role"])
-    Console().print(table)
+    _console().print(table)
     return 0
 
 
