@@ -59,6 +59,7 @@ log = logging.getLogger("dorafs.registry.scheduler")
 JOB_DIR = "jobs"
 BATCH_FILES = 32  # files per batch: a few seconds of work, so cancel and failover are quick
 BATCH_BYTES = 256 << 20
+BATCH_SECONDS = 60  # under a bandwidth limit, a batch is at most this long at the worker's share
 SLOTS_PER_WORKER = 2  # batches in flight per worker: the next one is there when one ends
 QUEUED_PER_WORKER = 3  # batches waiting per worker before the walk pauses
 LIST_LIMIT = 1000
@@ -353,6 +354,10 @@ class Scheduler:
                 log.error("job %s failed: %s", job.id, exc)
                 job.error = str(exc)
                 job.state = "failed"
+            except Exception as exc:  # a bug: the job fails, the registry keeps serving
+                log.exception("job %s failed", job.id)
+                job.error = f"internal error: {type(exc).__name__}: {exc}"
+                job.state = "failed"
             finally:
                 self._runners.pop(job.id, None)
         if job.state == "running":
@@ -447,9 +452,16 @@ class Scheduler:
             job.next_batch += 1
             job.batches[batch.id] = batch
         batch.add(uri, status)
-        if len(batch.files) >= BATCH_FILES or batch.nbytes >= BATCH_BYTES:
+        if len(batch.files) >= BATCH_FILES or batch.nbytes >= self._batch_bytes(job, routing):
             batch.open = False
             self._wake(job)
+
+    @staticmethod
+    def _batch_bytes(job: Job, routing: Routing) -> int:
+        """Under a bandwidth limit, a batch is about a minute of a worker's share."""
+        if not job.spec.bandwidth:
+            return BATCH_BYTES
+        return min(BATCH_BYTES, max(1, job.spec.bandwidth * BATCH_SECONDS // max(1, len(routing.workers))))
 
     def _close_open(self, job: Job) -> None:
         for batch in job.batches.values():

@@ -62,10 +62,20 @@ def _human_bytes(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+_client: httpx.Client | None = None
+
+
 def _http(method: str, url: str, what: str, *, params: dict | None = None, body: dict | None = None) -> httpx.Response:
-    """Every HTTP request of the CLI goes through here (one place for auth headers)."""
+    """Every HTTP request of the CLI goes through here (one place for auth headers).
+
+    One client for the whole command: `stat` of a directory asks a worker per file, and
+    kept-alive connections make that many times faster than a connection per request.
+    """
+    global _client
+    if _client is None:
+        _client = httpx.Client(timeout=TIMEOUT)
     try:
-        return httpx.request(method, url, params=params, json=body, timeout=TIMEOUT)
+        return _client.request(method, url, params=params, json=body)
     except httpx.HTTPError as exc:
         raise AdminError(f"{what} unreachable: {exc or type(exc).__name__}") from None
 
@@ -224,6 +234,7 @@ def cmd_report(args) -> int:
 
 FINAL_STATES = ("completed", "failed", "cancelled")
 POLL = 0.5  # seconds between progress polls
+FOLLOW_OUTAGE = 30.0  # a registry restarting under `load --progress` is waited for this long
 
 
 def _submit(args, kind: str, **extra) -> dict:
@@ -288,7 +299,19 @@ def _follow(registry: str, job: dict, show: bool) -> dict:
             if job["state"] in FINAL_STATES:
                 return job
             time.sleep(POLL)
-            job = _job(registry, job["id"])
+            job = _poll(registry, job)
+
+
+def _poll(registry: str, job: dict) -> dict:
+    """The job's state; a registry restarting is waited for (FOLLOW_OUTAGE seconds)."""
+    deadline = time.monotonic() + FOLLOW_OUTAGE
+    while True:
+        try:
+            return _job(registry, job["id"])
+        except AdminError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(POLL)
 
 
 def cmd_load(args) -> int:
