@@ -6,7 +6,8 @@
 - a worker killed mid-job and a registry crashed mid-job both end in a completed job with
   every file cached;
 - failed files are retried once at the end and reported with their causes;
-- `free` makes the next read go to the UFS; `cancel` stops the workers' fetching.
+- `free` makes the next read go to the UFS; `cancel` stops the workers' fetching;
+and, in process, the worker's token bucket and the job's persisted form.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 
 from dorafs.membership import WorkerInfo
 from dorafs.routing import build_routing
@@ -232,3 +234,51 @@ def test_free_makes_the_next_read_go_to_the_ufs(procs, s3_server, bucket):
     assert mount.path("d1/f00001.bin").read_bytes() == files["d1/f00001.bin"]
     assert ufs(workers, "read") == reads + 1
     assert ufs(workers, "stat") > stats  # the metadata went too
+
+
+# -- in-process pieces ---------------------------------------------------------------------
+
+def test_token_bucket_holds_its_rate():
+    import trio
+    import trio.testing
+
+    from worker.loader import TokenBucket
+
+    async def main():
+        bucket = TokenBucket(100)  # bytes per second, a burst of one second's worth
+        start = trio.current_time()
+        for _ in range(10):
+            await bucket.take(100)
+        assert trio.current_time() - start == pytest.approx(9.0, abs=0.01)
+        async with trio.open_nursery() as nursery:  # concurrent takers share the rate
+            for _ in range(4):
+                nursery.start_soon(bucket.take, 250)
+        assert trio.current_time() - start == pytest.approx(19.0, abs=0.01)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_job_state_survives_a_round_trip_through_json():
+    from dorafs.ufs import FileStatus
+    from registry.scheduler import Batch, Job, JobSpec
+
+    job = Job(id="j1", spec=JobSpec.from_body({"uri": "s3://b/p/", "recursive": True, "bandwidth": 1 << 20}),
+              stack=[{"dir": "s3://b/p", "after": "x"}], members=["w1", "w2"])
+    batch = Batch(0, "w1", [], open=False)
+    batch.add("s3://b/p/x", FileStatus("x", False, 10, 1.5, '"etag"'))
+    job.batches[0] = batch
+    job.counters["files_listed"] = 1
+    job.fail_file("s3://b/p/y", "boom", "EIO")
+    again = Job.from_dict(json.loads(json.dumps(job.to_dict())))
+    assert again.spec.uri == "s3://b/p" and again.spec.bandwidth == 1 << 20
+    assert again.batches == job.batches and again.stack == job.stack and again.detail() == job.detail()
+
+
+@pytest.mark.parametrize("body", [{}, {"uri": "nope"}, {"uri": "s3://b/p", "kind": "x"},
+                                  {"uri": "s3://b/p", "bandwidth": "1MiB"}, {"uri": "s3://b/p", "verify": 1}])
+def test_job_spec_rejects_bad_requests(body):
+    from dorafs.errors import InvalidRequest
+    from registry.scheduler import JobSpec
+
+    with pytest.raises(InvalidRequest):
+        JobSpec.from_body(body)
