@@ -31,7 +31,8 @@ from dorafs.config import RegistryConfig
 from dorafs.errors import NotFound
 from dorafs.http.server import HttpError, HttpServer, Request, Response, json_response
 from dorafs.membership import WorkerInfo
-from registry.scheduler import STATES, JobSpec, Scheduler
+from registry.jobs import STATES, JobSpec
+from registry.scheduler import Scheduler
 from registry.state import MembershipTable
 
 log = logging.getLogger("dorafs.registry")

@@ -260,7 +260,7 @@ def test_token_bucket_holds_its_rate():
 
 def test_job_state_survives_a_round_trip_through_json():
     from dorafs.ufs import FileStatus
-    from registry.scheduler import Batch, Job, JobSpec
+    from registry.jobs import Batch, Job, JobSpec
 
     job = Job(id="j1", spec=JobSpec.from_body({"uri": "s3://b/p/", "recursive": True, "bandwidth": 1 << 20}),
               stack=[{"dir": "s3://b/p", "after": "x"}], members=["w1", "w2"])
@@ -278,7 +278,7 @@ def test_job_state_survives_a_round_trip_through_json():
                                   {"uri": "s3://b/p", "bandwidth": "1MiB"}, {"uri": "s3://b/p", "verify": 1}])
 def test_job_spec_rejects_bad_requests(body):
     from dorafs.errors import InvalidRequest
-    from registry.scheduler import JobSpec
+    from registry.jobs import JobSpec
 
     with pytest.raises(InvalidRequest):
         JobSpec.from_body(body)
