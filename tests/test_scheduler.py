@@ -216,6 +216,17 @@ def test_failed_files_are_retried_once_and_reported(procs, s3_server, bucket):
     # A fresh load (metadata from the UFS) picks the new version and completes.
     assert admin(registry, "load", f"s3://{bucket}/f", "-r", "--progress").returncode == 0
 
+    # --verify re-reads every cached page: a page corrupted on disk is found and fetched again.
+    page = workers[0].page_files()[0]
+    page.write_bytes(b"\0" * page.stat().st_size)
+    reads = ufs(workers, "read")
+    verified = admin(registry, "load", f"s3://{bucket}/f", "-r", "--skip-cached", "--verify", "--progress", "--json")
+    assert verified.returncode == 0, verified.stderr
+    summary = json.loads(verified.stdout)
+    assert summary["pages_repaired"] == 1 and summary["pages_fetched"] == 0 and summary["files_done"] == 40
+    assert ufs(workers, "read") == reads + 1
+    assert workers[0].counter("dorafs_worker_corrupt_pages_total") == 1
+
 
 def test_free_makes_the_next_read_go_to_the_ufs(procs, s3_server, bucket):
     files = upload(s3_server.client(), bucket, "fr", 60, dirs=2)
