@@ -60,6 +60,13 @@ class UfsError(DoraError):
     http_status = 502
 
 
+class CacheFull(DoraError):
+    """A page could not be kept in the cache (no room, or the cache disk fails)."""
+
+    errno = _errno.ENOSPC
+    http_status = 507
+
+
 class Unavailable(DoraError):
     """No worker answered; the caller may fall back to the UFS."""
 
@@ -67,7 +74,7 @@ class Unavailable(DoraError):
     http_status = 503
 
 
-_BY_STATUS = {cls.http_status: cls for cls in (NotFound, StaleVersion, InvalidRequest, UfsError, Unavailable)}
+_BY_STATUS = {cls.http_status: cls for cls in (NotFound, StaleVersion, InvalidRequest, UfsError, CacheFull, Unavailable)}
 
 
 def from_wire(status: int, body: dict | None) -> DoraError:

@@ -1,1 +1,1 @@
-"""dorafs-registry: the service registry where workers join, heartbeat and expire."""
+"""dorafs-registry: the service registry where workers join, heartbeat and expire, and the load-job scheduler."""

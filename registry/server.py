@@ -7,6 +7,12 @@
                                                       + "last_heartbeat_age"]}
         With `since` equal to the current version (and `epoch`, if given, the current one)
         the answer waits up to `wait` seconds (default 30, at most 60) for a change.
+  POST /v1/jobs        {"uri", "kind": load|free, "recursive", "bandwidth", "verify",
+                        "metadata_only", "skip_cached"}   -> the job's summary (with its "id")
+  GET  /v1/jobs                                   -> {"jobs": [summaries, newest first]}
+  GET  /v1/job?id=                                -> the job's summary and its "failed_files"
+  POST /v1/job/cancel?id=                         -> the same, once cancelled
+        (jobs: registry/scheduler.py)
   GET  /healthz, GET /metrics
 
 Bad bodies answer 400 with a message saying which field is wrong; the daemon keeps serving.
@@ -25,6 +31,8 @@ from dorafs.config import RegistryConfig
 from dorafs.errors import NotFound
 from dorafs.http.server import HttpError, HttpServer, Request, Response, json_response
 from dorafs.membership import WorkerInfo
+from registry.jobs import STATES, JobSpec
+from registry.scheduler import Scheduler
 from registry.state import MembershipTable
 
 log = logging.getLogger("dorafs.registry")
@@ -44,6 +52,13 @@ class RegistryMetrics:
         self.heartbeats = Counter("dorafs_registry_heartbeats", "Heartbeats from known workers", registry=r)
         self.expirations = Counter("dorafs_registry_expirations", "Workers dropped for missed heartbeats", registry=r)
         self.deregistrations = Counter("dorafs_registry_deregistrations", "Workers that left cleanly", registry=r)
+        self.jobs_submitted = Counter("dorafs_registry_jobs_submitted", "Load and free jobs submitted", registry=r)
+        self.jobs = Gauge("dorafs_registry_jobs", "Jobs known to the scheduler by state", ["state"], registry=r)
+
+    def watch_jobs(self, scheduler: Scheduler) -> None:
+        for state in STATES:
+            self.jobs.labels(state).set_function(
+                lambda state=state: sum(1 for j in scheduler.jobs.values() if j.state == state))
 
 
 def _worker_id(req: Request) -> str:
@@ -66,8 +81,27 @@ def _wait_arg(req: Request) -> float:
     return min(wait, MAX_WAIT)
 
 
-def build_server(table: MembershipTable, metrics: RegistryMetrics) -> HttpServer:
+def build_server(table: MembershipTable, metrics: RegistryMetrics, scheduler: Scheduler) -> HttpServer:
     server = HttpServer("dorafs-registry", metrics.registry, "dorafs_registry")
+
+    @server.route("POST", "/v1/jobs")
+    async def submit_job(req: Request) -> Response:
+        job = await scheduler.submit(JobSpec.from_body(req.json()))
+        metrics.jobs_submitted.inc()
+        return json_response(job.summary())
+
+    @server.route("GET", "/v1/jobs")
+    async def list_jobs(req: Request) -> Response:
+        jobs = sorted(scheduler.jobs.values(), key=lambda j: j.created, reverse=True)
+        return json_response({"jobs": [j.summary() for j in jobs]})
+
+    @server.route("GET", "/v1/job")
+    async def get_job(req: Request) -> Response:
+        return json_response(scheduler.get(req.arg("id")).detail())
+
+    @server.route("POST", "/v1/job/cancel")
+    async def cancel_job(req: Request) -> Response:
+        return json_response((await scheduler.cancel(req.arg("id"))).detail())
 
     @server.route("POST", "/v1/workers")
     async def register(req: Request) -> Response:
@@ -134,8 +168,12 @@ async def run(config: RegistryConfig, *, task_status=trio.TASK_STATUS_IGNORED) -
     await trio.to_thread.run_sync(lambda: state_dir.mkdir(parents=True, exist_ok=True, mode=0o700))
     table = await trio.to_thread.run_sync(MembershipTable.load, state_dir, config.worker_ttl)
     metrics = RegistryMetrics(table)
-    server = build_server(table, metrics)
+    scheduler = Scheduler(state_dir, table)
+    await trio.to_thread.run_sync(scheduler.load)
+    metrics.watch_jobs(scheduler)
+    server = build_server(table, metrics, scheduler)
     async with trio.open_nursery() as nursery:
+        await nursery.start(scheduler.run)
         host, port = await nursery.start(server.serve, *config.listen)
         address = format_address(host, port)
         nursery.start_soon(expire_loop, table, metrics)

@@ -146,6 +146,14 @@ class Registry(Process):
                 "--worker-ttl", self.ttl, "--port-file", str(self.port_file)]
 
 
+    def restart(self, *, crash: bool = False) -> None:
+        """Stop (SIGKILL with `crash`) and start again on the same address and state."""
+        self.kill() if crash else self.stop()
+        self.port_file.unlink(missing_ok=True)
+        self.argv = self._argv(self.address)
+        self.start()
+        self.address = self._await_address()
+
     def workers(self) -> list[dict]:
         return httpx.get(f"{self.url}/v1/workers", timeout=5).json()["workers"]
 

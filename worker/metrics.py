@@ -36,6 +36,11 @@ class WorkerMetrics:
             "dorafs_worker_metadata_disk_errors", "Metadata store operations that failed on disk", registry=r)
         self.cache_write_errors = Gauge(
             "dorafs_worker_cache_write_errors", "Pages that could not be written to the cache disk", registry=r)
+        self.load_files = Counter(
+            "dorafs_worker_load_files", "Files handled for load and free jobs by outcome", ["result"], registry=r)
+        self.load_pages = Counter(
+            "dorafs_worker_load_pages", "Pages handled for load jobs by outcome", ["result"], registry=r)
+        self.load_bytes = Counter("dorafs_worker_load_bytes", "Bytes fetched from the UFS for load jobs", registry=r)
         # Every label value starts at zero, so dashboards see 0 rather than no series.
         for op in ("read", "stat", "list"):
             self.ufs_requests.labels(op)
@@ -45,3 +50,7 @@ class WorkerMetrics:
         for op in ("stat", "list"):
             for result in ("memory", "disk", "miss"):
                 self.metadata_requests.labels(op, result)
+        for result in ("loaded", "cached", "metadata", "freed", "failed", "cancelled"):
+            self.load_files.labels(result)
+        for result in ("fetched", "cached", "repaired"):
+            self.load_pages.labels(result)

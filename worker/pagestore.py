@@ -101,6 +101,10 @@ class PageStore:
             self._index.move_to_end(key)
         return entry
 
+    def peek(self, key: PageKey) -> PageEntry | None:
+        """The entry without making it recently used (for reports)."""
+        return self._index.get(key)
+
     def pages_of(self, oid: str) -> set[int]:
         return set(self._by_object.get(oid, ()))
 

@@ -13,6 +13,10 @@
         drop cached metadata of uri and its parent's listing (recursive: everything
         under uri); pages=1 drops the dropped files' pages, pages=changed only those of
         objects the UFS now has at another version; {"statuses", "listings", "pages"}
+  GET /v1/cached?uri=[&version=&size=] {"status", "pages", "cached_pages", "cached_bytes"}
+  POST /v1/load    {"job", "files": [{"uri", "status"?}], "mode": load|free, "verify",
+                   "metadata_only", "bandwidth"}  -> {"job", "cancelled", "results": [per file]}
+  POST /v1/load/cancel?job=            stop the job's batches here -> {"stopped"}
   GET /v1/info                         identity, page size, capacity, usage
   GET /healthz, GET /metrics
 
@@ -27,6 +31,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dorafs.errors import InvalidRequest
 from dorafs.http import FileBody, HttpServer, Request, Response, json_response
+from dorafs.pages import page_count
+from dorafs.ufs import FileStatus
+from worker.loader import Loader
 from worker.service import WorkerService, check_uri
 
 MAX_LIST_LIMIT = 10_000
@@ -34,6 +41,7 @@ MAX_LIST_LIMIT = 10_000
 
 def build_server(service: WorkerService, info: dict) -> HttpServer:
     server = HttpServer("dorafs-worker", service.metrics.registry, "dorafs_worker")
+    loader = Loader(service, service.config.ufs_threads)
 
     @server.route("GET", "/v1/page")
     async def page(req: Request) -> Response:
@@ -84,6 +92,26 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
             raise InvalidRequest("pages must be 0, 1 or changed")
         counts = await service.invalidate(uri, recursive=req.query.get("recursive") == "1", pages=pages)
         return json_response(counts)
+
+    @server.route("POST", "/v1/load")
+    async def load(req: Request) -> Response:
+        return json_response(await loader.run_batch(req.json()))
+
+    @server.route("POST", "/v1/load/cancel")
+    async def load_cancel(req: Request) -> Response:
+        return json_response({"stopped": loader.cancel(req.arg("job"))})
+
+    @server.route("GET", "/v1/cached")
+    async def cached(req: Request) -> Response:
+        uri = check_uri(req.arg("uri"))
+        if "version" in req.query:  # the caller knows the version (from a listing): no stat
+            status = FileStatus(uri.rpartition("/")[2], False, req.int_arg("size"), version=req.arg("version"))
+        else:
+            status = await service.stat(uri)
+        pages, nbytes = (0, 0) if status.is_dir else service.cached_pages(uri, status.version)
+        total = 0 if status.is_dir else page_count(status.size, service.config.page_size)
+        return json_response({"status": status.to_dict(), "pages": total, "cached_pages": pages,
+                              "cached_bytes": nbytes})
 
     @server.route("GET", "/v1/info")
     async def get_info(req: Request) -> Response:

@@ -17,7 +17,7 @@ from pathlib import Path
 import trio
 
 from dorafs.config import WorkerConfig
-from dorafs.errors import InvalidRequest, NotADirectory, NotFound, StaleVersion, Unavailable
+from dorafs.errors import CacheFull, InvalidRequest, NotADirectory, NotFound, StaleVersion, Unavailable
 from dorafs.pages import object_id, page_count, page_length
 from dorafs.singleflight import SingleFlight
 from dorafs.ufs import FileStatus, UfsSet, normalize
@@ -176,6 +176,35 @@ class WorkerService:
         self.update_gauges()
         return PageResult(digest, len(first), entry=entry, data=first)
 
+    async def load_page(self, uri: str, version: str, size: int, index: int, *, verify: bool = False) -> bool:
+        """Make sure a page is cached (load jobs); True if this call fetched it from the UFS.
+
+        The same single-flight fill as `page`, so a load and a reader never fetch one page
+        twice; nothing is counted as served. With `verify`, a cached page is re-read and
+        its checksum checked first (corrupt: dropped and fetched again).
+        """
+        if index >= page_count(size, self.config.page_size):
+            raise InvalidRequest(f"page {index} is past the end of a {size}-byte object")
+        key = (object_id(uri, version), index)
+        pending = self._run_pages.get(key)
+        if pending is not None:  # a reader's run is filling it
+            await pending.wait()
+        entry = self.store.lookup(key)
+        if entry is not None and verify:
+            entry = await self._verified(key, entry)
+        if entry is not None:
+            return False
+        result, shared = await self._page_flights.do(key, lambda: self._fill(key, uri, version, size, index))
+        if result.entry is None:
+            raise CacheFull(f"page {index} of {uri} could not be cached (cache full or disk failing)")
+        return not shared
+
+    def cached_pages(self, uri: str, version: str) -> tuple[int, int]:
+        """(pages, bytes) of this version of `uri` in the page store."""
+        oid = object_id(uri, version)
+        indexes = self.store.pages_of(oid)
+        return len(indexes), sum(e.size for i in indexes if (e := self.store.peek((oid, i))) is not None)
+
     def open_page(self, result: PageResult) -> int | None:
         """An fd on a cached page for sendfile, or None (gone, or never cached)."""
         if result.entry is None:
@@ -190,6 +219,10 @@ class WorkerService:
     # Each request may carry the mount's own TTLs (seconds; -1 never recheck, 0 always);
     # without them the worker's configured TTLs apply. Entries carry their fetch time, so
     # the same entry is fresh for one mount and stale for another.
+
+    async def learn_status(self, uri: str, status: FileStatus) -> None:
+        """Cache a status learned elsewhere (a load job's listing), as a UFS stat would."""
+        await self.meta.put_status(uri, status, time.time())
 
     def _fresh(self, cached: Cached, ttl: float | None, negative_ttl: float | None) -> bool:
         if cached.status is None:

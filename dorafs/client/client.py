@@ -31,6 +31,7 @@ from dorafs.errors import Unavailable
 from dorafs.membership import Membership
 from dorafs.pages import page_count, plan
 from dorafs.ring import HashRing
+from dorafs.routing import build_routing
 from dorafs.singleflight import SingleFlight
 from dorafs.ufs import FileStatus, UfsSet
 from dorafs.ufs.base import parent as parent_uri
@@ -100,14 +101,13 @@ class DoraClient:
                 await self._workers.aclose()
 
     def _rebuild_ring(self) -> None:
-        workers = self.membership.workers
-        sizes = Counter(w.page_size for w in workers.values())
-        if sizes:
-            self.page_size = sizes.most_common(1)[0][0]
-        odd = [w.id for w in workers.values() if w.page_size != self.page_size]
-        if odd:
-            log.error("workers %s use a page size other than %d and are left off the ring", odd, self.page_size)
-        self.ring = HashRing([w.id for w in workers.values() if w.page_size == self.page_size])
+        routing = build_routing(self.membership.workers)  # the scheduler routes loads the same way
+        if routing.page_size is not None:
+            self.page_size = routing.page_size
+        if routing.left_out:
+            log.error("workers %s use a page size other than %d and are left off the ring",
+                      routing.left_out, self.page_size)
+        self.ring = routing.ring
         log.info("ring rebuilt: %d workers (membership version %s)", len(self.ring), self.membership.version)
 
     # -- routing ----------------------------------------------------------------------
