@@ -3,13 +3,17 @@
 With neither a registry nor workers named, the mount starts an embedded single-node
 cluster: one `dorafs-worker` child process on a loopback port with its cache under the
 user's cache directory, stopped when the mount ends. It runs as its own process so the
-worker's page I/O and the FUSE handlers use both cores.
+worker's page I/O and the FUSE handlers use both cores. Its loopback port is reachable by
+every local user, so it is locked down: it takes the mount's cluster secret, or a random
+one made for this mount (passed in its environment, never on its command line), and it
+reads only below the mount's UFS root (`--ufs-roots`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -28,6 +32,7 @@ from dorafs.fuse.operations import DoraOperations
 from dorafs.http import HttpServer, Response, json_response
 from dorafs.membership import open_membership
 from dorafs.notify import notify
+from dorafs.security import SECRET_ENV, Credentials
 from dorafs.ufs import UfsSet, normalize
 
 log = logging.getLogger("dorafs.mount")
@@ -40,8 +45,8 @@ class MountError(Exception):
 
 
 @asynccontextmanager
-async def embedded_worker(config: MountConfig):
-    """Start a local worker process; yield its address; stop it on exit."""
+async def embedded_worker(config: MountConfig, secret: bytes):
+    """Start a local worker process that demands `secret`; yield its address; stop it on exit."""
     cache_dir = config.cache_dir or (user_cache_dir() / "embedded")
     lock = lock_directory(cache_dir)  # probe only: the worker takes it for itself
     if lock is None:
@@ -56,8 +61,11 @@ async def embedded_worker(config: MountConfig):
         "--cache-dir", str(cache_dir), "--cache-size", str(config.cache_size),
         "--page-size", str(config.page_size), "--status-ttl", str(config.status_ttl),
         "--listing-ttl", str(config.listing_ttl), "--port-file", str(port_file),
+        "--ufs-roots", normalize(config.ufs_uri),
     ]
     env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}  # readiness is the mount's to tell
+    env = {k: v for k, v in env.items() if not k.startswith("DORAFS_WORKER_")}  # not another worker's settings
+    env[SECRET_ENV] = secret.decode()
     proc = await trio.lowlevel.open_process(argv, stdin=subprocess.DEVNULL, env=env)
     try:
         with trio.move_on_after(EMBEDDED_START_TIMEOUT):
@@ -88,6 +96,8 @@ def fuse_options(config: MountConfig) -> set[str]:
     options |= {"ro", "fsname=dorafs", "subtype=dorafs"}
     if config.allow_other:
         options.add("allow_other")
+    if config.default_permissions:
+        options.add("default_permissions")
     if config.debug:
         options.add("debug")
     return options
@@ -99,13 +109,20 @@ async def run_mount(config: MountConfig, ready=lambda: None) -> None:
     mountpoint = os.path.abspath(config.mountpoint)
     if not os.path.isdir(mountpoint):
         raise MountError(f"mount point {mountpoint} is not a directory")
+    try:
+        credentials = Credentials.from_config(config)
+    except ValueError as exc:  # ConfigError: a bad secret file or CA
+        raise MountError(str(exc)) from None
     async with AsyncExitStack() as stack:
         workers = list(config.workers)
         if not config.registry and not workers:
-            workers = [await stack.enter_async_context(embedded_worker(config))]
+            # A loopback child of ours: no TLS, and a secret even when none is configured.
+            credentials = Credentials(credentials.secret or secrets.token_hex(32).encode(), None)
+            workers = [await stack.enter_async_context(embedded_worker(config, credentials.secret))]
         ufs = UfsSet()
         stack.push_async_callback(ufs.aclose)
-        client = DoraClient(config, open_membership(config.registry, workers), ufs)
+        membership = open_membership(config.registry, workers, credentials)
+        client = DoraClient(config, membership, ufs, credentials=credentials)
         nursery = await stack.enter_async_context(trio.open_nursery())
         stack.callback(nursery.cancel_scope.cancel)
         await nursery.start(client.run)

@@ -8,7 +8,9 @@
   GET /healthz, GET /metrics
 
 Errors are JSON `{errno, message}` with the status of the DoraError (404 ENOENT, 412
-ESTALE for a changed object, 400 EINVAL for bad input, 502 EIO for a failing UFS).
+ESTALE for a changed object, 400 EINVAL for bad input, 403 EACCES for a URI outside the
+worker's UFS roots, 401 without the cluster secret, 502 EIO for a failing UFS).
+Every URI passes `worker.access` before anything reads it.
 """
 
 from __future__ import annotations
@@ -18,18 +20,23 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dorafs.errors import InvalidRequest
 from dorafs.http import FileBody, HttpServer, Request, Response, json_response
-from worker.service import WorkerService, check_uri
+from worker.access import UfsRoots, check_uri, check_version
+from worker.service import WorkerService
 
 MAX_LIST_LIMIT = 10_000
 
 
 def build_server(service: WorkerService, info: dict) -> HttpServer:
     server = HttpServer("dorafs-worker", service.metrics.registry, "dorafs_worker")
+    roots = UfsRoots(service.config.ufs_roots)
+
+    async def allowed_uri(req: Request) -> str:
+        return await roots.check(check_uri(req.arg("uri")))
 
     @server.route("GET", "/v1/page")
     async def page(req: Request) -> Response:
-        uri = check_uri(req.arg("uri"))
-        version = req.arg("version")
+        uri = await allowed_uri(req)
+        version = check_version(req.arg("version"))
         size = req.int_arg("size")
         index = req.int_arg("index")
         page_size = req.int_arg("page_size", service.config.page_size, minimum=1)
@@ -51,12 +58,12 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
 
     @server.route("GET", "/v1/stat")
     async def stat(req: Request) -> Response:
-        status = await service.stat(check_uri(req.arg("uri")))
+        status = await service.stat(await allowed_uri(req))
         return json_response(status.to_dict())
 
     @server.route("GET", "/v1/list")
     async def listing(req: Request) -> Response:
-        uri = check_uri(req.arg("uri"))
+        uri = await allowed_uri(req)
         limit = min(req.int_arg("limit", 1000, minimum=1), MAX_LIST_LIMIT)
         entries, after = await service.list_page(uri, req.query.get("after", ""), limit)
         return json_response({"entries": [e.to_dict() for e in entries], "next": after})

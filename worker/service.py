@@ -20,7 +20,7 @@ from dorafs.errors import InvalidRequest, NotADirectory, NotFound, StaleVersion
 from dorafs.pages import object_id, page_count, page_length
 from dorafs.singleflight import SingleFlight
 from dorafs.ttlcache import MISSING, TtlCache
-from dorafs.ufs import FileStatus, UfsSet, normalize
+from dorafs.ufs import FileStatus, UfsSet
 from worker.metrics import WorkerMetrics
 from worker.pagestore import PageEntry, PageStore, checksum
 
@@ -197,10 +197,3 @@ class _NameView:
 
     def __getitem__(self, i: int) -> str:
         return self._entries[i].name
-
-
-def check_uri(raw: str) -> str:
-    try:
-        return normalize(raw)
-    except ValueError as exc:
-        raise InvalidRequest(str(exc)) from None

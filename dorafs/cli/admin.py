@@ -5,6 +5,8 @@
                                                     read from each worker's /metrics
 
 The registry URL comes from --registry, else $DORAFS_REGISTRY, else the local default.
+The cluster secret from --secret-file (else $DORAFS_SECRET_FILE), else $DORAFS_SECRET;
+with --tls-ca (else $DORAFS_TLS_CA) workers are reached over https.
 Errors are one line on stderr and exit status 1 (2 for bad arguments).
 """
 
@@ -19,11 +21,14 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from dorafs.config import ConfigError
 from dorafs.membership import registry_url
+from dorafs.security import Credentials, client_context, read_secret
 
 PROG = "dorafs-admin"
 DEFAULT_REGISTRY = "http://127.0.0.1:19998"
 TIMEOUT = httpx.Timeout(10.0, connect=3.0)
+credentials = Credentials()  # set by main() from the options; every request presents it
 
 
 class AdminError(Exception):
@@ -46,7 +51,7 @@ def _human_bytes(n: int) -> str:
 def _get(registry: str, path: str) -> dict:
     url = f"{registry}{path}"
     try:
-        response = httpx.get(url, timeout=TIMEOUT)
+        response = httpx.get(url, timeout=TIMEOUT, **credentials.httpx_options())
     except httpx.HTTPError as exc:
         raise AdminError(f"registry {registry} unreachable: {exc or type(exc).__name__}") from None
     if response.status_code != 200:
@@ -95,7 +100,8 @@ def worker_figures(address: str) -> dict:
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
-        text = httpx.get(f"http://{address}/metrics", timeout=TIMEOUT).raise_for_status().text
+        text = httpx.get(f"{credentials.scheme}://{address}/metrics", timeout=TIMEOUT,
+                         **credentials.httpx_options()).raise_for_status().text
     except httpx.HTTPError as exc:
         raise AdminError(f"worker {address}: {exc or type(exc).__name__}") from None
     samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
@@ -149,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Look at and operate a dorafs cluster.")
     p.add_argument("--registry", default=os.environ.get("DORAFS_REGISTRY") or DEFAULT_REGISTRY,
                    help=f"registry URL (default: $DORAFS_REGISTRY, else {DEFAULT_REGISTRY})")
+    p.add_argument("--secret-file", default=os.environ.get("DORAFS_SECRET_FILE") or None,
+                   help="file with the cluster secret, mode 0600 (default: $DORAFS_SECRET_FILE, else $DORAFS_SECRET)")
+    p.add_argument("--tls-ca", default=os.environ.get("DORAFS_TLS_CA") or None,
+                   help="CA bundle to verify the registry and workers with (default: $DORAFS_TLS_CA)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
     workers = sub.add_parser("workers", help="list live workers")
     workers.add_argument("--json", action="store_true", help="print the registry's answer as JSON")
@@ -160,8 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    global credentials
+    parser = build_parser()
+    args = parser.parse_args(argv)
     args.registry = registry_url(args.registry)
+    try:
+        credentials = Credentials(read_secret(args.secret_file), client_context(args.tls_ca))
+    except ConfigError as exc:
+        parser.error(str(exc))
     try:
         status = args.func(args)
     except AdminError as exc:

@@ -30,6 +30,7 @@ from dorafs.errors import Unavailable
 from dorafs.membership import Membership
 from dorafs.pages import page_count, plan
 from dorafs.ring import HashRing
+from dorafs.security import Credentials
 from dorafs.singleflight import SingleFlight
 from dorafs.ufs import FileStatus, UfsSet
 
@@ -62,7 +63,8 @@ class ClientStats:
 
 
 class DoraClient:
-    def __init__(self, config: MountConfig, membership: Membership, ufs: UfsSet):
+    def __init__(self, config: MountConfig, membership: Membership, ufs: UfsSet, *,
+                 credentials: Credentials | None = None):
         self.config = config
         self.membership = membership
         self.ufs = ufs
@@ -70,7 +72,8 @@ class DoraClient:
         self.ring = HashRing()
         self.buffer = PageBuffer(config.buffer_size)
         self.stats = ClientStats()
-        self._workers = WorkerClient(timeout=config.worker_timeout, connect_timeout=config.connect_timeout)
+        self._workers = WorkerClient(timeout=config.worker_timeout, connect_timeout=config.connect_timeout,
+                                     credentials=credentials)
         self._flights = SingleFlight()
         self._suspect_until: dict[str, float] = {}
         self._prefetching = 0

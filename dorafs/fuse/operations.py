@@ -18,6 +18,7 @@ import errno
 import itertools
 import logging
 import os
+import stat
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -69,8 +70,9 @@ class DoraOperations(pyfuse3.Operations):
         self.inodes = InodeTable(root_uri, root_status)
         self._handles: dict[int, FileHandle | DirHandle] = {}
         self._numbers = itertools.count(1)
-        self._uid = os.getuid()
-        self._gid = os.getgid()
+        self._uid = os.getuid() if config.uid is None else config.uid
+        self._gid = os.getgid() if config.gid is None else config.gid
+        self._modes = (stat.S_IFREG | config.file_mode, stat.S_IFDIR | config.dir_mode)
 
     # -- attributes -------------------------------------------------------------------
 
@@ -81,7 +83,7 @@ class DoraOperations(pyfuse3.Operations):
         attr.generation = 0
         attr.entry_timeout = self.config.entry_timeout
         attr.attr_timeout = self.config.attr_timeout
-        attr.st_mode = status.mode
+        attr.st_mode = self._modes[status.is_dir]
         attr.st_nlink = 2 if status.is_dir else 1
         attr.st_uid = self._uid
         attr.st_gid = self._gid
