@@ -30,7 +30,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv: list[str] | None) -> tuple[RegistryConfig, ServerSecurity, str | None]:
-    p = _Parser(prog=PROG, description="Run the dorafs registry: workers join, heartbeat and expire here.")
+    p = _Parser(prog=PROG, description="Run the dorafs registry: workers join, heartbeat and expire here.",
+                allow_abbrev=False)  # `--secret` must not mean `--secret-file`
     p.add_argument("--config", help="TOML config file (default /etc/dorafs/dorafs.toml if present)")
     p.add_argument("--listen", help="HOST:PORT to bind (port 0: any free port; default 127.0.0.1:19998)")
     p.add_argument("--state-dir", help="where the membership is saved")

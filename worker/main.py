@@ -28,7 +28,8 @@ log = logging.getLogger("dorafs.worker")
 
 
 def parse_args(argv: list[str] | None) -> tuple[WorkerConfig, Security, str]:
-    p = argparse.ArgumentParser(prog="dorafs-worker", description="Run a dorafs cache worker.")
+    p = argparse.ArgumentParser(prog="dorafs-worker", description="Run a dorafs cache worker.",
+                                allow_abbrev=False)  # `--secret` must not mean `--secret-file`
     p.add_argument("--config", help="TOML config file (default /etc/dorafs/dorafs.toml if present)")
     p.add_argument("--registry", help="registry URL (http://HOST:PORT); omit for a standalone worker")
     p.add_argument("--listen", help="HOST:PORT to bind (port 0: any free port; default 127.0.0.1:29998)")

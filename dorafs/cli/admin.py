@@ -152,7 +152,7 @@ def cmd_report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Look at and operate a dorafs cluster.")
+    p = _Parser(prog=PROG, description="Look at and operate a dorafs cluster.", allow_abbrev=False)
     p.add_argument("--registry", default=os.environ.get("DORAFS_REGISTRY") or DEFAULT_REGISTRY,
                    help=f"registry URL (default: $DORAFS_REGISTRY, else {DEFAULT_REGISTRY})")
     p.add_argument("--secret-file", default=os.environ.get("DORAFS_SECRET_FILE") or None,
