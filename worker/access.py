@@ -29,7 +29,8 @@ from dorafs.errors import InvalidRequest, PermissionDenied
 from dorafs.ufs import normalize
 
 MAX_URI_CHARS = 4096  # PATH_MAX; S3 keys stop at 1024 bytes
-MAX_SEGMENT_BYTES = 1024
+MAX_SEGMENT_BYTES = 1024  # an S3 key may be one long segment
+MAX_FILE_NAME_BYTES = 255  # NAME_MAX: a longer local name is a bad request, not a UFS failure
 MAX_VERSION_CHARS = 1024
 _SCHEME = re.compile(r"[a-z][a-z0-9+.-]{0,31}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -49,12 +50,13 @@ def check_uri(raw: str) -> str:
     if not _SCHEME.fullmatch(scheme):
         raise InvalidRequest(f"bad URI scheme {scheme[:40]!r}")
     path = rest[1:] if scheme == "file" else rest
+    longest = MAX_FILE_NAME_BYTES if scheme == "file" else MAX_SEGMENT_BYTES
     if path:
         for segment in path.split("/"):
             if segment in ("", ".", ".."):
                 raise InvalidRequest(f"URI has an empty, '.' or '..' path segment: {uri[:200]!r}")
-            if len(segment.encode("utf-8", "surrogatepass")) > MAX_SEGMENT_BYTES:
-                raise InvalidRequest(f"URI has a path segment longer than {MAX_SEGMENT_BYTES} bytes")
+            if len(segment.encode("utf-8", "surrogatepass")) > longest:
+                raise InvalidRequest(f"URI has a path segment longer than {longest} bytes")
     return uri
 
 

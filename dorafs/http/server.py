@@ -343,7 +343,9 @@ class HttpServer:
             return
         try:
             with trio.move_on_after(2):
-                await self._send(conn, stream, _error_response(status, "EINVAL", message))
+                response = _error_response(status, "EINVAL", message)
+                response.headers["Connection"] = "close"  # the connection ends here; say so
+                await self._send(conn, stream, response)
         except Exception:
             pass  # the client is already gone or broken; nothing more to tell it
 
