@@ -4,9 +4,10 @@ With neither a registry nor workers named, the mount starts an embedded single-n
 cluster: one `dorafs-worker` child process on a loopback port with its cache under the
 user's cache directory, stopped when the mount ends. It runs as its own process so the
 worker's page I/O and the FUSE handlers use both cores. Its loopback port is reachable by
-every local user, so it is locked down: it takes the mount's cluster secret, or a random
-one made for this mount (passed in its environment, never on its command line), and it
-reads only below the mount's UFS root (`--ufs-roots`).
+every local user, so it is locked down: it demands a random secret made for this mount
+(in `worker.secret`, mode 0600, next to `worker.addr` in the 0700 cache directory, where
+the user finds both to query it; never on a command line), and it reads only below the
+mount's UFS root (`--ufs-roots`).
 """
 
 from __future__ import annotations
@@ -53,21 +54,25 @@ async def embedded_worker(config: MountConfig, secret: bytes):
         raise MountError(f"the cache directory {cache_dir} is in use by another worker "
                          "(another embedded mount?); choose another with --cache-dir")
     os.close(lock)
-    # The worker writes its address here once serving; operators find it here too.
+    # The worker writes its address here once serving; operators find it here too, and
+    # the secret it demands next to it.
     port_file = cache_dir / "worker.addr"
     port_file.unlink(missing_ok=True)
+    secret_file = cache_dir / "worker.secret"
     argv = [
         sys.executable, "-m", "worker.main", "--listen", "127.0.0.1:0",
         "--cache-dir", str(cache_dir), "--cache-size", str(config.cache_size),
         "--page-size", str(config.page_size), "--status-ttl", str(config.status_ttl),
         "--listing-ttl", str(config.listing_ttl), "--port-file", str(port_file),
-        "--ufs-roots", normalize(config.ufs_uri),
+        "--ufs-roots", normalize(config.ufs_uri), "--secret-file", str(secret_file),
     ]
-    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}  # readiness is the mount's to tell
-    env = {k: v for k, v in env.items() if not k.startswith("DORAFS_WORKER_")}  # not another worker's settings
-    env[SECRET_ENV] = secret.decode()
-    proc = await trio.lowlevel.open_process(argv, stdin=subprocess.DEVNULL, env=env)
+    env = {k: v for k, v in os.environ.items()
+           if k != "NOTIFY_SOCKET"  # readiness is the mount's to tell
+           and k != SECRET_ENV and not k.startswith("DORAFS_WORKER_")}  # nothing meant for other workers
+    proc = None
     try:
+        _write_private(secret_file, secret + b"\n")
+        proc = await trio.lowlevel.open_process(argv, stdin=subprocess.DEVNULL, env=env)
         with trio.move_on_after(EMBEDDED_START_TIMEOUT):
             while not port_file.exists():
                 if proc.poll() is not None:
@@ -81,7 +86,7 @@ async def embedded_worker(config: MountConfig, secret: bytes):
         yield address
     finally:
         with trio.CancelScope(shield=True):
-            if proc.returncode is None:
+            if proc is not None and proc.returncode is None:
                 proc.send_signal(signal.SIGTERM)
                 with trio.move_on_after(10):
                     await proc.wait()
@@ -89,6 +94,17 @@ async def embedded_worker(config: MountConfig, secret: bytes):
                     proc.kill()
                     await proc.wait()
             port_file.unlink(missing_ok=True)
+            secret_file.unlink(missing_ok=True)
+
+
+def _write_private(path, data: bytes) -> None:
+    """Write a file only its owner may read (whatever the umask, whatever was there)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data)
+    finally:
+        os.close(fd)
 
 
 def fuse_options(config: MountConfig) -> set[str]:
@@ -116,8 +132,8 @@ async def run_mount(config: MountConfig, ready=lambda: None) -> None:
     async with AsyncExitStack() as stack:
         workers = list(config.workers)
         if not config.registry and not workers:
-            # A loopback child of ours: no TLS, and a secret even when none is configured.
-            credentials = Credentials(credentials.secret or secrets.token_hex(32).encode(), None)
+            # A loopback child of ours: no TLS, and its own secret, not the cluster's.
+            credentials = Credentials(secrets.token_hex(32).encode(), None)
             workers = [await stack.enter_async_context(embedded_worker(config, credentials.secret))]
         ufs = UfsSet()
         stack.push_async_callback(ufs.aclose)

@@ -337,11 +337,12 @@ def test_embedded_worker_demands_a_secret_and_stays_below_the_mount_root(procs, 
     mount = procs.mount(f"file://{data}", options=f"cache_dir={cache}")
     assert mount.path("a.txt").read_text() == "hello"
     address = (cache / "worker.addr").read_text().strip()
+    secret_file = cache / "worker.secret"
+    assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600 and stat.S_IMODE(cache.stat().st_mode) == 0o700
+    secret = secret_file.read_text().strip()
     pid = int(re.search(r"embedded worker pid (\d+)", mount.log_text()).group(1))
-    environ = dict(item.split("=", 1) for item in
-                   Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0") if "=" in item)
-    secret = environ["DORAFS_SECRET"]
     assert secret not in Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+    assert secret not in Path(f"/proc/{pid}/environ").read_bytes().decode()
     assert httpx.get(f"http://{address}/v1/stat", params={"uri": "file:///etc/passwd"}, timeout=10).status_code == 401
     outside = httpx.get(f"http://{address}/v1/stat", params={"uri": "file:///etc/passwd"}, headers=bearer(secret),
                         timeout=10)
@@ -349,6 +350,8 @@ def test_embedded_worker_demands_a_secret_and_stays_below_the_mount_root(procs, 
     inside = httpx.get(f"http://{address}/v1/stat", params={"uri": f"file://{data}/a.txt"}, headers=bearer(secret),
                        timeout=10)
     assert inside.status_code == 200 and inside.json()["size"] == 5
+    mount.unmount()
+    assert not secret_file.exists() and not (cache / "worker.addr").exists()
 
 
 # -- hostile object keys in the mount's namespace ------------------------------------------
