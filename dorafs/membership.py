@@ -47,6 +47,8 @@ def registry_url(text: str) -> str:
 
 
 def _describe(exc: Exception) -> str:
+    if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 401:
+        return "HTTP 401: missing or wrong cluster secret"
     return str(exc) or type(exc).__name__
 
 

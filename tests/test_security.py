@@ -219,7 +219,8 @@ def test_tls_cluster_end_to_end(procs, tmp_path, tls, s3_server, bucket):
                            env={"DORAFS_SECRET": ""})
     assert outsider.path("data.bin").read_bytes() == data
     assert worker.counter("dorafs_worker_bytes_served_total") == served
-    assert re.search(r"registry https://\S+ unreachable \(Client error '401", outsider.log_text())
+    assert re.search(r"registry https://\S+ unreachable \(HTTP 401: missing or wrong cluster secret\)",
+                     outsider.log_text())
 
 
 def test_tls_page_bodies_without_sendfile_and_plain_http_fails_cleanly(procs, tmp_path, tls):
