@@ -11,6 +11,7 @@ worker still serves correct pages to a well-behaved client.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import re
@@ -164,6 +165,43 @@ def near_valid(draw, root: Path, bucket: str, secret: str, good: dict) -> tuple[
 
 # -- the test ------------------------------------------------------------------------------
 
+class FileWatch:
+    """inotify on a few directories: any open, read, write, create or delete inside them."""
+
+    MASK = 0x1 | 0x2 | 0x4 | 0x20 | 0x100 | 0x200  # ACCESS MODIFY ATTRIB OPEN CREATE DELETE
+
+    def __init__(self, directories: list[Path]):
+        self._libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        self.fd = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        assert self.fd >= 0, os.strerror(ctypes.get_errno())
+        self.paths = {}
+        for directory in directories:
+            wd = self._libc.inotify_add_watch(self.fd, str(directory).encode(), self.MASK)
+            assert wd >= 0, os.strerror(ctypes.get_errno())
+            self.paths[wd] = directory
+
+    def events(self) -> list[tuple[Path, int, str]]:
+        found = []
+        while True:
+            try:
+                data = os.read(self.fd, 1 << 16)
+            except BlockingIOError:
+                break
+            offset = 0
+            while offset < len(data):
+                wd, mask, _, length = int.from_bytes(data[offset:offset + 4], "little", signed=True), \
+                    int.from_bytes(data[offset + 4:offset + 8], "little"), 0, \
+                    int.from_bytes(data[offset + 12:offset + 16], "little")
+                name = data[offset + 16:offset + 16 + length].rstrip(b"\0").decode()
+                found.append((self.paths.get(wd), mask, name))
+                offset += 16 + length
+        return found
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+
 def snapshot(base: Path, skip: Path) -> dict[str, tuple]:
     """Every path under `base` except `skip`: type, mode, size, mtime and a hash of files."""
     found = {}
@@ -212,6 +250,8 @@ def test_worker_survives_thousands_of_hostile_requests(fuzz_target):
     status = httpx.get(f"http://{worker.address}/v1/stat", params={"uri": f"file://{root}/a.bin"}, headers=auth,
                        timeout=10).json()
     before = snapshot(base, worker.dir)
+    # Nothing may even open a file beside the root (the decoys) or create one next to it.
+    watch = FileWatch([base, base / "outside", base / "root-sibling"])
 
     # Slow clients, held open during the whole run: a head dribbled byte by byte, and a
     # body promised but never sent.
@@ -265,7 +305,11 @@ def test_worker_survives_thousands_of_hostile_requests(fuzz_target):
                                "index": i}).content for i in range(3)]
     assert b"".join(pages) == data
 
-    # Nothing outside the cache directory changed; inside it, only page-store names.
+    # Nothing outside the root was opened or read; nothing outside the cache directory
+    # changed; inside it, only page-store names.
+    touched = [e for e in watch.events() if not (e[0] == base and e[2] == "root")]  # the root itself: listed
+    watch.close()
+    assert touched == [], touched[:20]
     assert snapshot(base, worker.dir) == before
     names = {p.relative_to(worker.cache_dir).as_posix() for p in worker.cache_dir.rglob("*")}
     for name in names:
