@@ -25,9 +25,8 @@ import trio
 import trustme
 
 from dorafs.config import ConfigError, load_config
-from dorafs.pages import object_id
 from dorafs.security import Credentials, client_context, read_secret
-from tests.cluster import REPO, ProcessSet, _env, is_mounted
+from tests.cluster import REPO, ProcessSet, _env
 from tests.support import wait_for
 
 MiB = 1 << 20
