@@ -148,6 +148,41 @@ def _path(value) -> Path:
     return Path(_text(value)).expanduser()
 
 
+def _mode(value) -> int:
+    """Permission bits: `'0644'`/`'644'` (octal text) or a TOML integer such as `0o644`."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a file mode: {value!r}")
+    if isinstance(value, int):
+        number = value
+    else:
+        text = str(value).strip().lower().removeprefix("0o")
+        if not text or any(c not in "01234567" for c in text):
+            raise ValueError(f"not an octal file mode: {value!r} (use e.g. 0644)")
+        number = int(text, 8)
+    if not 0 <= number <= 0o7777:
+        raise ValueError(f"file mode out of range: {value!r}")
+    return number
+
+
+def _id(value) -> int:
+    number = _count(value)
+    if number >= 1 << 32:
+        raise ValueError(f"not a user or group id: {value!r}")
+    return number
+
+
+def _uris(value) -> list[str]:
+    from dorafs.ufs.base import normalize
+
+    items = value if isinstance(value, list) else str(value).replace("+", ",").split(",")
+    return [normalize(str(item).strip()) for item in items if str(item).strip()]
+
+
+# Security options, the same in every section (see dorafs/security.py and docs/SECURITY.md).
+_SECRET_DOC = "file holding the cluster secret, mode 0600 (else $DORAFS_SECRET; unset: no authentication)"
+_TLS_CA_DOC = "CA bundle to verify TLS peers with; set, every link to workers and the registry is TLS"
+
+
 def option(default, parse: Callable, doc: str, *, factory: Callable | None = None):
     """A configuration field: its default, how to parse it, and one line of documentation."""
     metadata = {"parse": parse, "doc": doc}
@@ -177,6 +212,15 @@ class WorkerConfig:
     heartbeat_interval: float = option(2.0, _positive_duration,
                                        "seconds between heartbeats; a few missed ones drop the worker")
     port_file: Path | None = option(None, _optional(_path), "write the bound HOST:PORT here once serving")
+    secret_file: Path | None = option(None, _optional(_path), _SECRET_DOC)
+    tls_cert: Path | None = option(None, _optional(_path), "TLS certificate chain (PEM); with tls_key, the port speaks TLS only")
+    tls_key: Path | None = option(None, _optional(_path), "TLS private key (PEM) of tls_cert")
+    tls_ca: Path | None = option(None, _optional(_path), _TLS_CA_DOC)
+    metrics_auth: bool = option(True, _flag, "/metrics needs the secret like the API (false: open to anyone reaching the port)")
+    metrics_listen: tuple[str, int] | None = option(None, _optional(parse_hostport),
+                                                    "HOST:PORT of a second, plain listener with only /metrics and /healthz")
+    ufs_roots: list[str] = option(None, _uris, "UFS URIs this worker may read, e.g. s3://bucket,file:///data "
+                                  "(empty: any; see docs/SECURITY.md)", factory=list)
 
 
 @dataclass
@@ -186,6 +230,14 @@ class RegistryConfig:
                              factory=lambda: user_cache_dir() / "registry")
     worker_ttl: float = option(10.0, _positive_duration, "drop a worker silent this long (five 2 s heartbeats)")
     port_file: Path | None = option(None, _optional(_path), "write the bound HOST:PORT here once serving")
+    secret_file: Path | None = option(None, _optional(_path), _SECRET_DOC)
+    tls_cert: Path | None = option(None, _optional(_path), "TLS certificate chain (PEM); with tls_key, the port speaks TLS only")
+    tls_key: Path | None = option(None, _optional(_path), "TLS private key (PEM) of tls_cert")
+    tls_ca: Path | None = option(None, _optional(_path), "CA bundle the scheduler verifies workers' TLS with; "
+                                 "set, load jobs reach workers over TLS")
+    metrics_auth: bool = option(True, _flag, "/metrics needs the secret like the API (false: open to anyone reaching the port)")
+    metrics_listen: tuple[str, int] | None = option(None, _optional(parse_hostport),
+                                                    "HOST:PORT of a second, plain listener with only /metrics and /healthz")
 
 
 @dataclass
@@ -222,6 +274,13 @@ class MountConfig:
     metrics_listen: tuple[str, int] | None = option(None, _optional(parse_hostport),
                                                     "HOST:PORT for the mount's /metrics and /healthz (unset: off)")
     debug: bool = option(False, _flag, "FUSE debug output and DEBUG logs")
+    secret_file: Path | None = option(None, _optional(_path), _SECRET_DOC)
+    tls_ca: Path | None = option(None, _optional(_path), _TLS_CA_DOC)
+    default_permissions: bool = option(True, _flag, "the kernel checks the mode bits below (FUSE default_permissions)")
+    uid: int | None = option(None, _optional(_id), "owner shown for every file (default: the mounting user)")
+    gid: int | None = option(None, _optional(_id), "group shown for every file (default: the mounting user's)")
+    file_mode: int = option(0o644, _mode, "permission bits of files, e.g. 0640")
+    dir_mode: int = option(0o755, _mode, "permission bits of directories, e.g. 0750")
 
 
 SECTIONS: dict[str, type] = {"worker": WorkerConfig, "registry": RegistryConfig, "mount": MountConfig}
@@ -322,6 +381,8 @@ def _human(spec, value) -> str:
                 return f"{value // unit}{name}"
     if parse in (_duration, _positive_duration):
         return f"{value:g}s"
+    if parse is _mode:
+        return f"{value:04o}"
     return _format_default(value)
 
 

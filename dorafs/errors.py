@@ -53,6 +53,13 @@ class InvalidRequest(DoraError):
     http_status = 400
 
 
+class PermissionDenied(DoraError):
+    """Not allowed: outside the UFS roots a worker serves, or without the cluster secret."""
+
+    errno = _errno.EACCES
+    http_status = 403
+
+
 class UfsError(DoraError):
     """The under file system failed (after its own retries)."""
 
@@ -74,7 +81,9 @@ class Unavailable(DoraError):
     http_status = 503
 
 
-_BY_STATUS = {cls.http_status: cls for cls in (NotFound, StaleVersion, InvalidRequest, UfsError, CacheFull, Unavailable)}
+_BY_STATUS = {cls.http_status: cls for cls in (NotFound, StaleVersion, InvalidRequest, PermissionDenied, UfsError,
+                                               CacheFull, Unavailable)}
+_BY_STATUS[401] = PermissionDenied  # a missing or wrong cluster secret
 
 
 def from_wire(status: int, body: dict | None) -> DoraError:

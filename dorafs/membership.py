@@ -13,6 +13,8 @@ Subtleties:
   once instead of waiting for a version number it has already seen.
 - `heartbeat_loop` re-registers when the registry answers 404 (it forgot the worker:
   restart, or the worker was expired) and deregisters, bounded and shielded, on the way out.
+- Every client here presents the process's `Credentials` (cluster secret, TLS CA); static
+  workers are probed over https when a CA is configured.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import httpx
 import trio
 
 from dorafs.config import parse_hostport
+from dorafs.security import Credentials
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,8 @@ def registry_url(text: str) -> str:
 
 
 def _describe(exc: Exception) -> str:
+    if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 401:
+        return "HTTP 401: missing or wrong cluster secret"
     return str(exc) or type(exc).__name__
 
 
@@ -122,8 +127,10 @@ class Membership:
 class StaticMembership(Membership):
     """A fixed list of worker addresses; each one's identity comes from its /v1/info."""
 
-    def __init__(self, addresses: list[str], *, recheck: float = STATIC_RECHECK):
+    def __init__(self, addresses: list[str], *, recheck: float = STATIC_RECHECK,
+                 credentials: Credentials | None = None):
         super().__init__()
+        self.credentials = credentials or Credentials()
         for address in addresses:
             parse_hostport(address)
         self.addresses = list(dict.fromkeys(addresses))
@@ -131,7 +138,8 @@ class StaticMembership(Membership):
         self._by_address: dict[str, WorkerInfo] = {}
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        http = httpx.AsyncClient(timeout=httpx.Timeout(REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT))
+        http = httpx.AsyncClient(timeout=httpx.Timeout(REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT),
+                                 **self.credentials.httpx_options())
         try:
             pending = set(self.addresses)
             first = trio.Event()
@@ -152,7 +160,7 @@ class StaticMembership(Membership):
         delay, down = 0.2, False
         while True:
             try:
-                response = await http.get(f"http://{address}/v1/info")
+                response = await http.get(f"{self.credentials.scheme}://{address}/v1/info")
                 response.raise_for_status()
                 info = WorkerInfo.from_dict(response.json())
             except (httpx.HTTPError, ValueError) as exc:
@@ -184,8 +192,10 @@ class StaticMembership(Membership):
 class RegistryMembership(Membership):
     """Long-polls the registry's worker list; keeps the last one through an outage."""
 
-    def __init__(self, url: str, *, poll_wait: float = POLL_WAIT, max_backoff: float = MAX_BACKOFF):
+    def __init__(self, url: str, *, poll_wait: float = POLL_WAIT, max_backoff: float = MAX_BACKOFF,
+                 credentials: Credentials | None = None):
         super().__init__()
+        self.credentials = credentials or Credentials()
         self.url = registry_url(url)
         self.poll_wait = poll_wait
         self.max_backoff = max_backoff
@@ -194,7 +204,7 @@ class RegistryMembership(Membership):
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         timeout = httpx.Timeout(self.poll_wait + REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT)
-        self._http = httpx.AsyncClient(timeout=timeout)
+        self._http = httpx.AsyncClient(timeout=timeout, **self.credentials.httpx_options())
         try:
             await self._run_until_first_view(self._poll_loop, trio.Event(), task_status)
         finally:
@@ -244,20 +254,21 @@ class RegistryMembership(Membership):
             first.set()
 
 
-def open_membership(registry: str | None, workers: list[str]) -> Membership:
+def open_membership(registry: str | None, workers: list[str], credentials: Credentials | None = None) -> Membership:
     """The membership source a client was configured with: a registry, or a fixed list."""
     if registry and workers:
         raise ValueError("give either a registry or a list of workers, not both")
     if registry:
-        return RegistryMembership(registry)
-    return StaticMembership(workers)
+        return RegistryMembership(registry, credentials=credentials)
+    return StaticMembership(workers, credentials=credentials)
 
 
 async def heartbeat_loop(registry: str, info: WorkerInfo, interval: float, *,
-                         task_status=trio.TASK_STATUS_IGNORED) -> None:
+                         credentials: Credentials | None = None, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Register with the registry and heartbeat every `interval` seconds until cancelled."""
     url = registry_url(registry)
-    http = httpx.AsyncClient(timeout=httpx.Timeout(max(interval, 1.0) + REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT))
+    http = httpx.AsyncClient(timeout=httpx.Timeout(max(interval, 1.0) + REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT),
+                             **(credentials or Credentials()).httpx_options())
     registered = started = outage = warned_ttl = False
     try:
         while True:

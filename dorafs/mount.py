@@ -3,13 +3,18 @@
 With neither a registry nor workers named, the mount starts an embedded single-node
 cluster: one `dorafs-worker` child process on a loopback port with its cache under the
 user's cache directory, stopped when the mount ends. It runs as its own process so the
-worker's page I/O and the FUSE handlers use both cores.
+worker's page I/O and the FUSE handlers use both cores. Its loopback port is reachable by
+every local user, so it is locked down: it demands a random secret made for this mount
+(in `worker.secret`, mode 0600, next to `worker.addr` in the 0700 cache directory, where
+the user finds both to query it; never on a command line), and it reads only below the
+mount's UFS root (`--ufs-roots`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -28,6 +33,7 @@ from dorafs.fuse.operations import DoraOperations
 from dorafs.http import HttpServer, Response, json_response
 from dorafs.membership import open_membership
 from dorafs.notify import notify
+from dorafs.security import SECRET_ENV, Credentials
 from dorafs.ufs import UfsSet, normalize
 
 log = logging.getLogger("dorafs.mount")
@@ -40,26 +46,34 @@ class MountError(Exception):
 
 
 @asynccontextmanager
-async def embedded_worker(config: MountConfig):
-    """Start a local worker process; yield its address; stop it on exit."""
+async def embedded_worker(config: MountConfig, secret: bytes):
+    """Start a local worker process that demands `secret`; yield its address; stop it on exit."""
     cache_dir = config.cache_dir or (user_cache_dir() / "embedded")
     lock = lock_directory(cache_dir)  # probe only: the worker takes it for itself
     if lock is None:
         raise MountError(f"the cache directory {cache_dir} is in use by another worker "
                          "(another embedded mount?); choose another with --cache-dir")
     os.close(lock)
-    # The worker writes its address here once serving; operators find it here too.
+    # The worker writes its address here once serving; operators find it here too, and
+    # the secret it demands next to it.
     port_file = cache_dir / "worker.addr"
     port_file.unlink(missing_ok=True)
+    secret_file = cache_dir / "worker.secret"
     argv = [
         sys.executable, "-m", "worker.main", "--listen", "127.0.0.1:0",
         "--cache-dir", str(cache_dir), "--cache-size", str(config.cache_size),
         "--page-size", str(config.page_size), "--status-ttl", str(config.status_ttl),
-        "--listing-ttl", str(config.listing_ttl), "--negative-ttl", str(config.negative_ttl), "--port-file", str(port_file),
+        "--listing-ttl", str(config.listing_ttl), "--negative-ttl", str(config.negative_ttl),
+        "--port-file", str(port_file),
+        "--ufs-roots", normalize(config.ufs_uri), "--secret-file", str(secret_file),
     ]
-    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}  # readiness is the mount's to tell
-    proc = await trio.lowlevel.open_process(argv, stdin=subprocess.DEVNULL, env=env)
+    env = {k: v for k, v in os.environ.items()
+           if k != "NOTIFY_SOCKET"  # readiness is the mount's to tell
+           and k != SECRET_ENV and not k.startswith("DORAFS_WORKER_")}  # nothing meant for other workers
+    proc = None
     try:
+        _write_private(secret_file, secret + b"\n")
+        proc = await trio.lowlevel.open_process(argv, stdin=subprocess.DEVNULL, env=env)
         with trio.move_on_after(EMBEDDED_START_TIMEOUT):
             while not port_file.exists():
                 if proc.poll() is not None:
@@ -73,7 +87,7 @@ async def embedded_worker(config: MountConfig):
         yield address
     finally:
         with trio.CancelScope(shield=True):
-            if proc.returncode is None:
+            if proc is not None and proc.returncode is None:
                 proc.send_signal(signal.SIGTERM)
                 with trio.move_on_after(10):
                     await proc.wait()
@@ -81,6 +95,17 @@ async def embedded_worker(config: MountConfig):
                     proc.kill()
                     await proc.wait()
             port_file.unlink(missing_ok=True)
+            secret_file.unlink(missing_ok=True)
+
+
+def _write_private(path, data: bytes) -> None:
+    """Write a file only its owner may read (whatever the umask, whatever was there)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data)
+    finally:
+        os.close(fd)
 
 
 def fuse_options(config: MountConfig) -> set[str]:
@@ -88,6 +113,8 @@ def fuse_options(config: MountConfig) -> set[str]:
     options |= {"ro", "fsname=dorafs", "subtype=dorafs"}
     if config.allow_other:
         options.add("allow_other")
+    if config.default_permissions:
+        options.add("default_permissions")
     if config.debug:
         options.add("debug")
     return options
@@ -99,13 +126,20 @@ async def run_mount(config: MountConfig, ready=lambda: None) -> None:
     mountpoint = os.path.abspath(config.mountpoint)
     if not os.path.isdir(mountpoint):
         raise MountError(f"mount point {mountpoint} is not a directory")
+    try:
+        credentials = Credentials.from_config(config)
+    except ValueError as exc:  # ConfigError: a bad secret file or CA
+        raise MountError(str(exc)) from None
     async with AsyncExitStack() as stack:
         workers = list(config.workers)
         if not config.registry and not workers:
-            workers = [await stack.enter_async_context(embedded_worker(config))]
+            # A loopback child of ours: no TLS, and its own secret, not the cluster's.
+            credentials = Credentials(secrets.token_hex(32).encode(), None)
+            workers = [await stack.enter_async_context(embedded_worker(config, credentials.secret))]
         ufs = UfsSet()
         stack.push_async_callback(ufs.aclose)
-        client = DoraClient(config, open_membership(config.registry, workers), ufs)
+        membership = open_membership(config.registry, workers, credentials)
+        client = DoraClient(config, membership, ufs, credentials=credentials)
         nursery = await stack.enter_async_context(trio.open_nursery())
         stack.callback(nursery.cancel_scope.cancel)
         await nursery.start(client.run)

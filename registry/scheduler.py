@@ -50,6 +50,7 @@ from dorafs.errors import DoraError, NotFound, Unavailable, from_wire
 from dorafs.files import write_atomic
 from dorafs.membership import WorkerInfo
 from dorafs.routing import Routing, build_routing
+from dorafs.security import Credentials
 from dorafs.ufs import FileStatus, join
 from registry.jobs import Batch, Job, JobSpec
 from registry.state import MembershipTable
@@ -74,8 +75,9 @@ CALL_TIMEOUT = httpx.Timeout(600.0, connect=3.0)  # a batch under a bandwidth li
 class WorkerCalls:
     """HTTP calls from the scheduler to workers: the one place they go through."""
 
-    def __init__(self):
-        self._http = httpx.AsyncClient(timeout=CALL_TIMEOUT)
+    def __init__(self, credentials: Credentials | None = None):
+        self.credentials = credentials or Credentials()
+        self._http = httpx.AsyncClient(timeout=CALL_TIMEOUT, **self.credentials.httpx_options())
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -85,7 +87,7 @@ class WorkerCalls:
         """The JSON answer; `Unavailable` if the worker cannot be reached, its DoraError if it says no."""
         kw = {} if timeout is None else {"timeout": timeout}
         try:
-            response = await self._http.request(method, f"http://{address}{path}", params=params, json=body, **kw)
+            response = await self._http.request(method, f"{self.credentials.scheme}://{address}{path}", params=params, json=body, **kw)
         except httpx.HTTPError as exc:
             raise Unavailable(f"worker {address}: {exc or type(exc).__name__}") from None
         try:
@@ -98,11 +100,11 @@ class WorkerCalls:
 
 
 class Scheduler:
-    def __init__(self, state_dir: Path, table: MembershipTable):
+    def __init__(self, state_dir: Path, table: MembershipTable, credentials: Credentials | None = None):
         self.dir = Path(state_dir) / JOB_DIR
         self.table = table
         self.jobs: dict[str, Job] = {}
-        self.calls = WorkerCalls()
+        self.calls = WorkerCalls(credentials)
         self._runners: dict[str, trio.CancelScope] = {}
         self._wakes: dict[str, trio.Event] = {}
         self._dirty: set[str] = set()

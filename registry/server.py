@@ -31,6 +31,7 @@ from dorafs.config import RegistryConfig
 from dorafs.errors import NotFound
 from dorafs.http.server import HttpError, HttpServer, Request, Response, json_response
 from dorafs.membership import WorkerInfo
+from dorafs.security import Credentials, ServerSecurity, client_context
 from registry.jobs import STATES, JobSpec
 from registry.scheduler import Scheduler
 from registry.state import MembershipTable
@@ -162,23 +163,31 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def run(config: RegistryConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def run(config: RegistryConfig, security: ServerSecurity | None = None, *,
+              task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve the registry until cancelled; `task_status.started` gets the bound "host:port"."""
+    security = security or ServerSecurity()
     state_dir = Path(config.state_dir)
     await trio.to_thread.run_sync(lambda: state_dir.mkdir(parents=True, exist_ok=True, mode=0o700))
     table = await trio.to_thread.run_sync(MembershipTable.load, state_dir, config.worker_ttl)
     metrics = RegistryMetrics(table)
-    scheduler = Scheduler(state_dir, table)
+    # The scheduler calls workers as any client does: with the secret, over TLS if told.
+    scheduler = Scheduler(state_dir, table, Credentials(security.secret, client_context(config.tls_ca)))
     await trio.to_thread.run_sync(scheduler.load)
     metrics.watch_jobs(scheduler)
     server = build_server(table, metrics, scheduler)
+    security.apply(server)
     async with trio.open_nursery() as nursery:
         await nursery.start(scheduler.run)
         host, port = await nursery.start(server.serve, *config.listen)
+        if config.metrics_listen:
+            metrics_at = await nursery.start(server.view("dorafs-registry", {"/metrics", "/healthz"}).serve,
+                                             *config.metrics_listen)
+            log.info("metrics on http://%s:%d/metrics", *metrics_at)
         address = format_address(host, port)
         nursery.start_soon(expire_loop, table, metrics)
         if config.port_file:
             await trio.to_thread.run_sync(write_atomic, Path(config.port_file), address + "\n")
-        log.info("registry serving on %s (state %s, worker TTL %.1fs, version %d, %d workers)",
-                 address, state_dir, config.worker_ttl, table.version, len(table))
+        log.info("registry serving on %s (state %s, worker TTL %.1fs, version %d, %d workers; %s)",
+                 address, state_dir, config.worker_ttl, table.version, len(table), security.describe())
         task_status.started(address)

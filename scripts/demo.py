@@ -106,7 +106,8 @@ def read_all(root: Path, label: str) -> tuple[int, float, dict[str, str]]:
 
 def ufs_reads(cache_dir: Path) -> float:
     address = (cache_dir / "worker.addr").read_text().strip()
-    text = httpx.get(f"http://{address}/metrics", timeout=10).text
+    secret = (cache_dir / "worker.secret").read_text().strip()  # the embedded worker's own
+    text = httpx.get(f"http://{address}/metrics", headers={"Authorization": f"Bearer {secret}"}, timeout=10).text
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == "dorafs_worker_ufs_requests_total" and sample.labels.get("op") == "read":

@@ -30,17 +30,24 @@ def _env() -> dict[str, str]:
 
 
 class Process:
-    def __init__(self, name: str, argv: list[str], log_path: Path):
+    """`env` adds to the process's environment (e.g. DORAFS_SECRET); `http` holds the httpx
+    options (token headers, TLS `verify`) and `scheme` the URL scheme the helpers below use."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path, *, env: dict | None = None,
+                 http: dict | None = None):
         self.name = name
         self.argv = argv
         self.log_path = log_path
+        self.env = dict(env or {})
+        self.http = dict(http or {})
+        self.scheme = "https" if self.http.get("verify") not in (None, True) else "http"
         self.proc: subprocess.Popen | None = None
         self.start()
 
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         env=_env(), cwd=REPO)
+                                         env=_env() | self.env, cwd=REPO)
 
     @property
     def pid(self) -> int:
@@ -81,7 +88,8 @@ class Process:
 
 class Worker(Process):
     def __init__(self, tmp: Path, name: str = "worker", *, registry: str | None = None,
-                 cache_size: str = "1GiB", page_size: str = "1MiB", extra: list[str] = ()):
+                 cache_size: str = "1GiB", page_size: str = "1MiB", extra: list[str] = (),
+                 env: dict | None = None, http: dict | None = None):
         self.dir = tmp / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port_file = self.dir / "addr"
@@ -92,7 +100,7 @@ class Worker(Process):
         self.extra = list(extra)
         self.address = ""
         argv = self._argv("127.0.0.1:0")
-        super().__init__(name, argv, self.dir / "log")
+        super().__init__(name, argv, self.dir / "log", env=env, http=http)
         self.address = self._await_address()
 
     def _argv(self, listen: str) -> list[str]:
@@ -114,7 +122,7 @@ class Worker(Process):
 
     def metrics(self) -> dict[str, float]:
         """Samples by name (with labels folded in as name{k=v})."""
-        text = httpx.get(f"http://{self.address}/metrics", timeout=10).text
+        text = httpx.get(f"{self.scheme}://{self.address}/metrics", timeout=10, **self.http).text
         samples: dict[str, float] = {}
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
@@ -132,18 +140,20 @@ class Worker(Process):
 
 
 class Registry(Process):
-    def __init__(self, tmp: Path, name: str = "registry", *, ttl: str = "3s"):
+    def __init__(self, tmp: Path, name: str = "registry", *, ttl: str = "3s", extra: list[str] = (),
+                 env: dict | None = None, http: dict | None = None):
         self.dir = tmp / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port_file = self.dir / "addr"
         self.ttl = ttl
-        super().__init__(name, self._argv("127.0.0.1:0"), self.dir / "log")
+        self.extra = list(extra)
+        super().__init__(name, self._argv("127.0.0.1:0"), self.dir / "log", env=env, http=http)
         self.address = self._await_address()
-        self.url = f"http://{self.address}"
+        self.url = f"{self.scheme}://{self.address}"
 
     def _argv(self, listen: str) -> list[str]:
         return [sys.executable, "-m", "registry.main", "--listen", listen, "--state-dir", str(self.dir / "state"),
-                "--worker-ttl", self.ttl, "--port-file", str(self.port_file)]
+                "--worker-ttl", self.ttl, "--port-file", str(self.port_file), *self.extra]
 
 
     def restart(self, *, crash: bool = False) -> None:
@@ -155,7 +165,7 @@ class Registry(Process):
         self.address = self._await_address()
 
     def workers(self) -> list[dict]:
-        return httpx.get(f"{self.url}/v1/workers", timeout=5).json()["workers"]
+        return httpx.get(f"{self.url}/v1/workers", timeout=5, **self.http).json()["workers"]
 
 
 def is_mounted(path: Path) -> bool:
@@ -168,7 +178,8 @@ class Mount(Process):
     """`dorafs mount --foreground` as a child process."""
 
     def __init__(self, tmp: Path, ufs_uri: str, *, name: str = "mount", workers: list[str] = (),
-                 registry: str | None = None, options: str = "", extra: list[str] = ()):
+                 registry: str | None = None, options: str = "", extra: list[str] = (),
+                 env: dict | None = None):
         self.mountpoint = tmp / f"{name}-mnt"
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "dorafs.cli.main", "mount", ufs_uri, str(self.mountpoint), "--foreground"]
@@ -179,7 +190,7 @@ class Mount(Process):
         if options:
             argv += ["-o", options]
         argv += list(extra)
-        super().__init__(name, argv, tmp / f"{name}.log")
+        super().__init__(name, argv, tmp / f"{name}.log", env=env)
 
         def ready():
             if not self.alive():

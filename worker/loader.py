@@ -33,7 +33,8 @@ import trio
 from dorafs.errors import DoraError, InvalidRequest
 from dorafs.pages import object_id, page_count, page_length
 from dorafs.ufs import FileStatus
-from worker.service import WorkerService, check_uri
+from worker.access import UfsRoots, check_uri
+from worker.service import WorkerService
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +105,9 @@ def _entries(body: dict) -> list[tuple[str, FileStatus | None]]:
 
 
 class Loader:
-    def __init__(self, service: WorkerService, concurrency: int):
+    def __init__(self, service: WorkerService, concurrency: int, roots: UfsRoots | None = None):
         self.service = service
+        self.roots = roots or UfsRoots([])
         self.metrics = service.metrics
         self._limiter = trio.CapacityLimiter(max(1, concurrency))
         self._jobs: OrderedDict[str, _Job] = OrderedDict()
@@ -137,7 +139,7 @@ class Loader:
         if not isinstance(job_id, str) or not job_id:
             raise InvalidRequest(f"'job' must be a non-empty string, got {job_id!r}")
         options = BatchOptions.from_body(body)
-        entries = _entries(body)
+        entries = [(await self.roots.check(uri), status) for uri, status in _entries(body)]
         job = self._job(job_id)
         results: list[dict | None] = [None] * len(entries)
         if not job.cancelled:

@@ -8,6 +8,8 @@ import os
 import signal
 import sys
 import uuid
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -16,6 +18,7 @@ from dorafs.config import ConfigError, WorkerConfig, load_config
 from dorafs.files import lock_directory, write_atomic
 from dorafs.log import setup_logging
 from dorafs.notify import notify
+from dorafs.security import Credentials, ServerSecurity
 from dorafs.ufs import UfsSet
 from worker.metrics import WorkerMetrics
 from worker.server import build_server
@@ -24,8 +27,9 @@ from worker.service import WorkerService
 log = logging.getLogger("dorafs.worker")
 
 
-def parse_args(argv: list[str] | None) -> tuple[WorkerConfig, str]:
-    p = argparse.ArgumentParser(prog="dorafs-worker", description="Run a dorafs cache worker.")
+def parse_args(argv: list[str] | None) -> tuple[WorkerConfig, Security, str]:
+    p = argparse.ArgumentParser(prog="dorafs-worker", description="Run a dorafs cache worker.",
+                                allow_abbrev=False)  # `--secret` must not mean `--secret-file`
     p.add_argument("--config", help="TOML config file (default /etc/dorafs/dorafs.toml if present)")
     p.add_argument("--registry", help="registry URL (http://HOST:PORT); omit for a standalone worker")
     p.add_argument("--listen", help="HOST:PORT to bind (port 0: any free port; default 127.0.0.1:29998)")
@@ -39,14 +43,27 @@ def parse_args(argv: list[str] | None) -> tuple[WorkerConfig, str]:
     p.add_argument("--metadata-entries", help="statuses and listing entries kept in memory, e.g. 100000")
     p.add_argument("--heartbeat-interval", help="time between heartbeats to the registry, e.g. 2s")
     p.add_argument("--port-file", help="write the bound HOST:PORT here once serving")
+    p.add_argument("--ufs-roots", help="UFS URIs this worker may read, e.g. s3://bucket,file:///data")
+    p.add_argument("--secret-file", help="file with the cluster secret, mode 0600 (the secret itself: $DORAFS_SECRET)")
+    p.add_argument("--tls-cert", help="TLS certificate chain (PEM); with --tls-key the port speaks TLS")
+    p.add_argument("--tls-key", help="TLS private key (PEM)")
+    p.add_argument("--tls-ca", help="CA bundle to verify the registry's TLS certificate with")
+    p.add_argument("--metrics-listen", help="HOST:PORT of a plain listener with only /metrics and /healthz")
     p.add_argument("--log-level", default=None)
     args = p.parse_args(argv)
     cli = {k: v for k, v in vars(args).items() if k not in ("config", "log_level") and v is not None}
     try:
         config = load_config("worker", cli, config_path=args.config)
+        security = Security(Credentials.from_config(config), ServerSecurity.from_config(config))
     except ConfigError as exc:
         p.exit(2, f"dorafs-worker: error: {exc}\n")
-    return config, args.log_level
+    return config, security, args.log_level
+
+
+@dataclass(frozen=True)
+class Security:
+    credentials: Credentials = Credentials()  # presented to the registry
+    server: ServerSecurity = ServerSecurity()  # demanded of clients
 
 
 def _lock_cache_dir(cache_dir: Path) -> int:
@@ -68,8 +85,11 @@ def _worker_id(cache_dir: Path) -> str:
         return wid
 
 
-async def run(config: WorkerConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def run(config: WorkerConfig, security: Security | None = None, *,
+              task_status=trio.TASK_STATUS_IGNORED) -> None:
     from dorafs.membership import WorkerInfo, heartbeat_loop
+
+    security = security or Security()
 
     ufs = UfsSet(threads=config.ufs_threads)
     service = WorkerService(config, ufs, WorkerMetrics())
@@ -80,16 +100,23 @@ async def run(config: WorkerConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> 
             service.background = nursery
             info: dict = {"id": wid, "page_size": config.page_size, "capacity": config.cache_size}
             server = build_server(service, info)
+            security.server.apply(server)
             host, port = await nursery.start(server.serve, *config.listen)
+            if config.metrics_listen:
+                metrics_at = await nursery.start(server.view("dorafs-worker", {"/metrics", "/healthz"}).serve,
+                                                 *config.metrics_listen)
+                log.info("metrics on http://%s:%d/metrics", *metrics_at)
             address = config.advertise or f"{host}:{port}"
             info["address"] = address
             if config.registry:
                 worker = WorkerInfo(id=wid, address=address, page_size=config.page_size, capacity=config.cache_size)
-                await nursery.start(heartbeat_loop, config.registry, worker, config.heartbeat_interval)
+                await nursery.start(partial(heartbeat_loop, credentials=security.credentials),
+                                    config.registry, worker, config.heartbeat_interval)
             if config.port_file:
                 write_atomic(config.port_file, address + "\n")
-            log.info("worker %s serving on %s (cache %s, %d bytes, page %d)",
-                     wid, address, config.cache_dir, config.cache_size, config.page_size)
+            log.info("worker %s serving on %s (cache %s, %d bytes, page %d; %s; UFS roots: %s)",
+                     wid, address, config.cache_dir, config.cache_size, config.page_size,
+                     security.server.describe(), ", ".join(config.ufs_roots) or "any")
             notify("READY=1", f"STATUS=serving on {address}")
             task_status.started(address)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -104,11 +131,11 @@ async def run(config: WorkerConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    config, level = parse_args(argv)
+    config, security, level = parse_args(argv)
     setup_logging("dorafs-worker", level)
     lock = _lock_cache_dir(config.cache_dir)
     try:
-        trio.run(run, config)
+        trio.run(run, config, security)
     except KeyboardInterrupt:
         pass
     finally:

@@ -21,7 +21,9 @@
   GET /healthz, GET /metrics
 
 Errors are JSON `{errno, message}` with the status of the DoraError (404 ENOENT, 412
-ESTALE for a changed object, 400 EINVAL for bad input, 502 EIO for a failing UFS).
+ESTALE for a changed object, 400 EINVAL for bad input, 403 EACCES for a URI outside the
+worker's UFS roots, 401 without the cluster secret, 502 EIO for a failing UFS).
+Every URI passes `worker.access` before anything reads it.
 """
 
 from __future__ import annotations
@@ -33,20 +35,25 @@ from dorafs.errors import InvalidRequest
 from dorafs.http import FileBody, HttpServer, Request, Response, json_response
 from dorafs.pages import page_count
 from dorafs.ufs import FileStatus
+from worker.access import UfsRoots, check_uri, check_version
 from worker.loader import Loader
-from worker.service import WorkerService, check_uri
+from worker.service import WorkerService
 
 MAX_LIST_LIMIT = 10_000
 
 
 def build_server(service: WorkerService, info: dict) -> HttpServer:
     server = HttpServer("dorafs-worker", service.metrics.registry, "dorafs_worker")
-    loader = Loader(service, service.config.ufs_threads)
+    roots = UfsRoots(service.config.ufs_roots)
+    loader = Loader(service, service.config.ufs_threads, roots)
+
+    async def allowed_uri(req: Request) -> str:
+        return await roots.check(check_uri(req.arg("uri")))
 
     @server.route("GET", "/v1/page")
     async def page(req: Request) -> Response:
-        uri = check_uri(req.arg("uri"))
-        version = req.arg("version")
+        uri = await allowed_uri(req)
+        version = check_version(req.arg("version"))
         size = req.int_arg("size")
         index = req.int_arg("index")
         page_size = req.int_arg("page_size", service.config.page_size, minimum=1)
@@ -73,20 +80,20 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
 
     @server.route("GET", "/v1/stat")
     async def stat(req: Request) -> Response:
-        status = await service.stat(check_uri(req.arg("uri")), ttl=_ttl(req, "ttl"),
+        status = await service.stat(await allowed_uri(req), ttl=_ttl(req, "ttl"),
                                     negative_ttl=_ttl(req, "negative_ttl"))
         return json_response(status.to_dict())
 
     @server.route("GET", "/v1/list")
     async def listing(req: Request) -> Response:
-        uri = check_uri(req.arg("uri"))
+        uri = await allowed_uri(req)
         limit = min(req.int_arg("limit", 1000, minimum=1), MAX_LIST_LIMIT)
         entries, after = await service.list_page(uri, req.query.get("after", ""), limit, ttl=_ttl(req, "ttl"))
         return json_response({"entries": [e.to_dict() for e in entries], "next": after})
 
     @server.route("POST", "/v1/invalidate")
     async def invalidate(req: Request) -> Response:
-        uri = check_uri(req.arg("uri"))
+        uri = await allowed_uri(req)
         pages = {"0": "none", "1": "all", "changed": "changed"}.get(req.query.get("pages", "0"))
         if pages is None:
             raise InvalidRequest("pages must be 0, 1 or changed")
@@ -103,7 +110,7 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
 
     @server.route("GET", "/v1/cached")
     async def cached(req: Request) -> Response:
-        uri = check_uri(req.arg("uri"))
+        uri = await allowed_uri(req)
         if "version" in req.query:  # the caller knows the version (from a listing): no stat
             status = FileStatus(uri.rpartition("/")[2], False, req.int_arg("size"), version=req.arg("version"))
         else:

@@ -20,7 +20,7 @@ from dorafs.config import WorkerConfig
 from dorafs.errors import CacheFull, InvalidRequest, NotADirectory, NotFound, StaleVersion, Unavailable
 from dorafs.pages import object_id, page_count, page_length
 from dorafs.singleflight import SingleFlight
-from dorafs.ufs import FileStatus, UfsSet, normalize
+from dorafs.ufs import FileStatus, UfsSet
 from dorafs.ufs.base import parent as parent_uri
 from worker.metastore import Cached, Listing, MetaStore
 from worker.metrics import WorkerMetrics
@@ -395,10 +395,3 @@ def _found(uri: str, status: FileStatus | None) -> FileStatus:
     if status is None:
         raise NotFound(f"no such file or directory: {uri}")
     return status
-
-
-def check_uri(raw: str) -> str:
-    try:
-        return normalize(raw)
-    except ValueError as exc:
-        raise InvalidRequest(str(exc)) from None

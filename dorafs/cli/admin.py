@@ -16,6 +16,8 @@
   dorafs-admin ring UFS_PATH [--json]               the workers tried for a path, in order
 
 The registry URL comes from --registry, else $DORAFS_REGISTRY, else the local default.
+The cluster secret from --secret-file (else $DORAFS_SECRET_FILE), else $DORAFS_SECRET;
+with --tls-ca (else $DORAFS_TLS_CA) workers are reached over https.
 Errors are one line on stderr and exit status 1 (2 for bad arguments).
 """
 
@@ -31,14 +33,16 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from dorafs.config import parse_size
+from dorafs.config import ConfigError, parse_size
 from dorafs.membership import WorkerInfo, registry_url
 from dorafs.routing import Routing, build_routing
+from dorafs.security import Credentials, client_context, read_secret
 from dorafs.ufs import join, normalize
 
 PROG = "dorafs-admin"
 DEFAULT_REGISTRY = "http://127.0.0.1:19998"
 TIMEOUT = httpx.Timeout(10.0, connect=3.0)
+credentials = Credentials()  # set by main() from the options; every request presents it
 
 
 class AdminError(Exception):
@@ -77,7 +81,7 @@ def _http(method: str, url: str, what: str, *, params: dict | None = None, body:
     """
     global _client
     if _client is None:
-        _client = httpx.Client(timeout=TIMEOUT)
+        _client = httpx.Client(timeout=TIMEOUT, **credentials.httpx_options())
     try:
         return _client.request(method, url, params=params, json=body)
     except httpx.HTTPError as exc:
@@ -107,7 +111,7 @@ def _get(registry: str, path: str) -> dict:
 
 def _worker_call(worker: WorkerInfo | str, path: str, params: dict, method: str = "GET") -> dict:
     address = worker if isinstance(worker, str) else worker.address
-    return call(method, f"http://{address}", path, params=params, what=f"worker {address}")
+    return call(method, f"{credentials.scheme}://{address}", path, params=params, what=f"worker {address}")
 
 
 def _routing(registry: str) -> Routing:
@@ -183,7 +187,7 @@ def worker_figures(address: str) -> dict:
     """The report's figures for one worker, from its Prometheus text."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    response = _http("GET", f"http://{address}/metrics", f"worker {address}")
+    response = _http("GET", f"{credentials.scheme}://{address}/metrics", f"worker {address}")
     if response.status_code != 200:
         raise AdminError(f"worker {address} answered HTTP {response.status_code} for /metrics")
     text = response.text
@@ -253,9 +257,10 @@ def cmd_refresh(args) -> int:
     results, failed = {}, {}
     for address in addresses:
         try:
-            response = httpx.post(f"http://{address}/v1/invalidate", params=params, timeout=TIMEOUT)
-        except httpx.HTTPError as exc:
-            failed[address] = f"unreachable: {exc or type(exc).__name__}"
+            response = _http("POST", f"{credentials.scheme}://{address}/v1/invalidate", f"worker {address}",
+                             params=params)
+        except AdminError as exc:
+            failed[address] = str(exc)
             continue
         if response.status_code != 200:
             failed[address] = f"HTTP {response.status_code}: {response.text[:200]}"
@@ -492,9 +497,13 @@ def cmd_ring(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Look at and operate a dorafs cluster.")
+    p = _Parser(prog=PROG, description="Look at and operate a dorafs cluster.", allow_abbrev=False)
     p.add_argument("--registry", default=os.environ.get("DORAFS_REGISTRY") or DEFAULT_REGISTRY,
                    help=f"registry URL (default: $DORAFS_REGISTRY, else {DEFAULT_REGISTRY})")
+    p.add_argument("--secret-file", default=os.environ.get("DORAFS_SECRET_FILE") or None,
+                   help="file with the cluster secret, mode 0600 (default: $DORAFS_SECRET_FILE, else $DORAFS_SECRET)")
+    p.add_argument("--tls-ca", default=os.environ.get("DORAFS_TLS_CA") or None,
+                   help="CA bundle to verify the registry and workers with (default: $DORAFS_TLS_CA)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
     workers = sub.add_parser("workers", help="list live workers")
     workers.add_argument("--json", action="store_true", help="print the registry's answer as JSON")
@@ -548,8 +557,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    global credentials
+    parser = build_parser()
+    args = parser.parse_args(argv)
     args.registry = registry_url(args.registry)
+    try:
+        credentials = Credentials(read_secret(args.secret_file), client_context(args.tls_ca))
+    except ConfigError as exc:
+        parser.error(str(exc))
     try:
         status = args.func(args)
     except AdminError as exc:

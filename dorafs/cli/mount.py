@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from dorafs.config import ConfigError, MountConfig, load_config, user_cache_dir
+from dorafs.security import Credentials
 
 # mount(8) generic options that mean nothing to a FUSE file system of ours.
 _IGNORED = {"defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail", "exec", "noexec",
@@ -70,6 +71,10 @@ def config_from_args(args: argparse.Namespace) -> MountConfig:
         raise UsageError("give a registry or a worker list, not both")
     if not config.mountpoint.is_dir():
         raise UsageError(f"mount point {config.mountpoint} does not exist or is not a directory")
+    try:
+        Credentials.from_config(config)  # a bad secret file or CA stops the mount here, in one line
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
     return config
 
 

@@ -32,6 +32,7 @@ from dorafs.membership import Membership
 from dorafs.pages import page_count, plan
 from dorafs.ring import HashRing
 from dorafs.routing import build_routing
+from dorafs.security import Credentials
 from dorafs.singleflight import SingleFlight
 from dorafs.ufs import FileStatus, UfsSet
 from dorafs.ufs.base import parent as parent_uri
@@ -66,7 +67,8 @@ class ClientStats:
 
 
 class DoraClient:
-    def __init__(self, config: MountConfig, membership: Membership, ufs: UfsSet):
+    def __init__(self, config: MountConfig, membership: Membership, ufs: UfsSet, *,
+                 credentials: Credentials | None = None):
         self.config = config
         self.membership = membership
         self.ufs = ufs
@@ -74,7 +76,8 @@ class DoraClient:
         self.ring = HashRing()
         self.buffer = PageBuffer(config.buffer_size)
         self.stats = ClientStats()
-        self._workers = WorkerClient(timeout=config.worker_timeout, connect_timeout=config.connect_timeout)
+        self._workers = WorkerClient(timeout=config.worker_timeout, connect_timeout=config.connect_timeout,
+                                     credentials=credentials)
         self._flights = SingleFlight()
         self._suspect_until: dict[str, float] = {}
         self._remote: set[str] = set()  # loopback workers whose page files this process cannot read

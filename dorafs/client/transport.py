@@ -9,17 +9,24 @@ list, no joins, one copy from the kernel.
 Connections are kept alive in a small pool per address. A request that fails on a reused
 connection (the worker closed it while idle) is retried once on a fresh one; any other
 failure surfaces as `TransportError` for the caller to fail over.
+
+Security: every request carries the credentials' `Authorization` header (built once).
+With a TLS context, connections are `trio.SSLStream`s over the socket and bodies arrive
+through `receive_some` (TLS decrypts into its own buffers, so `recv_into` cannot be
+used); the plain path is unchanged. A TLS failure is a `TransportError` like any other.
 """
 
 from __future__ import annotations
 
 import socket
+import ssl
 from collections import defaultdict
 from urllib.parse import urlencode
 
 import trio
 
 from dorafs.log import request_id
+from dorafs.security import Credentials
 
 HEAD_LIMIT = 64 * 1024
 RECV_CHUNK = 256 * 1024
@@ -39,9 +46,9 @@ class Response:
 
 
 class _Connection:
-    def __init__(self, stream: trio.SocketStream):
+    def __init__(self, stream: trio.SocketStream | trio.SSLStream):
         self.stream = stream
-        self.sock = stream.socket
+        self.sock = stream.socket if isinstance(stream, trio.SocketStream) else None  # None: TLS
         self.pending = bytearray()  # bytes received past the previous response
 
     async def close(self) -> None:
@@ -50,7 +57,11 @@ class _Connection:
 
 
 class Transport:
-    def __init__(self, *, timeout: float, connect_timeout: float, max_idle_per_host: int = 16):
+    def __init__(self, *, timeout: float, connect_timeout: float, max_idle_per_host: int = 16,
+                 credentials: Credentials | None = None):
+        credentials = credentials or Credentials()
+        self.ssl = credentials.ssl
+        self._auth = "".join(f"{name}: {value}\r\n" for name, value in credentials.headers.items())
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle_per_host
@@ -69,7 +80,7 @@ class Transport:
         """One request without a body (the worker API takes its arguments in the query)."""
         length = "" if method in ("GET", "HEAD") else "Content-Length: 0\r\n"
         request = (f"{method} {path}?{urlencode(params)} HTTP/1.1\r\nHost: {address}\r\n"
-                   f"X-Request-Id: {request_id.get()}\r\n{length}\r\n").encode()
+                   f"X-Request-Id: {request_id.get()}\r\n{self._auth}{length}\r\n").encode()
         for attempt in (0, 1):
             conn, reused = await self._checkout(address)
             try:
@@ -102,9 +113,14 @@ class Transport:
         try:
             with trio.fail_after(self.connect_timeout):
                 stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
-        except (OSError, trio.TooSlowError) as exc:
-            raise TransportError(f"worker {address} unreachable: {exc or 'connect timed out'}") from None
-        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if self.ssl is not None:
+                    stream = trio.SSLStream(stream, self.ssl, server_hostname=host.strip("[]"),
+                                            https_compatible=True)
+                    await stream.do_handshake()
+        except (OSError, trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError) as exc:
+            cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) and exc.__cause__ else exc
+            raise TransportError(f"worker {address} unreachable: {cause or 'connect timed out'}") from None
         return _Connection(stream), False
 
     async def _receive(self, conn: _Connection) -> Response:
@@ -134,7 +150,12 @@ class Transport:
         conn.pending = buf[end + 4 + have:]
         view = memoryview(body)
         while have < length:
-            n = await conn.sock.recv_into(view[have:], length - have)
+            if conn.sock is not None:
+                n = await conn.sock.recv_into(view[have:], length - have)
+            else:
+                data = await conn.stream.receive_some(length - have)
+                n = len(data)
+                view[have:have + n] = data
             if n == 0:
                 raise _Closed("connection closed mid-body")
             have += n

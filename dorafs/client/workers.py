@@ -17,6 +17,7 @@ import xxhash
 
 from dorafs.client.transport import Transport, TransportError
 from dorafs.errors import Unavailable, from_wire
+from dorafs.security import Credentials
 from dorafs.ufs import FileStatus
 
 log = logging.getLogger(__name__)
@@ -27,8 +28,8 @@ class CorruptPage(Unavailable):
 
 
 class WorkerClient:
-    def __init__(self, *, timeout: float, connect_timeout: float):
-        self._transport = Transport(timeout=timeout, connect_timeout=connect_timeout)
+    def __init__(self, *, timeout: float, connect_timeout: float, credentials: Credentials | None = None):
+        self._transport = Transport(timeout=timeout, connect_timeout=connect_timeout, credentials=credentials)
 
     async def aclose(self) -> None:
         await self._transport.aclose()

@@ -18,6 +18,7 @@ import errno
 import itertools
 import logging
 import os
+import stat
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -96,8 +97,9 @@ class DoraOperations(pyfuse3.Operations):
         self.inodes = InodeTable(root_uri, root_status)
         self._handles: dict[int, FileHandle | DirHandle] = {}
         self._numbers = itertools.count(1)
-        self._uid = os.getuid()
-        self._gid = os.getgid()
+        self._uid = os.getuid() if config.uid is None else config.uid
+        self._gid = os.getgid() if config.gid is None else config.gid
+        self._modes = (stat.S_IFREG | config.file_mode, stat.S_IFDIR | config.dir_mode)
         # The kernel's own caches follow the mount's TTLs unless told otherwise.
         self._attr_timeout = _kernel_seconds(_first(config.attr_timeout, config.status_ttl))
         self._entry_timeout = _kernel_seconds(_first(config.entry_timeout, config.status_ttl))
@@ -113,7 +115,7 @@ class DoraOperations(pyfuse3.Operations):
         attr.entry_timeout = self._entry_timeout
         attr.attr_timeout = self._attr_timeout
         node.attr_version = status.version
-        attr.st_mode = status.mode
+        attr.st_mode = self._modes[status.is_dir]
         attr.st_nlink = 2 if status.is_dir else 1
         attr.st_uid = self._uid
         attr.st_gid = self._gid

@@ -7,16 +7,29 @@ Subtleties:
 - Every handler runs inside one error boundary: a `DoraError` becomes its HTTP status
   with a JSON `{errno, message}`; anything else is logged once and answers 500. The
   connection and the server keep going either way.
-- Slow or idle clients are bounded by timeouts; oversized headers or bodies get 4xx.
+- Slow or idle clients are bounded by timeouts; oversized headers or bodies get 4xx. A
+  connection may idle between requests, but once a request's first byte arrives its
+  whole head must follow within HEADER_TIMEOUT (a byte-a-minute client is dropped).
+- Authentication is one check before dispatch: with a secret, every path but the open
+  ones (`/healthz`, and `/metrics` when configured so) needs `Authorization: Bearer
+  <secret>`, compared in constant time; otherwise 401 and a log line naming the peer and
+  the path, never the token. Unknown paths are refused the same way, so nothing about
+  the API leaks to a client without the secret.
+- TLS: with an SSL context every accepted connection is wrapped in a `trio.SSLStream`.
+  sendfile cannot write through TLS, so a `FileBody` is then read and sent in chunks;
+  the plain path keeps sendfile. A client speaking plain HTTP to a TLS port fails its
+  handshake and is dropped (one INFO line); the server goes on.
 """
 
 from __future__ import annotations
 
 import errno
+import hmac
 import json
 import logging
 import os
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -36,6 +49,7 @@ MAX_BODY_BYTES = 8 << 20
 HEADER_TIMEOUT = 10.0  # a client has this long to send a whole request head
 IDLE_TIMEOUT = 120.0  # keep-alive connections idle longer than this are closed
 RECV_SIZE = 64 * 1024
+FILE_CHUNK = 256 * 1024  # a FileBody's read size when it cannot go out with sendfile (TLS)
 
 
 @dataclass
@@ -45,6 +59,7 @@ class Request:
     query: dict[str, str]
     headers: dict[str, str]
     body: bytes = b""
+    peer: str = ""  # "host:port" of the client, for log lines
 
     def json(self) -> dict:
         try:
@@ -126,10 +141,26 @@ class HttpServer:
         self.name = name
         self.routes: dict[tuple[str, str], Handler] = {}
         self.address: tuple[str, int] | None = None
+        self.open_paths: frozenset[str] = frozenset(("/healthz",))
+        self._token: bytes | None = None  # the whole expected Authorization value
+        self.ssl_context: ssl.SSLContext | None = None
         self.latency = None if metrics is None else Histogram(
             f"{prefix}_request_latency_seconds", "HTTP request latency by endpoint and status class",
             ["path", "status"], registry=metrics,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
+
+    def secure(self, secret: bytes | None, ssl_context: ssl.SSLContext | None = None,
+               open_paths: frozenset[str] | set[str] = frozenset(("/healthz",))) -> None:
+        """Require `secret` on every path but `open_paths`; serve TLS with `ssl_context`."""
+        self._token = None if secret is None else b"Bearer " + secret
+        self.ssl_context = ssl_context
+        self.open_paths = frozenset(open_paths)
+
+    def view(self, name: str, paths: set[str]) -> HttpServer:
+        """A plain, open server with only `paths` of this one (e.g. /metrics on its own port)."""
+        other = HttpServer(name)
+        other.routes = {key: handler for key, handler in self.routes.items() if key[1] in paths}
+        return other
 
     def route(self, method: str, path: str):
         def register(handler: Handler) -> Handler:
@@ -152,12 +183,27 @@ class HttpServer:
         else:
             new_request_id("h")
         start = time.perf_counter()
-        response = await self._handle(request)
+        if self._authorized(request):
+            response = await self._handle(request)
+        else:
+            response = _error_response(401, "EACCES", "missing or wrong cluster secret")
+            response.headers["WWW-Authenticate"] = 'Bearer realm="dorafs"'
         if self.latency is not None:
             known = (request.method in ("GET", "HEAD", "POST")) and any(p == request.path for _, p in self.routes)
             self.latency.labels(request.path if known else "other", f"{response.status // 100}xx").observe(
                 time.perf_counter() - start)
         return response
+
+    def _authorized(self, request: Request) -> bool:
+        if self._token is None or request.path in self.open_paths:
+            return True
+        given = request.headers.get("authorization")
+        if given is not None and hmac.compare_digest(given.encode("latin-1"), self._token):
+            return True
+        log.warning("refused %s %s from %s: %s cluster secret (401)", request.method[:16],
+                    request.path[:200].encode("unicode_escape").decode(), request.peer,
+                    "no" if given is None else "a wrong")
+        return False
 
     async def _handle(self, request: Request) -> Response:
         method = "GET" if request.method == "HEAD" else request.method
@@ -181,9 +227,22 @@ class HttpServer:
     async def _connection(self, stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         try:
+            peer = "%s:%s" % stream.socket.getpeername()[:2]
+        except OSError:
+            peer = "?"
+        try:
             stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.ssl_context is not None:
+                stream = trio.SSLStream(stream, self.ssl_context, server_side=True, https_compatible=True)
+                try:
+                    with trio.fail_after(HEADER_TIMEOUT):
+                        await stream.do_handshake()
+                except (trio.TooSlowError, trio.BrokenResourceError) as exc:
+                    cause = exc.__cause__ or exc
+                    log.info("TLS handshake with %s failed: %s", peer, str(cause)[:200] or type(cause).__name__)
+                    return
             while True:
-                request = await self._read_request(conn, stream)
+                request = await self._read_request(conn, stream, peer)
                 if request is None:
                     return
                 response = await self._dispatch(request)
@@ -203,7 +262,7 @@ class HttpServer:
                 with trio.move_on_after(1):
                     await stream.aclose()
 
-    async def _next_event(self, conn: h11.Connection, stream: trio.SocketStream, timeout: float):
+    async def _next_event(self, conn: h11.Connection, stream: trio.abc.Stream, timeout: float):
         while True:
             event = conn.next_event()
             if event is not h11.NEED_DATA:
@@ -212,9 +271,15 @@ class HttpServer:
                 data = await stream.receive_some(RECV_SIZE)
             conn.receive_data(data)
 
-    async def _read_request(self, conn: h11.Connection, stream: trio.SocketStream) -> Request | None:
+    async def _read_request(self, conn: h11.Connection, stream: trio.abc.Stream, peer: str = "") -> Request | None:
         try:
-            event = await self._next_event(conn, stream, IDLE_TIMEOUT)
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                with trio.fail_after(IDLE_TIMEOUT):  # idle between requests: the first byte
+                    data = await stream.receive_some(RECV_SIZE)
+                conn.receive_data(data)
+                with trio.fail_after(HEADER_TIMEOUT):  # then the whole head, promptly
+                    event = await self._next_event(conn, stream, HEADER_TIMEOUT)
         except trio.TooSlowError:
             return None
         if isinstance(event, (h11.ConnectionClosed, h11.PAUSED)) or not isinstance(event, h11.Request):
@@ -246,9 +311,10 @@ class HttpServer:
             query=dict(parse_qsl(target.query, keep_blank_values=True)),
             headers=headers,
             body=bytes(body),
+            peer=peer,
         )
 
-    async def _send(self, conn: h11.Connection, stream: trio.SocketStream, response: Response,
+    async def _send(self, conn: h11.Connection, stream: trio.abc.Stream, response: Response,
                     head: bool = False) -> None:
         body = response.body
         try:
@@ -261,8 +327,10 @@ class HttpServer:
             await stream.send_all(conn.send(h11.Response(status_code=response.status, headers=headers)))
             if len(body) and not head:
                 for chunk in conn.send_with_data_passthrough(h11.Data(data=body)):
-                    if isinstance(chunk, FileBody):
+                    if isinstance(chunk, FileBody) and isinstance(stream, trio.SocketStream):
                         await _sendfile(stream, chunk)
+                    elif isinstance(chunk, FileBody):
+                        await _send_file_chunks(stream, chunk)
                     else:
                         await stream.send_all(chunk)
             await stream.send_all(conn.send(h11.EndOfMessage()))
@@ -275,9 +343,23 @@ class HttpServer:
             return
         try:
             with trio.move_on_after(2):
-                await self._send(conn, stream, _error_response(status, "EINVAL", message))
+                response = _error_response(status, "EINVAL", message)
+                response.headers["Connection"] = "close"  # the connection ends here; say so
+                await self._send(conn, stream, response)
         except Exception:
             pass  # the client is already gone or broken; nothing more to tell it
+
+
+async def _send_file_chunks(stream: trio.abc.Stream, body: FileBody) -> None:
+    """Copy a file range through a stream that sendfile cannot write to (TLS)."""
+    offset, remaining = body.offset, body.length
+    while remaining:
+        data = await trio.to_thread.run_sync(os.pread, body.fd, min(remaining, FILE_CHUNK), offset)
+        if not data:
+            raise trio.BrokenResourceError("file truncated while sending")
+        await stream.send_all(data)
+        offset += len(data)
+        remaining -= len(data)
 
 
 async def _sendfile(stream: trio.SocketStream, body: FileBody) -> None:
