@@ -26,5 +26,5 @@ def test_demo_shows_the_cache_working(tmp_path):
     assert "every byte identical across the three passes and with the objects as uploaded" in out
     rows = {m.group(1): int(m.group(2)) for m in
             re.finditer(r"│ (cold|warm|hot)[^│]*│[^│]*│[^│]*│\s*(\d+) │", out)}
-    assert rows["cold"] >= 2 * 4 + 20  # at least one UFS read per page
+    assert rows["cold"] >= 2 + 20  # at least one UFS read per file (a readahead run reads several pages at once)
     assert rows["warm"] == 0 and rows["hot"] == 0, out
