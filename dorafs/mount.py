@@ -28,7 +28,7 @@ from dorafs.fuse.operations import DoraOperations
 from dorafs.http import HttpServer, Response, json_response
 from dorafs.membership import open_membership
 from dorafs.notify import notify
-from dorafs.ufs import UfsSet, normalize
+from dorafs.ufs import RetryPolicy, UfsSet, normalize
 
 log = logging.getLogger("dorafs.mount")
 
@@ -56,6 +56,8 @@ async def embedded_worker(config: MountConfig):
         "--cache-dir", str(cache_dir), "--cache-size", str(config.cache_size),
         "--page-size", str(config.page_size), "--status-ttl", str(config.status_ttl),
         "--listing-ttl", str(config.listing_ttl), "--port-file", str(port_file),
+        "--ufs-attempts", str(config.ufs_attempts), "--ufs-deadline", str(config.ufs_deadline),
+        "--ufs-timeout", str(config.ufs_timeout),
     ]
     env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}  # readiness is the mount's to tell
     proc = await trio.lowlevel.open_process(argv, stdin=subprocess.DEVNULL, env=env)
@@ -103,7 +105,7 @@ async def run_mount(config: MountConfig, ready=lambda: None) -> None:
         workers = list(config.workers)
         if not config.registry and not workers:
             workers = [await stack.enter_async_context(embedded_worker(config))]
-        ufs = UfsSet()
+        ufs = UfsSet(retry=RetryPolicy(config.ufs_attempts, config.ufs_deadline, config.ufs_timeout))
         stack.push_async_callback(ufs.aclose)
         client = DoraClient(config, open_membership(config.registry, workers), ufs)
         nursery = await stack.enter_async_context(trio.open_nursery())

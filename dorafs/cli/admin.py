@@ -19,6 +19,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from dorafs import etcd
 from dorafs.membership import registry_url
 
 PROG = "dorafs-admin"
@@ -44,6 +45,11 @@ def _human_bytes(n: int) -> str:
 
 
 def _get(registry: str, path: str) -> dict:
+    if path == "/v1/workers" and etcd.is_etcd(registry):
+        try:
+            return etcd.list_workers(registry)
+        except (etcd.EtcdError, ValueError) as exc:
+            raise AdminError(f"etcd {registry} unreachable: {exc}") from None
     url = f"{registry}{path}"
     try:
         response = httpx.get(url, timeout=TIMEOUT)
