@@ -29,6 +29,12 @@ class WorkerMetrics:
         self.evictions = Gauge("dorafs_worker_evictions", "Pages evicted since start", registry=r)
         self.cache_write_errors = Gauge(
             "dorafs_worker_cache_write_errors", "Pages that could not be written to the cache disk", registry=r)
+        self.cache_degraded = Gauge(
+            "dorafs_worker_cache_degraded", "1 while a full or failing cache disk limits caching (see /healthz)",
+            registry=r)
+        self.cache_limit = Gauge(
+            "dorafs_worker_cache_limit_bytes", "Bytes the page cache may use now: the capacity, or less on a full disk",
+            registry=r)
         # Every label value starts at zero, so dashboards see 0 rather than no series.
         for op in ("read", "stat", "list"):
             self.ufs_requests.labels(op)

@@ -17,6 +17,7 @@ import trio
 
 from dorafs.config import WorkerConfig
 from dorafs.errors import InvalidRequest, NotADirectory, NotFound, StaleVersion
+from dorafs.notify import notify
 from dorafs.pages import object_id, page_count, page_length
 from dorafs.singleflight import SingleFlight
 from dorafs.ttlcache import MISSING, TtlCache
@@ -36,6 +37,7 @@ class PageResult:
     entry: PageEntry | None = None
     data: bytes | None = None
     hit: bool = False
+    key: tuple | None = None
 
 
 class WorkerService:
@@ -49,6 +51,7 @@ class WorkerService:
         self._page_flights = SingleFlight()
         self._meta_flights = SingleFlight()
         self._file_limiter = trio.CapacityLimiter(8)  # verification reads off the loop
+        self.health: str | None = None  # why caching is degraded (None: it works)
 
     async def start(self) -> None:
         await trio.to_thread.run_sync(self.store.load)
@@ -61,6 +64,15 @@ class WorkerService:
         m.pages.set(len(s))
         m.evictions.set(s.evictions)
         m.cache_write_errors.set(s.write_errors)
+        m.cache_limit.set(s.limit)
+        health = s.health()
+        m.cache_degraded.set(health is not None)
+        if health != self.health:
+            if health is not None:
+                notify(f"STATUS=degraded: {health}")
+            else:
+                notify("STATUS=serving; cache healthy again")
+            self.health = health
 
     # -- UFS calls, measured ----------------------------------------------------------
 
@@ -90,7 +102,7 @@ class WorkerService:
         if entry is not None:
             try:
                 self.metrics.page_requests.labels("hit").inc()
-                return PageResult(entry.checksum, entry.size, entry=entry, hit=True)
+                return PageResult(entry.checksum, entry.size, entry=entry, hit=True, key=key)
             finally:
                 self.metrics.bytes_served.inc(entry.size)
         result, shared = await self._page_flights.do(key, lambda: self._fill(key, uri, version, size, index))
@@ -129,7 +141,7 @@ class WorkerService:
         digest = checksum(data)
         entry = await self.store.put(key, data, digest)
         self.update_gauges()
-        return PageResult(digest, len(data), entry=entry, data=data)
+        return PageResult(digest, len(data), entry=entry, data=data, key=key)
 
     def open_page(self, result: PageResult) -> int | None:
         """An fd on a cached page for sendfile, or None (gone, or never cached)."""
@@ -138,6 +150,11 @@ class WorkerService:
         try:
             return os.open(result.entry.path, os.O_RDONLY)
         except FileNotFoundError:
+            return None
+        except OSError as exc:  # a failing disk: forget the page, the caller fills it again
+            log.warning("cannot open cached page %s (%s): dropped", result.entry.path, exc.strerror or exc)
+            if result.key is not None:
+                self.store.drop(result.key)
             return None
 
     # -- metadata ---------------------------------------------------------------------

@@ -7,6 +7,11 @@ skipped for `SUSPECT_SECONDS` and the next candidate serves; when none answers, 
 client reads the UFS itself. An error *answer* (not found, changed object, UFS failure)
 is authoritative and is raised, not retried elsewhere.
 
+A worker that keeps failing is skipped for longer each time (doubling up to
+`MAX_SUSPECT_SECONDS`), so a stopped worker that accepts connections but never answers
+costs one `worker_timeout` stall per period, not one per request. A success clears it,
+and so does the worker (re)joining the membership: its keys come back at once.
+
 Reads: `read(open_file, offset, length)` returns exactly the bytes asked for (short only
 at end of file), assembled from page-aligned fetches of the version pinned at open.
 Sequential readers get readahead: the next pages are fetched concurrently into the
@@ -37,6 +42,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 SUSPECT_SECONDS = 5.0  # how long a failed worker is skipped before it is tried again
+MAX_SUSPECT_SECONDS = 30.0  # the skip doubles while the worker keeps failing, up to this
 MAX_CANDIDATES = 3  # workers tried for one request before the UFS
 MAX_PREFETCH = 16  # readahead fetches in flight across the mount
 LIST_PAGE = 1000
@@ -73,6 +79,8 @@ class DoraClient:
         self._workers = WorkerClient(timeout=config.worker_timeout, connect_timeout=config.connect_timeout)
         self._flights = SingleFlight()
         self._suspect_until: dict[str, float] = {}
+        self._suspect_for: dict[str, float] = {}  # current skip period of a failing worker
+        self._ring_addresses: set[str] = set()
         self._prefetching = 0
         self._nursery: trio.Nursery | None = None
         membership.add_listener(self._rebuild_ring)
@@ -94,6 +102,11 @@ class DoraClient:
 
     def _rebuild_ring(self) -> None:
         workers = self.membership.workers
+        joined = {w.address for w in workers.values()} - self._ring_addresses
+        for address in joined:  # a worker that (re)joins is trusted again at once
+            self._suspect_until.pop(address, None)
+            self._suspect_for.pop(address, None)
+        self._ring_addresses = {w.address for w in workers.values()}
         sizes = Counter(w.page_size for w in workers.values())
         if sizes:
             self.page_size = sizes.most_common(1)[0][0]
@@ -125,17 +138,26 @@ class DoraClient:
             try:
                 result = await call(address)
             except Unavailable as exc:
-                if address not in self._suspect_until:
-                    log.warning("worker %s failed (%s); using the next candidate for %ds", address, exc,
-                                SUSPECT_SECONDS)
-                self._suspect_until[address] = trio.current_time() + SUSPECT_SECONDS
+                self._suspect(address, exc)
                 self.stats.failovers += 1
                 continue
+            self._suspect_for.pop(address, None)
             if self._suspect_until.pop(address, None) is not None:
                 log.info("worker %s answers again", address)
             self.stats.by_worker[address] += 1
             return result
         raise Unavailable(f"no worker answered for {key} ({tried} tried)")
+
+    def _suspect(self, address: str, exc: Exception) -> None:
+        now = trio.current_time()
+        if self._suspect_until.get(address, 0) > now:
+            return  # requests that were in flight together fail together: one period
+        period = self._suspect_for.get(address)
+        period = SUSPECT_SECONDS if period is None else min(period * 2, MAX_SUSPECT_SECONDS)
+        if address not in self._suspect_until:
+            log.warning("worker %s failed (%s); using the next candidate for %gs", address, exc, period)
+        self._suspect_until[address] = now + period
+        self._suspect_for[address] = period
 
     # -- metadata ---------------------------------------------------------------------
 
