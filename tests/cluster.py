@@ -30,17 +30,18 @@ def _env() -> dict[str, str]:
 
 
 class Process:
-    def __init__(self, name: str, argv: list[str], log_path: Path):
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None):
         self.name = name
         self.argv = argv
         self.log_path = log_path
+        self.env = dict(env or {})  # on top of the test's environment (e.g. AWS_ENDPOINT_URL)
         self.proc: subprocess.Popen | None = None
         self.start()
 
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         env=_env(), cwd=REPO)
+                                         env=_env() | self.env, cwd=REPO)
 
     @property
     def pid(self) -> int:
@@ -81,18 +82,19 @@ class Process:
 
 class Worker(Process):
     def __init__(self, tmp: Path, name: str = "worker", *, registry: str | None = None,
-                 cache_size: str = "1GiB", page_size: str = "1MiB", extra: list[str] = ()):
+                 cache_size: str = "1GiB", page_size: str = "1MiB", extra: list[str] = (),
+                 env: dict[str, str] | None = None, cache_dir: Path | None = None):
         self.dir = tmp / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port_file = self.dir / "addr"
-        self.cache_dir = self.dir / "cache"
+        self.cache_dir = cache_dir or self.dir / "cache"
         self.registry = registry
         self.cache_size = cache_size
         self.page_size = page_size
         self.extra = list(extra)
         self.address = ""
         argv = self._argv("127.0.0.1:0")
-        super().__init__(name, argv, self.dir / "log")
+        super().__init__(name, argv, self.dir / "log", env)
         self.address = self._await_address()
 
     def _argv(self, listen: str) -> list[str]:
@@ -160,7 +162,8 @@ class Mount(Process):
     """`dorafs mount --foreground` as a child process."""
 
     def __init__(self, tmp: Path, ufs_uri: str, *, name: str = "mount", workers: list[str] = (),
-                 registry: str | None = None, options: str = "", extra: list[str] = ()):
+                 registry: str | None = None, options: str = "", extra: list[str] = (),
+                 env: dict[str, str] | None = None):
         self.mountpoint = tmp / f"{name}-mnt"
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "dorafs.cli.main", "mount", ufs_uri, str(self.mountpoint), "--foreground"]
@@ -171,7 +174,7 @@ class Mount(Process):
         if options:
             argv += ["-o", options]
         argv += list(extra)
-        super().__init__(name, argv, tmp / f"{name}.log")
+        super().__init__(name, argv, tmp / f"{name}.log", env)
 
         def ready():
             if not self.alive():
