@@ -67,7 +67,10 @@ def parse_url(url: str) -> tuple[list[str], str]:
         raise ValueError(f"not an etcd URL (etcd://HOST:PORT[,HOST:PORT...][/NAMESPACE]): {url!r}")
     endpoints = []
     for item in parts.netloc.replace("+", ",").split(","):  # '+' for mount -o, where ',' separates
-        host, port = parse_hostport(item.strip(), default_host="")
+        try:
+            host, port = parse_hostport(item.strip(), default_host="")
+        except ValueError:
+            host, port = "", 0
         if not host or not port:
             raise ValueError(f"etcd endpoint {item!r} in {url!r} needs HOST:PORT")
         endpoints.append(f"http://{'[' + host + ']' if ':' in host else host}:{port}")

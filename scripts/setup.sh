@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(fuse3 libfuse3-dev pkg-config gcc systemd)  # systemd: systemd-analyze for the unit tests
+packages+=(etcd-server)  # the etcd membership backend's tests run a real 3-member cluster
 python3 -m pip --version >/dev/null 2>&1 || packages+=(python3-pip)
 python3 - <<'PY' 2>/dev/null || packages+=(python3-dev)
 import os, sysconfig, sys
