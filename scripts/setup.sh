@@ -19,6 +19,10 @@ if ((${#missing[@]})); then
   echo "setup: installing ${missing[*]}" >&2
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq "${missing[@]}" >/dev/null
+  # Tests start their own etcd members on free ports: the packaged service is not needed.
+  if [[ " ${missing[*]} " == *" etcd-server "* ]]; then
+    systemctl disable --now etcd.service >/dev/null 2>&1 || true
+  fi
 fi
 
 # Debian's own python3 refuses system-wide pip installs (PEP 668); this machine is ours.

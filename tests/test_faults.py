@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from dorafs.client.client import FAILURE_MEMORY
 from dorafs.ring import HashRing
 from tests.cluster import is_mounted
 from tests.faultproxy import FaultProxy
@@ -240,6 +241,7 @@ def test_s3_failing_forever_is_eio_and_the_mount_stays(procs, s3_server, bucket,
     proxy.passthrough()
     assert is_mounted(mount.mountpoint)
     assert sorted(os.listdir(mount.mountpoint)) == ["file.bin"]
+    time.sleep(FAILURE_MEMORY)  # a failed page answers its error again this long
     read_checked(mount.path("file.bin"), data)
 
 
@@ -259,6 +261,7 @@ def test_s3_hanging_times_out_with_eio(procs, s3_server, bucket, proxy):
     assert "deadline" in worker.log_text() or "timeout" in worker.log_text().lower()
     proxy.passthrough()
     assert is_mounted(mount.mountpoint)
+    time.sleep(FAILURE_MEMORY)
     read_checked(mount.path("file.bin"), data)
 
 

@@ -12,6 +12,11 @@ A worker that keeps failing is skipped for longer each time (doubling up to
 costs one `worker_timeout` stall per period, not one per request. A success clears it,
 and so does the worker (re)joining the membership: its keys come back at once.
 
+A page whose fetch failed for good (EIO after the UFS retries, ESTALE) answers the same
+error for `FAILURE_MEMORY` seconds without a new fetch: the kernel re-issues a failed
+readahead as a synchronous read at once, which would otherwise wait out the same UFS
+deadline a second time.
+
 Reads: `read(open_file, offset, length)` returns exactly the bytes asked for (short only
 at end of file), assembled from page-aligned fetches of the version pinned at open.
 Sequential readers get readahead: the next pages are fetched concurrently into the
@@ -31,7 +36,7 @@ import trio
 from dorafs.client.buffer import PageBuffer
 from dorafs.client.workers import WorkerClient
 from dorafs.config import MountConfig
-from dorafs.errors import Unavailable
+from dorafs.errors import DoraError, Unavailable
 from dorafs.membership import Membership
 from dorafs.pages import page_count, plan
 from dorafs.ring import HashRing
@@ -46,6 +51,7 @@ MAX_SUSPECT_SECONDS = 30.0  # the skip doubles while the worker keeps failing, u
 MAX_CANDIDATES = 3  # workers tried for one request before the UFS
 MAX_PREFETCH = 16  # readahead fetches in flight across the mount
 LIST_PAGE = 1000
+FAILURE_MEMORY = 0.5  # seconds a page's final error is answered again without a new fetch
 
 
 @dataclass
@@ -78,6 +84,7 @@ class DoraClient:
         self.stats = ClientStats()
         self._workers = WorkerClient(timeout=config.worker_timeout, connect_timeout=config.connect_timeout)
         self._flights = SingleFlight()
+        self._failed: dict[tuple, tuple[float, Exception]] = {}  # page key -> (until, error)
         self._suspect_until: dict[str, float] = {}
         self._suspect_for: dict[str, float] = {}  # current skip period of a failing worker
         self._ring_addresses: set[str] = set()
@@ -251,7 +258,16 @@ class DoraClient:
         data = self.buffer.get(key)
         if data is not None:
             return data
-        data, _ = await self._flights.do(key, lambda: self._fetch(f, index))
+        failed = self._failed.get(key)
+        if failed is not None and failed[0] > trio.current_time():
+            raise failed[1]  # the kernel retries a failed readahead at once: same answer, no new wait
+        try:
+            data, _ = await self._flights.do(key, lambda: self._fetch(f, index))
+        except DoraError as exc:
+            if len(self._failed) > 1024:
+                self._failed.clear()
+            self._failed[key] = (trio.current_time() + FAILURE_MEMORY, exc)
+            raise
         return data
 
     async def _fetch(self, f: OpenFile, index: int) -> bytes | bytearray:
