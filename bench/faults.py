@@ -55,6 +55,7 @@ class Reader:
         self.error: OSError | None = None
         got = bytearray()
         injected = False
+        injecting = 0.0
         start = time.perf_counter()
         try:
             with open(path, "rb") as f:
@@ -69,12 +70,14 @@ class Reader:
                         break
                     got += chunk
                     if fault is not None and not injected and len(got) >= at:
+                        t = time.perf_counter()
                         fault()
+                        injecting = time.perf_counter() - t  # killing a process is not reading
                         injected = True
         except OSError as exc:
             self.error = exc
             self.after_fault.append(time.perf_counter() - t)
-        self.seconds = time.perf_counter() - start
+        self.seconds = time.perf_counter() - start - injecting
         self.ok = self.error is None and bytes(got) == data
 
     @property

@@ -123,6 +123,21 @@ def test_worker_restart_mid_read_and_its_keys_come_back(procs, s3_server, bucket
     wait_for(served_by_owner, timeout=40, interval=1, what="the owner to serve its pages again")
 
 
+def test_no_worker_answers_reads_go_to_the_ufs(procs, s3_server, bucket):
+    s3 = s3_server.client()
+    files = {f"f{i}.bin": put(s3, bucket, f"u/f{i}.bin", 3 * MiB) for i in range(2)}
+    workers = [procs.worker(), procs.worker()]
+    port = free_port()
+    mount = procs.mount(f"s3://{bucket}/u", workers=[w.address for w in workers],
+                        options=f"{FAST},metrics_listen=127.0.0.1:{port}")
+    read_checked(mount.path("f0.bin"), files["f0.bin"])
+    procs.allow = (r"worker .* failed", r"unreachable")
+    for worker in workers:
+        worker.kill()
+    read_checked(mount.path("f1.bin"), files["f1.bin"])
+    assert mount_metric(port, 'dorafs_mount_ufs_fallbacks_total{kind="page"}') >= 3  # its 3 pages
+
+
 def test_page_files_corrupted(procs, s3_server, bucket):
     data = put(s3_server.client(), bucket, "c/file.bin", 5 * MiB)
     worker = procs.worker()
