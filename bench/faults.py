@@ -1,6 +1,6 @@
 """What each fault costs a reader: read latency impact and time to failover, per case.
 
-    python3 bench/faults.py [--size-mib 16] [--only NAME,...]
+    python3 bench/faults.py [--size-mib 16] [--repeat N] [--only NAME,...]
 
 Runs the cases of tests/test_faults.py with real processes (moto S3, behind the fault
 proxy where S3 misbehaves; workers; a registry or a 3-member etcd cluster; a FUSE mount
@@ -322,6 +322,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size-mib", type=int, default=16)
     p.add_argument("--only", help="comma-separated case names (substrings)")
+    p.add_argument("--repeat", type=int, default=1, help="runs per case; medians are printed (all stalls listed)")
     args = p.parse_args()
     chosen = {k: v for k, v in CASES.items()
               if not args.only or any(s.strip().lower() in k.lower() for s in args.only.split(","))}
@@ -329,28 +330,37 @@ def main() -> None:
         work = Path(tmp)
         bench = Bench(args.size_mib * MiB, work)
         table = Table(title=f"dorafs under faults: {args.size_mib} MiB files, 256 KiB read() calls, "
-                            f"load {os.getloadavg()[0]:.1f}")
+                            f"{args.repeat} run(s) per case (medians), load {os.getloadavg()[0]:.1f}")
         for column in ("case", "baseline MiB/s", "faulted MiB/s", "slowdown", "p90 read()",
                        "longest read() after fault", "bytes", "after"):
             table.add_column(column, justify="left" if column in ("case", "after") else "right")
         try:
-            for i, (title, case) in enumerate(chosen.items()):
-                with ProcessSet(work / f"case{i}") as procs:
-                    (work / f"case{i}").mkdir(exist_ok=True)
-                    procs.allow = (".*",)
-                    if case in PROXIED:
-                        proxy = FaultProxy(bench.s3.endpoint)
-                        try:
-                            baseline, faulted, note = case(bench, procs, proxy)
-                        finally:
-                            proxy.close()
-                    else:
-                        baseline, faulted, note = case(bench, procs)
-                slow = baseline.mib_s / faulted.mib_s if faulted.mib_s else float("inf")
-                table.add_row(title, f"{baseline.mib_s:.0f}", f"{faulted.mib_s:.0f}", f"{slow:.1f}×",
-                              f"{statistics.quantiles(faulted.latencies, n=10)[-1] * 1000:.1f} ms",
-                              f"{faulted.longest_after:.2f} s",
-                              "exact" if faulted.ok else ("error" if faulted.error else "WRONG"), note)
+            run = 0
+            for title, case in chosen.items():
+                results = []
+                for _ in range(args.repeat):
+                    run += 1
+                    with ProcessSet(work / f"case{run}") as procs:
+                        (work / f"case{run}").mkdir(exist_ok=True)
+                        procs.allow = (".*",)
+                        if case in PROXIED:
+                            proxy = FaultProxy(bench.s3.endpoint)
+                            try:
+                                results.append(case(bench, procs, proxy))
+                            finally:
+                                proxy.close()
+                        else:
+                            results.append(case(bench, procs))
+                med = statistics.median
+                base = med(b.mib_s for b, _, _ in results)
+                hurt = med(f.mib_s for _, f, _ in results)
+                slow = med(b.mib_s / f.mib_s if f.mib_s else float("inf") for b, f, _ in results)
+                p90 = med(statistics.quantiles(f.latencies, n=10)[-1] for _, f, _ in results)
+                longest = sorted(f.longest_after for _, f, _ in results)
+                outcome = {"exact" if f.ok else ("error" if f.error else "WRONG") for _, f, _ in results}
+                table.add_row(title, f"{base:.0f}", f"{hurt:.0f}", f"{slow:.1f}×", f"{p90 * 1000:.1f} ms",
+                              ", ".join(f"{x:.2f}" for x in longest) + " s", "/".join(sorted(outcome)),
+                              results[-1][2])
                 print(f"done: {title}", file=sys.stderr)
         finally:
             bench.s3.stop()
