@@ -133,6 +133,10 @@ def _optional(parse: Callable) -> Callable:
 
 def _url(value) -> str:
     text = _text(value).strip().rstrip("/")
+    if text.lower().startswith("etcd://"):
+        from dorafs.etcd import parse_url
+
+        parse_url(text)  # raises ValueError naming what is wrong
     return text if "://" in text else f"http://{text}"
 
 
@@ -196,7 +200,8 @@ class WorkerConfig:
     listen: tuple[str, int] = option(("127.0.0.1", 29998), parse_hostport,
                                      "HOST:PORT to bind; loopback unless told otherwise; port 0 picks one")
     advertise: str | None = option(None, _optional(_text), "HOST:PORT clients use (default: the bound address)")
-    registry: str | None = option(None, _optional(_url), "registry URL; unset for a standalone worker")
+    registry: str | None = option(None, _optional(_url),
+                                  "registry URL (http://HOST:PORT or etcd://HOST:PORT,...); unset: standalone")
     cache_dir: Path = option(None, _path, "directory of the page cache (created 0700)",
                              factory=lambda: user_cache_dir() / "worker")
     cache_size: int = option(10 << 30, _size, "page cache capacity; 10GiB fits a shard and a laptop disk")
@@ -209,6 +214,10 @@ class WorkerConfig:
     metadata_entries: int = option(100_000, _count, "statuses and listing entries kept in memory (LRU); "
                                    "the rest stay on disk in CACHE_DIR/metadata.db")
     ufs_threads: int = option(16, _count, "blocking UFS calls in flight; matches boto3's connection pool")
+    ufs_attempts: int = option(4, _count, "tries per S3 request (throttling, 5xx, timeouts); 412 and 404 never retried")
+    ufs_deadline: float = option(4.0, _positive_duration,
+                                 "a UFS request and its retries end by this; below the mounts' worker_timeout")
+    ufs_timeout: float = option(2.0, _positive_duration, "connect and read (idle socket) timeout of one S3 attempt")
     heartbeat_interval: float = option(2.0, _positive_duration,
                                        "seconds between heartbeats; a few missed ones drop the worker")
     port_file: Path | None = option(None, _optional(_path), "write the bound HOST:PORT here once serving")
@@ -244,7 +253,8 @@ class RegistryConfig:
 class MountConfig:
     ufs_uri: str = ""  # positional on the command line, not a configuration key
     mountpoint: Path = Path()  # positional
-    registry: str | None = option(None, _optional(_url), "registry URL (unset with no workers: embedded cluster)")
+    registry: str | None = option(None, _optional(_url),
+                                  "registry URL, http:// or etcd:// (unset with no workers: embedded cluster)")
     workers: list[str] = option(None, _addresses, "static worker list HOST:PORT,HOST:PORT ('+' also separates)",
                                 factory=list)
     foreground: bool = option(False, _flag, "stay in the foreground instead of detaching")
@@ -268,6 +278,9 @@ class MountConfig:
     connect_timeout: float = option(1.0, _positive_duration, "time to connect to a worker")
     short_circuit: bool = option(True, _flag, "read pages of a worker on this machine from its page files "
                                  "(checked against their checksums) instead of over HTTP")
+    ufs_attempts: int = option(4, _count, "tries per S3 request when the mount reads the UFS itself")
+    ufs_deadline: float = option(4.0, _positive_duration, "a UFS request of the mount and its retries end by this")
+    ufs_timeout: float = option(2.0, _positive_duration, "connect and read timeout of one S3 attempt of the mount")
     direct_io: bool = option(False, _flag, "bypass the kernel page cache (benchmarks, read-path tests)")
     allow_other: bool = option(False, _flag, "let other users access the mount (FUSE allow_other)")
     fuse_tasks: int = option(64, _count, "kernel requests served concurrently")

@@ -255,10 +255,15 @@ class RegistryMembership(Membership):
 
 
 def open_membership(registry: str | None, workers: list[str], credentials: Credentials | None = None) -> Membership:
-    """The membership source a client was configured with: a registry, or a fixed list."""
+    """The membership source a client was configured with: a registry (`http://` for the
+    embedded registry, `etcd://` for etcd, see dorafs/etcd.py), or a fixed list."""
     if registry and workers:
         raise ValueError("give either a registry or a list of workers, not both")
     if registry:
+        from dorafs import etcd
+
+        if etcd.is_etcd(registry):
+            return etcd.EtcdMembership(registry)
         return RegistryMembership(registry, credentials=credentials)
     return StaticMembership(workers, credentials=credentials)
 
@@ -266,6 +271,10 @@ def open_membership(registry: str | None, workers: list[str], credentials: Crede
 async def heartbeat_loop(registry: str, info: WorkerInfo, interval: float, *,
                          credentials: Credentials | None = None, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Register with the registry and heartbeat every `interval` seconds until cancelled."""
+    from dorafs import etcd
+
+    if etcd.is_etcd(registry):
+        return await etcd.register_loop(registry, info, interval, task_status=task_status)
     url = registry_url(registry)
     http = httpx.AsyncClient(timeout=httpx.Timeout(max(interval, 1.0) + REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT),
                              **(credentials or Credentials()).httpx_options())

@@ -34,7 +34,7 @@ from dorafs.http import HttpServer, Response, json_response
 from dorafs.membership import open_membership
 from dorafs.notify import notify
 from dorafs.security import SECRET_ENV, Credentials
-from dorafs.ufs import UfsSet, normalize
+from dorafs.ufs import RetryPolicy, UfsSet, normalize
 
 log = logging.getLogger("dorafs.mount")
 
@@ -66,6 +66,8 @@ async def embedded_worker(config: MountConfig, secret: bytes):
         "--listing-ttl", str(config.listing_ttl), "--negative-ttl", str(config.negative_ttl),
         "--port-file", str(port_file),
         "--ufs-roots", normalize(config.ufs_uri), "--secret-file", str(secret_file),
+        "--ufs-attempts", str(config.ufs_attempts), "--ufs-deadline", str(config.ufs_deadline),
+        "--ufs-timeout", str(config.ufs_timeout),
     ]
     env = {k: v for k, v in os.environ.items()
            if k != "NOTIFY_SOCKET"  # readiness is the mount's to tell
@@ -136,7 +138,7 @@ async def run_mount(config: MountConfig, ready=lambda: None) -> None:
             # A loopback child of ours: no TLS, and its own secret, not the cluster's.
             credentials = Credentials(secrets.token_hex(32).encode(), None)
             workers = [await stack.enter_async_context(embedded_worker(config, credentials.secret))]
-        ufs = UfsSet()
+        ufs = UfsSet(retry=RetryPolicy(config.ufs_attempts, config.ufs_deadline, config.ufs_timeout))
         stack.push_async_callback(ufs.aclose)
         membership = open_membership(config.registry, workers, credentials)
         client = DoraClient(config, membership, ufs, credentials=credentials)

@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(fuse3 libfuse3-dev pkg-config gcc systemd)  # systemd: systemd-analyze for the unit tests
+packages+=(etcd-server)  # the etcd membership backend's tests run a real 3-member cluster
 python3 -m pip --version >/dev/null 2>&1 || packages+=(python3-pip)
 python3 - <<'PY' 2>/dev/null || packages+=(python3-dev)
 import os, sysconfig, sys
@@ -18,6 +19,10 @@ if ((${#missing[@]})); then
   echo "setup: installing ${missing[*]}" >&2
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq "${missing[@]}" >/dev/null
+  # Tests start their own etcd members on free ports: the packaged service is not needed.
+  if [[ " ${missing[*]} " == *" etcd-server "* ]]; then
+    systemctl disable --now etcd.service >/dev/null 2>&1 || true
+  fi
 fi
 
 # Debian's own python3 refuses system-wide pip installs (PEP 668); this machine is ours.

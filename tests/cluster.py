@@ -89,11 +89,11 @@ class Process:
 class Worker(Process):
     def __init__(self, tmp: Path, name: str = "worker", *, registry: str | None = None,
                  cache_size: str = "1GiB", page_size: str = "1MiB", extra: list[str] = (),
-                 env: dict | None = None, http: dict | None = None):
+                 env: dict | None = None, http: dict | None = None, cache_dir: Path | None = None):
         self.dir = tmp / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port_file = self.dir / "addr"
-        self.cache_dir = self.dir / "cache"
+        self.cache_dir = cache_dir or self.dir / "cache"
         self.registry = registry
         self.cache_size = cache_size
         self.page_size = page_size
@@ -243,6 +243,9 @@ class ProcessSet:
     def mount(self, uri: str, **kw) -> Mount:
         return self._add(Mount(self.tmp, uri, name=self._name("mount", kw), **kw))
 
+    def etcd(self, **kw) -> "Etcd":
+        return self._add(Etcd(self.tmp, name=self._name("etcd", kw), **kw))
+
     def _add(self, proc):
         self.started.append(proc)
         return proc
@@ -251,7 +254,8 @@ class ProcessSet:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        for proc in sorted(self.started, key=lambda x: not isinstance(x, Mount)):
+        # Mounts first; etcd last, so stopping workers can still revoke their leases.
+        for proc in sorted(self.started, key=lambda x: (not isinstance(x, Mount), isinstance(x, Etcd))):
             try:
                 proc.stop()
             except Exception as error:  # keep tearing down the rest
@@ -260,3 +264,78 @@ class ProcessSet:
             for proc in self.started:
                 proc.check_log(self.allow)
         return False
+
+
+class EtcdMember(Process):
+    """One etcd member (Debian's etcd-server), started again with the same ports and data."""
+
+    def check_log(self, allow: tuple[str, ...] = ()) -> None:
+        pass  # etcd's own log reports the peers a test kills; it is not dorafs's log
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        def healthy():
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited:\n{self.log_text()[-3000:]}")
+            try:
+                return httpx.get(f"{self.client_url}/health", timeout=1).json().get("health") == "true"
+            except (httpx.HTTPError, ValueError):
+                return False
+        wait_for(healthy, timeout=timeout, what=f"{self.name} to be healthy")
+
+
+class Etcd:
+    """A cluster of etcd members on loopback ports, data under the test's temp dir.
+
+    `url` is the `etcd://` URL dorafs takes. Members are stopped by their pids.
+    """
+
+    def __init__(self, tmp: Path, members: int = 3, name: str = "etcd"):
+        import uuid
+
+        from tests.support import free_port
+
+        self.dir = tmp / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        names = [f"{name}{i}" for i in range(members)]
+        clients = [free_port() for _ in names]
+        peers = [free_port() for _ in names]
+        cluster = ",".join(f"{n}=http://127.0.0.1:{p}" for n, p in zip(names, peers))
+        token = uuid.uuid4().hex[:12]
+        self.members: list[EtcdMember] = []
+        for n, client, peer in zip(names, clients, peers):
+            argv = ["etcd", "--name", n, "--data-dir", str(self.dir / n),
+                    "--listen-client-urls", f"http://127.0.0.1:{client}",
+                    "--advertise-client-urls", f"http://127.0.0.1:{client}",
+                    "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+                    "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+                    "--initial-cluster", cluster, "--initial-cluster-state", "new",
+                    "--initial-cluster-token", token]
+            member = EtcdMember(n, argv, self.dir / f"{n}.log")
+            member.client_url = f"http://127.0.0.1:{client}"
+            self.members.append(member)
+        for member in self.members:
+            member.wait_healthy()
+        self.url = "etcd://" + ",".join(m.client_url.removeprefix("http://") for m in self.members)
+
+    def kill(self, i: int) -> None:
+        self.members[i].kill()
+
+    def start(self, i: int) -> None:
+        self.members[i].start()
+
+    def stop(self) -> None:
+        for member in self.members:
+            member.stop()
+
+    def check_log(self, allow: tuple[str, ...] = ()) -> None:
+        pass
+
+    def call(self, path: str, body: dict) -> dict:
+        """One JSON call to the first live member's v3 gateway."""
+        for member in self.members:
+            if member.alive():
+                try:
+                    return httpx.post(f"{member.client_url}/v3{path}", json=body, timeout=5).json()
+                except httpx.HTTPError:
+                    continue
+        raise RuntimeError("no etcd member answered")

@@ -297,3 +297,66 @@ def test_evicted_page_put_again_before_the_victim_is_unlinked(tmp_path):
         assert entry.path.exists(), "indexed page file was deleted by the earlier eviction"
 
     trio.run(main)
+
+
+def test_full_disk_lowers_the_limit_and_caching_goes_on(tmp_path, monkeypatch):
+    """ENOSPC: the page is served uncached, the limit drops to what the disk holds, and
+    later pages evict older ones instead of failing; health() says so."""
+    import errno as _errno
+
+    from worker import pagestore
+
+    store = new_store(tmp_path, 10_000)
+    real_write = pagestore.PageStore._write
+    full = {"on": False}
+
+    def write(self, final, data):
+        if full["on"]:
+            raise OSError(_errno.ENOSPC, "No space left on device")
+        return real_write(self, final, data)
+
+    monkeypatch.setattr(pagestore.PageStore, "_write", write)
+
+    async def main():
+        for n in range(3):
+            assert await put(store, key(n), page(100)) is not None
+        assert store.health() is None
+        full["on"] = True
+        assert await put(store, key(3), page(100)) is None
+        assert store.write_errors == 1 and store.limit == 300
+        assert "full" in store.health()
+        full["on"] = False
+        assert await put(store, key(4), page(100)) is not None  # evicts the oldest to fit
+        assert store.used == 300 and store.lookup(key(0)) is None and store.evictions == 1
+
+    trio.run(main)
+
+
+def test_failing_disk_serves_uncached_then_recovers(tmp_path, monkeypatch):
+    import errno as _errno
+
+    from worker import pagestore
+
+    store = new_store(tmp_path, 10_000)
+    real_write = pagestore.PageStore._write
+    calls = []
+
+    def write(self, final, data):
+        calls.append(final)
+        if len(calls) == 1:
+            raise OSError(_errno.EIO, "Input/output error")
+        return real_write(self, final, data)
+
+    monkeypatch.setattr(pagestore.PageStore, "_write", write)
+    monkeypatch.setattr(pagestore, "FAULT_RETRY_SECONDS", 0.3)
+
+    async def main():
+        assert await put(store, key(1), page(100)) is None
+        assert "Input/output error" in store.health()
+        assert await put(store, key(2), page(100)) is None  # within the retry pause: no attempt
+        assert len(calls) == 1
+        await trio.sleep(0.35)
+        assert await put(store, key(3), page(100)) is not None
+        assert store.health() is None and store.write_errors == 1
+
+    trio.run(main)

@@ -19,7 +19,7 @@ from dorafs.files import lock_directory, write_atomic
 from dorafs.log import setup_logging
 from dorafs.notify import notify
 from dorafs.security import Credentials, ServerSecurity
-from dorafs.ufs import UfsSet
+from dorafs.ufs import RetryPolicy, UfsSet
 from worker.metrics import WorkerMetrics
 from worker.server import build_server
 from worker.service import WorkerService
@@ -31,7 +31,8 @@ def parse_args(argv: list[str] | None) -> tuple[WorkerConfig, Security, str]:
     p = argparse.ArgumentParser(prog="dorafs-worker", description="Run a dorafs cache worker.",
                                 allow_abbrev=False)  # `--secret` must not mean `--secret-file`
     p.add_argument("--config", help="TOML config file (default /etc/dorafs/dorafs.toml if present)")
-    p.add_argument("--registry", help="registry URL (http://HOST:PORT); omit for a standalone worker")
+    p.add_argument("--registry", help="registry URL (http://HOST:PORT, or etcd://HOST:PORT[,HOST:PORT...]); "
+                                      "omit for a standalone worker")
     p.add_argument("--listen", help="HOST:PORT to bind (port 0: any free port; default 127.0.0.1:29998)")
     p.add_argument("--advertise", help="HOST:PORT clients should use (default: the bound address)")
     p.add_argument("--cache-dir", help="page cache directory")
@@ -41,6 +42,9 @@ def parse_args(argv: list[str] | None) -> tuple[WorkerConfig, Security, str]:
     p.add_argument("--listing-ttl", help="how long a cached directory listing is trusted by default, e.g. 5m")
     p.add_argument("--negative-ttl", help="how long a cached \"no such path\" is trusted by default, e.g. 30s")
     p.add_argument("--metadata-entries", help="statuses and listing entries kept in memory, e.g. 100000")
+    p.add_argument("--ufs-attempts", help="tries per S3 request (throttling, 5xx, timeouts)")
+    p.add_argument("--ufs-deadline", help="a UFS request and its retries end by this, e.g. 4s")
+    p.add_argument("--ufs-timeout", help="connect and read timeout of one S3 attempt, e.g. 2s")
     p.add_argument("--heartbeat-interval", help="time between heartbeats to the registry, e.g. 2s")
     p.add_argument("--port-file", help="write the bound HOST:PORT here once serving")
     p.add_argument("--ufs-roots", help="UFS URIs this worker may read, e.g. s3://bucket,file:///data")
@@ -91,7 +95,8 @@ async def run(config: WorkerConfig, security: Security | None = None, *,
 
     security = security or Security()
 
-    ufs = UfsSet(threads=config.ufs_threads)
+    ufs = UfsSet(threads=config.ufs_threads,
+                 retry=RetryPolicy(config.ufs_attempts, config.ufs_deadline, config.ufs_timeout))
     service = WorkerService(config, ufs, WorkerMetrics())
     await service.start()
     wid = _worker_id(config.cache_dir)

@@ -41,6 +41,12 @@ class WorkerMetrics:
         self.load_pages = Counter(
             "dorafs_worker_load_pages", "Pages handled for load jobs by outcome", ["result"], registry=r)
         self.load_bytes = Counter("dorafs_worker_load_bytes", "Bytes fetched from the UFS for load jobs", registry=r)
+        self.cache_degraded = Gauge(
+            "dorafs_worker_cache_degraded", "1 while a full or failing cache disk limits caching (see /healthz)",
+            registry=r)
+        self.cache_limit = Gauge(
+            "dorafs_worker_cache_limit_bytes", "Bytes the page cache may use now: the capacity, or less on a full disk",
+            registry=r)
         # Every label value starts at zero, so dashboards see 0 rather than no series.
         for op in ("read", "stat", "list"):
             self.ufs_requests.labels(op)

@@ -16,12 +16,21 @@ Subtleties:
   in a thread could delete a page re-cached under the same name in the meantime.
 - The index lives on the trio thread; file I/O runs in threads. Readers of a page that
   eviction unlinks concurrently still hold their open fd, so sendfile completes.
+- A full or failing cache disk never fails a read: the page is served from memory
+  without being cached. A full disk (ENOSPC, EDQUOT) lowers the store's `limit` to the
+  bytes it holds, so later pages evict older ones and caching goes on at the size the
+  disk really has; the configured capacity is tried again after `REGROW_SECONDS`. A
+  failing disk (EIO, EROFS, EACCES...) stops write attempts for `FAULT_RETRY_SECONDS`,
+  then one is tried again; a successful write ends the fault. Other errors concern one
+  page's path and are only counted. `health()` says what is wrong.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -33,6 +42,10 @@ import xxhash
 log = logging.getLogger(__name__)
 
 PageKey = tuple[str, int]  # (object id, page index)
+FAULT_RETRY_SECONDS = 5.0  # after a failed write, pages are served uncached this long
+REGROW_SECONDS = 60.0  # after a full disk lowered the limit, try the full capacity again
+# Write errors that say the disk itself is unusable (others concern one page's path).
+DISK_FAULTS = {errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENXIO, errno.ENODEV}
 
 
 def checksum(data: bytes | memoryview) -> str:
@@ -55,6 +68,10 @@ class PageStore:
         self.reserved = 0  # bytes reserved by writes in progress
         self.evictions = 0
         self.write_errors = 0
+        self.limit = capacity  # capacity, or less while the disk is fuller than we thought
+        self.fault: str | None = None  # the last write error, until a write succeeds
+        self._retry_at = 0.0
+        self._regrow_at = 0.0
         self._index: OrderedDict[PageKey, PageEntry] = OrderedDict()
         self._by_object: dict[str, set[int]] = {}
         self._limiter = thread_limiter or trio.CapacityLimiter(8)
@@ -108,16 +125,30 @@ class PageStore:
     def pages_of(self, oid: str) -> set[int]:
         return set(self._by_object.get(oid, ()))
 
+    def health(self) -> str | None:
+        """None when caching works; else one line on what degrades it."""
+        if self.fault is not None:
+            return f"serving without caching: {self.fault}"
+        if self.limit < self.capacity:
+            return f"cache disk full: caching {self.limit} of {self.capacity} bytes"
+        return None
+
     # -- changes ----------------------------------------------------------------------
 
     async def put(self, key: PageKey, data: bytes, digest: str) -> PageEntry | None:
         """Store a page; None if it cannot be cached (too big, or the disk failed)."""
         if key in self._index:
             return self._index[key]
+        now = time.monotonic()
+        if self.fault is not None and now < self._retry_at:
+            return None  # the disk failed a moment ago: serve without caching
+        if self.limit < self.capacity and now >= self._regrow_at:
+            log.info("trying the cache's full capacity again (%d bytes)", self.capacity)
+            self.limit = self.capacity
         size = len(data)
-        if self.reserved + size > self.capacity:
+        if self.reserved + size > self.limit:
             return None  # too big, or writes in flight hold the room: serve without caching
-        while self.used + size > self.capacity:
+        while self.used + size > self.limit:
             self._unlink(self._evict_one())
         self.used += size  # reserved until the rename lands or fails
         self.reserved += size
@@ -127,11 +158,14 @@ class PageStore:
             await trio.to_thread.run_sync(self._write, final, data, limiter=self._limiter)
         except OSError as exc:
             self.write_errors += 1
-            log.warning("cannot cache page %s_%d (serving without caching): %s", oid, index, exc)
+            self._write_failed(exc, size)
             return None
         finally:
             self.used -= size
             self.reserved -= size
+        if self.fault is not None:
+            log.info("cache disk writes work again (after: %s)", self.fault)
+            self.fault = None
         if key in self._index:  # a concurrent put of the same page won the race
             return self._index[key]
         entry = PageEntry(final, size, digest)
@@ -145,6 +179,25 @@ class PageStore:
             self._unlink(entry)
 
     # -- internals --------------------------------------------------------------------
+
+    def _write_failed(self, exc: OSError, size: int) -> None:
+        cause = f"{exc.strerror or exc} ({self.root})"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            held = self.used - self.reserved  # indexed pages: what this disk does hold
+            if held < self.limit:
+                log.warning("cache disk full (%s): caching at most %d bytes instead of %d; "
+                            "pages beyond that are served without caching", cause, held, self.capacity)
+                self.limit = held
+            self._regrow_at = time.monotonic() + REGROW_SECONDS
+            return
+        if exc.errno not in DISK_FAULTS:
+            log.warning("cannot cache one page (serving it without caching): %s", cause)
+            return
+        if self.fault is None:
+            log.warning("cache disk failed (%s): serving without caching, trying again in %gs",
+                        cause, FAULT_RETRY_SECONDS)
+        self.fault = cause
+        self._retry_at = time.monotonic() + FAULT_RETRY_SECONDS
 
     def _insert(self, key: PageKey, entry: PageEntry) -> None:
         self._index[key] = entry
@@ -180,8 +233,11 @@ class PageStore:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
-        finally:
+        except OSError:
             os.close(fd)
+            tmp.unlink(missing_ok=True)  # a partial page would hold the space a full disk lacks
+            raise
+        os.close(fd)
         try:
             final.parent.mkdir(mode=0o700, exist_ok=True)
             os.rename(tmp, final)

@@ -127,6 +127,11 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
 
     @server.route("GET", "/healthz")
     async def healthz(req: Request) -> Response:
+        # 200 either way: a degraded worker still serves every read (from the UFS, uncached),
+        # so load balancers keep it; operators alert on "degraded" or the metric.
+        service.update_gauges()
+        if service.health is not None:
+            return json_response({"status": "degraded", "cache": service.health})
         return json_response({"status": "ok"})
 
     @server.route("GET", "/metrics")

@@ -18,6 +18,7 @@ import trio
 
 from dorafs.config import WorkerConfig
 from dorafs.errors import CacheFull, InvalidRequest, NotADirectory, NotFound, StaleVersion, Unavailable
+from dorafs.notify import notify
 from dorafs.pages import object_id, page_count, page_length
 from dorafs.singleflight import SingleFlight
 from dorafs.ufs import FileStatus, UfsSet
@@ -38,6 +39,7 @@ class PageResult:
     entry: PageEntry | None = None
     data: bytes | None = None
     hit: bool = False
+    key: tuple | None = None
 
 
 class WorkerService:
@@ -54,6 +56,7 @@ class WorkerService:
         self.background: trio.Nursery | None = None  # set by the daemon: background fills
         self._dir_misses: dict[str, int] = {}  # stat misses per directory, for listing prefetch
         self._prefetching: set[str] = set()
+        self.health: str | None = None  # why caching is degraded (None: it works)
 
     async def start(self) -> None:
         await trio.to_thread.run_sync(self.store.load)
@@ -69,6 +72,15 @@ class WorkerService:
         m.cache_write_errors.set(s.write_errors)
         m.metadata_entries.set(self.meta.memory_size())
         m.metadata_disk_errors.set(self.meta.disk_errors)
+        m.cache_limit.set(s.limit)
+        health = s.health()
+        m.cache_degraded.set(health is not None)
+        if health != self.health:
+            if health is not None:
+                notify(f"STATUS=degraded: {health}")
+            else:
+                notify("STATUS=serving; cache healthy again")
+            self.health = health
 
     # -- UFS calls, measured ----------------------------------------------------------
 
@@ -110,7 +122,7 @@ class WorkerService:
         if entry is not None:
             try:
                 self.metrics.page_requests.labels("hit").inc()
-                return PageResult(entry.checksum, entry.size, entry=entry, hit=True)
+                return PageResult(entry.checksum, entry.size, entry=entry, hit=True, key=key)
             finally:
                 self.metrics.bytes_served.inc(entry.size)
         run = max(1, min(run, MAX_RUN, pages - index))
@@ -174,7 +186,7 @@ class WorkerService:
                 if event is not None:
                     event.set()
         self.update_gauges()
-        return PageResult(digest, len(first), entry=entry, data=first)
+        return PageResult(digest, len(first), entry=entry, data=first, key=key)
 
     async def load_page(self, uri: str, version: str, size: int, index: int, *, verify: bool = False) -> bool:
         """Make sure a page is cached (load jobs); True if this call fetched it from the UFS.
@@ -212,6 +224,11 @@ class WorkerService:
         try:
             return os.open(result.entry.path, os.O_RDONLY)
         except FileNotFoundError:
+            return None
+        except OSError as exc:  # a failing disk: forget the page, the caller fills it again
+            log.warning("cannot open cached page %s (%s): dropped", result.entry.path, exc.strerror or exc)
+            if result.key is not None:
+                self.store.drop(result.key)
             return None
 
     # -- metadata ---------------------------------------------------------------------

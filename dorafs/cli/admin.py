@@ -33,6 +33,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from dorafs import etcd
 from dorafs.config import ConfigError, parse_size
 from dorafs.membership import WorkerInfo, registry_url
 from dorafs.routing import Routing, build_routing
@@ -106,6 +107,11 @@ def call(method: str, base: str, path: str, *, params: dict | None = None, body:
 
 
 def _get(registry: str, path: str) -> dict:
+    if path == "/v1/workers" and etcd.is_etcd(registry):
+        try:
+            return etcd.list_workers(registry)
+        except (etcd.EtcdError, ValueError) as exc:
+            raise AdminError(f"etcd {registry} unreachable: {exc}") from None
     return call("GET", registry, path)
 
 

@@ -41,7 +41,8 @@ def add_mount_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ufs_uri", metavar="UFS_URI", help="s3://bucket/prefix, file:///path, ...")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--config", help="TOML config file (default /etc/dorafs/dorafs.toml if present)")
-    p.add_argument("--registry", help="registry URL; omit (with --workers) for an embedded single-node cluster")
+    p.add_argument("--registry", help="registry URL (http://HOST:PORT, or etcd://HOST:PORT[,HOST:PORT...]); "
+                                      "omit (with --workers) for an embedded single-node cluster")
     p.add_argument("--workers", help="static worker list HOST:PORT,HOST:PORT")
     p.add_argument("-f", "--foreground", action="store_true", default=None, help="stay in the foreground")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[=VALUE],...",

@@ -7,6 +7,16 @@ skipped for `SUSPECT_SECONDS` and the next candidate serves; when none answers, 
 client reads the UFS itself. An error *answer* (not found, changed object, UFS failure)
 is authoritative and is raised, not retried elsewhere.
 
+A worker that keeps failing is skipped for longer each time (doubling up to
+`MAX_SUSPECT_SECONDS`), so a stopped worker that accepts connections but never answers
+costs one `worker_timeout` stall per period, not one per request. A success clears it,
+and so does the worker (re)joining the membership: its keys come back at once.
+
+A page whose fetch failed for good (EIO after the UFS retries, ESTALE) answers the same
+error for `FAILURE_MEMORY` seconds without a new fetch: the kernel re-issues a failed
+readahead as a synchronous read at once, which would otherwise wait out the same UFS
+deadline a second time.
+
 Reads: `read(open_file, offset, length)` returns exactly the bytes asked for (short only
 at end of file), assembled from page-aligned fetches of the version pinned at open.
 Sequential readers get readahead: the next pages are fetched concurrently into the
@@ -27,7 +37,7 @@ from dorafs.client.buffer import PageBuffer
 from dorafs.client.local import LocalPages, Unreadable, is_loopback
 from dorafs.client.workers import WorkerClient
 from dorafs.config import MountConfig
-from dorafs.errors import Unavailable
+from dorafs.errors import DoraError, Unavailable
 from dorafs.membership import Membership
 from dorafs.pages import page_count, plan
 from dorafs.ring import HashRing
@@ -41,9 +51,11 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 SUSPECT_SECONDS = 5.0  # how long a failed worker is skipped before it is tried again
+MAX_SUSPECT_SECONDS = 30.0  # the skip doubles while the worker keeps failing, up to this
 MAX_CANDIDATES = 3  # workers tried for one request before the UFS
 MAX_PREFETCH = 32  # readahead pages in flight across the mount
 LIST_PAGE = 1000
+FAILURE_MEMORY = 0.5  # seconds a page's final error is answered again without a new fetch
 
 
 @dataclass
@@ -79,9 +91,12 @@ class DoraClient:
         self._workers = WorkerClient(timeout=config.worker_timeout, connect_timeout=config.connect_timeout,
                                      credentials=credentials)
         self._flights = SingleFlight()
+        self._failed: dict[tuple, tuple[float, Exception]] = {}  # page key -> (until, error)
         self._suspect_until: dict[str, float] = {}
         self._remote: set[str] = set()  # loopback workers whose page files this process cannot read
         self.local = LocalPages()
+        self._suspect_for: dict[str, float] = {}  # current skip period of a failing worker
+        self._ring_addresses: set[str] = set()
         self._prefetching = 0  # pages scheduled by readahead and not yet fetched
         self._scheduled: set[tuple] = set()  # their keys
         self._nursery: trio.Nursery | None = None
@@ -104,6 +119,12 @@ class DoraClient:
                 await self._workers.aclose()
 
     def _rebuild_ring(self) -> None:
+        workers = self.membership.workers
+        joined = {w.address for w in workers.values()} - self._ring_addresses
+        for address in joined:  # a worker that (re)joins is trusted again at once
+            self._suspect_until.pop(address, None)
+            self._suspect_for.pop(address, None)
+        self._ring_addresses = {w.address for w in workers.values()}
         routing = build_routing(self.membership.workers)  # the scheduler routes loads the same way
         if routing.page_size is not None:
             self.page_size = routing.page_size
@@ -135,17 +156,26 @@ class DoraClient:
             try:
                 result = await call(address)
             except Unavailable as exc:
-                if address not in self._suspect_until:
-                    log.warning("worker %s failed (%s); using the next candidate for %ds", address, exc,
-                                SUSPECT_SECONDS)
-                self._suspect_until[address] = trio.current_time() + SUSPECT_SECONDS
+                self._suspect(address, exc)
                 self.stats.failovers += 1
                 continue
+            self._suspect_for.pop(address, None)
             if self._suspect_until.pop(address, None) is not None:
                 log.info("worker %s answers again", address)
             self.stats.by_worker[address] += 1
             return result
         raise Unavailable(f"no worker answered for {key} ({tried} tried)")
+
+    def _suspect(self, address: str, exc: Exception) -> None:
+        now = trio.current_time()
+        if self._suspect_until.get(address, 0) > now:
+            return  # requests that were in flight together fail together: one period
+        period = self._suspect_for.get(address)
+        period = SUSPECT_SECONDS if period is None else min(period * 2, MAX_SUSPECT_SECONDS)
+        if address not in self._suspect_until:
+            log.warning("worker %s failed (%s); using the next candidate for %gs", address, exc, period)
+        self._suspect_until[address] = now + period
+        self._suspect_for[address] = period
 
     # -- metadata ---------------------------------------------------------------------
 
@@ -282,7 +312,16 @@ class DoraClient:
         data = self.buffer.get(key)
         if data is not None:
             return data
-        data, _ = await self._flights.do(key, lambda: self._fetch(f, index, run))
+        failed = self._failed.get(key)
+        if failed is not None and failed[0] > trio.current_time():
+            raise failed[1]  # the kernel retries a failed readahead at once: same answer, no new wait
+        try:
+            data, _ = await self._flights.do(key, lambda: self._fetch(f, index, run))
+        except DoraError as exc:
+            if len(self._failed) > 1024:
+                self._failed.clear()
+            self._failed[key] = (trio.current_time() + FAILURE_MEMORY, exc)
+            raise
         return data
 
     async def _fetch(self, f: OpenFile, index: int, run: int = 1) -> bytes | bytearray:

@@ -12,9 +12,10 @@ import fsspec
 from dorafs.errors import InvalidRequest
 from dorafs.ufs.base import FileStatus, UnderFileSystem, join, normalize
 from dorafs.ufs.fsspec_ufs import FsspecUfs
+from dorafs.ufs.retry import RetryPolicy
 from dorafs.ufs.s3 import S3Ufs
 
-__all__ = ["SCHEMES", "FileStatus", "FsspecUfs", "S3Ufs", "UfsSet", "UnderFileSystem", "join", "normalize"]
+__all__ = ["SCHEMES", "FileStatus", "FsspecUfs", "RetryPolicy", "S3Ufs", "UfsSet", "UnderFileSystem", "join", "normalize"]
 
 SCHEMES: dict[str, type[S3Ufs]] = {"s3": S3Ufs, "s3a": S3Ufs}  # everything else: FsspecUfs
 
@@ -22,8 +23,9 @@ SCHEMES: dict[str, type[S3Ufs]] = {"s3": S3Ufs, "s3a": S3Ufs}  # everything else
 class UfsSet:
     """Adapter instances by scheme; `get` never blocks (adapters connect lazily)."""
 
-    def __init__(self, threads: int = 16):
+    def __init__(self, threads: int = 16, retry: RetryPolicy | None = None):
         self._threads = threads  # per adapter: its thread limiter and connection pool
+        self._retry = retry  # S3's retry policy (None: RetryPolicy's defaults)
         self._by_scheme: dict[str, UnderFileSystem] = {}
 
     def get(self, uri: str) -> UnderFileSystem:
@@ -34,7 +36,7 @@ class UfsSet:
         ufs = self._by_scheme.get(scheme)
         if ufs is None:
             if scheme in SCHEMES:
-                ufs = SCHEMES[scheme](threads=self._threads)
+                ufs = SCHEMES[scheme](threads=self._threads, retry=self._retry)
             elif scheme in fsspec.available_protocols():
                 ufs = FsspecUfs(scheme, threads=self._threads)
             else:

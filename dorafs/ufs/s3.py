@@ -15,6 +15,8 @@ Subtleties:
   and `stat` and a listing must agree.
 - boto3 is blocking: every call (client creation included) runs in a thread behind this
   adapter's `CapacityLimiter`, sized like the client's connection pool.
+- Retries are ours, not botocore's (which is set to one attempt): `dorafs.ufs.retry`
+  bounds them by a deadline and never retries an answer about the object (412, 404...).
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import trio
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, HTTPClientError, IncompleteReadError
 
 from dorafs.errors import NotADirectory, NotFound, StaleVersion, UfsError
 from dorafs.ufs.base import FileStatus, UnderFileSystem
+from dorafs.ufs.retry import Attempt, RetryPolicy, call_with_retries
 
 T = TypeVar("T")
 
@@ -36,6 +39,9 @@ T = TypeVar("T")
 _NO_KEY = {"NoSuchKey", "404", "NotFound"}
 _NO_BUCKET = "NoSuchBucket"
 _ACCESS = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled"}
+# Answers worth another try: throttling and server-side trouble (any 5xx is retried too).
+_TRANSIENT = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
+              "RequestTimeout", "InternalError", "ServiceUnavailable", "503", "500", "502", "504"}
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -57,6 +63,23 @@ def _seconds(value: _dt.datetime | None) -> float:
     return float(int(value.timestamp())) if value is not None else 0.0
 
 
+def classify(exc: BaseException) -> Attempt | None:
+    """Retry throttling, 5xx, timeouts and broken connections; nothing else."""
+    if isinstance(exc, ClientError):
+        code = _code(exc)
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        message = exc.response.get("Error", {}).get("Message", "")
+        cause = f"{code} {message}".strip() + (f" (HTTP {status})" if status else "")
+        return Attempt(code in _TRANSIENT or status >= 500 or status == 429, cause)
+    if isinstance(exc, (ConnectionError, HTTPClientError, IncompleteReadError)):
+        return Attempt(True, f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, BotoCoreError):
+        return Attempt(False, f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, OSError):
+        return Attempt(True, f"{type(exc).__name__}: {exc}")
+    return None
+
+
 def _failure(op: str, bucket: str, key: str, exc: Exception) -> UfsError:
     """One-line cause: operation, object, error code. Never credentials."""
     where = f"s3://{bucket}/{key}"
@@ -73,8 +96,9 @@ class S3Ufs(UnderFileSystem):
 
     _page_size = 1000  # MaxKeys of a listing page; S3's own maximum. Tests lower it.
 
-    def __init__(self, threads: int = 16):
+    def __init__(self, threads: int = 16, retry: RetryPolicy | None = None):
         self._threads = threads
+        self.retry = retry or RetryPolicy()
         self._limiter = trio.CapacityLimiter(threads)
         self._client: Any = None
         self._client_lock = trio.Lock()
@@ -91,7 +115,9 @@ class S3Ufs(UnderFileSystem):
             # Local S3-compatible servers need some region; AWS itself ignores a wrong one.
             region_name=session.region_name or "us-east-1",
             config=Config(
-                retries={"mode": "standard", "max_attempts": 5},
+                retries={"mode": "standard", "total_max_attempts": 1},  # dorafs.ufs.retry retries
+                connect_timeout=self.retry.timeout,
+                read_timeout=self.retry.timeout,
                 max_pool_connections=self._threads,  # one connection per thread
             ),
         )
@@ -111,7 +137,9 @@ class S3Ufs(UnderFileSystem):
         except for `ClientError`, which the caller interprets first."""
         client = await self._s3()
         try:
-            return await self._call(lambda: getattr(client, op)(Bucket=bucket, **params))
+            return await call_with_retries(self.retry, f"S3 {op} s3://{bucket}/{key}",
+                                           lambda: getattr(client, op)(Bucket=bucket, **params),
+                                           classify, self._limiter)
         except BotoCoreError as exc:
             raise _failure(op, bucket, key, exc) from exc
 
@@ -234,7 +262,8 @@ class S3Ufs(UnderFileSystem):
                 return str(response.get("ETag", "")), body.read()
 
         try:
-            etag, data = await self._call(get)
+            etag, data = await call_with_retries(self.retry, f"S3 get_object s3://{bucket}/{key}", get,
+                                                 classify, self._limiter)
         except ClientError as exc:
             code = _code(exc)
             if code in {"PreconditionFailed", "412"}:
