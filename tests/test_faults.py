@@ -104,9 +104,10 @@ def test_worker_restart_mid_read_and_its_keys_come_back(procs, s3_server, bucket
     second = put(s3, bucket, "r/b.bin", 12 * MiB)
     workers = [procs.worker(), procs.worker()]
     addresses = [w.address for w in workers]
-    # No kernel cache and a one-page buffer: every re-read reaches a worker.
+    # No kernel cache, a one-page buffer and no short-circuit reads of page files kept
+    # open: every re-read reaches a worker.
     mount = procs.mount(f"s3://{bucket}/r", workers=addresses,
-                        options=f"{FAST},direct_io,buffer_size=1MiB,readahead_pages=0")
+                        options=f"{FAST},direct_io,buffer_size=1MiB,readahead_pages=0,short_circuit=0")
     owner = owner_of(workers, f"s3://{bucket}/r/a.bin")
     read_checked(mount.path("a.bin"), first)  # cached on its owner
     victim = owner_of(workers, f"s3://{bucket}/r/b.bin")
