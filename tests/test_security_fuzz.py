@@ -313,5 +313,5 @@ def test_worker_survives_thousands_of_hostile_requests(fuzz_target):
     assert snapshot(base, worker.dir) == before
     names = {p.relative_to(worker.cache_dir).as_posix() for p in worker.cache_dir.rglob("*")}
     for name in names:
-        assert re.fullmatch(r"lock|worker-id|pages|pages/tmp|pages/[0-9a-f]{2}|"
+        assert re.fullmatch(r"lock|worker-id|metadata\.db(-wal|-shm)?|pages|pages/tmp|pages/[0-9a-f]{2}|"
                             r"pages/[0-9a-f]{2}/[0-9a-f]{32}_\d+_[0-9a-f]{16}", name), name
