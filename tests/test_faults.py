@@ -87,8 +87,10 @@ def test_worker_sigstop_bounded_stall_then_failover(procs, s3_server, bucket):
     data = put(s3, bucket, "s/big.bin", 16 * MiB)
     workers = [procs.worker(), procs.worker()]
     port = free_port()
+    # No readahead and no short-circuit reads: the pages after the stop must come from a
+    # worker, not from a run fetched before it or page files kept open.
     mount = procs.mount(f"s3://{bucket}/s", workers=[w.address for w in workers],
-                        options=f"{FAST},metrics_listen=127.0.0.1:{port}")
+                        options=f"{FAST},metrics_listen=127.0.0.1:{port},readahead_pages=0,short_circuit=0")
     victim = owner_of(workers, f"s3://{bucket}/s/big.bin")
     procs.allow = (r"worker .* failed",)
     try:
