@@ -26,7 +26,7 @@ import trio
 from dorafs.client.buffer import PageBuffer
 from dorafs.client.workers import WorkerClient
 from dorafs.config import MountConfig
-from dorafs.errors import Unavailable
+from dorafs.errors import DoraError, Unavailable
 from dorafs.membership import Membership
 from dorafs.pages import page_count, plan
 from dorafs.ring import HashRing
@@ -167,13 +167,21 @@ class DoraClient:
                 return
             after = after_next
 
-    async def invalidate(self, uri: str) -> None:
+    async def invalidate(self, uri: str, *, recursive: bool = False) -> None:
         """Make the workers forget `uri` after it changed through this mount.
 
         The owner of `uri` drops its status, the owner of the parent its listing. A
         worker that does not answer has nothing this mount can reach anyway; its TTLs
-        bound how long it may serve the old entry.
+        bound how long it may serve the old entry. `recursive` (a directory renamed or
+        removed) asks every worker, since the paths under `uri` hash anywhere.
         """
+        if recursive:
+            for info in list(self.membership.workers.values()):
+                try:
+                    await self._workers.invalidate(info.address, uri, recursive=True)
+                except DoraError as exc:
+                    log.warning("could not invalidate %s on %s: %s", uri, info.address, exc)
+            return
         parent = parent_uri(uri)
         for key in [uri] + ([parent] if parent else []):
             try:
