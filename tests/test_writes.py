@@ -20,7 +20,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
+
+from tests.support import free_port
 
 MiB = 1 << 20
 
@@ -110,8 +113,9 @@ def test_large_sequential_file_streams_as_multipart_upload(procs, s3_server, buc
     s3 = s3_server.client()
     worker = procs.worker()
     # The staging space is smaller than the file: a sequential writer streams past it.
-    mount = procs.mount(f"s3://{bucket}", workers=[worker.address],
-                        options=mount_options(procs, "staging_size=12MiB,upload_concurrency=2"))
+    port = free_port()
+    mount = procs.mount(f"s3://{bucket}", workers=[worker.address], options=mount_options(
+        procs, f"staging_size=12MiB,upload_concurrency=2,metrics_listen=127.0.0.1:{port}"))
     data = os.urandom(33 * MiB + 17)
     with open(mount.path("big.bin"), "wb") as f:
         for start in range(0, 24 * MiB, MiB):
@@ -136,6 +140,11 @@ def test_large_sequential_file_streams_as_multipart_upload(procs, s3_server, buc
     assert hashlib.sha256(mount.path("big.bin").read_bytes()).digest() == hashlib.sha256(data).digest()
     assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
     assert list((procs.tmp / "staging").glob("*/*")) == []  # staged bytes gone after close
+    metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    assert 'dorafs_mount_uploads_total{result="ok"} 1.0' in metrics
+    assert f"dorafs_mount_upload_bytes_total {float(len(data))}" in metrics
+    assert f"dorafs_mount_write_bytes_total {float(len(data))}" in metrics
+    assert "dorafs_mount_staging_bytes 0.0" in metrics
 
 
 def test_staging_space_exhausted_gives_enospc_and_uploads_nothing(procs, s3_server, bucket):
@@ -351,7 +360,7 @@ def test_upload_failures_surface_at_close_with_eio_and_leave_no_object(procs, s3
 # -- what users run ---------------------------------------------------------------------
 
 def test_torch_save_and_load_round_trip(rw):
-    torch = pytest.importorskip("torch")
+    import torch  # scripts/setup.sh installs torch==2.13.0 (CPU)
     mount, s3, bucket = rw
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 2048))
@@ -382,9 +391,9 @@ def test_cp_r_round_trips_a_tree(rw, tmp_path):
         sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
 
 
-@pytest.mark.skipif(shutil.which("fio") is None, reason="fio is installed by scripts/setup.sh")
 def test_fio_sequential_write_jobs(rw):
     mount, s3, bucket = rw
+    assert shutil.which("fio"), "fio comes from Debian: run scripts/setup.sh"
     for i, job in enumerate((["--rw=write", "--bs=256k", "--size=24m", "--numjobs=2"],
                              ["--rw=write", "--bs=4k", "--size=2m", "--fsync=64"],
                              ["--rw=randwrite", "--bs=64k", "--size=4m"])):

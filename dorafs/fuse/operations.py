@@ -42,7 +42,7 @@ from dorafs.client.writes import Staging, WriteFile
 from dorafs.config import MountConfig
 from dorafs.errors import DoraError, Exists, IsADirectory, NotADirectory, NotEmpty, NotFound, StaleVersion
 from dorafs.fuse.errors import fuse_operation
-from dorafs.fuse.metrics import READ_BYTES, READ_LATENCY, READS
+from dorafs.fuse.metrics import READ_BYTES, READ_LATENCY, READS, STAGING_BYTES, UPLOAD_BYTES, UPLOADS, WRITE_BYTES
 from dorafs.fuse.inodes import InodeTable, Node
 from dorafs.ufs import FileStatus, join
 
@@ -86,6 +86,7 @@ class DoraOperations(pyfuse3.Operations):
         self.inodes = InodeTable(root_uri, root_status)
         self.staging = staging or Staging(config, client.ufs)  # its `run` is started by the mount
         self._writing: set[Node] = set()  # nodes with a WriteFile
+        STAGING_BYTES.set_function(lambda: self.staging.used)
         self._handles: dict[int, FileHandle | DirHandle] = {}
         self._numbers = itertools.count(1)
         self._uid = os.getuid()
@@ -386,12 +387,18 @@ class DoraOperations(pyfuse3.Operations):
 
     async def _commit(self, node: Node, writer: WriteFile) -> None:
         """Upload the writer's bytes if changed; then the workers and the node see the new version."""
-        status = await writer.commit()
+        try:
+            status = await writer.commit()
+        except DoraError:
+            UPLOADS.labels("failed").inc()
+            raise
         if status is None:
             return
+        UPLOADS.labels("ok").inc()
+        UPLOAD_BYTES.inc(status.size)
         node.kernel_version = None
         node.status = replace(status, name=node.status.name)
-        await self.client.invalidate(writer.uri or node.uri)
+        await self.client.invalidate(writer.uri or node.uri, pages=True)
 
     async def _let_go(self, node: Node, writer: WriteFile, *, upload: bool) -> None:
         """One handle less on `writer`; the last one uploads what is left and drops it."""
@@ -454,6 +461,7 @@ class DoraOperations(pyfuse3.Operations):
             off = writer.size
         written = await writer.write(off, buf)
         writer.mtime = time.time()
+        WRITE_BYTES.inc(written)
         return written
 
     @fuse_operation
@@ -549,7 +557,7 @@ class DoraOperations(pyfuse3.Operations):
             raise IsADirectory(path)
         if status is not None:
             await self.client.ufs.get(uri).delete(uri)
-            await self.client.invalidate(uri)
+            await self.client.invalidate(uri, pages=True)
         if node is not None:
             if node.writer is not None:
                 node.writer.uri = None  # an unlinked file's writes go nowhere, as on a disk
@@ -621,8 +629,8 @@ class DoraOperations(pyfuse3.Operations):
         if target is not None and target.writer is not None:
             target.writer.uri = None  # the replaced file's pending writes go nowhere
         await ufs.rename(src_uri, dst_uri, src.is_dir)
-        await self.client.invalidate(src_uri, recursive=src.is_dir)
-        await self.client.invalidate(dst_uri, recursive=src.is_dir)
+        await self.client.invalidate(src_uri, recursive=src.is_dir, pages=True)
+        await self.client.invalidate(dst_uri, recursive=src.is_dir, pages=True)
         for node in self.inodes.move(src_path, new_parent, new_name):
             if node.path == dst_path:
                 node.status = replace(node.status, name=new_name)
