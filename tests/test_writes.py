@@ -110,6 +110,30 @@ def test_new_files_overwrite_append_and_random_writes(rw):
     expect_errno(errno.EEXIST, os.open, mount.path("empty"), os.O_CREAT | os.O_WRONLY | os.O_EXCL)
 
 
+def test_handles_of_one_file_share_its_staged_bytes(rw):
+    mount, s3, bucket = rw
+    mount.path("shared").write_bytes(b"0123456789")
+    first = os.open(mount.path("shared"), os.O_WRONLY)
+    second = os.open(mount.path("shared"), os.O_RDWR)
+    reader = os.open(mount.path("shared"), os.O_RDONLY)
+    try:
+        os.pwrite(first, b"AB", 0)
+        assert os.pread(second, 100, 0) == b"AB23456789"  # every handle reads the writes
+        assert os.pread(reader, 100, 0) == b"AB23456789"
+        assert os.fstat(reader).st_size == 10
+        os.close(first)  # uploads what is staged so far
+        first = -1
+        assert objects(s3, bucket)["w/shared"] == b"AB23456789"
+        os.pwrite(second, b"CD", 8)
+        os.ftruncate(second, 12)
+    finally:
+        for fd in (first, second, reader):
+            if fd >= 0:
+                os.close(fd)
+    assert objects(s3, bucket)["w/shared"] == b"AB234567CD\0\0"
+    assert mount.path("shared").read_bytes() == b"AB234567CD\0\0"
+
+
 def test_large_sequential_file_streams_as_multipart_upload(procs, s3_server, bucket):
     s3 = s3_server.client()
     worker = procs.worker()
