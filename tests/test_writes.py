@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -367,10 +368,14 @@ def test_upload_failures_surface_at_close_with_eio_and_leave_no_object(procs, s3
 
         big = open(mount.path("big.bin"), "wb")
         big.write(os.urandom(12 * MiB))  # multipart: every part refused, retries included
-        expect_errno(errno.EIO, big.close)
         fd = os.open(mount.path("old.txt"), os.O_WRONLY)
         os.write(fd, b"NEW")
-        expect_errno(errno.EIO, os.fsync, fd)  # fsync reports it too
+        with ThreadPoolExecutor(2) as pool:  # both wait out boto3's retries: side by side
+            closing = pool.submit(expect_errno, errno.EIO, big.close)
+            syncing = pool.submit(expect_errno, errno.EIO, os.fsync, fd)  # fsync reports it too
+            closing.result()
+            syncing.result()
+        assert objects(s3, bucket) == {"f/old.txt": b"old"}  # nothing new, nothing partial
         proxy.failing = False
         os.fsync(fd)  # the staged bytes stayed: a retry succeeds
         os.close(fd)

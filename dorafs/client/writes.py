@@ -15,7 +15,8 @@ Uploads:
 - `commit` (the mount calls it from flush, fsync and the last release) sends what is not
   sent yet and completes the upload. Nothing is visible in the UFS before that; a
   failure aborts the upload, so no partial object appears and the previous object stays.
-  The staged bytes stay too, so a later fsync or close may try again.
+  The staged bytes stay too, so a later fsync or close may try again. A part that failed
+  in the background (after boto3's own retries) fails the next commit at once.
 
 Staging space: a file holds as much of the `staging_size` budget as its size. When the
 budget is exhausted, parts already sent are released from their staging files (hole
@@ -159,6 +160,7 @@ class WriteFile:
         self.inflight: dict[int, trio.Event] = {}
         self.failed: DoraError | None = None  # set when the staged bytes can no longer be trusted
         self.last_error: DoraError | None = None  # of the last commit; cleared by a successful one
+        self._send_error: Exception | None = None  # of a background part send, after boto3's retries
 
     def __repr__(self) -> str:
         return f"WriteFile({self.uri!r}, size={self.size}, dirty={self.dirty})"
@@ -310,8 +312,9 @@ class WriteFile:
     async def _send_background(self, index: int) -> None:
         try:
             await self._send(index)
-        except Exception as exc:  # commit sends the part again and reports the error
+        except Exception as exc:  # the next commit reports it (a later one sends the part again)
             log.debug("background upload of part %d of %s failed: %s", index + 1, self.uri, exc)
+            self._send_error = exc
 
     async def _abort(self) -> None:
         with trio.CancelScope(shield=True):
@@ -319,6 +322,7 @@ class WriteFile:
                 await event.wait()
             upload, self._upload = self._upload, None
             self.sent.clear()
+            self._send_error = None
             if upload is not None:
                 await upload.abort()
 
@@ -337,6 +341,10 @@ class WriteFile:
                     data = await trio.to_thread.run_sync(os.pread, self.fd, self.size, 0)
                     status = await ufs.put(uri, data)
                 else:
+                    for event in list(self.inflight.values()):
+                        await event.wait()
+                    if self._send_error is not None:  # already retried by boto3: fail now
+                        raise self._send_error
                     count = (self.size + self.ps - 1) // self.ps
                     async with trio.open_nursery() as nursery:
                         for index in range(count):
