@@ -5,7 +5,8 @@
 Starts moto's S3 server, one worker and a mount on loopback (the test helpers), then
 times: one large file written sequentially in 1 MiB writes and closed (streamed as a
 multipart upload), the same bytes uploaded with boto3's `upload_fileobj`, and many
-128 KiB files written one after the other. Prints one line per case.
+128 KiB files written one after the other. Prints one line per case, and the mount
+process's peak RSS (uploads hold at most `upload_concurrency` parts in memory).
 """
 
 from __future__ import annotations
@@ -75,6 +76,14 @@ def run(mount, s3, args) -> None:
           f"{args.size_mib / boto_seconds:7.1f} MiB/s ({boto_seconds:.2f} s)")
     print(f"{args.files} files of 128 KiB through the mount:                  "
           f"{args.files / small_seconds:7.1f} files/s ({small_seconds:.2f} s)")
+    print(f"mount process peak RSS: {peak_rss_mib(mount.pid):.0f} MiB")
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 if __name__ == "__main__":
