@@ -179,7 +179,9 @@ class WriteFile:
                 raise UfsError(f"{self.uri} ended at {offset} of {status.size} bytes while staging it")
             await trio.to_thread.run_sync(os.pwrite, self.fd, data, offset)
             offset += len(data)
+        os.ftruncate(self.fd, status.size)  # a first attempt at another version may have been longer
         self.size = status.size
+        self._fit_reservation()
         self.mtime = status.mtime
 
     def read(self, offset: int, size: int) -> bytes:

@@ -176,7 +176,11 @@ class WritingOperations:
             node = self.inodes.child(parent, text, status or FileStatus(name=text, is_dir=False, mtime=time.time()))
         if exists and flags & os.O_EXCL:
             raise Exists(self._path(parent, text))
-        writer = await self._writer(node, truncate=bool(flags & os.O_TRUNC) or not exists)
+        try:
+            writer = await self._writer(node, truncate=bool(flags & os.O_TRUNC) or not exists)
+        except BaseException:
+            self.inodes.release_if_unused(node)
+            raise
         info = self._open_writer(node, writer, flags)
         node.lookups += 1
         self._sync(node)
