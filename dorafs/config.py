@@ -107,6 +107,20 @@ def _count(value) -> int:
     return int(value)
 
 
+def _positive_count(value) -> int:
+    number = _count(value)
+    if number <= 0:
+        raise ValueError(f"must be at least 1, got {value!r}")
+    return number
+
+
+def _part_size(value) -> int:
+    number = _size(value)
+    if number < 5 << 20:
+        raise ValueError(f"must be at least 5MiB (S3's smallest part), got {value!r}")
+    return number
+
+
 def _flag(value) -> bool:
     if isinstance(value, bool):
         return value
@@ -294,6 +308,14 @@ class MountConfig:
     gid: int | None = option(None, _optional(_id), "group shown for every file (default: the mounting user's)")
     file_mode: int = option(0o644, _mode, "permission bits of files, e.g. 0640")
     dir_mode: int = option(0o755, _mode, "permission bits of directories, e.g. 0750")
+    read_only: bool = option(False, _flag, "refuse every change with EROFS (`-o ro`)")
+    staging_dir: Path | None = option(None, _optional(_path),
+                                      "where files being written are staged (default ~/.cache/dorafs/staging)")
+    staging_size: int = option(10 << 30, _size, "staging space for files being written; past it, ENOSPC")
+    upload_part_size: int = option(8 << 20, _part_size,
+                                   "part of a multipart upload (at least 5MiB, S3's minimum; 10000 parts per file)")
+    upload_concurrency: int = option(4, _positive_count, "parts uploaded at once across the mount; memory is "
+                                     "about this many parts")
 
 
 SECTIONS: dict[str, type] = {"worker": WorkerConfig, "registry": RegistryConfig, "mount": MountConfig}
@@ -388,7 +410,7 @@ _SIZE_UNITS_HUMAN = {1 << 40: "TiB", 1 << 30: "GiB", 1 << 20: "MiB", 1 << 10: "K
 
 def _human(spec, value) -> str:
     parse = spec.metadata["parse"]
-    if parse is _size and isinstance(value, int):
+    if parse in (_size, _part_size) and isinstance(value, int):
         for unit, name in _SIZE_UNITS_HUMAN.items():
             if value % unit == 0:
                 return f"{value // unit}{name}"

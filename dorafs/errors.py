@@ -81,6 +81,35 @@ class Unavailable(DoraError):
     http_status = 503
 
 
+class Exists(DoraError):
+    errno = _errno.EEXIST
+    http_status = 409
+
+
+class NotEmpty(DoraError):
+    errno = _errno.ENOTEMPTY
+    http_status = 409
+
+
+class NoSpace(DoraError):
+    """The mount's staging space for written files is exhausted."""
+
+    errno = _errno.ENOSPC
+    http_status = 507
+
+
+class ReadOnly(DoraError):
+    """A change refused: the mount is read-only, or the store cannot be written."""
+
+    errno = _errno.EROFS
+    http_status = 403
+
+
+class NotSupported(DoraError):
+    errno = _errno.ENOTSUP
+    http_status = 501
+
+
 _BY_STATUS = {cls.http_status: cls for cls in (NotFound, StaleVersion, InvalidRequest, PermissionDenied, UfsError,
                                                CacheFull, Unavailable)}
 _BY_STATUS[401] = PermissionDenied  # a missing or wrong cluster secret

@@ -26,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dorafs.client import DoraClient
 from dorafs.config import MountConfig, user_cache_dir
-from dorafs.errors import DoraError
+from dorafs.errors import DoraError, NotFound
 from dorafs.files import lock_directory
 from dorafs.fuse.metrics import REGISTRY, ClientCollector
 from dorafs.fuse.operations import DoraOperations
@@ -34,7 +34,7 @@ from dorafs.http import HttpServer, Response, json_response
 from dorafs.membership import open_membership
 from dorafs.notify import notify
 from dorafs.security import SECRET_ENV, Credentials
-from dorafs.ufs import RetryPolicy, UfsSet, normalize
+from dorafs.ufs import FileStatus, RetryPolicy, UfsSet, normalize
 
 log = logging.getLogger("dorafs.mount")
 
@@ -112,7 +112,9 @@ def _write_private(path, data: bytes) -> None:
 
 def fuse_options(config: MountConfig) -> set[str]:
     options = set(pyfuse3.default_options)
-    options |= {"ro", "fsname=dorafs", "subtype=dorafs"}
+    options |= {"fsname=dorafs", "subtype=dorafs"}
+    if config.read_only:
+        options.add("ro")
     if config.allow_other:
         options.add("allow_other")
     if config.default_permissions:
@@ -145,13 +147,9 @@ async def run_mount(config: MountConfig, ready=lambda: None) -> None:
         nursery = await stack.enter_async_context(trio.open_nursery())
         stack.callback(nursery.cancel_scope.cancel)
         await nursery.start(client.run)
-        try:
-            root = await client.stat(root_uri)
-        except DoraError as exc:
-            raise MountError(f"cannot mount {root_uri}: {exc}") from None
-        if not root.is_dir:
-            raise MountError(f"cannot mount {root_uri}: it is a file, not a directory")
+        root = await root_status(client, root_uri)
         operations = DoraOperations(client, config, root_uri, root)
+        await nursery.start(operations.staging.run)
         try:
             pyfuse3.init(operations, mountpoint, fuse_options(config))
         except RuntimeError as exc:
@@ -169,6 +167,35 @@ async def run_mount(config: MountConfig, ready=lambda: None) -> None:
             notify("STOPPING=1")
             pyfuse3.close(unmount=True)
             log.info("unmounted %s", mountpoint)
+
+
+async def root_status(client: DoraClient, root_uri: str) -> FileStatus:
+    """The mount root's status. An empty S3 prefix is an empty directory (how a user
+    starts writing), as long as its bucket exists; any other missing root is an error."""
+    try:
+        root = await client.stat(root_uri)
+    except NotFound as exc:
+        bucket = bucket_root(root_uri)
+        if bucket is None or bucket == root_uri:
+            raise MountError(f"cannot mount {root_uri}: {exc}") from None
+        try:
+            await client.ufs.get(bucket).stat(bucket)
+        except DoraError as error:
+            raise MountError(f"cannot mount {root_uri}: {error}") from None
+        return FileStatus(name="", is_dir=True)
+    except DoraError as exc:
+        raise MountError(f"cannot mount {root_uri}: {exc}") from None
+    if not root.is_dir:
+        raise MountError(f"cannot mount {root_uri}: it is a file, not a directory")
+    return root
+
+
+def bucket_root(uri: str) -> str | None:
+    """`s3://bucket` for an S3 URI, None for other stores."""
+    scheme, _, rest = uri.partition("://")
+    if scheme not in ("s3", "s3a"):
+        return None
+    return f"{scheme}://{rest.partition('/')[0]}"
 
 
 def metrics_server(client: DoraClient) -> HttpServer:

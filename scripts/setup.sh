@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(fuse3 libfuse3-dev pkg-config gcc systemd)  # systemd: systemd-analyze for the unit tests
+packages=(fuse3 libfuse3-dev pkg-config gcc systemd fio)  # systemd: systemd-analyze for the unit tests; fio: write tests
 packages+=(etcd-server)  # the etcd membership backend's tests run a real 3-member cluster
 python3 -m pip --version >/dev/null 2>&1 || packages+=(python3-pip)
 python3 - <<'PY' 2>/dev/null || packages+=(python3-dev)
@@ -29,6 +29,9 @@ fi
 export PIP_BREAK_SYSTEM_PACKAGES=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 python3 -m pip install -q -e ".[test]" 2>&1 | grep -v -e "Running pip as the 'root' user" -e "is ignored: it is neither" || true
 python3 -c "import dorafs, worker, registry, pyfuse3" || { echo "setup: dorafs did not install" >&2; exit 1; }
+# PyTorch for the checkpoint round-trip test: exactly this pin, a local CPU-only wheel
+# (any other spec would download gigabytes of CUDA libraries).
+python3 -c "import torch" 2>/dev/null || python3 -m pip install -q torch==2.13.0 2>&1 | grep -v "Running pip as the 'root' user" || true
 
 # mount(8) runs /sbin/mount.<type> for `mount -t dorafs` and fstab lines: link the helper
 # there (the real script, whose first line names this Python, not a shell shim).

@@ -268,7 +268,7 @@ def test_file_ufs_mounts_and_reads(procs, tmp_path):
 def test_writes_are_refused_with_erofs(procs, s3_server, bucket):
     put(s3_server.client(), bucket, "ro/f.txt", b"data")
     worker = procs.worker()
-    mount = procs.mount(f"s3://{bucket}/ro", workers=[worker.address])
+    mount = procs.mount(f"s3://{bucket}/ro", workers=[worker.address], options="ro")
     for attempt in (lambda: open(mount.path("new.txt"), "w"), lambda: open(mount.path("f.txt"), "a"),
                     lambda: os.mkdir(mount.path("d")), lambda: os.unlink(mount.path("f.txt"))):
         with pytest.raises(OSError) as info:

@@ -19,7 +19,7 @@ from dorafs.security import Credentials
 
 # mount(8) generic options that mean nothing to a FUSE file system of ours.
 _IGNORED = {"defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail", "exec", "noexec",
-            "suid", "nosuid", "dev", "nodev", "atime", "noatime", "relatime", "ro", "rw"}
+            "suid", "nosuid", "dev", "nodev", "atime", "noatime", "relatime"}
 
 
 class UsageError(Exception):
@@ -33,6 +33,9 @@ def parse_options(text: str, into: dict) -> None:
         name, has_value, value = item.partition("=")
         name = name.replace("-", "_")
         if name in _IGNORED:
+            continue
+        if name in ("ro", "rw") and not has_value:  # mount(8)'s read-only flag
+            into["read_only"] = name == "ro"
             continue
         into[name] = value if has_value else True
 

@@ -208,17 +208,28 @@ class DoraClient:
                 return
             after = after_next
 
-    async def invalidate(self, uri: str) -> None:
+    async def invalidate(self, uri: str, *, recursive: bool = False, pages: bool = False) -> None:
         """Make the workers forget `uri` after it changed through this mount.
 
         The owner of `uri` drops its status, the owner of the parent its listing. A
         worker that does not answer has nothing this mount can reach anyway; its TTLs
-        bound how long it may serve the old entry.
+        bound how long it may serve the old entry. `recursive` (a directory renamed or
+        removed) asks every worker, since the paths under `uri` hash anywhere. `pages`
+        drops the pages of the version the owner knew too (they would never be served
+        again: a new version has new page ids; this frees their space at once).
         """
+        if recursive:
+            for info in list(self.membership.workers.values()):
+                try:
+                    await self._workers.invalidate(info.address, uri, recursive=True, pages=pages)
+                except DoraError as exc:
+                    log.warning("could not invalidate %s on %s: %s", uri, info.address, exc)
+            return
         parent = parent_uri(uri)
         for key in [uri] + ([parent] if parent else []):
+            drop_pages = pages and key == uri
             try:
-                await self._route(key, lambda address: self._workers.invalidate(address, uri))
+                await self._route(key, lambda address: self._workers.invalidate(address, uri, pages=drop_pages))
             except Unavailable as exc:
                 log.warning("could not invalidate %s on its owner: %s", uri, exc)
 

@@ -87,11 +87,15 @@ class WorkerClient:
         body = json.loads(response.body)
         return [FileStatus.from_dict(e) for e in body["entries"]], body.get("next")
 
-    async def invalidate(self, address: str, uri: str, *, recursive: bool = False, pages: str = "0") -> dict:
+    async def invalidate(self, address: str, uri: str, *, recursive: bool = False,
+                         pages: bool | str = False) -> dict:
         """Drop what the worker caches about `uri` (see the worker's /v1/invalidate).
 
-        pages: "0" keep cached pages, "1" drop them, "changed" drop those of changed objects.
+        pages: False keeps cached pages, True drops them, "changed" drops those of
+        objects whose version changed.
         """
+        if isinstance(pages, bool):
+            pages = "1" if pages else "0"
         params = {"uri": uri, "recursive": int(recursive), "pages": pages}
         response = await self._get(address, "/v1/invalidate", params, method="POST")
         return json.loads(response.body)

@@ -9,10 +9,14 @@ from __future__ import annotations
 import errno
 import itertools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pyfuse3
 
 from dorafs.ufs import FileStatus, join
+
+if TYPE_CHECKING:
+    from dorafs.client.writes import WriteFile
 
 
 @dataclass(eq=False)
@@ -29,6 +33,7 @@ class Node:
     # Version whose attributes (size, mtime) were last given to the kernel; None if unsure.
     attr_version: str | None = None
     open_versions: dict[str, int] = field(default_factory=dict)
+    writer: WriteFile | None = None  # staged content while the file is open for writing
 
 
 class InodeTable:
@@ -58,6 +63,35 @@ class InodeTable:
         else:
             node.status = status
         return node
+
+    def at(self, path: str) -> Node | None:
+        return self._by_path.get(path)
+
+    def detach(self, node: Node) -> None:
+        """The node's path no longer names it (unlinked, removed, replaced by a rename).
+        It lives on by inode while the kernel or an open handle still refers to it."""
+        if self._by_path.get(node.path) is node:
+            del self._by_path[node.path]
+        self.release_if_unused(node)
+
+    def move(self, old_path: str, new_parent: Node, new_name: str) -> list[Node]:
+        """A rename: the node at `old_path` and every node under it take their new paths
+        and URIs. Whatever the new path named before is detached. Returns the moved nodes."""
+        new_path = f"{new_parent.path}/{new_name}" if new_parent.path else new_name
+        new_uri = join(new_parent.uri, new_name)
+        under = old_path + "/"
+        moved = [n for p, n in self._by_path.items() if p == old_path or p.startswith(under)]
+        replaced = [n for p, n in self._by_path.items() if p == new_path or p.startswith(new_path + "/")]
+        for node in replaced + moved:
+            self._by_path.pop(node.path, None)
+        for node in moved:
+            suffix = node.path[len(old_path):]
+            node.path, node.uri = new_path + suffix, new_uri + suffix
+            self._by_path[node.path] = node
+        for node in replaced:
+            if node not in moved:
+                self.release_if_unused(node)
+        return moved
 
     def parent_of(self, node: Node) -> Node:
         if not node.path:

@@ -7,7 +7,7 @@ the client's own counters when scraped, so nothing is counted twice.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 REGISTRY = CollectorRegistry()
@@ -17,6 +17,13 @@ READ_BYTES = Counter("dorafs_mount_read_bytes", "Bytes returned to the kernel by
 READ_LATENCY = Histogram(
     "dorafs_mount_read_latency_seconds", "Time to answer one read() request", registry=REGISTRY,
     buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5))
+WRITE_BYTES = Counter("dorafs_mount_write_bytes", "Bytes accepted by write()", registry=REGISTRY)
+UPLOADS = Counter("dorafs_mount_uploads", "Files uploaded to the UFS at close/fsync, by result", ["result"],
+                  registry=REGISTRY)
+UPLOAD_BYTES = Counter("dorafs_mount_upload_bytes", "Bytes of files uploaded to the UFS", registry=REGISTRY)
+STAGING_BYTES = Gauge("dorafs_mount_staging_bytes", "Staging space held by files being written", registry=REGISTRY)
+for _result in ("ok", "failed"):
+    UPLOADS.labels(_result)
 ERRORS = Counter("dorafs_mount_errors", "Errors returned to applications, by errno", ["errno"], registry=REGISTRY)
 for _name in ("EIO", "ESTALE", "ENOENT"):  # the usual ones start at zero, visible on dashboards
     ERRORS.labels(_name)

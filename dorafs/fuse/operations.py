@@ -1,4 +1,4 @@
-"""pyfuse3 operations for a read-only dorafs mount.
+"""pyfuse3 operations of a dorafs mount.
 
 Subtleties:
 - Version pinning: `open` stats the file and pins (version, size) in its handle; every
@@ -10,54 +10,33 @@ Subtleties:
 - readdir offsets are positions in a listing snapshot taken when the directory handle
   first reads, so offsets are stable across calls; every entry reported through
   readdirplus takes one lookup reference, as the kernel expects.
+- Writing files and changing the namespace are in dorafs/fuse/writing.py.
 """
 
 from __future__ import annotations
 
-import errno
 import itertools
 import logging
 import os
 import stat
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import replace
 
 import pyfuse3
 import trio
 
-from dorafs.client import DoraClient, OpenFile
+from dorafs.client import DoraClient
+from dorafs.client.writes import Staging
 from dorafs.config import MountConfig
 from dorafs.errors import IsADirectory, NotADirectory, NotFound
 from dorafs.fuse.errors import fuse_operation
-from dorafs.fuse.metrics import READ_BYTES, READ_LATENCY, READS
+from dorafs.fuse.handles import NAME_MAX, DirHandle, FileHandle, valid_name
 from dorafs.fuse.inodes import InodeTable, Node
+from dorafs.fuse.metrics import READ_BYTES, READ_LATENCY, READS, STAGING_BYTES
+from dorafs.fuse.writing import WritingOperations
 from dorafs.ufs import FileStatus, join
 
 log = logging.getLogger(__name__)
-
-NAME_MAX = 255
-
-
-def valid_name(name: str) -> bool:
-    """Names the kernel can show: not '', '.', '..', no '/' or NUL, at most NAME_MAX bytes."""
-    if name in ("", ".", "..") or "/" in name or "\0" in name:
-        return False
-    return len(name.encode("utf-8", "surrogateescape")) <= NAME_MAX
-
-
-@dataclass
-class FileHandle:
-    node: Node
-    file: OpenFile
-
-
-@dataclass
-class DirHandle:
-    node: Node
-    entries: list[FileStatus] = field(default_factory=list)
-    pages: AsyncIterator[list[FileStatus]] | None = None
-    complete: bool = False
 
 
 KERNEL_FOREVER = 365 * 86400.0  # a TTL of -1 ("never recheck") as a kernel timeout
@@ -86,15 +65,19 @@ def _invalidate_later(inode: int) -> None:
     trio.lowlevel.spawn_system_task(invalidate)
 
 
-class DoraOperations(pyfuse3.Operations):
+class DoraOperations(WritingOperations, pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, client: DoraClient, config: MountConfig, root_uri: str, root_status: FileStatus):
+    def __init__(self, client: DoraClient, config: MountConfig, root_uri: str, root_status: FileStatus,
+                 staging: Staging | None = None):
         super().__init__()
         self.client = client
         self.config = config
         self.inodes = InodeTable(root_uri, root_status)
+        self.staging = staging or Staging(config, client.ufs)  # its `run` is started by the mount
+        self._writing: set[Node] = set()  # nodes with a WriteFile
+        STAGING_BYTES.set_function(lambda: self.staging.used)
         self._handles: dict[int, FileHandle | DirHandle] = {}
         self._numbers = itertools.count(1)
         self._uid = os.getuid() if config.uid is None else config.uid
@@ -151,11 +134,14 @@ class DoraOperations(pyfuse3.Operations):
         else:
             if not parent.status.is_dir:
                 raise NotADirectory(parent.path)
-            try:
-                status = await self.client.stat(join(parent.uri, text))
-            except NotFound:
-                return self._negative()
-            node = self.inodes.child(parent, text, status)
+            node = self.inodes.at(f"{parent.path}/{text}" if parent.path else text)
+            if node is None or node.writer is None:
+                try:
+                    status = await self.client.stat(join(parent.uri, text))
+                except NotFound:
+                    return self._negative()
+                node = self.inodes.child(parent, text, status)
+            self._sync(node)
         node.lookups += 1
         return self._attributes(node)
 
@@ -167,8 +153,24 @@ class DoraOperations(pyfuse3.Operations):
     @fuse_operation
     async def getattr(self, inode, ctx=None):
         node = self.inodes[inode]
-        node.status = await self.client.stat(node.uri)
+        if node.writer is None:
+            node.status = await self._stat(node)
+        self._sync(node)
         return self._attributes(node)
+
+    async def _stat(self, node: Node) -> FileStatus:
+        try:
+            return await self.client.stat(node.uri)
+        except NotFound:
+            if node.inode == pyfuse3.ROOT_INODE:  # an empty S3 prefix: the mount starts empty
+                return FileStatus(name="", is_dir=True)
+            raise
+
+    def _sync(self, node: Node) -> None:
+        """A node being written shows its staged size and mtime."""
+        writer = node.writer
+        if writer is not None:
+            node.status = replace(node.status, is_dir=False, size=writer.size, mtime=writer.mtime)
 
     @fuse_operation
     async def statfs(self, ctx):
@@ -176,18 +178,32 @@ class DoraOperations(pyfuse3.Operations):
         capacity = sum(w.capacity for w in self.client.membership.workers.values()) or (1 << 40)
         stat.f_bsize = stat.f_frsize = 4096
         stat.f_blocks = capacity // 4096
-        stat.f_bfree = stat.f_bavail = 0  # read-only: nothing can be written
-        stat.f_files = stat.f_ffree = stat.f_favail = 0
         stat.f_namemax = NAME_MAX
+        if self.config.read_only:
+            stat.f_bfree = stat.f_bavail = 0
+            stat.f_files = stat.f_ffree = stat.f_favail = 0
+            return stat
+        # Files go to the UFS, which has no size to speak of: the bound a writer meets is the
+        # staging space (a file streams past it only while written sequentially).
+        free = max(0, self.staging.limit - self.staging.used)
+        stat.f_bfree = stat.f_bavail = min(stat.f_blocks, free // 4096)
+        stat.f_files = 1 << 32
+        stat.f_ffree = stat.f_favail = (1 << 32) - len(self.inodes)
         return stat
 
     # -- files ------------------------------------------------------------------------
 
     @fuse_operation
     async def open(self, inode, flags, ctx):
-        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
-            raise pyfuse3.FUSEError(errno.EROFS)
         node = self.inodes[inode]
+        writing = flags & os.O_ACCMODE != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        if writing:
+            self._writable()
+        if writing or node.writer is not None:
+            if node.writer is None and node.status.is_dir:
+                raise IsADirectory(node.path)
+            writer = await self._writer(node, truncate=bool(flags & os.O_TRUNC))
+            return self._open_writer(node, writer, flags)
         status = await self.client.stat(node.uri)
         if status.is_dir:
             raise IsADirectory(node.path)
@@ -217,7 +233,10 @@ class DoraOperations(pyfuse3.Operations):
     async def read(self, fh, off, size):
         handle = self._handles[fh]
         start = time.perf_counter()
-        data = await self.client.read(handle.file, off, size)
+        if handle.writer is not None:
+            data = handle.writer.read(off, size)
+        else:
+            data = await self.client.read(handle.file, off, size)
         READ_LATENCY.observe(time.perf_counter() - start)
         READS.inc()
         READ_BYTES.inc(len(data))
@@ -229,12 +248,17 @@ class DoraOperations(pyfuse3.Operations):
         if not isinstance(handle, FileHandle):
             return
         node = handle.node
-        version = handle.file.status.version
-        node.open_versions[version] -= 1
-        if node.open_versions[version] <= 0:
-            del node.open_versions[version]
-        node.open_handles -= 1
-        self.inodes.release_if_unused(node)
+        try:
+            if handle.writer is not None:
+                await self._let_go(node, handle.writer, upload=True)
+            else:
+                version = handle.file.status.version
+                node.open_versions[version] -= 1
+                if node.open_versions[version] <= 0:
+                    del node.open_versions[version]
+        finally:
+            node.open_handles -= 1
+            self.inodes.release_if_unused(node)
 
     # -- directories ------------------------------------------------------------------
 
@@ -249,14 +273,19 @@ class DoraOperations(pyfuse3.Operations):
         return fh
 
     async def _entry(self, handle: DirHandle, index: int) -> FileStatus | None:
-        """Entry `index` of the handle's listing snapshot, fetching pages as needed."""
+        """Entry `index` of the handle's listing snapshot, fetching pages as needed. Files
+        created through this mount and not uploaded yet come last."""
         while index >= len(handle.entries) and not handle.complete:
             if handle.pages is None:
                 handle.pages = self.client.list_pages(handle.node.uri)
             try:
                 page = await handle.pages.__anext__()
-            except StopAsyncIteration:
-                handle.complete = True
+            except (StopAsyncIteration, NotFound) as exc:
+                if isinstance(exc, NotFound) and handle.node.inode != pyfuse3.ROOT_INODE:
+                    raise
+                handle.complete = True  # the end, or an empty S3 prefix at the root
+                listed = {e.name for e in handle.entries}
+                handle.entries.extend(self._pending_children(handle.node, listed))
                 break
             handle.entries.extend(e for e in page if valid_name(e.name))
         return handle.entries[index] if index < len(handle.entries) else None
@@ -283,11 +312,3 @@ class DoraOperations(pyfuse3.Operations):
             await handle.pages.aclose()
         handle.node.open_handles -= 1
         self.inodes.release_if_unused(handle.node)
-
-    # -- the mount is read-only for now -----------------------------------------------
-
-    async def _read_only(self, *args, **kwargs):
-        raise pyfuse3.FUSEError(errno.EROFS)
-
-    create = mkdir = mknod = symlink = link = unlink = rmdir = rename = _read_only
-    setattr = write = setxattr = removexattr = _read_only

@@ -6,6 +6,14 @@ thread behind the adapter's own `trio.CapacityLimiter`.
 
 Versions pin reads: `read(uri, offset, length, version)` returns bytes of exactly that
 version or raises `StaleVersion`, never bytes of another version.
+
+Writes (used by the mount, never by workers) replace whole objects: `put` for one that
+fits in memory, an `Upload` of numbered parts for a larger one. Nothing of an object is
+visible before `put` returns or `Upload.complete` does, and an aborted upload leaves no
+object behind. Namespace changes (`delete`, `make_dir`, `remove_dir`, `rename`) check
+nothing beyond what the store itself enforces: the caller (the mount) checks existence
+and emptiness first. An adapter that cannot write inherits the defaults, which answer
+`ReadOnly` (EROFS).
 """
 
 from __future__ import annotations
@@ -14,6 +22,8 @@ import stat as _stat
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
+
+from dorafs.errors import ReadOnly
 
 
 @dataclass(frozen=True)
@@ -90,5 +100,54 @@ class UnderFileSystem(ABC):
         `StaleVersion` if the object is no longer at `version`; `UfsError` on failure.
         """
 
+    # -- writes: defaults for stores that cannot be written ------------------------------
+
+    min_part_size = 0  # the store's smallest part but the last (S3: 5 MiB)
+
+    async def put(self, uri: str, data: bytes) -> FileStatus:
+        """Replace (or create) the object `uri` with `data`; its new status."""
+        raise ReadOnly(f"this store cannot be written: {uri}")
+
+    async def start_upload(self, uri: str, part_size: int) -> "Upload":
+        """Begin replacing `uri` with parts of `part_size` bytes (the last may be shorter)."""
+        raise ReadOnly(f"this store cannot be written: {uri}")
+
+    async def delete(self, uri: str) -> None:
+        """Remove the file `uri`."""
+        raise ReadOnly(f"this store cannot be written: {uri}")
+
+    async def make_dir(self, uri: str) -> None:
+        """Create the directory `uri` (on S3, a `key/` marker object)."""
+        raise ReadOnly(f"this store cannot be written: {uri}")
+
+    async def remove_dir(self, uri: str) -> None:
+        """Remove the empty directory `uri`."""
+        raise ReadOnly(f"this store cannot be written: {uri}")
+
+    async def rename(self, src: str, dst: str, is_dir: bool) -> None:
+        """Move a file, or a directory with everything under it, to `dst` (which does not
+        exist). Atomic where the store renames (local files), copy-then-delete on S3."""
+        raise ReadOnly(f"this store cannot be written: {src}")
+
     async def aclose(self) -> None:
         """Release connections and threads."""
+
+
+class Upload(ABC):
+    """One object being written in numbered parts (1, 2, ...), then completed or aborted.
+
+    Parts may be sent concurrently and in any order; sending a number again replaces that
+    part. Every part but the last is exactly `part_size` bytes.
+    """
+
+    @abstractmethod
+    async def put_part(self, number: int, data: bytes) -> None:
+        """Send part `number`."""
+
+    @abstractmethod
+    async def complete(self, count: int) -> FileStatus:
+        """Make parts 1..count the object, at once; its new status."""
+
+    @abstractmethod
+    async def abort(self) -> None:
+        """Drop every part; the object is left as it was. Never raises."""

@@ -14,12 +14,19 @@ Subtleties:
   (within the store's mtime resolution) between the two checks goes unseen.
 - Only regular files and directories are listed: fifos, sockets and broken symlinks are
   skipped (reading a fifo would block a thread forever). Local symlinks are followed.
+- Writes: an upload's parts go into a local temporary file, which `complete` moves into
+  place: by a rename in the target's directory for local files (readers see the old or
+  the new file, whole), by `put_file` elsewhere (as atomic as the store makes it).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import errno as _errno
+import os
+import shutil
+import tempfile
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -27,9 +34,9 @@ import fsspec
 import trio
 
 from dorafs.errors import (
-    DoraError, InvalidRequest, IsADirectory, NotADirectory, NotFound, StaleVersion, UfsError,
+    DoraError, Exists, InvalidRequest, IsADirectory, NotADirectory, NotEmpty, NotFound, StaleVersion, UfsError,
 )
-from dorafs.ufs.base import FileStatus, UnderFileSystem
+from dorafs.ufs.base import FileStatus, UnderFileSystem, Upload
 
 T = TypeVar("T")
 
@@ -70,6 +77,16 @@ def _status(info: dict) -> FileStatus:
 
 
 def _failure(op: str, uri: str, exc: Exception) -> DoraError:
+    if isinstance(exc, FileNotFoundError):
+        return NotFound(f"{op} {uri}: no such file or directory")
+    if isinstance(exc, FileExistsError):
+        return Exists(f"{op} {uri}: exists")
+    if isinstance(exc, IsADirectoryError):
+        return IsADirectory(f"{op} {uri}: is a directory")
+    if isinstance(exc, NotADirectoryError):
+        return NotADirectory(f"{op} {uri}: not a directory")
+    if isinstance(exc, OSError) and exc.errno == _errno.ENOTEMPTY:
+        return NotEmpty(f"{op} {uri}: directory not empty")
     if isinstance(exc, PermissionError):
         return UfsError(f"{op} {uri}: permission denied", errno=_errno.EACCES)
     return UfsError(f"{op} {uri}: {type(exc).__name__}: {exc}")
@@ -194,3 +211,93 @@ class FsspecUfs(UnderFileSystem):
 
     async def aclose(self) -> None:
         self._fs = None
+
+    # -- writes (the mount's; see base.py) --------------------------------------------
+
+    def _is_local(self) -> bool:
+        from fsspec.implementations.local import LocalFileSystem
+
+        return isinstance(self._fs, LocalFileSystem)
+
+    async def _change(self, op: str, uri: str, fn: Callable[[], T]) -> T:
+        try:
+            return await self._run(fn)
+        except (OSError, ValueError) as exc:
+            raise _failure(op, uri, exc) from exc
+
+    async def put(self, uri: str, data: bytes) -> FileStatus:
+        upload = await self.start_upload(uri, max(len(data), 1))
+        try:
+            await upload.put_part(1, data)
+            return await upload.complete(1)
+        except BaseException:
+            await upload.abort()
+            raise
+
+    async def start_upload(self, uri: str, part_size: int) -> Upload:
+        await self._run(lambda: None)  # the filesystem exists before the upload does
+        fd, temp = tempfile.mkstemp(prefix="dorafs-upload-")
+        return FsspecUpload(self, uri, part_size, fd, temp)
+
+    async def delete(self, uri: str) -> None:
+        path = self._path(uri)
+        await self._change("delete", uri, lambda: self._fs.rm_file(path))
+
+    async def make_dir(self, uri: str) -> None:
+        path = self._path(uri)
+        await self._change("mkdir", uri, lambda: self._fs.mkdir(path, create_parents=False))
+
+    async def remove_dir(self, uri: str) -> None:
+        path = self._path(uri)
+        await self._change("rmdir", uri, lambda: self._fs.rmdir(path))
+
+    async def rename(self, src: str, dst: str, is_dir: bool) -> None:
+        src_path, dst_path = self._path(src), self._path(dst)
+        await self._change("rename", src, lambda: self._fs.mv(src_path, dst_path, recursive=is_dir))
+
+
+class FsspecUpload(Upload):
+    """Parts written at their offsets into a local temporary file, moved into place at the end."""
+
+    def __init__(self, ufs: FsspecUfs, uri: str, part_size: int, fd: int, temp: str):
+        self.ufs, self.uri, self.part_size, self.fd, self.temp = ufs, uri, part_size, fd, temp
+        self.sizes: dict[int, int] = {}
+
+    async def put_part(self, number: int, data: bytes) -> None:
+        offset = (number - 1) * self.part_size
+        await trio.to_thread.run_sync(os.pwrite, self.fd, data, offset)
+        self.sizes[number] = len(data)
+
+    async def complete(self, count: int) -> FileStatus:
+        ufs, size = self.ufs, (count - 1) * self.part_size + self.sizes.get(count, 0)
+        path = ufs._path(self.uri)
+
+        def move_into_place() -> None:
+            os.ftruncate(self.fd, size)
+            os.fsync(self.fd)
+            if ufs._is_local():  # a rename in the target's directory: never half a file
+                staged = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.dorafs-{uuid.uuid4().hex}")
+                try:
+                    shutil.move(self.temp, staged)
+                    os.replace(staged, path)
+                except BaseException:
+                    if os.path.exists(staged):
+                        os.unlink(staged)
+                    raise
+            else:
+                ufs._fs.put_file(self.temp, path)
+
+        try:
+            await ufs._change("upload", self.uri, move_into_place)
+        finally:
+            await self.abort()
+        return await ufs.stat(self.uri)
+
+    async def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        try:
+            os.unlink(self.temp)
+        except FileNotFoundError:
+            pass

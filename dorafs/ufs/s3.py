@@ -17,21 +17,30 @@ Subtleties:
   adapter's `CapacityLimiter`, sized like the client's connection pool.
 - Retries are ours, not botocore's (which is set to one attempt): `dorafs.ufs.retry`
   bounds them by a deadline and never retries an answer about the object (412, 404...).
+- Writes: `put_object` for an object in one piece, a multipart upload for more, aborted
+  on failure so no partial object appears. A directory made through the mount is a
+  `key/` marker; removing the last entry of a directory puts its marker, so the
+  directory stays as it would on a disk. A rename is copy then delete (multipart copy
+  past 5 GiB): not atomic, and a directory's objects move one by one.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import errno as _errno
+import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import trio
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, HTTPClientError, IncompleteReadError
 
-from dorafs.errors import NotADirectory, NotFound, StaleVersion, UfsError
-from dorafs.ufs.base import FileStatus, UnderFileSystem
+from dorafs.errors import DoraError, NotADirectory, NotFound, StaleVersion, UfsError
+from dorafs.ufs.base import FileStatus, UnderFileSystem, Upload
 from dorafs.ufs.retry import Attempt, RetryPolicy, call_with_retries
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -287,3 +296,139 @@ class S3Ufs(UnderFileSystem):
         client, self._client = self._client, None
         if client is not None:
             await self._call(client.close)
+
+    # -- writes (the mount's; see base.py) --------------------------------------------
+
+    min_part_size = 5 << 20  # S3's smallest part but the last
+    _copy_part_size = 1 << 30  # ranges of a multipart copy (objects past 5 GiB)
+    _single_copy_limit = 5 << 30  # CopyObject's own limit
+    _batch = 8  # copies in flight during a directory rename
+
+    async def _write(self, op: str, bucket: str, key: str, **params: Any) -> dict:
+        try:
+            return await self._api(op, bucket, key, **params)
+        except ClientError as exc:
+            if _code(exc) == _NO_BUCKET:
+                raise NotFound(f"no such bucket: s3://{bucket}") from exc
+            raise _failure(op, bucket, key, exc) from exc
+
+    async def put(self, uri: str, data: bytes) -> FileStatus:
+        bucket, key = split_uri(uri)
+        answer = await self._write("put_object", bucket, key, Key=key, Body=data)
+        return _written(key, len(data), answer)
+
+    async def start_upload(self, uri: str, part_size: int) -> Upload:
+        bucket, key = split_uri(uri)
+        answer = await self._write("create_multipart_upload", bucket, key, Key=key)
+        return S3Upload(self, bucket, key, answer["UploadId"])
+
+    async def delete(self, uri: str) -> None:
+        bucket, key = split_uri(uri)
+        await self._write("delete_object", bucket, key, Key=key)
+        await self._keep_parent(bucket, key)
+
+    async def make_dir(self, uri: str) -> None:
+        bucket, key = split_uri(uri)
+        if key:
+            await self._write("put_object", bucket, key, Key=key + "/", Body=b"")
+
+    async def remove_dir(self, uri: str) -> None:
+        bucket, key = split_uri(uri)
+        await self._write("delete_object", bucket, key, Key=key + "/")
+        await self._keep_parent(bucket, key)
+
+    async def _keep_parent(self, bucket: str, key: str) -> None:
+        """A directory exists on S3 only through its contents: when removing `key` left
+        its parent empty, a marker keeps the parent (as `rm` of a last file would)."""
+        parent = key.rpartition("/")[0]
+        if not parent:
+            return
+        listing = await self._list(bucket, parent, Prefix=parent + "/", MaxKeys=1)
+        if not listing.get("Contents"):
+            await self._write("put_object", bucket, parent, Key=parent + "/", Body=b"")
+
+    async def rename(self, src: str, dst: str, is_dir: bool) -> None:
+        src_bucket, src_key = split_uri(src)
+        dst_bucket, dst_key = split_uri(dst)
+        if not is_dir:
+            head = await self._head(src_bucket, src_key)
+            if head is None:
+                raise NotFound(f"no such file: {src}")
+            await self._copy(src_bucket, src_key, dst_bucket, dst_key, int(head["ContentLength"]))
+            await self._write("delete_object", src_bucket, src_key, Key=src_key)
+        else:
+            objects = await self._all_keys(src_bucket, src_key + "/")
+            limit = trio.Semaphore(self._batch)
+
+            async def move(key: str, size: int) -> None:
+                async with limit:
+                    await self._copy(src_bucket, key, dst_bucket, dst_key + key[len(src_key):], size)
+
+            async with trio.open_nursery() as nursery:  # every copy before any delete
+                for key, size in objects:
+                    nursery.start_soon(move, key, size)
+            for start in range(0, len(objects), 1000):
+                batch = [{"Key": key} for key, _ in objects[start:start + 1000]]
+                await self._write("delete_objects", src_bucket, src_key, Delete={"Objects": batch, "Quiet": True})
+        await self._keep_parent(src_bucket, src_key)
+
+    async def _all_keys(self, bucket: str, prefix: str) -> list[tuple[str, int]]:
+        found: list[tuple[str, int]] = []
+        params: dict[str, Any] = {"Prefix": prefix}
+        while True:
+            page = await self._list(bucket, prefix, **params)
+            found += [(o["Key"], int(o.get("Size", 0))) for o in page.get("Contents", [])]
+            if not page.get("IsTruncated"):
+                return found
+            params["ContinuationToken"] = page["NextContinuationToken"]
+
+    async def _copy(self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str, size: int) -> None:
+        source = {"Bucket": src_bucket, "Key": src_key}
+        if size <= self._single_copy_limit:
+            await self._write("copy_object", dst_bucket, dst_key, Key=dst_key, CopySource=source)
+            return
+        upload = await self.start_upload(f"s3://{dst_bucket}/{dst_key}", self._copy_part_size)
+        try:
+            for number, start in enumerate(range(0, size, self._copy_part_size), 1):
+                end = min(start + self._copy_part_size, size) - 1
+                answer = await self._write("upload_part_copy", dst_bucket, dst_key, Key=dst_key,
+                                           UploadId=upload.upload_id, PartNumber=number, CopySource=source,
+                                           CopySourceRange=f"bytes={start}-{end}")
+                upload.parts[number] = (answer["CopyPartResult"]["ETag"], end - start + 1)
+            await upload.complete(len(upload.parts))
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await upload.abort()
+            raise
+
+
+def _written(key: str, size: int, answer: dict) -> FileStatus:
+    """Status of an object just written (mtime: now, in whole seconds, as S3 gives it)."""
+    return FileStatus(name=key.rsplit("/", 1)[-1], is_dir=False, size=size, mtime=float(int(time.time())),
+                      version=str(answer.get("ETag", "")))
+
+
+class S3Upload(Upload):
+    """A multipart upload: part ETags kept here until `complete` names them all."""
+
+    def __init__(self, ufs: S3Ufs, bucket: str, key: str, upload_id: str):
+        self.ufs, self.bucket, self.key, self.upload_id = ufs, bucket, key, upload_id
+        self.parts: dict[int, tuple[str, int]] = {}  # number -> (ETag, size)
+
+    async def put_part(self, number: int, data: bytes) -> None:
+        answer = await self.ufs._write("upload_part", self.bucket, self.key, Key=self.key, UploadId=self.upload_id,
+                                       PartNumber=number, Body=data)
+        self.parts[number] = (str(answer["ETag"]), len(data))
+
+    async def complete(self, count: int) -> FileStatus:
+        parts = [{"PartNumber": n, "ETag": self.parts[n][0]} for n in range(1, count + 1)]
+        answer = await self.ufs._write("complete_multipart_upload", self.bucket, self.key, Key=self.key,
+                                       UploadId=self.upload_id, MultipartUpload={"Parts": parts})
+        return _written(self.key, sum(self.parts[n][1] for n in range(1, count + 1)), answer)
+
+    async def abort(self) -> None:
+        try:
+            await self.ufs._write("abort_multipart_upload", self.bucket, self.key, Key=self.key,
+                                  UploadId=self.upload_id)
+        except DoraError as exc:  # S3's lifecycle rules remove what an abort could not
+            log.warning("could not abort the upload of s3://%s/%s: %s", self.bucket, self.key, exc)
