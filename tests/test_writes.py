@@ -47,8 +47,9 @@ def mount_options(procs, extra: str = "") -> str:
 @pytest.fixture
 def rw(procs, s3_server, bucket):
     """A writable mount of a prefix that does not exist yet (how a user starts)."""
-    worker = procs.worker(extra=["--status-ttl", "1s", "--listing-ttl", "1s"])
-    mount = procs.mount(f"s3://{bucket}/w", workers=[worker.address], options=mount_options(procs))
+    worker = procs.worker()
+    mount = procs.mount(f"s3://{bucket}/w", workers=[worker.address],
+                        options=mount_options(procs, "status_ttl=1s,listing_ttl=1s,negative_ttl=1s"))
     return mount, s3_server.client(), bucket
 
 
@@ -256,9 +257,11 @@ def test_directories_unlink_and_rename(rw):
 def test_writes_invalidate_the_workers_and_other_mounts_see_them(procs, s3_server, bucket):
     s3 = s3_server.client()
     s3.put_object(Bucket=bucket, Key="v/f.bin", Body=b"A" * MiB)
-    worker = procs.worker(extra=["--status-ttl", "60s", "--listing-ttl", "60s"])
-    writer = procs.mount(f"s3://{bucket}/v", workers=[worker.address], options=mount_options(procs))
-    reader = procs.mount(f"s3://{bucket}/v", workers=[worker.address], options="attr_timeout=0.2,entry_timeout=0.2")
+    worker = procs.worker()
+    ttls = "status_ttl=60s,listing_ttl=60s,negative_ttl=60s"
+    writer = procs.mount(f"s3://{bucket}/v", workers=[worker.address], options=mount_options(procs, ttls))
+    reader = procs.mount(f"s3://{bucket}/v", workers=[worker.address],
+                         options=f"{ttls},attr_timeout=0.2,entry_timeout=0.2")
     assert reader.path("f.bin").read_bytes() == b"A" * MiB  # status, listing and pages cached
     assert os.listdir(reader.mountpoint) == ["f.bin"]
     writer.path("f.bin").write_bytes(b"B" * MiB)  # same size, new bytes

@@ -36,9 +36,11 @@ def model_env(s3_server, tmp_path_factory):
     s3.create_bucket(Bucket=bucket)
     tmp = tmp_path_factory.mktemp("model")
     with ProcessSet(tmp) as procs:
-        worker = procs.worker(extra=["--status-ttl", "0", "--listing-ttl", "0"])
+        worker = procs.worker()
+        # TTLs of 0: every lookup asks the bucket, so changes made behind the mount's back
+        # show at once, as they do in the local directory.
         mount = procs.mount(f"s3://{bucket}/m", workers=[worker.address],
-                            options=f"staging_dir={tmp / 'staging'},attr_timeout=0,entry_timeout=0")
+                            options=f"staging_dir={tmp / 'staging'},status_ttl=0,listing_ttl=0,negative_ttl=0")
         yield mount, s3, bucket, tmp / "local"
 
 
