@@ -286,7 +286,7 @@ class MountConfig:
                                          "seconds the kernel keeps names (default: status_ttl; "
                                          "missing names: negative_ttl)")
     buffer_size: int = option(128 << 20, _size, "mount's page buffer; 128 pages cover eight readers' readahead")
-    readahead_pages: int = option(16, _count, "pages fetched ahead of a sequential reader, in runs "
+    readahead_pages: int = option(32, _count, "pages fetched ahead of a sequential reader, in runs "
                                   "filled by one UFS read each (0: none)")
     worker_timeout: float = option(5.0, _positive_duration, "a worker slower than this is skipped for the next")
     connect_timeout: float = option(1.0, _positive_duration, "time to connect to a worker")

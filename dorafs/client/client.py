@@ -53,7 +53,8 @@ T = TypeVar("T")
 SUSPECT_SECONDS = 5.0  # how long a failed worker is skipped before it is tried again
 MAX_SUSPECT_SECONDS = 30.0  # the skip doubles while the worker keeps failing, up to this
 MAX_CANDIDATES = 3  # workers tried for one request before the UFS
-MAX_PREFETCH = 32  # readahead pages in flight across the mount
+MAX_PREFETCH = 48  # readahead pages in flight across the mount
+RUN_PAGES = 4  # pages per readahead run (one UFS read on a miss)
 LIST_PAGE = 1000
 FAILURE_MEMORY = 0.5  # seconds a page's final error is answered again without a new fetch
 
@@ -274,9 +275,11 @@ class DoraClient:
         """Keep a sequential reader's next pages coming, in runs.
 
         The window doubles on each sequential read up to `readahead_pages`. When fewer
-        than half of the window's pages are buffered or on their way, one run covering
-        the rest is requested: its first page asks the worker to fill the whole run with
-        one UFS read (`run=`), and the others follow from the worker's cache.
+        than half of the window's pages are buffered or on their way, the rest is
+        requested as runs of `RUN_PAGES`, side by side: a run's first page asks the worker
+        to fill the whole run with one UFS read (`run=`), and the others follow from the
+        worker's cache. Several ranged reads in flight keep a cold read going at the
+        store's pace rather than one request's latency.
         """
         sequential = offset == f.next_offset
         f.next_offset = end
@@ -292,12 +295,11 @@ class DoraClient:
         if start > last_page or (ahead and 2 * ahead >= f.window):
             return
         count = min(last_page - start + 1, MAX_PREFETCH - self._prefetching)
-        if count <= 0:
-            return
-        keys = [self._key(f, i) for i in range(start, start + count)]
-        self._scheduled.update(keys)
-        self._prefetching += count
-        self._nursery.start_soon(self._prefetch_run, f, start, keys)
+        for first in range(start, start + count, RUN_PAGES):  # runs fetched side by side
+            keys = [self._key(f, i) for i in range(first, min(start + count, first + RUN_PAGES))]
+            self._scheduled.update(keys)
+            self._prefetching += len(keys)
+            self._nursery.start_soon(self._prefetch_run, f, first, keys)
 
     def _coming(self, f: OpenFile, index: int) -> bool:
         key = self._key(f, index)

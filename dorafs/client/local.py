@@ -43,11 +43,27 @@ class Unreadable(Exception):
     """The file cannot be opened or read by this process (not merely corrupt)."""
 
 
+def descriptor_budget() -> int:
+    """How many page files to keep open: a quarter of the descriptor limit, raised to
+    its hard maximum first (a random reader of a 4 GiB file touches 4,096 pages)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, target), hard))
+            soft = max(soft, target)
+        except (ValueError, OSError):
+            pass
+    return max(64, min(16384, soft // 4))
+
+
 class LocalPages:
     """Verified page files of local workers, by page key, with their descriptors kept."""
 
-    def __init__(self, max_open: int = 256):
-        self.max_open = max_open
+    def __init__(self, max_open: int | None = None):
+        self.max_open = descriptor_budget() if max_open is None else max_open
         self._open: OrderedDict[Hashable, int] = OrderedDict()
 
     def __len__(self) -> int:
