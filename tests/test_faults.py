@@ -174,7 +174,9 @@ def test_registry_killed_reads_go_on(procs, s3_server, bucket):
     for name in ("f1.bin", "f2.bin", "f3.bin"):
         read_checked(mount.path(name), files[name])
     assert mount_health(port)["workers"] == 2  # the last known membership
-    assert all(w.counter("dorafs_worker_page_requests_total") > 0 for w in workers)
+    owners = {owner_of(workers, f"s3://{bucket}/g/{name}") for name in files}  # one or both workers
+    assert all(w.counter("dorafs_worker_page_requests_total") > 0 for w in owners)
+    assert mount_metric(port, 'dorafs_mount_ufs_fallbacks_total{kind="page"}') == 0  # workers served it all
     assert "keeping the last known 2 workers" in mount.log_text()
 
 
