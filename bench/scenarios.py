@@ -223,38 +223,35 @@ class TimeToFirstByte(Scenario):
         ctx.workload("readall", *self._paths(ctx, mnt))
 
 
-class ListLong(Scenario):
-    name = "ls-l"
-    title = "`ls -l` of a {flat}-entry directory"
+class ListingCommand(Scenario):
+    """A shell command over the flat directory, timed; it must report every file."""
+
     unit = "s"
     higher_better = False
 
-    def run(self, ctx, mnt, phase):
-        start = time.perf_counter()
-        out = subprocess.run(["ls", "-l", "--color=never", str(mnt / "dir")], capture_output=True, text=True,
-                             timeout=ctx.timeout)
-        seconds = time.perf_counter() - start
-        entries = sum(1 for line in out.stdout.splitlines() if line.startswith("-"))
-        if out.returncode != 0 or entries != ctx.spec.flat_count:
-            raise RuntimeError(f"ls -l listed {entries} of {ctx.spec.flat_count} files: {out.stderr[-300:]}")
-        return {self.name: (seconds, {"entries": entries})}
-
-
-class Find(Scenario):
-    name = "find"
-    title = "`find -type f` of a {flat}-entry directory"
-    unit = "s"
-    higher_better = False
+    def __init__(self, name: str, title: str, argv: list[str], is_file):
+        self.name, self.title, self.argv, self.is_file = name, title, argv, is_file
 
     def run(self, ctx, mnt, phase):
         start = time.perf_counter()
-        out = subprocess.run(["find", str(mnt / "dir"), "-type", "f"], capture_output=True, text=True,
-                             timeout=ctx.timeout)
+        argv = [str(mnt / "dir") if arg == "DIR" else arg for arg in self.argv]
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=ctx.timeout)
         seconds = time.perf_counter() - start
-        entries = len(out.stdout.splitlines())
+        entries = sum(1 for line in out.stdout.splitlines() if self.is_file(line))
         if out.returncode != 0 or entries != ctx.spec.flat_count:
-            raise RuntimeError(f"find found {entries} of {ctx.spec.flat_count} files: {out.stderr[-300:]}")
+            raise RuntimeError(f"{self.argv[0]} reported {entries} of {ctx.spec.flat_count} files: "
+                               f"{out.stderr[-300:]}")
         return {self.name: (seconds, {"entries": entries})}
+
+
+def list_long() -> ListingCommand:
+    return ListingCommand("ls-l", "`ls -l` of a {flat}-entry directory", ["ls", "-l", "--color=never", "DIR"],
+                          lambda line: line.startswith("-"))
+
+
+def find_files() -> ListingCommand:
+    return ListingCommand("find", "`find -type f` of a {flat}-entry directory", ["find", "DIR", "-type", "f"],
+                          lambda line: bool(line))
 
 
 class StatAll(Scenario):
@@ -281,7 +278,7 @@ class OpenFiles(Scenario):
 
 def all_scenarios() -> list[Scenario]:
     return [SeqRead(1), SeqRead(4), RandRead(4), RandRead(256), Reread(), SmallFiles(), Loader(),
-            TimeToFirstByte(), ListLong(), Find(), StatAll(), OpenFiles()]
+            TimeToFirstByte(), list_long(), find_files(), StatAll(), OpenFiles()]
 
 
 def describe(s: Scenario, ctx: Ctx) -> str:
