@@ -36,7 +36,7 @@ import httpx
 import trio
 
 from dorafs.config import parse_hostport
-from dorafs.membership import Membership, WorkerInfo
+from dorafs.membership import Membership, Outage, WorkerInfo
 
 log = logging.getLogger(__name__)
 
@@ -183,22 +183,17 @@ class EtcdMembership(Membership):
                 await self._etcd.aclose()
 
     async def _loop(self, first: trio.Event) -> None:
-        delay, outage = 0.2, False
+        delay, outage = 0.2, Outage(f"etcd {self.url}", log)
         while True:
             try:
                 kvs, revision = await self._etcd.range_prefix(self.prefix)
             except (EtcdError, KeyError, ValueError, TypeError) as exc:
                 self.reachable = False
-                if not outage:
-                    log.warning("etcd %s unreachable (%s); keeping the last known %d workers and retrying",
-                                self.url, _describe(exc), len(self.workers))
-                    outage = True
+                outage.begin(_describe(exc), f"keeping the last known {len(self.workers)} workers and retrying")
                 await trio.sleep(delay)
                 delay = min(delay * 2, MAX_BACKOFF)
                 continue
-            if outage:
-                log.info("etcd %s reachable again (revision %d, %d workers)", self.url, revision, len(kvs))
-                outage = False
+            outage.end(f" (revision {revision}, {len(kvs)} workers)")
             self.reachable, delay = True, 0.2
             workers = _view(kvs, self.prefix)
             self._update(workers)
@@ -252,7 +247,8 @@ async def register_loop(url: str, info: WorkerInfo, interval: float, *, task_sta
     ttl = max(MIN_LEASE_TTL, math.ceil(interval * 5))
     etcd = EtcdClient(endpoints, timeout=max(interval, 1.0) + REQUEST_TIMEOUT)
     lease: str | None = None
-    started = outage = False
+    started = False
+    outage = Outage(f"etcd {url}", log)
     beats = 0
     try:
         while True:
@@ -279,13 +275,9 @@ async def register_loop(url: str, info: WorkerInfo, interval: float, *, task_sta
                             await etcd.call("/lease/revoke", {"ID": lease})
                             lease = None
                             continue
-                if outage:
-                    log.info("etcd %s reachable again", url)
-                    outage = False
+                outage.end()
             except (EtcdError, ValueError, TypeError) as exc:
-                if not outage:
-                    log.warning("etcd %s unreachable (%s); retrying every %.1fs", url, _describe(exc), interval)
-                    outage = True
+                outage.begin(_describe(exc), f"retrying every {interval:.1f}s")
             if not started:
                 task_status.started()
                 started = True

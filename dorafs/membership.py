@@ -52,6 +52,25 @@ def _describe(exc: Exception) -> str:
     return str(exc) or type(exc).__name__
 
 
+class Outage:
+    """A membership source's outage, logged once when it starts and once when it ends."""
+
+    def __init__(self, source: str, logger: logging.Logger = log):
+        self.source = source
+        self.log = logger
+        self.active = False
+
+    def begin(self, reason: str, meanwhile: str) -> None:
+        if not self.active:
+            self.log.warning("%s unreachable (%s); %s", self.source, reason, meanwhile)
+            self.active = True
+
+    def end(self, detail: str = "") -> None:
+        if self.active:
+            self.log.info("%s reachable again%s", self.source, detail)
+            self.active = False
+
+
 def _check_int(d: dict, name: str, minimum: int) -> int:
     value = d.get(name)
     if isinstance(value, bool) or not isinstance(value, int):
@@ -225,7 +244,7 @@ class RegistryMembership(Membership):
         return body
 
     async def _poll_loop(self, first: trio.Event) -> None:
-        delay, known, outage = 0.2, False, False
+        delay, known, outage = 0.2, False, Outage(f"registry {self.url}")
         while True:
             try:
                 body = await self._fetch(known)
@@ -233,17 +252,12 @@ class RegistryMembership(Membership):
                 version = int(body["version"])
             except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
                 self.reachable = False
-                if not outage:
-                    log.warning("registry %s unreachable (%s); keeping the last known %d workers and retrying",
-                                self.url, _describe(exc), len(self.workers))
-                    outage = True
+                outage.begin(_describe(exc), f"keeping the last known {len(self.workers)} workers and retrying")
                 known = False  # after the outage, resync at once instead of long-polling first
                 await trio.sleep(delay)
                 delay = min(delay * 2, self.max_backoff)
                 continue
-            if outage:
-                log.info("registry %s reachable again (version %d, %d workers)", self.url, version, len(workers))
-                outage = False
+            outage.end(f" (version {version}, {len(workers)} workers)")
             self.reachable, delay = True, 0.2
             epoch = body.get("epoch")
             if epoch != self.epoch and self.epoch is not None:
@@ -278,7 +292,8 @@ async def heartbeat_loop(registry: str, info: WorkerInfo, interval: float, *,
     url = registry_url(registry)
     http = httpx.AsyncClient(timeout=httpx.Timeout(max(interval, 1.0) + REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT),
                              **(credentials or Credentials()).httpx_options())
-    registered = started = outage = warned_ttl = False
+    registered = started = warned_ttl = False
+    outage = Outage(f"registry {url}")
     try:
         while True:
             try:
@@ -303,13 +318,9 @@ async def heartbeat_loop(registry: str, info: WorkerInfo, interval: float, *,
                         continue
                     if response.status_code != 200:
                         log.warning("registry %s refused a heartbeat: HTTP %d", url, response.status_code)
-                if outage:
-                    log.info("registry %s reachable again", url)
-                    outage = False
+                outage.end()
             except (httpx.HTTPError, ValueError) as exc:
-                if not outage:
-                    log.warning("registry %s unreachable (%s); retrying every %.1fs", url, _describe(exc), interval)
-                    outage = True
+                outage.begin(_describe(exc), f"retrying every {interval:.1f}s")
             if not started:
                 task_status.started()
                 started = True
