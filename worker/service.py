@@ -108,28 +108,33 @@ class WorkerService:
         being filled: one large ranged GET costs far less than several small ones.
         Requests for those pages meanwhile wait for the run instead of reading again.
         """
-        page_size = self.config.page_size
-        pages = page_count(size, page_size)
-        if index >= pages:
-            raise InvalidRequest(f"page {index} is past the end of a {size}-byte object")
-        key = (object_id(uri, version), index)
-        pending = self._run_pages.get(key)
-        if pending is not None:
-            await pending.wait()
-        entry = self.store.lookup(key)
-        if entry is not None and verify:
-            entry = await self._verified(key, entry)
+        key, entry = await self._cached(uri, version, size, index, verify)
         if entry is not None:
             try:
                 self.metrics.page_requests.labels("hit").inc()
                 return PageResult(entry.checksum, entry.size, entry=entry, hit=True, key=key)
             finally:
                 self.metrics.bytes_served.inc(entry.size)
-        run = max(1, min(run, MAX_RUN, pages - index))
+        run = max(1, min(run, MAX_RUN, page_count(size, self.config.page_size) - index))
         result, shared = await self._page_flights.do(key, lambda: self._fill(key, uri, version, size, index, run))
         self.metrics.page_requests.labels("shared" if shared else "miss").inc()
         self.metrics.bytes_served.inc(result.size)
         return result
+
+    async def _cached(self, uri: str, version: str, size: int, index: int,
+                      verify: bool) -> tuple[tuple[str, int], PageEntry | None]:
+        """The page's key and its cached entry (None on a miss), after any run filling it
+        has landed; with `verify`, a corrupt cached page is dropped and reported missing."""
+        if index >= page_count(size, self.config.page_size):
+            raise InvalidRequest(f"page {index} is past the end of a {size}-byte object")
+        key = (object_id(uri, version), index)
+        pending = self._run_pages.get(key)
+        if pending is not None:  # a run is filling it: wait rather than read it again
+            await pending.wait()
+        entry = self.store.lookup(key)
+        if entry is not None and verify:
+            entry = await self._verified(key, entry)
+        return key, entry
 
     async def _verified(self, key, entry: PageEntry) -> PageEntry | None:
         """Re-read a cached page and check its checksum; drop it if it is corrupt."""
@@ -195,15 +200,7 @@ class WorkerService:
         twice; nothing is counted as served. With `verify`, a cached page is re-read and
         its checksum checked first (corrupt: dropped and fetched again).
         """
-        if index >= page_count(size, self.config.page_size):
-            raise InvalidRequest(f"page {index} is past the end of a {size}-byte object")
-        key = (object_id(uri, version), index)
-        pending = self._run_pages.get(key)
-        if pending is not None:  # a reader's run is filling it
-            await pending.wait()
-        entry = self.store.lookup(key)
-        if entry is not None and verify:
-            entry = await self._verified(key, entry)
+        key, entry = await self._cached(uri, version, size, index, verify)
         if entry is not None:
             return False
         result, shared = await self._page_flights.do(key, lambda: self._fill(key, uri, version, size, index))
