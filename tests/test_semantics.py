@@ -114,3 +114,18 @@ def test_unrepresentable_names_are_hidden(procs, s3_server, bucket):
         if name in top:  # the directory may show, but never an entry named '', '.' or '..'
             assert all(entry not in ("", ".", "..") for entry in os.listdir(mount.path(name)))
     assert mount.path("ok.txt").read_bytes() == b"k"
+
+
+def test_open_of_a_grown_object_reads_past_the_kernels_old_size(procs, s3_server, bucket):
+    """The kernel keeps attributes for attr_timeout (here a minute); an open that pins a
+    new, larger version must still return all of it, not stop at the old size."""
+    s3 = s3_server.client()
+    old, new = os.urandom(MiB), os.urandom(3 * MiB + 5)
+    s3.put_object(Bucket=bucket, Key="g/f.bin", Body=old)
+    worker = procs.worker()
+    mount = procs.mount(f"s3://{bucket}/g", workers=[worker.address], options="status_ttl=0.3s,attr_timeout=60s,entry_timeout=60s")
+    assert mount.path("f.bin").read_bytes() == old
+    s3.put_object(Bucket=bucket, Key="g/f.bin", Body=new)
+    time.sleep(0.6)  # past the status TTL, far within the kernel's attribute timeout
+    with open(mount.path("f.bin"), "rb") as f:
+        assert f.read() == new
