@@ -7,10 +7,13 @@ locking. Metadata is a static in-memory tree, so lookups and listings cost only 
 FUSE round trip.
 
 Like a first open of a dorafs file, opens do not set `keep_cache` (each open starts
-without the kernel's cached pages) and do not set `direct_io` (the kernel's readahead and
-128 KiB requests apply). Entry and attribute timeouts are dorafs's defaults (1 s).
+without the kernel's cached pages) and do not set `direct_io` (the kernel's readahead
+applies). Entry and attribute timeouts are 1 s. The kernel readahead of the mount is
+raised as dorafs raises its own (`read_ahead_kb`, default 1024), so both get requests of
+the same size: a ceiling with smaller requests would not be the limit of a mount with
+larger ones.
 
-    python3 bench/ceiling.py MODE MOUNTPOINT
+    python3 bench/ceiling.py MODE MOUNTPOINT [READ_AHEAD_KB]
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dataset import SPECS, object_key, read_range  # noqa: E402
+
+from dorafs.config import MountConfig  # noqa: E402
+from dorafs.mount import set_read_ahead  # noqa: E402
 
 TIMEOUT = 1.0
 
@@ -144,8 +150,10 @@ class CeilingFS(pyfuse3.Operations):
         return s
 
 
-async def _serve() -> None:
+async def _serve(mountpoint: str, read_ahead_kb: int) -> None:
     async with trio.open_nursery() as nursery:
+        if read_ahead_kb:
+            nursery.start_soon(set_read_ahead, mountpoint, read_ahead_kb)
         async def on_signal():
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async for _ in signals:
@@ -158,11 +166,12 @@ async def _serve() -> None:
 
 def main() -> None:
     mode, mountpoint = sys.argv[1], sys.argv[2]
+    read_ahead_kb = int(sys.argv[3]) if len(sys.argv) > 3 else MountConfig.read_ahead_kb
     fs = CeilingFS(mode)
     options = set(pyfuse3.default_options) | {"ro", "fsname=ceiling", "subtype=ceiling"}
     pyfuse3.init(fs, mountpoint, options)
     try:
-        trio.run(_serve)
+        trio.run(_serve, mountpoint, read_ahead_kb)
     finally:
         pyfuse3.close(unmount=True)
 

@@ -187,7 +187,7 @@ def main(argv=None) -> int:
                 console.print(f"[yellow]{name} skipped: {why}[/yellow]")
                 continue
             system = cls(server, spec.mode, workdir)
-            if system.is_dorafs:
+            if system.is_dorafs or system.name == "ceiling":  # the ceiling mirrors dorafs's readahead
                 system.options = args.dorafs_options
             systems.append(system)
         dorafs_name = next((s.name for s in systems if s.is_dorafs), "dorafs")

@@ -254,10 +254,23 @@ class Rclone(System):
 
 class Ceiling(System):
     name = "ceiling"
-    config = "bench/ceiling.py: pyfuse3 + trio serving the same bytes from memory"
+    options = ""  # dorafs's -o options: the ceiling takes the same kernel readahead
+
+    @property
+    def read_ahead_kb(self) -> int:
+        from dorafs.config import load_config
+
+        options = dict(o.split("=", 1) for o in self.options.split(",") if "=" in o)
+        return load_config("mount", {"read_ahead_kb": options.get("read_ahead_kb")} if "read_ahead_kb" in options
+                           else {}, env={}).read_ahead_kb
+
+    @property
+    def config(self):
+        return (f"bench/ceiling.py: pyfuse3 + trio serving the same bytes from memory, "
+                f"read_ahead_kb={self.read_ahead_kb} as dorafs")
 
     def mount_argv(self, session, mnt):
-        return [PY, BENCH / "ceiling.py", self.mode, mnt], self.env()
+        return [PY, BENCH / "ceiling.py", self.mode, mnt, str(self.read_ahead_kb)], self.env()
 
 
 SYSTEMS = {cls.name: cls for cls in (Dorafs, DorafsWorker, S3fs, Rclone, Ceiling)}

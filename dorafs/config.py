@@ -286,6 +286,8 @@ class MountConfig:
                                          "seconds the kernel keeps names (default: status_ttl; "
                                          "missing names: negative_ttl)")
     buffer_size: int = option(128 << 20, _size, "mount's page buffer; 128 pages cover eight readers' readahead")
+    read_ahead_kb: int = option(1024, _count, "kernel readahead of the mount (its bdi's read_ahead_kb, set when "
+                                "permitted); 1024 lets the kernel ask for a whole page per request (0: leave it)")
     readahead_pages: int = option(32, _count, "pages fetched ahead of a sequential reader, in runs "
                                   "filled by one UFS read each (0: none)")
     worker_timeout: float = option(5.0, _positive_duration, "a worker slower than this is skipped for the next")

@@ -156,6 +156,8 @@ async def run_mount(config: MountConfig, ready=lambda: None) -> None:
             raise MountError(f"cannot mount on {mountpoint}: {exc} (is it already mounted? is /dev/fuse there?)")
         try:
             nursery.start_soon(_terminate_on_signal)
+            if config.read_ahead_kb:
+                nursery.start_soon(set_read_ahead, mountpoint, config.read_ahead_kb)
             if config.metrics_listen:
                 address = await nursery.start(metrics_server(client).serve, *config.metrics_listen)
                 log.info("metrics on http://%s:%d/metrics", *address)
@@ -167,6 +169,31 @@ async def run_mount(config: MountConfig, ready=lambda: None) -> None:
             notify("STOPPING=1")
             pyfuse3.close(unmount=True)
             log.info("unmounted %s", mountpoint)
+
+
+async def set_read_ahead(mountpoint: str, kib: int) -> None:
+    """Raise the kernel's readahead for this mount, so a sequential reader's requests are
+    as large as a page (1 MiB) rather than 128 KiB: one request, one page, a quarter of
+    the per-request cost.
+
+    The kernel offers FUSE its default readahead (128 KiB) at INIT and keeps the smaller
+    of that and the answer, so the mount's bdi setting is written once INIT is done: a
+    stat of the mount point, answered by this very loop, waits for it. Writing it needs
+    root (or a writable sysfs); otherwise the default stays and this is logged.
+    """
+    try:
+        device = (await trio.to_thread.run_sync(os.stat, mountpoint)).st_dev
+        path = f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb"
+        await trio.to_thread.run_sync(_write_text, path, f"{kib}\n")
+    except OSError as exc:
+        log.info("kernel readahead of %s left at its default: %s", mountpoint, exc)
+    else:
+        log.info("kernel readahead of %s set to %d KiB", mountpoint, kib)
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
 
 
 async def root_status(client: DoraClient, root_uri: str) -> FileStatus:

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from dorafs.pages import object_id, page_count
 from dorafs.ring import HashRing
 from tests.cluster import ProcessSet
+from tests.support import wait_for
 
 MiB = 1 << 20
 PAGE = MiB
@@ -326,6 +327,59 @@ def test_a_run_fills_following_pages_with_one_ufs_read(procs, s3_server, bucket)
         got = list(pool.map(lambda a: page(a[0], **a[1]), [(0, {"run": 8}), (3, {}), (5, {})]))
     assert got == [data[:MiB], data[3 * MiB:4 * MiB], data[5 * MiB:6 * MiB]]
     assert worker.metrics()["dorafs_worker_ufs_bytes_total"] == len(data)  # every page exactly once
+
+
+def test_locate_fills_a_run_and_answers_where_its_page_files_are(procs, s3_server, bucket):
+    """/v1/locate: the files of consecutive pages, filled by one UFS read, for a client
+    on the same machine; they hold exactly the pages' bytes under the checksums given."""
+    import xxhash
+
+    data = os.urandom(5 * MiB + 7)
+    etag = put(s3_server.client(), bucket, "loc/f.bin", data)
+    worker = procs.worker()
+    params = {"uri": f"s3://{bucket}/loc/f.bin", "version": etag, "size": len(data), "page_size": MiB}
+
+    def locate(index: int, count: int) -> list[dict]:
+        response = httpx.get(f"http://{worker.address}/v1/locate", params=params | {"index": index, "count": count},
+                             timeout=30)
+        assert response.status_code == 200, response.text
+        return response.json()["pages"]
+
+    pages = locate(1, 4)
+    assert [p["index"] for p in pages] == [1, 2, 3, 4]
+    assert worker.metrics()["dorafs_worker_ufs_requests_total{op=read}"] == 1  # one UFS read for the run
+    for p in pages:
+        content = open(p["path"], "rb").read()
+        assert content == data[p["index"] * MiB:(p["index"] + 1) * MiB] and len(content) == p["size"]
+        assert xxhash.xxh3_64_hexdigest(content) == p["checksum"]
+    tail = locate(4, 16)  # never past the end; page 4 is a hit, page 5 (7 bytes) a new fill
+    assert [(p["index"], p["size"]) for p in tail] == [(4, MiB), (5, 7)]
+    assert worker.metrics()["dorafs_worker_ufs_requests_total{op=read}"] == 2
+    response = httpx.get(f"http://{worker.address}/v1/locate", params=params | {"index": 6}, timeout=30)
+    assert response.status_code == 400 and "past the end" in response.json()["message"]
+    response = httpx.get(f"http://{worker.address}/v1/locate", params=params | {"index": 0, "version": "other"},
+                         timeout=30)
+    assert response.status_code == 412  # the object is not at that version: ESTALE, nothing cached
+    assert len(worker.page_files()) == 5
+
+
+def test_the_mount_raises_the_kernel_readahead_of_its_device(procs, s3_server, bucket):
+    """read_ahead_kb: sequential readers get whole-page requests; 0 leaves the kernel's default."""
+    if os.geteuid() != 0:
+        pytest.skip("the kernel readahead of a mount is set through sysfs, which needs root")
+    data = os.urandom(4 * MiB + 1)
+    put(s3_server.client(), bucket, "ra/f.bin", data)
+    worker = procs.worker()
+    for setting, expected in (("2048", "2048"), ("0", None)):
+        mount = procs.mount(f"s3://{bucket}/ra", workers=[worker.address], options=f"read_ahead_kb={setting}")
+        device = os.stat(mount.path()).st_dev
+        bdi = f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb"
+        if expected is not None:
+            wait_for(lambda: open(bdi).read().strip() == expected, 10)
+        else:
+            assert int(open(bdi).read()) <= 1024  # the kernel's own default, not raised
+        assert read_file(mount.path("f.bin")) == data
+        mount.unmount()
 
 
 def test_worker_cache_never_exceeds_its_capacity(procs, s3_server, bucket):

@@ -102,6 +102,7 @@ def test_daemons_refuse_a_readable_secret_file_and_have_no_secret_flag(tmp_path)
 # -- authentication on every endpoint ----------------------------------------------------
 
 WORKER_ENDPOINTS = [("GET", "/v1/page?uri=s3://b/k&version=v&size=10&index=0"), ("GET", "/v1/stat?uri=s3://b/k"),
+                    ("GET", "/v1/locate?uri=s3://b/k&version=v&size=10&index=0&count=2"),
                     ("GET", "/v1/list?uri=s3://b"), ("GET", "/v1/info"), ("GET", "/metrics"),
                     ("HEAD", "/v1/info"), ("GET", "/no/such/endpoint"), ("POST", "/v1/info")]
 REGISTRY_ENDPOINTS = [("POST", "/v1/workers"), ("POST", "/v1/heartbeat"), ("POST", "/v1/deregister"),

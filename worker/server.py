@@ -1,10 +1,13 @@
 """The worker's HTTP API.
 
-  GET /v1/page?uri=&version=&size=&index=&page_size=[&verify=1][&locate=1][&run=N]   page bytes (sendfile)
+  GET /v1/page?uri=&version=&size=&index=&page_size=[&verify=1][&run=N]   page bytes (sendfile)
         headers: X-Dorafs-Checksum (xxh3-64 of the body), X-Dorafs-Cache (hit|miss);
-        locate=1: when the page is on disk, an empty body and X-Dorafs-Path/-Size instead
-        (for short-circuit reads by a client on the same machine);
         run=N: on a miss, also fill up to N-1 following pages with the same UFS read
+  GET /v1/locate?uri=&version=&size=&index=&page_size=[&count=N]
+        pages index.. index+N-1 made cached (one UFS read fills the misses, as run=N),
+        then where their files are: {"pages": [{"index", "path", "size", "checksum"}]},
+        consecutive from `index`, ending early at a page held only in memory; for
+        short-circuit reads by a client on the same machine (dorafs/client/local.py)
   GET /v1/stat?uri=[&ttl=&negative_ttl=]         FileStatus as JSON (404 if missing)
   GET /v1/list?uri=&after=&limit=[&ttl=]         {"entries": [...], "next": name | null}
         ttl, negative_ttl: the caller's freshness in seconds (-1 never recheck, 0 always);
@@ -37,7 +40,7 @@ from dorafs.pages import page_count
 from dorafs.ufs import FileStatus
 from worker.access import UfsRoots, check_uri, check_version
 from worker.loader import Loader
-from worker.service import WorkerService
+from worker.service import MAX_RUN, WorkerService
 
 MAX_LIST_LIMIT = 10_000
 
@@ -62,10 +65,6 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
         run = req.int_arg("run", 1, minimum=1)
         result = await service.page(uri, version, size, index, verify=req.query.get("verify") == "1", run=run)
         headers = {"X-Dorafs-Checksum": result.checksum, "X-Dorafs-Cache": "hit" if result.hit else "miss"}
-        if req.query.get("locate") == "1" and result.entry is not None:
-            # A client on this machine reads the file itself (dorafs/client/local.py).
-            return Response(200, b"", headers | {"X-Dorafs-Path": str(result.entry.path),
-                                                 "X-Dorafs-Size": str(result.size)})
         if result.data is not None:
             return Response(200, result.data, headers)
         fd = service.open_page(result)
@@ -77,6 +76,25 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
             if fd is None:
                 raise InvalidRequest("page vanished twice while serving; retry")
         return Response(200, FileBody(fd, 0, result.size), headers)
+
+    @server.route("GET", "/v1/locate")
+    async def locate(req: Request) -> Response:
+        uri = await allowed_uri(req)
+        version = check_version(req.arg("version"))
+        size = req.int_arg("size")
+        index = req.int_arg("index")
+        page_size = req.int_arg("page_size", service.config.page_size, minimum=1)
+        if page_size != service.config.page_size:
+            raise InvalidRequest(f"page size {page_size} differs from this worker's {service.config.page_size}")
+        count = min(req.int_arg("count", 1, minimum=1), MAX_RUN, page_count(size, page_size) - index)
+        pages = []
+        for i in range(index, index + max(1, count)):  # the first fills the run, the others wait for it
+            result = await service.page(uri, version, size, i, verify=False, run=count if i == index else 1)
+            if result.entry is None:
+                break
+            pages.append({"index": i, "path": str(result.entry.path), "size": result.size,
+                          "checksum": result.checksum})
+        return json_response({"pages": pages})
 
     @server.route("GET", "/v1/stat")
     async def stat(req: Request) -> Response:

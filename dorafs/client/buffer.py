@@ -1,14 +1,61 @@
 """The mount's in-process page buffer: a byte-bounded LRU of recently fetched pages.
 
-The kernel asks in 128 KiB pieces while a page is 1 MiB, so one fetch must serve the
-eight requests that follow it; readahead also lands here. Keys carry the object's
-version, so a changed object never hits an old page.
+One fetch serves the kernel requests that follow it within the page; readahead also
+lands here. Keys carry the object's version, so a changed object never hits an old page.
+
+Pages read from a local worker's files come in runs, read one after another into one
+block of memory (`Block`), each page a `Piece` of it: a read crossing from one page into
+the next of the same block is one slice, no copy. Blocks are reused once none of their
+pieces is buffered any more. Fresh memory is costly here: the kernel faults it in and
+zeroes it 4 KiB at a time, which on the machines measured cost more than the copy that
+fills it (bench/README.md). A block's `generation` changes when it is reused, so a
+piece held past that (by a reader that waited on another's fetch) is seen to be stale
+and never read: `view` answers None for it.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Hashable
+
+FREE_BLOCKS = 4  # idle blocks kept for reuse
+
+
+class Block:
+    __slots__ = ("data", "generation", "held")
+
+    def __init__(self, size: int):
+        self.data = bytearray(size)
+        self.generation = 0
+        self.held = 0  # pieces of this generation in the buffer
+
+
+class Piece:
+    """A page held as bytes [start, end) of a block, valid while the block's generation
+    is the one it was read in."""
+
+    __slots__ = ("block", "start", "end", "generation")
+
+    def __init__(self, block: Block, start: int, end: int):
+        self.block, self.start, self.end, self.generation = block, start, end, block.generation
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def follows(self, other: Piece) -> bool:
+        return self.block is other.block and self.generation == other.generation and self.start == other.end
+
+
+Page = bytes | bytearray | Piece
+
+
+def view(data: Page) -> memoryview | None:
+    """The bytes of a page; None for a piece whose block has since been reused."""
+    if isinstance(data, Piece):
+        if data.generation != data.block.generation:
+            return None
+        return memoryview(data.block.data)[data.start:data.end]
+    return memoryview(data)
 
 
 class PageBuffer:
@@ -17,12 +64,13 @@ class PageBuffer:
         self.used = 0
         self.hits = 0
         self.misses = 0
-        self._pages: OrderedDict[Hashable, bytes | bytearray] = OrderedDict()
+        self._pages: OrderedDict[Hashable, Page] = OrderedDict()
+        self._free: list[Block] = []
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._pages
 
-    def get(self, key: Hashable) -> bytes | bytearray | None:
+    def get(self, key: Hashable) -> Page | None:
         data = self._pages.get(key)
         if data is None:
             self.misses += 1
@@ -31,17 +79,48 @@ class PageBuffer:
         self._pages.move_to_end(key)
         return data
 
-    def put(self, key: Hashable, data: bytes | bytearray) -> None:
-        if len(data) > self.capacity:
+    def put(self, key: Hashable, data: Page) -> None:
+        if len(data) > self.capacity or (isinstance(data, Piece) and len(data.block.data) > self.capacity):
             return
         old = self._pages.pop(key, None)
         if old is not None:
-            self.used -= len(old)
+            self._let_go(old)
+        if isinstance(data, Piece):
+            if data.generation != data.block.generation:
+                return  # its block was reused meanwhile
+            if data.block.held == 0:  # a block's memory counts whole while any piece of it is here
+                self.used += len(data.block.data)
+            data.block.held += 1
+        else:
+            self.used += len(data)
         self._pages[key] = data
-        self.used += len(data)
-        while self.used > self.capacity:
-            _, evicted = self._pages.popitem(last=False)
-            self.used -= len(evicted)
+        while self.used > self.capacity and self._pages:
+            self._let_go(self._pages.popitem(last=False)[1])
+
+    def _let_go(self, data: Page) -> None:
+        if not isinstance(data, Piece):
+            self.used -= len(data)
+            return
+        block = data.block
+        block.held -= 1
+        if block.held == 0:
+            self.used -= len(block.data)
+            self.give(block)
+
+    def block(self, size: int) -> Block:
+        """A block of at least `size` bytes for a run: a reused one (its earlier pieces
+        now stale) or a new one."""
+        for i, block in enumerate(self._free):
+            if len(block.data) >= size:
+                del self._free[i]
+                block.generation += 1
+                return block
+        return Block(size)
+
+    def give(self, block: Block) -> None:
+        """Take back a block none of whose pieces is buffered (or that got none)."""
+        if block.held == 0 and len(self._free) < FREE_BLOCKS and block not in self._free:
+            self._free.append(block)
 
     def statistics(self) -> dict:
         return {"pages": len(self._pages), "bytes": self.used, "hits": self.hits, "misses": self.misses}

@@ -33,7 +33,7 @@ from typing import TypeVar
 
 import trio
 
-from dorafs.client.buffer import PageBuffer
+from dorafs.client.buffer import PageBuffer, Piece, view
 from dorafs.client.local import LocalPages, Unreadable, is_loopback
 from dorafs.client.workers import WorkerClient
 from dorafs.config import MountConfig
@@ -56,6 +56,7 @@ MAX_CANDIDATES = 3  # workers tried for one request before the UFS
 MAX_PREFETCH = 48  # readahead pages in flight across the mount
 RUN_PAGES = 4  # pages per readahead run (one UFS read on a miss)
 LIST_PAGE = 1000
+STALE_TRIES = 3  # reads of a page whose block was reused under them before one goes around the buffer
 FAILURE_MEMORY = 0.5  # seconds a page's final error is answered again without a new fetch
 
 
@@ -239,11 +240,13 @@ class DoraClient:
     def open(self, uri: str, status: FileStatus) -> OpenFile:
         return OpenFile(uri, status)
 
-    async def read(self, f: OpenFile, offset: int, length: int) -> bytes | memoryview:
+    async def read(self, f: OpenFile, offset: int, length: int) -> bytes | bytearray | memoryview:
         """Bytes [offset, offset+length) of the pinned version, short only at EOF.
 
-        A read within one page returns a memoryview into the buffered page: no copy
-        until the kernel takes the bytes.
+        Buffered pages are returned as memoryviews, no copy until the kernel takes the
+        bytes, and so is a read across pages of one block (a run read together). Else a
+        read is one `pread` of a verified local page file, or is assembled in one buffer,
+        each part read or copied straight into it.
         """
         page_size = self.page_size
         spans = plan(offset, length, f.status.size, page_size)
@@ -252,24 +255,45 @@ class DoraClient:
         self._readahead(f, offset, offset + length, spans[-1].index)
         if len(spans) == 1:
             return await self._span(f, spans[0])
-        parts: list[bytes | memoryview] = [b""] * len(spans)
+        held = [self.buffer.get(self._key(f, span.index)) for span in spans]
+        if all(isinstance(piece, Piece) for piece in held) and all(
+                later.follows(earlier) for earlier, later in zip(held, held[1:])):
+            return memoryview(held[0].block.data)[held[0].start + spans[0].start:held[-1].start + spans[-1].end]
+        out = bytearray(sum(span.end - span.start for span in spans))
+        missing = []
+        at = 0
+        for span, data in zip(spans, held):
+            part = memoryview(out)[at:at + span.end - span.start]
+            at += len(part)
+            if data is not None:
+                part[:] = view(data)[span.start:span.end]  # buffered pieces are never stale
+            elif not self.local.readinto(self._key(f, span.index), part, span.start):
+                missing.append((span, part))
+        if missing:
+            async def fill(span, part: memoryview) -> None:
+                part[:] = await self._span(f, span)
 
-        async def fetch(i: int) -> None:
-            parts[i] = await self._span(f, spans[i])
-
-        async with trio.open_nursery() as nursery:
-            for i in range(len(spans)):
-                nursery.start_soon(fetch, i)
-        return b"".join(parts)
+            async with trio.open_nursery() as nursery:
+                for span, part in missing:
+                    nursery.start_soon(fill, span, part)
+        return out
 
     async def _span(self, f: OpenFile, span) -> bytes | memoryview:
         """The bytes of one page span: from the buffer, a verified local page file, or a fetch."""
         key = self._key(f, span.index)
-        if key not in self.buffer and key not in self._flights:
-            data = self.local.pread(key, span.end - span.start, span.start)
-            if data is not None:  # just the bytes asked for, no whole-page copy
-                return data
-        return memoryview(await self._page(f, span.index))[span.start:span.end]
+        for _ in range(STALE_TRIES):
+            data = self.buffer.get(key)
+            if data is None:
+                got = self.local.pread(key, span.end - span.start, span.start)
+                if got is not None:  # just the bytes asked for, no whole-page copy
+                    return got
+                data = await self._page(f, span.index)
+            page = view(data)
+            if page is not None:  # else its block was reused while this reader waited: again
+                return page[span.start:span.end]
+        data = await self._route(f.uri, lambda address: self._workers.page(
+            address, f.uri, f.status.version, f.status.size, span.index, self.page_size))
+        return memoryview(data)[span.start:span.end]
 
     def _readahead(self, f: OpenFile, offset: int, end: int, last_index: int) -> None:
         """Keep a sequential reader's next pages coming, in runs.
@@ -303,12 +327,12 @@ class DoraClient:
 
     def _coming(self, f: OpenFile, index: int) -> bool:
         key = self._key(f, index)
-        return key in self.buffer or key in self._flights or key in self._scheduled
+        return key in self.local or key in self.buffer or key in self._flights or key in self._scheduled
 
     async def _prefetch_run(self, f: OpenFile, start: int, keys: list[tuple]) -> None:
         try:
             await self._page(f, start, run=len(keys))
-            async with trio.open_nursery() as nursery:
+            async with trio.open_nursery() as nursery:  # what the run did not bring (remote workers)
                 for i in range(start + 1, start + len(keys)):
                     nursery.start_soon(self._page, f, i)
         except Exception as exc:  # the reader will hit (and report) the same error itself
@@ -320,7 +344,10 @@ class DoraClient:
     def _key(self, f: OpenFile, index: int) -> tuple:
         return (f.uri, f.status.version, self.page_size, index)
 
-    async def _page(self, f: OpenFile, index: int, run: int = 1) -> bytes | bytearray:
+    async def _page(self, f: OpenFile, index: int, run: int = 1) -> bytes | bytearray | Piece:
+        """A whole page, buffered: from the buffer or a fetch (single-flight per page).
+
+        `run` > 1 lets the fetch bring the following pages of the run too."""
         key = self._key(f, index)
         data = self.buffer.get(key)
         if data is not None:
@@ -337,7 +364,7 @@ class DoraClient:
             raise
         return data
 
-    async def _fetch(self, f: OpenFile, index: int, run: int = 1) -> bytes | bytearray:
+    async def _fetch(self, f: OpenFile, index: int, run: int = 1) -> bytes | bytearray | Piece:
         status, page_size = f.status, self.page_size
         try:
             data = await self._route(f.uri, lambda address: self._fetch_from(address, f, index, run))
@@ -349,22 +376,43 @@ class DoraClient:
         self.buffer.put(self._key(f, index), data)
         return data
 
-    async def _fetch_from(self, address: str, f: OpenFile, index: int, run: int = 1) -> bytes | bytearray:
-        """One page from one worker: read from its file when the worker is on this machine."""
+    async def _fetch_from(self, address: str, f: OpenFile, index: int,
+                          run: int = 1) -> bytes | bytearray | Piece:
+        """Page `index` from one worker: read from its files when the worker is on this
+        machine (and the rest of the run with it), else over HTTP."""
         status, page_size = f.status, self.page_size
         if self.config.short_circuit and address not in self._remote and is_loopback(address):
             located = await self._workers.locate(address, f.uri, status.version, status.size, index, page_size,
-                                                 run=run)
-            if not isinstance(located, tuple):
-                return located
-            path, size, checksum = located
+                                                 count=run)
             try:
-                data = self.local.read(self._key(f, index), path, size, checksum)
+                pieces = await self._read_local(f, located)
             except Unreadable as exc:
                 log.info("worker %s: its page files are not readable here (%s); reading over HTTP", address, exc)
                 self._remote.add(address)
-                data = None
-            if data is not None:
-                self.stats.short_circuit_pages += 1
-                return data
+                pieces = []
+            if pieces:
+                self.stats.short_circuit_pages += len(pieces)
+                self.stats.worker_pages += len(pieces) - 1  # page `index` is counted by _fetch
+                for i, piece in enumerate(pieces[1:], index + 1):  # page `index` is buffered by _fetch
+                    self.buffer.put(self._key(f, i), piece)
+                return pieces[0]
         return await self._workers.page(address, f.uri, status.version, status.size, index, page_size, run=run)
+
+    async def _read_local(self, f: OpenFile, located: list[tuple[int, str, int, str]]) -> list[Piece]:
+        """Read located page files into one block, in a thread, each checked against its
+        checksum; keep their descriptors; the pieces of the leading pages that matched
+        (a missing or corrupt one is fetched over HTTP, where the worker checks it)."""
+        if not located:
+            return []
+        block = self.buffer.block(sum(size for _, _, size, _ in located))
+        files = [(path, size, checksum) for _, path, size, checksum in located]
+        fds = await trio.to_thread.run_sync(LocalPages.read_block, block.data, files)
+        pieces = []
+        at = 0
+        for (index, _, size, _), fd in zip(located, fds):
+            self.local.keep(self._key(f, index), fd)
+            pieces.append(Piece(block, at, at + size))
+            at += size
+        if not pieces:
+            self.buffer.give(block)
+        return pieces

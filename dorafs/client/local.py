@@ -3,8 +3,9 @@
 A worker on loopback keeps its pages as files; asking it over HTTP for a page costs a
 round trip and a 1 MiB body through two sockets, while reading the file costs one copy
 from the kernel's page cache. So for a worker on this machine the client asks only where
-the page is (`/v1/page?...&locate=1`: the worker fills it first if needed, and answers
-its path and checksum, no body) and reads the file itself.
+the pages of a run are (`/v1/locate`: the worker fills them first if needed, and answers
+their paths and checksums, no bodies) and reads the files itself, one after another
+into one block, so that a read crossing from one page into the next needs no copy.
 
 Why this cannot return wrong bytes: a page file's name holds the object version's id,
 the page index and the page's checksum, and every page read here is checked against
@@ -69,28 +70,50 @@ class LocalPages:
     def __len__(self) -> int:
         return len(self._open)
 
-    def read(self, key: Hashable, path: str, size: int, checksum: str) -> bytearray | None:
-        """The page's bytes if the file holds exactly them; None if they do not match.
+    @staticmethod
+    def read_block(block: bytearray, files: list[tuple[str, int, str]]) -> list[int]:
+        """Read page files (path, size, checksum) one after another into `block`.
 
-        Raises Unreadable when the file cannot be read at all.
+        Returns the open descriptors of the leading files whose bytes matched their
+        checksums; reading stops at the first file that is missing (evicted since the
+        worker answered) or corrupt. Touches nothing shared but `block`, which the caller
+        hands over for the call, so it runs in a thread: the copies and the hashing
+        leave the event loop free. Raises Unreadable when a file cannot be read at all.
         """
+        fds: list[int] = []
+        at = 0
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None  # evicted since the worker answered: fetch it the usual way
-        except OSError as exc:
-            raise Unreadable(f"{path}: {exc.strerror}") from None
-        try:
-            data = bytearray(size)
-            got = os.preadv(fd, [data], 0) if size else 0
-        except OSError as exc:
-            os.close(fd)
-            raise Unreadable(f"{path}: {exc.strerror}") from None
-        if got != size or xxhash.xxh3_64_hexdigest(data) != checksum:
-            os.close(fd)
-            return None
+            with memoryview(block) as whole:
+                for path, size, checksum in files:
+                    try:
+                        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                    except FileNotFoundError:
+                        break
+                    except OSError as exc:
+                        raise Unreadable(f"{path}: {exc.strerror}") from None
+                    part = whole[at:at + size]
+                    try:
+                        got = os.preadv(fd, [part], 0) if size else 0
+                    except OSError as exc:
+                        os.close(fd)
+                        raise Unreadable(f"{path}: {exc.strerror}") from None
+                    if got != size or xxhash.xxh3_64_hexdigest(part) != checksum:
+                        os.close(fd)
+                        break
+                    fds.append(fd)
+                    at += size
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return fds
+
+    def keep(self, key: Hashable, fd: int) -> None:
+        """Keep the descriptor of a verified page file (closing the least recent past the budget)."""
         self._keep(key, fd)
-        return data
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._open
 
     def pread(self, key: Hashable, length: int, offset: int) -> bytes | None:
         """Bytes of a verified page, or None if its descriptor is not kept."""
@@ -99,6 +122,17 @@ class LocalPages:
             return None
         self._open.move_to_end(key)
         return os.pread(fd, length, offset)
+
+    def readinto(self, key: Hashable, view: memoryview, offset: int) -> bool:
+        """Fill `view` from a verified page at `offset`; False if its descriptor is not kept."""
+        fd = self._open.get(key)
+        if fd is None:
+            return False
+        self._open.move_to_end(key)
+        got = os.preadv(fd, [view], offset)
+        if got != len(view):  # a page file never shrinks under its name: the caller asked past its end
+            raise ValueError(f"page file short by {len(view) - got} bytes at {offset}")
+        return True
 
     def _keep(self, key: Hashable, fd: int) -> None:
         old = self._open.pop(key, None)

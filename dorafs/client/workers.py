@@ -64,18 +64,15 @@ class WorkerClient:
         raise CorruptPage(f"worker {address} sent a corrupt page {index} of {uri} twice")
 
     async def locate(self, address: str, uri: str, version: str, size: int, index: int,
-                     page_size: int, run: int = 1) -> tuple[str, int, str] | bytes | bytearray:
-        """Where a page's file is, as (path, size, checksum); or the page itself, checked,
-        when the worker holds it only in memory (it could not be cached)."""
+                     page_size: int, count: int = 1) -> list[tuple[int, str, int, str]]:
+        """Where the files of pages index.. index+count-1 are, as (index, path, size,
+        checksum), consecutive from `index`; shorter (even empty) where the worker holds
+        a page only in memory (it could not be cached)."""
         params = {"uri": uri, "version": version, "size": size, "index": index, "page_size": page_size,
-                  "locate": 1, "run": run}
-        response = await self._get(address, "/v1/page", params)
-        path = response.headers.get("x-dorafs-path")
-        if path is not None:
-            return path, int(response.headers.get("x-dorafs-size", "0")), response.headers.get("x-dorafs-checksum", "")
-        if xxhash.xxh3_64_hexdigest(response.body) == response.headers.get("x-dorafs-checksum", ""):
-            return response.body
-        return await self.page(address, uri, version, size, index, page_size)
+                  "count": count}
+        response = await self._get(address, "/v1/locate", params)
+        pages = json.loads(response.body)["pages"]
+        return [(p["index"], p["path"], p["size"], p["checksum"]) for p in pages]
 
     async def stat(self, address: str, uri: str, **ttls: float) -> FileStatus:
         response = await self._get(address, "/v1/stat", {"uri": uri, **ttls})

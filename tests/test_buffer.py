@@ -1,0 +1,92 @@
+"""The mount's page buffer: blocks of pages read together, reused without wrong bytes."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dorafs.client.buffer import Piece, PageBuffer, view
+
+
+def fill_run(buffer: PageBuffer, first: int, count: int, page: int, tag: int) -> list[Piece]:
+    """What a local run read does: take a block, write pages into it, buffer the pieces."""
+    block = buffer.block(count * page)
+    pieces = []
+    for i in range(count):
+        block.data[i * page:(i + 1) * page] = content(first + i, tag, page)
+        pieces.append(Piece(block, i * page, (i + 1) * page))
+    for i, piece in enumerate(pieces):
+        buffer.put(("f", first + i), piece)
+    return pieces
+
+
+def content(index: int, tag: int, page: int) -> bytes:
+    return bytes([(index * 7 + tag) % 251]) * page
+
+
+def test_pieces_of_one_block_read_as_one_slice_and_go_stale_when_it_is_reused():
+    buffer = PageBuffer(capacity=8 * 16)
+    first = fill_run(buffer, 0, 4, 16, tag=1)
+    assert first[1].follows(first[0]) and first[2].follows(first[1]) and not first[0].follows(first[1])
+    assert buffer.used == 4 * 16
+    block = first[0].block
+    for i in range(4, 12, 4):  # two more runs push the first block out whole
+        fill_run(buffer, i, 4, 16, tag=1)
+    assert ("f", 0) not in buffer and block.held == 0
+    reused = fill_run(buffer, 12, 4, 16, tag=2)
+    assert reused[0].block is block  # taken from the free list, not allocated
+    assert view(first[0]) is None  # a reader holding the old piece sees it is stale
+    assert bytes(view(reused[0])) == content(12, 2, 16)
+    assert not reused[0].follows(first[3])
+
+
+def test_a_block_counts_whole_while_any_of_its_pieces_is_buffered():
+    buffer = PageBuffer(capacity=6 * 16)
+    pieces = fill_run(buffer, 0, 4, 16, tag=0)
+    assert buffer.get(("f", 3)) is pieces[3]  # now the most recent
+    buffer.put(("g", 0), b"x" * 16)
+    buffer.put(("g", 1), b"y" * 16)
+    buffer.put(("g", 2), b"z" * 16)  # over capacity: the block's older pieces go first
+    assert buffer.used <= buffer.capacity
+    assert pieces[0].block.held == 0 and ("f", 3) not in buffer  # all its pieces had to go
+    assert bytes(buffer.get(("g", 2))) == b"z" * 16
+
+
+operations = st.lists(st.one_of(
+    st.tuples(st.just("run"), st.integers(0, 20), st.integers(1, 4)),
+    st.tuples(st.just("bytes"), st.integers(0, 20), st.just(1)),
+    st.tuples(st.just("get"), st.integers(0, 20), st.just(1)),
+), max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(operations, st.integers(3, 12))
+def test_every_buffered_page_reads_back_its_own_bytes_through_block_reuse(ops, capacity_pages):
+    page = 8
+    buffer = PageBuffer(capacity=capacity_pages * page)
+    expected: dict[int, bytes] = {}
+    held_outside: list[tuple[Piece, bytes]] = []  # pieces a waiting reader could still hold
+    for tag, (op, index, count) in enumerate(ops):
+        if op == "run":
+            pieces = fill_run(buffer, index, count, page, tag)
+            for i, piece in enumerate(pieces):
+                expected[index + i] = content(index + i, tag, page)
+                held_outside.append((piece, expected[index + i]))
+        elif op == "bytes":
+            expected[index] = content(index, tag, page)
+            buffer.put(("f", index), bytearray(expected[index]))
+        else:
+            data = buffer.get(("f", index))
+            if data is not None:
+                assert bytes(view(data)) == expected[index]
+        blocks = {id(p.block): p.block for p in buffer._pages.values() if isinstance(p, Piece)}
+        assert buffer.used == sum(len(b.data) for b in blocks.values()) + sum(
+            len(p) for p in buffer._pages.values() if not isinstance(p, Piece))
+        assert buffer.used <= buffer.capacity
+        assert all(b.held > 0 for b in blocks.values())
+        assert all(b.held == 0 for b in buffer._free)
+        for (_, i), data in buffer._pages.items():
+            assert bytes(view(data)) == expected[i]
+        for piece, was in held_outside:  # a stale piece is refused, a fresh one is exact
+            current = view(piece)
+            assert current is None or bytes(current) == was
