@@ -135,7 +135,7 @@ class PageStore:
 
     # -- changes ----------------------------------------------------------------------
 
-    async def put(self, key: PageKey, data: bytes, digest: str) -> PageEntry | None:
+    async def put(self, key: PageKey, data: bytes | memoryview, digest: str) -> PageEntry | None:
         """Store a page; None if it cannot be cached (too big, or the disk failed)."""
         if key in self._index:
             return self._index[key]
@@ -225,7 +225,7 @@ class PageStore:
         except FileNotFoundError:
             pass
 
-    def _write(self, final: Path, data: bytes) -> None:
+    def _write(self, final: Path, data: bytes | memoryview) -> None:
         self.tmp.mkdir(parents=True, exist_ok=True)
         tmp = self.tmp / f"{uuid.uuid4().hex}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -179,12 +179,16 @@ class WorkerService:
             view = memoryview(data)
             first = bytes(view[:page_length(index, size, page_size)])
             digest = checksum(first)
-            entry = await self.store.put(key, first, digest)
-            for other in extra:  # later pages of the run: cached for the requests that follow
+            async def cache(other) -> None:  # a later page of the run, for the requests that follow
                 offset = (other[1] - index) * page_size
-                piece = bytes(view[offset:offset + page_length(other[1], size, page_size)])
+                piece = view[offset:offset + page_length(other[1], size, page_size)]
                 await self.store.put(other, piece, checksum(piece))
                 self._run_pages.pop(other).set()
+
+            async with trio.open_nursery() as nursery:  # the run's pages are written side by side
+                for other in extra:
+                    nursery.start_soon(cache, other)
+                entry = await self.store.put(key, first, digest)
         finally:
             for other in extra:
                 event = self._run_pages.pop(other, None)
