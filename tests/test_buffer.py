@@ -8,41 +8,42 @@ from hypothesis import strategies as st
 from dorafs.client.buffer import Piece, PageBuffer, view
 
 
-def fill_run(buffer: PageBuffer, first: int, count: int, page: int, tag: int) -> list[Piece]:
+def fill_run(buffer: PageBuffer, first: int, count: int, page: int) -> list[Piece]:
     """What a local run read does: take a block, write pages into it, buffer the pieces."""
     block = buffer.block(count * page)
     pieces = []
     for i in range(count):
-        block.data[i * page:(i + 1) * page] = content(first + i, tag, page)
+        block.data[i * page:(i + 1) * page] = content(first + i, page)
         pieces.append(Piece(block, i * page, (i + 1) * page))
     for i, piece in enumerate(pieces):
         buffer.put(("f", first + i), piece)
     return pieces
 
 
-def content(index: int, tag: int, page: int) -> bytes:
-    return bytes([(index * 7 + tag) % 251]) * page
+def content(index: int, page: int) -> bytes:
+    """A page's bytes: keys carry the object's version, so one key always has one content."""
+    return bytes([(index * 7 + 1) % 251]) * page
 
 
 def test_pieces_of_one_block_read_as_one_slice_and_go_stale_when_it_is_reused():
     buffer = PageBuffer(capacity=8 * 16)
-    first = fill_run(buffer, 0, 4, 16, tag=1)
+    first = fill_run(buffer, 0, 4, 16)
     assert first[1].follows(first[0]) and first[2].follows(first[1]) and not first[0].follows(first[1])
     assert buffer.used == 4 * 16
     block = first[0].block
     for i in range(4, 12, 4):  # two more runs push the first block out whole
-        fill_run(buffer, i, 4, 16, tag=1)
+        fill_run(buffer, i, 4, 16)
     assert ("f", 0) not in buffer and block.held == 0
-    reused = fill_run(buffer, 12, 4, 16, tag=2)
+    reused = fill_run(buffer, 12, 4, 16)
     assert reused[0].block is block  # taken from the free list, not allocated
     assert view(first[0]) is None  # a reader holding the old piece sees it is stale
-    assert bytes(view(reused[0])) == content(12, 2, 16)
+    assert bytes(view(reused[0])) == content(12, 16)
     assert not reused[0].follows(first[3])
 
 
 def test_a_block_counts_whole_while_any_of_its_pieces_is_buffered():
     buffer = PageBuffer(capacity=6 * 16)
-    pieces = fill_run(buffer, 0, 4, 16, tag=0)
+    pieces = fill_run(buffer, 0, 4, 16)
     assert buffer.get(("f", 3)) is pieces[3]  # now the most recent
     buffer.put(("g", 0), b"x" * 16)
     buffer.put(("g", 1), b"y" * 16)
@@ -66,14 +67,14 @@ def test_every_buffered_page_reads_back_its_own_bytes_through_block_reuse(ops, c
     buffer = PageBuffer(capacity=capacity_pages * page)
     expected: dict[int, bytes] = {}
     held_outside: list[tuple[Piece, bytes]] = []  # pieces a waiting reader could still hold
-    for tag, (op, index, count) in enumerate(ops):
+    for op, index, count in ops:
         if op == "run":
-            pieces = fill_run(buffer, index, count, page, tag)
+            pieces = fill_run(buffer, index, count, page)
             for i, piece in enumerate(pieces):
-                expected[index + i] = content(index + i, tag, page)
+                expected[index + i] = content(index + i, page)
                 held_outside.append((piece, expected[index + i]))
         elif op == "bytes":
-            expected[index] = content(index, tag, page)
+            expected[index] = content(index, page)
             buffer.put(("f", index), bytearray(expected[index]))
         else:
             data = buffer.get(("f", index))

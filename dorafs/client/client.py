@@ -301,9 +301,10 @@ class DoraClient:
         The window doubles on each sequential read up to `readahead_pages`. When fewer
         than half of the window's pages are buffered or on their way, the rest is
         requested as runs of `RUN_PAGES`, side by side: a run's first page asks the worker
-        to fill the whole run with one UFS read (`run=`), and the others follow from the
-        worker's cache. Several ranged reads in flight keep a cold read going at the
-        store's pace rather than one request's latency.
+        to fill the whole run with one UFS read (`run=`). From a worker on this machine
+        the whole run then comes in one block (`/v1/locate`); from others, its pages
+        follow from the worker's cache. Several ranged reads in flight keep a cold read
+        going at the store's pace rather than one request's latency.
         """
         sequential = offset == f.next_offset
         f.next_offset = end

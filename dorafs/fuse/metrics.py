@@ -53,5 +53,5 @@ class ClientCollector:
         hits.add_metric(["hit"], buffer["hits"])
         hits.add_metric(["miss"], buffer["misses"])
         yield hits
-        yield GaugeMetricFamily("dorafs_mount_buffer_bytes", "Bytes in the page buffer", value=buffer["bytes"])
+        yield GaugeMetricFamily("dorafs_mount_buffer_bytes", "Memory held by the page buffer", value=buffer["bytes"])
         yield GaugeMetricFamily("dorafs_mount_workers", "Workers on the ring", value=len(self.client.ring))
