@@ -41,6 +41,16 @@ def test_pieces_of_one_block_read_as_one_slice_and_go_stale_when_it_is_reused():
     assert not reused[0].follows(first[3])
 
 
+def test_a_small_run_does_not_take_a_big_free_block():
+    buffer = PageBuffer(capacity=4 * 16)
+    big = fill_run(buffer, 0, 4, 16)[0].block
+    fill_run(buffer, 4, 4, 16)  # pushes the first block out: it is free
+    assert big in buffer._free
+    small = fill_run(buffer, 8, 1, 16)[0].block
+    assert small is not big and len(small.data) == 16 and big in buffer._free
+    assert fill_run(buffer, 9, 3, 16)[0].block is big  # within twice the size: reused
+
+
 def test_a_block_counts_whole_while_any_of_its_pieces_is_buffered():
     buffer = PageBuffer(capacity=6 * 16)
     pieces = fill_run(buffer, 0, 4, 16)

@@ -109,9 +109,11 @@ class PageBuffer:
 
     def block(self, size: int) -> Block:
         """A block of at least `size` bytes for a run: a reused one (its earlier pieces
-        now stale) or a new one."""
+        now stale) or a new one. A free block more than twice the size is left for a
+        larger run: the buffer counts a block whole, so a small page in a big block
+        would crowd out many others."""
         for i, block in enumerate(self._free):
-            if len(block.data) >= size:
+            if size <= len(block.data) <= 2 * size:
                 del self._free[i]
                 block.generation += 1
                 return block
