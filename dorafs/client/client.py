@@ -56,6 +56,7 @@ MAX_CANDIDATES = 3  # workers tried for one request before the UFS
 MAX_PREFETCH = 48  # readahead pages in flight across the mount
 RUN_PAGES = 8  # pages per readahead run (one UFS read on a miss)
 LIST_PAGE = 1000
+INLINE_BYTES = 256 << 10  # local page files up to this size are read on the event loop, not in a thread
 STALE_TRIES = 3  # reads of a page whose block was reused under them before one goes around the buffer
 FAILURE_MEMORY = 0.5  # seconds a page's final error is answered again without a new fetch
 
@@ -400,14 +401,19 @@ class DoraClient:
         return await self._workers.page(address, f.uri, status.version, status.size, index, page_size, run=run)
 
     async def _read_local(self, f: OpenFile, located: list[tuple[int, str, int, str]]) -> list[Piece]:
-        """Read located page files into one block, in a thread, each checked against its
-        checksum; keep their descriptors; the pieces of the leading pages that matched
-        (a missing or corrupt one is fetched over HTTP, where the worker checks it)."""
+        """Read located page files into one block (in a thread unless they are small),
+        each checked against its checksum; keep their descriptors; the pieces of the
+        leading pages that matched (a missing or corrupt one is fetched over HTTP, where
+        the worker checks it)."""
         if not located:
             return []
-        block = self.buffer.block(sum(size for _, _, size, _ in located))
+        total = sum(size for _, _, size, _ in located)
+        block = self.buffer.block(total)
         files = [(path, size, checksum) for _, path, size, checksum in located]
-        fds = await trio.to_thread.run_sync(LocalPages.read_block, block.data, files)
+        if total <= INLINE_BYTES:  # a small file: the thread hop would cost more than the copy
+            fds = LocalPages.read_block(block.data, files)
+        else:
+            fds = await trio.to_thread.run_sync(LocalPages.read_block, block.data, files)
         pieces = []
         at = 0
         for (index, _, size, _), fd in zip(located, fds):
