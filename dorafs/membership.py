@@ -292,13 +292,15 @@ async def heartbeat_loop(registry: str, info: WorkerInfo, interval: float, *,
     url = registry_url(registry)
     http = httpx.AsyncClient(timeout=httpx.Timeout(max(interval, 1.0) + REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT),
                              **(credentials or Credentials()).httpx_options())
-    registered = started = warned_ttl = False
+    registered = registering = started = warned_ttl = False
     outage = Outage(f"registry {url}")
     try:
         while True:
             try:
                 if not registered:
+                    registering = True  # cancelled while this is in flight, the registry may still take it
                     response = await http.post(f"{url}/v1/workers", json=info.to_dict())
+                    registering = False
                     if response.status_code == 200:
                         registered = True
                         ttl = float(response.json().get("ttl", 0))
@@ -327,7 +329,7 @@ async def heartbeat_loop(registry: str, info: WorkerInfo, interval: float, *,
             await trio.sleep(interval)
     finally:
         with trio.CancelScope(shield=True):
-            if registered:
+            if registered or registering:
                 with trio.move_on_after(DEREGISTER_TIMEOUT):
                     try:
                         await http.post(f"{url}/v1/deregister", json={"id": info.id})

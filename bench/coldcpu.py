@@ -1,0 +1,76 @@
+"""Where the CPU goes during a cold sequential read: the mount, its worker and the S3 server.
+
+    python3 bench/coldcpu.py [-o DORAFS_OPTIONS] [--repeat N]
+
+Needs the full dataset in s3rver (run `python3 bench/harness.py --full` once). Each pass
+mounts dorafs on an empty cache, reads the 1 GiB object with fio (256 KiB, one reader)
+and prints the throughput with the CPU seconds each process spent meanwhile: on two
+cores, their sum against twice the wall time tells whether the read is CPU-bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from procs import WORK, children  # noqa: E402
+from servers import S3rver  # noqa: E402
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().split(")")[-1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-o", dest="options", default="", help="extra -o options for the dorafs mount")
+    p.add_argument("--repeat", type=int, default=2)
+    args = p.parse_args()
+    work = WORK / "coldcpu"
+    work.mkdir(parents=True, exist_ok=True)
+    mnt, cache = work / "mnt", work / "cache"
+    mnt.mkdir(exist_ok=True)
+    server = S3rver(work)
+    try:
+        env = dict(os.environ) | server.env
+        print(f"{'pass':>4} {'MiB/s':>7} {'wall s':>7} {'mount':>7} {'worker':>7} {'s3rver':>7}  (CPU seconds)")
+        for n in range(args.repeat):
+            shutil.rmtree(cache, ignore_errors=True)
+            argv = [sys.executable, "-m", "dorafs.cli.main", "mount", "s3://bench/full", str(mnt), "--foreground",
+                    "--cache-dir", str(cache)] + (["-o", args.options] if args.options else [])
+            mount = subprocess.Popen(argv, env=env, stdout=open(work / "mount.log", "w"), stderr=subprocess.STDOUT)
+            try:
+                deadline = time.monotonic() + 30
+                while not os.path.ismount(mnt):
+                    if time.monotonic() > deadline or mount.poll() is not None:
+                        raise SystemExit(f"coldcpu: the mount did not start (see {work / 'mount.log'})")
+                    time.sleep(0.1)
+                worker = children(mount.pid)[0]
+                pids = {"mount": mount.pid, "worker": worker, "s3rver": server.proc.pid}
+                before = {k: cpu_seconds(v) for k, v in pids.items()}
+                out = subprocess.run(["fio", "--name=cold", f"--filename={mnt}/large/big.bin", "--rw=read",
+                                      "--bs=256k", "--ioengine=psync", "--output-format=json"],
+                                     capture_output=True, text=True, check=True)
+                spent = {k: cpu_seconds(v) - before[k] for k, v in pids.items()}
+                read = json.loads(out.stdout)["jobs"][0]["read"]
+                print(f"{n + 1:>4} {read['bw'] / 1024:>7.0f} {read['runtime'] / 1000:>7.2f} {spent['mount']:>7.2f} "
+                      f"{spent['worker']:>7.2f} {spent['s3rver']:>7.2f}", flush=True)
+            finally:
+                mount.terminate()
+                mount.wait(30)
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
