@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 
 import pyfuse3
 import trio
@@ -184,16 +185,11 @@ async def set_read_ahead(mountpoint: str, kib: int) -> None:
     try:
         device = (await trio.to_thread.run_sync(os.stat, mountpoint)).st_dev
         path = f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb"
-        await trio.to_thread.run_sync(_write_text, path, f"{kib}\n")
+        await trio.to_thread.run_sync(Path(path).write_text, f"{kib}\n")
     except OSError as exc:
         log.info("kernel readahead of %s left at its default: %s", mountpoint, exc)
     else:
         log.info("kernel readahead of %s set to %d KiB", mountpoint, kib)
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
 
 
 async def root_status(client: DoraClient, root_uri: str) -> FileStatus:

@@ -53,8 +53,9 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
     async def allowed_uri(req: Request) -> str:
         return await roots.check(check_uri(req.arg("uri")))
 
-    @server.route("GET", "/v1/page")
-    async def page(req: Request) -> Response:
+    async def page_args(req: Request) -> tuple[str, str, int, int]:
+        """uri, version, size and index of a page request, checked (a page size, when
+        given, must be this worker's)."""
         uri = await allowed_uri(req)
         version = check_version(req.arg("version"))
         size = req.int_arg("size")
@@ -62,6 +63,11 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
         page_size = req.int_arg("page_size", service.config.page_size, minimum=1)
         if page_size != service.config.page_size:
             raise InvalidRequest(f"page size {page_size} differs from this worker's {service.config.page_size}")
+        return uri, version, size, index
+
+    @server.route("GET", "/v1/page")
+    async def page(req: Request) -> Response:
+        uri, version, size, index = await page_args(req)
         run = req.int_arg("run", 1, minimum=1)
         result = await service.page(uri, version, size, index, verify=req.query.get("verify") == "1", run=run)
         headers = {"X-Dorafs-Checksum": result.checksum, "X-Dorafs-Cache": "hit" if result.hit else "miss"}
@@ -79,14 +85,8 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
 
     @server.route("GET", "/v1/locate")
     async def locate(req: Request) -> Response:
-        uri = await allowed_uri(req)
-        version = check_version(req.arg("version"))
-        size = req.int_arg("size")
-        index = req.int_arg("index")
-        page_size = req.int_arg("page_size", service.config.page_size, minimum=1)
-        if page_size != service.config.page_size:
-            raise InvalidRequest(f"page size {page_size} differs from this worker's {service.config.page_size}")
-        count = min(req.int_arg("count", 1, minimum=1), MAX_RUN, page_count(size, page_size) - index)
+        uri, version, size, index = await page_args(req)
+        count = min(req.int_arg("count", 1, minimum=1), MAX_RUN, page_count(size, service.config.page_size) - index)
         pages = []
         for i in range(index, index + max(1, count)):  # the first fills the run, the others wait for it
             result = await service.page(uri, version, size, i, verify=False, run=count if i == index else 1)
