@@ -7,6 +7,7 @@ import os
 import re
 import time
 
+import httpx
 import pytest
 
 from tests.cluster import REPO
@@ -129,3 +130,49 @@ def test_open_of_a_grown_object_reads_past_the_kernels_old_size(procs, s3_server
     time.sleep(0.6)  # past the status TTL, far within the kernel's attribute timeout
     with open(mount.path("f.bin"), "rb") as f:
         assert f.read() == new
+
+
+def test_open_keeps_the_status_it_was_given_for_attr_timeout(procs, s3_server, bucket):
+    """Opening a file again within the mount's attr_timeout asks no worker for its status;
+    past it, the next open asks and pins the version the workers now know."""
+    s3 = s3_server.client()
+    s3.put_object(Bucket=bucket, Key="m/f.bin", Body=b"one")
+    worker = procs.worker()
+    mount = procs.mount(f"s3://{bucket}/m", workers=[worker.address], options="attr_timeout=1s")
+
+    def stat_requests() -> float:
+        return sum(v for k, v in worker.metrics().items()
+                   if k.startswith("dorafs_worker_metadata_requests_total{op=stat,"))
+
+    assert mount.path("f.bin").read_bytes() == b"one"
+    asked = stat_requests()
+    for _ in range(5):
+        assert mount.path("f.bin").read_bytes() == b"one"
+    assert stat_requests() == asked
+    s3.put_object(Bucket=bucket, Key="m/f.bin", Body=b"two!")
+    response = httpx.post(f"http://{worker.address}/v1/invalidate", params={"uri": f"s3://{bucket}/m/f.bin"},
+                          timeout=10)
+    assert response.status_code == 200, response.text
+    time.sleep(1.3)  # past attr_timeout, far within status_ttl (300 s)
+    assert mount.path("f.bin").read_bytes() == b"two!"
+    assert stat_requests() > asked
+
+
+def test_a_read_that_finds_the_object_changed_makes_the_next_open_see_it(procs, s3_server, bucket):
+    """With TTLs of minutes, an ESTALE read is what tells the mount and the worker that the
+    status they keep is out of date: the next open pins the new version at once."""
+    s3 = s3_server.client()
+    old, new = os.urandom(3 * MiB), os.urandom(3 * MiB)
+    s3.put_object(Bucket=bucket, Key="c/f.bin", Body=old)
+    worker = procs.worker()
+    mount = procs.mount(f"s3://{bucket}/c", workers=[worker.address], options="readahead_pages=0")
+    fd = os.open(mount.path("f.bin"), os.O_RDONLY)
+    try:
+        assert os.pread(fd, 4096, 0) == old[:4096]
+        s3.put_object(Bucket=bucket, Key="c/f.bin", Body=new)
+        with pytest.raises(OSError) as info:
+            os.pread(fd, MiB, 2 * MiB)  # a page never read, of a version the UFS no longer has
+        assert info.value.errno == errno.ESTALE
+    finally:
+        os.close(fd)
+    assert mount.path("f.bin").read_bytes() == new

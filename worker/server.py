@@ -8,7 +8,8 @@
         then where their files are: {"pages": [{"index", "path", "size", "checksum"}]},
         consecutive from `index`, ending early at a page held only in memory; for
         short-circuit reads by a client on the same machine (dorafs/client/local.py)
-  GET /v1/stat?uri=[&ttl=&negative_ttl=]         FileStatus as JSON (404 if missing)
+  GET /v1/stat?uri=[&ttl=&negative_ttl=]         FileStatus as JSON (404 if missing), with "age":
+        seconds since it was read from the UFS (a mount keeps it until its TTL runs out)
   GET /v1/list?uri=&after=&limit=[&ttl=]         {"entries": [...], "next": name | null}
         ttl, negative_ttl: the caller's freshness in seconds (-1 never recheck, 0 always);
         the worker's configured TTLs apply when absent.
@@ -31,6 +32,7 @@ Every URI passes `worker.access` before anything reads it.
 
 from __future__ import annotations
 
+import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -98,9 +100,9 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
 
     @server.route("GET", "/v1/stat")
     async def stat(req: Request) -> Response:
-        status = await service.stat(await allowed_uri(req), ttl=_ttl(req, "ttl"),
-                                    negative_ttl=_ttl(req, "negative_ttl"))
-        return json_response(status.to_dict())
+        status, fetched = await service.stat_fetched(await allowed_uri(req), ttl=_ttl(req, "ttl"),
+                                                     negative_ttl=_ttl(req, "negative_ttl"))
+        return json_response({**status.to_dict(), "age": round(max(0.0, time.time() - fetched), 3)})
 
     @server.route("GET", "/v1/list")
     async def listing(req: Request) -> Response:

@@ -116,7 +116,11 @@ class WorkerService:
             finally:
                 self.metrics.bytes_served.inc(entry.size)
         run = max(1, min(run, MAX_RUN, page_count(size, self.config.page_size) - index))
-        result, shared = await self._page_flights.do(key, lambda: self._fill(key, uri, version, size, index, run))
+        try:
+            result, shared = await self._page_flights.do(key, lambda: self._fill(key, uri, version, size, index, run))
+        except StaleVersion:  # the status cached here names a version the UFS no longer has
+            await self.invalidate(uri)
+            raise
         self.metrics.page_requests.labels("shared" if shared else "miss").inc()
         self.metrics.bytes_served.inc(result.size)
         return result
@@ -251,6 +255,12 @@ class WorkerService:
 
     async def stat(self, uri: str, ttl: float | None = None, negative_ttl: float | None = None) -> FileStatus:
         """Status from memory, then disk, then the parent's listing held here, then the UFS."""
+        status, _ = await self.stat_fetched(uri, ttl, negative_ttl)
+        return status
+
+    async def stat_fetched(self, uri: str, ttl: float | None = None,
+                           negative_ttl: float | None = None) -> tuple[FileStatus, float]:
+        """The status as `stat` finds it, and the wall-clock time it was read from the UFS."""
         cached = self.meta.memory_status(uri)
         if cached is None:
             cached = await self.meta.disk_status(uri)
@@ -263,23 +273,23 @@ class WorkerService:
                 cached = None
         if cached is not None:
             self.metrics.metadata_requests.labels("stat", cached.level).inc()
-            return _found(uri, cached.status)
+            return _found(uri, cached.status), cached.fetched
         self.metrics.metadata_requests.labels("stat", "miss").inc()
         parent = parent_uri(uri)
         if parent:
             self._note_miss(parent)
 
-        async def fetch() -> FileStatus | None:
+        async def fetch() -> tuple[FileStatus | None, float]:
             fetched = time.time()
             try:
                 status = await self._ufs_call("stat", self.ufs.get(uri).stat, uri)
             except NotFound:
                 status = None
             await self.meta.put_status(uri, status, fetched)
-            return status
+            return status, fetched
 
-        status, _ = await self._meta_flights.do(("stat", uri), fetch)
-        return _found(uri, status)
+        (status, fetched), _ = await self._meta_flights.do(("stat", uri), fetch)
+        return _found(uri, status), fetched
 
     def _note_miss(self, directory: str) -> None:
         """Count a stat miss under `directory`; after LISTING_PREFETCH_AFTER of them, fetch

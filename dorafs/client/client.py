@@ -35,9 +35,10 @@ import trio
 
 from dorafs.client.buffer import PageBuffer, Piece, view
 from dorafs.client.local import LocalPages, Unreadable, is_loopback
+from dorafs.client.statuses import StatusMemo
 from dorafs.client.workers import WorkerClient
 from dorafs.config import MountConfig
-from dorafs.errors import DoraError, Unavailable
+from dorafs.errors import DoraError, NotFound, StaleVersion, Unavailable
 from dorafs.membership import Membership
 from dorafs.pages import page_count, plan
 from dorafs.ring import HashRing
@@ -91,6 +92,7 @@ class DoraClient:
         self.ring = HashRing()
         self.buffer = PageBuffer(config.buffer_size)
         self.stats = ClientStats()
+        self.statuses = StatusMemo(config.status_ttl, config.attr_timeout)
         self._workers = WorkerClient(timeout=config.worker_timeout, connect_timeout=config.connect_timeout,
                                      credentials=credentials)
         self._flights = SingleFlight()
@@ -183,12 +185,20 @@ class DoraClient:
     # -- metadata ---------------------------------------------------------------------
 
     async def stat(self, uri: str) -> FileStatus:
+        """The status of `uri`: kept by this mount (see statuses.py), else from its owner,
+        else from the UFS."""
+        now = trio.current_time()
+        status = self.statuses.get(uri, now)
+        if status is not None:
+            return status
         try:
-            return await self._route(uri, lambda address: self._workers.stat(
+            status, age = await self._route(uri, lambda address: self._workers.stat(
                 address, uri, ttl=self.config.status_ttl, negative_ttl=self.config.negative_ttl))
         except Unavailable:
             self.stats.ufs_fallback_metadata += 1
-            return await self.ufs.get(uri).stat(uri)
+            status, age = await self.ufs.get(uri).stat(uri), 0.0
+        self.statuses.put(uri, status, age, now)
+        return status
 
     async def list_pages(self, uri: str) -> AsyncIterator[list[FileStatus]]:
         """A directory's entries a page at a time, from its owner (or the UFS)."""
@@ -219,8 +229,10 @@ class DoraClient:
         bound how long it may serve the old entry. `recursive` (a directory renamed or
         removed) asks every worker, since the paths under `uri` hash anywhere. `pages`
         drops the pages of the version the owner knew too (they would never be served
-        again: a new version has new page ids; this frees their space at once).
+        again: a new version has new page ids; this frees their space at once). This
+        mount forgets the statuses it kept of them first.
         """
+        self.statuses.forget(uri, recursive=recursive)
         if recursive:
             for info in list(self.membership.workers.values()):
                 try:
@@ -360,6 +372,8 @@ class DoraClient:
         try:
             data, _ = await self._flights.do(key, lambda: self._fetch(f, index, run))
         except DoraError as exc:
+            if isinstance(exc, (StaleVersion, NotFound)):  # the next open asks for the current version
+                self.statuses.forget(f.uri)
             if len(self._failed) > 1024:
                 self._failed.clear()
             self._failed[key] = (trio.current_time() + FAILURE_MEMORY, exc)

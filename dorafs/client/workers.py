@@ -74,9 +74,12 @@ class WorkerClient:
         pages = json.loads(response.body)["pages"]
         return [(p["index"], p["path"], p["size"], p["checksum"]) for p in pages]
 
-    async def stat(self, address: str, uri: str, **ttls: float) -> FileStatus:
+    async def stat(self, address: str, uri: str, **ttls: float) -> tuple[FileStatus, float | None]:
+        """The status and its age (seconds since the worker read it from the UFS)."""
         response = await self._get(address, "/v1/stat", {"uri": uri, **ttls})
-        return FileStatus.from_dict(json.loads(response.body))
+        body = json.loads(response.body)
+        age = body.get("age")
+        return FileStatus.from_dict(body), None if age is None else float(age)
 
     async def list_page(self, address: str, uri: str, after: str, limit: int,
                         **ttls: float) -> tuple[list[FileStatus], str | None]:
