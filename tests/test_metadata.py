@@ -261,3 +261,32 @@ def test_a_stat_scan_prefetches_the_directory_listing(s3_server, bucket, procs: 
         assert stat(worker, f"s3://{bucket}/scan/f{i:02d}").json()["size"] == i
     assert stat(worker, f"s3://{bucket}/scan/absent").status_code == 404
     assert ufs_calls(worker, "stat") == calls and ufs_calls(worker, "list") == 1
+
+
+def test_a_mount_opening_files_by_name_lists_their_directory_ahead(s3_server, bucket, procs: ProcessSet):
+    """A mount that misses the status of eight files of one directory fetches that
+    directory's listing once, and opens the rest of its files without a status request."""
+    from tests.support import free_port
+
+    s3 = s3_server.client()
+    for i in range(40):
+        s3.put_object(Bucket=bucket, Key=f"ms/f{i:02d}", Body=bytes([i]) * (i + 1))
+    worker = procs.worker()
+    port = free_port()
+    mount = procs.mount(f"s3://{bucket}/ms", workers=[worker.address], options=f"metrics_listen=127.0.0.1:{port}")
+
+    def mount_counter(name: str) -> float:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        return sum(float(line.split()[1]) for line in text.splitlines() if line.startswith(name + " "))
+
+    for i in range(8):
+        assert mount.path(f"f{i:02d}").read_bytes() == bytes([i]) * (i + 1)
+    wait_for(lambda: mount_counter("dorafs_mount_listing_prefetches_total") == 1, what="the mount's prefetch")
+    asked = sum(levels(worker, "stat").values())
+    kept = mount_counter("dorafs_mount_statuses_kept_total")
+    for i in range(8, 40):
+        assert mount.path(f"f{i:02d}").read_bytes() == bytes([i]) * (i + 1)
+    assert sum(levels(worker, "stat").values()) == asked
+    assert mount_counter("dorafs_mount_statuses_kept_total") >= kept + 2 * 32  # lookup and open of each
+    assert not mount.path("absent").exists()  # a name the listing lacks is still asked about
+    assert sum(levels(worker, "stat").values()) == asked + 1

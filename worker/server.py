@@ -10,7 +10,7 @@
         short-circuit reads by a client on the same machine (dorafs/client/local.py)
   GET /v1/stat?uri=[&ttl=&negative_ttl=]         FileStatus as JSON (404 if missing), with "age":
         seconds since it was read from the UFS (a mount keeps it until its TTL runs out)
-  GET /v1/list?uri=&after=&limit=[&ttl=]         {"entries": [...], "next": name | null}
+  GET /v1/list?uri=&after=&limit=[&ttl=]         {"entries": [...], "next": name | null, "age": seconds}
         ttl, negative_ttl: the caller's freshness in seconds (-1 never recheck, 0 always);
         the worker's configured TTLs apply when absent.
   POST /v1/invalidate?uri=&recursive=0|1&pages=0|1|changed
@@ -108,8 +108,9 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
     async def listing(req: Request) -> Response:
         uri = await allowed_uri(req)
         limit = min(req.int_arg("limit", 1000, minimum=1), MAX_LIST_LIMIT)
-        entries, after = await service.list_page(uri, req.query.get("after", ""), limit, ttl=_ttl(req, "ttl"))
-        return json_response({"entries": [e.to_dict() for e in entries], "next": after})
+        entries, after, fetched = await service.list_page(uri, req.query.get("after", ""), limit, ttl=_ttl(req, "ttl"))
+        return json_response({"entries": [e.to_dict() for e in entries], "next": after,
+                              "age": round(max(0.0, time.time() - fetched), 3)})
 
     @server.route("POST", "/v1/invalidate")
     async def invalidate(req: Request) -> Response:

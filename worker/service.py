@@ -20,6 +20,7 @@ from dorafs.config import WorkerConfig
 from dorafs.errors import CacheFull, InvalidRequest, NotADirectory, NotFound, StaleVersion, Unavailable
 from dorafs.notify import notify
 from dorafs.pages import object_id, page_count, page_length
+from dorafs.scans import ListingPrefetch
 from dorafs.singleflight import SingleFlight
 from dorafs.ufs import FileStatus, UfsSet
 from dorafs.ufs.base import parent as parent_uri
@@ -54,8 +55,7 @@ class WorkerService:
         self._meta_flights = SingleFlight()
         self._file_limiter = trio.CapacityLimiter(8)  # verification reads off the loop
         self.background: trio.Nursery | None = None  # set by the daemon: background fills
-        self._dir_misses: dict[str, int] = {}  # stat misses per directory, for listing prefetch
-        self._prefetching: set[str] = set()
+        self._scans = ListingPrefetch(self._prefetch_listing)  # stat misses per directory -> its listing
         self.health: str | None = None  # why caching is degraded (None: it works)
 
     async def start(self) -> None:
@@ -277,7 +277,7 @@ class WorkerService:
         self.metrics.metadata_requests.labels("stat", "miss").inc()
         parent = parent_uri(uri)
         if parent:
-            self._note_miss(parent)
+            self._scans.miss(parent, self.background)  # the rest of a scan: from one listing
 
         async def fetch() -> tuple[FileStatus | None, float]:
             fetched = time.time()
@@ -291,37 +291,14 @@ class WorkerService:
         (status, fetched), _ = await self._meta_flights.do(("stat", uri), fetch)
         return _found(uri, status), fetched
 
-    def _note_miss(self, directory: str) -> None:
-        """Count a stat miss under `directory`; after LISTING_PREFETCH_AFTER of them, fetch
-        its listing in the background, so the rest of a scan (`stat` of every file, a
-        loader opening files by name) is answered from one listing instead of one UFS
-        stat per file. Bounded: two prefetches at a time, and the counts are dropped
-        wholesale when they name too many directories.
-        """
-        misses = self._dir_misses.get(directory, 0) + 1
-        if misses < LISTING_PREFETCH_AFTER:
-            if len(self._dir_misses) >= 10_000:
-                self._dir_misses.clear()
-            self._dir_misses[directory] = misses
-            return
-        self._dir_misses.pop(directory, None)
-        if self.background is None or directory in self._prefetching or len(self._prefetching) >= 2:
-            return
-        self._prefetching.add(directory)
-        self.background.start_soon(self._prefetch_listing, directory)
-
     async def _prefetch_listing(self, directory: str) -> None:
-        try:
-            await self._meta_flights.do(("list", directory), lambda: self._fill_listing(directory))
-            self.metrics.listing_prefetches.inc()
-        except Exception as exc:  # a prefetch is an optimisation: the stats go on without it
-            log.info("listing prefetch of %s failed: %s", directory, exc)
-        finally:
-            self._prefetching.discard(directory)
+        await self._meta_flights.do(("list", directory), lambda: self._fill_listing(directory))
+        self.metrics.listing_prefetches.inc()
 
     async def list_page(self, uri: str, after: str, limit: int,
-                        ttl: float | None = None) -> tuple[list[FileStatus], str | None]:
-        """Up to `limit` entries named after `after`, and the cursor for the next page.
+                        ttl: float | None = None) -> tuple[list[FileStatus], str | None, float]:
+        """Up to `limit` entries named after `after`, the cursor for the next page, and
+        the wall-clock time the listing was read from the UFS.
 
         Freshness is checked when a reader starts (`after` empty); a reader part-way
         through keeps paging the current listing even if it has aged meanwhile.
@@ -339,7 +316,7 @@ class WorkerService:
             raise Unavailable(f"the metadata store cannot read the listing of {uri}: {exc}") from None
         more = len(entries) > limit
         entries = entries[:limit]
-        return entries, (entries[-1].name if more and entries else None)
+        return entries, (entries[-1].name if more and entries else None), listing.fetched
 
     async def _fill_listing(self, uri: str) -> Listing:
         """Stream a listing from the UFS into the store, a UFS page at a time.
@@ -409,7 +386,6 @@ class WorkerService:
 
 
 MAX_RUN = 16  # pages one UFS read may fill for a sequential reader
-LISTING_PREFETCH_AFTER = 8  # stat misses in one directory before its listing is prefetched
 
 
 def _within(fetched: float, ttl: float) -> bool:

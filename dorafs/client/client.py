@@ -42,10 +42,11 @@ from dorafs.errors import DoraError, NotFound, StaleVersion, Unavailable
 from dorafs.membership import Membership
 from dorafs.pages import page_count, plan
 from dorafs.ring import HashRing
+from dorafs.scans import ListingPrefetch
 from dorafs.routing import build_routing
 from dorafs.security import Credentials
 from dorafs.singleflight import SingleFlight
-from dorafs.ufs import FileStatus, UfsSet
+from dorafs.ufs import FileStatus, UfsSet, join
 from dorafs.ufs.base import parent as parent_uri
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ class DoraClient:
         self.buffer = PageBuffer(config.buffer_size)
         self.stats = ClientStats()
         self.statuses = StatusMemo(config.status_ttl, config.attr_timeout)
+        self.scans = ListingPrefetch(self._list_ahead)
         self._workers = WorkerClient(timeout=config.worker_timeout, connect_timeout=config.connect_timeout,
                                      credentials=credentials)
         self._flights = SingleFlight()
@@ -186,11 +188,14 @@ class DoraClient:
 
     async def stat(self, uri: str) -> FileStatus:
         """The status of `uri`: kept by this mount (see statuses.py), else from its owner,
-        else from the UFS."""
+        else from the UFS. Misses in one directory soon bring its whole listing (scans.py)."""
         now = trio.current_time()
         status = self.statuses.get(uri, now)
         if status is not None:
             return status
+        parent = parent_uri(uri)
+        if parent:
+            self.scans.miss(parent, self._nursery)
         try:
             status, age = await self._route(uri, lambda address: self._workers.stat(
                 address, uri, ttl=self.config.status_ttl, negative_ttl=self.config.negative_ttl))
@@ -201,11 +206,13 @@ class DoraClient:
         return status
 
     async def list_pages(self, uri: str) -> AsyncIterator[list[FileStatus]]:
-        """A directory's entries a page at a time, from its owner (or the UFS)."""
+        """A directory's entries a page at a time, from its owner (or the UFS). The
+        mount keeps their statuses as it keeps those of `stat`."""
         after = ""
         while True:
+            now = trio.current_time()
             try:
-                entries, after_next = await self._route(
+                entries, after_next, age = await self._route(
                     uri, lambda address: self._workers.list_page(address, uri, after, LIST_PAGE,
                                                                  ttl=self.config.listing_ttl))
             except Unavailable:
@@ -213,13 +220,26 @@ class DoraClient:
                 async for page in self.ufs.get(uri).list_pages(uri):
                     page = [e for e in page if e.name > after] if after else page
                     if page:
+                        self._keep_listed(uri, page, 0.0, trio.current_time())
                         yield page
                 return
             if entries:
+                self._keep_listed(uri, entries, age, now)
                 yield entries
             if after_next is None:
                 return
             after = after_next
+
+    def _keep_listed(self, uri: str, entries: list[FileStatus], age: float | None, now: float) -> None:
+        for entry in entries:
+            self.statuses.put(join(uri, entry.name), entry, age, now)
+
+    async def _list_ahead(self, uri: str) -> None:
+        """Fetch a listing for the statuses it brings (list_pages keeps them)."""
+        pages = 0
+        async for _ in self.list_pages(uri):
+            pages += 1
+        log.debug("listed %s ahead of a scan: %d pages", uri, pages)
 
     async def invalidate(self, uri: str, *, recursive: bool = False, pages: bool = False) -> None:
         """Make the workers forget `uri` after it changed through this mount.

@@ -82,10 +82,13 @@ class WorkerClient:
         return FileStatus.from_dict(body), None if age is None else float(age)
 
     async def list_page(self, address: str, uri: str, after: str, limit: int,
-                        **ttls: float) -> tuple[list[FileStatus], str | None]:
+                        **ttls: float) -> tuple[list[FileStatus], str | None, float | None]:
+        """Entries, the cursor for the next page, and the listing's age (seconds since the
+        worker read it from the UFS)."""
         response = await self._get(address, "/v1/list", {"uri": uri, "after": after, "limit": limit, **ttls})
         body = json.loads(response.body)
-        return [FileStatus.from_dict(e) for e in body["entries"]], body.get("next")
+        age = body.get("age")
+        return [FileStatus.from_dict(e) for e in body["entries"]], body.get("next"), None if age is None else float(age)
 
     async def invalidate(self, address: str, uri: str, *, recursive: bool = False,
                          pages: bool | str = False) -> dict:

@@ -49,6 +49,12 @@ class ClientCollector:
         yield CounterMetricFamily("dorafs_mount_short_circuit_pages",
                                   "Pages read from a local worker's page file instead of over HTTP",
                                   value=stats.short_circuit_pages)
+        yield CounterMetricFamily("dorafs_mount_statuses_kept",
+                                  "Statuses answered from those the mount keeps, without asking a worker",
+                                  value=self.client.statuses.hits)
+        yield CounterMetricFamily("dorafs_mount_listing_prefetches",
+                                  "Directory listings fetched ahead after repeated status misses in them",
+                                  value=self.client.scans.started)
         hits = CounterMetricFamily("dorafs_mount_buffer_lookups", "Page buffer lookups", labels=["result"])
         hits.add_metric(["hit"], buffer["hits"])
         hits.add_metric(["miss"], buffer["misses"])

@@ -1,0 +1,55 @@
+"""Seeing a scan coming: stat misses in one directory, then its listing in one go.
+
+A program that stats or opens every file of a directory by name (`find`, `ls -l` on
+some systems, a data loader with a list of files) costs one status request per file.
+One listing answers all of them: after `after` misses in one directory, its listing is
+fetched in the background, and the rest of the scan is answered from it. Workers use
+this in front of the UFS; mounts in front of the workers.
+
+Bounded: `at_once` listings at a time, and the counts are dropped wholesale when they
+name too many directories.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import trio
+
+log = logging.getLogger(__name__)
+
+
+class ListingPrefetch:
+    def __init__(self, fetch: Callable[[str], Awaitable[object]], *, after: int = 8, at_once: int = 2,
+                 max_directories: int = 10_000):
+        self._fetch = fetch
+        self.after = after
+        self.at_once = at_once
+        self.max_directories = max_directories
+        self._misses: dict[str, int] = {}
+        self._running: set[str] = set()
+        self.started = 0
+
+    def miss(self, directory: str, nursery: trio.Nursery | None) -> None:
+        """Count a status miss under `directory`; start its listing once there are enough."""
+        misses = self._misses.get(directory, 0) + 1
+        if misses < self.after:
+            if len(self._misses) >= self.max_directories:
+                self._misses.clear()
+            self._misses[directory] = misses
+            return
+        self._misses.pop(directory, None)
+        if nursery is None or directory in self._running or len(self._running) >= self.at_once:
+            return
+        self._running.add(directory)
+        self.started += 1
+        nursery.start_soon(self._run, directory)
+
+    async def _run(self, directory: str) -> None:
+        try:
+            await self._fetch(directory)
+        except Exception as exc:  # an optimisation: the status requests go on without it
+            log.info("listing prefetch of %s failed: %s", directory, exc)
+        finally:
+            self._running.discard(directory)
