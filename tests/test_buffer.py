@@ -41,6 +41,21 @@ def test_pieces_of_one_block_read_as_one_slice_and_go_stale_when_it_is_reused():
     assert not reused[0].follows(first[3])
 
 
+def test_a_block_whose_pages_were_all_read_is_reused_before_the_buffer_is_full():
+    """A sequential reader discards the pages it has read: the next run takes their
+    block at once, though the buffer has room for many more."""
+    buffer = PageBuffer(capacity=64 * 16)
+    first = fill_run(buffer, 0, 4, 16)
+    for i in range(3):
+        buffer.discard(("f", i))
+    assert buffer.used == 4 * 16 and ("f", 3) in buffer  # one piece left: the block stays whole
+    buffer.discard(("f", 3))
+    buffer.discard(("f", 3))  # twice: no effect
+    assert buffer.used == 0 and len(buffer) == 0
+    assert fill_run(buffer, 4, 4, 16)[0].block is first[0].block
+    assert view(first[0]) is None
+
+
 def test_a_small_run_does_not_take_a_big_free_block():
     buffer = PageBuffer(capacity=4 * 16)
     big = fill_run(buffer, 0, 4, 16)[0].block

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Hashable
 
-FREE_BLOCKS = 4  # idle blocks kept for reuse
+FREE_BLOCKS = 8  # idle blocks kept for reuse: one per readahead run in flight (client.MAX_PREFETCH / RUN_PAGES)
 
 
 class Block:
@@ -72,6 +72,9 @@ class PageBuffer:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._pages
 
+    def __len__(self) -> int:
+        return len(self._pages)
+
     def get(self, key: Hashable) -> Page | None:
         data = self._pages.get(key)
         if data is None:
@@ -98,6 +101,12 @@ class PageBuffer:
         self._pages[key] = data
         while self.used > self.capacity and self._pages:
             self._let_go(self._pages.popitem(last=False)[1])
+
+    def discard(self, key: Hashable) -> None:
+        """Drop a page that will not be read again (its block is reused once all its pages are)."""
+        data = self._pages.pop(key, None)
+        if data is not None:
+            self._let_go(data)
 
     def _let_go(self, data: Page) -> None:
         if not isinstance(data, Piece):

@@ -26,6 +26,7 @@ page buffer, the window doubling up to `readahead_pages`.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from dorafs.client.workers import WorkerClient
 from dorafs.config import MountConfig
 from dorafs.errors import DoraError, NotFound, StaleVersion, Unavailable
 from dorafs.membership import Membership
-from dorafs.pages import page_count, plan
+from dorafs.pages import page_count, page_length, plan
 from dorafs.ring import HashRing
 from dorafs.scans import ListingPrefetch
 from dorafs.routing import build_routing
@@ -105,7 +106,7 @@ class DoraClient:
         self._suspect_for: dict[str, float] = {}  # current skip period of a failing worker
         self._ring_addresses: set[str] = set()
         self._prefetching = 0  # pages scheduled by readahead and not yet fetched
-        self._scheduled: set[tuple] = set()  # their keys
+        self._scheduled: dict[tuple, trio.Event] = {}  # their keys -> set when their run is done
         self._nursery: trio.Nursery | None = None
         membership.add_listener(self._rebuild_ring)
 
@@ -281,13 +282,30 @@ class DoraClient:
         read is one `pread` of a verified local page file, or is assembled in one buffer,
         each part read or copied straight into it.
         """
-        page_size = self.page_size
-        spans = plan(offset, length, f.status.size, page_size)
+        spans = plan(offset, length, f.status.size, self.page_size)
         if not spans:
             return b""
+        sequential = offset == f.next_offset
         self._readahead(f, offset, offset + length, spans[-1].index)
-        if len(spans) == 1:
-            return await self._span(f, spans[0])
+        data = await self._span(f, spans[0]) if len(spans) == 1 else await self._spans(f, spans)
+        if sequential:
+            self._consumed(f, spans)
+        return data
+
+    def _consumed(self, f: OpenFile, spans) -> None:
+        """A sequential reader has read these pages to their end: it will not ask for
+        them again (the kernel keeps what it read), so their buffer space goes to the
+        pages coming next, and a block read ahead is reused as soon as it has been read,
+        instead of fresh memory being faulted in for every run. The bytes just returned
+        stay valid: pyfuse3 copies them into the kernel before anything else runs."""
+        size, page_size = f.status.size, self.page_size
+        for span in spans:
+            if span.end == page_length(span.index, size, page_size):
+                self.buffer.discard(self._key(f, span.index))
+
+    async def _spans(self, f: OpenFile, spans) -> bytearray | memoryview:
+        """A read across pages: one slice of a block when they were read together, else
+        assembled in one buffer."""
         held = [self.buffer.get(self._key(f, span.index)) for span in spans]
         if all(isinstance(piece, Piece) for piece in held) and all(
                 later.follows(earlier) for earlier, later in zip(held, held[1:])):
@@ -355,37 +373,49 @@ class DoraClient:
         count = min(last_page - start + 1, MAX_PREFETCH - self._prefetching)
         for first in range(start, start + count, RUN_PAGES):  # runs fetched side by side
             keys = [self._key(f, i) for i in range(first, min(start + count, first + RUN_PAGES))]
-            self._scheduled.update(keys)
+            done = trio.Event()
+            self._scheduled.update((key, done) for key in keys)
             self._prefetching += len(keys)
-            self._nursery.start_soon(self._prefetch_run, f, first, keys)
+            self._nursery.start_soon(self._prefetch_run, f, first, keys, done)
 
     def _coming(self, f: OpenFile, index: int) -> bool:
         key = self._key(f, index)
         return key in self.local or key in self.buffer or key in self._flights or key in self._scheduled
 
-    async def _prefetch_run(self, f: OpenFile, start: int, keys: list[tuple]) -> None:
+    async def _prefetch_run(self, f: OpenFile, start: int, keys: list[tuple], done: trio.Event) -> None:
         try:
-            await self._page(f, start, run=len(keys))
+            await self._page(f, start, run=len(keys), ahead=True)
             async with trio.open_nursery() as nursery:  # what the run did not bring (remote workers)
                 for i in range(start + 1, start + len(keys)):
-                    nursery.start_soon(self._page, f, i)
+                    nursery.start_soon(partial(self._page, f, i, ahead=True))
         except Exception as exc:  # the reader will hit (and report) the same error itself
             log.debug("readahead of pages %d+%d of %s failed: %s", start, len(keys), f.uri, exc)
         finally:
-            self._scheduled.difference_update(keys)
+            for key in keys:
+                if self._scheduled.get(key) is done:
+                    del self._scheduled[key]
             self._prefetching -= len(keys)
+            done.set()
 
     def _key(self, f: OpenFile, index: int) -> tuple:
         return (f.uri, f.status.version, self.page_size, index)
 
-    async def _page(self, f: OpenFile, index: int, run: int = 1) -> bytes | bytearray | Piece:
+    async def _page(self, f: OpenFile, index: int, run: int = 1, ahead: bool = False) -> bytes | bytearray | Piece:
         """A whole page, buffered: from the buffer or a fetch (single-flight per page).
 
-        `run` > 1 lets the fetch bring the following pages of the run too."""
+        `run` > 1 lets the fetch bring the following pages of the run too. A reader
+        that asks for a page of a run being read ahead waits for that run rather than
+        fetching the page a second time (`ahead`: the run's own fetches)."""
         key = self._key(f, index)
         data = self.buffer.get(key)
         if data is not None:
             return data
+        pending = None if ahead else self._scheduled.get(key)
+        if pending is not None:
+            await pending.wait()
+            data = self.buffer.get(key)
+            if data is not None:
+                return data
         failed = self._failed.get(key)
         if failed is not None and failed[0] > trio.current_time():
             raise failed[1]  # the kernel retries a failed readahead at once: same answer, no new wait
