@@ -7,12 +7,14 @@ fetched in the background, and the rest of the scan is answered from it. Workers
 this in front of the UFS; mounts in front of the workers.
 
 Bounded: `at_once` listings at a time, and the counts are dropped wholesale when they
-name too many directories.
+name too many directories. With `again_after`, a directory is listed ahead at most once
+in that many seconds (a mount: its statuses are kept that long anyway).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -22,13 +24,15 @@ log = logging.getLogger(__name__)
 
 class ListingPrefetch:
     def __init__(self, fetch: Callable[[str], Awaitable[object]], *, after: int = 8, at_once: int = 2,
-                 max_directories: int = 10_000):
+                 max_directories: int = 10_000, again_after: float | None = None):
         self._fetch = fetch
         self.after = after
         self.at_once = at_once
         self.max_directories = max_directories
+        self.again_after = again_after
         self._misses: dict[str, int] = {}
         self._running: set[str] = set()
+        self._listed: dict[str, float] = {}  # directory -> when it was last listed ahead (again_after)
         self.started = 0
 
     def miss(self, directory: str, nursery: trio.Nursery | None) -> None:
@@ -42,6 +46,13 @@ class ListingPrefetch:
         self._misses.pop(directory, None)
         if nursery is None or directory in self._running or len(self._running) >= self.at_once:
             return
+        if self.again_after is not None:
+            now = trio.current_time()
+            if now < self._listed.get(directory, -math.inf) + self.again_after:
+                return
+            if len(self._listed) >= self.max_directories:
+                self._listed.clear()
+            self._listed[directory] = now
         self._running.add(directory)
         self.started += 1
         nursery.start_soon(self._run, directory)

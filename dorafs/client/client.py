@@ -26,10 +26,10 @@ page buffer, the window doubling up to `readahead_pages`.
 from __future__ import annotations
 
 import logging
-from functools import partial
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TypeVar
 
 import trio
@@ -43,8 +43,8 @@ from dorafs.errors import DoraError, NotFound, StaleVersion, Unavailable
 from dorafs.membership import Membership
 from dorafs.pages import page_count, page_length, plan
 from dorafs.ring import HashRing
-from dorafs.scans import ListingPrefetch
 from dorafs.routing import build_routing
+from dorafs.scans import ListingPrefetch
 from dorafs.security import Credentials
 from dorafs.singleflight import SingleFlight
 from dorafs.ufs import FileStatus, UfsSet, join
@@ -59,6 +59,7 @@ MAX_CANDIDATES = 3  # workers tried for one request before the UFS
 MAX_PREFETCH = 48  # readahead pages in flight across the mount
 RUN_PAGES = 8  # pages per readahead run (one UFS read on a miss)
 LIST_PAGE = 1000
+LIST_AHEAD_ENTRIES = 16 * LIST_PAGE  # statuses a listing fetched ahead of a scan may bring
 INLINE_BYTES = 256 << 10  # local page files up to this size are read on the event loop, not in a thread
 STALE_TRIES = 3  # reads of a page whose block was reused under them before one goes around the buffer
 FAILURE_MEMORY = 0.5  # seconds a page's final error is answered again without a new fetch
@@ -95,7 +96,9 @@ class DoraClient:
         self.buffer = PageBuffer(config.buffer_size)
         self.stats = ClientStats()
         self.statuses = StatusMemo(config.status_ttl, config.attr_timeout)
-        self.scans = ListingPrefetch(self._list_ahead)
+        # A listing is fetched ahead once per status_ttl at most: within it, further
+        # misses mean a directory larger than the listing brought (LIST_AHEAD_ENTRIES).
+        self.scans = ListingPrefetch(self._list_ahead, again_after=max(config.status_ttl, 0.0))
         self._workers = WorkerClient(timeout=config.worker_timeout, connect_timeout=config.connect_timeout,
                                      credentials=credentials)
         self._flights = SingleFlight()
@@ -236,11 +239,15 @@ class DoraClient:
             self.statuses.put(join(uri, entry.name), entry, age, now)
 
     async def _list_ahead(self, uri: str) -> None:
-        """Fetch a listing for the statuses it brings (list_pages keeps them)."""
-        pages = 0
-        async for _ in self.list_pages(uri):
-            pages += 1
-        log.debug("listed %s ahead of a scan: %d pages", uri, pages)
+        """Fetch a listing for the statuses it brings (list_pages keeps them), up to
+        LIST_AHEAD_ENTRIES: the statuses kept are bounded, and a huge directory would
+        only push out what the scan still needs."""
+        entries = 0
+        async for page in self.list_pages(uri):
+            entries += len(page)
+            if entries >= LIST_AHEAD_ENTRIES:
+                break
+        log.debug("listed %s ahead of a scan: %d entries", uri, entries)
 
     async def invalidate(self, uri: str, *, recursive: bool = False, pages: bool = False) -> None:
         """Make the workers forget `uri` after it changed through this mount.
