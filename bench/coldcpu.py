@@ -1,11 +1,13 @@
 """Where the CPU goes during a cold sequential read: the mount, its worker and the S3 server.
 
-    python3 bench/coldcpu.py [-o DORAFS_OPTIONS] [--repeat N]
+    python3 bench/coldcpu.py [-o DORAFS_OPTIONS] [--repeat N] [--warm]
 
 Needs the full dataset in s3rver (run `python3 bench/harness.py --full` once). Each pass
 mounts dorafs on an empty cache, reads the 1 GiB object with fio (256 KiB, one reader)
 and prints the throughput with the CPU seconds each process spent meanwhile: on two
 cores, their sum against twice the wall time tells whether the read is CPU-bound.
+With `--warm`, the cache is filled once and kept: each pass is a fresh mount (and
+worker) over the full cache, as the harness's warm phase.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -35,6 +38,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-o", dest="options", default="", help="extra -o options for the dorafs mount")
     p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--warm", action="store_true", help="keep the cache: fill it once, then time warm remounts")
+    p.add_argument("--spy", metavar="FILE", help="record the mount and the worker in each timed pass with py-spy (raw, FILE.N.ROLE)")
     args = p.parse_args()
     work = WORK / "coldcpu"
     work.mkdir(parents=True, exist_ok=True)
@@ -44,8 +49,10 @@ def main() -> None:
     try:
         env = dict(os.environ) | server.env
         print(f"{'pass':>4} {'MiB/s':>7} {'wall s':>7} {'mount':>7} {'worker':>7} {'s3rver':>7}  (CPU seconds)")
-        for n in range(args.repeat):
-            shutil.rmtree(cache, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
+        for n in range(-1 if args.warm else 0, args.repeat):  # pass 0 of --warm fills the cache
+            if not args.warm:
+                shutil.rmtree(cache, ignore_errors=True)
             argv = [sys.executable, "-m", "dorafs.cli.main", "mount", "s3://bench/full", str(mnt), "--foreground",
                     "--cache-dir", str(cache)] + (["-o", args.options] if args.options else [])
             mount = subprocess.Popen(argv, env=env, stdout=open(work / "mount.log", "w"), stderr=subprocess.STDOUT)
@@ -57,13 +64,25 @@ def main() -> None:
                     time.sleep(0.1)
                 worker = children(mount.pid)[0]
                 pids = {"mount": mount.pid, "worker": worker, "s3rver": server.proc.pid}
+                spies = []
+                if args.spy and n >= 0:
+                    for role in ("mount", "worker"):
+                        spies.append(subprocess.Popen(
+                            ["py-spy", "record", "--pid", str(pids[role]), "--rate", "500", "--threads", "--format",
+                             "raw", "--output", f"{args.spy}.{n + 1}.{role}", "--nonblocking"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                    time.sleep(1)
                 before = {k: cpu_seconds(v) for k, v in pids.items()}
                 out = subprocess.run(["fio", "--name=cold", f"--filename={mnt}/large/big.bin", "--rw=read",
                                       "--bs=256k", "--ioengine=psync", "--output-format=json"],
                                      capture_output=True, text=True, check=True)
                 spent = {k: cpu_seconds(v) - before[k] for k, v in pids.items()}
+                for spy in spies:
+                    spy.send_signal(signal.SIGINT)
+                    spy.wait(30)
                 read = json.loads(out.stdout)["jobs"][0]["read"]
-                print(f"{n + 1:>4} {read['bw'] / 1024:>7.0f} {read['runtime'] / 1000:>7.2f} {spent['mount']:>7.2f} "
+                label = "fill" if n < 0 else str(n + 1)
+                print(f"{label:>4} {read['bw'] / 1024:>7.0f} {read['runtime'] / 1000:>7.2f} {spent['mount']:>7.2f} "
                       f"{spent['worker']:>7.2f} {spent['s3rver']:>7.2f}", flush=True)
             finally:
                 mount.terminate()

@@ -60,7 +60,6 @@ MAX_PREFETCH = 48  # readahead pages in flight across the mount
 RUN_PAGES = 8  # pages per readahead run (one UFS read on a miss)
 LIST_PAGE = 1000
 LIST_AHEAD_ENTRIES = 16 * LIST_PAGE  # statuses a listing fetched ahead of a scan may bring
-INLINE_BYTES = 256 << 10  # local page files up to this size are read on the event loop, not in a thread
 STALE_TRIES = 3  # reads of a page whose block was reused under them before one goes around the buffer
 FAILURE_MEMORY = 0.5  # seconds a page's final error is answered again without a new fetch
 
@@ -472,25 +471,31 @@ class DoraClient:
         return await self._workers.page(address, f.uri, status.version, status.size, index, page_size, run=run)
 
     async def _read_local(self, f: OpenFile, located: list[tuple[int, str, int, str]]) -> list[Piece]:
-        """Read located page files into one block (in a thread unless they are small),
-        each checked against its checksum; keep their descriptors; the pieces of the
-        leading pages that matched (a missing or corrupt one is fetched over HTTP, where
-        the worker checks it)."""
+        """Read located page files one after another into one block, each checked
+        against its checksum; keep their descriptors; the pieces of the leading pages
+        that matched (a missing or corrupt one is fetched over HTTP, where the worker
+        checks it).
+
+        On the event loop, with a checkpoint between pages: a page costs a copy from the
+        kernel's page cache and a hash (a fraction of a millisecond). Handing runs to a
+        thread measured slower (bench/README.md): the thread and the loop, which holds
+        the interpreter lock while pyfuse3 copies a reply into the kernel, wait on each
+        other."""
         if not located:
             return []
-        total = sum(size for _, _, size, _ in located)
-        block = self.buffer.block(total)
-        files = [(path, size, checksum) for _, path, size, checksum in located]
-        if total <= INLINE_BYTES:  # a small file: the thread hop would cost more than the copy
-            fds = LocalPages.read_block(block.data, files)
-        else:
-            fds = await trio.to_thread.run_sync(LocalPages.read_block, block.data, files)
+        block = self.buffer.block(sum(size for _, _, size, _ in located))
         pieces = []
         at = 0
-        for (index, _, size, _), fd in zip(located, fds):
-            self.local.keep(self._key(f, index), fd)
-            pieces.append(Piece(block, at, at + size))
-            at += size
+        with memoryview(block.data) as whole:
+            for index, path, size, checksum in located:
+                if pieces:
+                    await trio.lowlevel.checkpoint()
+                fd = LocalPages.read_page(whole[at:at + size], path, checksum)
+                if fd is None:
+                    break
+                self.local.keep(self._key(f, index), fd)
+                pieces.append(Piece(block, at, at + size))
+                at += size
         if not pieces:
             self.buffer.give(block)
         return pieces

@@ -71,42 +71,28 @@ class LocalPages:
         return len(self._open)
 
     @staticmethod
-    def read_block(block: bytearray, files: list[tuple[str, int, str]]) -> list[int]:
-        """Read page files (path, size, checksum) one after another into `block`.
+    def read_page(into: memoryview, path: str, checksum: str) -> int | None:
+        """Read a page file (path, checksum) into `into`, which is exactly its size.
 
-        Returns the open descriptors of the leading files whose bytes matched their
-        checksums; reading stops at the first file that is missing (evicted since the
-        worker answered) or corrupt. Touches nothing shared but `block`, which the caller
-        hands over for the call, so it runs in a thread: the copies and the hashing
-        leave the event loop free. Raises Unreadable when a file cannot be read at all.
+        Returns the open descriptor when its bytes matched the checksum; None when the
+        file is missing (evicted since the worker answered), shorter or corrupt. Raises
+        Unreadable when it cannot be read at all (another user's cache).
         """
-        fds: list[int] = []
-        at = 0
         try:
-            with memoryview(block) as whole:
-                for path, size, checksum in files:
-                    try:
-                        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                    except FileNotFoundError:
-                        break
-                    except OSError as exc:
-                        raise Unreadable(f"{path}: {exc.strerror}") from None
-                    part = whole[at:at + size]
-                    try:
-                        got = os.preadv(fd, [part], 0) if size else 0
-                    except OSError as exc:
-                        os.close(fd)
-                        raise Unreadable(f"{path}: {exc.strerror}") from None
-                    if got != size or xxhash.xxh3_64_hexdigest(part) != checksum:
-                        os.close(fd)
-                        break
-                    fds.append(fd)
-                    at += size
-        except BaseException:
-            for fd in fds:
-                os.close(fd)
-            raise
-        return fds
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise Unreadable(f"{path}: {exc.strerror}") from None
+        try:
+            got = os.preadv(fd, [into], 0) if len(into) else 0
+        except OSError as exc:
+            os.close(fd)
+            raise Unreadable(f"{path}: {exc.strerror}") from None
+        if got != len(into) or xxhash.xxh3_64_hexdigest(into) != checksum:
+            os.close(fd)
+            return None
+        return fd
 
     def keep(self, key: Hashable, fd: int) -> None:
         """Keep the descriptor of a verified page file (closing the least recent past the budget)."""
