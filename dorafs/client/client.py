@@ -35,7 +35,7 @@ from typing import TypeVar
 import trio
 
 from dorafs.client.buffer import PageBuffer, Piece, view
-from dorafs.client.local import LocalPages, Unreadable, is_loopback
+from dorafs.client.local import LocalPages, Unreadable, WouldBlock, is_loopback
 from dorafs.client.statuses import StatusMemo
 from dorafs.client.workers import WorkerClient
 from dorafs.config import MountConfig
@@ -476,11 +476,12 @@ class DoraClient:
         that matched (a missing or corrupt one is fetched over HTTP, where the worker
         checks it).
 
-        On the event loop, with a checkpoint between pages: a page costs a copy from the
-        kernel's page cache and a hash (a fraction of a millisecond). Handing runs to a
-        thread measured slower (bench/README.md): the thread and the loop, which holds
-        the interpreter lock while pyfuse3 copies a reply into the kernel, wait on each
-        other."""
+        On the event loop, with a checkpoint between pages, when the page is in the
+        kernel's page cache: then it costs a copy and a hash (a fraction of a
+        millisecond), and handing it to a thread measured slower (bench/README.md): the
+        thread and the loop, which holds the interpreter lock while pyfuse3 copies a
+        reply into the kernel, wait on each other. A page that must come from the disk
+        is read in a thread, so the loop never waits for the disk."""
         if not located:
             return []
         block = self.buffer.block(sum(size for _, _, size, _ in located))
@@ -490,7 +491,11 @@ class DoraClient:
             for index, path, size, checksum in located:
                 if pieces:
                     await trio.lowlevel.checkpoint()
-                fd = LocalPages.read_page(whole[at:at + size], path, checksum)
+                part = whole[at:at + size]
+                try:
+                    fd = LocalPages.read_page(part, path, checksum, wait=False)
+                except WouldBlock:
+                    fd = await trio.to_thread.run_sync(LocalPages.read_page, part, path, checksum)
                 if fd is None:
                     break
                 self.local.keep(self._key(f, index), fd)

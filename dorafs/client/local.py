@@ -22,6 +22,7 @@ since evicted still reads the same bytes.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 from collections import OrderedDict
@@ -42,6 +43,10 @@ def is_loopback(address: str) -> bool:
 
 class Unreadable(Exception):
     """The file cannot be opened or read by this process (not merely corrupt)."""
+
+
+class WouldBlock(Exception):
+    """The file is not (wholly) in the kernel's page cache: reading it would wait for the disk."""
 
 
 def descriptor_budget() -> int:
@@ -71,12 +76,14 @@ class LocalPages:
         return len(self._open)
 
     @staticmethod
-    def read_page(into: memoryview, path: str, checksum: str) -> int | None:
+    def read_page(into: memoryview, path: str, checksum: str, *, wait: bool = True) -> int | None:
         """Read a page file (path, checksum) into `into`, which is exactly its size.
 
         Returns the open descriptor when its bytes matched the checksum; None when the
         file is missing (evicted since the worker answered), shorter or corrupt. Raises
-        Unreadable when it cannot be read at all (another user's cache).
+        Unreadable when it cannot be read at all (another user's cache). With `wait`
+        false the read takes only what the kernel's page cache holds (RWF_NOWAIT) and
+        raises WouldBlock for a file that would have to come from the disk.
         """
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -85,9 +92,21 @@ class LocalPages:
         except OSError as exc:
             raise Unreadable(f"{path}: {exc.strerror}") from None
         try:
-            got = os.preadv(fd, [into], 0) if len(into) else 0
+            if not len(into):
+                got = 0
+            elif wait:
+                got = os.preadv(fd, [into], 0)
+            else:
+                got = os.preadv(fd, [into], 0, os.RWF_NOWAIT)
+                if got != len(into):  # partly cached, or shorter: decided by a waiting read
+                    raise WouldBlock(path)
+        except (BlockingIOError, WouldBlock):
+            os.close(fd)
+            raise WouldBlock(path) from None
         except OSError as exc:
             os.close(fd)
+            if not wait and exc.errno == errno.EOPNOTSUPP:  # a file system without RWF_NOWAIT
+                raise WouldBlock(path) from None
             raise Unreadable(f"{path}: {exc.strerror}") from None
         if got != len(into) or xxhash.xxh3_64_hexdigest(into) != checksum:
             os.close(fd)

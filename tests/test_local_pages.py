@@ -1,0 +1,57 @@
+"""Short-circuit reads of a local worker's page files: checked, and never waiting on the disk on the loop."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import xxhash
+
+from dorafs.client.local import LocalPages, WouldBlock
+
+
+def page_file(tmp_path, data: bytes, name: str = "page") -> tuple[str, str]:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return str(path), xxhash.xxh3_64_hexdigest(data)
+
+
+def drop_from_page_cache(path: str) -> bool:
+    """Ask the kernel to forget a clean file's cached pages; True if it did."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        try:
+            os.preadv(fd, [bytearray(4096)], 0, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return True
+        return False
+    finally:
+        os.close(fd)
+
+
+def test_a_page_file_is_read_whole_and_checked(tmp_path):
+    data = os.urandom(100_000)
+    path, checksum = page_file(tmp_path, data)
+    into = bytearray(len(data))
+    fd = LocalPages.read_page(memoryview(into), path, checksum, wait=False)  # just written: cached
+    assert fd is not None and into == data
+    os.close(fd)
+
+    assert LocalPages.read_page(memoryview(bytearray(len(data))), path, "0" * 16) is None  # corrupt
+    assert LocalPages.read_page(memoryview(bytearray(len(data) + 1)), path, checksum) is None  # shorter
+    assert LocalPages.read_page(memoryview(bytearray(10)), str(tmp_path / "gone"), checksum) is None  # evicted
+
+
+def test_a_page_file_on_the_disk_only_is_left_to_a_waiting_read(tmp_path):
+    data = os.urandom(1 << 20)
+    path, checksum = page_file(tmp_path, data)
+    if not drop_from_page_cache(path):
+        pytest.skip("this file system keeps the file in memory (tmpfs): nothing to wait for")
+    into = bytearray(len(data))
+    with pytest.raises(WouldBlock):
+        LocalPages.read_page(memoryview(into), path, checksum, wait=False)
+    fd = LocalPages.read_page(memoryview(into), path, checksum)  # what the mount then does in a thread
+    assert fd is not None and into == data
+    os.close(fd)
