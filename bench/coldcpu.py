@@ -1,4 +1,4 @@
-"""Where the CPU goes during a cold sequential read: the mount, its worker and the S3 server.
+"""Where the CPU goes during a sequential read, cold or warm: the mount, its worker and the S3 server.
 
     python3 bench/coldcpu.py [-o DORAFS_OPTIONS] [--repeat N] [--warm]
 

@@ -92,15 +92,8 @@ class LocalPages:
         except OSError as exc:
             raise Unreadable(f"{path}: {exc.strerror}") from None
         try:
-            if not len(into):
-                got = 0
-            elif wait:
-                got = os.preadv(fd, [into], 0)
-            else:
-                got = os.preadv(fd, [into], 0, os.RWF_NOWAIT)
-                if got != len(into):  # partly cached, or shorter: decided by a waiting read
-                    raise WouldBlock(path)
-        except (BlockingIOError, WouldBlock):
+            got = os.preadv(fd, [into], 0, 0 if wait else os.RWF_NOWAIT) if len(into) else 0
+        except BlockingIOError:
             os.close(fd)
             raise WouldBlock(path) from None
         except OSError as exc:
@@ -108,6 +101,9 @@ class LocalPages:
             if not wait and exc.errno == errno.EOPNOTSUPP:  # a file system without RWF_NOWAIT
                 raise WouldBlock(path) from None
             raise Unreadable(f"{path}: {exc.strerror}") from None
+        if not wait and got != len(into):  # partly cached, or shorter: a waiting read decides
+            os.close(fd)
+            raise WouldBlock(path)
         if got != len(into) or xxhash.xxh3_64_hexdigest(into) != checksum:
             os.close(fd)
             return None
