@@ -5,4 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec python3 scripts/demo.py "$@"
+export PATH="$PWD/.venv/bin:$PATH"
+exec .venv/bin/python scripts/demo.py "$@"

@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # Install what dorafs needs on a Debian machine, as root: the system packages (FUSE 3 and
-# what pyfuse3 builds against) and dorafs itself with its test extras. Safe to re-run.
+# what pyfuse3 builds against) and dorafs itself, with its test extras, into the project's
+# own virtual environment `.venv` at the repository root. Nothing goes into the system's
+# Python, so a package that happens to be installed there cannot hide a missing
+# dependency or a wrong version bound. Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+python=${PYTHON:-python3}
 packages=(fuse3 libfuse3-dev pkg-config gcc systemd fio)  # systemd: systemd-analyze for the unit tests; fio: write tests
 packages+=(etcd-server)  # the etcd membership backend's tests run a real 3-member cluster
-python3 -m pip --version >/dev/null 2>&1 || packages+=(python3-pip)
-python3 - <<'PY' 2>/dev/null || packages+=(python3-dev)
+# Debian splits venv and ensurepip out of its python3; a Python built elsewhere has them.
+"$python" -c "import venv, ensurepip" 2>/dev/null || packages+=(python3-venv)
+"$python" - <<'PY' 2>/dev/null || packages+=(python3-dev)
 import os, sysconfig, sys
 sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")) else 1)
 PY
@@ -25,15 +30,16 @@ if ((${#missing[@]})); then
   fi
 fi
 
-# Debian's own python3 refuses system-wide pip installs (PEP 668); this machine is ours.
-export PIP_BREAK_SYSTEM_PACKAGES=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-python3 -m pip install -q -e ".[test]" 2>&1 | grep -v -e "Running pip as the 'root' user" -e "is ignored: it is neither" || true
-python3 -c "import dorafs, worker, registry, pyfuse3" || { echo "setup: dorafs did not install" >&2; exit 1; }
+[[ -x .venv/bin/python ]] || { echo "setup: creating the virtual environment .venv" >&2; "$python" -m venv .venv; }
+venv=.venv/bin/python
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+quiet() { grep -v -e "Running pip as the 'root' user" -e "is ignored: it is neither" || true; }
+"$venv" -m pip install -q -e ".[test]" 2>&1 | quiet
+"$venv" -c "import dorafs, worker, registry, pyfuse3" || { echo "setup: dorafs did not install" >&2; exit 1; }
 # PyTorch for the checkpoint round-trip test: exactly this pin, a local CPU-only wheel
 # (any other spec would download gigabytes of CUDA libraries).
-python3 -c "import torch" 2>/dev/null || python3 -m pip install -q torch==2.13.0 2>&1 | grep -v "Running pip as the 'root' user" || true
+"$venv" -c "import torch" 2>/dev/null || "$venv" -m pip install -q torch==2.13.0 2>&1 | quiet
 
 # mount(8) runs /sbin/mount.<type> for `mount -t dorafs` and fstab lines: link the helper
-# there (the real script, whose first line names this Python, not a shell shim).
-scripts=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
-ln -sf "$scripts/mount.dorafs" /sbin/mount.dorafs
+# there (the real script, whose first line names the environment's Python, not a shim).
+ln -sf "$PWD/.venv/bin/mount.dorafs" /sbin/mount.dorafs

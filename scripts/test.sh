@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Set up (see setup.sh) and run the whole test suite against real processes.
+# Set up (see setup.sh) and run the whole test suite against real processes, in the
+# project's own virtual environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec python3 -m pytest -q "$@"
+export PATH="$PWD/.venv/bin:$PATH"
+exec .venv/bin/python -m pytest -q --durations=20 "$@"

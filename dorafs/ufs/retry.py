@@ -75,7 +75,7 @@ async def call_with_retries(policy: RetryPolicy, what: str, run: Callable[[], T]
         attempt += 1
         with trio.move_on_after(deadline - trio.current_time()) as scope:
             try:
-                return await trio.to_thread.run_sync(run, cancellable=True, limiter=limiter)
+                return await trio.to_thread.run_sync(run, abandon_on_cancel=True, limiter=limiter)
             except Exception as exc:
                 verdict = classify(exc)
                 if verdict is None or not verdict.retry:
