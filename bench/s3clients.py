@@ -1,0 +1,717 @@
+"""Which S3 client should fill pages: CPU and wall time per request, side by side.
+
+    .venv/bin/python bench/s3clients.py [--quick] [--rounds 3] [--servers s3rver,moto]
+
+Starts s3rver and moto's server on loopback (bench/servers.py), uploads test objects under
+`bench/s3clients/`, and for each client measures ranged GETs of 128 KiB and 8 MiB and
+HEADs, one request at a time and eight at once, on both servers:
+
+- `boto3`            get_object(Range=...) then Body.read(): what the worker does today
+- `boto3-readinto`   the same call, the body read with readinto() into a preallocated buffer
+- `crt-mem`          awscrt.s3.S3Client, a GET_OBJECT meta-request with a Range header;
+                     on_body copies each chunk into a preallocated buffer
+- `crt-file`         the same request with recv_filepath: the CRT writes the body to a file
+                     itself (this column includes the write to the page cache; the others
+                     stop in memory)
+- `obstore`          obstore.get(S3Store, key, options={"range": ...}).bytes() (Rust
+                     object_store; the synchronous call releases the interpreter)
+
+boto3 and obstore are synchronous: eight at once is eight threads. The CRT is asynchronous:
+eight at once is eight meta-requests in flight (its own event-loop threads do the work).
+HEAD is head_object for boto3, a DEFAULT meta-request named HeadObject for the CRT, and
+obstore.head.
+
+"CPU ms/req" is this process's CPU time (time.process_time: user + system of every thread,
+the clients' native threads included) over the requests; the servers' CPU is not in it.
+"MiB/s" is bytes over wall time (HEADs: requests/s). Every figure is the median of the
+rounds; the clients take turns within a round in a rotating order, so a noisy moment of
+the shared machine falls on all of them. "req/op" counts the requests the server logged
+per operation (a client that split a range or sent a HEAD first would show > 1).
+
+Before measuring, checks each client does what dorafs relies on, and prints the outcome:
+bytes equal to the object's; a GET with If-Match of an older ETag fails as a precondition
+(412) where the server honours If-Match (moto; s3rver ignores If-Match on GET, so there the
+ETag of the response must be compared, as dorafs.ufs.s3 already does); credentials and the
+endpoint taken from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL; a named
+profile from AWS_CONFIG_FILE / AWS_SHARED_CREDENTIALS_FILE; an unknown access key id from
+the environment refused (s3rver checks a V4 request's key id, not its signature; moto checks
+neither).
+
+Writes bench/results/s3clients-<timestamp>.json (every round) and prints a table (rich).
+Needs awscrt and obstore in the project's venv (bench/setup.sh installs them) and s3rver
+under bench/.cache/node; a server or client that is missing is skipped and said so. Run it
+with the venv's interpreter (`.venv/bin/python`), which has boto3, moto and rich.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlsplit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from procs import REGISTRY, WORK, clean_stale  # noqa: E402
+from servers import SERVERS, S3Server  # noqa: E402
+
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BUCKET = "bench"
+PREFIX = "s3clients"
+KIB, MIB = 1024, 1024 * 1024
+SMALL, LARGE = 128 * KIB, 8 * MIB
+SMALL_OBJECTS = 64  # 128 KiB objects: ranged GETs of all of one, and HEADs
+LARGE_OBJECTS = 2  # 16 MiB objects: ranged GETs of one half
+REGION = "us-east-1"
+console = Console(width=160)
+
+
+def small_key(i: int) -> str:
+    return f"{PREFIX}/small/{i % SMALL_OBJECTS:03d}"
+
+
+def large_key(i: int) -> str:
+    return f"{PREFIX}/large/{i % LARGE_OBJECTS}"
+
+
+def content(seed: int, size: int) -> bytes:
+    """Deterministic bytes, distinct per object (the checks compare them)."""
+    block = (seed.to_bytes(4, "little") + bytes(range(256)))[:256] * (64 * KIB // 256)
+    return (block * (size // len(block) + 1))[:size]
+
+
+# -- the clients ------------------------------------------------------------------------------
+#
+# Each client answers `get(key, start, length, slot) -> (nbytes, etag)` and
+# `head(key) -> (size, etag)`, and `batch(ops, concurrency)` runs a list of operations.
+# `slot` names a preallocated buffer (or file) that one in-flight request owns.
+
+
+class Precondition(Exception):
+    """The store refused a conditional GET (412): the object changed since its ETag."""
+
+
+class ThreadedClient:
+    """A synchronous client: eight at once is eight threads, each with its own buffer."""
+
+    name = ""
+
+    def __init__(self, server: S3Server, workdir: Path):
+        self.server = server
+        self.buffers = [bytearray(LARGE) for _ in range(8)]
+        self.pool = ThreadPoolExecutor(8, thread_name_prefix=self.name)
+
+    def get(self, key: str, start: int, length: int, slot: int = 0, if_match: str | None = None) -> tuple[int, str]:
+        raise NotImplementedError
+
+    def head(self, key: str) -> tuple[int, str]:
+        raise NotImplementedError
+
+    def read_back(self, key: str, start: int, length: int, if_match: str | None = None) -> tuple[bytes, str]:
+        """The bytes of a range (for the checks)."""
+        n, etag = self.get(key, start, length, 0, if_match)
+        return bytes(self.buffers[0][:n]), etag
+
+    def batch(self, ops: list[tuple], concurrency: int) -> int:
+        def run(part: list[tuple], slot: int) -> int:
+            total = 0
+            for op in part:
+                if op[0] == "head":
+                    self.head(op[1])
+                else:
+                    n, _ = self.get(op[1], op[2], op[3], slot)
+                    if n != op[3]:
+                        raise RuntimeError(f"{self.name}: {n} bytes for a {op[3]}-byte range of {op[1]}")
+                    total += n
+            return total
+
+        if concurrency == 1:
+            return run(ops, 0)
+        parts = [ops[i::concurrency] for i in range(concurrency)]
+        return sum(f.result() for f in [self.pool.submit(run, part, i) for i, part in enumerate(parts)])
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
+def boto3_client(endpoint: str | None, key: str | None, secret: str | None):
+    import boto3.session
+    from botocore.config import Config
+
+    session = boto3.session.Session()  # with no arguments: environment, profiles, instance role
+    kwargs = {} if key is None else {"aws_access_key_id": key, "aws_secret_access_key": secret}
+    return session.client("s3", endpoint_url=endpoint, region_name=session.region_name or REGION,
+                          config=Config(max_pool_connections=16,
+                                        retries={"mode": "standard", "total_max_attempts": 1}), **kwargs)
+
+
+def boto3_error_is_412(exc: Exception) -> bool:
+    from botocore.exceptions import ClientError
+
+    if not isinstance(exc, ClientError):
+        return False
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code in {"PreconditionFailed", "412"} or status == 412
+
+
+class Boto3(ThreadedClient):
+    name = "boto3"
+
+    def __init__(self, server: S3Server, workdir: Path, client=None):
+        super().__init__(server, workdir)
+        self.s3 = client or boto3_client(server.endpoint, server.key, server.secret)
+
+    def _get(self, key: str, start: int, length: int, if_match: str | None):
+        params = {"Bucket": BUCKET, "Key": key, "Range": f"bytes={start}-{start + length - 1}"}
+        if if_match:
+            params["IfMatch"] = if_match
+        try:
+            return self.s3.get_object(**params)
+        except Exception as exc:
+            if boto3_error_is_412(exc):
+                raise Precondition(str(exc)) from exc
+            raise
+
+    def get(self, key, start, length, slot=0, if_match=None):
+        response = self._get(key, start, length, if_match)
+        with response["Body"] as body:
+            data = body.read()
+        self.buffers[slot][:len(data)] = data  # only for read_back; a fill keeps `data` itself
+        return len(data), response["ETag"]
+
+    def batch(self, ops, concurrency):
+        # The plain variant keeps the bytes object body.read() made, as the worker does today.
+        def run(part, slot):
+            total = 0
+            for op in part:
+                if op[0] == "head":
+                    self.head(op[1])
+                else:
+                    response = self._get(op[1], op[2], op[3], None)
+                    with response["Body"] as body:
+                        n = len(body.read())
+                    if n != op[3]:
+                        raise RuntimeError(f"boto3: {n} bytes for a {op[3]}-byte range")
+                    total += n
+            return total
+
+        if concurrency == 1:
+            return run(ops, 0)
+        parts = [ops[i::concurrency] for i in range(concurrency)]
+        return sum(f.result() for f in [self.pool.submit(run, p, i) for i, p in enumerate(parts)])
+
+    def head(self, key):
+        r = self.s3.head_object(Bucket=BUCKET, Key=key)
+        return r["ContentLength"], r["ETag"]
+
+
+class Boto3Readinto(Boto3):
+    name = "boto3-readinto"
+
+    def get(self, key, start, length, slot=0, if_match=None):
+        response = self._get(key, start, length, if_match)
+        view = memoryview(self.buffers[slot])[:length]
+        got = 0
+        with response["Body"] as body:
+            while got < length:
+                n = body.readinto(view[got:])
+                if n == 0:
+                    break
+                got += n
+        return got, response["ETag"]
+
+    batch = ThreadedClient.batch
+
+
+class Obstore(ThreadedClient):
+    name = "obstore"
+
+    def __init__(self, server: S3Server, workdir: Path, store=None):
+        super().__init__(server, workdir)
+        from obstore.store import S3Store
+
+        self.store = store or S3Store(BUCKET, endpoint=server.endpoint, access_key_id=server.key,
+                                      secret_access_key=server.secret, region=REGION,
+                                      client_options={"allow_http": True})
+        self.keep: list = [None] * 8  # the last body of each slot (a fill would write it out)
+
+    def get(self, key, start, length, slot=0, if_match=None):
+        import obstore
+        from obstore.exceptions import PreconditionError
+
+        options = {"range": (start, start + length)}
+        if if_match:
+            options["if_match"] = if_match
+        try:
+            result = obstore.get(self.store, key, options=options)
+            data = result.bytes()  # Rust-owned buffer; the transfer ran without the GIL
+        except PreconditionError as exc:
+            raise Precondition(str(exc)) from exc
+        self.keep[slot] = data
+        return len(data), result.meta["e_tag"] or ""
+
+    def read_back(self, key, start, length, if_match=None):
+        n, etag = self.get(key, start, length, 0, if_match)
+        return bytes(self.keep[0]), etag
+
+    def head(self, key):
+        import obstore
+
+        meta = obstore.head(self.store, key)
+        return meta["size"], meta["e_tag"] or ""
+
+
+class Crt:
+    """awscrt's S3 client: meta-requests in flight at once, completed on its own threads."""
+
+    name = "crt-mem"
+    to_file = False
+
+    def __init__(self, server: S3Server, workdir: Path, endpoint: str | None = None, provider=None):
+        from awscrt import auth, s3
+
+        endpoint = endpoint or server.endpoint
+        url = urlsplit(endpoint)
+        self.host = url.netloc  # the CRT connects to the Host header's host and port
+        if provider is None:
+            provider = auth.AwsCredentialsProvider.new_static(server.key, server.secret)
+        signing = s3.create_default_s3_signing_config(region=REGION, credential_provider=provider)
+        tls = s3.S3RequestTlsMode.DISABLED if url.scheme == "http" else s3.S3RequestTlsMode.ENABLED
+        self.client = s3.S3Client(region=REGION, signing_config=signing, tls_mode=tls,
+                                  part_size=LARGE)  # one request per 8 MiB range
+        self.buffers = [bytearray(LARGE) for _ in range(8)]
+        self.files = [workdir / f"crt-{os.getpid()}-{i}.bin" for i in range(8)]
+
+    def _request(self, method: str, key: str, headers: list[tuple[str, str]], slot: int,
+                 done: Callable[[object], None] | None = None, start: int = 0):
+        from awscrt import http, s3
+
+        request = http.HttpRequest(method, f"/{BUCKET}/{key}", http.HttpHeaders([("Host", self.host)] + headers))
+        answer = {"status": None, "headers": {}}
+
+        def on_headers(status_code, headers, **kwargs):
+            answer["status"] = status_code
+            answer["headers"] = {k.lower(): v for k, v in headers}
+
+        kwargs = {"on_headers": on_headers}
+        if method == "HEAD":
+            kwargs.update(type=s3.S3RequestType.DEFAULT, operation_name="HeadObject")
+        elif self.to_file:
+            kwargs.update(type=s3.S3RequestType.GET_OBJECT, recv_filepath=str(self.files[slot]))
+        else:
+            view = memoryview(self.buffers[slot])
+            base = start  # on_body's offset counts from the object's start, not the range's
+
+            def on_body(chunk, offset, **kwargs):
+                at = offset - base
+                view[at:at + len(chunk)] = chunk
+
+            kwargs.update(type=s3.S3RequestType.GET_OBJECT, on_body=on_body)
+        meta = self.client.make_request(request=request, **kwargs)
+        if done is not None:
+            meta.finished_future.add_done_callback(lambda fut: done(fut))
+        return meta, answer
+
+    def get(self, key, start, length, slot=0, if_match=None):
+        from awscrt.s3 import S3ResponseError
+
+        headers = [("Range", f"bytes={start}-{start + length - 1}")]
+        if if_match:
+            headers.append(("If-Match", if_match))
+        meta, answer = self._request("GET", key, headers, slot, start=start)
+        try:
+            meta.finished_future.result()
+        except S3ResponseError as exc:
+            if exc.status_code == 412:
+                raise Precondition(f"HTTP 412 {exc.name}") from exc
+            raise
+        return int(answer["headers"].get("content-length", 0)), answer["headers"].get("etag", "")
+
+    def read_back(self, key, start, length, if_match=None):
+        n, etag = self.get(key, start, length, 0, if_match)
+        if self.to_file:
+            return self.files[0].read_bytes(), etag
+        return bytes(self.buffers[0][:n]), etag
+
+    def head(self, key):
+        meta, answer = self._request("HEAD", key, [], 0)
+        meta.finished_future.result()
+        return int(answer["headers"].get("content-length", 0)), answer["headers"].get("etag", "")
+
+    def batch(self, ops, concurrency):
+        """Keep `concurrency` meta-requests in flight; the caller's thread only waits."""
+        free = list(range(concurrency))
+        lock = threading.Condition()
+        errors: list[BaseException] = []
+        total = 0
+        for op in ops:
+            with lock:
+                while not free:
+                    lock.wait()
+                slot = free.pop()
+
+            def done(fut, slot=slot):
+                with lock:
+                    if fut.exception() is not None:
+                        errors.append(fut.exception())
+                    free.append(slot)
+                    lock.notify()
+
+            if op[0] == "head":
+                self._request("HEAD", op[1], [], slot, done)
+            else:
+                self._request("GET", op[1], [("Range", f"bytes={op[2]}-{op[2] + op[3] - 1}")], slot, done,
+                              start=op[2])
+                total += op[3]
+        with lock:
+            while len(free) < concurrency:
+                lock.wait()
+        if errors:
+            raise errors[0]
+        return total
+
+    def close(self) -> None:
+        for f in self.files:
+            f.unlink(missing_ok=True)
+
+
+class CrtFile(Crt):
+    name = "crt-file"
+    to_file = True
+
+
+CLIENTS: dict[str, Callable[[S3Server, Path], object]] = {
+    "boto3": Boto3, "boto3-readinto": Boto3Readinto, "crt-mem": Crt, "crt-file": CrtFile, "obstore": Obstore,
+}
+
+
+def available(name: str) -> str | None:
+    """None when the client's package imports, else why not."""
+    module = {"crt-mem": "awscrt.s3", "crt-file": "awscrt.s3", "obstore": "obstore"}.get(name, "boto3")
+    try:
+        __import__(module)
+        return None
+    except ImportError as exc:
+        return f"{exc} (bench/setup.sh installs it)"
+
+
+# -- the checks -------------------------------------------------------------------------------
+
+
+class EnvVars:
+    """Set (or, with None, remove) environment variables for a block; restore after."""
+
+    def __init__(self, **values: str | None):
+        self.values = values
+        self.saved: dict[str, str | None] = {}
+
+    def __enter__(self):
+        for k, v in self.values.items():
+            self.saved[k] = os.environ.get(k)
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+AWS_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
+            "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_CONFIG_FILE",
+            "AWS_SHARED_CREDENTIALS_FILE", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ALLOW_HTTP",
+            "AWS_EC2_METADATA_DISABLED")
+
+
+def client_from_environment(name: str, server: S3Server, workdir: Path):
+    """The client built as dorafs would build it, with no credentials or endpoint passed in."""
+    if name.startswith("boto3"):
+        cls = Boto3Readinto if name == "boto3-readinto" else Boto3
+        return cls(server, workdir, client=boto3_client(None, None, None))
+    if name.startswith("crt"):
+        from awscrt import auth
+
+        # The CRT reads no AWS_ENDPOINT_URL: the caller takes it from the environment.
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ["AWS_ENDPOINT_URL"]
+        cls = CrtFile if name == "crt-file" else Crt
+        return cls(server, workdir, endpoint=endpoint, provider=auth.AwsCredentialsProvider.new_default_chain())
+    from obstore.store import S3Store
+
+    return Obstore(server, workdir, store=S3Store(BUCKET, client_options={"allow_http": True}))
+
+
+def client_from_profile(name: str, server: S3Server, workdir: Path):
+    """A named profile (AWS_PROFILE) and the endpoint from the environment."""
+    if name.startswith("boto3") or name.startswith("crt"):
+        return client_from_environment(name, server, workdir)  # their default chains read profiles
+    from obstore.auth.boto3 import Boto3CredentialProvider
+    from obstore.store import S3Store
+    import boto3.session
+
+    # object_store reads no profiles itself; obstore's bridge asks a boto3 session.
+    provider = Boto3CredentialProvider(boto3.session.Session())
+    return Obstore(server, workdir, store=S3Store(BUCKET, client_options={"allow_http": True},
+                                                  credential_provider=provider))
+
+
+def attempt(fn: Callable[[], object]) -> tuple[bool, str]:
+    try:
+        value = fn()
+        return True, str(value)[:80]
+    except Exception as exc:
+        return False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}"
+
+
+def run_checks(name: str, server: S3Server, workdir: Path, client) -> dict[str, str]:
+    """What dorafs relies on, tried on this server. Each value starts with ok / FAIL / n/a."""
+    checks: dict[str, str] = {}
+    admin = server.client()
+    key = f"{PREFIX}/check/{name}"
+    first, second = content(1001, 300 * KIB), content(1002, 300 * KIB)
+    admin.put_object(Bucket=BUCKET, Key=key, Body=first)
+    etag = admin.head_object(Bucket=BUCKET, Key=key)["ETag"]
+
+    data, got_etag = client.read_back(key, 1000, 200 * KIB)
+    checks["bytes"] = "ok" if data == first[1000:1000 + 200 * KIB] and got_etag == etag else \
+        f"FAIL: {len(data)} bytes, etag {got_etag!r} (want {etag!r})"
+    size, head_etag = client.head(key)
+    checks["head"] = "ok" if (size, head_etag) == (len(first), etag) else f"FAIL: {size} {head_etag!r}"
+    ok, why = attempt(lambda: client.read_back(key, 0, 64 * KIB, if_match=etag))
+    checks["if-match same"] = "ok" if ok else f"FAIL: {why}"
+
+    admin.put_object(Bucket=BUCKET, Key=key, Body=second)  # the object changes
+    try:
+        data, new_etag = client.read_back(key, 0, 64 * KIB, if_match=etag)
+        if new_etag != etag:
+            checks["if-match changed"] = ("n/a: server ignored If-Match (200, new ETag in the answer; "
+                                          "comparing it catches the change)")
+        else:
+            checks["if-match changed"] = "FAIL: old ETag served after a change"
+    except Precondition as exc:
+        checks["if-match changed"] = f"ok: 412 ({str(exc)[:60]})"
+    except Exception as exc:
+        checks["if-match changed"] = f"FAIL: {type(exc).__name__}: {str(exc)[:80]}"
+
+    # Credentials and endpoint from the environment only.
+    env = {v: None for v in AWS_VARS}
+    env.update(AWS_ACCESS_KEY_ID=server.key, AWS_SECRET_ACCESS_KEY=server.secret, AWS_ENDPOINT_URL=server.endpoint,
+               AWS_DEFAULT_REGION=REGION, AWS_EC2_METADATA_DISABLED="true",
+               AWS_CONFIG_FILE=str(workdir / "absent"), AWS_SHARED_CREDENTIALS_FILE=str(workdir / "absent"))
+    with EnvVars(**env):
+        ok, why = attempt(lambda: client_from_environment(name, server, workdir).read_back(key, 0, 4 * KIB)[0]
+                          == second[:4 * KIB] or "wrong bytes")
+    checks["env credentials+endpoint"] = "ok" if ok and why == "True" else f"FAIL: {why}"
+
+    # A named profile in a config file, no keys in the environment.
+    profiles = workdir / "aws-credentials"
+    profiles.write_text(f"[dorafs-bench]\naws_access_key_id = {server.key}\n"
+                        f"aws_secret_access_key = {server.secret}\n")
+    config = workdir / "aws-config"
+    config.write_text(f"[profile dorafs-bench]\nregion = {REGION}\n")
+    env = {v: None for v in AWS_VARS}
+    env.update(AWS_PROFILE="dorafs-bench", AWS_SHARED_CREDENTIALS_FILE=str(profiles),
+               AWS_CONFIG_FILE=str(config), AWS_ENDPOINT_URL=server.endpoint, AWS_EC2_METADATA_DISABLED="true")
+    with EnvVars(**env):
+        ok, why = attempt(lambda: client_from_profile(name, server, workdir).read_back(key, 0, 4 * KIB)[0]
+                          == second[:4 * KIB] or "wrong bytes")
+    via = " (through obstore.auth.boto3)" if name == "obstore" else ""
+    checks["profile"] = ("ok" + via) if ok and why == "True" else f"FAIL: {why}"
+
+    # The key from the environment is the one sent: an unknown key id is refused. (s3rver
+    # checks the key id of a V4 signature but not the signature; moto checks neither.)
+    if server.name == "s3rver":
+        env = {v: None for v in AWS_VARS}
+        env.update(AWS_ACCESS_KEY_ID="UNKNOWNKEY", AWS_SECRET_ACCESS_KEY=server.secret,
+                   AWS_ENDPOINT_URL=server.endpoint, AWS_DEFAULT_REGION=REGION, AWS_EC2_METADATA_DISABLED="true",
+                   AWS_CONFIG_FILE=str(workdir / "absent"), AWS_SHARED_CREDENTIALS_FILE=str(workdir / "absent"))
+        with EnvVars(**env):
+            ok, why = attempt(lambda: client_from_environment(name, server, workdir).read_back(key, 0, 4 * KIB))
+        checks["unknown key refused"] = f"ok: {why[:70]}" if not ok else "FAIL: served with an unknown key"
+    return checks
+
+
+# -- measuring --------------------------------------------------------------------------------
+
+
+def upload(server: S3Server) -> None:
+    s3 = server.client()
+    try:
+        s3.create_bucket(Bucket=BUCKET)
+    except Exception as exc:  # already there (s3rver keeps its data between runs)
+        if "BucketAlready" not in type(exc).__name__ + str(exc):
+            raise
+    for i in range(SMALL_OBJECTS):
+        s3.put_object(Bucket=BUCKET, Key=small_key(i), Body=content(i, SMALL))
+    for i in range(LARGE_OBJECTS):
+        s3.put_object(Bucket=BUCKET, Key=large_key(i), Body=content(100 + i, 2 * LARGE))
+
+
+def operations(kind: str, count: int) -> list[tuple]:
+    if kind == "HEAD":
+        return [("head", small_key(i)) for i in range(count)]
+    if kind == "GET 128 KiB":
+        return [("get", small_key(i), 0, SMALL) for i in range(count)]
+    # 8 MiB: the first or second half of a 16 MiB object, in turn
+    return [("get", large_key(i // 2), (i % 2) * LARGE, LARGE) for i in range(count)]
+
+
+def measure(client, server: S3Server, ops: list[tuple], concurrency: int) -> dict:
+    requests = server.requests()
+    wall, cpu = time.perf_counter(), time.process_time()
+    nbytes = client.batch(ops, concurrency)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {"requests": len(ops), "bytes": nbytes, "wall_s": wall, "cpu_s": cpu,
+            "server_requests": server.requests() - requests}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer requests per cell (a smoke run)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds of every cell (default 3, quick 2)")
+    p.add_argument("--servers", default="s3rver,moto")
+    p.add_argument("--clients", default=",".join(CLIENTS))
+    p.add_argument("--concurrency", default="1,8")
+    args = p.parse_args()
+    rounds = args.rounds or (2 if args.quick else 3)
+    counts = {"HEAD": 40, "GET 128 KiB": 40, "GET 8 MiB": 8} if args.quick else \
+        {"HEAD": 200, "GET 128 KiB": 200, "GET 8 MiB": 16}
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+
+    for line in clean_stale():
+        console.print(f"s3clients: {line}")
+    workdir = WORK / "s3clients"
+    workdir.mkdir(parents=True, exist_ok=True)
+    names = []
+    for name in args.clients.split(","):
+        why = available(name)
+        if why:
+            console.print(f"[yellow]s3clients: skipping {name}: {why}")
+        else:
+            names.append(name)
+    servers: dict[str, S3Server] = {}
+    report: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "quick": args.quick,
+                    "rounds": rounds, "counts": counts, "clients": names, "load_average": os.getloadavg(),
+                    "versions": versions(), "checks": {}, "samples": []}
+    try:
+        for sname in args.servers.split(","):
+            cls = SERVERS[sname]
+            if not cls.available():
+                console.print(f"[yellow]s3clients: skipping {sname}: not installed (bench/setup.sh)")
+                continue
+            servers[sname] = cls(workdir)
+            upload(servers[sname])
+        clients = {(s, n): CLIENTS[n](servers[s], workdir) for s in servers for n in names}
+
+        checks = Table(title="What dorafs relies on, tried on each server")
+        for col in ("server", "client", "check", "outcome"):
+            checks.add_column(col)
+        for (sname, name), client in clients.items():
+            try:
+                outcome = run_checks(name, servers[sname], workdir, client)
+            except Exception:
+                outcome = {"checks": "FAIL: " + traceback.format_exc(limit=2).splitlines()[-1]}
+            report["checks"][f"{sname}/{name}"] = outcome
+            for check, value in outcome.items():
+                style = "red" if value.startswith("FAIL") else ""
+                checks.add_row(sname, name, check, f"[{style}]{value}" if style else value)
+        console.print(checks)
+
+        for client in clients.values():  # warm: connections, the CRT's event loop, obstore's runtime
+            client.batch(operations("GET 128 KiB", 8), 8)
+        cells = [(s, kind, conc) for s in servers for kind in counts for conc in concurrencies]
+        for round_ in range(rounds):
+            for i, (sname, kind, conc) in enumerate(cells):
+                order = names[(round_ + i) % len(names):] + names[:(round_ + i) % len(names)]
+                for name in order:
+                    sample = measure(clients[sname, name], servers[sname], operations(kind, counts[kind]), conc)
+                    sample.update(round=round_, server=sname, op=kind, concurrency=conc, client=name)
+                    report["samples"].append(sample)
+            console.print(f"s3clients: round {round_ + 1}/{rounds} done "
+                          f"(load average {os.getloadavg()[0]:.1f})")
+        for client in clients.values():
+            client.close()
+    finally:
+        REGISTRY.teardown()
+
+    report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    report["summary"] = summarise(report["samples"])
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"s3clients-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}{'-quick' if args.quick else ''}.json"
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    tmp.replace(out)
+    print_table(report["summary"], names)
+    console.print(f"s3clients: wrote {out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out}")
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for pkg in ("boto3", "botocore", "awscrt", "obstore", "moto"):
+        try:
+            found[pkg] = version(pkg)
+        except PackageNotFoundError:
+            found[pkg] = "absent"
+    return found
+
+
+def summarise(samples: list[dict]) -> list[dict]:
+    """Median over rounds of each (server, op, concurrency, client)."""
+    groups: dict[tuple, list[dict]] = {}
+    for s in samples:
+        groups.setdefault((s["server"], s["op"], s["concurrency"], s["client"]), []).append(s)
+    rows = []
+    for (server, op, conc, client), group in groups.items():
+        cpu = [s["cpu_s"] / s["requests"] * 1e3 for s in group]
+        rate = [(s["bytes"] / MIB if op != "HEAD" else s["requests"]) / s["wall_s"] for s in group]
+        rows.append({"server": server, "op": op, "concurrency": conc, "client": client,
+                     "cpu_ms_per_req": statistics.median(cpu), "cpu_ms_min": min(cpu), "cpu_ms_max": max(cpu),
+                     "rate": statistics.median(rate), "rate_unit": "req/s" if op == "HEAD" else "MiB/s",
+                     "server_requests_per_op": statistics.median(s["server_requests"] / s["requests"]
+                                                                 for s in group),
+                     "rounds": len(group)})
+    return rows
+
+
+def print_table(rows: list[dict], names: list[str]) -> None:
+    table = Table(title="S3 clients: CPU ms per request of this process (median of rounds) and wall rate")
+    for col in ("server", "op", "at once"):
+        table.add_column(col)
+    for name in names:
+        table.add_column(f"{name}\nCPU ms/req", justify="right")
+        table.add_column("MiB/s\n(req/s)", justify="right")
+    by = {(r["server"], r["op"], r["concurrency"], r["client"]): r for r in rows}
+    for key in sorted({(r["server"], r["op"], r["concurrency"]) for r in rows},
+                      key=lambda k: (k[0], ["HEAD", "GET 128 KiB", "GET 8 MiB"].index(k[1]), k[2])):
+        cells = []
+        for name in names:
+            r = by.get(key + (name,))
+            if r is None:
+                cells += ["-", "-"]
+                continue
+            flag = "" if r["server_requests_per_op"] <= 1.05 else f" ({r['server_requests_per_op']:.1f} req)"
+            cells += [f"{r['cpu_ms_per_req']:.2f}{flag}", f"{r['rate']:.0f}"]
+        table.add_row(key[0], key[1], str(key[2]), *cells)
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
