@@ -15,14 +15,16 @@ HEADs, one request at a time and eight at once, on both servers:
                      stop in memory)
 - `obstore`          obstore.get(S3Store, key, options={"range": ...}).bytes() (Rust
                      object_store; the synchronous call releases the interpreter)
+- `obstore-file`     the same, then the body written to a file with os.write (open with
+                     O_TRUNC, write, close): what crt-file does, done by the caller
 
 boto3 and obstore are synchronous: eight at once is eight threads. The CRT is asynchronous:
 eight at once is eight meta-requests in flight (its own event-loop threads do the work).
 HEAD is head_object for boto3, a DEFAULT meta-request named HeadObject for the CRT, and
 obstore.head.
 
-"CPU ms/req" is this process's CPU time (time.process_time: user + system of every thread,
-the clients' native threads included) over the requests; the servers' CPU is not in it.
+"CPU ms/req" is this process's CPU time (getrusage: user + system of every thread, the
+clients' native threads included; the system share is kept in the JSON) over the requests; the servers' CPU is not in it.
 "MiB/s" is bytes over wall time (HEADs: requests/s). Every figure is the median of the
 rounds; the clients take turns within a round in a rotating order, so a noisy moment of
 the shared machine falls on all of them. "req/op" counts the requests the server logged
@@ -37,7 +39,10 @@ profile from AWS_CONFIG_FILE / AWS_SHARED_CREDENTIALS_FILE; an unknown access ke
 the environment refused (s3rver checks a V4 request's key id, not its signature; moto checks
 neither).
 
-Writes bench/results/s3clients-<timestamp>.json (every round) and prints a table (rich).
+Writes bench/results/s3clients-<timestamp>.json (every round) and .md (the medians as a
+Markdown table), and prints the tables (rich). A third figure per cell: how late a Python
+thread that sleeps 2 ms at a time wakes (p99) while the client works, which stands for the
+worker's event loop waiting for the interpreter.
 Needs awscrt and obstore in the project's venv (bench/setup.sh installs them) and s3rver
 under bench/.cache/node; a server or client that is missing is skipped and said so. Run it
 with the venv's interpreter (`.venv/bin/python`), which has boto3, moto and rich.
@@ -48,6 +53,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -274,6 +280,37 @@ class Obstore(ThreadedClient):
         return meta["size"], meta["e_tag"] or ""
 
 
+class ObstoreFile(Obstore):
+    """obstore, then the body written to a file as a fill would (open with O_TRUNC, write, close)."""
+
+    name = "obstore-file"
+
+    def __init__(self, server: S3Server, workdir: Path, store=None):
+        super().__init__(server, workdir, store)
+        self.files = [workdir / f"obstore-{os.getpid()}-{i}.bin" for i in range(8)]
+
+    def get(self, key, start, length, slot=0, if_match=None):
+        n, etag = super().get(key, start, length, slot, if_match)
+        fd = os.open(self.files[slot], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(self.keep[slot])
+            done = 0
+            while done < n:  # os.write releases the interpreter while the kernel copies
+                done += os.write(fd, view[done:])
+        finally:
+            os.close(fd)
+        return n, etag
+
+    def read_back(self, key, start, length, if_match=None):
+        n, etag = self.get(key, start, length, 0, if_match)
+        return self.files[0].read_bytes(), etag
+
+    def close(self) -> None:
+        super().close()
+        for f in self.files:
+            f.unlink(missing_ok=True)
+
+
 class Crt:
     """awscrt's S3 client: meta-requests in flight at once, completed on its own threads."""
 
@@ -395,12 +432,14 @@ class CrtFile(Crt):
 
 CLIENTS: dict[str, Callable[[S3Server, Path], object]] = {
     "boto3": Boto3, "boto3-readinto": Boto3Readinto, "crt-mem": Crt, "crt-file": CrtFile, "obstore": Obstore,
+    "obstore-file": ObstoreFile,
 }
 
 
 def available(name: str) -> str | None:
     """None when the client's package imports, else why not."""
-    module = {"crt-mem": "awscrt.s3", "crt-file": "awscrt.s3", "obstore": "obstore"}.get(name, "boto3")
+    module = {"crt-mem": "awscrt.s3", "crt-file": "awscrt.s3", "obstore": "obstore",
+              "obstore-file": "obstore"}.get(name, "boto3")
     try:
         __import__(module)
         return None
@@ -454,7 +493,8 @@ def client_from_environment(name: str, server: S3Server, workdir: Path):
         return cls(server, workdir, endpoint=endpoint, provider=auth.AwsCredentialsProvider.new_default_chain())
     from obstore.store import S3Store
 
-    return Obstore(server, workdir, store=S3Store(BUCKET, client_options={"allow_http": True}))
+    cls = ObstoreFile if name == "obstore-file" else Obstore
+    return cls(server, workdir, store=S3Store(BUCKET, client_options={"allow_http": True}))
 
 
 def client_from_profile(name: str, server: S3Server, workdir: Path):
@@ -467,7 +507,8 @@ def client_from_profile(name: str, server: S3Server, workdir: Path):
 
     # object_store reads no profiles itself; obstore's bridge asks a boto3 session.
     provider = Boto3CredentialProvider(boto3.session.Session())
-    return Obstore(server, workdir, store=S3Store(BUCKET, client_options={"allow_http": True},
+    cls = ObstoreFile if name == "obstore-file" else Obstore
+    return cls(server, workdir, store=S3Store(BUCKET, client_options={"allow_http": True},
                                                   credential_provider=provider))
 
 
@@ -531,7 +572,7 @@ def run_checks(name: str, server: S3Server, workdir: Path, client) -> dict[str, 
     with EnvVars(**env):
         ok, why = attempt(lambda: client_from_profile(name, server, workdir).read_back(key, 0, 4 * KIB)[0]
                           == second[:4 * KIB] or "wrong bytes")
-    via = " (through obstore.auth.boto3)" if name == "obstore" else ""
+    via = " (through obstore.auth.boto3)" if name.startswith("obstore") else ""
     checks["profile"] = ("ok" + via) if ok and why == "True" else f"FAIL: {why}"
 
     # The key from the environment is the one sent: an unknown key id is refused. (s3rver
@@ -568,17 +609,57 @@ def operations(kind: str, count: int) -> list[tuple]:
         return [("head", small_key(i)) for i in range(count)]
     if kind == "GET 128 KiB":
         return [("get", small_key(i), 0, SMALL) for i in range(count)]
+    if kind == "GET 1 MiB":  # dorafs's default page: one of the 16 MiB of an object, in turn
+        return [("get", large_key(i // 16), (i % 16) * MIB, MIB) for i in range(count)]
     # 8 MiB: the first or second half of a 16 MiB object, in turn
     return [("get", large_key(i // 2), (i % 2) * LARGE, LARGE) for i in range(count)]
 
 
+class InterpreterProbe:
+    """A Python thread that sleeps PERIOD at a time and records how late it wakes.
+
+    It stands for the worker's event loop: it needs the interpreter to run, so its lateness
+    grows with the time the client's threads hold the GIL. Its own CPU (a few µs a wake-up)
+    is in every client's figure alike.
+    """
+
+    PERIOD = 0.002
+
+    def __init__(self):
+        self.late: list[float] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="probe", daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            t = time.perf_counter()
+            time.sleep(self.PERIOD)
+            self.late.append(time.perf_counter() - t - self.PERIOD)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    def p99_ms(self) -> float:
+        if not self.late:
+            return 0.0
+        late = sorted(self.late)
+        return late[min(len(late) - 1, int(len(late) * 0.99))] * 1e3
+
+
 def measure(client, server: S3Server, ops: list[tuple], concurrency: int) -> dict:
     requests = server.requests()
-    wall, cpu = time.perf_counter(), time.process_time()
-    nbytes = client.batch(ops, concurrency)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    return {"requests": len(ops), "bytes": nbytes, "wall_s": wall, "cpu_s": cpu,
-            "server_requests": server.requests() - requests}
+    with InterpreterProbe() as probe:
+        wall, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+        nbytes = client.batch(ops, concurrency)
+        wall, after = time.perf_counter() - wall, resource.getrusage(resource.RUSAGE_SELF)
+    user, system = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+    return {"requests": len(ops), "bytes": nbytes, "wall_s": wall, "cpu_s": user + system, "sys_s": system,
+            "server_requests": server.requests() - requests, "probe_p99_ms": probe.p99_ms()}
 
 
 def main() -> None:
@@ -590,10 +671,12 @@ def main() -> None:
     p.add_argument("--concurrency", default="1,8")
     args = p.parse_args()
     rounds = args.rounds or (2 if args.quick else 3)
-    counts = {"HEAD": 40, "GET 128 KiB": 40, "GET 8 MiB": 8} if args.quick else \
-        {"HEAD": 200, "GET 128 KiB": 200, "GET 8 MiB": 16}
+    counts = {"HEAD": 40, "GET 128 KiB": 40, "GET 1 MiB": 16, "GET 8 MiB": 8} if args.quick else \
+        {"HEAD": 200, "GET 128 KiB": 120, "GET 1 MiB": 64, "GET 8 MiB": 16}
     concurrencies = [int(c) for c in args.concurrency.split(",")]
 
+    # moto_server and friends from this interpreter's environment, even when PATH lacks it
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     for line in clean_stale():
         console.print(f"s3clients: {line}")
     workdir = WORK / "s3clients"
@@ -657,6 +740,7 @@ def main() -> None:
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=1))
     tmp.replace(out)
+    out.with_suffix(".md").write_text(markdown(report["summary"], names))
     print_table(report["summary"], names)
     console.print(f"s3clients: wrote {out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out}")
 
@@ -684,11 +768,16 @@ def summarise(samples: list[dict]) -> list[dict]:
         rate = [(s["bytes"] / MIB if op != "HEAD" else s["requests"]) / s["wall_s"] for s in group]
         rows.append({"server": server, "op": op, "concurrency": conc, "client": client,
                      "cpu_ms_per_req": statistics.median(cpu), "cpu_ms_min": min(cpu), "cpu_ms_max": max(cpu),
+                     "sys_ms_per_req": statistics.median(s["sys_s"] / s["requests"] * 1e3 for s in group),
                      "rate": statistics.median(rate), "rate_unit": "req/s" if op == "HEAD" else "MiB/s",
                      "server_requests_per_op": statistics.median(s["server_requests"] / s["requests"]
                                                                  for s in group),
+                     "probe_p99_ms": statistics.median(s["probe_p99_ms"] for s in group),
                      "rounds": len(group)})
     return rows
+
+
+OPS = ["HEAD", "GET 128 KiB", "GET 1 MiB", "GET 8 MiB"]
 
 
 def print_table(rows: list[dict], names: list[str]) -> None:
@@ -700,7 +789,7 @@ def print_table(rows: list[dict], names: list[str]) -> None:
         table.add_column("MiB/s\n(req/s)", justify="right")
     by = {(r["server"], r["op"], r["concurrency"], r["client"]): r for r in rows}
     for key in sorted({(r["server"], r["op"], r["concurrency"]) for r in rows},
-                      key=lambda k: (k[0], ["HEAD", "GET 128 KiB", "GET 8 MiB"].index(k[1]), k[2])):
+                      key=lambda k: (k[0], OPS.index(k[1]), k[2])):
         cells = []
         for name in names:
             r = by.get(key + (name,))
@@ -711,6 +800,32 @@ def print_table(rows: list[dict], names: list[str]) -> None:
             cells += [f"{r['cpu_ms_per_req']:.2f}{flag}", f"{r['rate']:.0f}"]
         table.add_row(key[0], key[1], str(key[2]), *cells)
     console.print(table)
+    probe = Table(title="How late a Python thread sleeping 2 ms at a time woke (p99, ms): the interpreter the "
+                        "client left to others")
+    for col in ("server", "op", "at once", *names):
+        probe.add_column(col, justify="right" if col in names else "left")
+    for key in sorted({(r["server"], r["op"], r["concurrency"]) for r in rows},
+                      key=lambda k: (k[0], OPS.index(k[1]), k[2])):
+        probe.add_row(key[0], key[1], str(key[2]),
+                      *[f"{by[key + (n,)]['probe_p99_ms']:.2f}" if key + (n,) in by else "-" for n in names])
+    console.print(probe)
+
+
+def markdown(rows: list[dict], names: list[str]) -> str:
+    """The summary as the Markdown table bench/README.md quotes."""
+    by = {(r["server"], r["op"], r["concurrency"], r["client"]): r for r in rows}
+    head = "| server | op | at once | " + " | ".join(f"{n} CPU ms/req (sys) | {n} MiB/s (req/s) | {n} probe p99 ms"
+                                                      for n in names) + " |"
+    lines = [head, "|" + "---|" * (3 + 3 * len(names))]
+    for key in sorted({(r["server"], r["op"], r["concurrency"]) for r in rows},
+                      key=lambda k: (k[0], OPS.index(k[1]), k[2])):
+        cells = []
+        for n in names:
+            r = by.get(key + (n,))
+            cells += ["-"] * 3 if r is None else [f"{r['cpu_ms_per_req']:.2f} ({r['sys_ms_per_req']:.2f})", f"{r['rate']:.0f}",
+                                                   f"{r['probe_p99_ms']:.1f}"]
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
