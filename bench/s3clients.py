@@ -669,7 +669,12 @@ def main() -> None:
     p.add_argument("--servers", default="s3rver,moto")
     p.add_argument("--clients", default=",".join(CLIENTS))
     p.add_argument("--concurrency", default="1,8")
+    p.add_argument("--markdown", metavar="JSON", help="only print the Markdown tables of an earlier run")
     args = p.parse_args()
+    if args.markdown:
+        report = json.loads(Path(args.markdown).read_text())
+        print(markdown(report["summary"], report["clients"]))
+        return
     rounds = args.rounds or (2 if args.quick else 3)
     counts = {"HEAD": 40, "GET 128 KiB": 40, "GET 1 MiB": 16, "GET 8 MiB": 8} if args.quick else \
         {"HEAD": 200, "GET 128 KiB": 120, "GET 1 MiB": 64, "GET 8 MiB": 16}
@@ -735,6 +740,7 @@ def main() -> None:
 
     report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     report["summary"] = summarise(report["samples"])
+    report["fits"] = fits(report["summary"])
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"s3clients-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}{'-quick' if args.quick else ''}.json"
     tmp = out.with_suffix(".tmp")
@@ -809,23 +815,67 @@ def print_table(rows: list[dict], names: list[str]) -> None:
         probe.add_row(key[0], key[1], str(key[2]),
                       *[f"{by[key + (n,)]['probe_p99_ms']:.2f}" if key + (n,) in by else "-" for n in names])
     console.print(probe)
+    fitted = {(f["server"], f["concurrency"], f["client"]): f for f in fits(rows)}
+    fit = Table(title="A GET's CPU: fixed ms per request + ms per MiB (least squares over the three sizes)")
+    for col in ("server", "at once", *names):
+        fit.add_column(col, justify="right" if col in names else "left")
+    for server, conc in sorted({(k[0], k[1]) for k in fitted}):
+        fit.add_row(server, str(conc), *[
+            f"{fitted[server, conc, n]['ms_per_request']:.2f} + {fitted[server, conc, n]['ms_per_mib']:.2f}/MiB"
+            if (server, conc, n) in fitted else "-" for n in names])
+    console.print(fit)
+
+
+SIZES_MIB = {"GET 128 KiB": 0.125, "GET 1 MiB": 1.0, "GET 8 MiB": 8.0}
+
+
+def fits(rows: list[dict]) -> list[dict]:
+    """CPU of a GET as a fixed cost per request plus a cost per MiB (least squares over the
+    three sizes), per server, concurrency and client."""
+    groups: dict[tuple, list[tuple[float, float]]] = {}
+    for r in rows:
+        if r["op"] in SIZES_MIB:
+            groups.setdefault((r["server"], r["concurrency"], r["client"]), []).append(
+                (SIZES_MIB[r["op"]], r["cpu_ms_per_req"]))
+    out = []
+    for (server, conc, client), points in groups.items():
+        if len(points) < 2:
+            continue
+        n = len(points)
+        mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
+        slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+        out.append({"server": server, "concurrency": conc, "client": client,
+                    "ms_per_request": my - slope * mx, "ms_per_mib": slope})
+    return out
 
 
 def markdown(rows: list[dict], names: list[str]) -> str:
-    """The summary as the Markdown table bench/README.md quotes."""
+    """The medians as the three Markdown tables bench/README.md quotes."""
     by = {(r["server"], r["op"], r["concurrency"], r["client"]): r for r in rows}
-    head = "| server | op | at once | " + " | ".join(f"{n} CPU ms/req (sys) | {n} MiB/s (req/s) | {n} probe p99 ms"
-                                                      for n in names) + " |"
-    lines = [head, "|" + "---|" * (3 + 3 * len(names))]
-    for key in sorted({(r["server"], r["op"], r["concurrency"]) for r in rows},
-                      key=lambda k: (k[0], OPS.index(k[1]), k[2])):
-        cells = []
-        for n in names:
-            r = by.get(key + (n,))
-            cells += ["-"] * 3 if r is None else [f"{r['cpu_ms_per_req']:.2f} ({r['sys_ms_per_req']:.2f})", f"{r['rate']:.0f}",
-                                                   f"{r['probe_p99_ms']:.1f}"]
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    keys = sorted({(r["server"], r["op"], r["concurrency"]) for r in rows},
+                  key=lambda k: (k[0], OPS.index(k[1]), k[2]))
+    figures = [("CPU ms per request of the client process (system share in brackets)",
+                lambda r: f"{r['cpu_ms_per_req']:.2f} ({r['sys_ms_per_req']:.2f})"),
+               ("Wall rate: MiB/s for GETs, requests/s for HEADs", lambda r: f"{r['rate']:,.0f}"),
+               ("p99 lateness of a Python thread sleeping 2 ms at a time (ms)",
+                lambda r: f"{r['probe_p99_ms']:.1f}")]
+    out = []
+    for title, cell in figures:
+        out += [f"{title}:", "", "| server | op | at once | " + " | ".join(names) + " |",
+                "|" + "---|" * (3 + len(names))]
+        for key in keys:
+            out.append(f"| {key[0]} | {key[1]} | {key[2]} | "
+                       + " | ".join(cell(by[key + (n,)]) if key + (n,) in by else "-" for n in names) + " |")
+        out.append("")
+    fitted = {(f["server"], f["concurrency"], f["client"]): f for f in fits(rows)}
+    out += ["A GET's CPU as fixed ms per request + ms per MiB (least squares over 128 KiB, 1 MiB, 8 MiB):", "",
+            "| server | at once | " + " | ".join(names) + " |", "|" + "---|" * (2 + len(names))]
+    for server, conc in sorted({(k[0], k[1]) for k in fitted}):
+        out.append(f"| {server} | {conc} | " + " | ".join(
+            f"{fitted[server, conc, n]['ms_per_request']:.2f} + {fitted[server, conc, n]['ms_per_mib']:.2f}/MiB"
+            if (server, conc, n) in fitted else "-" for n in names) + " |")
+    out.append("")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
