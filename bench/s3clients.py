@@ -110,13 +110,13 @@ class Precondition(Exception):
 
 
 class ThreadedClient:
-    """A synchronous client: eight at once is eight threads, each with its own buffer."""
+    """A synchronous client: eight at once is eight threads, each with its own slot."""
 
     name = ""
 
     def __init__(self, server: S3Server, workdir: Path):
         self.server = server
-        self.buffers = [bytearray(LARGE) for _ in range(8)]
+        self.keep: list = [None] * 8  # the last body of each slot (a fill would write it out)
         self.pool = ThreadPoolExecutor(8, thread_name_prefix=self.name)
 
     def get(self, key: str, start: int, length: int, slot: int = 0, if_match: str | None = None) -> tuple[int, str]:
@@ -128,7 +128,7 @@ class ThreadedClient:
     def read_back(self, key: str, start: int, length: int, if_match: str | None = None) -> tuple[bytes, str]:
         """The bytes of a range (for the checks)."""
         n, etag = self.get(key, start, length, 0, if_match)
-        return bytes(self.buffers[0][:n]), etag
+        return bytes(self.keep[0][:n]), etag
 
     def batch(self, ops: list[tuple], concurrency: int) -> int:
         def run(part: list[tuple], slot: int) -> int:
@@ -194,30 +194,8 @@ class Boto3(ThreadedClient):
     def get(self, key, start, length, slot=0, if_match=None):
         response = self._get(key, start, length, if_match)
         with response["Body"] as body:
-            data = body.read()
-        self.buffers[slot][:len(data)] = data  # only for read_back; a fill keeps `data` itself
-        return len(data), response["ETag"]
-
-    def batch(self, ops, concurrency):
-        # The plain variant keeps the bytes object body.read() made, as the worker does today.
-        def run(part, slot):
-            total = 0
-            for op in part:
-                if op[0] == "head":
-                    self.head(op[1])
-                else:
-                    response = self._get(op[1], op[2], op[3], None)
-                    with response["Body"] as body:
-                        n = len(body.read())
-                    if n != op[3]:
-                        raise RuntimeError(f"boto3: {n} bytes for a {op[3]}-byte range")
-                    total += n
-            return total
-
-        if concurrency == 1:
-            return run(ops, 0)
-        parts = [ops[i::concurrency] for i in range(concurrency)]
-        return sum(f.result() for f in [self.pool.submit(run, p, i) for i, p in enumerate(parts)])
+            self.keep[slot] = body.read()
+        return len(self.keep[slot]), response["ETag"]
 
     def head(self, key):
         r = self.s3.head_object(Bucket=BUCKET, Key=key)
@@ -227,9 +205,13 @@ class Boto3(ThreadedClient):
 class Boto3Readinto(Boto3):
     name = "boto3-readinto"
 
+    def __init__(self, server: S3Server, workdir: Path, client=None):
+        super().__init__(server, workdir, client)
+        self.keep = [bytearray(LARGE) for _ in range(8)]  # preallocated, reused
+
     def get(self, key, start, length, slot=0, if_match=None):
         response = self._get(key, start, length, if_match)
-        view = memoryview(self.buffers[slot])[:length]
+        view = memoryview(self.keep[slot])[:length]
         got = 0
         with response["Body"] as body:
             while got < length:
@@ -238,8 +220,6 @@ class Boto3Readinto(Boto3):
                     break
                 got += n
         return got, response["ETag"]
-
-    batch = ThreadedClient.batch
 
 
 class Obstore(ThreadedClient):
@@ -252,7 +232,6 @@ class Obstore(ThreadedClient):
         self.store = store or S3Store(BUCKET, endpoint=server.endpoint, access_key_id=server.key,
                                       secret_access_key=server.secret, region=REGION,
                                       client_options={"allow_http": True})
-        self.keep: list = [None] * 8  # the last body of each slot (a fill would write it out)
 
     def get(self, key, start, length, slot=0, if_match=None):
         import obstore
@@ -268,10 +247,6 @@ class Obstore(ThreadedClient):
             raise Precondition(str(exc)) from exc
         self.keep[slot] = data
         return len(data), result.meta["e_tag"] or ""
-
-    def read_back(self, key, start, length, if_match=None):
-        n, etag = self.get(key, start, length, 0, if_match)
-        return bytes(self.keep[0]), etag
 
     def head(self, key):
         import obstore
