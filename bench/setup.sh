@@ -5,6 +5,8 @@
 #   - npm: s3rver 3.7.1 under bench/.cache/node (not committed)
 #   - pip: matplotlib, and torch==2.13.0 (this exact pin resolves to a local CPU wheel;
 #     any other torch spec would download gigabytes of CUDA libraries)
+#   - pip, into the project's .venv: awscrt and obstore, the S3 clients bench/s3clients.py
+#     measures against boto3 (the versions its figures in bench/README.md were taken with)
 # Whatever cannot be installed is reported; the harness then skips what is missing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -46,6 +48,13 @@ python3 -c "import matplotlib" 2>/dev/null || python3 -m pip install -q matplotl
 python3 -c "import matplotlib" 2>/dev/null || unavailable+=("pip:matplotlib")
 python3 -c "import torch" 2>/dev/null || python3 -m pip install -q "torch==2.13.0" 2>&1 | grep -v -e "Running pip as the 'root'" -e "is ignored: it is neither" || true
 python3 -c "import torch" 2>/dev/null || unavailable+=("pip:torch==2.13.0")
+
+S3CLIENTS=(awscrt==0.38.1 obstore==0.12.1)
+if ! .venv/bin/python -c "import awscrt.s3, obstore" 2>/dev/null; then
+  echo "bench setup: .venv/bin/python -m pip install ${S3CLIENTS[*]}" >&2
+  .venv/bin/python -m pip install -q "${S3CLIENTS[@]}" 2>&1 | grep -v -e "Running pip as the 'root'" -e "is ignored: it is neither" || true
+fi
+.venv/bin/python -c "import awscrt.s3, obstore" 2>/dev/null || unavailable+=("pip:${S3CLIENTS[*]} (.venv)")
 
 if ((${#unavailable[@]})); then
   echo "bench setup: NOT available: ${unavailable[*]} (the harness skips what needs them)" >&2
