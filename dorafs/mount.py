@@ -7,7 +7,10 @@ worker's page I/O and the FUSE handlers use both cores. Its loopback port is rea
 every local user, so it is locked down: it demands a random secret made for this mount
 (in `worker.secret`, mode 0600, next to `worker.addr` in the 0700 cache directory, where
 the user finds both to query it; never on a command line), and it reads only below the
-mount's UFS root (`--ufs-roots`).
+mount's UFS root (`--ufs-roots`). It ends with the mount however the mount ends: a clean
+unmount stops it with SIGTERM, and it also watches a pipe whose write end only the mount
+holds, which the kernel closes when the mount process dies (SIGKILL, a crash, a signal
+that came too late for the mount to handle).
 """
 
 from __future__ import annotations
@@ -74,9 +77,16 @@ async def embedded_worker(config: MountConfig, secret: bytes):
            if k != "NOTIFY_SOCKET"  # readiness is the mount's to tell
            and k != SECRET_ENV and not k.startswith("DORAFS_WORKER_")}  # nothing meant for other workers
     proc = None
+    # Neither end is inherited by anything else this process starts; the worker gets the
+    # read end only, so it sees end-of-file exactly when this process is gone.
+    lifeline, keep = os.pipe()
+    argv += ["--lifeline-fd", str(lifeline)]
     try:
         _write_private(secret_file, secret + b"\n")
-        proc = await trio.lowlevel.open_process(argv, stdin=subprocess.DEVNULL, env=env)
+        try:
+            proc = await trio.lowlevel.open_process(argv, stdin=subprocess.DEVNULL, env=env, pass_fds=(lifeline,))
+        finally:
+            os.close(lifeline)
         with trio.move_on_after(EMBEDDED_START_TIMEOUT):
             while not port_file.exists():
                 if proc.poll() is not None:
@@ -97,6 +107,7 @@ async def embedded_worker(config: MountConfig, secret: bytes):
                 if proc.returncode is None:
                     proc.kill()
                     await proc.wait()
+            os.close(keep)
             port_file.unlink(missing_ok=True)
             secret_file.unlink(missing_ok=True)
 
