@@ -120,6 +120,7 @@ class DoraClient:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await nursery.start(self.membership.run)
+                nursery.start_soon(self.local.sweep)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
@@ -324,8 +325,13 @@ class DoraClient:
             at += len(part)
             if data is not None:
                 part[:] = view(data)[span.start:span.end]  # buffered pieces are never stale
-            elif not self.local.readinto(self._key(f, span.index), part, span.start):
-                missing.append((span, part))
+                continue
+            try:
+                if self.local.readinto(self._key(f, span.index), part, span.start):
+                    continue
+            except WouldBlock:  # on the disk, not in the kernel's cache: _span reads it in a thread
+                pass
+            missing.append((span, part))
         if missing:
             async def fill(span, part: memoryview) -> None:
                 part[:] = await self._span(f, span)
@@ -341,7 +347,7 @@ class DoraClient:
         for _ in range(STALE_TRIES):
             data = self.buffer.get(key)
             if data is None:
-                got = self.local.pread(key, span.end - span.start, span.start)
+                got = await self.local.pread(key, span.end - span.start, span.start)
                 if got is not None:  # just the bytes asked for, no whole-page copy
                     return got
                 data = await self._page(f, span.index)
@@ -498,7 +504,7 @@ class DoraClient:
                     fd = await trio.to_thread.run_sync(LocalPages.read_page, part, path, checksum)
                 if fd is None:
                     break
-                self.local.keep(self._key(f, index), fd)
+                self.local.keep(self._key(f, index), fd, size)
                 pieces.append(Piece(block, at, at + size))
                 at += size
         if not pieces:
