@@ -30,7 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dorafs.client import DoraClient
 from dorafs.config import MountConfig, user_cache_dir
-from dorafs.errors import DoraError, NotFound
+from dorafs.errors import DoraError, NotFound, UfsError
 from dorafs.files import lock_directory
 from dorafs.fuse.metrics import REGISTRY, ClientCollector
 from dorafs.fuse.operations import DoraOperations
@@ -205,9 +205,18 @@ async def set_read_ahead(mountpoint: str, kib: int) -> None:
 
 async def root_status(client: DoraClient, root_uri: str) -> FileStatus:
     """The mount root's status. An empty S3 prefix is an empty directory (how a user
-    starts writing), as long as its bucket exists; any other missing root is an error."""
+    starts writing), as long as its bucket exists; any other missing root is an error.
+
+    It comes from the workers (the UFS only when none answers). When the UFS fails, a
+    status the workers hold of the root, whatever its age, will do, and so will a
+    listing of it they hold: the mount starts and serves what is cached."""
     try:
         root = await client.stat(root_uri)
+    except UfsError as exc:
+        if not await held_listing(client, root_uri):
+            raise MountError(f"cannot mount {root_uri}: {exc}") from None
+        log.warning("the UFS fails (%s); starting from the listing of %s the workers hold", exc, root_uri)
+        return FileStatus(name="", is_dir=True)
     except NotFound as exc:
         bucket = bucket_root(root_uri)
         if bucket is None or bucket == root_uri:
@@ -222,6 +231,20 @@ async def root_status(client: DoraClient, root_uri: str) -> FileStatus:
     if not root.is_dir:
         raise MountError(f"cannot mount {root_uri}: it is a file, not a directory")
     return root
+
+
+async def held_listing(client: DoraClient, uri: str) -> bool:
+    """Whether the workers answer a listing of `uri` (what they hold, the UFS failing)."""
+    pages = client.list_pages(uri)
+    try:
+        await pages.__anext__()
+    except StopAsyncIteration:
+        return True
+    except DoraError:
+        return False
+    finally:
+        await pages.aclose()
+    return True
 
 
 def bucket_root(uri: str) -> str | None:

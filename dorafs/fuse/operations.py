@@ -34,7 +34,7 @@ import trio
 from dorafs.client import DoraClient
 from dorafs.client.writes import Staging
 from dorafs.config import MountConfig
-from dorafs.errors import IsADirectory, NotADirectory, NotFound
+from dorafs.errors import IsADirectory, NotADirectory, NotFound, UfsError
 from dorafs.fuse.errors import fuse_operation
 from dorafs.fuse.handles import NAME_MAX, DirHandle, FileHandle, too_long, valid_name
 from dorafs.fuse.inodes import InodeTable, Node
@@ -197,6 +197,10 @@ class DoraOperations(WritingOperations, pyfuse3.Operations):
         except NotFound:
             if node.inode == pyfuse3.ROOT_INODE:  # an empty S3 prefix: the mount starts empty
                 return FileStatus(name="", is_dir=True)
+            raise
+        except UfsError:
+            if node.inode == pyfuse3.ROOT_INODE:  # the store fails: the root stays the directory it was
+                return node.status
             raise
 
     def _sync(self, node: Node) -> None:
