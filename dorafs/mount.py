@@ -76,15 +76,15 @@ async def embedded_worker(config: MountConfig, secret: bytes):
     env = {k: v for k, v in os.environ.items()
            if k != "NOTIFY_SOCKET"  # readiness is the mount's to tell
            and k != SECRET_ENV and not k.startswith("DORAFS_WORKER_")}  # nothing meant for other workers
-    proc = None
-    # Neither end is inherited by anything else this process starts; the worker gets the
-    # read end only, so it sees end-of-file exactly when this process is gone.
-    lifeline, keep = os.pipe()
-    argv += ["--lifeline-fd", str(lifeline)]
+    proc = keep = None
     try:
         _write_private(secret_file, secret + b"\n")
+        # Neither end is inherited by anything else this process starts; the worker gets
+        # the read end only, so it sees end-of-file exactly when this process is gone.
+        lifeline, keep = os.pipe()
         try:
-            proc = await trio.lowlevel.open_process(argv, stdin=subprocess.DEVNULL, env=env, pass_fds=(lifeline,))
+            proc = await trio.lowlevel.open_process(argv + ["--lifeline-fd", str(lifeline)],
+                                                    stdin=subprocess.DEVNULL, env=env, pass_fds=(lifeline,))
         finally:
             os.close(lifeline)
         with trio.move_on_after(EMBEDDED_START_TIMEOUT):
@@ -107,7 +107,8 @@ async def embedded_worker(config: MountConfig, secret: bytes):
                 if proc.returncode is None:
                     proc.kill()
                     await proc.wait()
-            os.close(keep)
+            if keep is not None:
+                os.close(keep)
             port_file.unlink(missing_ok=True)
             secret_file.unlink(missing_ok=True)
 
