@@ -44,6 +44,10 @@ def test_unlinked_open_file_stays_readable_through_its_descriptors(procs, s3_ser
         for offset in range(0, len(data), 256 * 1024):
             assert os.pread(fd, 256 * 1024, offset) == data[offset:offset + 256 * 1024]
         assert os.pread(fd, len(data), 0) == data
+        with open(f"/proc/self/fd/{fd}", "rb") as again:  # opened anew: the same version
+            assert again.read() == data
+        with pytest.raises(FileNotFoundError):  # to write it would bring it back: no
+            open(f"/proc/self/fd/{fd}", "r+b")
     finally:
         os.close(fd)
     with pytest.raises(FileNotFoundError):

@@ -239,6 +239,8 @@ class DoraOperations(WritingOperations, pyfuse3.Operations):
         if writing or node.writer is not None:
             if node.writer is None and node.status.is_dir:
                 raise IsADirectory(node.path)
+            if node.writer is None and not node.linked:  # staging it would bring it back under its name
+                raise NotFound(node.path)
             writer = await self._writer(node, truncate=bool(flags & os.O_TRUNC))
             return self._open_writer(node, writer, flags)
         # An unlinked node (reopened through /proc/PID/fd) is the version it was.
