@@ -302,6 +302,53 @@ def case_corrupt(b: Bench, procs: ProcessSet):
     return baseline, faulted, f"warm reads; {len(rotted)} rotten pages detected and refetched"
 
 
+def case_s3_down_loaded(b: Bench, procs: ProcessSet):
+    """S3 down, data loaded: a bucket loaded into two workers (`dorafs-admin load`), one
+    file's pages freed; S3 (behind a relay) goes down; a mount of the bucket starts
+    then, reads a loaded file (the faulted read), fails the freed one with EIO, and
+    reads it once S3 is back. The baseline: the same kind of read with S3 up."""
+    from tests.relay import Relay
+
+    bucket = f"outage{b.n}"
+    b.n += 1
+    b.client.create_bucket(Bucket=bucket)
+    files = {f"f{i}.bin": os.urandom(b.size) for i in range(3)}
+    for name, data in files.items():
+        b.client.put_object(Bucket=bucket, Key=name, Body=data)
+    relay = Relay(b.s3.port)
+    try:
+        env = relay.env(b.s3.env)
+        registry = procs.registry()
+        [procs.worker(registry=registry.url, env=env) for _ in range(2)]
+        wait_for(lambda: len(registry.workers()) == 2)
+
+        def admin(*args):
+            subprocess.run([sys.executable, "-m", "dorafs.cli.admin", "--registry", registry.url, *args],
+                           check=True, capture_output=True, cwd=REPO, timeout=300)
+
+        uri = f"s3://{bucket}"
+        admin("load", uri, "--recursive", "--progress")
+        admin("free", f"{uri}/f2.bin")
+        admin("load", uri, "--recursive", "--metadata-only", "--progress")  # free drops the listing
+        up = procs.mount(uri, registry=registry.url, env=env, name=f"{bucket}-up")
+        baseline = Reader(up.path("f0.bin"), files["f0.bin"])
+        up.unmount()
+        relay.down()
+        start = time.perf_counter()
+        mount = procs.mount(uri, registry=registry.url, env=env, name=f"{bucket}-down")
+        started = time.perf_counter() - start
+        faulted = Reader(mount.path("f1.bin"), files["f1.bin"], lambda: None, 0)
+        cold = Reader(mount.path("f2.bin"), files["f2.bin"])
+        code = errno.errorcode.get(cold.error.errno, "?") if cold.error else "no error"
+        relay.up()
+        back = timed_until(lambda: Reader(mount.path("f2.bin"), files["f2.bin"]).ok, 30)
+    finally:
+        relay.close()
+    return baseline, faulted, (f"mount started in {started:.1f}s with S3 down; the unloaded file: {code} "
+                               f"after {cold.seconds:.1f}s; read {back:.1f}s after S3 came back"
+                               if back is not None else "the unloaded file never came back")
+
+
 CASES = {
     "worker SIGKILL mid-read": case_sigkill,
     "worker SIGSTOP mid-read": case_sigstop,
@@ -314,6 +361,7 @@ CASES = {
     "S3 hanging": case_s3_hang,
     "cache directory full": case_disk_full,
     "page files corrupted": case_corrupt,
+    "S3 down, data loaded": case_s3_down_loaded,
 }
 PROXIED = {case_s3_503, case_s3_500, case_s3_hang}
 

@@ -12,6 +12,11 @@ A worker that keeps failing is skipped for longer each time (doubling up to
 costs one `worker_timeout` stall per period, not one per request. A success clears it,
 and so does the worker (re)joining the membership: its keys come back at once.
 
+When the UFS fails (a worker answers EIO for a status or a listing it had to refresh),
+the mount asks the owner again for what it holds, whatever its age (`ttl=-1`): a store
+outage costs freshness, not the data already cached. Logged once per outage; during it,
+one request every `OUTAGE_RECHECK` seconds tries the UFS again.
+
 A page whose fetch failed for good (EIO after the UFS retries, ESTALE) answers the same
 error for `FAILURE_MEMORY` seconds without a new fetch: the kernel re-issues a failed
 readahead as a synchronous read at once, which would otherwise wait out the same UFS
@@ -39,7 +44,7 @@ from dorafs.client.local import LocalPages, Unreadable, WouldBlock, is_loopback
 from dorafs.client.statuses import StatusMemo
 from dorafs.client.workers import WorkerClient
 from dorafs.config import MountConfig
-from dorafs.errors import DoraError, NotFound, StaleVersion, Unavailable
+from dorafs.errors import DoraError, NotFound, StaleVersion, UfsError, Unavailable
 from dorafs.membership import Membership
 from dorafs.pages import page_count, page_length, plan
 from dorafs.ring import HashRing
@@ -61,6 +66,9 @@ RUN_PAGES = 8  # pages per readahead run (one UFS read on a miss)
 LIST_PAGE = 1000
 LIST_AHEAD_ENTRIES = 16 * LIST_PAGE  # statuses a listing fetched ahead of a scan may bring
 STALE_TRIES = 3  # reads of a page whose block was reused under them before one goes around the buffer
+# While the UFS fails, statuses and listings come straight from what the workers hold,
+# and one request per this many seconds tries the UFS again (each try costs the retries).
+OUTAGE_RECHECK = 2.0
 FAILURE_MEMORY = 0.5  # seconds a page's final error is answered again without a new fetch
 
 
@@ -110,6 +118,8 @@ class DoraClient:
         self._prefetching = 0  # pages scheduled by readahead and not yet fetched
         self._scheduled: dict[tuple, trio.Event] = {}  # their keys -> set when their run is done
         self._nursery: trio.Nursery | None = None
+        self._outage: str | None = None  # the UFS error that made the mount use held metadata
+        self._outage_recheck = 0.0  # until then, metadata requests skip the failing UFS
         membership.add_listener(self._rebuild_ring)
 
     # -- lifecycle --------------------------------------------------------------------
@@ -120,6 +130,7 @@ class DoraClient:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await nursery.start(self.membership.run)
+                nursery.start_soon(self.local.sweep)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
@@ -200,8 +211,11 @@ class DoraClient:
         if parent:
             self.scans.miss(parent, self._nursery)
         try:
-            status, age = await self._route(uri, lambda address: self._workers.stat(
-                address, uri, ttl=self.config.status_ttl, negative_ttl=self.config.negative_ttl))
+            status, age = await self._metadata(
+                uri,
+                lambda address: self._workers.stat(
+                    address, uri, ttl=self.config.status_ttl, negative_ttl=self.config.negative_ttl),
+                lambda address: self._workers.stat(address, uri, ttl=-1, negative_ttl=-1))
         except Unavailable:
             self.stats.ufs_fallback_metadata += 1
             status, age = await self.ufs.get(uri).stat(uri), 0.0
@@ -215,9 +229,11 @@ class DoraClient:
         while True:
             now = trio.current_time()
             try:
-                entries, after_next, age = await self._route(
-                    uri, lambda address: self._workers.list_page(address, uri, after, LIST_PAGE,
-                                                                 ttl=self.config.listing_ttl))
+                entries, after_next, age = await self._metadata(
+                    uri,
+                    lambda address: self._workers.list_page(address, uri, after, LIST_PAGE,
+                                                            ttl=self.config.listing_ttl),
+                    lambda address: self._workers.list_page(address, uri, after, LIST_PAGE, ttl=-1))
             except Unavailable:
                 self.stats.ufs_fallback_metadata += 1
                 async for page in self.ufs.get(uri).list_pages(uri):
@@ -232,6 +248,40 @@ class DoraClient:
             if after_next is None:
                 return
             after = after_next
+
+    async def _metadata(self, uri: str, fresh: Callable[[str], Awaitable[T]],
+                        held: Callable[[str], Awaitable[T]]) -> T:
+        """A status or listing as fresh as the mount's TTLs ask (`fresh`), or, while the
+        UFS fails, what the owner holds (`held`)."""
+        if self._outage is not None and trio.current_time() < self._outage_recheck:
+            return await self._route(uri, held)  # an outage: no UFS attempt per request
+        try:
+            result = await self._route(uri, fresh)
+        except UfsError as exc:
+            return await self._held(uri, exc, held)
+        self._store_answers()
+        return result
+
+    async def _held(self, uri: str, error: UfsError, call: Callable[[str], Awaitable[T]]) -> T:
+        """What the owner of `uri` holds, whatever its age, now that the UFS failed with
+        `error`; `error` itself if it holds nothing (or does not answer)."""
+        try:
+            result = await self._route(uri, call)
+        except NotFound:
+            raise  # held: "no such path"
+        except DoraError:
+            raise error from None
+        if self._outage is None:
+            log.warning("the UFS fails (%s); serving the statuses and listings the workers hold, "
+                        "whatever their age, until it answers again", error)
+        self._outage = str(error)
+        self._outage_recheck = trio.current_time() + OUTAGE_RECHECK
+        return result
+
+    def _store_answers(self) -> None:
+        if self._outage is not None:
+            log.info("the UFS answers again; statuses and listings follow their TTLs")
+            self._outage = None
 
     def _keep_listed(self, uri: str, entries: list[FileStatus], age: float | None, now: float) -> None:
         for entry in entries:
@@ -324,8 +374,13 @@ class DoraClient:
             at += len(part)
             if data is not None:
                 part[:] = view(data)[span.start:span.end]  # buffered pieces are never stale
-            elif not self.local.readinto(self._key(f, span.index), part, span.start):
-                missing.append((span, part))
+                continue
+            try:
+                if self.local.readinto(self._key(f, span.index), part, span.start):
+                    continue
+            except WouldBlock:  # on the disk, not in the kernel's cache: _span reads it in a thread
+                pass
+            missing.append((span, part))
         if missing:
             async def fill(span, part: memoryview) -> None:
                 part[:] = await self._span(f, span)
@@ -341,7 +396,7 @@ class DoraClient:
         for _ in range(STALE_TRIES):
             data = self.buffer.get(key)
             if data is None:
-                got = self.local.pread(key, span.end - span.start, span.start)
+                got = await self.local.pread(key, span.end - span.start, span.start)
                 if got is not None:  # just the bytes asked for, no whole-page copy
                     return got
                 data = await self._page(f, span.index)
@@ -498,7 +553,7 @@ class DoraClient:
                     fd = await trio.to_thread.run_sync(LocalPages.read_page, part, path, checksum)
                 if fd is None:
                     break
-                self.local.keep(self._key(f, index), fd)
+                self.local.keep(self._key(f, index), fd, size)
                 pieces.append(Piece(block, at, at + size))
                 at += size
         if not pieces:

@@ -10,11 +10,17 @@ Subtleties:
 - readdir offsets are positions in a listing snapshot taken when the directory handle
   first reads, so offsets are stable across calls; every entry reported through
   readdirplus takes one lookup reference, as the kernel expects.
+- An unlinked file (through this mount) stays readable through the handles opened
+  before, as on a local disk: its node keeps the status it had, shows st_nlink 0, and
+  its pinned version's pages are not dropped from the workers while it is open here.
+- A directory's st_nlink is 2 plus its subdirectories once a listing of it was read
+  to its end (for `listing_ttl`); 2 before that.
 - Writing files and changing the namespace are in dorafs/fuse/writing.py.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
@@ -28,9 +34,9 @@ import trio
 from dorafs.client import DoraClient
 from dorafs.client.writes import Staging
 from dorafs.config import MountConfig
-from dorafs.errors import IsADirectory, NotADirectory, NotFound
+from dorafs.errors import IsADirectory, NotADirectory, NotFound, UfsError
 from dorafs.fuse.errors import fuse_operation
-from dorafs.fuse.handles import NAME_MAX, DirHandle, FileHandle, valid_name
+from dorafs.fuse.handles import NAME_MAX, DirHandle, FileHandle, too_long, valid_name
 from dorafs.fuse.inodes import InodeTable, Node
 from dorafs.fuse.metrics import READ_BYTES, READ_LATENCY, READS, STAGING_BYTES
 from dorafs.fuse.writing import WritingOperations
@@ -99,7 +105,12 @@ class DoraOperations(WritingOperations, pyfuse3.Operations):
         attr.attr_timeout = self._attr_timeout
         node.attr_version = status.version
         attr.st_mode = self._modes[status.is_dir]
-        attr.st_nlink = 2 if status.is_dir else 1
+        if not node.linked:
+            attr.st_nlink = 0
+        elif status.is_dir:
+            attr.st_nlink = 2 + self._subdirs(node)
+        else:
+            attr.st_nlink = 1
         attr.st_uid = self._uid
         attr.st_gid = self._gid
         attr.st_size = status.size
@@ -108,6 +119,23 @@ class DoraOperations(WritingOperations, pyfuse3.Operations):
         stamp = int(status.mtime * 1e9)
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = stamp
         return attr
+
+    def _subdirs(self, node: Node) -> int:
+        """The directory's subdirectories as last counted, while the count is fresh; else 0."""
+        if node.subdirs is None:
+            return 0
+        ttl = self.config.listing_ttl
+        if ttl >= 0 and trio.current_time() - node.subdirs_at > ttl:
+            node.subdirs = None
+            return 0
+        return node.subdirs
+
+    def _count_subdirs(self, node: Node, count: int) -> None:
+        """A listing of `node` was read to its end; the kernel drops attributes showing another st_nlink."""
+        before = self._subdirs(node)
+        node.subdirs, node.subdirs_at = count, trio.current_time()
+        if count != before:
+            _invalidate_later(node.inode)
 
     def _negative(self) -> pyfuse3.EntryAttributes:
         """A cacheable "no such entry" answer (kept by the kernel for negative_ttl)."""
@@ -121,6 +149,8 @@ class DoraOperations(WritingOperations, pyfuse3.Operations):
     @fuse_operation
     async def lookup(self, parent_inode, name, ctx):
         parent = self.inodes[parent_inode]
+        if len(name) > NAME_MAX:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         try:
             text = name.decode("utf-8")
         except UnicodeDecodeError:
@@ -134,7 +164,10 @@ class DoraOperations(WritingOperations, pyfuse3.Operations):
         else:
             if not parent.status.is_dir:
                 raise NotADirectory(parent.path)
-            node = self.inodes.at(f"{parent.path}/{text}" if parent.path else text)
+            path = f"{parent.path}/{text}" if parent.path else text
+            if too_long(path, join(parent.uri, text)):
+                raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+            node = self.inodes.at(path)
             if node is None or node.writer is None:
                 try:
                     status = await self.client.stat(join(parent.uri, text))
@@ -153,7 +186,7 @@ class DoraOperations(WritingOperations, pyfuse3.Operations):
     @fuse_operation
     async def getattr(self, inode, ctx=None):
         node = self.inodes[inode]
-        if node.writer is None:
+        if node.writer is None and node.linked:  # an unlinked node keeps the status it had
             node.status = await self._stat(node)
         self._sync(node)
         return self._attributes(node)
@@ -164,6 +197,10 @@ class DoraOperations(WritingOperations, pyfuse3.Operations):
         except NotFound:
             if node.inode == pyfuse3.ROOT_INODE:  # an empty S3 prefix: the mount starts empty
                 return FileStatus(name="", is_dir=True)
+            raise
+        except UfsError:
+            if node.inode == pyfuse3.ROOT_INODE:  # the store fails: the root stays the directory it was
+                return node.status
             raise
 
     def _sync(self, node: Node) -> None:
@@ -202,9 +239,12 @@ class DoraOperations(WritingOperations, pyfuse3.Operations):
         if writing or node.writer is not None:
             if node.writer is None and node.status.is_dir:
                 raise IsADirectory(node.path)
+            if node.writer is None and not node.linked:  # staging it would bring it back under its name
+                raise NotFound(node.path)
             writer = await self._writer(node, truncate=bool(flags & os.O_TRUNC))
             return self._open_writer(node, writer, flags)
-        status = await self.client.stat(node.uri)
+        # An unlinked node (reopened through /proc/PID/fd) is the version it was.
+        status = await self.client.stat(node.uri) if node.linked else node.status
         if status.is_dir:
             raise IsADirectory(node.path)
         node.status = status
@@ -284,6 +324,7 @@ class DoraOperations(WritingOperations, pyfuse3.Operations):
                 if isinstance(exc, NotFound) and handle.node.inode != pyfuse3.ROOT_INODE:
                     raise
                 handle.complete = True  # the end, or an empty S3 prefix at the root
+                self._count_subdirs(handle.node, sum(1 for e in handle.entries if e.is_dir))
                 listed = {e.name for e in handle.entries}
                 handle.entries.extend(self._pending_children(handle.node, listed))
                 break
