@@ -113,10 +113,12 @@ def test_512_mib_sequential_write_with_fsync_lands_and_each_byte_is_sent_once(pr
             piece = block[i % 7:] + block[:i % 7]  # distinct pieces, cheap to make
             f.write(piece)
             digest.update(piece)
+        f.flush()  # Python's buffer to the mount, then fsync: `dd conv=fsync`
         os.fsync(f.fileno())
     head = s3.head_object(Bucket=bucket, Key="huge.bin")
     assert head["ContentLength"] == size
-    assert proxy.payload("upload_part") == size  # each byte once
+    parts = [s.path.split("partNumber=")[1] + f":{s.payload}:{s.status}" for s in proxy.seen if s.op == "upload_part"]
+    assert proxy.payload("upload_part") == size, " ".join(parts)  # each byte once
     assert proxy.count("complete") == 1
     check = hashlib.md5()
     stream = s3.get_object(Bucket=bucket, Key="huge.bin")["Body"]

@@ -4,10 +4,11 @@
         headers: X-Dorafs-Checksum (xxh3-64 of the body), X-Dorafs-Cache (hit|miss);
         run=N: on a miss, also fill up to N-1 following pages with the same UFS read
   GET /v1/locate?uri=&version=&size=&index=&page_size=[&count=N]
-        pages index.. index+N-1 made cached (one UFS read fills the misses, as run=N),
-        then where their files are: {"pages": [{"index", "path", "size", "checksum"}]},
-        consecutive from `index`, ending early at a page held only in memory; for
-        short-circuit reads by a client on the same machine (dorafs/client/local.py)
+        page index made cached (one UFS read fills it and the misses after it, as run=N),
+        then where the files of it and of the following pages cached by then are:
+        {"pages": [{"index", "path", "size", "checksum"}]}, consecutive from `index`,
+        ending early at a page not in yet or held only in memory; for short-circuit
+        reads by a client on the same machine (dorafs/client/local.py)
   GET /v1/stat?uri=[&ttl=&negative_ttl=]         FileStatus as JSON (404 if missing), with "age":
         seconds since it was read from the UFS (a mount keeps it until its TTL runs out)
   GET /v1/list?uri=&after=&limit=[&ttl=]         {"entries": [...], "next": name | null, "age": seconds}
@@ -89,13 +90,16 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
     async def locate(req: Request) -> Response:
         uri, version, size, index = await page_args(req)
         count = min(req.int_arg("count", 1, minimum=1), MAX_RUN, page_count(size, service.config.page_size) - index)
+        # The first page fills the run and is answered as soon as it is in; the pages of
+        # the run already cached by then come along, the caller asks for the rest.
+        result = await service.page(uri, version, size, index, verify=False, run=count)
         pages = []
-        for i in range(index, index + max(1, count)):  # the first fills the run, the others wait for it
-            result = await service.page(uri, version, size, i, verify=False, run=count if i == index else 1)
-            if result.entry is None:
-                break
+        i = index
+        while result is not None and result.entry is not None:
             pages.append({"index": i, "path": str(result.entry.path), "size": result.size,
                           "checksum": result.checksum})
+            i += 1
+            result = service.ready(uri, version, size, i) if i < index + max(1, count) else None
         return json_response({"pages": pages})
 
     @server.route("GET", "/v1/stat")

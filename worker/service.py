@@ -132,6 +132,20 @@ class WorkerService:
         self.metrics.bytes_served.inc(result.size)
         return result
 
+    def ready(self, uri: str, version: str, size: int, index: int) -> PageResult | None:
+        """A page already cached and not being filled, without waiting or filling."""
+        if index >= page_count(size, self.config.page_size):
+            return None
+        key = (object_id(uri, version), index)
+        if key in self._run_pages or key in self._page_flights:
+            return None
+        entry = self.store.lookup(key)
+        if entry is None:
+            return None
+        self.metrics.page_requests.labels("hit").inc()
+        self.metrics.bytes_served.inc(entry.size)
+        return PageResult(entry.checksum, entry.size, entry=entry, hit=True, key=key)
+
     async def _cached(self, uri: str, version: str, size: int, index: int,
                       verify: bool) -> tuple[tuple[str, int], PageEntry | None]:
         """The page's key and its cached entry (None on a miss), after any run filling it

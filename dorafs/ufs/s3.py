@@ -22,10 +22,14 @@ Subtleties:
 - A ranged GET streams its body in the thread into the caller's buffer, chunk by chunk,
   reporting each to a `Progress`: the caller can use the first bytes before the last
   arrive, a stall is seen as one, and a retry asks only for the bytes still missing.
-- Requests whose answer comes only after the server worked through the object's bytes
-  (CompleteMultipartUpload, which moto answers after seconds for hundreds of MiB and
-  which sends nothing meanwhile) get a socket idle bound that grows with those bytes
-  (`RetryPolicy.idle_for`): one boto3 client per such bound, created on first use.
+- Requests whose answer comes only after the server worked through many bytes get a
+  socket idle bound that grows with those bytes (`RetryPolicy.idle_for`; one boto3
+  client per bound, created on first use): CompleteMultipartUpload and copies (moto
+  completes hundreds of MiB in seconds and sends nothing meanwhile), and uploads (the
+  last megabytes of a body sit in socket buffers and drain at the link's pace after the
+  sender is done, so the answer may be seconds away while everything is moving). An
+  upload's body goes as a stream, in blocks each bounded by the socket timeout: sent
+  as bytes it would be one `sendall`, which Python bounds as a whole.
 - Writes: `put_object` for an object in one piece, a multipart upload for more (aborted
   by the writer when it gives up, so no partial object appears). Writes tell the truth:
   when a PUT, an UploadPart or a CompleteMultipartUpload gets no answer (timeout,
@@ -49,6 +53,7 @@ from __future__ import annotations
 import datetime as _dt
 import errno as _errno
 import hashlib
+import io
 import logging
 import math
 import time
@@ -187,9 +192,17 @@ class S3Ufs(UnderFileSystem):
         call moves or makes the server work through (stretches the deadline); `idle`: how
         long the server may be silent; `settled`: see `call_with_retries`."""
         client = await self._s3(idle)
+        body = params.pop("Body", None)
+
+        def call() -> dict:
+            if body is None:
+                return getattr(client, op)(Bucket=bucket, **params)
+            # As a stream, a body is sent in blocks, each bounded by the socket timeout;
+            # as bytes it would be one sendall, bounded as a whole (a slow link fails).
+            return getattr(client, op)(Bucket=bucket, Body=io.BytesIO(body), **params)
+
         try:
-            return await call_with_retries(self.retry, f"S3 {op} s3://{bucket}/{key}",
-                                           lambda: getattr(client, op)(Bucket=bucket, **params),
+            return await call_with_retries(self.retry, f"S3 {op} s3://{bucket}/{key}", call,
                                            classify, self._limiter, nbytes=nbytes, settled=settled)
         except BotoCoreError as exc:
             raise _failure(op, bucket, key, exc) from exc
@@ -429,7 +442,7 @@ class S3Ufs(UnderFileSystem):
             condition = self._condition(expect)
             try:
                 answer = await self._api("put_object", bucket, key, Key=key, Body=data, nbytes=len(data),
-                                         settled=landed, **condition)
+                                         idle=self.retry.idle_for(len(data)), settled=landed, **condition)
             except ClientError as exc:
                 if condition and self._refuses_conditions(exc, uri):
                     continue
@@ -586,7 +599,8 @@ class S3Upload(Upload):
         try:
             answer = await self.ufs._api("upload_part", self.bucket, self.key, Key=self.key,
                                          UploadId=self.upload_id, PartNumber=number, Body=data,
-                                         nbytes=len(data), settled=landed)
+                                         nbytes=len(data), idle=self.ufs.retry.idle_for(len(data)),
+                                         settled=landed)
         except ClientError as exc:
             if _code(exc) in _NO_UPLOAD:
                 self.gone = True
