@@ -219,7 +219,7 @@ async def call_with_retries(policy: RetryPolicy, what: str, run: Callable[[], T]
                 if stall.cancelled_caught:
                     if progress is not None:
                         progress.abandon()
-                    last, cause = TimeoutError(), f"no progress for {policy.timeout:g}s"
+                    last, cause = TimeoutError(), f"stalled: no progress within the {policy.timeout:g}s timeout"
                     log.debug("%s: attempt %d stalled", what, attempt)
                     continue
             if scope.cancelled_caught:
