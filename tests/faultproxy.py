@@ -16,6 +16,8 @@ that stat and listings still work):
                                       connection is closed without a byte of it)
   proxy.delay(seconds, n, match)      the next n such requests wait `seconds` before they
                                       are forwarded (a server that takes that long to answer)
+  proxy.ignore_conditions = True      writes lose their If-Match / If-None-Match headers on the
+                                      way (a server that ignores conditional writes)
 
 `match` gets a `Seen(method, path, headers)`; `Seen.op` names the S3 operation
 ("put_object", "upload_part", "complete", "create_upload", "get_range", ...).
@@ -108,6 +110,7 @@ class FaultProxy:
         self._rules: list[_Rule] = []
         self.injected = 0
         self.requests = 0
+        self.ignore_conditions = False
         self.seen: list[Seen] = []
         proxy = self
 
@@ -160,6 +163,8 @@ class FaultProxy:
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=120)
                 try:
                     forward = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
+                    if proxy.ignore_conditions and self.command in ("PUT", "POST"):
+                        forward = {k: v for k, v in forward.items() if k.lower() not in ("if-match", "if-none-match")}
                     conn.request(self.command, self.path, body=body or None, headers=forward)
                     response = conn.getresponse()
                     if rule is not None and rule.kind == "drop":  # the server acted; the answer is lost

@@ -39,10 +39,11 @@ Subtleties:
   bytes are never sent twice once they have landed.
 - Commits are conditional (`expect`): `If-None-Match: *` for a new object, `If-Match`
   on the version the writer staged from. A 412 whose object is not what this writer
-  sent is a `CommitConflict` (ESTALE) naming both versions. A server that refuses
-  conditional writes (501 NotImplemented) is logged once and written unconditionally
-  from then on. CompleteMultipartUpload's If-Match is ignored by some servers (moto), so
-  the version is also checked with a HEAD just before completing. A directory made through the mount is a
+  sent is a `CommitConflict` (ESTALE) naming both versions. Whether the server honours
+  conditions is probed once per bucket (`_check_conditions`); where it ignores or
+  refuses them (logged once) the version is checked with a HEAD just before writing.
+  CompleteMultipartUpload's If-Match is ignored by some servers that honour the rest
+  (moto), so it is always checked with a HEAD as well. A directory made through the mount is a
   `key/` marker; removing the last entry of a directory puts its marker, so the
   directory stays as it would on a disk. A rename is copy then delete (multipart copy
   past 5 GiB): not atomic, and a directory's objects move one by one.
@@ -57,6 +58,7 @@ import io
 import logging
 import math
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -145,7 +147,7 @@ class S3Ufs(UnderFileSystem):
         self._client: Any = None
         self._patient: dict[float, Any] = {}  # socket idle bound -> a client with that read timeout
         self._client_lock = trio.Lock()
-        self.conditional = True  # False once the server refused a conditional write
+        self._honours: dict[str, bool] = {}  # bucket -> does its server honour conditional writes
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -392,23 +394,62 @@ class S3Ufs(UnderFileSystem):
                 raise NotFound(f"no such bucket: s3://{bucket}") from exc
             raise _failure(op, bucket, key, exc) from exc
 
-    def _condition(self, expect: str | None) -> dict[str, str]:
-        """The headers of a conditional write (none once the server refused them)."""
-        if expect is None or not self.conditional:
+    def _condition(self, bucket: str, expect: str | None) -> dict[str, str]:
+        """The headers of a conditional write (none where the server does not honour them)."""
+        if expect is None or not self._honours.get(bucket, True):
             return {}
         return {"IfNoneMatch": "*"} if expect == NEW else {"IfMatch": expect}
 
-    def _refuses_conditions(self, exc: ClientError, uri: str) -> bool:
-        """True (logged once per adapter, i.e. per mount) when the server refused a
-        conditional write as unsupported: writes go on without conditions."""
+    async def _check_conditions(self, bucket: str) -> bool:
+        """Does the server honour conditional writes in `bucket`? Asked once per bucket and
+        adapter (i.e. per mount) with a PUT of a probe key that must fail (If-Match on a
+        version no object has): a server that honours it answers 412 or 404 and writes
+        nothing; one that writes the probe ignores conditions (the probe is deleted).
+        A server that ignores them, or refuses them (501), is logged once."""
+        if bucket in self._honours:
+            return self._honours[bucket]
+        probe = f".dorafs-conditional-write-probe-{uuid.uuid4().hex}"
+        honoured = True
+        try:
+            await self._api("put_object", bucket, probe, Key=probe, Body=b"",
+                            IfMatch='"00000000000000000000000000000000"')
+        except ClientError as exc:
+            honoured = _code(exc) not in _UNSUPPORTED
+        except DoraError:
+            return True  # not known yet: ask again with the next write
+        else:
+            honoured = False
+            try:
+                await self._api("delete_object", bucket, probe, Key=probe)
+            except (ClientError, DoraError) as exc:
+                log.warning("could not delete the probe object s3://%s/%s: %s", bucket, probe, exc)
+        if not honoured:
+            log.warning("the S3 server of s3://%s does not honour conditional writes: a commit checks the "
+                        "object's version just before writing instead (a concurrent writer in between is "
+                        "overwritten)", bucket)
+        self._honours[bucket] = honoured
+        return honoured
+
+    def _refuses_conditions(self, exc: ClientError, bucket: str) -> bool:
+        """True (logged once) when the server refused a conditional write as unsupported."""
         if _code(exc) not in _UNSUPPORTED and \
                 exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 501:
             return False
-        if self.conditional:
-            log.warning("the S3 server refuses conditional writes (%s on %s): writes through this mount are "
-                        "unconditional from now on, so a concurrent writer may be overwritten", _code(exc), uri)
-        self.conditional = False
+        if self._honours.get(bucket, True):
+            log.warning("the S3 server of s3://%s refuses conditional writes (%s): a commit checks the object's "
+                        "version just before writing instead", bucket, _code(exc))
+        self._honours[bucket] = False
         return True
+
+    async def _precheck(self, bucket: str, key: str, expect: str | None) -> None:
+        """The object is still at `expect` (NEW: absent), by a HEAD: where the server does
+        not check the condition itself."""
+        if expect is None:
+            return
+        head = await self._current(bucket, key)
+        if (head is None) if expect == NEW else (head is not None and str(head.get("ETag", "")) == expect):
+            return
+        raise await self._conflict(bucket, key, expect)
 
     async def _current(self, bucket: str, key: str) -> dict | None:
         """HEAD of the object (None if absent), for deciding what a lost write did."""
@@ -417,7 +458,7 @@ class S3Ufs(UnderFileSystem):
         except DoraError:
             return None
 
-    async def _conflict(self, bucket: str, key: str, expect: str, exc: Exception) -> CommitConflict:
+    async def _conflict(self, bucket: str, key: str, expect: str) -> CommitConflict:
         head = await self._current(bucket, key)
         now = "no object" if head is None else f"version {head.get('ETag', '?')} ({head.get('ContentLength')} bytes)"
         was = "no object" if expect == NEW else f"version {expect}"
@@ -439,19 +480,21 @@ class S3Ufs(UnderFileSystem):
             return head if str(head.get("ETag", "")).strip('"') == digest[0] else None
 
         while True:
-            condition = self._condition(expect)
+            if expect is not None and not await self._check_conditions(bucket):
+                await self._precheck(bucket, key, expect)
+            condition = self._condition(bucket, expect)
             try:
                 answer = await self._api("put_object", bucket, key, Key=key, Body=data, nbytes=len(data),
                                          idle=self.retry.idle_for(len(data)), settled=landed, **condition)
             except ClientError as exc:
-                if condition and self._refuses_conditions(exc, uri):
+                if condition and self._refuses_conditions(exc, bucket):
                     continue
                 if _code(exc) == _NO_BUCKET:
                     raise NotFound(f"no such bucket: s3://{bucket}") from exc
                 if _code(exc) in _CHANGED | _NO_KEY and condition:
                     if (head := await landed()) is not None:  # a retry refused: the first had landed
                         return _written(key, len(data), head)
-                    raise await self._conflict(bucket, key, expect, exc) from exc
+                    raise await self._conflict(bucket, key, expect) from exc
                 raise _failure("put_object", bucket, key, exc) from exc
             return _written(key, len(data), answer)
 
@@ -622,18 +665,17 @@ class S3Upload(Upload):
 
         parts = [{"PartNumber": n, "ETag": names[n - 1]} for n in range(1, count + 1)]
         while True:
-            condition = ufs._condition(self.expect)
-            if "IfMatch" in condition:  # some servers ignore If-Match here: look first as well
-                head = await ufs._current(bucket, key)
-                if head is None or str(head.get("ETag", "")) != self.expect:
-                    raise await ufs._conflict(bucket, key, self.expect, StaleVersion("changed before completing"))
+            honoured = self.expect is None or await ufs._check_conditions(bucket)
+            condition = ufs._condition(bucket, self.expect)
+            if not honoured or "IfMatch" in condition:  # some servers ignore If-Match here (moto)
+                await ufs._precheck(bucket, key, self.expect)
             try:
                 answer = await ufs._api("complete_multipart_upload", bucket, key, Key=key, UploadId=self.upload_id,
                                         MultipartUpload={"Parts": parts}, nbytes=size, idle=ufs.retry.idle_for(size),
                                         settled=landed, **condition)
             except ClientError as exc:
                 code = _code(exc)
-                if condition and ufs._refuses_conditions(exc, f"s3://{bucket}/{key}"):
+                if condition and ufs._refuses_conditions(exc, bucket):
                     continue
                 if code in _CHANGED | _NO_UPLOAD | _NO_KEY:
                     if (head := await landed()) is not None:  # an earlier attempt completed it
@@ -642,7 +684,7 @@ class S3Upload(Upload):
                     if code in _NO_UPLOAD:
                         self.gone = True
                     elif condition:
-                        raise await ufs._conflict(bucket, key, self.expect, exc) from exc
+                        raise await ufs._conflict(bucket, key, self.expect) from exc
                 if code == _NO_BUCKET:
                     raise NotFound(f"no such bucket: s3://{bucket}") from exc
                 raise _failure("complete_multipart_upload", bucket, key, exc) from exc
