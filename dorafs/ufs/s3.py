@@ -446,7 +446,7 @@ class S3Ufs(UnderFileSystem):
         not check the condition itself."""
         if expect is None:
             return
-        head = await self._current(bucket, key)
+        head = await self._head(bucket, key)  # a store that cannot answer fails the commit (EIO)
         if (head is None) if expect == NEW else (head is not None and str(head.get("ETag", "")) == expect):
             return
         raise await self._conflict(bucket, key, expect)
