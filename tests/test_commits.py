@@ -56,9 +56,11 @@ def body(s3, bucket: str, key: str) -> bytes:
 # -- truthful failures ---------------------------------------------------------------------
 
 def test_a_put_whose_answer_is_lost_still_succeeds_once_the_object_is_there(procs, s3_server, bucket, proxy):
+    """Through a link of 256 KB/s per connection (the PUT takes 8 s), its answer is lost."""
     s3 = s3_server.client()
     mount = through(procs, s3_server, bucket, proxy)
-    data = os.urandom(3 * MiB)
+    proxy.limit(256_000)
+    data = os.urandom(2 * MiB)
     proxy.drop(1, lambda seen: seen.op == "put_object" and "small.bin" in seen.path)
     with open(mount.path("small.bin"), "wb") as f:
         f.write(data)
@@ -70,8 +72,11 @@ def test_a_put_whose_answer_is_lost_still_succeeds_once_the_object_is_there(proc
 
 
 def test_a_lost_part_answer_and_a_lost_complete_answer_send_nothing_twice(procs, s3_server, bucket, proxy):
+    """Through a link of 1 MB/s per connection (a part takes 5 s), the answers of part 2
+    and of the complete are lost: both are looked up, nothing is sent again."""
     s3 = s3_server.client()
     mount = through(procs, s3_server, bucket, proxy)
+    proxy.limit(1_000_000)
     data = os.urandom(17 * MiB + 5)  # four 5 MiB parts, the last shorter
     proxy.drop(1, lambda seen: seen.op == "upload_part" and "partNumber=2" in seen.path)
     proxy.drop(1, lambda seen: seen.op == "complete")
