@@ -34,7 +34,6 @@ import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import TypeVar
 
 import trio
@@ -116,7 +115,7 @@ class DoraClient:
         self._suspect_for: dict[str, float] = {}  # current skip period of a failing worker
         self._ring_addresses: set[str] = set()
         self._prefetching = 0  # pages scheduled by readahead and not yet fetched
-        self._scheduled: dict[tuple, trio.Event] = {}  # their keys -> set when their run is done
+        self._scheduled: dict[tuple, trio.Event] = {}  # their keys -> set when that page is in
         self._nursery: trio.Nursery | None = None
         self._outage: str | None = None  # the UFS error that made the mount use held metadata
         self._outage_recheck = 0.0  # until then, metadata requests skip the failing UFS
@@ -434,29 +433,48 @@ class DoraClient:
         count = min(last_page - start + 1, MAX_PREFETCH - self._prefetching)
         for first in range(start, start + count, RUN_PAGES):  # runs fetched side by side
             keys = [self._key(f, i) for i in range(first, min(start + count, first + RUN_PAGES))]
-            done = trio.Event()
-            self._scheduled.update((key, done) for key in keys)
+            events = {key: trio.Event() for key in keys}  # each set when its own page is in
+            self._scheduled.update(events)
             self._prefetching += len(keys)
-            self._nursery.start_soon(self._prefetch_run, f, first, keys, done)
+            self._nursery.start_soon(self._prefetch_run, f, first, keys, events)
 
     def _coming(self, f: OpenFile, index: int) -> bool:
         key = self._key(f, index)
         return key in self.local or key in self.buffer or key in self._flights or key in self._scheduled
 
-    async def _prefetch_run(self, f: OpenFile, start: int, keys: list[tuple], done: trio.Event) -> None:
+    async def _prefetch_run(self, f: OpenFile, start: int, keys: list[tuple],
+                            events: dict[tuple, trio.Event]) -> None:
+        def arrived(key: tuple) -> None:  # a reader waiting for this page goes on now, not at the run's end
+            event = events.pop(key, None)
+            if event is None:
+                return
+            if self._scheduled.get(key) is event:
+                del self._scheduled[key]
+            self._prefetching -= 1
+            event.set()
+
+        async def one(i: int) -> None:
+            try:
+                await self._page(f, i, ahead=True)
+            finally:
+                arrived(keys[i - start])
+
         try:
-            await self._page(f, start, run=len(keys), ahead=True)
+            try:
+                await self._page(f, start, run=len(keys), ahead=True)
+            finally:
+                arrived(keys[0])
             async with trio.open_nursery() as nursery:  # what the run did not bring (remote workers)
                 for i in range(start + 1, start + len(keys)):
-                    nursery.start_soon(partial(self._page, f, i, ahead=True))
+                    if keys[i - start] in self.buffer:
+                        arrived(keys[i - start])
+                    else:
+                        nursery.start_soon(one, i)
         except Exception as exc:  # the reader will hit (and report) the same error itself
             log.debug("readahead of pages %d+%d of %s failed: %s", start, len(keys), f.uri, exc)
         finally:
             for key in keys:
-                if self._scheduled.get(key) is done:
-                    del self._scheduled[key]
-            self._prefetching -= len(keys)
-            done.set()
+                arrived(key)
 
     def _key(self, f: OpenFile, index: int) -> tuple:
         return (f.uri, f.status.version, self.page_size, index)

@@ -36,6 +36,7 @@ from dorafs.fuse.handles import NAME_MAX, FileHandle, too_long, valid_name
 from dorafs.fuse.inodes import Node
 from dorafs.fuse.metrics import UPLOAD_BYTES, UPLOADS, WRITE_BYTES
 from dorafs.ufs import FileStatus, join
+from dorafs.ufs.base import NEW
 
 log = logging.getLogger("dorafs.fuse.operations")
 
@@ -99,7 +100,7 @@ class WritingOperations:
         `truncate`) if the file is not being written yet."""
         writer = node.writer
         if writer is None:
-            writer = self.staging.open(node.uri)
+            writer = self.staging.open(node.uri, node.status.version or NEW)  # its commit's condition
             try:
                 if not truncate:
                     await self._load(writer, node)
