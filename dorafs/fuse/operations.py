@@ -1,4 +1,4 @@
-"""pyfuse3 operations of a dorafs mount.
+"""FUSE operations of a dorafs mount (the session in dorafs/fuse/session.py calls them).
 
 Subtleties:
 - Version pinning: `open` stats the file and pins (version, size) in its handle; every
@@ -22,9 +22,6 @@ import stat
 import time
 from dataclasses import replace
 
-import pyfuse3
-import trio
-
 from dorafs.client import DoraClient
 from dorafs.client.writes import Staging
 from dorafs.config import MountConfig
@@ -33,6 +30,7 @@ from dorafs.fuse.errors import fuse_operation
 from dorafs.fuse.handles import NAME_MAX, DirHandle, FileHandle, valid_name
 from dorafs.fuse.inodes import InodeTable, Node
 from dorafs.fuse.metrics import READ_BYTES, READ_LATENCY, READS, STAGING_BYTES
+from dorafs.fuse.types import ROOT_INODE, EntryAttributes, FileInfo, StatvfsData
 from dorafs.fuse.writing import WritingOperations
 from dorafs.ufs import FileStatus, join
 
@@ -50,24 +48,11 @@ def _kernel_seconds(ttl: float) -> float:
     return KERNEL_FOREVER if ttl < 0 else ttl
 
 
-def _invalidate_later(inode: int) -> None:
-    """Drop the kernel's cached attributes and pages of `inode`, off the request path.
-
-    Notifying the kernel from inside a request handler can deadlock (the kernel may hold
-    a lock the notification waits for), so it runs in a thread of a system task.
-    """
-    async def invalidate() -> None:
-        try:
-            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, False)
-        except OSError as exc:  # ENOENT: the kernel already forgot the inode
-            log.debug("kernel invalidation of inode %d: %s", inode, exc)
-
-    trio.lowlevel.spawn_system_task(invalidate)
-
-
-class DoraOperations(WritingOperations, pyfuse3.Operations):
-    supports_dot_lookup = True
-    enable_writeback_cache = False
+class DoraOperations(WritingOperations):
+    # The FUSE session, once mounted: `kernel.invalidate_inode` drops the kernel's cached
+    # attributes and pages of an inode, off the request path (sent from a thread: waiting
+    # for it inside a handler can deadlock).
+    kernel = None
 
     def __init__(self, client: DoraClient, config: MountConfig, root_uri: str, root_status: FileStatus,
                  staging: Staging | None = None):
@@ -90,9 +75,9 @@ class DoraOperations(WritingOperations, pyfuse3.Operations):
 
     # -- attributes -------------------------------------------------------------------
 
-    def _attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+    def _attributes(self, node: Node) -> EntryAttributes:
         status = node.status
-        attr = pyfuse3.EntryAttributes()
+        attr = EntryAttributes()
         attr.st_ino = node.inode
         attr.generation = 0
         attr.entry_timeout = self._entry_timeout
@@ -109,9 +94,9 @@ class DoraOperations(WritingOperations, pyfuse3.Operations):
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = stamp
         return attr
 
-    def _negative(self) -> pyfuse3.EntryAttributes:
+    def _negative(self) -> EntryAttributes:
         """A cacheable "no such entry" answer (kept by the kernel for negative_ttl)."""
-        attr = pyfuse3.EntryAttributes()
+        attr = EntryAttributes()
         attr.st_ino = 0
         attr.entry_timeout = self._negative_timeout
         return attr
@@ -162,7 +147,7 @@ class DoraOperations(WritingOperations, pyfuse3.Operations):
         try:
             return await self.client.stat(node.uri)
         except NotFound:
-            if node.inode == pyfuse3.ROOT_INODE:  # an empty S3 prefix: the mount starts empty
+            if node.inode == ROOT_INODE:  # an empty S3 prefix: the mount starts empty
                 return FileStatus(name="", is_dir=True)
             raise
 
@@ -174,7 +159,7 @@ class DoraOperations(WritingOperations, pyfuse3.Operations):
 
     @fuse_operation
     async def statfs(self, ctx):
-        stat = pyfuse3.StatvfsData()
+        stat = StatvfsData()
         capacity = sum(w.capacity for w in self.client.membership.workers.values()) or (1 << 40)
         stat.f_bsize = stat.f_frsize = 4096
         stat.f_blocks = capacity // 4096
@@ -216,7 +201,8 @@ class DoraOperations(WritingOperations, pyfuse3.Operations):
             # to attr_timeout, and would clip reads at the old size: this handle bypasses
             # the kernel cache, and the kernel is told to drop that inode's attributes.
             node.attr_version = None
-            _invalidate_later(node.inode)
+            if self.kernel is not None:
+                self.kernel.invalidate_inode(node.inode)
         if others or stale_attributes or self.config.direct_io:
             direct_io, keep_cache = True, False
             node.kernel_version = None
@@ -227,7 +213,7 @@ class DoraOperations(WritingOperations, pyfuse3.Operations):
         node.open_handles += 1
         fh = next(self._numbers)
         self._handles[fh] = FileHandle(node, self.client.open(node.uri, status))
-        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache, direct_io=direct_io)
+        return FileInfo(fh=fh, keep_cache=keep_cache, direct_io=direct_io)
 
     @fuse_operation
     async def read(self, fh, off, size):
@@ -281,7 +267,7 @@ class DoraOperations(WritingOperations, pyfuse3.Operations):
             try:
                 page = await handle.pages.__anext__()
             except (StopAsyncIteration, NotFound) as exc:
-                if isinstance(exc, NotFound) and handle.node.inode != pyfuse3.ROOT_INODE:
+                if isinstance(exc, NotFound) and handle.node.inode != ROOT_INODE:
                     raise
                 handle.complete = True  # the end, or an empty S3 prefix at the root
                 listed = {e.name for e in handle.entries}
@@ -296,11 +282,13 @@ class DoraOperations(WritingOperations, pyfuse3.Operations):
         index = start_id
         while (entry := await self._entry(handle, index)) is not None:
             node = self.inodes.child(handle.node, entry.name, entry)
-            if not pyfuse3.readdir_reply(token, entry.name.encode("utf-8", "surrogateescape"),
-                                         self._attributes(node), index + 1):
+            if not token.add(entry.name.encode("utf-8", "surrogateescape"), self._attributes(node), index + 1):
                 self.inodes.release_if_unused(node)
                 return
-            node.lookups += 1
+            if token.plus:  # a READDIRPLUS entry is a lookup; a READDIR one is not
+                node.lookups += 1
+            else:
+                self.inodes.release_if_unused(node)
             index += 1
 
     @fuse_operation

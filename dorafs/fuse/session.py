@@ -102,6 +102,10 @@ def negotiate(body: bytes | memoryview, *, wanted: int = WANTED, max_write: int 
                              max_write, max_pages, max_stack_depth)
 
 
+class SessionError(Exception):
+    """The session could not start (the kernel never sent a usable INIT)."""
+
+
 class Session:
     """Serves FUSE requests from `fd` with the methods of `operations` (see dispatch.py)."""
 
@@ -137,7 +141,7 @@ class Session:
         try:
             with trio.CancelScope() as self._scope:
                 if not await self._init():
-                    return
+                    raise SessionError(f"FUSE session not started: {self.end_reason}")
                 task_status.started(self.negotiated)
                 async with trio.open_nursery() as self._nursery:
                     for _ in range(self.workers):
