@@ -275,18 +275,19 @@ class Dispatcher:
     # -- extended attributes ------------------------------------------------------------
 
     async def _setxattr(self, h, body):
-        size, flags = p.GETXATTR_IN.struct.unpack_from(body)  # 8 bytes without SETXATTR_EXT
-        name = _name(body, 8)
-        value = bytes(body[8 + len(name) + 1:8 + len(name) + 1 + size])
+        size, _flags = p.SETXATTR_IN.struct.unpack_from(body)
+        name = _name(body, p.SETXATTR_IN.size)
+        start = p.SETXATTR_IN.size + len(name) + 1
+        value = bytes(body[start:start + size])
         await self._method("setxattr")(h[3], name, value, _ctx(h))
 
     async def _getxattr(self, h, body):
-        (size,) = p.GETXATTR_IN.struct.unpack_from(body)[:1]
-        value = await self._method("getxattr")(h[3], _name(body, 8), _ctx(h))
+        (size,) = p.GETXATTR_IN.struct.unpack_from(body)
+        value = await self._method("getxattr")(h[3], _name(body, p.GETXATTR_IN.size), _ctx(h))
         return _xattr_reply(value, size)
 
     async def _listxattr(self, h, body):
-        (size,) = p.GETXATTR_IN.struct.unpack_from(body)[:1]
+        (size,) = p.GETXATTR_IN.struct.unpack_from(body)
         names = await self._method("listxattr")(h[3], _ctx(h))
         return _xattr_reply(b"".join(n + b"\0" for n in names), size)
 

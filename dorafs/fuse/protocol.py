@@ -104,6 +104,7 @@ FORGET_ONE = _layout("fuse_forget_one", "nodeid:Q", "nlookup:Q")
 BATCH_FORGET_IN = _layout("fuse_batch_forget_in", "count:I", "dummy:4x")
 INTERRUPT_IN = _layout("fuse_interrupt_in", "unique:Q")
 ACCESS_IN = _layout("fuse_access_in", "mask:I", "padding:4x")
+SETXATTR_IN = _layout("fuse_setxattr_in", "size:I", "flags:I")  # the 8-byte form: no SETXATTR_EXT
 GETXATTR_IN = _layout("fuse_getxattr_in", "size:I", "padding:4x")
 GETXATTR_OUT = _layout("fuse_getxattr_out", "size:I", "padding:4x")
 KSTATFS = _layout("fuse_kstatfs", "blocks:Q", "bfree:Q", "bavail:Q", "files:Q", "ffree:Q", "bsize:I",
