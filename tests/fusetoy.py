@@ -4,7 +4,8 @@
 and serves until unmounted, printing one JSON line on stdout once serving (what INIT
 settled) and one when it ends (the session's statistics and what the adapter saw).
 Files: `hello` ("hello world\n"), `big` (2 MiB of a counting pattern), `slow` (a read
-that waits until interrupted: its handler records that its work was cancelled).
+that waits until interrupted: its handler says when it starts and when its work is
+cancelled, one JSON line each).
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ from dorafs.fuse.types import ROOT_INODE, EntryAttributes, FileInfo, FUSEError, 
 
 BIG = bytes(i % 251 for i in range(2 << 20))
 FILES = {b"hello": b"hello world\n", b"big": BIG, b"slow": b"x" * 4096}
+
+
+def _say(**event) -> None:
+    if __name__ == "__main__":
+        print(json.dumps(event), flush=True)
 
 
 class ToyOperations:
@@ -64,10 +70,12 @@ class ToyOperations:
     async def read(self, fh, off, size):
         self.reads += 1
         if self.names[fh] == b"slow":
+            _say(slow_read="started")
             try:
                 await trio.sleep_forever()
             except trio.Cancelled:
                 self.cancelled_reads += 1
+                _say(slow_read="cancelled")
                 raise
         return memoryview(FILES[self.names[fh]])[off:off + size]
 

@@ -275,9 +275,9 @@ class Dispatcher:
     # -- extended attributes ------------------------------------------------------------
 
     async def _setxattr(self, h, body):
-        size, _flags = p.SETXATTR_IN.struct.unpack_from(body)
-        name = _name(body, p.SETXATTR_IN.size)
-        start = p.SETXATTR_IN.size + len(name) + 1
+        (size,) = p.GETXATTR_IN.struct.unpack_from(body)  # the compat setxattr_in begins the same
+        name = _name(body, p.SETXATTR_IN_COMPAT_SIZE)
+        start = p.SETXATTR_IN_COMPAT_SIZE + len(name) + 1
         value = bytes(body[start:start + size])
         await self._method("setxattr")(h[3], name, value, _ctx(h))
 

@@ -29,7 +29,7 @@ from dorafs.errors import IsADirectory, NotADirectory, NotFound
 from dorafs.fuse.errors import fuse_operation
 from dorafs.fuse.handles import NAME_MAX, DirHandle, FileHandle, valid_name
 from dorafs.fuse.inodes import InodeTable, Node
-from dorafs.fuse.metrics import READ_BYTES, READ_LATENCY, READS, STAGING_BYTES
+from dorafs.fuse.metrics import INODES, READ_BYTES, READ_LATENCY, READS, STAGING_BYTES
 from dorafs.fuse.types import ROOT_INODE, EntryAttributes, FileInfo, StatvfsData
 from dorafs.fuse.writing import WritingOperations
 from dorafs.ufs import FileStatus, join
@@ -63,6 +63,7 @@ class DoraOperations(WritingOperations):
         self.staging = staging or Staging(config, client.ufs)  # its `run` is started by the mount
         self._writing: set[Node] = set()  # nodes with a WriteFile
         STAGING_BYTES.set_function(lambda: self.staging.used)
+        INODES.set_function(lambda: len(self.inodes))
         self._handles: dict[int, FileHandle | DirHandle] = {}
         self._numbers = itertools.count(1)
         self._uid = os.getuid() if config.uid is None else config.uid
