@@ -14,9 +14,9 @@ Subtleties:
 - INIT comes first and is answered before the pool starts: the session asks only for
   what the kernel offered (`negotiate`), and keeps what was agreed in `negotiated` (the
   passthrough work reads `kernel_flags` and `max_stack_depth` there).
-- FORGET and BATCH_FORGET get no reply. INTERRUPT names a request by its unique id: its
-  cancel scope is cancelled, the operation's work stops at its next checkpoint, and the
-  request is answered EINTR. An INTERRUPT for a request already answered is dropped.
+- FORGET and BATCH_FORGET get no reply. INTERRUPT names a request by its unique id: the
+  cancel scope of the worker serving it is cancelled, the operation's work stops at its
+  next checkpoint, and the request is answered EINTR. An INTERRUPT for a request already answered is dropped.
 - The end: reading the device fails with ENODEV once the file system is unmounted (the
   kernel sends DESTROY only for block-device mounts, so it may never come), or reads
   end of file (a socket in tests). Then every worker is cancelled and `serve` returns.
@@ -43,6 +43,11 @@ from dorafs.fuse.dispatch import Dispatcher, error_name
 from dorafs.fuse.types import FUSEError
 
 log = logging.getLogger("dorafs.fuse.session")
+
+_unpack_in = p.IN_HEADER.struct.unpack_from
+_IN_SIZE = p.IN_HEADER.size
+_pack_out = p.OUT_HEADER.struct.pack
+_OUT_SIZE = p.OUT_HEADER.size
 
 PAGE = 4096
 HEADROOM = 4096  # in header + the largest fixed argument struct, rounded up to a page
@@ -208,37 +213,42 @@ class Session:
         fd = self.fd
         idle = self._idle
         while True:
-            try:
-                n = os.readv(fd, [buf])
-            except BlockingIOError:
-                if self._waiting:
-                    await idle.park()
-                    continue
-                self._waiting = True
-                try:
-                    await trio.lowlevel.wait_readable(fd)
-                finally:
-                    self._waiting = False
-                continue
-            except OSError as exc:
-                if exc.errno in (errno.ENOENT, errno.EINTR):
-                    continue
-                if exc.errno != errno.ENODEV:
-                    log.error("reading the FUSE device failed: %s; the session ends", exc)
-                self.terminate("unmounted" if exc.errno == errno.ENODEV else str(exc))
-                return
-            if n == 0:
-                self.terminate("end of file on the FUSE device")
-                return
-            if not self._waiting and len(idle):
-                idle.unpark()  # someone must watch the device while this request is served
-            self.requests += 1
-            await self._handle(view, n)
+            # One cancel scope serves this worker's requests until one of them is
+            # interrupted (entering a scope per request would cost more than the rest of
+            # the request's bookkeeping together); then the next request gets a new one.
+            with trio.CancelScope() as scope:
+                while not scope.cancel_called:
+                    try:
+                        n = os.readv(fd, [buf])
+                    except BlockingIOError:
+                        if self._waiting:
+                            await idle.park()
+                            continue
+                        self._waiting = True
+                        try:
+                            await trio.lowlevel.wait_readable(fd)
+                        finally:
+                            self._waiting = False
+                        continue
+                    except OSError as exc:
+                        if exc.errno in (errno.ENOENT, errno.EINTR):
+                            continue
+                        if exc.errno != errno.ENODEV:
+                            log.error("reading the FUSE device failed: %s; the session ends", exc)
+                        self.terminate("unmounted" if exc.errno == errno.ENODEV else str(exc))
+                        return
+                    if n == 0:
+                        self.terminate("end of file on the FUSE device")
+                        return
+                    if not self._waiting and len(idle):
+                        idle.unpark()  # someone must watch the device while this request is served
+                    self.requests += 1
+                    await self._handle(view, n, scope)
 
-    async def _handle(self, view: memoryview, n: int) -> None:
-        h = p.IN_HEADER.struct.unpack_from(view)
+    async def _handle(self, view: memoryview, n: int, scope: trio.CancelScope) -> None:
+        h = _unpack_in(view)
         opcode, unique = h[1], h[2]
-        body = view[p.IN_HEADER.size:n]
+        body = view[_IN_SIZE:n]
         handler = self._handlers.get(opcode)
         if handler is None:
             await self._special(h, body)
@@ -247,20 +257,21 @@ class Session:
             log.debug("request %d: %s node %d", unique, p.OPCODE_NAMES.get(opcode, opcode), h[3])
         payload = None
         error = 0
-        with trio.CancelScope() as scope:
-            self._running[unique] = scope
-            try:
-                payload = await handler(h, body)
-            except FUSEError as exc:
-                error = exc.errno
-            except Exception:
-                log.exception("%s failed unexpectedly; answering EIO", p.OPCODE_NAMES.get(opcode, opcode))
-                error = errno.EIO
-            finally:
-                del self._running[unique]
-        if scope.cancelled_caught:
-            error, payload = errno.EINTR, None
-            self.interrupted += 1
+        self._running[unique] = scope
+        try:
+            payload = await handler(h, body)
+        except FUSEError as exc:
+            error = exc.errno
+        except Exception:
+            log.exception("%s failed unexpectedly; answering EIO", p.OPCODE_NAMES.get(opcode, opcode))
+            error = errno.EIO
+        finally:
+            del self._running[unique]
+            if scope.cancel_called:  # INTERRUPTed: answered EINTR, whatever the work did after
+                self.interrupted += 1
+                self._reply(unique, errno.EINTR)
+        if scope.cancel_called:
+            return
         if self.debug:
             log.debug("reply %d: %s", unique, error_name(error))
         self._reply(unique, error, payload if not error else None)
@@ -301,9 +312,9 @@ class Session:
             parts = payload
         else:
             parts = (payload,)
-        size = p.OUT_HEADER.size + sum(map(len, parts))
+        size = _OUT_SIZE + sum(map(len, parts))
         try:
-            os.writev(self.fd, (p.OUT_HEADER.struct.pack(size, -error, unique), *parts))
+            os.writev(self.fd, (_pack_out(size, -error, unique), *parts))
         except OSError as exc:
             # ENOENT: the request was interrupted or its caller is gone; the kernel no
             # longer waits for this answer. ENODEV: unmounted meanwhile.
