@@ -7,7 +7,8 @@ One run mounts, side by side and in turns:
   (`file://`) holding the quick dataset's large/big.bin (256 MiB), with `-o direct_io`
   so that every read reaches the mount; the file is read once first, so its pages are
   held by the embedded worker (and read from its page files: short circuit);
-- bench/ceiling.py: a minimal pyfuse3 server answering the same bytes from memory.
+- bench/ceiling.py: a minimal pyfuse3 server answering the same bytes from memory, its
+  opens direct_io too.
 Each is read by fio (random 4 KiB, O_DIRECT so the ceiling's reads reach it too, psync,
 `--jobs` readers), and the table gives IOPS, the ratio to the ceiling of the same round,
 and the CPU the mount process spent per request (its worker's apart). Rounds alternate
@@ -54,11 +55,12 @@ def make_file(ufs: Path) -> Path:
 
 
 class Mounted:
-    def __init__(self, name: str, argv: list[str], mnt: Path, log: Path):
+    def __init__(self, name: str, argv: list[str], mnt: Path, log: Path, env: dict | None = None):
         self.name, self.mnt = name, mnt
         mnt.mkdir(parents=True, exist_ok=True)
         self.log = open(log, "wb")
-        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=env)
         wait_for(lambda: is_mounted(mnt) or self.proc.poll() is not None, timeout=60, what=f"{name} mount")
         if self.proc.poll() is not None:
             raise SystemExit(f"{name} did not mount; see {log}")
@@ -107,7 +109,7 @@ def main() -> None:
     try:
         systems.append(Mounted("ceiling (pyfuse3, memory)", [python, str(REPO / "bench" / "ceiling.py"), "quick",
                                                              str(work / "mnt-ceiling")],
-                               work / "mnt-ceiling", work / "ceiling.log"))
+                               work / "mnt-ceiling", work / "ceiling.log", env=dict(os.environ, CEILING_DIRECT_IO="1")))
         for i, repo in enumerate(repos):
             cache = work / f"cache{i}"
             shutil.rmtree(cache, ignore_errors=True)

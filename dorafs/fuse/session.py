@@ -107,6 +107,16 @@ def negotiate(body: bytes | memoryview, *, wanted: int = WANTED, max_write: int 
                              max_write, max_pages, max_stack_depth)
 
 
+class _Slot:
+    """A worker's cancel scope, and whether a request it served was interrupted."""
+
+    __slots__ = ("scope", "interrupted")
+
+    def __init__(self, scope: trio.CancelScope):
+        self.scope = scope
+        self.interrupted = False
+
+
 class SessionError(Exception):
     """The session could not start (the kernel never sent a usable INIT)."""
 
@@ -128,7 +138,7 @@ class Session:
         self.requests = 0  # requests read, for statistics
         self.interrupted = 0
         self._handlers = self.dispatcher.handlers
-        self._running: dict[int, trio.CancelScope] = {}
+        self._running: dict[int, _Slot] = {}  # unique id -> the worker serving it
         self._idle = trio.lowlevel.ParkingLot()
         self._waiting = False  # a worker is in wait_readable
         self._scope: trio.CancelScope | None = None
@@ -217,7 +227,8 @@ class Session:
             # interrupted (entering a scope per request would cost more than the rest of
             # the request's bookkeeping together); then the next request gets a new one.
             with trio.CancelScope() as scope:
-                while not scope.cancel_called:
+                slot = _Slot(scope)
+                while not slot.interrupted:
                     try:
                         n = os.readv(fd, [buf])
                     except BlockingIOError:
@@ -243,9 +254,9 @@ class Session:
                     if not self._waiting and len(idle):
                         idle.unpark()  # someone must watch the device while this request is served
                     self.requests += 1
-                    await self._handle(view, n, scope)
+                    await self._handle(view, n, slot)
 
-    async def _handle(self, view: memoryview, n: int, scope: trio.CancelScope) -> None:
+    async def _handle(self, view: memoryview, n: int, slot: _Slot) -> None:
         h = _unpack_in(view)
         opcode, unique = h[1], h[2]
         body = view[_IN_SIZE:n]
@@ -257,7 +268,7 @@ class Session:
             log.debug("request %d: %s node %d", unique, p.OPCODE_NAMES.get(opcode, opcode), h[3])
         payload = None
         error = 0
-        self._running[unique] = scope
+        self._running[unique] = slot
         try:
             payload = await handler(h, body)
         except FUSEError as exc:
@@ -267,10 +278,10 @@ class Session:
             error = errno.EIO
         finally:
             del self._running[unique]
-            if scope.cancel_called:  # INTERRUPTed: answered EINTR, whatever the work did after
+            if slot.interrupted:  # answered EINTR, whatever the work did after
                 self.interrupted += 1
                 self._reply(unique, errno.EINTR)
-        if scope.cancel_called:
+        if slot.interrupted:
             return
         if self.debug:
             log.debug("reply %d: %s", unique, error_name(error))
@@ -290,10 +301,11 @@ class Session:
                 await self.dispatcher.forget(items)
             elif opcode == p.INTERRUPT:
                 (target,) = p.INTERRUPT_IN.struct.unpack_from(body)
-                scope = self._running.get(target)
-                if scope is not None:
+                slot = self._running.get(target)
+                if slot is not None:
                     log.debug("request %d interrupted", target)
-                    scope.cancel()
+                    slot.interrupted = True
+                    slot.scope.cancel()
             elif opcode == p.DESTROY:
                 self._reply(unique, 0)
                 self.terminate("DESTROY")
