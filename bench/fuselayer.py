@@ -8,7 +8,9 @@ One run mounts, side by side and in turns:
   so that every read reaches the mount; the file is read once first, so its pages are
   held by the embedded worker (and read from its page files: short circuit);
 - bench/ceiling.py: a minimal pyfuse3 server answering the same bytes from memory, its
-  opens direct_io too.
+  opens direct_io too;
+- bench/sessionceiling.py: the same memory file system on dorafs's own FUSE session, so
+  the two FUSE layers' costs per request can be told apart from dorafs's read path.
 Each is read by fio (random 4 KiB, O_DIRECT so the ceiling's reads reach it too, psync,
 `--jobs` readers), and the table gives IOPS, the ratio to the ceiling of the same round,
 and the CPU the mount process spent per request (its worker's apart). Rounds alternate
@@ -110,6 +112,10 @@ def main() -> None:
         systems.append(Mounted("ceiling (pyfuse3, memory)", [python, str(REPO / "bench" / "ceiling.py"), "quick",
                                                              str(work / "mnt-ceiling")],
                                work / "mnt-ceiling", work / "ceiling.log", env=dict(os.environ, CEILING_DIRECT_IO="1")))
+        systems.append(Mounted("memory on the dorafs session", [python, str(REPO / "bench" / "sessionceiling.py"),
+                                                                "quick", str(work / "mnt-session")],
+                               work / "mnt-session", work / "sessionceiling.log",
+                               env=dict(os.environ, CEILING_DIRECT_IO="1")))
         for i, repo in enumerate(repos):
             cache = work / f"cache{i}"
             shutil.rmtree(cache, ignore_errors=True)
