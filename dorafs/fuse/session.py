@@ -234,6 +234,8 @@ class Session:
                     except BlockingIOError:
                         if self._waiting:
                             await idle.park()
+                            while self._waiting:  # woken while another still watches the
+                                await idle.park()  # device (it got the request): no read to try
                             continue
                         self._waiting = True
                         try:
@@ -319,14 +321,13 @@ class Session:
 
     def _reply(self, unique: int, error: int, payload=None) -> None:
         if payload is None:
-            parts = ()
+            parts = (_pack_out(_OUT_SIZE, -error, unique),)
         elif type(payload) is tuple:
-            parts = payload
+            parts = (_pack_out(_OUT_SIZE + sum(map(len, payload)), -error, unique), *payload)
         else:
-            parts = (payload,)
-        size = _OUT_SIZE + sum(map(len, parts))
+            parts = (_pack_out(_OUT_SIZE + len(payload), -error, unique), payload)
         try:
-            os.writev(self.fd, (_pack_out(size, -error, unique), *parts))
+            os.writev(self.fd, parts)
         except OSError as exc:
             # ENOENT: the request was interrupted or its caller is gone; the kernel no
             # longer waits for this answer. ENODEV: unmounted meanwhile.
