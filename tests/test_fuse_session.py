@@ -348,3 +348,40 @@ def test_lookup_counts_return_to_the_root_after_ls_and_drop_caches(procs, s3_ser
     wait_for(lambda: scrape(f"127.0.0.1:{port}")["dorafs_mount_inodes"] == 1, timeout=20,
              what="the mount's inode table back to the root alone")
     assert sorted(os.listdir(mount.path("a"))) == ["1", "2", "b"]  # and it still serves
+
+
+def test_requests_back_to_back_leave_room_for_the_mounts_other_tasks():
+    """Operations that never wait, arriving faster than they are served, must not keep the
+    mount's other tasks (a part upload a later write waits for) from running."""
+    ticks = 0
+    seen: list[int] = []
+
+    class Counting(ToyOperations):
+        async def getattr(self, ino, ctx):
+            seen.append(ticks)
+            return self._attr(ino)
+
+    async def main():
+        nonlocal ticks
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with ours, theirs:
+            session = Session(Counting(), ours.fileno(), workers=1)
+            theirs.send(RECORDED_INIT_7_45)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(session.serve)
+                theirs.recv(1 << 16)
+                for unique in range(10, 60):  # all queued before the session reads one
+                    theirs.send(request(p.GETATTR, unique, p.ROOT_ID, p.GETATTR_IN.struct.pack(0, 0)))
+
+                async def background():
+                    nonlocal ticks
+                    while True:
+                        ticks += 1
+                        await trio.sleep(0)
+
+                nursery.start_soon(background)
+                await wait_until(lambda: len(seen) == 50)
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert len(set(seen)) >= 25, seen  # the background task ran between most two requests

@@ -23,6 +23,10 @@ Subtleties:
 - Notifications to the kernel (invalidate an inode, an entry) are written from a thread
   of a task the session owns: the kernel may hold a lock that a request this session has
   yet to answer would release, so a handler must never wait for one.
+- A worker that reads a request right after answering one yields to the scheduler first:
+  operations that never wait (a buffered read, a staged write) would otherwise keep the
+  mount's other tasks (a part upload a later write waits for, heartbeats) from running
+  for as long as requests keep coming.
 - No exception ends the loop: an operation's `FUSEError` is its errno, anything else
   is logged once and answered EIO. A reply the kernel no longer wants (ENOENT: the
   request was interrupted or its process died) is dropped.
@@ -228,7 +232,13 @@ class Session:
             # the request's bookkeeping together); then the next request gets a new one.
             with trio.CancelScope() as scope:
                 slot = _Slot(scope)
+                rested = True  # this worker went through the scheduler since its last request
                 while not slot.interrupted:
+                    if not rested:
+                        # Requests back to back, each served without waiting for anything:
+                        # let the mount's other tasks (uploads, heartbeats...) run first.
+                        await trio.lowlevel.checkpoint()
+                    rested = True
                     try:
                         n = os.readv(fd, [buf])
                     except BlockingIOError:
@@ -256,6 +266,7 @@ class Session:
                     if not self._waiting and len(idle):
                         idle.unpark()  # someone must watch the device while this request is served
                     self.requests += 1
+                    rested = False
                     await self._handle(view, n, slot)
 
     async def _handle(self, view: memoryview, n: int, slot: _Slot) -> None:
