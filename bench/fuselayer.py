@@ -57,12 +57,13 @@ def make_file(ufs: Path) -> Path:
 
 
 class Mounted:
-    def __init__(self, name: str, argv: list[str], mnt: Path, log: Path, env: dict | None = None):
+    def __init__(self, name: str, argv: list[str], mnt: Path, log: Path, env: dict | None = None,
+                 cwd: Path | None = None):
         self.name, self.mnt = name, mnt
         mnt.mkdir(parents=True, exist_ok=True)
         self.log = open(log, "wb")
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env)
+                                     env=env, cwd=cwd)
         wait_for(lambda: is_mounted(mnt) or self.proc.poll() is not None, timeout=60, what=f"{name} mount")
         if self.proc.poll() is not None:
             raise SystemExit(f"{name} did not mount; see {log}")
@@ -97,7 +98,8 @@ def main() -> None:
     ap.add_argument("--runtime", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--jobs", default="1,4")
-    ap.add_argument("--repo", action="append", help="a dorafs checkout with its .venv (repeatable)")
+    ap.add_argument("--repo", action="append", help="a dorafs checkout with its .venv (repeatable; the "
+                    "checkout's own code runs, even where its .venv is a link to another's)")
     args = ap.parse_args()
     if not shutil.which("fio"):
         raise SystemExit("fio is missing (bench/setup.sh)")
@@ -123,7 +125,10 @@ def main() -> None:
             argv = [str(repo / ".venv" / "bin" / "python"), "-m", "dorafs.cli.main", "mount", f"file://{ufs}",
                     str(mnt), "--foreground", "-o", f"direct_io,cache_dir={cache},staging_dir={work / f'staging{i}'}"]
             label = f"dorafs {repo.name} ({_commit(repo)})"
-            systems.append(Mounted(label, argv, mnt, work / f"dorafs{i}.log"))
+            # Run from the checkout, its packages first: a .venv may be shared between
+            # checkouts (an editable install points at one of them).
+            env = dict(os.environ, PYTHONPATH=str(repo))
+            systems.append(Mounted(label, argv, mnt, work / f"dorafs{i}.log", env=env, cwd=repo))
             with open(mnt / REL, "rb") as f:  # warm: every page into the embedded worker
                 while f.read(1 << 20):
                     pass

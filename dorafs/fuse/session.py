@@ -234,11 +234,6 @@ class Session:
                 slot = _Slot(scope)
                 rested = True  # this worker went through the scheduler since its last request
                 while not slot.interrupted:
-                    if not rested:
-                        # Requests back to back, each served without waiting for anything:
-                        # let the mount's other tasks (uploads, heartbeats...) run first.
-                        await trio.lowlevel.checkpoint()
-                    rested = True
                     try:
                         n = os.readv(fd, [buf])
                     except BlockingIOError:
@@ -246,12 +241,14 @@ class Session:
                             await idle.park()
                             while self._waiting:  # woken while another still watches the
                                 await idle.park()  # device (it got the request): no read to try
+                            rested = True
                             continue
                         self._waiting = True
                         try:
                             await trio.lowlevel.wait_readable(fd)
                         finally:
                             self._waiting = False
+                        rested = True
                         continue
                     except OSError as exc:
                         if exc.errno in (errno.ENOENT, errno.EINTR):
@@ -266,10 +263,10 @@ class Session:
                     if not self._waiting and len(idle):
                         idle.unpark()  # someone must watch the device while this request is served
                     self.requests += 1
+                    await self._handle(view, n, slot, not rested)
                     rested = False
-                    await self._handle(view, n, slot)
 
-    async def _handle(self, view: memoryview, n: int, slot: _Slot) -> None:
+    async def _handle(self, view: memoryview, n: int, slot: _Slot, back_to_back: bool) -> None:
         h = _unpack_in(view)
         opcode, unique = h[1], h[2]
         body = view[_IN_SIZE:n]
@@ -283,6 +280,10 @@ class Session:
         error = 0
         self._running[unique] = slot
         try:
+            if back_to_back:
+                # Read right after answering another, without waiting: let the mount's
+                # other tasks (uploads, heartbeats...) run first.
+                await trio.lowlevel.checkpoint()
             payload = await handler(h, body)
         except FUSEError as exc:
             error = exc.errno
