@@ -14,6 +14,12 @@ with default options: worker_timeout 5s, ufs_attempts 4, ufs_deadline 4s, ufs_ti
 - after: how the case ended (bytes checked, EIO after how long, membership change seen).
 
 The registry's worker TTL is 3 s here (the tests' value; the default is 10 s).
+
+"S3 at 1 MB/s per connection" limits every S3 connection (of the worker and the mount)
+for the whole faulted read. "complete takes 10 s" writes a file through the mount (in
+256 KiB write() calls, then close) instead of reading one: the S3 server answers the
+CompleteMultipartUpload 10 s late; "longest" is then the close() call, and "bytes" says
+whether the object landed exact with each byte sent once.
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ class Reader:
         got = bytearray()
         injected = False
         injecting = 0.0
-        start = time.perf_counter()
+        start = t = time.perf_counter()
         try:
             with open(path, "rb") as f:
                 while True:
@@ -119,8 +125,8 @@ class Bench:
     def pair(self, procs, prefix: str, mount, fault_for, *, at_fraction=0.25):
         """Baseline read of one fresh file, then a faulted read of another."""
         base_name, base_data = self.file(prefix)
+        name, data = self.file(prefix)  # both exist before the mount looks at either
         baseline = Reader(mount.path(base_name), base_data)
-        name, data = self.file(prefix)
         fault = fault_for(f"s3://{self.bucket}/{prefix}/{name}")
         faulted = Reader(mount.path(name), data, fault, int(self.size * at_fraction))
         return baseline, faulted
@@ -259,6 +265,67 @@ def case_s3_hang(b: Bench, procs: ProcessSet, proxy: FaultProxy):
     return _eio_case(b, procs, proxy, "hang", proxy.hang)
 
 
+def case_s3_slow_link(b: Bench, procs: ProcessSet, proxy: FaultProxy):
+    mount = _proxied(b, procs, "link", proxy)
+
+    def fault_for(uri):
+        proxy.limit(1_000_000)  # from the faulted read's first request on
+        return lambda: None
+
+    baseline, faulted = b.pair(procs, "link", mount, fault_for, at_fraction=0)
+    proxy.limit(None)
+    return baseline, faulted, "every S3 connection at 1 MB/s for the whole read; no error"
+
+
+class Writer:
+    """Writes `data` to a new file in 256 KiB write() calls, then closes it, timing each."""
+
+    def __init__(self, path: Path, data: bytes):
+        self.latencies: list[float] = []
+        self.error: OSError | None = None
+        start = t = time.perf_counter()
+        try:
+            with open(path, "wb", buffering=0) as f:
+                for offset in range(0, len(data), CHUNK):
+                    t = time.perf_counter()
+                    f.write(data[offset:offset + CHUNK])
+                    self.latencies.append(time.perf_counter() - t)
+                t = time.perf_counter()
+        except OSError as exc:
+            self.error = exc
+        self.after_fault = [time.perf_counter() - t]  # the close: the commit
+        self.latencies.append(self.after_fault[0])
+        self.seconds = time.perf_counter() - start
+        self.ok = False
+        self.size = len(data)
+
+    @property
+    def mib_s(self) -> float:
+        return self.size / MiB / self.seconds if self.seconds else 0.0
+
+    @property
+    def longest_after(self) -> float:
+        return max(self.after_fault)
+
+
+def case_slow_complete(b: Bench, procs: ProcessSet, proxy: FaultProxy):
+    mount = _proxied(b, procs, "complete", proxy)
+    results = []
+    for name, delay in (("base.bin", 0), ("late.bin", 10)):
+        if delay:
+            proxy.delay(delay, 1, lambda seen: seen.op == "complete")
+        data = os.urandom(b.size)
+        sent = proxy.payload("upload_part") + proxy.payload("put_object")
+        w = Writer(mount.path(name), data)
+        landed = b.client.get_object(Bucket=b.bucket, Key=f"complete/{name}")["Body"].read()
+        once = proxy.payload("upload_part") + proxy.payload("put_object") - sent == len(data)
+        w.ok = w.error is None and landed == data and once
+        results.append(w)
+    late = results[1]
+    return results[0], late, (f"close() {late.longest_after:.1f}s, object exact, each byte sent once"
+                              if late.ok else f"close: {late.error or 'object wrong or bytes resent'}")
+
+
 def case_disk_full(b: Bench, procs: ProcessSet):
     disk = b.work / f"tmpfs-{os.getpid()}"
     disk.mkdir(exist_ok=True)
@@ -302,6 +369,53 @@ def case_corrupt(b: Bench, procs: ProcessSet):
     return baseline, faulted, f"warm reads; {len(rotted)} rotten pages detected and refetched"
 
 
+def case_s3_down_loaded(b: Bench, procs: ProcessSet):
+    """S3 down, data loaded: a bucket loaded into two workers (`dorafs-admin load`), one
+    file's pages freed; S3 (behind a relay) goes down; a mount of the bucket starts
+    then, reads a loaded file (the faulted read), fails the freed one with EIO, and
+    reads it once S3 is back. The baseline: the same kind of read with S3 up."""
+    from tests.relay import Relay
+
+    bucket = f"outage{b.n}"
+    b.n += 1
+    b.client.create_bucket(Bucket=bucket)
+    files = {f"f{i}.bin": os.urandom(b.size) for i in range(3)}
+    for name, data in files.items():
+        b.client.put_object(Bucket=bucket, Key=name, Body=data)
+    relay = Relay(b.s3.port)
+    try:
+        env = relay.env(b.s3.env)
+        registry = procs.registry()
+        [procs.worker(registry=registry.url, env=env) for _ in range(2)]
+        wait_for(lambda: len(registry.workers()) == 2)
+
+        def admin(*args):
+            subprocess.run([sys.executable, "-m", "dorafs.cli.admin", "--registry", registry.url, *args],
+                           check=True, capture_output=True, cwd=REPO, timeout=300)
+
+        uri = f"s3://{bucket}"
+        admin("load", uri, "--recursive", "--progress")
+        admin("free", f"{uri}/f2.bin")
+        admin("load", uri, "--recursive", "--metadata-only", "--progress")  # free drops the listing
+        up = procs.mount(uri, registry=registry.url, env=env, name=f"{bucket}-up")
+        baseline = Reader(up.path("f0.bin"), files["f0.bin"])
+        up.unmount()
+        relay.down()
+        start = time.perf_counter()
+        mount = procs.mount(uri, registry=registry.url, env=env, name=f"{bucket}-down")
+        started = time.perf_counter() - start
+        faulted = Reader(mount.path("f1.bin"), files["f1.bin"], lambda: None, 0)
+        cold = Reader(mount.path("f2.bin"), files["f2.bin"])
+        code = errno.errorcode.get(cold.error.errno, "?") if cold.error else "no error"
+        relay.up()
+        back = timed_until(lambda: Reader(mount.path("f2.bin"), files["f2.bin"]).ok, 30)
+    finally:
+        relay.close()
+    return baseline, faulted, (f"mount started in {started:.1f}s with S3 down; the unloaded file: {code} "
+                               f"after {cold.seconds:.1f}s; read {back:.1f}s after S3 came back"
+                               if back is not None else "the unloaded file never came back")
+
+
 CASES = {
     "worker SIGKILL mid-read": case_sigkill,
     "worker SIGSTOP mid-read": case_sigstop,
@@ -312,10 +426,13 @@ CASES = {
     "S3 503 SlowDown ×3, then OK": case_s3_503,
     "S3 500 forever": case_s3_500,
     "S3 hanging": case_s3_hang,
+    "S3 at 1 MB/s per connection": case_s3_slow_link,
+    "complete takes 10 s": case_slow_complete,
     "cache directory full": case_disk_full,
     "page files corrupted": case_corrupt,
+    "S3 down, data loaded": case_s3_down_loaded,
 }
-PROXIED = {case_s3_503, case_s3_500, case_s3_hang}
+PROXIED = {case_s3_503, case_s3_500, case_s3_hang, case_s3_slow_link, case_slow_complete}
 
 
 def main() -> None:

@@ -5,14 +5,16 @@
 #     only: bench/ceiling.py is a minimal pyfuse3 server dorafs is measured against
 #   - Debian: s3fs (s3fs-fuse), rclone, fio; nodejs + npm only if there is no npm yet
 #   - npm: s3rver 3.7.1 under bench/.cache/node (not committed)
-#   - pip: matplotlib, and torch==2.13.0 (this exact pin resolves to a local CPU wheel;
+#   - pip, into the project's .venv: matplotlib, and torch==2.13.0 (this exact pin resolves to a local CPU wheel;
 #     any other torch spec would download gigabytes of CUDA libraries)
+#   - pip, into the project's .venv: awscrt and obstore, the S3 clients bench/s3clients.py
+#     measures against boto3 (the versions its figures in bench/README.md were taken with)
 # Whatever cannot be installed is reported; the harness then skips what is missing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || { echo "bench setup: scripts/setup.sh failed" >&2; exit 1; }
 
-export DEBIAN_FRONTEND=noninteractive PIP_BREAK_SYSTEM_PACKAGES=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+export DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1
 unavailable=()
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 
@@ -51,10 +53,18 @@ if [[ ! -x "$S3RVER" ]]; then
   fi
 fi
 
-python3 -c "import matplotlib" 2>/dev/null || python3 -m pip install -q matplotlib 2>&1 | grep -v -e "Running pip as the 'root'" -e "is ignored: it is neither" || true
-python3 -c "import matplotlib" 2>/dev/null || unavailable+=("pip:matplotlib")
-python3 -c "import torch" 2>/dev/null || python3 -m pip install -q "torch==2.13.0" 2>&1 | grep -v -e "Running pip as the 'root'" -e "is ignored: it is neither" || true
-python3 -c "import torch" 2>/dev/null || unavailable+=("pip:torch==2.13.0")
+venv=.venv/bin/python  # the project's own environment, made by scripts/setup.sh
+$venv -c "import matplotlib" 2>/dev/null || $venv -m pip install -q matplotlib 2>&1 | grep -v -e "Running pip as the 'root'" -e "is ignored: it is neither" || true
+$venv -c "import matplotlib" 2>/dev/null || unavailable+=("pip:matplotlib")
+$venv -c "import torch" 2>/dev/null || $venv -m pip install -q "torch==2.13.0" 2>&1 | grep -v -e "Running pip as the 'root'" -e "is ignored: it is neither" || true
+$venv -c "import torch" 2>/dev/null || unavailable+=("pip:torch==2.13.0")
+
+S3CLIENTS=(awscrt==0.38.1 obstore==0.12.1)
+if ! $venv -c "import awscrt.s3, obstore" 2>/dev/null; then
+  echo "bench setup: .venv/bin/python -m pip install ${S3CLIENTS[*]}" >&2
+  $venv -m pip install -q "${S3CLIENTS[@]}" 2>&1 | grep -v -e "Running pip as the 'root'" -e "is ignored: it is neither" || true
+fi
+$venv -c "import awscrt.s3, obstore" 2>/dev/null || unavailable+=("pip:${S3CLIENTS[*]} (.venv)")
 
 if ((${#unavailable[@]})); then
   echo "bench setup: NOT available: ${unavailable[*]} (the harness skips what needs them)" >&2

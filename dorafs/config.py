@@ -230,8 +230,10 @@ class WorkerConfig:
     ufs_threads: int = option(16, _count, "blocking UFS calls in flight; matches boto3's connection pool")
     ufs_attempts: int = option(4, _count, "tries per S3 request (throttling, 5xx, timeouts); 412 and 404 never retried")
     ufs_deadline: float = option(4.0, _positive_duration,
-                                 "a UFS request and its retries end by this; below the mounts' worker_timeout")
-    ufs_timeout: float = option(2.0, _positive_duration, "connect and read (idle socket) timeout of one S3 attempt")
+                                 "a UFS request and its retries end by this, plus 1s per 64KiB it moves "
+                                 "(a slow transfer is never cut short while bytes come)")
+    ufs_timeout: float = option(2.0, _positive_duration, "an S3 attempt that makes no progress this long "
+                                "(connect, or no byte) is abandoned and retried")
     heartbeat_interval: float = option(2.0, _positive_duration,
                                        "seconds between heartbeats; a few missed ones drop the worker")
     port_file: Path | None = option(None, _optional(_path), "write the bound HOST:PORT here once serving")
@@ -290,13 +292,16 @@ class MountConfig:
                                 "permitted); 1024 lets the kernel ask for a whole page per request (0: leave it)")
     readahead_pages: int = option(32, _count, "pages fetched ahead of a sequential reader, in runs "
                                   "filled by one UFS read each (0: none)")
-    worker_timeout: float = option(5.0, _positive_duration, "a worker slower than this is skipped for the next")
+    worker_timeout: float = option(5.0, _positive_duration, "a worker silent this long (no byte, no "
+                                   "\"still working\" signal) is skipped for the next")
     connect_timeout: float = option(1.0, _positive_duration, "time to connect to a worker")
     short_circuit: bool = option(True, _flag, "read pages of a worker on this machine from its page files "
                                  "(checked against their checksums) instead of over HTTP")
     ufs_attempts: int = option(4, _count, "tries per S3 request when the mount reads the UFS itself")
-    ufs_deadline: float = option(4.0, _positive_duration, "a UFS request of the mount and its retries end by this")
-    ufs_timeout: float = option(2.0, _positive_duration, "connect and read timeout of one S3 attempt of the mount")
+    ufs_deadline: float = option(4.0, _positive_duration, "a UFS request of the mount and its retries end by this, "
+                                 "plus 1s per 64KiB it moves")
+    ufs_timeout: float = option(2.0, _positive_duration, "an S3 attempt of the mount that makes no progress this "
+                                "long (connect, or no byte) is abandoned and retried")
     direct_io: bool = option(False, _flag, "bypass the kernel page cache (benchmarks, read-path tests)")
     allow_other: bool = option(False, _flag, "let other users access the mount (FUSE allow_other)")
     fuse_tasks: int = option(64, _count, "kernel requests served concurrently")

@@ -7,7 +7,10 @@ worker's page I/O and the FUSE handlers use both cores. Its loopback port is rea
 every local user, so it is locked down: it demands a random secret made for this mount
 (in `worker.secret`, mode 0600, next to `worker.addr` in the 0700 cache directory, where
 the user finds both to query it; never on a command line), and it reads only below the
-mount's UFS root (`--ufs-roots`).
+mount's UFS root (`--ufs-roots`). It ends with the mount however the mount ends: a clean
+unmount stops it with SIGTERM, and it also watches a pipe whose write end only the mount
+holds, which the kernel closes when the mount process dies (SIGKILL, a crash, a signal
+that came too late for the mount to handle).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dorafs.client import DoraClient
 from dorafs.config import MountConfig, user_cache_dir
-from dorafs.errors import DoraError, NotFound
+from dorafs.errors import DoraError, NotFound, UfsError
 from dorafs.files import lock_directory
 from dorafs.fuse import mounting
 from dorafs.fuse.metrics import REGISTRY, ClientCollector
@@ -76,10 +79,17 @@ async def embedded_worker(config: MountConfig, secret: bytes):
     env = {k: v for k, v in os.environ.items()
            if k != "NOTIFY_SOCKET"  # readiness is the mount's to tell
            and k != SECRET_ENV and not k.startswith("DORAFS_WORKER_")}  # nothing meant for other workers
-    proc = None
+    proc = keep = None
     try:
         _write_private(secret_file, secret + b"\n")
-        proc = await trio.lowlevel.open_process(argv, stdin=subprocess.DEVNULL, env=env)
+        # Neither end is inherited by anything else this process starts; the worker gets
+        # the read end only, so it sees end-of-file exactly when this process is gone.
+        lifeline, keep = os.pipe()
+        try:
+            proc = await trio.lowlevel.open_process(argv + ["--lifeline-fd", str(lifeline)],
+                                                    stdin=subprocess.DEVNULL, env=env, pass_fds=(lifeline,))
+        finally:
+            os.close(lifeline)
         with trio.move_on_after(EMBEDDED_START_TIMEOUT):
             while not port_file.exists():
                 if proc.poll() is not None:
@@ -100,6 +110,8 @@ async def embedded_worker(config: MountConfig, secret: bytes):
                 if proc.returncode is None:
                     proc.kill()
                     await proc.wait()
+            if keep is not None:
+                os.close(keep)
             port_file.unlink(missing_ok=True)
             secret_file.unlink(missing_ok=True)
 
@@ -205,9 +217,18 @@ async def set_read_ahead(mountpoint: str, kib: int) -> None:
 
 async def root_status(client: DoraClient, root_uri: str) -> FileStatus:
     """The mount root's status. An empty S3 prefix is an empty directory (how a user
-    starts writing), as long as its bucket exists; any other missing root is an error."""
+    starts writing), as long as its bucket exists; any other missing root is an error.
+
+    It comes from the workers (the UFS only when none answers). When the UFS fails, a
+    status the workers hold of the root, whatever its age, will do, and so will a
+    listing of it they hold: the mount starts and serves what is cached."""
     try:
         root = await client.stat(root_uri)
+    except UfsError as exc:
+        if not await held_listing(client, root_uri):
+            raise MountError(f"cannot mount {root_uri}: {exc}") from None
+        log.warning("the UFS fails (%s); starting from the listing of %s the workers hold", exc, root_uri)
+        return FileStatus(name="", is_dir=True)
     except NotFound as exc:
         bucket = bucket_root(root_uri)
         if bucket is None or bucket == root_uri:
@@ -222,6 +243,20 @@ async def root_status(client: DoraClient, root_uri: str) -> FileStatus:
     if not root.is_dir:
         raise MountError(f"cannot mount {root_uri}: it is a file, not a directory")
     return root
+
+
+async def held_listing(client: DoraClient, uri: str) -> bool:
+    """Whether the workers answer a listing of `uri` (what they hold, the UFS failing)."""
+    pages = client.list_pages(uri)
+    try:
+        await pages.__anext__()
+    except StopAsyncIteration:
+        return True
+    except DoraError:
+        return False
+    finally:
+        await pages.aclose()
+    return True
 
 
 def bucket_root(uri: str) -> str | None:

@@ -6,7 +6,8 @@
 #    @FUSERMOUNT3@ replaced by absolute paths: systemd runs ExecStart= without a search
 #    PATH worth the name, and pip puts console scripts wherever its Python lives (a venv,
 #    /usr/local/bin, pyenv...). The scripts are found through the installed `dorafs`
-#    distribution of $PYTHON (default python3), or taken from --bindir DIR;
+#    distribution of $PYTHON (default: this checkout's .venv, which scripts/setup.sh makes,
+#    else python3), or taken from --bindir DIR;
 #  - installs /etc/sysusers.d/dorafs.conf and creates the `dorafs` user the workers run as;
 #  - creates /etc/dorafs with example environment files, never overwriting one that exists;
 #  - runs `systemctl daemon-reload` if systemd is running as PID 1.
@@ -23,7 +24,10 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-python="${PYTHON:-python3}"
+python="${PYTHON:-}"
+if [[ -z $python ]]; then
+  if [[ -x "$here/../.venv/bin/python" ]]; then python="$here/../.venv/bin/python"; else python=python3; fi
+fi
 bindir="" dest="" root="" reload=1
 
 die() { echo "install.sh: $*" >&2; exit 1; }

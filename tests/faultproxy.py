@@ -5,23 +5,94 @@ the real server unless a fault is armed. Faults apply to the requests a predicat
 (by default every one; `reads_only=True`: GETs with a Range header, i.e. page fills, so
 that stat and listings still work):
 
-  proxy.passthrough()                 no fault
+  proxy.passthrough()                 no fault (a bandwidth limit stays until `limit(None)`)
   proxy.fail(n, 503, "SlowDown")      the next n matching requests get an S3 XML error
   proxy.fail(None, 500, ...)          every matching request does, until cleared
   proxy.hang()                        matching requests get no answer until cleared
+  proxy.limit(1_000_000)              every connection moves at most this many bytes/s,
+                                      each way (request bodies and answers), until `limit(None)`
+  proxy.drop(n, match)                the next n requests `match(seen)` picks reach the server,
+                                      which acts on them, and their answer is lost (the
+                                      connection is closed without a byte of it)
+  proxy.delay(seconds, n, match)      the next n such requests wait `seconds` before they
+                                      are forwarded (a server that takes that long to answer)
+  proxy.ignore_conditions = True      writes lose their If-Match / If-None-Match headers on the
+                                      way (a server that ignores conditional writes)
 
-`proxy.injected` counts the faults served; `proxy.requests` every request seen.
+`match` gets a `Seen(method, path, headers)`; `Seen.op` names the S3 operation
+("put_object", "upload_part", "complete", "create_upload", "get_range", ...).
+
+Counters: `proxy.injected` the faults served; `proxy.requests` every request seen;
+`proxy.seen` a list of `Seen` with the payload bytes each request carried
+(`x-amz-decoded-content-length` when boto3 frames its body, else its length) and the
+answer's status; `proxy.payload(op)` sums the payload of one operation.
 Threads: one per connection (ThreadingHTTPServer); the fault state is under a lock.
+Bodies stream through in 64 KiB pieces, paced when a limit is set.
 """
 
 from __future__ import annotations
 
 import http.client
 import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"}
+PIECE = 64 * 1024
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    headers: dict[str, str]
+    payload: int = 0
+    status: int | None = None  # None: no answer reached the client
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def op(self) -> str:
+        query = parse_qs(urlsplit(self.path).query, keep_blank_values=True)
+        if self.method == "PUT":
+            if "partNumber" in query:
+                return "upload_part"
+            return "put_object"
+        if self.method == "POST" and "uploads" in query:
+            return "create_upload"
+        if self.method == "POST" and "uploadId" in query:
+            return "complete"
+        if self.method == "GET" and "uploadId" in query:
+            return "list_parts"
+        if self.method == "GET" and any(k.lower() == "range" for k in self.headers):
+            return "get_range"
+        if self.method == "DELETE" and "uploadId" in query:
+            return "abort"
+        return f"{self.method.lower()}"
+
+
+class _Pace:
+    """At most `rate` bytes/s through one connection in one direction."""
+
+    def __init__(self, rate: float | None):
+        self.rate = rate
+        self.start = time.monotonic()
+        self.moved = 0
+
+    def __call__(self, nbytes: int) -> None:
+        if not self.rate:
+            return
+        self.moved += nbytes
+        ahead = self.moved / self.rate - (time.monotonic() - self.start)
+        if ahead > 0:
+            time.sleep(ahead)
+
+
+class _Rule:
+    def __init__(self, kind: str, n: int | None, match: Callable[[Seen], bool], seconds: float = 0.0):
+        self.kind, self.n, self.match, self.seconds = kind, n, match, seconds
 
 
 class FaultProxy:
@@ -35,8 +106,12 @@ class FaultProxy:
         self._code = "SlowDown"
         self._reads_only = False
         self._released = threading.Event()
+        self._rate: float | None = None
+        self._rules: list[_Rule] = []
         self.injected = 0
         self.requests = 0
+        self.ignore_conditions = False
+        self.seen: list[Seen] = []
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -45,10 +120,28 @@ class FaultProxy:
             def log_message(self, *args):  # quiet
                 pass
 
-            def _handle(self):
+            def _read_body(self, pace: _Pace) -> bytes:
                 length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                fault = proxy._take(self.command, dict(self.headers))
+                chunks = []
+                while length > 0:
+                    piece = self.rfile.read(min(PIECE, length))
+                    if not piece:
+                        break
+                    chunks.append(piece)
+                    length -= len(piece)
+                    pace(len(piece))
+                return b"".join(chunks)
+
+            def _handle(self):
+                rate = proxy._rate
+                body = self._read_body(_Pace(rate))
+                headers = dict(self.headers)
+                seen = Seen(self.command, self.path, headers,
+                            int(self.headers.get("x-amz-decoded-content-length") or len(body)))
+                with proxy._lock:
+                    proxy.seen.append(seen)
+                fault = proxy._take(self.command, headers)
+                rule = proxy._rule(seen)
                 if fault == "hang":
                     proxy._released.wait(120)
                     self.close_connection = True
@@ -63,25 +156,42 @@ class FaultProxy:
                     self.end_headers()
                     if self.command != "HEAD":
                         self.wfile.write(payload)
+                    seen.status = status
                     return
-                conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
+                if rule is not None and rule.kind == "delay":
+                    time.sleep(rule.seconds)
+                conn = http.client.HTTPConnection(*proxy.upstream, timeout=120)
                 try:
-                    headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
-                    conn.request(self.command, self.path, body=body or None, headers=headers)
+                    forward = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
+                    if proxy.ignore_conditions and self.command in ("PUT", "POST"):
+                        forward = {k: v for k, v in forward.items() if k.lower() not in ("if-match", "if-none-match")}
+                    conn.request(self.command, self.path, body=body or None, headers=forward)
                     response = conn.getresponse()
-                    data = response.read()
+                    if rule is not None and rule.kind == "drop":  # the server acted; the answer is lost
+                        response.read()
+                        self.close_connection = True
+                        return
+                    self.send_response(response.status, response.reason)
+                    for name, value in response.getheaders():
+                        if name.lower() not in HOP_BY_HOP | {"content-length"}:
+                            self.send_header(name, value)
+                    length = response.getheader("Content-Length")
+                    if length is None and self.command != "HEAD":  # chunked upstream: buffer it
+                        data = response.read()
+                        self.send_header("Content-Length", str(len(data)))
+                        self.end_headers()
+                        self.wfile.write(data)
+                    else:
+                        self.send_header("Content-Length", length or "0")
+                        self.end_headers()
+                        if self.command != "HEAD":
+                            pace = _Pace(rate)
+                            while piece := response.read(PIECE):
+                                self.wfile.write(piece)
+                                pace(len(piece))
+                    seen.status = response.status
                 finally:
                     conn.close()
-                self.send_response(response.status, response.reason)
-                for name, value in response.getheaders():
-                    if name.lower() not in HOP_BY_HOP | {"content-length"}:
-                        self.send_header(name, value)
-                # A HEAD answer has no body but the object's length.
-                length = response.getheader("Content-Length") if self.command == "HEAD" else None
-                self.send_header("Content-Length", length or str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
@@ -97,6 +207,7 @@ class FaultProxy:
     def passthrough(self) -> None:
         with self._lock:
             self._mode = "pass"
+            self._rules = []
             self._released.set()
 
     def fail(self, n: int | None, status: int = 503, code: str = "SlowDown", *, reads_only: bool = True) -> None:
@@ -109,6 +220,41 @@ class FaultProxy:
         with self._lock:
             self._mode, self._reads_only = "hang", reads_only
             self._released = threading.Event()
+
+    def limit(self, rate: float | None) -> None:
+        """Each new request's body and answer move at most `rate` bytes/s (None: no limit)."""
+        with self._lock:
+            self._rate = rate
+
+    def drop(self, n: int | None, match: Callable[[Seen], bool]) -> None:
+        """The next `n` requests `match` picks are acted on by the server; their answer is lost."""
+        with self._lock:
+            self._rules.append(_Rule("drop", n, match))
+
+    def delay(self, seconds: float, n: int | None, match: Callable[[Seen], bool]) -> None:
+        """The next `n` requests `match` picks reach the server `seconds` late."""
+        with self._lock:
+            self._rules.append(_Rule("delay", n, match, seconds))
+
+    def payload(self, op: str) -> int:
+        """Bytes of payload the requests of one operation carried (see `Seen.op`)."""
+        with self._lock:
+            return sum(s.payload for s in self.seen if s.op == op)
+
+    def count(self, op: str) -> int:
+        with self._lock:
+            return sum(1 for s in self.seen if s.op == op)
+
+    def _rule(self, seen: Seen) -> _Rule | None:
+        with self._lock:
+            for rule in self._rules:
+                if (rule.n is None or rule.n > 0) and rule.match(seen):
+                    if rule.n is not None:
+                        rule.n -= 1
+                    self.injected += 1
+                    seen.extra["fault"] = rule.kind
+                    return rule
+        return None
 
     def _take(self, method: str, headers: dict):
         with self._lock:

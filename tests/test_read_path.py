@@ -345,6 +345,9 @@ def test_locate_fills_a_run_and_answers_where_its_page_files_are(procs, s3_serve
         assert response.status_code == 200, response.text
         return response.json()["pages"]
 
+    pages = locate(1, 4)  # answered once page 1 is in, with the pages of the run cached by then
+    assert [p["index"] for p in pages] == list(range(1, 1 + len(pages))) and pages
+    wait_for(lambda: len(worker.page_files()) == 4, what="the rest of the run")
     pages = locate(1, 4)
     assert [p["index"] for p in pages] == [1, 2, 3, 4]
     assert worker.metrics()["dorafs_worker_ufs_requests_total{op=read}"] == 1  # one UFS read for the run

@@ -81,12 +81,41 @@ def test_stale_idle_connection_is_retried_once():
     serve_and(client)
 
 
-def test_slow_worker_times_out():
+def test_a_busy_worker_is_waited_for():
+    """A handler working for longer than the timeout sends `102 Processing` meanwhile:
+    the request waits for its answer instead of failing (the timeout bounds silence)."""
     async def client(transport, address, *_):
-        with pytest.raises(TransportError, match="timed out"):
-            await transport.get(address, "/blob", {})
+        started = trio.current_time()
+        response = await transport.get(address, "/blob", {})
+        assert bytes(response.body) == BODY
+        assert trio.current_time() - started >= 3  # > the 2 s timeout: interim answers kept it going
+        echoed = await transport.get(address, "/echo", {"n": 1})  # the connection is still usable
+        assert echoed.status == 200
 
-    serve_and(client, handler_delay=5)
+    serve_and(client, handler_delay=3)
+
+
+def test_a_silent_worker_times_out():
+    """A peer that accepts the request and sends nothing (a stopped worker) is given up
+    after `timeout` seconds of silence."""
+    async def main():
+        listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+        port = listener.socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            async def accept_and_say_nothing():
+                stream = await listener.accept()
+                await trio.sleep_forever()
+                await stream.aclose()
+
+            nursery.start_soon(accept_and_say_nothing)
+            transport = Transport(timeout=1, connect_timeout=1)
+            started = trio.current_time()
+            with pytest.raises(TransportError, match="sent nothing for 1s"):
+                await transport.get(f"127.0.0.1:{port}", "/blob", {})
+            assert 0.9 <= trio.current_time() - started < 3
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
 
 
 def test_unreachable_worker():

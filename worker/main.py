@@ -27,7 +27,7 @@ from worker.service import WorkerService
 log = logging.getLogger("dorafs.worker")
 
 
-def parse_args(argv: list[str] | None) -> tuple[WorkerConfig, Security, str]:
+def parse_args(argv: list[str] | None) -> tuple[WorkerConfig, Security, str | None, int | None]:
     p = argparse.ArgumentParser(prog="dorafs-worker", description="Run a dorafs cache worker.",
                                 allow_abbrev=False)  # `--secret` must not mean `--secret-file`
     p.add_argument("--config", help="TOML config file (default /etc/dorafs/dorafs.toml if present)")
@@ -54,14 +54,16 @@ def parse_args(argv: list[str] | None) -> tuple[WorkerConfig, Security, str]:
     p.add_argument("--tls-ca", help="CA bundle to verify the registry's TLS certificate with")
     p.add_argument("--metrics-listen", help="HOST:PORT of a plain listener with only /metrics and /healthz")
     p.add_argument("--log-level", default=None)
+    p.add_argument("--lifeline-fd", type=int, help=argparse.SUPPRESS)  # see _watch_lifeline
     args = p.parse_args(argv)
-    cli = {k: v for k, v in vars(args).items() if k not in ("config", "log_level") and v is not None}
+    cli = {k: v for k, v in vars(args).items()
+           if k not in ("config", "log_level", "lifeline_fd") and v is not None}
     try:
         config = load_config("worker", cli, config_path=args.config)
         security = Security(Credentials.from_config(config), ServerSecurity.from_config(config))
     except ConfigError as exc:
         p.exit(2, f"dorafs-worker: error: {exc}\n")
-    return config, security, args.log_level
+    return config, security, args.log_level, args.lifeline_fd
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,29 @@ def _worker_id(cache_dir: Path) -> str:
         return wid
 
 
-async def run(config: WorkerConfig, security: Security | None = None, *,
+async def _watch_lifeline(fd: int, scope: trio.CancelScope) -> None:
+    """Stop the worker when the process that started it ends, however it ends.
+
+    That process (an embedded mount) holds the write end of this pipe and never writes:
+    the kernel closes it when the process exits, SIGKILL included, and the read end sees
+    end-of-file. (PR_SET_PDEATHSIG would follow the thread that forked us, not the
+    process, and misses a parent that died before it was set.)
+    """
+    os.set_blocking(fd, False)
+    while True:
+        await trio.lowlevel.wait_readable(fd)
+        try:
+            if not os.read(fd, 4096):
+                break
+        except BlockingIOError:
+            continue
+    os.close(fd)
+    log.info("the mount that started this worker has ended; stopping")
+    notify("STOPPING=1")
+    scope.cancel()
+
+
+async def run(config: WorkerConfig, security: Security | None = None, *, lifeline: int | None = None,
               task_status=trio.TASK_STATUS_IGNORED) -> None:
     from dorafs.membership import WorkerInfo, heartbeat_loop
 
@@ -103,6 +127,8 @@ async def run(config: WorkerConfig, security: Security | None = None, *,
     try:
         async with trio.open_nursery() as nursery:
             service.background = nursery
+            if lifeline is not None:
+                nursery.start_soon(_watch_lifeline, lifeline, nursery.cancel_scope)
             info: dict = {"id": wid, "page_size": config.page_size, "capacity": config.cache_size}
             server = build_server(service, info)
             security.server.apply(server)
@@ -136,11 +162,11 @@ async def run(config: WorkerConfig, security: Security | None = None, *,
 
 
 def main(argv: list[str] | None = None) -> None:
-    config, security, level = parse_args(argv)
+    config, security, level, lifeline = parse_args(argv)
     setup_logging("dorafs-worker", level)
     lock = _lock_cache_dir(config.cache_dir)
     try:
-        trio.run(run, config, security)
+        trio.run(partial(run, config, security, lifeline=lifeline))
     except KeyboardInterrupt:
         pass
     finally:

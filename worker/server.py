@@ -4,10 +4,12 @@
         headers: X-Dorafs-Checksum (xxh3-64 of the body), X-Dorafs-Cache (hit|miss);
         run=N: on a miss, also fill up to N-1 following pages with the same UFS read
   GET /v1/locate?uri=&version=&size=&index=&page_size=[&count=N]
-        pages index.. index+N-1 made cached (one UFS read fills the misses, as run=N),
-        then where their files are: {"pages": [{"index", "path", "size", "checksum"}]},
-        consecutive from `index`, ending early at a page held only in memory; for
-        short-circuit reads by a client on the same machine (dorafs/client/local.py)
+        where the files of pages index.. index+N-1 are, {"pages": [{"index", "path",
+        "size", "checksum"}]}, consecutive from `index`: the cached ones, up to and
+        including the first miss, which one UFS read fills with the misses after it
+        (as run=N) and which is answered once its own bytes are in; ending early at the
+        next page not in yet or at a page held only in memory. For short-circuit reads
+        by a client on the same machine (dorafs/client/local.py)
   GET /v1/stat?uri=[&ttl=&negative_ttl=]         FileStatus as JSON (404 if missing), with "age":
         seconds since it was read from the UFS (a mount keeps it until its TTL runs out)
   GET /v1/list?uri=&after=&limit=[&ttl=]         {"entries": [...], "next": name | null, "age": seconds}
@@ -89,9 +91,18 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
     async def locate(req: Request) -> Response:
         uri, version, size, index = await page_args(req)
         count = min(req.int_arg("count", 1, minimum=1), MAX_RUN, page_count(size, service.config.page_size) - index)
+        # Cached pages come at once; the first missing one fills the rest of the run with
+        # one UFS read and is answered as soon as its own bytes are in (the run goes on
+        # landing meanwhile, and the caller asks for the pages after it).
         pages = []
-        for i in range(index, index + max(1, count)):  # the first fills the run, the others wait for it
-            result = await service.page(uri, version, size, i, verify=False, run=count if i == index else 1)
+        waited = False
+        for i in range(index, index + max(1, count)):
+            result = service.ready(uri, version, size, i)
+            if result is None:
+                if waited:
+                    break
+                result = await service.page(uri, version, size, i, verify=False, run=index + count - i)
+                waited = True
             if result.entry is None:
                 break
             pages.append({"index": i, "path": str(result.entry.path), "size": result.size,

@@ -3,6 +3,12 @@
 Pages are filled from the UFS on a miss with a read pinned to the client's version, so
 a changed object fails with StaleVersion instead of mixing versions. Concurrent misses
 on one page, status or listing share one UFS request (single-flight).
+
+A run (one UFS read for a page and the pages after it, for a sequential reader) streams:
+the first page goes to its reader as soon as its bytes have arrived, and each following
+page is cached as soon as its own bytes are in, while the rest of the run is still on
+its way (the run goes on in the daemon's background nursery). Through a slow store the
+reader of the first page so waits for one page, not for the run.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from dorafs.scans import ListingPrefetch
 from dorafs.singleflight import SingleFlight
 from dorafs.ufs import FileStatus, UfsSet
 from dorafs.ufs.base import parent as parent_uri
+from dorafs.ufs.retry import Progress
 from worker.metastore import Cached, Listing, MetaStore
 from worker.metrics import WorkerMetrics
 from worker.pagestore import PageEntry, PageStore, checksum
@@ -125,6 +132,20 @@ class WorkerService:
         self.metrics.bytes_served.inc(result.size)
         return result
 
+    def ready(self, uri: str, version: str, size: int, index: int) -> PageResult | None:
+        """A page already cached and not being filled, without waiting or filling."""
+        if index >= page_count(size, self.config.page_size):
+            return None
+        key = (object_id(uri, version), index)
+        if key in self._run_pages or key in self._page_flights:
+            return None
+        entry = self.store.lookup(key)
+        if entry is None:
+            return None
+        self.metrics.page_requests.labels("hit").inc()
+        self.metrics.bytes_served.inc(entry.size)
+        return PageResult(entry.checksum, entry.size, entry=entry, hit=True, key=key)
+
     async def _cached(self, uri: str, version: str, size: int, index: int,
                       verify: bool) -> tuple[tuple[str, int], PageEntry | None]:
         """The page's key and its cached entry (None on a miss), after any run filling it
@@ -171,33 +192,74 @@ class WorkerService:
             extra.append(other)
         for other in extra:
             self._run_pages[other] = trio.Event()
-        try:
-            last = index + len(extra)
-            start, end = index * page_size, min(size, (last + 1) * page_size)
-            ufs = self.ufs.get(uri)
-            data = await self._ufs_call("read", ufs.read, uri, start, end - start, version)
-            self.metrics.ufs_bytes.inc(len(data))
-            if len(data) != end - start:
-                raise StaleVersion(f"{uri}: expected {end - start} bytes from page {index}, "
-                                   f"the UFS returned {len(data)}")
-            view = memoryview(data)
-            first = bytes(view[:page_length(index, size, page_size)])
-            digest = checksum(first)
-            async def cache(other) -> None:  # a later page of the run, for the requests that follow
-                offset = (other[1] - index) * page_size
-                piece = view[offset:offset + page_length(other[1], size, page_size)]
-                await self.store.put(other, piece, checksum(piece))
-                self._run_pages.pop(other).set()
+        last = index + len(extra)
+        start, end = index * page_size, min(size, (last + 1) * page_size)
+        first_length = page_length(index, size, page_size)
+        progress = Progress()
+        outcome: list = []  # the read's bytes, or its exception
 
-            async with trio.open_nursery() as nursery:  # the run's pages are written side by side
+        async def read_run() -> None:
+            try:
+                data = await self._ufs_call("read", self.ufs.get(uri).read, uri, start, end - start, version, progress)
+                self.metrics.ufs_bytes.inc(len(data))
+                outcome.append(data)
+            except Exception as exc:  # the first page's reader raises it; later pages refill
+                outcome.append(exc)
+            finally:
+                progress.finish()
+
+        def have(upto: int) -> memoryview | None:
+            """Bytes [0, upto) of the run once they are in (None: they are not)."""
+            if progress.buffer is not None:  # an adapter that streams into it
+                data, valid = progress.buffer, progress.done
+            elif outcome and not isinstance(outcome[0], Exception):
+                data, valid = outcome[0], len(outcome[0])
+            else:
+                return None
+            return memoryview(data)[:upto] if valid >= upto else None
+
+        async def cache_rest() -> None:  # each later page of the run, as soon as its bytes are in
+            try:
                 for other in extra:
-                    nursery.start_soon(cache, other)
-                entry = await self.store.put(key, first, digest)
-        finally:
-            for other in extra:
-                event = self._run_pages.pop(other, None)
-                if event is not None:
-                    event.set()
+                    upto = (other[1] - index) * page_size + page_length(other[1], size, page_size)
+                    await progress.wait_for(upto)
+                    view = have(upto)
+                    if view is None:
+                        break
+                    piece = view[upto - page_length(other[1], size, page_size):]
+                    await self.store.put(other, piece, checksum(piece))
+                    self._run_pages.pop(other).set()
+            finally:
+                for other in extra:
+                    event = self._run_pages.pop(other, None)
+                    if event is not None:
+                        event.set()
+                self.update_gauges()
+
+        async def whole_run() -> None:
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(read_run)
+                    nursery.start_soon(cache_rest)
+            except Exception:  # never the daemon's end: the pages not cached are filled again
+                log.exception("caching the run of pages %d-%d of %s failed", index, last, uri)
+
+        if self.background is not None:
+            self.background.start_soon(whole_run)
+            await progress.wait_for(first_length)
+        else:  # no daemon around it (in-process use): the run is read before answering
+            await whole_run()
+        view = have(first_length)
+        if view is None:
+            if outcome and isinstance(outcome[0], Exception):
+                raise outcome[0]
+            if not outcome:
+                raise Unavailable(f"the fill of page {index} of {uri} was cancelled")
+            raise StaleVersion(f"{uri}: expected {end - start} bytes from page {index}, "
+                               f"the UFS returned {progress.done}")
+        first = bytes(view)
+        digest = checksum(first)
+        entry = await self.store.put(key, first, digest)
         self.update_gauges()
         return PageResult(digest, len(first), entry=entry, data=first, key=key)
 

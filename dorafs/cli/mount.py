@@ -97,11 +97,16 @@ def run_foreground(config: MountConfig, log_level: str | None, ready_fd: int | N
 
     try:
         trio.run(run_mount, config, ready)
-    except MountError as exc:
-        print(f"dorafs: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         pass
+    except BaseException as exc:
+        # A MountError raised inside the mount's nursery arrives in an exception group.
+        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]
+        if not isinstance(exc, MountError):
+            raise
+        print(f"dorafs: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

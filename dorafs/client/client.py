@@ -12,6 +12,11 @@ A worker that keeps failing is skipped for longer each time (doubling up to
 costs one `worker_timeout` stall per period, not one per request. A success clears it,
 and so does the worker (re)joining the membership: its keys come back at once.
 
+When the UFS fails (a worker answers EIO for a status or a listing it had to refresh),
+the mount asks the owner again for what it holds, whatever its age (`ttl=-1`): a store
+outage costs freshness, not the data already cached. Logged once per outage; during it,
+one request every `OUTAGE_RECHECK` seconds tries the UFS again.
+
 A page whose fetch failed for good (EIO after the UFS retries, ESTALE) answers the same
 error for `FAILURE_MEMORY` seconds without a new fetch: the kernel re-issues a failed
 readahead as a synchronous read at once, which would otherwise wait out the same UFS
@@ -29,7 +34,6 @@ import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import TypeVar
 
 import trio
@@ -39,7 +43,7 @@ from dorafs.client.local import LocalPages, Unreadable, WouldBlock, is_loopback
 from dorafs.client.statuses import StatusMemo
 from dorafs.client.workers import WorkerClient
 from dorafs.config import MountConfig
-from dorafs.errors import DoraError, NotFound, StaleVersion, Unavailable
+from dorafs.errors import DoraError, NotFound, StaleVersion, UfsError, Unavailable
 from dorafs.membership import Membership
 from dorafs.pages import page_count, page_length, plan
 from dorafs.ring import HashRing
@@ -61,6 +65,9 @@ RUN_PAGES = 8  # pages per readahead run (one UFS read on a miss)
 LIST_PAGE = 1000
 LIST_AHEAD_ENTRIES = 16 * LIST_PAGE  # statuses a listing fetched ahead of a scan may bring
 STALE_TRIES = 3  # reads of a page whose block was reused under them before one goes around the buffer
+# While the UFS fails, statuses and listings come straight from what the workers hold,
+# and one request per this many seconds tries the UFS again (each try costs the retries).
+OUTAGE_RECHECK = 2.0
 FAILURE_MEMORY = 0.5  # seconds a page's final error is answered again without a new fetch
 
 
@@ -108,8 +115,10 @@ class DoraClient:
         self._suspect_for: dict[str, float] = {}  # current skip period of a failing worker
         self._ring_addresses: set[str] = set()
         self._prefetching = 0  # pages scheduled by readahead and not yet fetched
-        self._scheduled: dict[tuple, trio.Event] = {}  # their keys -> set when their run is done
+        self._scheduled: dict[tuple, trio.Event] = {}  # their keys -> set when that page is in
         self._nursery: trio.Nursery | None = None
+        self._outage: str | None = None  # the UFS error that made the mount use held metadata
+        self._outage_recheck = 0.0  # until then, metadata requests skip the failing UFS
         membership.add_listener(self._rebuild_ring)
 
     # -- lifecycle --------------------------------------------------------------------
@@ -120,6 +129,7 @@ class DoraClient:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await nursery.start(self.membership.run)
+                nursery.start_soon(self.local.sweep)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
@@ -200,8 +210,11 @@ class DoraClient:
         if parent:
             self.scans.miss(parent, self._nursery)
         try:
-            status, age = await self._route(uri, lambda address: self._workers.stat(
-                address, uri, ttl=self.config.status_ttl, negative_ttl=self.config.negative_ttl))
+            status, age = await self._metadata(
+                uri,
+                lambda address: self._workers.stat(
+                    address, uri, ttl=self.config.status_ttl, negative_ttl=self.config.negative_ttl),
+                lambda address: self._workers.stat(address, uri, ttl=-1, negative_ttl=-1))
         except Unavailable:
             self.stats.ufs_fallback_metadata += 1
             status, age = await self.ufs.get(uri).stat(uri), 0.0
@@ -215,9 +228,11 @@ class DoraClient:
         while True:
             now = trio.current_time()
             try:
-                entries, after_next, age = await self._route(
-                    uri, lambda address: self._workers.list_page(address, uri, after, LIST_PAGE,
-                                                                 ttl=self.config.listing_ttl))
+                entries, after_next, age = await self._metadata(
+                    uri,
+                    lambda address: self._workers.list_page(address, uri, after, LIST_PAGE,
+                                                            ttl=self.config.listing_ttl),
+                    lambda address: self._workers.list_page(address, uri, after, LIST_PAGE, ttl=-1))
             except Unavailable:
                 self.stats.ufs_fallback_metadata += 1
                 async for page in self.ufs.get(uri).list_pages(uri):
@@ -232,6 +247,40 @@ class DoraClient:
             if after_next is None:
                 return
             after = after_next
+
+    async def _metadata(self, uri: str, fresh: Callable[[str], Awaitable[T]],
+                        held: Callable[[str], Awaitable[T]]) -> T:
+        """A status or listing as fresh as the mount's TTLs ask (`fresh`), or, while the
+        UFS fails, what the owner holds (`held`)."""
+        if self._outage is not None and trio.current_time() < self._outage_recheck:
+            return await self._route(uri, held)  # an outage: no UFS attempt per request
+        try:
+            result = await self._route(uri, fresh)
+        except UfsError as exc:
+            return await self._held(uri, exc, held)
+        self._store_answers()
+        return result
+
+    async def _held(self, uri: str, error: UfsError, call: Callable[[str], Awaitable[T]]) -> T:
+        """What the owner of `uri` holds, whatever its age, now that the UFS failed with
+        `error`; `error` itself if it holds nothing (or does not answer)."""
+        try:
+            result = await self._route(uri, call)
+        except NotFound:
+            raise  # held: "no such path"
+        except DoraError:
+            raise error from None
+        if self._outage is None:
+            log.warning("the UFS fails (%s); serving the statuses and listings the workers hold, "
+                        "whatever their age, until it answers again", error)
+        self._outage = str(error)
+        self._outage_recheck = trio.current_time() + OUTAGE_RECHECK
+        return result
+
+    def _store_answers(self) -> None:
+        if self._outage is not None:
+            log.info("the UFS answers again; statuses and listings follow their TTLs")
+            self._outage = None
 
     def _keep_listed(self, uri: str, entries: list[FileStatus], age: float | None, now: float) -> None:
         for entry in entries:
@@ -324,8 +373,13 @@ class DoraClient:
             at += len(part)
             if data is not None:
                 part[:] = view(data)[span.start:span.end]  # buffered pieces are never stale
-            elif not self.local.readinto(self._key(f, span.index), part, span.start):
-                missing.append((span, part))
+                continue
+            try:
+                if self.local.readinto(self._key(f, span.index), part, span.start):
+                    continue
+            except WouldBlock:  # on the disk, not in the kernel's cache: _span reads it in a thread
+                pass
+            missing.append((span, part))
         if missing:
             async def fill(span, part: memoryview) -> None:
                 part[:] = await self._span(f, span)
@@ -341,7 +395,7 @@ class DoraClient:
         for _ in range(STALE_TRIES):
             data = self.buffer.get(key)
             if data is None:
-                got = self.local.pread(key, span.end - span.start, span.start)
+                got = await self.local.pread(key, span.end - span.start, span.start)
                 if got is not None:  # just the bytes asked for, no whole-page copy
                     return got
                 data = await self._page(f, span.index)
@@ -379,29 +433,48 @@ class DoraClient:
         count = min(last_page - start + 1, MAX_PREFETCH - self._prefetching)
         for first in range(start, start + count, RUN_PAGES):  # runs fetched side by side
             keys = [self._key(f, i) for i in range(first, min(start + count, first + RUN_PAGES))]
-            done = trio.Event()
-            self._scheduled.update((key, done) for key in keys)
+            events = {key: trio.Event() for key in keys}  # each set when its own page is in
+            self._scheduled.update(events)
             self._prefetching += len(keys)
-            self._nursery.start_soon(self._prefetch_run, f, first, keys, done)
+            self._nursery.start_soon(self._prefetch_run, f, first, keys, events)
 
     def _coming(self, f: OpenFile, index: int) -> bool:
         key = self._key(f, index)
         return key in self.local or key in self.buffer or key in self._flights or key in self._scheduled
 
-    async def _prefetch_run(self, f: OpenFile, start: int, keys: list[tuple], done: trio.Event) -> None:
+    async def _prefetch_run(self, f: OpenFile, start: int, keys: list[tuple],
+                            events: dict[tuple, trio.Event]) -> None:
+        def arrived(key: tuple) -> None:  # a reader waiting for this page goes on now, not at the run's end
+            event = events.pop(key, None)
+            if event is None:
+                return
+            if self._scheduled.get(key) is event:
+                del self._scheduled[key]
+            self._prefetching -= 1
+            event.set()
+
+        async def one(i: int) -> None:
+            try:
+                await self._page(f, i, ahead=True)
+            finally:
+                arrived(keys[i - start])
+
         try:
-            await self._page(f, start, run=len(keys), ahead=True)
+            try:
+                await self._page(f, start, run=len(keys), ahead=True)
+            finally:
+                arrived(keys[0])
             async with trio.open_nursery() as nursery:  # what the run did not bring (remote workers)
                 for i in range(start + 1, start + len(keys)):
-                    nursery.start_soon(partial(self._page, f, i, ahead=True))
+                    if keys[i - start] in self.buffer:
+                        arrived(keys[i - start])
+                    else:
+                        nursery.start_soon(one, i)
         except Exception as exc:  # the reader will hit (and report) the same error itself
             log.debug("readahead of pages %d+%d of %s failed: %s", start, len(keys), f.uri, exc)
         finally:
             for key in keys:
-                if self._scheduled.get(key) is done:
-                    del self._scheduled[key]
-            self._prefetching -= len(keys)
-            done.set()
+                arrived(key)
 
     def _key(self, f: OpenFile, index: int) -> tuple:
         return (f.uri, f.status.version, self.page_size, index)
@@ -498,7 +571,7 @@ class DoraClient:
                     fd = await trio.to_thread.run_sync(LocalPages.read_page, part, path, checksum)
                 if fd is None:
                     break
-                self.local.keep(self._key(f, index), fd)
+                self.local.keep(self._key(f, index), fd, size)
                 pieces.append(Piece(block, at, at + size))
                 at += size
         if not pieces:

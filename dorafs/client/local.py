@@ -13,11 +13,18 @@ that checksum before it is used. A file that is missing (evicted meanwhile), unr
 (another user's cache) or corrupt is not used: the caller fetches the page over HTTP as
 usual, where a corrupt page is verified and refetched by the worker.
 
-Once a file has been read whole and matched its checksum, its descriptor is kept (a
-bounded LRU), and later reads of that page that miss the mount's page buffer, the
-random reads above all, are a `pread` of just the bytes asked for. Page files never
-change under a name (the checksum is in it); a kept descriptor of a file the worker has
-since evicted still reads the same bytes.
+Once a file has been read whole and matched its checksum, its descriptor is kept (an
+LRU bounded by count and by bytes), and later reads of that page that miss the mount's
+page buffer, the random reads above all, are a `pread` of just the bytes asked for.
+Page files never change under a name (the checksum is in it), so a kept descriptor
+reads the right bytes; but a kept descriptor of a file the worker has evicted (or
+replaced, or dropped on an invalidation) would pin its disk space outside the worker's
+byte bound. So a kept file whose link count fell to 0 is closed: when a read finds it so
+(one fstat) and in a sweep every `SWEEP_SECONDS`.
+
+Reads of kept files try `preadv(RWF_NOWAIT)` on the event loop first (a page in the
+kernel's page cache); one that would wait for the disk is read in a thread, from a
+duplicate of the descriptor (the kept one may be closed meanwhile).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Hashable
 
+import trio
 import xxhash
 
 
@@ -65,12 +73,31 @@ def descriptor_budget() -> int:
     return max(64, min(16384, soft // 4))
 
 
+SWEEP_SECONDS = 2.0  # how long an evicted page file may stay pinned by a kept descriptor
+SWEEP_BATCH = 512  # kept files checked between two checkpoints of the sweep
+# Bytes of page files kept open: a random reader of a 4 GiB file keeps its pages; past
+# that, the least recently read are closed (the worker's own cache still has them).
+KEPT_BYTES = 4 << 30
+READ_THREADS = 4  # reads of kept files that must wait for the disk, at once
+
+
+def _pread_and_close(fd: int, length: int, offset: int) -> bytes:
+    try:
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+
+
 class LocalPages:
     """Verified page files of local workers, by page key, with their descriptors kept."""
 
-    def __init__(self, max_open: int | None = None):
+    def __init__(self, max_open: int | None = None, max_bytes: int = KEPT_BYTES):
         self.max_open = descriptor_budget() if max_open is None else max_open
-        self._open: OrderedDict[Hashable, int] = OrderedDict()
+        self.max_bytes = max_bytes
+        self.bytes = 0  # sizes of the kept files
+        self.dropped = 0  # kept files closed because their page was evicted or replaced
+        self._open: OrderedDict[Hashable, tuple[int, int]] = OrderedDict()  # key -> (fd, size)
+        self._threads = trio.CapacityLimiter(READ_THREADS)
 
     def __len__(self) -> int:
         return len(self._open)
@@ -109,40 +136,85 @@ class LocalPages:
             return None
         return fd
 
-    def keep(self, key: Hashable, fd: int) -> None:
-        """Keep the descriptor of a verified page file (closing the least recent past the budget)."""
-        self._keep(key, fd)
+    def keep(self, key: Hashable, fd: int, size: int) -> None:
+        """Keep the descriptor of a verified page file of `size` bytes (closing the least
+        recently read past the budgets)."""
+        self._drop(key)
+        self._open[key] = (fd, size)
+        self.bytes += size
+        while self._open and (len(self._open) > self.max_open or self.bytes > self.max_bytes):
+            self._drop(next(iter(self._open)))
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._open
 
-    def pread(self, key: Hashable, length: int, offset: int) -> bytes | None:
-        """Bytes of a verified page, or None if its descriptor is not kept."""
-        fd = self._open.get(key)
-        if fd is None:
+    def _live(self, key: Hashable) -> int | None:
+        """The kept descriptor of `key`, unless its file has been unlinked (then closed)."""
+        kept = self._open.get(key)
+        if kept is None:
+            return None
+        if os.fstat(kept[0]).st_nlink == 0:
+            self.dropped += 1
+            self._drop(key)
             return None
         self._open.move_to_end(key)
-        return os.pread(fd, length, offset)
+        return kept[0]
 
     def readinto(self, key: Hashable, view: memoryview, offset: int) -> bool:
-        """Fill `view` from a verified page at `offset`; False if its descriptor is not kept."""
-        fd = self._open.get(key)
+        """Fill `view` from a verified page at `offset` if the kernel has those bytes
+        cached; False if its descriptor is not kept. Raises WouldBlock for bytes that
+        would come from the disk (then `pread`, which waits in a thread)."""
+        fd = self._live(key)
         if fd is None:
             return False
-        self._open.move_to_end(key)
-        got = os.preadv(fd, [view], offset)
-        if got != len(view):  # a page file never shrinks under its name: the caller asked past its end
-            raise ValueError(f"page file short by {len(view) - got} bytes at {offset}")
+        if not len(view):
+            return True
+        try:
+            got = os.preadv(fd, [view], offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            raise WouldBlock(key) from None
+        except OSError as exc:
+            if exc.errno == errno.EOPNOTSUPP:
+                raise WouldBlock(key) from None
+            raise
+        if got != len(view):  # partly cached (a page file never shrinks under its name)
+            raise WouldBlock(key)
         return True
 
-    def _keep(self, key: Hashable, fd: int) -> None:
-        old = self._open.pop(key, None)
-        if old is not None:
-            os.close(old)
-        self._open[key] = fd
-        while len(self._open) > self.max_open:
-            os.close(self._open.popitem(last=False)[1])
+    async def pread(self, key: Hashable, length: int, offset: int) -> bytearray | bytes | None:
+        """Bytes of a verified page, or None if its descriptor is not kept: from the
+        kernel's page cache on the loop, else in a thread."""
+        out = bytearray(length)
+        try:
+            if not self.readinto(key, memoryview(out), offset):
+                return None
+            return out
+        except WouldBlock:
+            pass
+        fd = self._live(key)
+        if fd is None:
+            return None
+        return await trio.to_thread.run_sync(_pread_and_close, os.dup(fd), length, offset, limiter=self._threads)
+
+    async def sweep(self) -> None:
+        """Close kept files whose page the worker evicted or replaced, every SWEEP_SECONDS."""
+        while True:
+            await trio.sleep(SWEEP_SECONDS)
+            keys = list(self._open)
+            for start in range(0, len(keys), SWEEP_BATCH):
+                for key in keys[start:start + SWEEP_BATCH]:
+                    kept = self._open.get(key)
+                    if kept is not None and os.fstat(kept[0]).st_nlink == 0:
+                        self.dropped += 1
+                        self._drop(key)
+                await trio.lowlevel.checkpoint()
+
+    def _drop(self, key: Hashable) -> None:
+        kept = self._open.pop(key, None)
+        if kept is not None:
+            os.close(kept[0])
+            self.bytes -= kept[1]
 
     def close(self) -> None:
         while self._open:
-            os.close(self._open.popitem()[1])
+            self._drop(next(iter(self._open)))

@@ -6,6 +6,13 @@ length is known from Content-Length, so this client parses the response head its
 then receives the body straight into one preallocated buffer with `recv_into`: no chunk
 list, no joins, one copy from the kernel.
 
+Timeouts measure silence, not duration: a request fails when no byte has come from the
+worker for `timeout` seconds (each byte received starts the count again). The worker
+sends an interim `102 Processing` every second while it works on a request that asks
+for it (`X-Dorafs-Progress: 1`, sent with every request), so a worker filling a page
+from a slow store is waited for, and a stopped one (SIGSTOP, a hung disk) is given up
+after `timeout`. Interim answers are read and dropped.
+
 Connections are kept alive in a small pool per address. A request that fails on a reused
 connection (the worker closed it while idle) is retried once on a fresh one; any other
 failure surfaces as `TransportError` for the caller to fail over.
@@ -80,16 +87,18 @@ class Transport:
         """One request without a body (the worker API takes its arguments in the query)."""
         length = "" if method in ("GET", "HEAD") else "Content-Length: 0\r\n"
         request = (f"{method} {path}?{urlencode(params)} HTTP/1.1\r\nHost: {address}\r\n"
-                   f"X-Request-Id: {request_id.get()}\r\n{self._auth}{length}\r\n").encode()
+                   f"X-Request-Id: {request_id.get()}\r\nX-Dorafs-Progress: 1\r\n{self._auth}{length}\r\n").encode()
         for attempt in (0, 1):
             conn, reused = await self._checkout(address)
             try:
-                with trio.fail_after(self.timeout):
+                with trio.CancelScope(deadline=trio.current_time() + self.timeout) as quiet:
                     await conn.stream.send_all(request)
-                    response = await self._receive(conn)
+                    response = await self._receive(conn, quiet)
+                if quiet.cancelled_caught:
+                    raise trio.TooSlowError
             except trio.TooSlowError:
                 await conn.close()
-                raise TransportError(f"worker {address} timed out after {self.timeout}s") from None
+                raise TransportError(f"worker {address} sent nothing for {self.timeout}s") from None
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, _Closed, ValueError) as exc:
                 await conn.close()
                 if reused and attempt == 0 and isinstance(exc, (_Closed, trio.BrokenResourceError, OSError)):
@@ -123,20 +132,26 @@ class Transport:
             raise TransportError(f"worker {address} unreachable: {cause or 'connect timed out'}") from None
         return _Connection(stream), False
 
-    async def _receive(self, conn: _Connection) -> Response:
+    async def _receive(self, conn: _Connection, quiet: trio.CancelScope) -> Response:
+        """The next final response; each byte received pushes `quiet`'s deadline on."""
         buf = conn.pending
-        while (end := buf.find(b"\r\n\r\n")) < 0:
-            if len(buf) > HEAD_LIMIT:
-                raise ValueError("response head too large")
-            data = await conn.stream.receive_some(RECV_CHUNK)
-            if not data:
-                raise _Closed("connection closed before a response")
-            buf += data
-        head = bytes(buf[:end]).decode("latin-1").split("\r\n")
-        parts = head[0].split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1."):
-            raise ValueError(f"not an HTTP response: {head[0][:80]!r}")
-        status = int(parts[1])
+        while True:
+            while (end := buf.find(b"\r\n\r\n")) < 0:
+                if len(buf) > HEAD_LIMIT:
+                    raise ValueError("response head too large")
+                data = await conn.stream.receive_some(RECV_CHUNK)
+                if not data:
+                    raise _Closed("connection closed before a response")
+                quiet.deadline = trio.current_time() + self.timeout
+                buf += data
+            head = bytes(buf[:end]).decode("latin-1").split("\r\n")
+            parts = head[0].split(" ", 2)
+            if len(parts) < 2 or not parts[0].startswith("HTTP/1."):
+                raise ValueError(f"not an HTTP response: {head[0][:80]!r}")
+            status = int(parts[1])
+            if not 100 <= status < 200:
+                break
+            del buf[:end + 4]  # an interim answer (102 Processing): the worker is at work
         headers = {}
         for line in head[1:]:
             name, _, value = line.partition(":")
@@ -158,6 +173,7 @@ class Transport:
                 view[have:have + n] = data
             if n == 0:
                 raise _Closed("connection closed mid-body")
+            quiet.deadline = trio.current_time() + self.timeout
             have += n
         return Response(status, headers, body)
 

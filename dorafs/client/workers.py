@@ -4,7 +4,10 @@ A worker sends each page with its xxh3-64 checksum; the client checks it on arri
 mismatch (disk or wire corruption) is retried once with `verify=1`, which makes the
 worker re-check its page file, drop it if corrupt and refetch it from the UFS.
 Connection failures and timeouts become `Unavailable`, so the caller tries the next
-ring candidate; any other error answer is authoritative and is raised as is.
+ring candidate; any other error answer is authoritative and is raised as is. The
+timeout (`worker_timeout`) bounds a worker's silence, not a request's duration: a worker
+filling a page from a slow store says every second that it is still at work
+(dorafs/client/transport.py), and is waited for.
 """
 
 from __future__ import annotations

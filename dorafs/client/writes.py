@@ -13,10 +13,19 @@ Uploads:
 - A part changed after it was sent is sent again at commit (a part sent twice under one
   number replaces the first).
 - `commit` (the mount calls it from flush, fsync and the last release) sends what is not
-  sent yet and completes the upload. Nothing is visible in the UFS before that; a
-  failure aborts the upload, so no partial object appears and the previous object stays.
-  The staged bytes stay too, so a later fsync or close may try again. A part that failed
-  in the background (after boto3's own retries) fails the next commit at once.
+  sent yet and completes the upload. Nothing is visible in the UFS before that, and
+  other readers see the previous object until it succeeds.
+- Commits tell the truth. The adapter decides whether a request whose answer was lost
+  took effect (dorafs/ufs/s3.py), so a commit fails only when the object is not there.
+  A failed commit keeps the staged bytes and the pending upload with the parts it
+  already holds: the next fsync or close sends only what is missing and completes it.
+  The upload is aborted when the file is dropped (last close), so no partial object
+  stays behind. A part that failed in the background is sent again by the next commit.
+- Commits are conditional: a file staged from version V is committed only while the
+  UFS still holds V, a new file only while nothing is there (`expect`). Otherwise the
+  commit fails with ESTALE (`CommitConflict`), nothing is overwritten, both versions are
+  logged, and the staged bytes stay. A file moved by a rename is committed
+  unconditionally afterwards (its version at the new name is not known here).
 
 Staging space: a file holds as much of the `staging_size` budget as its size. When the
 budget is exhausted, parts already sent are released from their staging files (hole
@@ -45,7 +54,7 @@ import trio
 from dorafs.config import MountConfig, user_cache_dir
 from dorafs.errors import DoraError, NoSpace, UfsError
 from dorafs.ufs import FileStatus, UfsSet
-from dorafs.ufs.base import Upload
+from dorafs.ufs.base import NEW, Upload
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +102,12 @@ class Staging:
                     await f.close()
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    def open(self, uri: str) -> WriteFile:
-        """A new, empty staged file for `uri`."""
+    def open(self, uri: str, expect: str | None = NEW) -> WriteFile:
+        """A new, empty staged file for `uri`, to be committed while the UFS still holds
+        the version `expect` (NEW: no object; None: unconditionally)."""
         if self.dir is None:
             raise DoraError("staging is not running")
-        f = WriteFile(self, uri)
+        f = WriteFile(self, uri, expect)
         self.files.add(f)
         return f
 
@@ -138,9 +148,10 @@ class Staging:
 class WriteFile:
     """One file's staged bytes and its upload. `uri` is None once the file was unlinked."""
 
-    def __init__(self, staging: Staging, uri: str):
+    def __init__(self, staging: Staging, uri: str, expect: str | None = NEW):
         self.staging = staging
-        self.uri: str | None = uri
+        self._uri: str | None = uri
+        self.expect = expect  # the version the next commit requires (NEW: none; None: no condition)
         self.ps = staging.part_size
         self._file = tempfile.TemporaryFile(dir=staging.dir)
         self.fd = self._file.fileno()
@@ -165,6 +176,16 @@ class WriteFile:
     def __repr__(self) -> str:
         return f"WriteFile({self.uri!r}, size={self.size}, dirty={self.dirty})"
 
+    @property
+    def uri(self) -> str | None:
+        return self._uri
+
+    @uri.setter
+    def uri(self, value: str | None) -> None:
+        if value is not None and value != self._uri:
+            self.expect = None  # moved: the version under the new name is not known here
+        self._uri = value
+
     # -- content ----------------------------------------------------------------------
 
     async def load(self, client, status: FileStatus) -> None:
@@ -183,6 +204,7 @@ class WriteFile:
         self.size = status.size
         self._fit_reservation()
         self.mtime = status.mtime
+        self.expect = status.version or None
 
     def read(self, offset: int, size: int) -> bytes:
         self._check()
@@ -287,7 +309,7 @@ class WriteFile:
     async def _upload_for(self, uri: str) -> Upload:
         async with self._upload_lock:
             if self._upload is None:
-                self._upload = await self.staging.ufs.get(uri).start_upload(uri, self.ps)
+                self._upload = await self.staging.ufs.get(uri).start_upload(uri, self.ps, self.expect)
             return self._upload
 
     async def _send(self, index: int) -> None:
@@ -329,7 +351,10 @@ class WriteFile:
                 await upload.abort()
 
     async def commit(self) -> FileStatus | None:
-        """Upload the staged bytes if they changed since the last commit; the new status."""
+        """Upload the staged bytes if they changed since the last commit; the new status.
+
+        Fails only when the object did not land; then the staged bytes and the upload's
+        parts stay for the next commit."""
         self._check()
         async with self._commit_lock:
             if not self.dirty or self.uri is None:
@@ -341,12 +366,11 @@ class WriteFile:
                     if self._upload is not None:
                         await self._abort()
                     data = await trio.to_thread.run_sync(os.pread, self.fd, self.size, 0)
-                    status = await ufs.put(uri, data)
+                    status = await ufs.put(uri, data, self.expect)
                 else:
                     for event in list(self.inflight.values()):
                         await event.wait()
-                    if self._send_error is not None:  # already retried by boto3: fail now
-                        raise self._send_error
+                    self._send_error = None  # its part is not in `sent`: sent again below
                     count = (self.size + self.ps - 1) // self.ps
                     async with trio.open_nursery() as nursery:
                         for index in range(count):
@@ -356,16 +380,19 @@ class WriteFile:
                     status = await upload.complete(count)
                     self._upload = None
                     self.sent.clear()
-            except BaseException as exc:
-                await self._abort()
+            except BaseException as failure:
+                await self._after_failure()
+                exc = failure
+                while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+                    exc = exc.exceptions[0]  # one part failed: its error is the cause
                 self.last_error = exc if isinstance(exc, DoraError) else UfsError(f"upload of {uri} failed")
-                if self.released:  # those bytes were only in the aborted upload
-                    self.failed = UfsError(f"{uri}: upload failed after parts were released from staging; "
-                                           "the file keeps its previous content")
-                if isinstance(exc, Exception) and not isinstance(exc, DoraError):
-                    raise UfsError(f"upload of {uri}: {type(exc).__name__}: {exc}") from exc
+                if isinstance(exc, DoraError):
+                    raise exc from None
+                if isinstance(failure, Exception):
+                    raise UfsError(f"upload of {uri}: {type(exc).__name__}: {exc}") from failure
                 raise
             self.last_error = None
+            self.expect = status.version or None
             if self._changes == changes:
                 self.dirty = False
             if self.released:  # the staged copy has holes: this handle is done
@@ -373,6 +400,20 @@ class WriteFile:
                                         "again", errno=_errno.EIO)
             self.mtime = status.mtime
             return status
+
+    async def _after_failure(self) -> None:
+        """Keep the upload for the next commit, unless the store no longer has it."""
+        with trio.CancelScope(shield=True):
+            for event in list(self.inflight.values()):
+                await event.wait()
+        upload = self._upload
+        if upload is None or not getattr(upload, "gone", False):
+            return
+        self._upload = None
+        self.sent.clear()
+        if self.released:  # those bytes were only in the lost upload
+            self.failed = UfsError(f"{self.uri}: the upload was lost after parts were released from staging; "
+                                   "the file keeps its previous content")
 
     async def close(self) -> None:
         """Drop the staged bytes and any pending upload."""

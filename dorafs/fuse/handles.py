@@ -10,7 +10,22 @@ from dorafs.client.writes import WriteFile
 from dorafs.fuse.inodes import Node
 from dorafs.ufs import FileStatus
 
-NAME_MAX = 255
+NAME_MAX = 255  # bytes of one name (linux/limits.h)
+PATH_MAX = 4096  # bytes of a path, its terminating NUL included (linux/limits.h)
+
+
+URI_MAX = 4096  # characters of a URI a worker takes (worker/access.py)
+S3_KEY_MAX = 1024  # bytes of an S3 object key
+
+
+def too_long(path: str, uri: str) -> bool:
+    """A name no file can have: its path from the mount root over PATH_MAX (with its NUL),
+    its URI longer than a worker takes, or its S3 key longer than S3 allows."""
+    if len(path.encode("utf-8", "surrogateescape")) >= PATH_MAX or len(uri) > URI_MAX:
+        return True
+    scheme, _, rest = uri.partition("://")
+    key = rest.partition("/")[2]
+    return scheme in ("s3", "s3a") and len(key.encode("utf-8", "surrogateescape")) > S3_KEY_MAX
 
 
 def valid_name(name: str) -> bool:

@@ -33,6 +33,13 @@ class Node:
     attr_version: str | None = None
     open_versions: dict[str, int] = field(default_factory=dict)
     writer: WriteFile | None = None  # staged content while the file is open for writing
+    # False once unlinked or replaced by a rename: the node lives on for its open handles
+    # and the kernel's references, with the status it had, and st_nlink 0.
+    linked: bool = True
+    # A directory's subdirectories, counted when a listing of it was read to its end
+    # (and when), and kept in step by mkdir/rmdir through this mount: st_nlink is 2 + it.
+    subdirs: int | None = None
+    subdirs_at: float = 0.0
 
 
 class InodeTable:
@@ -69,6 +76,7 @@ class InodeTable:
     def detach(self, node: Node) -> None:
         """The node's path no longer names it (unlinked, removed, replaced by a rename).
         It lives on by inode while the kernel or an open handle still refers to it."""
+        node.linked = False
         if self._by_path.get(node.path) is node:
             del self._by_path[node.path]
         self.release_if_unused(node)
@@ -89,6 +97,7 @@ class InodeTable:
             self._by_path[node.path] = node
         for node in replaced:
             if node not in moved:
+                node.linked = False
                 self.release_if_unused(node)
         return moved
 

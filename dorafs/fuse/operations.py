@@ -10,11 +10,17 @@ Subtleties:
 - readdir offsets are positions in a listing snapshot taken when the directory handle
   first reads, so offsets are stable across calls; every entry reported through
   readdirplus takes one lookup reference, as the kernel expects.
+- An unlinked file (through this mount) stays readable through the handles opened
+  before, as on a local disk: its node keeps the status it had, shows st_nlink 0, and
+  its pinned version's pages are not dropped from the workers while it is open here.
+- A directory's st_nlink is 2 plus its subdirectories once a listing of it was read
+  to its end (for `listing_ttl`); 2 before that.
 - Writing files and changing the namespace are in dorafs/fuse/writing.py.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
@@ -22,15 +28,17 @@ import stat
 import time
 from dataclasses import replace
 
+import trio
+
 from dorafs.client import DoraClient
 from dorafs.client.writes import Staging
 from dorafs.config import MountConfig
-from dorafs.errors import IsADirectory, NotADirectory, NotFound
+from dorafs.errors import IsADirectory, NotADirectory, NotFound, UfsError
 from dorafs.fuse.errors import fuse_operation
-from dorafs.fuse.handles import NAME_MAX, DirHandle, FileHandle, valid_name
+from dorafs.fuse.handles import NAME_MAX, DirHandle, FileHandle, too_long, valid_name
 from dorafs.fuse.inodes import InodeTable, Node
 from dorafs.fuse.metrics import INODES, READ_BYTES, READ_LATENCY, READS, STAGING_BYTES
-from dorafs.fuse.types import ROOT_INODE, EntryAttributes, FileInfo, StatvfsData
+from dorafs.fuse.types import ROOT_INODE, EntryAttributes, FileInfo, FUSEError, StatvfsData
 from dorafs.fuse.writing import WritingOperations
 from dorafs.ufs import FileStatus, join
 
@@ -85,7 +93,12 @@ class DoraOperations(WritingOperations):
         attr.attr_timeout = self._attr_timeout
         node.attr_version = status.version
         attr.st_mode = self._modes[status.is_dir]
-        attr.st_nlink = 2 if status.is_dir else 1
+        if not node.linked:
+            attr.st_nlink = 0
+        elif status.is_dir:
+            attr.st_nlink = 2 + self._subdirs(node)
+        else:
+            attr.st_nlink = 1
         attr.st_uid = self._uid
         attr.st_gid = self._gid
         attr.st_size = status.size
@@ -94,6 +107,29 @@ class DoraOperations(WritingOperations):
         stamp = int(status.mtime * 1e9)
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = stamp
         return attr
+
+    def _invalidate_kernel(self, inode: int) -> None:
+        """Have the kernel drop its cached attributes and pages of `inode` (soon, never
+        waited for here: see the session's notifications)."""
+        if self.kernel is not None:
+            self.kernel.invalidate_inode(inode)
+
+    def _subdirs(self, node: Node) -> int:
+        """The directory's subdirectories as last counted, while the count is fresh; else 0."""
+        if node.subdirs is None:
+            return 0
+        ttl = self.config.listing_ttl
+        if ttl >= 0 and trio.current_time() - node.subdirs_at > ttl:
+            node.subdirs = None
+            return 0
+        return node.subdirs
+
+    def _count_subdirs(self, node: Node, count: int) -> None:
+        """A listing of `node` was read to its end; the kernel drops attributes showing another st_nlink."""
+        before = self._subdirs(node)
+        node.subdirs, node.subdirs_at = count, trio.current_time()
+        if count != before:
+            self._invalidate_kernel(node.inode)
 
     def _negative(self) -> EntryAttributes:
         """A cacheable "no such entry" answer (kept by the kernel for negative_ttl)."""
@@ -107,6 +143,8 @@ class DoraOperations(WritingOperations):
     @fuse_operation
     async def lookup(self, parent_inode, name, ctx):
         parent = self.inodes[parent_inode]
+        if len(name) > NAME_MAX:
+            raise FUSEError(errno.ENAMETOOLONG)
         try:
             text = name.decode("utf-8")
         except UnicodeDecodeError:
@@ -120,7 +158,10 @@ class DoraOperations(WritingOperations):
         else:
             if not parent.status.is_dir:
                 raise NotADirectory(parent.path)
-            node = self.inodes.at(f"{parent.path}/{text}" if parent.path else text)
+            path = f"{parent.path}/{text}" if parent.path else text
+            if too_long(path, join(parent.uri, text)):
+                raise FUSEError(errno.ENAMETOOLONG)
+            node = self.inodes.at(path)
             if node is None or node.writer is None:
                 try:
                     status = await self.client.stat(join(parent.uri, text))
@@ -139,7 +180,7 @@ class DoraOperations(WritingOperations):
     @fuse_operation
     async def getattr(self, inode, ctx=None):
         node = self.inodes[inode]
-        if node.writer is None:
+        if node.writer is None and node.linked:  # an unlinked node keeps the status it had
             node.status = await self._stat(node)
         self._sync(node)
         return self._attributes(node)
@@ -150,6 +191,10 @@ class DoraOperations(WritingOperations):
         except NotFound:
             if node.inode == ROOT_INODE:  # an empty S3 prefix: the mount starts empty
                 return FileStatus(name="", is_dir=True)
+            raise
+        except UfsError:
+            if node.inode == ROOT_INODE:  # the store fails: the root stays the directory it was
+                return node.status
             raise
 
     def _sync(self, node: Node) -> None:
@@ -188,9 +233,12 @@ class DoraOperations(WritingOperations):
         if writing or node.writer is not None:
             if node.writer is None and node.status.is_dir:
                 raise IsADirectory(node.path)
+            if node.writer is None and not node.linked:  # staging it would bring it back under its name
+                raise NotFound(node.path)
             writer = await self._writer(node, truncate=bool(flags & os.O_TRUNC))
             return self._open_writer(node, writer, flags)
-        status = await self.client.stat(node.uri)
+        # An unlinked node (reopened through /proc/PID/fd) is the version it was.
+        status = await self.client.stat(node.uri) if node.linked else node.status
         if status.is_dir:
             raise IsADirectory(node.path)
         node.status = status
@@ -202,8 +250,7 @@ class DoraOperations(WritingOperations):
             # to attr_timeout, and would clip reads at the old size: this handle bypasses
             # the kernel cache, and the kernel is told to drop that inode's attributes.
             node.attr_version = None
-            if self.kernel is not None:
-                self.kernel.invalidate_inode(node.inode)
+            self._invalidate_kernel(node.inode)
         if others or stale_attributes or self.config.direct_io:
             direct_io, keep_cache = True, False
             node.kernel_version = None
@@ -271,6 +318,7 @@ class DoraOperations(WritingOperations):
                 if isinstance(exc, NotFound) and handle.node.inode != ROOT_INODE:
                     raise
                 handle.complete = True  # the end, or an empty S3 prefix at the root
+                self._count_subdirs(handle.node, sum(1 for e in handle.entries if e.is_dir))
                 listed = {e.name for e in handle.entries}
                 handle.entries.extend(self._pending_children(handle.node, listed))
                 break

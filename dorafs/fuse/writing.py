@@ -11,6 +11,9 @@ Subtleties:
   emptiness, go straight to the UFS, then invalidate the workers' entries and move the
   mount's own nodes. A renamed file or directory that is being written is uploaded
   first, so the UFS holds what is moved.
+- An unlinked or replaced file that is open here for reading keeps its pages on the
+  workers (the open handles still read that version); they age out of the caches as
+  any other page. A new name too long for a path, a URI or an S3 key: ENAMETOOLONG.
 - With `read_only` every change answers EROFS (the kernel, mounted `ro`, mostly does so
   before asking).
 """
@@ -27,11 +30,12 @@ from dataclasses import replace
 from dorafs.client.writes import WriteFile
 from dorafs.errors import DoraError, Exists, IsADirectory, NotADirectory, NotEmpty, NotFound, StaleVersion
 from dorafs.fuse.errors import fuse_operation
-from dorafs.fuse.handles import NAME_MAX, FileHandle, valid_name
+from dorafs.fuse.handles import NAME_MAX, FileHandle, too_long, valid_name
 from dorafs.fuse.inodes import Node
 from dorafs.fuse.metrics import UPLOAD_BYTES, UPLOADS, WRITE_BYTES
 from dorafs.fuse.types import RENAME_NOREPLACE, FileInfo, FUSEError
 from dorafs.ufs import FileStatus, join
+from dorafs.ufs.base import NEW
 
 log = logging.getLogger("dorafs.fuse.operations")
 
@@ -66,6 +70,23 @@ class WritingOperations:
     def _path(parent: Node, name: str) -> str:
         return f"{parent.path}/{name}" if parent.path else name
 
+    def _new_path(self, parent: Node, name: str) -> str:
+        """The path of a name being created: ENAMETOOLONG if no file could have it."""
+        path = self._path(parent, name)
+        if too_long(path, join(parent.uri, name)):
+            raise FUSEError(errno.ENAMETOOLONG)
+        return path
+
+    @staticmethod
+    def _subdirs_changed(directory: Node, change: int) -> None:
+        if directory.subdirs is not None:
+            directory.subdirs = max(0, directory.subdirs + change)
+
+    @staticmethod
+    def _read_here(node: Node | None) -> bool:
+        """Whether a handle of this mount still reads the node's pinned version."""
+        return node is not None and any(n > 0 for n in node.open_versions.values())
+
     async def _ufs_stat(self, uri: str) -> FileStatus | None:
         """The UFS's own answer (not a cached one): what a change must be checked against."""
         try:
@@ -78,7 +99,7 @@ class WritingOperations:
         `truncate`) if the file is not being written yet."""
         writer = node.writer
         if writer is None:
-            writer = self.staging.open(node.uri)
+            writer = self.staging.open(node.uri, node.status.version or NEW)  # its commit's condition
             try:
                 if not truncate:
                     await self._load(writer, node)
@@ -165,7 +186,7 @@ class WritingOperations:
             raise FUSEError(errno.ENOTSUP)
         parent = self._dir(parent_inode)
         text = self._name(name)
-        node = self.inodes.at(self._path(parent, text))
+        node = self.inodes.at(self._new_path(parent, text))
         exists = node is not None and node.writer is not None
         if not exists:
             status = await self._ufs_stat(join(parent.uri, text))
@@ -249,6 +270,7 @@ class WritingOperations:
             raise FUSEError(errno.ENOTSUP)
         parent = self._dir(parent_inode)
         text = self._name(name)
+        self._new_path(parent, text)
         uri = join(parent.uri, text)
         if await self._ufs_stat(uri) is not None or self.inodes.at(self._path(parent, text)) is not None \
                 and self.inodes.at(self._path(parent, text)).writer is not None:
@@ -266,12 +288,13 @@ class WritingOperations:
         self._writable()
         parent = self._dir(parent_inode)
         text = self._name(name)
-        uri, path = join(parent.uri, text), self._path(parent, text)
+        uri, path = join(parent.uri, text), self._new_path(parent, text)
         existing = self.inodes.at(path)
         if (existing is not None and existing.writer is not None) or await self._ufs_stat(uri) is not None:
             raise Exists(path)
         await self.client.ufs.get(uri).make_dir(uri)
         await self.client.invalidate(uri)
+        self._subdirs_changed(parent, +1)
         node = self.inodes.child(parent, text, FileStatus(name=text, is_dir=True, mtime=time.time()))
         node.lookups += 1
         return self._attributes(node)
@@ -291,7 +314,7 @@ class WritingOperations:
             raise IsADirectory(path)
         if status is not None:
             await self.client.ufs.get(uri).delete(uri)
-            await self.client.invalidate(uri, pages=True)
+            await self.client.invalidate(uri, pages=not self._read_here(node))
         if node is not None:
             if node.writer is not None:
                 node.writer.uri = None  # an unlinked file's writes go nowhere, as on a disk
@@ -311,6 +334,7 @@ class WritingOperations:
         await self._require_empty(uri, path)
         await self.client.ufs.get(uri).remove_dir(uri)
         await self.client.invalidate(uri, recursive=True)
+        self._subdirs_changed(parent, -1)
         node = self.inodes.at(path)
         if node is not None:
             self.inodes.detach(node)
@@ -334,7 +358,7 @@ class WritingOperations:
         old_parent, new_parent = self._dir(parent_inode_old), self._dir(parent_inode_new)
         old_name, new_name = self._name(name_old), self._name(name_new)
         src_uri, src_path = join(old_parent.uri, old_name), self._path(old_parent, old_name)
-        dst_uri, dst_path = join(new_parent.uri, new_name), self._path(new_parent, new_name)
+        dst_uri, dst_path = join(new_parent.uri, new_name), self._new_path(new_parent, new_name)
         if src_path == dst_path:
             return
         # What is being written at or under the source goes to the UFS first, to be moved.
@@ -364,8 +388,13 @@ class WritingOperations:
         if target is not None and target.writer is not None:
             target.writer.uri = None  # the replaced file's pending writes go nowhere
         await ufs.rename(src_uri, dst_uri, src.is_dir)
-        await self.client.invalidate(src_uri, recursive=src.is_dir, pages=True)
-        await self.client.invalidate(dst_uri, recursive=src.is_dir, pages=True)
+        await self.client.invalidate(src_uri, recursive=src.is_dir,
+                                     pages=not self._read_here(self.inodes.at(src_path)))
+        await self.client.invalidate(dst_uri, recursive=src.is_dir, pages=not self._read_here(target))
+        if src.is_dir:
+            self._subdirs_changed(old_parent, -1)
+            if dst is None:
+                self._subdirs_changed(new_parent, +1)
         for node in self.inodes.move(src_path, new_parent, new_name):
             if node.path == dst_path:
                 node.status = replace(node.status, name=new_name)

@@ -15,6 +15,10 @@ Subtleties:
   <secret>`, compared in constant time; otherwise 401 and a log line naming the peer and
   the path, never the token. Unknown paths are refused the same way, so nothing about
   the API leaks to a client without the secret.
+- A client that sends `X-Dorafs-Progress: 1` (the mount's worker client) is told every
+  PROGRESS_INTERVAL that its request is still being worked on, with an interim `102
+  Processing` answer: it bounds the worker's silence, not the request's duration, so a
+  fill from a slow store is not mistaken for a dead worker.
 - TLS: with an SSL context every accepted connection is wrapped in a `trio.SSLStream`.
   sendfile cannot write through TLS, so a `FileBody` is then read and sent in chunks;
   the plain path keeps sendfile. A client speaking plain HTTP to a TLS port fails its
@@ -50,6 +54,7 @@ HEADER_TIMEOUT = 10.0  # a client has this long to send a whole request head
 IDLE_TIMEOUT = 120.0  # keep-alive connections idle longer than this are closed
 RECV_SIZE = 64 * 1024
 FILE_CHUNK = 256 * 1024  # a FileBody's read size when it cannot go out with sendfile (TLS)
+PROGRESS_INTERVAL = 1.0  # seconds between `102 Processing` answers to a client that asked for them
 
 
 @dataclass
@@ -194,6 +199,27 @@ class HttpServer:
                 time.perf_counter() - start)
         return response
 
+    async def _dispatch_reporting(self, conn: h11.Connection, stream: trio.abc.Stream,
+                                  request: Request) -> Response:
+        """`_dispatch`, with a `102 Processing` to the client every PROGRESS_INTERVAL
+        until the answer is ready."""
+        answer: list[Response] = []
+        async with trio.open_nursery() as nursery:
+            async def handle() -> None:
+                answer.append(await self._dispatch(request))
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(handle)
+            while True:
+                await trio.sleep(PROGRESS_INTERVAL)
+                interim = conn.send(h11.InformationalResponse(status_code=102, headers=[]))
+                with trio.CancelScope(shield=True):  # never half an interim answer on the wire
+                    with trio.move_on_after(HEADER_TIMEOUT) as stuck:
+                        await stream.send_all(interim)
+                if stuck.cancelled_caught:  # the client reads nothing: drop it
+                    raise trio.BrokenResourceError("client stopped reading")
+        return answer[0]
+
     def _authorized(self, request: Request) -> bool:
         if self._token is None or request.path in self.open_paths:
             return True
@@ -245,7 +271,10 @@ class HttpServer:
                 request = await self._read_request(conn, stream, peer)
                 if request is None:
                     return
-                response = await self._dispatch(request)
+                if request.headers.get("x-dorafs-progress") == "1":
+                    response = await self._dispatch_reporting(conn, stream, request)
+                else:
+                    response = await self._dispatch(request)
                 await self._send(conn, stream, response, head=request.method == "HEAD")
                 if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                     return

@@ -8,7 +8,9 @@ Versions pin reads: `read(uri, offset, length, version)` returns bytes of exactl
 version or raises `StaleVersion`, never bytes of another version.
 
 Writes (used by the mount, never by workers) replace whole objects: `put` for one that
-fits in memory, an `Upload` of numbered parts for a larger one. Nothing of an object is
+fits in memory, an `Upload` of numbered parts for a larger one. A write may be
+conditional (`expect`): `NEW` when the object must not exist, or the version it must
+still be at; otherwise it fails with `CommitConflict` (ESTALE) and changes nothing. Nothing of an object is
 visible before `put` returns or `Upload.complete` does, and an aborted upload leaves no
 object behind. Namespace changes (`delete`, `make_dir`, `remove_dir`, `rename`) check
 nothing beyond what the store itself enforces: the caller (the mount) checks existence
@@ -23,7 +25,15 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 
-from dorafs.errors import ReadOnly
+from dorafs.errors import ReadOnly, StaleVersion
+from dorafs.ufs.retry import Progress
+
+NEW = "*"  # `expect` of a write that creates its object: it must not exist yet
+
+
+class CommitConflict(StaleVersion):
+    """A conditional write refused: the object is no longer at the version the writer
+    started from (ESTALE). Nothing was changed."""
 
 
 @dataclass(frozen=True)
@@ -94,21 +104,24 @@ class UnderFileSystem(ABC):
         """
 
     @abstractmethod
-    async def read(self, uri: str, offset: int, length: int, version: str) -> bytes:
+    async def read(self, uri: str, offset: int, length: int, version: str,
+                   progress: "Progress | None" = None) -> bytes | bytearray:
         """Bytes [offset, offset+length) of exactly `version`, short only at end of file.
 
         `StaleVersion` if the object is no longer at `version`; `UfsError` on failure.
+        With `progress`, an adapter that streams puts the bytes in `progress.buffer` as
+        they arrive and reports them (`Progress.wait_for`); others report them at the end.
         """
 
     # -- writes: defaults for stores that cannot be written ------------------------------
 
     min_part_size = 0  # the store's smallest part but the last (S3: 5 MiB)
 
-    async def put(self, uri: str, data: bytes) -> FileStatus:
+    async def put(self, uri: str, data: bytes, expect: str | None = None) -> FileStatus:
         """Replace (or create) the object `uri` with `data`; its new status."""
         raise ReadOnly(f"this store cannot be written: {uri}")
 
-    async def start_upload(self, uri: str, part_size: int) -> "Upload":
+    async def start_upload(self, uri: str, part_size: int, expect: str | None = None) -> "Upload":
         """Begin replacing `uri` with parts of `part_size` bytes (the last may be shorter)."""
         raise ReadOnly(f"this store cannot be written: {uri}")
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno as _errno
+import logging
 import os
 import shutil
 import tempfile
@@ -36,7 +37,9 @@ import trio
 from dorafs.errors import (
     DoraError, Exists, InvalidRequest, IsADirectory, NotADirectory, NotEmpty, NotFound, StaleVersion, UfsError,
 )
-from dorafs.ufs.base import FileStatus, UnderFileSystem, Upload
+from dorafs.ufs.base import NEW, CommitConflict, FileStatus, UnderFileSystem, Upload
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -180,7 +183,8 @@ class FsspecUfs(UnderFileSystem):
         for start in range(0, len(entries), PAGE):
             yield entries[start:start + PAGE]
 
-    async def read(self, uri: str, offset: int, length: int, version: str) -> bytes:
+    async def read(self, uri: str, offset: int, length: int, version: str, progress=None) -> bytes:
+        """Read in one piece (the library's own call); `progress` learns nothing until the end."""
         if length <= 0:
             return b""
 
@@ -225,8 +229,8 @@ class FsspecUfs(UnderFileSystem):
         except (OSError, ValueError) as exc:
             raise _failure(op, uri, exc) from exc
 
-    async def put(self, uri: str, data: bytes) -> FileStatus:
-        upload = await self.start_upload(uri, max(len(data), 1))
+    async def put(self, uri: str, data: bytes, expect: str | None = None) -> FileStatus:
+        upload = await self.start_upload(uri, max(len(data), 1), expect)
         try:
             await upload.put_part(1, data)
             return await upload.complete(1)
@@ -234,10 +238,29 @@ class FsspecUfs(UnderFileSystem):
             await upload.abort()
             raise
 
-    async def start_upload(self, uri: str, part_size: int) -> Upload:
+    async def start_upload(self, uri: str, part_size: int, expect: str | None = None) -> Upload:
         await self._run(lambda: None)  # the filesystem exists before the upload does
         fd, temp = tempfile.mkstemp(prefix="dorafs-upload-")
-        return FsspecUpload(self, uri, part_size, fd, temp)
+        upload = FsspecUpload(self, uri, part_size, fd, temp)
+        upload.expect = expect
+        return upload
+
+    async def _check_expected(self, uri: str, expect: str | None) -> None:
+        """A conditional write's check (not atomic with the write: fsspec stores have no
+        conditional writes; this narrows the window to the move into place)."""
+        if expect is None:
+            return
+        try:
+            current: FileStatus | None = await self.stat(uri)
+        except NotFound:
+            current = None
+        if expect == NEW and current is None or current is not None and current.version == expect:
+            return
+        now = "no object" if current is None else f"version {current.version}"
+        was = "no object" if expect == NEW else f"version {expect}"
+        message = f"{uri} changed while it was written here: staged from {was}, the store now has {now}"
+        log.warning("%s; this commit is refused and the written bytes stay staged", message)
+        raise CommitConflict(message)
 
     async def delete(self, uri: str) -> None:
         path = self._path(uri)
@@ -262,6 +285,7 @@ class FsspecUpload(Upload):
     def __init__(self, ufs: FsspecUfs, uri: str, part_size: int, fd: int, temp: str):
         self.ufs, self.uri, self.part_size, self.fd, self.temp = ufs, uri, part_size, fd, temp
         self.sizes: dict[int, int] = {}
+        self.expect: str | None = None
 
     async def put_part(self, number: int, data: bytes) -> None:
         offset = (number - 1) * self.part_size
@@ -271,6 +295,7 @@ class FsspecUpload(Upload):
     async def complete(self, count: int) -> FileStatus:
         ufs, size = self.ufs, (count - 1) * self.part_size + self.sizes.get(count, 0)
         path = ufs._path(self.uri)
+        await ufs._check_expected(self.uri, self.expect)
 
         def move_into_place() -> None:
             os.ftruncate(self.fd, size)

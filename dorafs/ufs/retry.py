@@ -1,25 +1,41 @@
-"""Bounded retries for UFS calls: capped exponential backoff with full jitter, a deadline.
+"""Bounded retries for UFS calls: progress timeouts, capped exponential backoff with full
+jitter, and a deadline that grows with the bytes a call moves.
 
 Subtleties:
+- Slow is not broken. An attempt fails when it stops making progress: a connect that
+  does not complete, or no byte for `timeout` (botocore's connect and read timeouts are
+  per socket operation, so they measure exactly that; a streamed body also reports each
+  chunk to a `Progress`, whose watchdog on the loop abandons an attempt that stalls).
+  The only bound on a whole call is `deadline_for(nbytes)`: `deadline` plus the bytes
+  asked for at `min_rate`, so a large transfer through a slow store is never cut short
+  while bytes keep coming, and a trickle still ends.
 - Only transient failures are retried: throttling (S3 503 SlowDown), other 5xx answers,
   timeouts and broken connections. An answer that says something about the object (412
   changed version, 404, 403, 416) is final at once: retrying a 412 would only hide a
   change from a reader that must see ESTALE.
-- The whole call, retries included, ends by `deadline`. An attempt runs in a thread that
-  cannot be cancelled, so when the deadline passes mid-attempt the caller is answered
-  (UfsError, EIO) and the thread is abandoned to finish on its own read timeout. The
-  worker's deadline is shorter than the client's `worker_timeout` (docs/HA.md), so a
-  slow UFS comes back as an error answer, not as a worker that looks dead.
+- A retried streamed read goes on from the bytes the failed attempt delivered (the
+  caller reads `progress.done`), so a broken connection costs what was in flight, not
+  the whole transfer.
+- An attempt runs in a thread that cannot be cancelled, so when the deadline passes or
+  the watchdog fires mid-attempt the caller is answered (UfsError, EIO) and the thread is
+  abandoned to finish on its own socket timeout; `Progress.abandon` makes sure it can no
+  longer write into the caller's buffer.
+- Time spent waiting for a thread of the adapter's limiter is queueing, not a stall: the
+  watchdog starts when the attempt's thread does.
 - Backoff before attempt n (n >= 1) is uniform in [0, min(cap, base * 2**n)] ("full
   jitter"): many workers throttled at once do not retry in lockstep.
+- Before retrying, a caller may ask whether the failed attempt took effect after all
+  (`settled`): a write whose answer was lost is looked up, never sent again blindly.
 - The final failure carries the cause of the last attempt and how many were made.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
-from collections.abc import Callable
+import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -35,13 +51,23 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class RetryPolicy:
     attempts: int = 4  # tries per call, the first included
-    deadline: float = 4.0  # seconds for the whole call; below the client's 5 s worker_timeout
-    timeout: float = 2.0  # per attempt: connect and read (socket idle) timeout
+    deadline: float = 4.0  # seconds for a call that moves no data; grows with the bytes moved
+    timeout: float = 2.0  # no progress for this long (connect, or no byte): the attempt stalled
+    min_rate: float = 64 * 1024  # bytes/s: a transfer slower than this on average is given up
     base: float = 0.1  # first backoff cap, doubling per retry
     cap: float = 1.0  # largest backoff
 
     def backoff(self, retry: int) -> float:
         return random.uniform(0, min(self.cap, self.base * (2 ** retry)))
+
+    def deadline_for(self, nbytes: int) -> float:
+        """The bound on a whole call (retries included) that moves `nbytes`."""
+        return self.deadline + max(0, nbytes) / self.min_rate
+
+    def idle_for(self, nbytes: int) -> float:
+        """How long a server may work on `nbytes` before its answer starts (S3's
+        CompleteMultipartUpload, a copy): the socket idle bound of such a request."""
+        return self.timeout + max(0, nbytes) / self.min_rate
 
 
 class Attempt:
@@ -52,39 +78,158 @@ class Attempt:
         self.cause = cause
 
 
+class Abandoned(Exception):
+    """Raised in an abandoned attempt's thread when it tries to deliver more bytes."""
+
+
+class Progress:
+    """Bytes a streamed call has delivered so far, reported by its thread, watched by the loop.
+
+    The thread calls `begin()` when its attempt starts (a ticket) and `deliver(ticket, n)`
+    after each chunk it stored; a ticket is refused once its attempt was abandoned. On
+    the loop, `wait_for(n)` returns once `n` bytes are in or the call ended.
+    """
+
+    def __init__(self) -> None:
+        self.done = 0  # bytes delivered, across attempts
+        self.buffer: bytearray | None = None  # where a streaming adapter puts them
+        self.finished = False  # the call returned or failed
+        self._lock = threading.Lock()
+        self._ticket = 0
+        self._token = trio.lowlevel.current_trio_token()
+        self._scope: trio.CancelScope | None = None
+        self._stall = math.inf
+        self._waiters: list[tuple[int, trio.Event]] = []
+
+    # -- the attempt's thread -----------------------------------------------------------
+
+    def begin(self) -> int:
+        with self._lock:
+            self._ticket += 1
+            ticket = self._ticket
+        self._soon(self._alive)
+        return ticket
+
+    def deliver(self, ticket: int, store: Callable[[int], int]) -> int:
+        """Run `store(done)` (which puts bytes at offset `done` and returns how many)
+        unless the attempt was abandoned; then tell the loop."""
+        with self._lock:
+            if ticket != self._ticket:
+                raise Abandoned()
+            n = store(self.done)
+            self.done += n
+        self._soon(self._alive)
+        return n
+
+    def _soon(self, fn: Callable[[], None]) -> None:
+        try:
+            self._token.run_sync_soon(fn)
+        except trio.RunFinishedError:
+            pass
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def _alive(self) -> None:
+        if self._scope is not None:
+            self._scope.deadline = trio.current_time() + self._stall
+        self._wake()
+
+    def _wake(self) -> None:
+        keep = []
+        for want, event in self._waiters:
+            if self.done >= want or self.finished:
+                event.set()
+            else:
+                keep.append((want, event))
+        self._waiters = keep
+
+    def watch(self, scope: trio.CancelScope | None, stall: float) -> None:
+        """Cancel `scope` when an attempt started and then delivered nothing for `stall` s."""
+        self._scope, self._stall = scope, stall
+
+    def abandon(self) -> None:
+        with self._lock:
+            self._ticket += 1
+
+    def finish(self) -> None:
+        self.finished = True
+        self._scope = None
+        self._wake()
+
+    async def wait_for(self, nbytes: int) -> int:
+        """Wait until `nbytes` are delivered or the call ended; the bytes delivered."""
+        if self.done < nbytes and not self.finished:
+            event = trio.Event()
+            self._waiters.append((nbytes, event))
+            await event.wait()
+        return self.done
+
+
 async def call_with_retries(policy: RetryPolicy, what: str, run: Callable[[], T],
                             classify: Callable[[BaseException], Attempt | None],
-                            limiter: trio.CapacityLimiter | None = None) -> T:
+                            limiter: trio.CapacityLimiter | None = None, *, nbytes: int = 0,
+                            progress: Progress | None = None,
+                            settled: Callable[[BaseException], Awaitable[T | None]] | None = None) -> T:
     """Run blocking `run()` in a thread, retrying transient failures within the policy.
 
     `classify(exc)` returns an `Attempt` for failures it knows (None: not a UFS failure,
     re-raised as is). A non-retryable failure is re-raised unchanged for the caller to
     interpret (412 -> StaleVersion...); retries exhausted raise `UfsError`.
+
+    `nbytes` is what the call moves (it stretches the deadline); with `progress` the
+    attempt reports its bytes and is abandoned when it stalls for `policy.timeout`.
+    `settled(exc)`, given, is awaited after a transient failure: a non-None result means
+    the failed attempt took effect after all, and is returned instead of retrying.
     """
     start = trio.current_time()
-    deadline = start + policy.deadline
+    limit = policy.deadline_for(nbytes)
+    deadline = start + limit
     last: BaseException | None = None
     cause = ""
     attempt = 0
-    while attempt < policy.attempts:
-        if attempt:
-            pause = policy.backoff(attempt)
-            if trio.current_time() + pause >= deadline:
+    try:
+        while attempt < policy.attempts:
+            if attempt:
+                pause = policy.backoff(attempt)
+                if trio.current_time() + pause >= deadline:
+                    break
+                await trio.sleep(pause)
+            attempt += 1
+            with trio.move_on_at(deadline) as scope:
+                try:
+                    with trio.CancelScope() as stall:
+                        if progress is not None:
+                            progress.watch(stall, policy.timeout)
+                        return await trio.to_thread.run_sync(run, abandon_on_cancel=True, limiter=limiter)
+                except Exception as exc:
+                    verdict = classify(exc)
+                    if verdict is None or not verdict.retry:
+                        raise
+                    last, cause = exc, verdict.cause
+                    log.debug("%s: attempt %d failed (%s)", what, attempt, cause)
+                    if settled is not None:
+                        done = await settled(exc)
+                        if done is not None:
+                            log.info("%s: attempt %d failed (%s) but had taken effect", what, attempt, cause)
+                            return done
+                    continue
+                finally:
+                    if progress is not None:
+                        progress.watch(None, math.inf)
+                if stall.cancelled_caught:
+                    if progress is not None:
+                        progress.abandon()
+                    last, cause = TimeoutError(), f"stalled: no progress within the {policy.timeout:g}s timeout"
+                    log.debug("%s: attempt %d stalled", what, attempt)
+                    continue
+            if scope.cancelled_caught:
+                if progress is not None:
+                    progress.abandon()
+                last, cause = TimeoutError(), f"not done within the {limit:.3g}s deadline"
                 break
-            await trio.sleep(pause)
-        attempt += 1
-        with trio.move_on_after(deadline - trio.current_time()) as scope:
-            try:
-                return await trio.to_thread.run_sync(run, abandon_on_cancel=True, limiter=limiter)
-            except Exception as exc:
-                verdict = classify(exc)
-                if verdict is None or not verdict.retry:
-                    raise
-                last, cause = exc, verdict.cause
-                log.debug("%s: attempt %d failed (%s)", what, attempt, cause)
-        if scope.cancelled_caught:
-            last, cause = TimeoutError(), f"no answer within the {policy.deadline:g}s deadline"
-            break
+    finally:
+        if progress is not None:
+            progress.finish()
     elapsed = trio.current_time() - start
     raise UfsError(f"{what}: {cause} (after {attempt} attempt{'s' if attempt != 1 else ''}, {elapsed:.1f}s)") \
         from last

@@ -16,9 +16,34 @@ Subtleties:
 - boto3 is blocking: every call (client creation included) runs in a thread behind this
   adapter's `CapacityLimiter`, sized like the client's connection pool.
 - Retries are ours, not botocore's (which is set to one attempt): `dorafs.ufs.retry`
-  bounds them by a deadline and never retries an answer about the object (412, 404...).
-- Writes: `put_object` for an object in one piece, a multipart upload for more, aborted
-  on failure so no partial object appears. A directory made through the mount is a
+  bounds them by progress (botocore's connect and read timeouts are per socket
+  operation) and by a deadline that grows with the bytes moved, and never retries an
+  answer about the object (412, 404...).
+- A ranged GET streams its body in the thread into the caller's buffer, chunk by chunk,
+  reporting each to a `Progress`: the caller can use the first bytes before the last
+  arrive, a stall is seen as one, and a retry asks only for the bytes still missing.
+- Requests whose answer comes only after the server worked through many bytes get a
+  socket idle bound that grows with those bytes (`RetryPolicy.idle_for`; one boto3
+  client per bound, created on first use): CompleteMultipartUpload and copies (moto
+  completes hundreds of MiB in seconds and sends nothing meanwhile), and uploads (the
+  last megabytes of a body sit in socket buffers and drain at the link's pace after the
+  sender is done, so the answer may be seconds away while everything is moving). An
+  upload's body goes as a stream, in blocks each bounded by the socket timeout: sent
+  as bytes it would be one `sendall`, which Python bounds as a whole.
+- Writes: `put_object` for an object in one piece, a multipart upload for more (aborted
+  by the writer when it gives up, so no partial object appears). Writes tell the truth:
+  when a PUT, an UploadPart or a CompleteMultipartUpload gets no answer (timeout,
+  broken connection, 5xx) or a retry is refused (412, NoSuchUpload), the adapter first
+  looks whether the lost attempt took effect (the object's ETag and size against the MD5
+  of what was sent, or the upload's part list) and only then retries or fails: the same
+  bytes are never sent twice once they have landed.
+- Commits are conditional (`expect`): `If-None-Match: *` for a new object, `If-Match`
+  on the version the writer staged from. A 412 whose object is not what this writer
+  sent is a `CommitConflict` (ESTALE) naming both versions. Whether the server honours
+  conditions is probed once per bucket (`_check_conditions`); where it ignores or
+  refuses them (logged once) the version is checked with a HEAD just before writing.
+  CompleteMultipartUpload's If-Match is ignored by some servers that honour the rest
+  (moto), so it is always checked with a HEAD as well. A directory made through the mount is a
   `key/` marker; removing the last entry of a directory puts its marker, so the
   directory stays as it would on a disk. A rename is copy then delete (multipart copy
   past 5 GiB): not atomic, and a directory's objects move one by one.
@@ -28,8 +53,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno as _errno
+import hashlib
+import io
 import logging
+import math
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -37,8 +66,8 @@ import trio
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, HTTPClientError, IncompleteReadError
 
 from dorafs.errors import DoraError, NotADirectory, NotFound, StaleVersion, UfsError
-from dorafs.ufs.base import FileStatus, UnderFileSystem, Upload
-from dorafs.ufs.retry import Attempt, RetryPolicy, call_with_retries
+from dorafs.ufs.base import NEW, CommitConflict, FileStatus, UnderFileSystem, Upload
+from dorafs.ufs.retry import Attempt, Progress, RetryPolicy, call_with_retries
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +78,14 @@ _NO_KEY = {"NoSuchKey", "404", "NotFound"}
 _NO_BUCKET = "NoSuchBucket"
 _ACCESS = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled"}
 # Answers worth another try: throttling and server-side trouble (any 5xx is retried too).
+# ConditionalRequestConflict (409): another conditional write to the key is in flight.
 _TRANSIENT = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
-              "RequestTimeout", "InternalError", "ServiceUnavailable", "503", "500", "502", "504"}
+              "RequestTimeout", "InternalError", "ServiceUnavailable", "ConditionalRequestConflict",
+              "503", "500", "502", "504"}
+_CHANGED = {"PreconditionFailed", "412"}
+_NO_UPLOAD = {"NoSuchUpload"}
+_UNSUPPORTED = {"NotImplemented", "501"}
+CHUNK = 256 * 1024  # a streamed body is read and reported in pieces of this size
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -79,7 +114,7 @@ def classify(exc: BaseException) -> Attempt | None:
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
         message = exc.response.get("Error", {}).get("Message", "")
         cause = f"{code} {message}".strip() + (f" (HTTP {status})" if status else "")
-        return Attempt(code in _TRANSIENT or status >= 500 or status == 429, cause)
+        return Attempt((code in _TRANSIENT or status >= 500 or status == 429) and code not in _UNSUPPORTED, cause)
     if isinstance(exc, (ConnectionError, HTTPClientError, IncompleteReadError)):
         return Attempt(True, f"{type(exc).__name__}: {exc}")
     if isinstance(exc, BotoCoreError):
@@ -110,11 +145,13 @@ class S3Ufs(UnderFileSystem):
         self.retry = retry or RetryPolicy()
         self._limiter = trio.CapacityLimiter(threads)
         self._client: Any = None
+        self._patient: dict[float, Any] = {}  # socket idle bound -> a client with that read timeout
         self._client_lock = trio.Lock()
+        self._honours: dict[str, bool] = {}  # bucket -> does its server honour conditional writes
 
     # -- plumbing ---------------------------------------------------------------------
 
-    def _make_client(self) -> Any:
+    def _make_client(self, read_timeout: float | None = None) -> Any:
         import boto3.session
         from botocore.config import Config
 
@@ -126,7 +163,7 @@ class S3Ufs(UnderFileSystem):
             config=Config(
                 retries={"mode": "standard", "total_max_attempts": 1},  # dorafs.ufs.retry retries
                 connect_timeout=self.retry.timeout,
-                read_timeout=self.retry.timeout,
+                read_timeout=read_timeout or self.retry.timeout,
                 max_pool_connections=self._threads,  # one connection per thread
             ),
         )
@@ -134,21 +171,41 @@ class S3Ufs(UnderFileSystem):
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
-    async def _s3(self) -> Any:
+    async def _s3(self, idle: float = 0.0) -> Any:
+        """The client; with `idle` above the policy's timeout, one whose socket read
+        timeout is at least `idle` (rounded up to a power of two seconds)."""
+        if idle > self.retry.timeout:
+            bound = float(2 ** math.ceil(math.log2(idle)))
+            if bound not in self._patient:
+                async with self._client_lock:
+                    if bound not in self._patient:
+                        self._patient[bound] = await self._call(self._make_client, bound)
+            return self._patient[bound]
         if self._client is None:
             async with self._client_lock:
                 if self._client is None:
                     self._client = await self._call(self._make_client)
         return self._client
 
-    async def _api(self, op: str, bucket: str, key: str, **params: Any) -> dict:
+    async def _api(self, op: str, bucket: str, key: str, *, nbytes: int = 0, idle: float = 0.0,
+                   settled=None, **params: Any) -> dict:
         """Call `client.<op>(Bucket=bucket, **params)` in a thread; `UfsError` on failure
-        except for `ClientError`, which the caller interprets first."""
-        client = await self._s3()
+        except for `ClientError`, which the caller interprets first. `nbytes`: what the
+        call moves or makes the server work through (stretches the deadline); `idle`: how
+        long the server may be silent; `settled`: see `call_with_retries`."""
+        client = await self._s3(idle)
+        body = params.pop("Body", None)
+
+        def call() -> dict:
+            if body is None:
+                return getattr(client, op)(Bucket=bucket, **params)
+            # As a stream, a body is sent in blocks, each bounded by the socket timeout;
+            # as bytes it would be one sendall, bounded as a whole (a slow link fails).
+            return getattr(client, op)(Bucket=bucket, Body=io.BytesIO(body), **params)
+
         try:
-            return await call_with_retries(self.retry, f"S3 {op} s3://{bucket}/{key}",
-                                           lambda: getattr(client, op)(Bucket=bucket, **params),
-                                           classify, self._limiter)
+            return await call_with_retries(self.retry, f"S3 {op} s3://{bucket}/{key}", call,
+                                           classify, self._limiter, nbytes=nbytes, settled=settled)
         except BotoCoreError as exc:
             raise _failure(op, bucket, key, exc) from exc
 
@@ -256,41 +313,66 @@ class S3Ufs(UnderFileSystem):
                 return
             params["ContinuationToken"] = page["NextContinuationToken"]
 
-    async def read(self, uri: str, offset: int, length: int, version: str) -> bytes:
+    async def read(self, uri: str, offset: int, length: int, version: str,
+                   progress: Progress | None = None) -> bytes | bytearray:
         if length <= 0:
             return b""
         bucket, key = split_uri(uri)
-        params: dict[str, Any] = {"Key": key, "Range": f"bytes={offset}-{offset + length - 1}"}
+        base: dict[str, Any] = {"Key": key}
         if version:
-            params["IfMatch"] = version
+            base["IfMatch"] = version
         client = await self._s3()
+        progress = progress or Progress()
+        buffer = progress.buffer = bytearray(length)
 
-        def get() -> tuple[str, bytes]:
-            response = client.get_object(Bucket=bucket, **params)
-            with response["Body"] as body:  # read fully here: the body is a blocking socket
-                return str(response.get("ETag", "")), body.read()
+        def get() -> int:
+            """One attempt: the bytes still missing, streamed into `buffer`."""
+            ticket = progress.begin()
+            start = offset + progress.done
+            if progress.done >= length:
+                return progress.done
+            response = client.get_object(Bucket=bucket, Range=f"bytes={start}-{offset + length - 1}", **base)
+            etag = str(response.get("ETag", ""))
+            if version and etag and etag != version:  # a store that ignores If-Match: no byte of it
+                response["Body"].close()
+                raise _OtherVersion(etag)
+            with response["Body"] as body:  # a blocking socket: read here, chunk by chunk
+                while progress.done < length:
+                    chunk = body.read(min(CHUNK, length - progress.done))
+                    if not chunk:
+                        break
+
+                    def store(at: int, chunk=chunk) -> int:
+                        buffer[at:at + len(chunk)] = chunk
+                        return len(chunk)
+
+                    progress.deliver(ticket, store)
+            return progress.done
 
         try:
-            etag, data = await call_with_retries(self.retry, f"S3 get_object s3://{bucket}/{key}", get,
-                                                 classify, self._limiter)
+            got = await call_with_retries(self.retry, f"S3 get_object s3://{bucket}/{key}", get, classify,
+                                          self._limiter, nbytes=length, progress=progress)
+        except _OtherVersion as exc:
+            raise StaleVersion(f"changed since version {version} (now {exc}): {uri}") from None
         except ClientError as exc:
             code = _code(exc)
-            if code in {"PreconditionFailed", "412"}:
+            if code in _CHANGED:
                 raise StaleVersion(f"changed since version {version}: {uri}") from exc
             if code in {"InvalidRange", "416"}:
-                return b""  # S3 answers 416 only for a start at or past the end of the object
-            if code in _NO_KEY:
+                got = progress.done  # S3 answers 416 only for a start at or past the end of the object
+            elif code in _NO_KEY:
                 # Deleted since its version was pinned: that version is gone for good, which
                 # is a stale version to the caller (refresh metadata), not a missing path.
                 if version:
                     raise StaleVersion(f"deleted since version {version}: {uri}") from exc
                 raise NotFound(f"no such file: {uri}") from exc
-            raise _failure("get_object", bucket, key, exc) from exc
+            else:
+                raise _failure("get_object", bucket, key, exc) from exc
         except BotoCoreError as exc:
             raise _failure("get_object", bucket, key, exc) from exc
-        if version and etag and etag != version:  # a store that ignores If-Match
-            raise StaleVersion(f"changed since version {version}: {uri}")
-        return data
+        if got < length:  # past the end of the object (a caller may hold views of the buffer)
+            return bytes(memoryview(buffer)[:got])
+        return buffer
 
     async def aclose(self) -> None:
         client, self._client = self._client, None
@@ -312,15 +394,114 @@ class S3Ufs(UnderFileSystem):
                 raise NotFound(f"no such bucket: s3://{bucket}") from exc
             raise _failure(op, bucket, key, exc) from exc
 
-    async def put(self, uri: str, data: bytes) -> FileStatus:
-        bucket, key = split_uri(uri)
-        answer = await self._write("put_object", bucket, key, Key=key, Body=data)
-        return _written(key, len(data), answer)
+    def _condition(self, bucket: str, expect: str | None) -> dict[str, str]:
+        """The headers of a conditional write (none where the server does not honour them)."""
+        if expect is None or not self._honours.get(bucket, True):
+            return {}
+        return {"IfNoneMatch": "*"} if expect == NEW else {"IfMatch": expect}
 
-    async def start_upload(self, uri: str, part_size: int) -> Upload:
+    async def _check_conditions(self, bucket: str) -> bool:
+        """Does the server honour conditional writes in `bucket`? Asked once per bucket and
+        adapter (i.e. per mount) with a PUT of a probe key that must fail (If-Match on a
+        version no object has): a server that honours it answers 412 or 404 and writes
+        nothing; one that writes the probe ignores conditions (the probe is deleted).
+        A server that ignores them, or refuses them (501), is logged once."""
+        if bucket in self._honours:
+            return self._honours[bucket]
+        probe = f".dorafs-conditional-write-probe-{uuid.uuid4().hex}"
+        honoured = True
+        try:
+            await self._api("put_object", bucket, probe, Key=probe, Body=b"",
+                            IfMatch='"00000000000000000000000000000000"')
+        except ClientError as exc:
+            honoured = _code(exc) not in _UNSUPPORTED
+        except DoraError:
+            return True  # not known yet: ask again with the next write
+        else:
+            honoured = False
+            try:
+                await self._api("delete_object", bucket, probe, Key=probe)
+            except (ClientError, DoraError) as exc:
+                log.warning("could not delete the probe object s3://%s/%s: %s", bucket, probe, exc)
+        if not honoured:
+            log.warning("the S3 server of s3://%s does not honour conditional writes: a commit checks the "
+                        "object's version just before writing instead (a concurrent writer in between is "
+                        "overwritten)", bucket)
+        self._honours[bucket] = honoured
+        return honoured
+
+    def _refuses_conditions(self, exc: ClientError, bucket: str) -> bool:
+        """True (logged once) when the server refused a conditional write as unsupported."""
+        if _code(exc) not in _UNSUPPORTED and \
+                exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 501:
+            return False
+        if self._honours.get(bucket, True):
+            log.warning("the S3 server of s3://%s refuses conditional writes (%s): a commit checks the object's "
+                        "version just before writing instead", bucket, _code(exc))
+        self._honours[bucket] = False
+        return True
+
+    async def _precheck(self, bucket: str, key: str, expect: str | None) -> None:
+        """The object is still at `expect` (NEW: absent), by a HEAD: where the server does
+        not check the condition itself."""
+        if expect is None:
+            return
+        head = await self._head(bucket, key)  # a store that cannot answer fails the commit (EIO)
+        if (head is None) if expect == NEW else (head is not None and str(head.get("ETag", "")) == expect):
+            return
+        raise await self._conflict(bucket, key, expect)
+
+    async def _current(self, bucket: str, key: str) -> dict | None:
+        """HEAD of the object (None if absent), for deciding what a lost write did."""
+        try:
+            return await self._head(bucket, key)
+        except DoraError:
+            return None
+
+    async def _conflict(self, bucket: str, key: str, expect: str) -> CommitConflict:
+        head = await self._current(bucket, key)
+        now = "no object" if head is None else f"version {head.get('ETag', '?')} ({head.get('ContentLength')} bytes)"
+        was = "no object" if expect == NEW else f"version {expect}"
+        message = f"s3://{bucket}/{key} changed while it was written here: staged from {was}, the store now has {now}"
+        log.warning("%s; this commit is refused and the written bytes stay staged", message)
+        return CommitConflict(message)
+
+    async def put(self, uri: str, data: bytes, expect: str | None = None) -> FileStatus:
+        bucket, key = split_uri(uri)
+        digest: list[str] = []
+
+        async def landed(_exc: BaseException | None = None) -> dict | None:
+            """The object, if it is exactly `data` (a lost or refused PUT that took effect)."""
+            head = await self._current(bucket, key)
+            if head is None or int(head.get("ContentLength", -1)) != len(data):
+                return None
+            if not digest:
+                digest.append(await trio.to_thread.run_sync(_md5, data, limiter=self._limiter))
+            return head if str(head.get("ETag", "")).strip('"') == digest[0] else None
+
+        while True:
+            if expect is not None and not await self._check_conditions(bucket):
+                await self._precheck(bucket, key, expect)
+            condition = self._condition(bucket, expect)
+            try:
+                answer = await self._api("put_object", bucket, key, Key=key, Body=data, nbytes=len(data),
+                                         idle=self.retry.idle_for(len(data)), settled=landed, **condition)
+            except ClientError as exc:
+                if condition and self._refuses_conditions(exc, bucket):
+                    continue
+                if _code(exc) == _NO_BUCKET:
+                    raise NotFound(f"no such bucket: s3://{bucket}") from exc
+                if _code(exc) in _CHANGED | _NO_KEY and condition:
+                    if (head := await landed()) is not None:  # a retry refused: the first had landed
+                        return _written(key, len(data), head)
+                    raise await self._conflict(bucket, key, expect) from exc
+                raise _failure("put_object", bucket, key, exc) from exc
+            return _written(key, len(data), answer)
+
+    async def start_upload(self, uri: str, part_size: int, expect: str | None = None) -> Upload:
         bucket, key = split_uri(uri)
         answer = await self._write("create_multipart_upload", bucket, key, Key=key)
-        return S3Upload(self, bucket, key, answer["UploadId"])
+        return S3Upload(self, bucket, key, answer["UploadId"], expect)
 
     async def delete(self, uri: str) -> None:
         bucket, key = split_uri(uri)
@@ -385,7 +566,8 @@ class S3Ufs(UnderFileSystem):
     async def _copy(self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str, size: int) -> None:
         source = {"Bucket": src_bucket, "Key": src_key}
         if size <= self._single_copy_limit:
-            await self._write("copy_object", dst_bucket, dst_key, Key=dst_key, CopySource=source)
+            await self._write("copy_object", dst_bucket, dst_key, Key=dst_key, CopySource=source,
+                              nbytes=size, idle=self.retry.idle_for(size))
             return
         upload = await self.start_upload(f"s3://{dst_bucket}/{dst_key}", self._copy_part_size)
         try:
@@ -393,13 +575,29 @@ class S3Ufs(UnderFileSystem):
                 end = min(start + self._copy_part_size, size) - 1
                 answer = await self._write("upload_part_copy", dst_bucket, dst_key, Key=dst_key,
                                            UploadId=upload.upload_id, PartNumber=number, CopySource=source,
-                                           CopySourceRange=f"bytes={start}-{end}")
+                                           CopySourceRange=f"bytes={start}-{end}", nbytes=end - start + 1,
+                                           idle=self.retry.idle_for(end - start + 1))
                 upload.parts[number] = (answer["CopyPartResult"]["ETag"], end - start + 1)
             await upload.complete(len(upload.parts))
         except BaseException:
             with trio.CancelScope(shield=True):
                 await upload.abort()
             raise
+
+
+class _OtherVersion(Exception):
+    """A GET answered with another version than the one asked for (If-Match ignored)."""
+
+
+def _md5(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def multipart_etag(part_etags: list[str]) -> str:
+    """The ETag S3 gives an object completed from parts with these ETags (no SSE-KMS):
+    the MD5 of their binary MD5s, then `-` and the count."""
+    joined = b"".join(bytes.fromhex(etag.strip('"')) for etag in part_etags)
+    return f'"{hashlib.md5(joined, usedforsecurity=False).hexdigest()}-{len(part_etags)}"'
 
 
 def _written(key: str, size: int, answer: dict) -> FileStatus:
@@ -411,24 +609,97 @@ def _written(key: str, size: int, answer: dict) -> FileStatus:
 class S3Upload(Upload):
     """A multipart upload: part ETags kept here until `complete` names them all."""
 
-    def __init__(self, ufs: S3Ufs, bucket: str, key: str, upload_id: str):
+    def __init__(self, ufs: S3Ufs, bucket: str, key: str, upload_id: str, expect: str | None = None):
         self.ufs, self.bucket, self.key, self.upload_id = ufs, bucket, key, upload_id
+        self.expect = expect  # the commit's condition (NEW, an ETag, or None)
         self.parts: dict[int, tuple[str, int]] = {}  # number -> (ETag, size)
+        self.gone = False  # S3 no longer knows the upload (completed, aborted or expired)
+
+    async def _listed_part(self, number: int) -> tuple[str, int] | None:
+        """Part `number` as the server holds it, or None."""
+        params: dict[str, Any] = {"Key": self.key, "UploadId": self.upload_id}
+        while True:
+            try:
+                page = await self.ufs._api("list_parts", self.bucket, self.key, **params)
+            except (ClientError, DoraError):
+                return None
+            for part in page.get("Parts", []):
+                if int(part["PartNumber"]) == number:
+                    return str(part["ETag"]), int(part["Size"])
+            if not page.get("IsTruncated"):
+                return None
+            params["PartNumberMarker"] = page["NextPartNumberMarker"]
 
     async def put_part(self, number: int, data: bytes) -> None:
-        answer = await self.ufs._write("upload_part", self.bucket, self.key, Key=self.key, UploadId=self.upload_id,
-                                       PartNumber=number, Body=data)
+        async def landed(_exc: BaseException) -> dict | None:
+            """The part, if the server holds exactly these bytes under its number."""
+            held = await self._listed_part(number)
+            if held is None or held[1] != len(data):
+                return None
+            digest = await trio.to_thread.run_sync(_md5, data, limiter=self.ufs._limiter)
+            return {"ETag": held[0]} if held[0].strip('"') == digest else None
+
+        try:
+            answer = await self.ufs._api("upload_part", self.bucket, self.key, Key=self.key,
+                                         UploadId=self.upload_id, PartNumber=number, Body=data,
+                                         nbytes=len(data), idle=self.ufs.retry.idle_for(len(data)),
+                                         settled=landed)
+        except ClientError as exc:
+            if _code(exc) in _NO_UPLOAD:
+                self.gone = True
+            raise _failure("upload_part", self.bucket, self.key, exc) from exc
         self.parts[number] = (str(answer["ETag"]), len(data))
 
     async def complete(self, count: int) -> FileStatus:
-        parts = [{"PartNumber": n, "ETag": self.parts[n][0]} for n in range(1, count + 1)]
-        answer = await self.ufs._write("complete_multipart_upload", self.bucket, self.key, Key=self.key,
-                                       UploadId=self.upload_id, MultipartUpload={"Parts": parts})
-        return _written(self.key, sum(self.parts[n][1] for n in range(1, count + 1)), answer)
+        names = [self.parts[n][0] for n in range(1, count + 1)]
+        size = sum(self.parts[n][1] for n in range(1, count + 1))
+        expected = multipart_etag(names)
+        ufs, bucket, key = self.ufs, self.bucket, self.key
+
+        async def landed(_exc: BaseException | None = None) -> dict | None:
+            """The object, if it is this upload (a complete whose answer was lost)."""
+            head = await ufs._current(bucket, key)
+            if head is not None and str(head.get("ETag", "")) == expected and int(head.get("ContentLength", -1)) == size:
+                return head
+            return None
+
+        parts = [{"PartNumber": n, "ETag": names[n - 1]} for n in range(1, count + 1)]
+        while True:
+            honoured = self.expect is None or await ufs._check_conditions(bucket)
+            condition = ufs._condition(bucket, self.expect)
+            if not honoured or "IfMatch" in condition:  # some servers ignore If-Match here (moto)
+                await ufs._precheck(bucket, key, self.expect)
+            try:
+                answer = await ufs._api("complete_multipart_upload", bucket, key, Key=key, UploadId=self.upload_id,
+                                        MultipartUpload={"Parts": parts}, nbytes=size, idle=ufs.retry.idle_for(size),
+                                        settled=landed, **condition)
+            except ClientError as exc:
+                code = _code(exc)
+                if condition and ufs._refuses_conditions(exc, bucket):
+                    continue
+                if code in _CHANGED | _NO_UPLOAD | _NO_KEY:
+                    if (head := await landed()) is not None:  # an earlier attempt completed it
+                        self.gone = True
+                        return _written(key, size, head)
+                    if code in _NO_UPLOAD:
+                        self.gone = True
+                    elif condition:
+                        raise await ufs._conflict(bucket, key, self.expect) from exc
+                if code == _NO_BUCKET:
+                    raise NotFound(f"no such bucket: s3://{bucket}") from exc
+                raise _failure("complete_multipart_upload", bucket, key, exc) from exc
+            self.gone = True
+            return _written(key, size, answer)
 
     async def abort(self) -> None:
+        if self.gone:
+            return
         try:
             await self.ufs._write("abort_multipart_upload", self.bucket, self.key, Key=self.key,
                                   UploadId=self.upload_id)
+        except NotFound:
+            pass
         except DoraError as exc:  # S3's lifecycle rules remove what an abort could not
-            log.warning("could not abort the upload of s3://%s/%s: %s", self.bucket, self.key, exc)
+            if "NoSuchUpload" not in str(exc):
+                log.warning("could not abort the upload of s3://%s/%s: %s", self.bucket, self.key, exc)
+        self.gone = True
