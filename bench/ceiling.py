@@ -13,7 +13,7 @@ raised as dorafs raises its own (`read_ahead_kb`, default 1024), so both get req
 the same size: a ceiling with smaller requests would not be the limit of a mount with
 larger ones.
 
-    python3 bench/ceiling.py MODE MOUNTPOINT [READ_AHEAD_KB]
+    python3 bench/ceiling.py MODE MOUNTPOINT [READ_AHEAD_KB]      (CEILING_DIRECT_IO=1: direct_io opens)
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ from dorafs.config import MountConfig  # noqa: E402
 from dorafs.mount import set_read_ahead  # noqa: E402
 
 TIMEOUT = 1.0
+# CEILING_DIRECT_IO=1: opens set direct_io, as a dorafs mount with -o direct_io does
+# (bench/fuselayer.py), so every read reaches the server.
+DIRECT_IO = os.environ.get("CEILING_DIRECT_IO") == "1"
 
 
 class Node:
@@ -131,7 +134,7 @@ class CeilingFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if flags & os.O_ACCMODE != os.O_RDONLY:
             raise pyfuse3.FUSEError(errno.EROFS)
-        return pyfuse3.FileInfo(fh=inode, keep_cache=False, direct_io=False)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=False, direct_io=DIRECT_IO)
 
     async def read(self, fh, off, size):
         node = self.nodes[fh]

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Install what the benchmark needs on a Debian machine, as root; safe to re-run.
-#   - dorafs itself: scripts/setup.sh (fuse3, build deps, pip install -e '.[test]')
+#   - dorafs itself: scripts/setup.sh (fuse3, pip install -e '.[test]')
+#   - pyfuse3 (and libfuse3-dev, pkg-config to build it) into .venv, for the ceiling
+#     only: bench/ceiling.py is a minimal pyfuse3 server dorafs is measured against
 #   - Debian: s3fs (s3fs-fuse), rclone, fio; nodejs + npm only if there is no npm yet
 #   - npm: s3rver 3.7.1 under bench/.cache/node (not committed)
 #   - pip, into the project's .venv: matplotlib, and torch==2.13.0 (this exact pin resolves to a local CPU wheel;
@@ -31,6 +33,13 @@ if ((${#want[@]})); then
     apt-get install -y -qq "${ok[@]}" >/dev/null || unavailable+=("apt:${ok[*]} (install failed)")
   fi
 fi
+
+for pkg in libfuse3-dev pkg-config; do
+  installed "$pkg" || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$pkg" >/dev/null || unavailable+=("apt:$pkg")
+done
+.venv/bin/python -c "import pyfuse3" 2>/dev/null || .venv/bin/python -m pip install -q "pyfuse3>=3.3" 2>&1 \
+  | grep -v -e "Running pip as the 'root'" -e "is ignored: it is neither" || true
+.venv/bin/python -c "import pyfuse3" 2>/dev/null || unavailable+=("pip:pyfuse3 (the ceiling)")
 
 S3RVER=bench/.cache/node/node_modules/.bin/s3rver
 if [[ ! -x "$S3RVER" ]]; then

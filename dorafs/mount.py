@@ -24,7 +24,6 @@ import sys
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
-import pyfuse3
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -32,8 +31,10 @@ from dorafs.client import DoraClient
 from dorafs.config import MountConfig, user_cache_dir
 from dorafs.errors import DoraError, NotFound, UfsError
 from dorafs.files import lock_directory
+from dorafs.fuse import mounting
 from dorafs.fuse.metrics import REGISTRY, ClientCollector
 from dorafs.fuse.operations import DoraOperations
+from dorafs.fuse.session import Session
 from dorafs.http import HttpServer, Response, json_response
 from dorafs.membership import open_membership
 from dorafs.notify import notify
@@ -43,6 +44,8 @@ from dorafs.ufs import FileStatus, RetryPolicy, UfsSet, normalize
 log = logging.getLogger("dorafs.mount")
 
 EMBEDDED_START_TIMEOUT = 30.0
+# Always on (the kernel checks the permission bits the mount shows), as before.
+DEFAULT_FUSE_OPTIONS = frozenset({"default_permissions"})
 
 
 class MountError(Exception):
@@ -124,7 +127,7 @@ def _write_private(path, data: bytes) -> None:
 
 
 def fuse_options(config: MountConfig) -> set[str]:
-    options = set(pyfuse3.default_options)
+    options = set(DEFAULT_FUSE_OPTIONS)
     options |= {"fsname=dorafs", "subtype=dorafs"}
     if config.read_only:
         options.add("ro")
@@ -164,23 +167,31 @@ async def run_mount(config: MountConfig, ready=lambda: None) -> None:
         operations = DoraOperations(client, config, root_uri, root)
         await nursery.start(operations.staging.run)
         try:
-            pyfuse3.init(operations, mountpoint, fuse_options(config))
-        except RuntimeError as exc:
+            fd = mounting.mount(mountpoint, fuse_options(config))
+        except OSError as exc:
             raise MountError(f"cannot mount on {mountpoint}: {exc} (is it already mounted? is /dev/fuse there?)")
+        session = Session(operations, fd, workers=config.fuse_tasks, debug=config.debug)
+        operations.kernel = session
         try:
-            nursery.start_soon(_terminate_on_signal)
+            nursery.start_soon(_terminate_on_signal, session)
             if config.read_ahead_kb:
                 nursery.start_soon(set_read_ahead, mountpoint, config.read_ahead_kb)
             if config.metrics_listen:
                 address = await nursery.start(metrics_server(client).serve, *config.metrics_listen)
                 log.info("metrics on http://%s:%d/metrics", *address)
+            await nursery.start(session.serve)  # returns once INIT is answered
             log.info("mounted %s on %s", root_uri, mountpoint)
             ready()
             notify("READY=1", f"STATUS=serving {root_uri} on {mountpoint}")
-            await pyfuse3.main(max_tasks=config.fuse_tasks)
+            await session.ended.wait()
         finally:
             notify("STOPPING=1")
-            pyfuse3.close(unmount=True)
+            session.terminate()
+            try:
+                mounting.unmount(mountpoint)
+            except OSError as exc:
+                log.warning("unmounting %s: %s", mountpoint, exc)
+            os.close(fd)
             log.info("unmounted %s", mountpoint)
 
 
@@ -272,9 +283,9 @@ def metrics_server(client: DoraClient) -> HttpServer:
     return server
 
 
-async def _terminate_on_signal() -> None:
+async def _terminate_on_signal(session: Session) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("unmounting on %s", signal.Signals(signum).name)
-            pyfuse3.terminate()
+            session.terminate(signal.Signals(signum).name)
             return

@@ -10,7 +10,7 @@ pieces is buffered any more. Fresh memory is costly here: the kernel faults it i
 zeroes it 4 KiB at a time, which on the machines measured cost more than the copy that
 fills it (bench/README.md). A block's `generation` changes when it is reused, so a
 piece held past that (by a reader that waited on another's fetch) is seen to be stale
-and never read: `view` answers None for it. A view returned to pyfuse3 is copied into
+and never read: `view` answers None for it. A view returned to the FUSE session is copied into
 the kernel before the event loop runs anything else, so a later reuse never changes
 bytes already answered.
 """

@@ -352,7 +352,7 @@ class DoraClient:
         them again (the kernel keeps what it read), so their buffer space goes to the
         pages coming next, and a block read ahead is reused as soon as it has been read,
         instead of fresh memory being faulted in for every run. The bytes just returned
-        stay valid: pyfuse3 copies them into the kernel before anything else runs."""
+        stay valid: the FUSE session writes them to the kernel before anything else runs."""
         size, page_size = f.status.size, self.page_size
         for span in spans:
             if span.end == page_length(span.index, size, page_size):
@@ -552,7 +552,7 @@ class DoraClient:
         On the event loop, with a checkpoint between pages, when the page is in the
         kernel's page cache: then it costs a copy and a hash (a fraction of a
         millisecond), and handing it to a thread measured slower (bench/README.md): the
-        thread and the loop, which holds the interpreter lock while pyfuse3 copies a
+        thread and the loop, which holds the interpreter lock while it copies a
         reply into the kernel, wait on each other. A page that must come from the disk
         is read in a thread, so the loop never waits for the disk."""
         if not located:

@@ -1,7 +1,7 @@
 """The one error boundary between dorafs and the kernel.
 
-Only `pyfuse3.FUSEError` may leave a pyfuse3 handler (anything else ends the mount), so
-every operation is wrapped: a `DoraError` becomes its errno, anything unexpected becomes
+Only `FUSEError` should leave an operation (the session answers anything else EIO and
+logs a traceback), so every operation is wrapped: a `DoraError` becomes its errno, anything unexpected becomes
 EIO, and each is logged once at a level fitting how surprising it is.
 """
 
@@ -11,10 +11,9 @@ import errno
 import functools
 import logging
 
-import pyfuse3
-
 from dorafs.errors import DoraError
 from dorafs.fuse.metrics import ERRORS
+from dorafs.fuse.types import FUSEError
 from dorafs.log import new_request_id
 
 log = logging.getLogger("dorafs.fuse")
@@ -28,18 +27,18 @@ def fuse_operation(fn):
         new_request_id("f")
         try:
             return await fn(*args, **kwargs)
-        except pyfuse3.FUSEError as exc:
+        except FUSEError as exc:
             _count(exc.errno)
             raise
         except DoraError as exc:
             level = logging.DEBUG if exc.errno in _QUIET else logging.WARNING
             log.log(level, "%s: %s (%s)", fn.__name__, exc, errno.errorcode.get(exc.errno, exc.errno))
             _count(exc.errno)
-            raise pyfuse3.FUSEError(exc.errno) from None
+            raise FUSEError(exc.errno) from None
         except Exception:
             log.exception("%s failed unexpectedly; answering EIO", fn.__name__)
             _count(errno.EIO)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            raise FUSEError(errno.EIO) from None
 
     return wrapper
 

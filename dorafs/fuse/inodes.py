@@ -11,8 +11,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import pyfuse3
-
+from dorafs.fuse.types import ROOT_INODE, FUSEError
 from dorafs.ufs import FileStatus, join
 
 if TYPE_CHECKING:
@@ -45,8 +44,8 @@ class Node:
 
 class InodeTable:
     def __init__(self, root_uri: str, root_status: FileStatus):
-        self._numbers = itertools.count(pyfuse3.ROOT_INODE + 1)
-        root = Node(pyfuse3.ROOT_INODE, "", root_uri, root_status, lookups=1)
+        self._numbers = itertools.count(ROOT_INODE + 1)
+        root = Node(ROOT_INODE, "", root_uri, root_status, lookups=1)
         self._by_inode: dict[int, Node] = {root.inode: root}
         self._by_path: dict[str, Node] = {"": root}
 
@@ -56,7 +55,7 @@ class InodeTable:
     def __getitem__(self, inode: int) -> Node:
         node = self._by_inode.get(inode)
         if node is None:
-            raise pyfuse3.FUSEError(errno.ESTALE)
+            raise FUSEError(errno.ESTALE)
         return node
 
     def child(self, parent: Node, name: str, status: FileStatus) -> Node:
@@ -109,13 +108,13 @@ class InodeTable:
 
     def forget(self, inode: int, count: int) -> None:
         node = self._by_inode.get(inode)
-        if node is None or inode == pyfuse3.ROOT_INODE:
+        if node is None or inode == ROOT_INODE:
             return
         node.lookups -= count
         self.release_if_unused(node)
 
     def release_if_unused(self, node: Node) -> None:
-        if node.lookups <= 0 and node.open_handles <= 0 and node.inode != pyfuse3.ROOT_INODE:
+        if node.lookups <= 0 and node.open_handles <= 0 and node.inode != ROOT_INODE:
             self._by_inode.pop(node.inode, None)
             if self._by_path.get(node.path) is node:
                 del self._by_path[node.path]

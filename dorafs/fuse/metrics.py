@@ -24,6 +24,8 @@ UPLOAD_BYTES = Counter("dorafs_mount_upload_bytes", "Bytes of files uploaded to 
 STAGING_BYTES = Gauge("dorafs_mount_staging_bytes", "Staging space held by files being written", registry=REGISTRY)
 for _result in ("ok", "failed"):
     UPLOADS.labels(_result)
+INODES = Gauge("dorafs_mount_inodes", "Inodes the kernel or an open handle holds (the root included)",
+               registry=REGISTRY)
 ERRORS = Counter("dorafs_mount_errors", "Errors returned to applications, by errno", ["errno"], registry=REGISTRY)
 for _name in ("EIO", "ESTALE", "ENOENT"):  # the usual ones start at zero, visible on dashboards
     ERRORS.labels(_name)

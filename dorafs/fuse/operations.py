@@ -1,4 +1,4 @@
-"""pyfuse3 operations of a dorafs mount.
+"""FUSE operations of a dorafs mount (the session in dorafs/fuse/session.py calls them).
 
 Subtleties:
 - Version pinning: `open` stats the file and pins (version, size) in its handle; every
@@ -28,7 +28,6 @@ import stat
 import time
 from dataclasses import replace
 
-import pyfuse3
 import trio
 
 from dorafs.client import DoraClient
@@ -38,7 +37,8 @@ from dorafs.errors import IsADirectory, NotADirectory, NotFound, UfsError
 from dorafs.fuse.errors import fuse_operation
 from dorafs.fuse.handles import NAME_MAX, DirHandle, FileHandle, too_long, valid_name
 from dorafs.fuse.inodes import InodeTable, Node
-from dorafs.fuse.metrics import READ_BYTES, READ_LATENCY, READS, STAGING_BYTES
+from dorafs.fuse.metrics import INODES, READ_BYTES, READ_LATENCY, READS, STAGING_BYTES
+from dorafs.fuse.types import ROOT_INODE, EntryAttributes, FileInfo, FUSEError, StatvfsData
 from dorafs.fuse.writing import WritingOperations
 from dorafs.ufs import FileStatus, join
 
@@ -56,24 +56,11 @@ def _kernel_seconds(ttl: float) -> float:
     return KERNEL_FOREVER if ttl < 0 else ttl
 
 
-def _invalidate_later(inode: int) -> None:
-    """Drop the kernel's cached attributes and pages of `inode`, off the request path.
-
-    Notifying the kernel from inside a request handler can deadlock (the kernel may hold
-    a lock the notification waits for), so it runs in a thread of a system task.
-    """
-    async def invalidate() -> None:
-        try:
-            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, False)
-        except OSError as exc:  # ENOENT: the kernel already forgot the inode
-            log.debug("kernel invalidation of inode %d: %s", inode, exc)
-
-    trio.lowlevel.spawn_system_task(invalidate)
-
-
-class DoraOperations(WritingOperations, pyfuse3.Operations):
-    supports_dot_lookup = True
-    enable_writeback_cache = False
+class DoraOperations(WritingOperations):
+    # The FUSE session, once mounted: `kernel.invalidate_inode` drops the kernel's cached
+    # attributes and pages of an inode, off the request path (sent from a thread: waiting
+    # for it inside a handler can deadlock).
+    kernel = None
 
     def __init__(self, client: DoraClient, config: MountConfig, root_uri: str, root_status: FileStatus,
                  staging: Staging | None = None):
@@ -84,6 +71,7 @@ class DoraOperations(WritingOperations, pyfuse3.Operations):
         self.staging = staging or Staging(config, client.ufs)  # its `run` is started by the mount
         self._writing: set[Node] = set()  # nodes with a WriteFile
         STAGING_BYTES.set_function(lambda: self.staging.used)
+        INODES.set_function(lambda: len(self.inodes))
         self._handles: dict[int, FileHandle | DirHandle] = {}
         self._numbers = itertools.count(1)
         self._uid = os.getuid() if config.uid is None else config.uid
@@ -96,9 +84,9 @@ class DoraOperations(WritingOperations, pyfuse3.Operations):
 
     # -- attributes -------------------------------------------------------------------
 
-    def _attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+    def _attributes(self, node: Node) -> EntryAttributes:
         status = node.status
-        attr = pyfuse3.EntryAttributes()
+        attr = EntryAttributes()
         attr.st_ino = node.inode
         attr.generation = 0
         attr.entry_timeout = self._entry_timeout
@@ -120,6 +108,12 @@ class DoraOperations(WritingOperations, pyfuse3.Operations):
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = stamp
         return attr
 
+    def _invalidate_kernel(self, inode: int) -> None:
+        """Have the kernel drop its cached attributes and pages of `inode` (soon, never
+        waited for here: see the session's notifications)."""
+        if self.kernel is not None:
+            self.kernel.invalidate_inode(inode)
+
     def _subdirs(self, node: Node) -> int:
         """The directory's subdirectories as last counted, while the count is fresh; else 0."""
         if node.subdirs is None:
@@ -135,11 +129,11 @@ class DoraOperations(WritingOperations, pyfuse3.Operations):
         before = self._subdirs(node)
         node.subdirs, node.subdirs_at = count, trio.current_time()
         if count != before:
-            _invalidate_later(node.inode)
+            self._invalidate_kernel(node.inode)
 
-    def _negative(self) -> pyfuse3.EntryAttributes:
+    def _negative(self) -> EntryAttributes:
         """A cacheable "no such entry" answer (kept by the kernel for negative_ttl)."""
-        attr = pyfuse3.EntryAttributes()
+        attr = EntryAttributes()
         attr.st_ino = 0
         attr.entry_timeout = self._negative_timeout
         return attr
@@ -150,7 +144,7 @@ class DoraOperations(WritingOperations, pyfuse3.Operations):
     async def lookup(self, parent_inode, name, ctx):
         parent = self.inodes[parent_inode]
         if len(name) > NAME_MAX:
-            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+            raise FUSEError(errno.ENAMETOOLONG)
         try:
             text = name.decode("utf-8")
         except UnicodeDecodeError:
@@ -166,7 +160,7 @@ class DoraOperations(WritingOperations, pyfuse3.Operations):
                 raise NotADirectory(parent.path)
             path = f"{parent.path}/{text}" if parent.path else text
             if too_long(path, join(parent.uri, text)):
-                raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+                raise FUSEError(errno.ENAMETOOLONG)
             node = self.inodes.at(path)
             if node is None or node.writer is None:
                 try:
@@ -195,11 +189,11 @@ class DoraOperations(WritingOperations, pyfuse3.Operations):
         try:
             return await self.client.stat(node.uri)
         except NotFound:
-            if node.inode == pyfuse3.ROOT_INODE:  # an empty S3 prefix: the mount starts empty
+            if node.inode == ROOT_INODE:  # an empty S3 prefix: the mount starts empty
                 return FileStatus(name="", is_dir=True)
             raise
         except UfsError:
-            if node.inode == pyfuse3.ROOT_INODE:  # the store fails: the root stays the directory it was
+            if node.inode == ROOT_INODE:  # the store fails: the root stays the directory it was
                 return node.status
             raise
 
@@ -211,7 +205,7 @@ class DoraOperations(WritingOperations, pyfuse3.Operations):
 
     @fuse_operation
     async def statfs(self, ctx):
-        stat = pyfuse3.StatvfsData()
+        stat = StatvfsData()
         capacity = sum(w.capacity for w in self.client.membership.workers.values()) or (1 << 40)
         stat.f_bsize = stat.f_frsize = 4096
         stat.f_blocks = capacity // 4096
@@ -256,7 +250,7 @@ class DoraOperations(WritingOperations, pyfuse3.Operations):
             # to attr_timeout, and would clip reads at the old size: this handle bypasses
             # the kernel cache, and the kernel is told to drop that inode's attributes.
             node.attr_version = None
-            _invalidate_later(node.inode)
+            self._invalidate_kernel(node.inode)
         if others or stale_attributes or self.config.direct_io:
             direct_io, keep_cache = True, False
             node.kernel_version = None
@@ -267,7 +261,7 @@ class DoraOperations(WritingOperations, pyfuse3.Operations):
         node.open_handles += 1
         fh = next(self._numbers)
         self._handles[fh] = FileHandle(node, self.client.open(node.uri, status))
-        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache, direct_io=direct_io)
+        return FileInfo(fh=fh, keep_cache=keep_cache, direct_io=direct_io)
 
     @fuse_operation
     async def read(self, fh, off, size):
@@ -321,7 +315,7 @@ class DoraOperations(WritingOperations, pyfuse3.Operations):
             try:
                 page = await handle.pages.__anext__()
             except (StopAsyncIteration, NotFound) as exc:
-                if isinstance(exc, NotFound) and handle.node.inode != pyfuse3.ROOT_INODE:
+                if isinstance(exc, NotFound) and handle.node.inode != ROOT_INODE:
                     raise
                 handle.complete = True  # the end, or an empty S3 prefix at the root
                 self._count_subdirs(handle.node, sum(1 for e in handle.entries if e.is_dir))
@@ -337,11 +331,13 @@ class DoraOperations(WritingOperations, pyfuse3.Operations):
         index = start_id
         while (entry := await self._entry(handle, index)) is not None:
             node = self.inodes.child(handle.node, entry.name, entry)
-            if not pyfuse3.readdir_reply(token, entry.name.encode("utf-8", "surrogateescape"),
-                                         self._attributes(node), index + 1):
+            if not token.add(entry.name.encode("utf-8", "surrogateescape"), self._attributes(node), index + 1):
                 self.inodes.release_if_unused(node)
                 return
-            node.lookups += 1
+            if token.plus:  # a READDIRPLUS entry is a lookup; a READDIR one is not
+                node.lookups += 1
+            else:
+                self.inodes.release_if_unused(node)
             index += 1
 
     @fuse_operation

@@ -1,4 +1,4 @@
-"""The changing half of the pyfuse3 operations: writing files and the namespace.
+"""The changing half of the FUSE operations: writing files and the namespace.
 
 Subtleties:
 - A file open for writing has one `WriteFile` (dorafs/client/writes.py) on its node,
@@ -27,14 +27,13 @@ import stat as _stat
 import time
 from dataclasses import replace
 
-import pyfuse3
-
 from dorafs.client.writes import WriteFile
 from dorafs.errors import DoraError, Exists, IsADirectory, NotADirectory, NotEmpty, NotFound, StaleVersion
 from dorafs.fuse.errors import fuse_operation
 from dorafs.fuse.handles import NAME_MAX, FileHandle, too_long, valid_name
 from dorafs.fuse.inodes import Node
 from dorafs.fuse.metrics import UPLOAD_BYTES, UPLOADS, WRITE_BYTES
+from dorafs.fuse.types import RENAME_NOREPLACE, FileInfo, FUSEError
 from dorafs.ufs import FileStatus, join
 from dorafs.ufs.base import NEW
 
@@ -48,17 +47,17 @@ class WritingOperations:
 
     def _writable(self) -> None:
         if self.config.read_only:
-            raise pyfuse3.FUSEError(errno.EROFS)
+            raise FUSEError(errno.EROFS)
 
     def _name(self, name: bytes) -> str:
         try:
             text = name.decode("utf-8")
         except UnicodeDecodeError:
-            raise pyfuse3.FUSEError(errno.EINVAL) from None
+            raise FUSEError(errno.EINVAL) from None
         if len(name) > NAME_MAX:
-            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+            raise FUSEError(errno.ENAMETOOLONG)
         if not valid_name(text):
-            raise pyfuse3.FUSEError(errno.EINVAL)
+            raise FUSEError(errno.EINVAL)
         return text
 
     def _dir(self, inode: int) -> Node:
@@ -75,7 +74,7 @@ class WritingOperations:
         """The path of a name being created: ENAMETOOLONG if no file could have it."""
         path = self._path(parent, name)
         if too_long(path, join(parent.uri, name)):
-            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+            raise FUSEError(errno.ENAMETOOLONG)
         return path
 
     @staticmethod
@@ -129,13 +128,13 @@ class WritingOperations:
             raise IsADirectory(node.path)
         writer.dirty = False
 
-    def _open_writer(self, node: Node, writer: WriteFile, flags: int) -> pyfuse3.FileInfo:
+    def _open_writer(self, node: Node, writer: WriteFile, flags: int) -> FileInfo:
         writer.handles += 1
         node.open_handles += 1
         node.kernel_version = None  # the next open of another version flushes the kernel's pages
         fh = next(self._numbers)
         self._handles[fh] = FileHandle(node, None, writer, append=bool(flags & os.O_APPEND))
-        return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=self.config.direct_io)
+        return FileInfo(fh=fh, keep_cache=False, direct_io=self.config.direct_io)
 
     async def _commit(self, node: Node, writer: WriteFile) -> None:
         """Upload the writer's bytes if changed; then the workers and the node see the new version."""
@@ -184,7 +183,7 @@ class WritingOperations:
     async def create(self, parent_inode, name, mode, flags, ctx):
         self._writable()
         if not _stat.S_ISREG(mode):
-            raise pyfuse3.FUSEError(errno.ENOTSUP)
+            raise FUSEError(errno.ENOTSUP)
         parent = self._dir(parent_inode)
         text = self._name(name)
         node = self.inodes.at(self._new_path(parent, text))
@@ -212,7 +211,7 @@ class WritingOperations:
         handle = self._handles[fh]
         writer = handle.writer
         if writer is None:
-            raise pyfuse3.FUSEError(errno.EBADF)
+            raise FUSEError(errno.EBADF)
         if handle.append:  # the kernel's idea of the end may be older than the file's
             off = writer.size
         written = await writer.write(off, buf)
@@ -242,7 +241,7 @@ class WritingOperations:
         self._sync(node)
         shown = self._attributes(node)
         if (fields.update_uid and attr.st_uid != shown.st_uid) or (fields.update_gid and attr.st_gid != shown.st_gid):
-            raise pyfuse3.FUSEError(errno.EPERM)  # the UFS keeps no owners
+            raise FUSEError(errno.EPERM)  # the UFS keeps no owners
         # Modes and times are accepted and not kept: S3 stores neither (see docs/SEMANTICS.md).
         if fields.update_size:
             if node.status.is_dir:
@@ -268,7 +267,7 @@ class WritingOperations:
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
         self._writable()
         if not _stat.S_ISREG(mode):  # fifos, sockets, devices: no such thing in a UFS
-            raise pyfuse3.FUSEError(errno.ENOTSUP)
+            raise FUSEError(errno.ENOTSUP)
         parent = self._dir(parent_inode)
         text = self._name(name)
         self._new_path(parent, text)
@@ -354,8 +353,8 @@ class WritingOperations:
     @fuse_operation
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         self._writable()
-        if flags & ~pyfuse3.RENAME_NOREPLACE:  # RENAME_EXCHANGE cannot be done on S3
-            raise pyfuse3.FUSEError(errno.EINVAL)
+        if flags & ~RENAME_NOREPLACE:  # RENAME_EXCHANGE cannot be done on S3
+            raise FUSEError(errno.EINVAL)
         old_parent, new_parent = self._dir(parent_inode_old), self._dir(parent_inode_new)
         old_name, new_name = self._name(name_old), self._name(name_new)
         src_uri, src_path = join(old_parent.uri, old_name), self._path(old_parent, old_name)
@@ -373,12 +372,12 @@ class WritingOperations:
         dst = await self._ufs_stat(dst_uri)
         if dst is None and target is not None and target.writer is not None and target.writer.uri is not None:
             dst = FileStatus(name=new_name, is_dir=False)  # being created through this mount
-        if dst is not None and flags & pyfuse3.RENAME_NOREPLACE:
+        if dst is not None and flags & RENAME_NOREPLACE:
             raise Exists(dst_path)
         ufs = self.client.ufs.get(src_uri)
         if src.is_dir:
             if dst_path.startswith(src_path + "/"):
-                raise pyfuse3.FUSEError(errno.EINVAL)
+                raise FUSEError(errno.EINVAL)
             if dst is not None:
                 if not dst.is_dir:
                     raise NotADirectory(dst_path)
@@ -406,7 +405,7 @@ class WritingOperations:
 
     async def _not_supported(self, *args, **kwargs):
         if self.config.read_only:
-            raise pyfuse3.FUSEError(errno.EROFS)
-        raise pyfuse3.FUSEError(errno.ENOTSUP)
+            raise FUSEError(errno.EROFS)
+        raise FUSEError(errno.ENOTSUP)
 
     symlink = link = setxattr = removexattr = _not_supported
