@@ -3,6 +3,7 @@ import os
 
 import pytest
 
+from tests.faultproxy import FaultProxy
 from tests.support import S3Server
 
 _bucket_numbers = itertools.count()
@@ -29,6 +30,15 @@ def bucket(s3_server):
     name = f"test-bucket-{os.getpid()}-{next(_bucket_numbers)}"
     s3_server.client().create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture
+def proxy(s3_server):
+    """A TCP proxy in front of the S3 server that injects faults (tests/faultproxy.py);
+    point a process at it with `proxy.env(s3_server.env)`."""
+    p = FaultProxy(s3_server.endpoint)
+    yield p
+    p.close()
 
 
 

@@ -18,16 +18,8 @@ import time
 
 import pytest
 
-from tests.faultproxy import FaultProxy
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def proxy(s3_server):
-    p = FaultProxy(s3_server.endpoint)
-    yield p
-    p.close()
 
 
 def options(procs, extra: str = "") -> str:

@@ -19,7 +19,6 @@ import pytest
 from dorafs.client.client import FAILURE_MEMORY
 from dorafs.ring import HashRing
 from tests.cluster import is_mounted
-from tests.faultproxy import FaultProxy
 from tests.support import free_port, wait_for
 
 MiB = 1 << 20
@@ -222,13 +221,6 @@ def test_whole_etcd_cluster_down_then_back(procs, s3_server, bucket):
 
 
 # -- the UFS ------------------------------------------------------------------------------
-
-@pytest.fixture
-def proxy(s3_server):
-    p = FaultProxy(s3_server.endpoint)
-    yield p
-    p.close()
-
 
 def test_s3_throttling_then_ok_is_retried(procs, s3_server, bucket, proxy):
     data = put(s3_server.client(), bucket, "t/file.bin", 3 * MiB)

@@ -14,18 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
-
-from tests.faultproxy import FaultProxy
-
 MiB = 1 << 20
-
-
-@pytest.fixture
-def proxy(s3_server):
-    p = FaultProxy(s3_server.endpoint)
-    yield p
-    p.close()
 
 
 def put(s3, bucket: str, key: str, size: int) -> bytes:
