@@ -329,6 +329,34 @@ def test_a_run_fills_following_pages_with_one_ufs_read(procs, s3_server, bucket)
     assert worker.metrics()["dorafs_worker_ufs_bytes_total"] == len(data)  # every page exactly once
 
 
+def test_a_warm_sequential_read_leaves_no_page_behind_in_the_buffer(procs, tmp_path):
+    """A reader reaching a page its readahead run is still reading waits for the run, so
+    every page is buffered before it is read and discarded once read: at the end of the
+    file the buffer holds nothing. (Read from the kept page file instead, the page was
+    buffered after its discard and pinned its run's block until the buffer filled.)"""
+    from tests.support import free_port
+
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(96 * MiB)
+    (src / "f.bin").write_bytes(data)
+    worker = procs.worker()
+    mount = procs.mount(f"file://{src}", workers=[worker.address])
+    assert read_file(mount.path("f.bin")) == data  # the worker now holds every page
+    mount.unmount()
+    port = free_port()
+    mount = procs.mount(f"file://{src}", workers=[worker.address], options=f"metrics_listen=127.0.0.1:{port}")
+    with open(mount.path("f.bin"), "rb") as f:
+        while f.read(MiB):
+            pass
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    metrics = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+               if line.startswith(("dorafs_mount_buffer_bytes", "dorafs_mount_short_circuit_pages_total"))}
+    mount.unmount()
+    assert metrics["dorafs_mount_short_circuit_pages_total"] == 96
+    assert metrics["dorafs_mount_buffer_bytes"] == 0
+
+
 def test_locate_fills_a_run_and_answers_where_its_page_files_are(procs, s3_server, bucket):
     """/v1/locate: the files of consecutive pages, filled by one UFS read, for a client
     on the same machine; they hold exactly the pages' bytes under the checksums given."""

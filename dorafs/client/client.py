@@ -374,8 +374,9 @@ class DoraClient:
             if data is not None:
                 part[:] = view(data)[span.start:span.end]  # buffered pieces are never stale
                 continue
+            key = self._key(f, span.index)
             try:
-                if self.local.readinto(self._key(f, span.index), part, span.start):
+                if key not in self._scheduled and self.local.readinto(key, part, span.start):
                     continue
             except WouldBlock:  # on the disk, not in the kernel's cache: _span reads it in a thread
                 pass
@@ -395,7 +396,12 @@ class DoraClient:
         for _ in range(STALE_TRIES):
             data = self.buffer.get(key)
             if data is None:
-                got = await self.local.pread(key, span.end - span.start, span.start)
+                # A page its readahead run is reading waits for the run: its file is
+                # already kept (so `pread` would answer it), but the run buffers it after,
+                # behind this reader, where nothing discards it and it pins its block
+                # until the buffer is full.
+                got = None if key in self._scheduled else await self.local.pread(
+                    key, span.end - span.start, span.start)
                 if got is not None:  # just the bytes asked for, no whole-page copy
                     return got
                 data = await self._page(f, span.index)
