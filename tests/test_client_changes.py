@@ -181,3 +181,28 @@ def test_writes_stage_the_version_they_read_and_commit_only_over_it(tmp_path):
             await writes.stage(f"{base}/d", "v", load=True, path="d")
 
     run(tmp_path, body)
+
+
+def test_the_error_boundary_keeps_the_errno_an_oserror_carries(caplog):
+    """An OSError (the staging disk, the system) reaches the application as its own errno,
+    logged once; a domain error as its errno; anything else as EIO."""
+    from dorafs.fuse.errors import fuse_operation
+    from dorafs.fuse.types import FUSEError
+
+    @fuse_operation
+    async def failing(exc):
+        raise exc
+
+    async def answer(exc) -> int:
+        with pytest.raises(FUSEError) as failure:
+            await failing(exc)
+        return failure.value.errno
+
+    async def main():
+        assert await answer(OSError(errno.EDQUOT, "Disk quota exceeded")) == errno.EDQUOT
+        assert await answer(PermissionError(errno.EACCES, "denied")) == errno.EACCES
+        assert await answer(NotEmpty("d")) == errno.ENOTEMPTY
+        assert await answer(KeyError(7)) == errno.EIO
+
+    trio.run(main)
+    assert sum("Disk quota exceeded" in r.getMessage() for r in caplog.records) == 1
