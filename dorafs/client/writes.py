@@ -47,12 +47,14 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
+from typing import Callable
 
 import trio
 
 from dorafs.config import MountConfig, user_cache_dir
-from dorafs.errors import DoraError, NoSpace, UfsError
+from dorafs.errors import DoraError, IsADirectory, NoSpace, StaleVersion, UfsError
 from dorafs.ufs import FileStatus, UfsSet
 from dorafs.ufs.base import NEW, Upload
 
@@ -424,3 +426,100 @@ class WriteFile:
         self._file.close()
         self.staging.free(self._reserved)
         self._reserved = 0
+
+
+class Writes:
+    """The mount's writing policy, over its `Staging`: from which version a file is
+    staged (its commit's condition), how it is filled, what a commit makes the workers
+    forget, and when the last handle's close uploads.
+
+    Subtleties:
+    - A file is staged from the version the mount last saw (`NEW` for a file not in the
+      UFS): a commit lands only while the UFS still holds it (see `WriteFile.commit`).
+    - Filling reads through the cache; a version the workers no longer have (changed
+      since they looked: ESTALE) is read again as the UFS states it now.
+    - After a commit the workers drop the URI's status, its parent's listing and the
+      old version's pages.
+    - The last close uploads only what no flush did (writes through a mapping) and only
+      if no upload failed; its errors are logged, since the kernel drops them.
+    """
+
+    def __init__(self, client, staging: Staging, counted: Callable[[str, int], None] | None = None):
+        self.client = client
+        self.staging = staging
+        self.counted = counted or (lambda result, size: None)  # each upload: "ok" or "failed", bytes
+
+    async def stage(self, uri: str, version: str | None, *, load: bool, path: str = "") -> WriteFile:
+        """A new WriteFile for `uri` at `version` (None: not in the UFS), filled with the
+        file's bytes if `load`; EISDIR for a directory."""
+        writer = self.staging.open(uri, version or NEW)
+        try:
+            if load:
+                await self._load(writer, path or uri)
+        except BaseException:
+            await writer.close()
+            raise
+        return writer
+
+    async def _load(self, writer: WriteFile, path: str) -> None:
+        uri = writer.uri
+        status = await self.client.stat(uri)
+        try:
+            await writer.load(self.client, status)
+        except StaleVersion:  # changed since the workers last looked: ask the UFS
+            status = await self.client.ufs.get(uri).stat(uri)
+            await writer.load(self.client, status)
+        if status.is_dir:
+            raise IsADirectory(path)
+        writer.dirty = False
+
+    @staticmethod
+    async def write(writer: WriteFile, offset: int, data, *, append: bool = False) -> int:
+        """Write `data`; an appending handle writes at the file's end, whatever the kernel
+        thinks it is."""
+        if append:
+            offset = writer.size
+        written = await writer.write(offset, data)
+        writer.mtime = time.time()
+        return written
+
+    @staticmethod
+    async def truncate(writer: WriteFile, size: int) -> None:
+        await writer.truncate(size)
+        writer.mtime = time.time()
+
+    async def commit(self, writer: WriteFile, uri: str,
+                     uploaded: Callable[[FileStatus], None] | None = None) -> FileStatus | None:
+        """Upload the writer's bytes if changed (`uri`: its name if the writer has none
+        now); `uploaded` hears of the new status before the workers are told. None if
+        nothing needed uploading."""
+        try:
+            status = await writer.commit()
+        except DoraError:
+            self.counted("failed", 0)
+            raise
+        if status is None:
+            return None
+        self.counted("ok", status.size)
+        if uploaded is not None:
+            uploaded(status)
+        await self.client.invalidate(writer.uri or uri, pages=True)
+        return status
+
+    async def release(self, writer: WriteFile, uri: str, *, upload: bool,
+                      uploaded: Callable[[FileStatus], None] | None = None,
+                      dropped: Callable[[], None] | None = None) -> None:
+        """One handle less on `writer`. The last one uploads what is left (if `upload`),
+        then `dropped` lets the caller forget the writer, and its staged bytes go."""
+        writer.handles -= 1
+        if writer.handles > 0:
+            return
+        try:
+            if upload and writer.dirty and writer.failed is None and writer.last_error is None:
+                await self.commit(writer, uri, uploaded)
+        except DoraError as exc:  # release's errors never reach the application
+            log.warning("upload of %s when its last handle closed failed: %s", writer.uri, exc)
+        finally:
+            if dropped is not None:
+                dropped()
+            await writer.close()

@@ -1,8 +1,9 @@
 """The one error boundary between dorafs and the kernel.
 
 Only `FUSEError` should leave an operation (the session answers anything else EIO and
-logs a traceback), so every operation is wrapped: a `DoraError` becomes its errno, anything unexpected becomes
-EIO, and each is logged once at a level fitting how surprising it is.
+logs a traceback), so every operation is wrapped: a `DoraError` becomes its errno, an
+`OSError` keeps the errno it carries, anything unexpected becomes EIO, and each is
+logged once at a level fitting how surprising it is.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ def fuse_operation(fn):
             log.log(level, "%s: %s (%s)", fn.__name__, exc, errno.errorcode.get(exc.errno, exc.errno))
             _count(exc.errno)
             raise FUSEError(exc.errno) from None
+        except OSError as exc:  # from the local disk (staging) or the system: its own errno
+            code = exc.errno or errno.EIO
+            log.warning("%s: %s (%s)", fn.__name__, exc, errno.errorcode.get(code, code))
+            _count(code)
+            raise FUSEError(code) from None
         except Exception:
             log.exception("%s failed unexpectedly; answering EIO", fn.__name__)
             _count(errno.EIO)

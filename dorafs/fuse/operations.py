@@ -15,7 +15,8 @@ Subtleties:
   its pinned version's pages are not dropped from the workers while it is open here.
 - A directory's st_nlink is 2 plus its subdirectories once a listing of it was read
   to its end (for `listing_ttl`); 2 before that.
-- Writing files and changing the namespace are in dorafs/fuse/writing.py.
+- Writing files and changing the namespace are in dorafs/fuse/writing.py, which
+  translates them into calls of the client core (dorafs/client/writes.py, namespace.py).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from dataclasses import replace
 import trio
 
 from dorafs.client import DoraClient
-from dorafs.client.writes import Staging
+from dorafs.client.namespace import Namespace
+from dorafs.client.writes import Staging, Writes
 from dorafs.config import MountConfig
 from dorafs.errors import IsADirectory, NotADirectory, NotFound, UfsError
 from dorafs.fuse.errors import fuse_operation
@@ -69,6 +71,8 @@ class DoraOperations(WritingOperations):
         self.config = config
         self.inodes = InodeTable(root_uri, root_status)
         self.staging = staging or Staging(config, client.ufs)  # its `run` is started by the mount
+        self.writes = Writes(client, self.staging, counted=self._counted)  # the writing policy
+        self.namespace = Namespace(client)  # the namespace policy; this object is its `Local`
         self._writing: set[Node] = set()  # nodes with a WriteFile
         STAGING_BYTES.set_function(lambda: self.staging.used)
         INODES.set_function(lambda: len(self.inodes))

@@ -1,19 +1,19 @@
-"""The changing half of the FUSE operations: writing files and the namespace.
+"""The changing half of the FUSE operations: writing files and the namespace, translated.
+
+The policy is in the client core: what is staged, when it is uploaded and under which
+condition (`Writes`, dorafs/client/writes.py), and which UFS calls and checks a namespace
+change makes (`Namespace`, dorafs/client/namespace.py). This module turns kernel
+requests into those calls: names into URIs, inodes into nodes, results into attributes.
 
 Subtleties:
 - A file open for writing has one `WriteFile` (dorafs/client/writes.py) on its node,
   shared by every handle of that inode, readers included; its size and mtime are the
   node's while it exists, even before the file is in the UFS.
 - Uploads happen in `flush` (each close(2)) and `fsync`, whose errors reach the
-  application. `release` uploads only what no flush did (writes through a mapping) and
-  only if no upload failed, and logs its errors, since the kernel drops them.
-- Namespace changes check the UFS itself (not the workers' caches) for existence and
-  emptiness, go straight to the UFS, then invalidate the workers' entries and move the
-  mount's own nodes. A renamed file or directory that is being written is uploaded
-  first, so the UFS holds what is moved.
-- An unlinked or replaced file that is open here for reading keeps its pages on the
-  workers (the open handles still read that version); they age out of the caches as
-  any other page. A new name too long for a path, a URI or an S3 key: ENAMETOOLONG.
+  application; `release` uploads what no flush did and logs its errors.
+- The mount's own nodes follow a change once the UFS made it; a renamed file or
+  directory that is being written is uploaded first, so the UFS holds what is moved.
+  A new name too long for a path, a URI or an S3 key: ENAMETOOLONG.
 - With `read_only` every change answers EROFS (the kernel, mounted `ro`, mostly does so
   before asking).
 """
@@ -21,29 +21,46 @@ Subtleties:
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import stat as _stat
 import time
 from dataclasses import replace
 
 from dorafs.client.writes import WriteFile
-from dorafs.errors import DoraError, Exists, IsADirectory, NotADirectory, NotEmpty, NotFound, StaleVersion
+from dorafs.errors import Exists, InvalidRequest, IsADirectory, NotADirectory
 from dorafs.fuse.errors import fuse_operation
 from dorafs.fuse.handles import NAME_MAX, FileHandle, too_long, valid_name
 from dorafs.fuse.inodes import Node
 from dorafs.fuse.metrics import UPLOAD_BYTES, UPLOADS, WRITE_BYTES
 from dorafs.fuse.types import RENAME_NOREPLACE, FileInfo, FUSEError
 from dorafs.ufs import FileStatus, join
-from dorafs.ufs.base import NEW
-
-log = logging.getLogger("dorafs.fuse.operations")
 
 
 class WritingOperations:
-    """Mixed into DoraOperations, whose state (client, config, inodes, staging, handles) it uses."""
+    """Mixed into DoraOperations, whose state (client, config, inodes, handles, `writes`,
+    `namespace`) it uses. It is also the `Local` the namespace asks about this mount's paths."""
 
-    # -- writing files ----------------------------------------------------------------
+    # -- what the mount knows that the UFS does not (dorafs/client/namespace.py's Local) -
+
+    def pending(self, path: str) -> bool:
+        node = self.inodes.at(path)
+        return node is not None and node.writer is not None and node.writer.uri is not None
+
+    def pending_under(self, path: str) -> bool:
+        return any(n.path.startswith(path + "/") and n.writer.uri is not None and self.inodes.at(n.path) is n
+                   for n in self._writing)
+
+    def read_here(self, path: str) -> bool:
+        """Whether a handle of this mount still reads the pinned version of the node at `path`."""
+        node = self.inodes.at(path)
+        return node is not None and any(n > 0 for n in node.open_versions.values())
+
+    def replaced(self, path: str) -> None:
+        target = self.inodes.at(path)
+        if target is not None and target.writer is not None:
+            target.writer.uri = None  # the replaced file's pending writes go nowhere
+
+    # -- translation ------------------------------------------------------------------
 
     def _writable(self) -> None:
         if self.config.read_only:
@@ -83,29 +100,19 @@ class WritingOperations:
             directory.subdirs = max(0, directory.subdirs + change)
 
     @staticmethod
-    def _read_here(node: Node | None) -> bool:
-        """Whether a handle of this mount still reads the node's pinned version."""
-        return node is not None and any(n > 0 for n in node.open_versions.values())
+    def _counted(result: str, size: int) -> None:
+        UPLOADS.labels(result).inc()
+        if result == "ok":
+            UPLOAD_BYTES.inc(size)
 
-    async def _ufs_stat(self, uri: str) -> FileStatus | None:
-        """The UFS's own answer (not a cached one): what a change must be checked against."""
-        try:
-            return await self.client.ufs.get(uri).stat(uri)
-        except NotFound:
-            return None
+    # -- writing files ----------------------------------------------------------------
 
     async def _writer(self, node: Node, *, truncate: bool) -> WriteFile:
-        """The node's WriteFile, created (and filled with the file's bytes unless
+        """The node's WriteFile, staged (and filled with the file's bytes unless
         `truncate`) if the file is not being written yet."""
         writer = node.writer
         if writer is None:
-            writer = self.staging.open(node.uri, node.status.version or NEW)  # its commit's condition
-            try:
-                if not truncate:
-                    await self._load(writer, node)
-            except BaseException:
-                await writer.close()
-                raise
+            writer = await self.writes.stage(node.uri, node.status.version, load=not truncate, path=node.path)
             if node.writer is not None:  # another open got there first
                 await writer.close()
                 writer = node.writer
@@ -113,20 +120,8 @@ class WritingOperations:
                 node.writer = writer
                 self._writing.add(node)
         if truncate:
-            await writer.truncate(0)
-            writer.mtime = time.time()
+            await self.writes.truncate(writer, 0)
         return writer
-
-    async def _load(self, writer: WriteFile, node: Node) -> None:
-        status = await self.client.stat(node.uri)
-        try:
-            await writer.load(self.client, status)
-        except StaleVersion:  # changed since the workers last looked: ask the UFS
-            status = await self.client.ufs.get(node.uri).stat(node.uri)
-            await writer.load(self.client, status)
-        if status.is_dir:
-            raise IsADirectory(node.path)
-        writer.dirty = False
 
     def _open_writer(self, node: Node, writer: WriteFile, flags: int) -> FileInfo:
         writer.handles += 1
@@ -136,37 +131,26 @@ class WritingOperations:
         self._handles[fh] = FileHandle(node, None, writer, append=bool(flags & os.O_APPEND))
         return FileInfo(fh=fh, keep_cache=False, direct_io=self.config.direct_io)
 
+    @staticmethod
+    def _uploaded(node: Node):
+        def uploaded(status: FileStatus) -> None:
+            node.kernel_version = None
+            node.status = replace(status, name=node.status.name)
+        return uploaded
+
     async def _commit(self, node: Node, writer: WriteFile) -> None:
-        """Upload the writer's bytes if changed; then the workers and the node see the new version."""
-        try:
-            status = await writer.commit()
-        except DoraError:
-            UPLOADS.labels("failed").inc()
-            raise
-        if status is None:
-            return
-        UPLOADS.labels("ok").inc()
-        UPLOAD_BYTES.inc(status.size)
-        node.kernel_version = None
-        node.status = replace(status, name=node.status.name)
-        await self.client.invalidate(writer.uri or node.uri, pages=True)
+        """Upload the writer's bytes if changed; then the node shows the new version."""
+        await self.writes.commit(writer, node.uri, self._uploaded(node))
 
     async def _let_go(self, node: Node, writer: WriteFile, *, upload: bool) -> None:
-        """One handle less on `writer`; the last one uploads what is left and drops it."""
-        writer.handles -= 1
-        if writer.handles > 0:
-            return
-        try:
-            if upload and writer.dirty and writer.failed is None and writer.last_error is None:
-                await self._commit(node, writer)
-        except DoraError as exc:  # release's errors never reach the application
-            log.warning("upload of %s when its last handle closed failed: %s", writer.uri, exc)
-        finally:
+        """One handle less on `writer`; after the last one the node shows what was written."""
+        def dropped() -> None:
             if node.writer is writer:
                 node.writer = None
                 self._writing.discard(node)
                 node.status = replace(node.status, size=writer.size, mtime=writer.mtime)
-            await writer.close()
+
+        await self.writes.release(writer, node.uri, upload=upload, uploaded=self._uploaded(node), dropped=dropped)
 
     def _pending_children(self, directory: Node, listed: set[str]) -> list[FileStatus]:
         """Files in `directory` being written through this mount that the UFS lacks yet."""
@@ -189,10 +173,8 @@ class WritingOperations:
         node = self.inodes.at(self._new_path(parent, text))
         exists = node is not None and node.writer is not None
         if not exists:
-            status = await self._ufs_stat(join(parent.uri, text))
+            status = await self.namespace.existing_file(join(parent.uri, text), self._path(parent, text))
             exists = status is not None
-            if exists and status.is_dir:
-                raise IsADirectory(self._path(parent, text))
             node = self.inodes.child(parent, text, status or FileStatus(name=text, is_dir=False, mtime=time.time()))
         if exists and flags & os.O_EXCL:
             raise Exists(self._path(parent, text))
@@ -212,10 +194,7 @@ class WritingOperations:
         writer = handle.writer
         if writer is None:
             raise FUSEError(errno.EBADF)
-        if handle.append:  # the kernel's idea of the end may be older than the file's
-            off = writer.size
-        written = await writer.write(off, buf)
-        writer.mtime = time.time()
+        written = await self.writes.write(writer, off, buf, append=handle.append)
         WRITE_BYTES.inc(written)
         return written
 
@@ -249,14 +228,12 @@ class WritingOperations:
             handle = self._handles.get(fh) if fh else None
             writer = handle.writer if isinstance(handle, FileHandle) and handle.writer else node.writer
             if writer is not None:
-                await writer.truncate(attr.st_size)
-                writer.mtime = time.time()
+                await self.writes.truncate(writer, attr.st_size)
             else:  # truncate(2) of a file nobody has open: stage, cut, upload now
                 writer = await self._writer(node, truncate=attr.st_size == 0)
                 writer.handles += 1
                 try:
-                    await writer.truncate(attr.st_size)
-                    writer.mtime = time.time()
+                    await self.writes.truncate(writer, attr.st_size)
                     await self._commit(node, writer)
                 finally:
                     await self._let_go(node, writer, upload=False)
@@ -270,13 +247,8 @@ class WritingOperations:
             raise FUSEError(errno.ENOTSUP)
         parent = self._dir(parent_inode)
         text = self._name(name)
-        self._new_path(parent, text)
-        uri = join(parent.uri, text)
-        if await self._ufs_stat(uri) is not None or self.inodes.at(self._path(parent, text)) is not None \
-                and self.inodes.at(self._path(parent, text)).writer is not None:
-            raise Exists(self._path(parent, text))
-        status = await self.client.ufs.get(uri).put(uri, b"")
-        await self.client.invalidate(uri)
+        path = self._new_path(parent, text)
+        status = await self.namespace.make_file(join(parent.uri, text), path, self)
         node = self.inodes.child(parent, text, status)
         node.lookups += 1
         return self._attributes(node)
@@ -289,13 +261,9 @@ class WritingOperations:
         parent = self._dir(parent_inode)
         text = self._name(name)
         uri, path = join(parent.uri, text), self._new_path(parent, text)
-        existing = self.inodes.at(path)
-        if (existing is not None and existing.writer is not None) or await self._ufs_stat(uri) is not None:
-            raise Exists(path)
-        await self.client.ufs.get(uri).make_dir(uri)
-        await self.client.invalidate(uri)
+        status = await self.namespace.make_dir(uri, path, self)
         self._subdirs_changed(parent, +1)
-        node = self.inodes.child(parent, text, FileStatus(name=text, is_dir=True, mtime=time.time()))
+        node = self.inodes.child(parent, text, replace(status, name=text))
         node.lookups += 1
         return self._attributes(node)
 
@@ -304,17 +272,9 @@ class WritingOperations:
         self._writable()
         parent = self._dir(parent_inode)
         text = self._name(name)
-        uri, path = join(parent.uri, text), self._path(parent, text)
+        path = self._path(parent, text)
+        await self.namespace.unlink(join(parent.uri, text), path, self)
         node = self.inodes.at(path)
-        pending = node is not None and node.writer is not None
-        status = await self._ufs_stat(uri)
-        if status is None and not pending:
-            raise NotFound(path)
-        if status is not None and status.is_dir:
-            raise IsADirectory(path)
-        if status is not None:
-            await self.client.ufs.get(uri).delete(uri)
-            await self.client.invalidate(uri, pages=not self._read_here(node))
         if node is not None:
             if node.writer is not None:
                 node.writer.uri = None  # an unlinked file's writes go nowhere, as on a disk
@@ -325,30 +285,12 @@ class WritingOperations:
         self._writable()
         parent = self._dir(parent_inode)
         text = self._name(name)
-        uri, path = join(parent.uri, text), self._path(parent, text)
-        status = await self._ufs_stat(uri)
-        if status is None:
-            raise NotFound(path)
-        if not status.is_dir:
-            raise NotADirectory(path)
-        await self._require_empty(uri, path)
-        await self.client.ufs.get(uri).remove_dir(uri)
-        await self.client.invalidate(uri, recursive=True)
+        path = self._path(parent, text)
+        await self.namespace.remove_dir(join(parent.uri, text), path, self)
         self._subdirs_changed(parent, -1)
         node = self.inodes.at(path)
         if node is not None:
             self.inodes.detach(node)
-
-    async def _require_empty(self, uri: str, path: str) -> None:
-        if self._pending_children_under(path):
-            raise NotEmpty(path)
-        async for page in self.client.ufs.get(uri).list_pages(uri):
-            if page:
-                raise NotEmpty(path)
-
-    def _pending_children_under(self, path: str) -> list[Node]:
-        return [n for n in self._writing if n.path.startswith(path + "/") and n.writer.uri is not None
-                and self.inodes.at(n.path) is n]
 
     @fuse_operation
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
@@ -365,35 +307,14 @@ class WritingOperations:
         for node in [n for n in self._writing if n.path == src_path or n.path.startswith(src_path + "/")]:
             if node.writer is not None:
                 await self._commit(node, node.writer)
-        src = await self._ufs_stat(src_uri)
-        if src is None:
-            raise NotFound(src_path)
-        target = self.inodes.at(dst_path)
-        dst = await self._ufs_stat(dst_uri)
-        if dst is None and target is not None and target.writer is not None and target.writer.uri is not None:
-            dst = FileStatus(name=new_name, is_dir=False)  # being created through this mount
-        if dst is not None and flags & RENAME_NOREPLACE:
-            raise Exists(dst_path)
-        ufs = self.client.ufs.get(src_uri)
-        if src.is_dir:
-            if dst_path.startswith(src_path + "/"):
-                raise FUSEError(errno.EINVAL)
-            if dst is not None:
-                if not dst.is_dir:
-                    raise NotADirectory(dst_path)
-                await self._require_empty(dst_uri, dst_path)
-                await ufs.remove_dir(dst_uri)
-        elif dst is not None and dst.is_dir:
-            raise IsADirectory(dst_path)
-        if target is not None and target.writer is not None:
-            target.writer.uri = None  # the replaced file's pending writes go nowhere
-        await ufs.rename(src_uri, dst_uri, src.is_dir)
-        await self.client.invalidate(src_uri, recursive=src.is_dir,
-                                     pages=not self._read_here(self.inodes.at(src_path)))
-        await self.client.invalidate(dst_uri, recursive=src.is_dir, pages=not self._read_here(target))
-        if src.is_dir:
+        try:
+            renamed = await self.namespace.rename(src_uri, src_path, dst_uri, dst_path, self,
+                                                  noreplace=bool(flags & RENAME_NOREPLACE))
+        except InvalidRequest:  # a directory into itself: the application's mistake, not logged
+            raise FUSEError(errno.EINVAL) from None
+        if renamed.is_dir:
             self._subdirs_changed(old_parent, -1)
-            if dst is None:
+            if not renamed.replaced:
                 self._subdirs_changed(new_parent, +1)
         for node in self.inodes.move(src_path, new_parent, new_name):
             if node.path == dst_path:
