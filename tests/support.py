@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -78,3 +79,16 @@ class S3Server:
     def stop(self) -> None:
         stop_process(self.proc)
         self.log.close()
+
+
+@contextmanager
+def tmpfs(path: Path, size: str):
+    """A tmpfs of `size` (e.g. "3m") mounted at the new directory `path` (we are root),
+    always unmounted: a real small disk for full-disk and eviction tests."""
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)

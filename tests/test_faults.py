@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 from dorafs.client.client import FAILURE_MEMORY
 from dorafs.ring import HashRing
 from tests.cluster import is_mounted
-from tests.support import free_port, wait_for
+from tests.support import free_port, tmpfs, wait_for
 
 MiB = 1 << 20
 FAST = "worker_timeout=1s,connect_timeout=0.5s"  # failover within a second
@@ -282,14 +281,8 @@ def test_s3_hanging_times_out_with_eio(procs, s3_server, bucket, proxy):
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """A 3 MiB tmpfs (we are root), always unmounted."""
-    path = tmp_path / "small-disk"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m,mode=0700", "tmpfs", str(path)], check=True)
-    try:
+    with tmpfs(tmp_path / "small-disk", "3m") as path:
         yield path
-    finally:
-        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 def test_cache_directory_full(procs, s3_server, bucket, small_tmpfs):

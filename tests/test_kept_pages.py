@@ -5,14 +5,13 @@ counts the blocks of unlinked files still open, returns under its cache bound.""
 from __future__ import annotations
 
 import os
-import subprocess
 
 import pytest
 import trio
 import xxhash
 
 from dorafs.client.local import LocalPages, WouldBlock
-from tests.support import wait_for
+from tests.support import tmpfs, wait_for
 
 MiB = 1 << 20
 
@@ -20,14 +19,8 @@ MiB = 1 << 20
 @pytest.fixture
 def cache_disk(tmp_path):
     """A 64 MiB tmpfs for the worker's cache (we are root), always unmounted."""
-    path = tmp_path / "cache-disk"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", str(path)], check=True)
-    try:
+    with tmpfs(tmp_path / "cache-disk", "64m") as path:
         yield path
-    finally:
-        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 def used(path) -> int:
