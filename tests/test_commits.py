@@ -158,14 +158,21 @@ def test_a_failed_commit_keeps_the_upload_and_the_retry_sends_only_what_is_missi
 
 # -- no lost update --------------------------------------------------------------------------
 
-def test_two_mounts_appending_from_one_version_one_close_fails_nothing_is_lost(procs, s3_server, bucket):
-    s3 = s3_server.client()
-    s3.put_object(Bucket=bucket, Key="log.txt", Body=b"line 0\n")
+def two_writing_mounts(procs, bucket):
+    """Two mounts of one bucket through one worker, each with its own staging, whose
+    conflicting commits are expected (and logged)."""
     worker = procs.worker()
     a = procs.mount(f"s3://{bucket}", workers=[worker.address], name="a", options=options(procs))
     b = procs.mount(f"s3://{bucket}", workers=[worker.address], name="b",
                     options=f"staging_dir={procs.tmp / 'staging-b'},attr_timeout=0.2,entry_timeout=0.2")
     procs.allow = (r"changed while it was written here",)
+    return a, b
+
+
+def test_two_mounts_appending_from_one_version_one_close_fails_nothing_is_lost(procs, s3_server, bucket):
+    s3 = s3_server.client()
+    s3.put_object(Bucket=bucket, Key="log.txt", Body=b"line 0\n")
+    a, b = two_writing_mounts(procs, bucket)
     fa = os.open(a.path("log.txt"), os.O_WRONLY | os.O_APPEND)
     fb = os.open(b.path("log.txt"), os.O_WRONLY | os.O_APPEND)
     try:
@@ -193,11 +200,7 @@ def test_two_mounts_appending_from_one_version_one_close_fails_nothing_is_lost(p
 
 def test_two_mounts_creating_one_new_file_the_second_close_fails(procs, s3_server, bucket):
     s3 = s3_server.client()
-    worker = procs.worker()
-    a = procs.mount(f"s3://{bucket}", workers=[worker.address], name="a", options=options(procs))
-    b = procs.mount(f"s3://{bucket}", workers=[worker.address], name="b",
-                    options=f"staging_dir={procs.tmp / 'staging-b'},attr_timeout=0.2,entry_timeout=0.2")
-    procs.allow = (r"changed while it was written here",)
+    a, b = two_writing_mounts(procs, bucket)
     fa = os.open(a.path("new.txt"), os.O_CREAT | os.O_WRONLY)
     fb = os.open(b.path("new.txt"), os.O_CREAT | os.O_WRONLY)
     os.write(fa, b"from a")
