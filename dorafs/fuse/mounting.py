@@ -140,7 +140,7 @@ def _unescape(field: bytes) -> str:
         return text
     out, i = [], 0
     while i < len(text):
-        if text[i] == "\\" and i + 3 < len(text) + 0 and text[i + 1:i + 4].isdigit():
+        if text[i] == "\\" and i + 3 < len(text) and text[i + 1:i + 4].isdigit():
             out.append(chr(int(text[i + 1:i + 4], 8)))
             i += 4
         else:
