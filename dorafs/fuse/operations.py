@@ -39,7 +39,7 @@ from dorafs.errors import IsADirectory, NotADirectory, NotFound, UfsError
 from dorafs.fuse.errors import fuse_operation
 from dorafs.fuse.handles import NAME_MAX, DirHandle, FileHandle, too_long, valid_name
 from dorafs.fuse.inodes import InodeTable, Node
-from dorafs.fuse.metrics import INODES, READ_BYTES, READ_LATENCY, READS, STAGING_BYTES
+from dorafs.fuse.metrics import INODES, READS, STAGING_BYTES
 from dorafs.fuse.types import ROOT_INODE, EntryAttributes, FileInfo, FUSEError, StatvfsData
 from dorafs.fuse.writing import WritingOperations
 from dorafs.ufs import FileStatus, join
@@ -275,9 +275,7 @@ class DoraOperations(WritingOperations):
             data = handle.writer.read(off, size)
         else:
             data = await self.client.read(handle.file, off, size)
-        READ_LATENCY.observe(time.perf_counter() - start)
-        READS.inc()
-        READ_BYTES.inc(len(data))
+        READS.add(len(data), time.perf_counter() - start)
         return data
 
     @fuse_operation
