@@ -29,11 +29,10 @@ Subtleties:
   upload a later write waits for, readahead, heartbeats) from running for as long as
   requests keep coming. Not after every request: a lone reader's next request is not
   there yet when its answer is written, so the worker waits for the device and passes
-  through the scheduler anyway, and a second pass cost a cached 4 KiB read a tenth of
-  its time. (Yielding every other request instead failed the streamed multipart write
-  test once in eight runs; yielding between reading a request and serving it, so a later request may be served
-  first, made a cold sequential read of bench/harness.py take 79 S3 requests instead
-  of 50.)
+  through the scheduler anyway; a second pass per request was pure cost. (Yielding every
+  other request instead failed the streamed multipart write test once in eight runs;
+  yielding between reading a request and serving it, so a later request may be served
+  first, made a cold sequential read of bench/harness.py take 79 S3 requests, not 50.)
 - No exception ends the loop: an operation's `FUSEError` is its errno, anything else
   is logged once and answered EIO. A reply the kernel no longer wants (ENOENT: the
   request was interrupted or its process died) is dropped.
