@@ -201,6 +201,45 @@ class DorafsWorker(Dorafs):
         m.rss_pids["worker"] = session.extra["worker"].pid
 
 
+class DorafsBaseline(Dorafs):
+    """The same embedded mount running the code of another checkout (`--baseline DIR`):
+    a change and the code before it, measured side by side in one run."""
+
+    name = "dorafs-base"
+    is_dorafs = False  # the targets and ratios stay those of the checkout under test
+    checkout: Path | None = None
+
+    @staticmethod
+    def available():
+        if DorafsBaseline.checkout is None:
+            return "no --baseline checkout given"
+        return None
+
+    @property
+    def config(self):
+        return f"{super().config}, code of {self.checkout} ({_commit(self.checkout)})"
+
+    def env(self):
+        env = super().env()
+        env["PYTHONPATH"] = str(self.checkout) + os.pathsep + env.get("PYTHONPATH", "")
+        return env
+
+    def mount_argv(self, session, mnt):
+        argv, env = super().mount_argv(session, mnt)
+        python = self.checkout / ".venv" / "bin" / "python"
+        if python.exists():  # its own environment, its own dependencies
+            argv[0] = str(python)
+        return argv, env
+
+
+def _commit(checkout: Path) -> str:
+    try:
+        return subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+
+
 class S3fs(System):
     name = "s3fs"
     is_peer = True
@@ -273,7 +312,7 @@ class Ceiling(System):
         return [PY, BENCH / "ceiling.py", self.mode, mnt, str(self.read_ahead_kb)], self.env()
 
 
-SYSTEMS = {cls.name: cls for cls in (Dorafs, DorafsWorker, S3fs, Rclone, Ceiling)}
+SYSTEMS = {cls.name: cls for cls in (Dorafs, DorafsWorker, DorafsBaseline, S3fs, Rclone, Ceiling)}
 
 
 def versions() -> dict[str, str]:

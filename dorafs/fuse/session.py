@@ -23,14 +23,16 @@ Subtleties:
 - Notifications to the kernel (invalidate an inode, an entry) are written from a thread
   of a task the session owns: the kernel may hold a lock that a request this session has
   yet to answer would release, so a handler must never wait for one.
-- A worker that answered a request without waiting for anything yields to the scheduler
-  before reading the next: operations that never wait (a buffered read, a staged write)
-  would otherwise keep the mount's other tasks (a part upload a later write waits for,
-  readahead, heartbeats) from running for as long as requests keep coming. (Yielding
-  every other request instead failed the streamed multipart write test once in eight
-  runs; yielding between reading a request and serving it, so a later request may be
-  served first, made a cold sequential read of bench/harness.py take 79 S3 requests
-  instead of 50.)
+- A worker that has served requests for `BUSY_SECONDS` without waiting for anything
+  yields to the scheduler before reading the next: operations that never wait (a
+  buffered read, a staged write) would otherwise keep the mount's other tasks (a part
+  upload a later write waits for, readahead, heartbeats) from running for as long as
+  requests keep coming. Not after every request: a lone reader's next request is not
+  there yet when its answer is written, so the worker waits for the device and passes
+  through the scheduler anyway; a second pass per request was pure cost. (Yielding every
+  other request instead failed the streamed multipart write test once in eight runs;
+  yielding between reading a request and serving it, so a later request may be served
+  first, made a cold sequential read of bench/harness.py take 79 S3 requests, not 50.)
 - No exception ends the loop: an operation's `FUSEError` is its errno, anything else
   is logged once and answered EIO. A reply the kernel no longer wants (ENOENT: the
   request was interrupted or its process died) is dropped.
@@ -43,6 +45,7 @@ import logging
 import mmap
 import os
 from dataclasses import dataclass
+from time import monotonic
 
 import trio
 
@@ -59,6 +62,9 @@ _OUT_SIZE = p.OUT_HEADER.size
 
 PAGE = 4096
 HEADROOM = 4096  # in header + the largest fixed argument struct, rounded up to a page
+# A worker serving requests that never wait yields to the scheduler once this long has
+# passed since it last did (see "Subtleties").
+BUSY_SECONDS = 0.0005
 
 # What dorafs asks of the kernel, where offered. Not WRITEBACK_CACHE (writes must reach
 # the mount as they are made), not READDIRPLUS_AUTO (every readdir is a readdirplus, so
@@ -236,15 +242,15 @@ class Session:
             # the request's bookkeeping together); then the next request gets a new one.
             with trio.CancelScope() as scope:
                 slot = _Slot(scope)
-                rested = True  # went through the scheduler since its last request
+                rested = monotonic()  # when it last went through the scheduler
                 while not slot.interrupted:
-                    if not rested:
-                        # Served a request without waiting for anything: let the mount's
-                        # other tasks (uploads, readahead, heartbeats) run before reading
-                        # the next one; never between reading a request and serving it,
-                        # which would let a later request overtake it.
+                    if monotonic() - rested > BUSY_SECONDS:
+                        # Served requests without waiting for anything for a while: let
+                        # the mount's other tasks (uploads, readahead, heartbeats) run
+                        # before reading the next one; never between reading a request
+                        # and serving it, which would let a later request overtake it.
                         await trio.lowlevel.checkpoint()
-                        rested = True
+                        rested = monotonic()
                     try:
                         n = os.readv(fd, [buf])
                     except BlockingIOError:
@@ -252,14 +258,14 @@ class Session:
                             await idle.park()
                             while self._waiting:  # woken while another still watches the
                                 await idle.park()  # device (it got the request): no read to try
-                            rested = True
+                            rested = monotonic()
                             continue
                         self._waiting = True
                         try:
                             await trio.lowlevel.wait_readable(fd)
                         finally:
                             self._waiting = False
-                        rested = True
+                        rested = monotonic()
                         continue
                     except OSError as exc:
                         if exc.errno in (errno.ENOENT, errno.EINTR):
@@ -275,7 +281,6 @@ class Session:
                         idle.unpark()  # someone must watch the device while this request is served
                     self.requests += 1
                     await self._handle(view, n, slot)
-                    rested = False
 
     async def _handle(self, view: memoryview, n: int, slot: _Slot) -> None:
         h = _unpack_in(view)
