@@ -2,11 +2,11 @@
 
 A pool of worker tasks, each with its own request buffer (max_write plus room for the
 headers, anonymous memory the kernel fills only as far as a request goes), takes turns
-reading the nonblocking device: a worker reads a request and handles it; while it
-handles, the next idle worker reads. At most one of them waits for the descriptor to
-become readable, the other idle ones park. So at most `workers` requests are served at
-once, and a worker that reads a request while the device is busy never passes through
-the scheduler. A reply is one `writev` of the out header and the payload buffers the
+reading the nonblocking device: a worker reads a request and handles it; if handling
+it waits for anything, the next idle worker reads meanwhile. At most one of them waits
+for the descriptor to become readable, the other idle ones park. So at most `workers`
+requests are served at once, and a worker that reads a request while the device is busy
+never passes through the scheduler. A reply is one `writev` of the out header and the payload buffers the
 operation returned (views of the read path's own buffers, written before anything else
 runs).
 
@@ -44,6 +44,7 @@ import errno
 import logging
 import mmap
 import os
+import types
 from dataclasses import dataclass
 from time import monotonic
 
@@ -129,6 +130,37 @@ class _Slot:
     def __init__(self, scope: trio.CancelScope):
         self.scope = scope
         self.interrupted = False
+
+
+@types.coroutine
+def _watched(coro, on_wait):
+    """Run `coro` as `await` would, calling `on_wait()` when it first suspends.
+
+    Most requests (a buffered or cached read, a staged write, a kept status) finish
+    without waiting for anything; only one that waits needs another worker to watch the
+    device meanwhile. Waking one for every request cost a pass of that worker through
+    the scheduler, only to park again. The first step is taken here; from the first
+    suspension on, trio's traps and what they resume with pass through unchanged, as
+    they do through `await`.
+    """
+    try:
+        trap = coro.send(None)
+    except StopIteration as done:
+        return done.value
+    on_wait()
+    while True:
+        try:
+            sent = yield trap
+        except BaseException as exc:
+            try:
+                trap = coro.throw(exc)
+            except StopIteration as done:
+                return done.value
+        else:
+            try:
+                trap = coro.send(sent)
+            except StopIteration as done:
+                return done.value
 
 
 class SessionError(Exception):
@@ -277,10 +309,13 @@ class Session:
                     if n == 0:
                         self.terminate("end of file on the FUSE device")
                         return
-                    if not self._waiting and len(idle):
-                        idle.unpark()  # someone must watch the device while this request is served
                     self.requests += 1
-                    await self._handle(view, n, slot)
+                    await _watched(self._handle(view, n, slot), self._someone_watch)
+
+    def _someone_watch(self) -> None:
+        """A worker's request waits: another one must watch the device meanwhile."""
+        if not self._waiting and len(self._idle):
+            self._idle.unpark()
 
     async def _handle(self, view: memoryview, n: int, slot: _Slot) -> None:
         h = _unpack_in(view)
