@@ -106,8 +106,10 @@ def dataset(args, s3, work: Path) -> None:
         print(f"uploading {len(todo)} files", flush=True)
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(lambda p: s3.upload_file(str(p), BUCKET, f"{PREFIX}/train/{p.name}"), todo))
-    # bench/systems.py waits for a `large` directory to call a mount ready.
+    # bench/systems.py waits for a `large` directory to call a mount ready; DLIO lists
+    # `valid` (no evaluation here: no npz in it), and a store has no empty directories.
     s3.put_object(Bucket=BUCKET, Key=f"{PREFIX}/large/README", Body=b"the mount-ready marker of bench/systems.py\n")
+    s3.put_object(Bucket=BUCKET, Key=f"{PREFIX}/valid/README", Body=b"no evaluation files\n")
     args.dataset_bytes = sum(p.stat().st_size for p in files)
 
 

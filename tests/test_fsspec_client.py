@@ -215,8 +215,7 @@ def test_a_worker_killed_mid_read_fails_over(procs, bucket, s3_server):
     data = put(s3_server.client(), bucket, "k/f.bin", os.urandom(6 * MiB + 3))
     # Page by page from the workers' HTTP answers, no readahead: each page is asked for
     # when read, so the pages after the kill must come from someone else.
-    fs = filesystem(registry, short_circuit=False, readahead_pages=0, worker_timeout="1s",
-                    connect_timeout="0.5s")
+    fs = filesystem(registry, short_circuit=False, readahead_pages=0)
     try:
         owner = _owner(registry, f"s3://{bucket}/k/f.bin", workers)
         got = bytearray()
@@ -311,11 +310,15 @@ def test_a_forked_child_reads_with_its_own_loop(cluster, shared_bucket, s3_serve
     fs = filesystem(registry)
     try:
         assert fs.cat_file(f"{shared_bucket}/fork/f.bin", 0, 10) == data[:10]
+        assert fs.ls(f"{shared_bucket}/fork", detail=False) == [f"{shared_bucket}/fork/f.bin"]
+        kept_hits = fs.runtime.client.statuses.hits
         read, write = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: any failure is a non-zero exit
             try:
                 ok = fs.cat(f"{shared_bucket}/fork/f.bin") == data and fs.statistics()["pid"] == os.getpid()
+                # its first open took the status the parent kept, asking no worker
+                ok = ok and fs.runtime.client.statuses.hits > kept_hits
                 os.write(write, b"ok" if ok else b"bad")
             finally:
                 os._exit(0)
