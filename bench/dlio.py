@@ -126,7 +126,8 @@ def summary(out: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--systems", default="dorafs,s3fs,rclone")
+    p.add_argument("--systems", default="local,dorafs,s3fs,rclone",
+                   help="local: the same files on the local disk (the machine's ceiling)")
     p.add_argument("--files", type=int, default=32)
     p.add_argument("--record-mib", type=int, default=16)
     p.add_argument("--epochs", type=int, default=2)
@@ -152,6 +153,13 @@ def main() -> None:
         os.environ.update(server.env)
         dataset(args, server.client(), work)
         for name in args.systems.split(","):
+            if name == "local":  # the ceiling: the generated files on the local disk, in the page cache
+                out = work / "out" / "local"
+                out.mkdir(parents=True)
+                local = CACHE / "dlio-data" / f"unet3d-{args.files}x{args.record_mib}MiB"
+                run_dlio(dlio_argv(local, out, args, generate=False), work / "local.log")
+                results[name] = {"config": f"local disk {local}", "warm": summary(out)}
+                continue
             cls = SYSTEMS[name]
             why = cls.available()
             if why:
@@ -186,9 +194,13 @@ def report(results: dict, args) -> None:
              "| system | run | AU % (mean; per epoch) | samples/s (mean; per epoch) |", "|---|---|---|---|"]
     for name, r in results.items():
         for phase in ("cold", "warm"):
+            if phase in r and name == "local":
+                phase_label = "page cache"
+            else:
+                phase_label = phase
             if phase in r:
                 x = r[phase]
-                lines.append(f"| {name} | {phase} | {x['au_mean']:.1f}; {', '.join(f'{a:.1f}' for a in x['au'])} | "
+                lines.append(f"| {name} | {phase_label} | {x['au_mean']:.1f}; {', '.join(f'{a:.1f}' for a in x['au'])} | "
                              f"{x['samples_s_mean']:.2f}; {', '.join(f'{s:.2f}' for s in x['samples_s'])} |")
     text = "\n".join(lines)
     print("\n" + text)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
 import json
 import os
 import random
@@ -21,7 +22,9 @@ import textwrap
 
 import pytest
 
-pytest.importorskip("tensorflow", reason="tensorflow-cpu is installed by scripts/setup.sh")
+# Not imported here (that would start TensorFlow's threads in the test process): the child does.
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
+                                reason="tensorflow-cpu is installed by scripts/setup.sh")
 
 
 def _crc32c_table() -> list[int]:
