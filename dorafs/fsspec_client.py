@@ -31,7 +31,7 @@ keeps writers from overwriting each other's changes unseen.
 
 Concurrency: the client core is trio-based, so each process runs one private trio loop
 on a daemon thread per filesystem instance, and calls from any thread are handed to it
-(`trio.from_thread.run`, some 40 µs a call on this project's 2-core machine: the cost
+(`trio.from_thread.run`, 35-100 µs a call on this project's loaded 2-core machine: the cost
 of a call here over one inside the loop). After a fork (PyTorch DataLoader workers) the
 child notices its pid changed and starts a loop of its own; the parent's loop, sockets
 and kept page files are left untouched in the child (the thread that owned them does
