@@ -204,21 +204,31 @@ class HttpServer:
         """`_dispatch`, with a `102 Processing` to the client every PROGRESS_INTERVAL
         until the answer is ready."""
         answer: list[Response] = []
+        gone: BaseException | None = None  # why the client cannot take an interim answer
         async with trio.open_nursery() as nursery:
             async def handle() -> None:
                 answer.append(await self._dispatch(request))
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(handle)
-            while True:
+            while gone is None:
                 await trio.sleep(PROGRESS_INTERVAL)
                 interim = conn.send(h11.InformationalResponse(status_code=102, headers=[]))
-                with trio.CancelScope(shield=True):  # never half an interim answer on the wire
-                    with trio.move_on_after(HEADER_TIMEOUT) as stuck:
-                        await stream.send_all(interim)
-                if stuck.cancelled_caught:  # the client reads nothing: drop it
-                    raise trio.BrokenResourceError("client stopped reading")
-        return answer[0]
+                try:
+                    with trio.CancelScope(shield=True):  # never half an interim answer on the wire
+                        with trio.move_on_after(HEADER_TIMEOUT) as stuck:
+                            await stream.send_all(interim)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as exc:
+                    gone = exc  # the client went away: its request's work stops with it
+                else:
+                    if stuck.cancelled_caught:  # the client reads nothing: drop it
+                        gone = trio.TooSlowError("client stopped reading")
+            nursery.cancel_scope.cancel()
+        if answer:
+            return answer[0]
+        # Raised out here, not in the nursery, where trio would wrap it in an exception
+        # group that the connection's handler would log as a failure of its own.
+        raise trio.BrokenResourceError(f"client gone while its request was served: {gone}") from gone
 
     def _authorized(self, request: Request) -> bool:
         if self._token is None or request.path in self.open_paths:
