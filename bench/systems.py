@@ -66,7 +66,7 @@ class Session:
         mnt = self.root / f"mnt{self.mounts}"
         mnt.mkdir(parents=True, exist_ok=True)
         argv, env = self.system.mount_argv(self, mnt)
-        proc = Tracked(f"{self.system.name}-mount", argv, self.root / "mount.log", env=env)
+        proc = Tracked(f"{self.system.name}-mount", argv, self.root / "mount.log", env=env, cwd=self.system.cwd)
         REGISTRY.mountpoints.append(mnt.resolve())
         grandchildren: list[int] = []
         try:
@@ -105,6 +105,7 @@ class System:
     is_peer = False
     is_dorafs = False
     config = ""
+    cwd: Path | None = None  # where its mount runs (None: this checkout)
 
     def __init__(self, s3, mode: str, workdir: Path):
         self.s3 = s3
@@ -208,6 +209,10 @@ class DorafsBaseline(Dorafs):
     name = "dorafs-base"
     is_dorafs = False  # the targets and ratios stay those of the checkout under test
     checkout: Path | None = None
+
+    @property
+    def cwd(self):  # `python -m` puts the working directory first on sys.path
+        return self.checkout
 
     @staticmethod
     def available():
