@@ -327,12 +327,16 @@ def versions() -> dict[str, str]:
             return (out.stdout or out.stderr).strip().splitlines()[0]
         except Exception as exc:
             return f"unavailable ({exc.__class__.__name__})"
-    import pyfuse3
+    try:
+        import pyfuse3  # the ceiling's binding, installed by bench/setup.sh only
+        ceiling = pyfuse3.__version__
+    except ImportError:
+        ceiling = "not installed"
     return {
         "s3fs": run(["s3fs", "--version"]),
         "rclone": run(["rclone", "version"]),
         "fio": run(["fio", "--version"]),
-        "pyfuse3": pyfuse3.__version__,
+        "pyfuse3": ceiling,
         "python": sys.version.split()[0],
         "kernel": os.uname().release,
         "cpus": str(os.cpu_count()),
