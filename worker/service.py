@@ -45,9 +45,10 @@ class PageResult:
     checksum: str
     size: int
     entry: PageEntry | None = None
-    data: bytes | None = None
+    data: bytes | memoryview | None = None
     hit: bool = False
     key: tuple | None = None
+    run_pages: int = 1  # pages the UFS read that filled it brings (itself included)
 
 
 class WorkerService:
@@ -257,11 +258,10 @@ class WorkerService:
                 raise Unavailable(f"the fill of page {index} of {uri} was cancelled")
             raise StaleVersion(f"{uri}: expected {end - start} bytes from page {index}, "
                                f"the UFS returned {progress.done}")
-        first = bytes(view)
-        digest = checksum(first)
-        entry = await self.store.put(key, first, digest)
+        digest = checksum(view)  # the page is written from the receive buffer itself: no copy
+        entry = await self.store.put(key, view, digest)
         self.update_gauges()
-        return PageResult(digest, len(first), entry=entry, data=first, key=key)
+        return PageResult(digest, len(view), entry=entry, data=view, key=key, run_pages=1 + len(extra))
 
     async def load_page(self, uri: str, version: str, size: int, index: int, *, verify: bool = False) -> bool:
         """Make sure a page is cached (load jobs); True if this call fetched it from the UFS.
@@ -277,6 +277,38 @@ class WorkerService:
         if result.entry is None:
             raise CacheFull(f"page {index} of {uri} could not be cached (cache full or disk failing)")
         return not shared
+
+    async def load_run(self, uri: str, version: str, size: int, first: int, count: int) -> list[int]:
+        """Make sure pages first..first+count-1 are cached (load jobs), each stretch of
+        missing pages with one UFS read; the indexes this call fetched from the UFS.
+
+        The same single-flight fills as `page`: a page a reader (or another load) is
+        filling is waited for, not fetched again. Returns once every page of the run it
+        filled has landed (or failed: `CacheFull` when one could not be cached)."""
+        fetched: list[int] = []
+        end = first + count
+        index = first
+        while index < end:
+            key, entry = await self._cached(uri, version, size, index, False)
+            if entry is not None:
+                index += 1
+                continue
+            here = index
+            result, shared = await self._page_flights.do(
+                key, lambda: self._fill(key, uri, version, size, here, end - here))
+            if result.entry is None:
+                raise CacheFull(f"page {index} of {uri} could not be cached (cache full or disk failing)")
+            if shared:
+                index += 1
+                continue
+            fetched.append(index)
+            for other in range(index + 1, index + result.run_pages):  # the run's later pages
+                _, entry = await self._cached(uri, version, size, other, False)
+                if entry is None:  # its bytes never came: the loop fills it again
+                    break
+                fetched.append(other)
+            index = fetched[-1] + 1
+        return fetched
 
     def cached_pages(self, uri: str, version: str) -> tuple[int, int]:
         """(pages, bytes) of this version of `uri` in the page store."""
