@@ -466,12 +466,24 @@ class DoraClient:
                 arrived(keys[i - start])
 
         try:
-            try:
-                await self._page(f, start, run=len(keys), ahead=True)
-            finally:
-                arrived(keys[0])
-            async with trio.open_nursery() as nursery:  # what the run did not bring (remote workers)
-                for i in range(start + 1, start + len(keys)):
+            landed: set[int] | None = None  # pages a run over HTTP brought
+            if len(keys) > 1:
+                landed = set()
+                try:
+                    if not await self._run_over_http(f, start, keys, arrived, landed):
+                        landed = None
+                except DoraError as exc:  # what did not come is fetched page by page below
+                    log.debug("the run of pages %d+%d of %s broke off: %s", start, len(keys), f.uri, exc)
+            if landed is None:
+                try:
+                    await self._page(f, start, run=len(keys), ahead=True)
+                finally:
+                    arrived(keys[0])
+                landed = {start}
+            async with trio.open_nursery() as nursery:  # what the run did not bring
+                for i in range(start, start + len(keys)):
+                    if i in landed:
+                        continue
                     if keys[i - start] in self.buffer:
                         arrived(keys[i - start])
                     else:
@@ -481,6 +493,52 @@ class DoraClient:
         finally:
             for key in keys:
                 arrived(key)
+
+    async def _run_over_http(self, f: OpenFile, start: int, keys: list[tuple],
+                             arrived: Callable[[tuple], None], got: set[int]) -> bool:
+        """A readahead run from a worker that is not on this machine (or not read
+        directly): its pages in one answer, each buffered and handed to its waiting
+        reader as it lands, its index added to `got`. False when the run's worker is read
+        directly (short-circuit): the caller takes the page path. On failover the next
+        worker is asked for the pages not in yet."""
+        status, page_size = f.status, self.page_size
+        sizes = [page_length(i, status.size, page_size) for i in range(start, start + len(keys))]
+        offsets = [sum(sizes[:n]) for n in range(len(sizes))]
+        landed: list[int] = []
+        block = None
+
+        def into(index: int, length: int) -> memoryview:
+            n = index - start
+            if not 0 <= n < len(keys) or length != sizes[n] or (landed and index != landed[-1] + 1):
+                raise ValueError(f"page {index} ({length} bytes) is not the next of this run")
+            return memoryview(block.data)[offsets[n]:offsets[n] + length]
+
+        def land(index: int) -> None:
+            n = index - start
+            self.buffer.put(keys[n], Piece(block, offsets[n], offsets[n] + sizes[n]))
+            self.stats.worker_pages += 1
+            landed.append(index)
+            got.add(index)
+            arrived(keys[n])
+
+        async def from_worker(address: str) -> bool:
+            if self._reads_files_of(address):
+                return False
+            first = start + len(landed)
+            await self._workers.run(address, f.uri, status.version, status.size, first, page_size,
+                                    start + len(keys) - first, into, land)
+            return True
+
+        block = self.buffer.block(sum(sizes))
+        block.filling = True
+        try:
+            return await self._route(f.uri, from_worker)
+        finally:
+            self.buffer.filled(block)
+
+    def _reads_files_of(self, address: str) -> bool:
+        """Are the pages of the worker at `address` read from its files (short-circuit)?"""
+        return bool(self.config.short_circuit) and address not in self._remote and is_loopback(address)
 
     def _key(self, f: OpenFile, index: int) -> tuple:
         return (f.uri, f.status.version, self.page_size, index)
@@ -532,7 +590,7 @@ class DoraClient:
         """Page `index` from one worker: read from its files when the worker is on this
         machine (and the rest of the run with it), else over HTTP."""
         status, page_size = f.status, self.page_size
-        if self.config.short_circuit and address not in self._remote and is_loopback(address):
+        if self._reads_files_of(address):
             located = await self._workers.locate(address, f.uri, status.version, status.size, index, page_size,
                                                  count=run)
             try:
