@@ -553,3 +553,30 @@ def test_a_run_answer_carries_each_page_with_its_checksum_and_says_why_it_stops(
         trio.run(run, 0, 2, '"0123456789abcdef0123456789abcdef"')
     with pytest.raises(InvalidRequest):
         trio.run(run, 6, 2)
+
+
+def test_a_random_reader_of_a_remote_worker_fetches_parts_of_pages(procs, s3_server, bucket):
+    """Without short-circuit reads, a random 4 KiB reader gets the aligned 64 KiB around
+    each read from the worker (which still fills and caches whole pages), not 1 MiB
+    pages: the bytes are exact, and the mount's buffer holds parts, not pages."""
+    from tests.support import free_port
+
+    data = os.urandom(4 * MiB + 999)
+    put(s3_server.client(), bucket, "rnd/f.bin", data)
+    worker = procs.worker()
+    port = free_port()
+    mount = procs.mount(f"s3://{bucket}/rnd", workers=[worker.address],
+                        options=f"short_circuit=0,direct_io,metrics_listen=127.0.0.1:{port}")
+    rng = random.Random(5)
+    with open(mount.path("f.bin"), "rb", buffering=0) as f:
+        for _ in range(200):
+            at = rng.randrange(1, len(data) // 4096) * 4096 + 512
+            f.seek(at)
+            assert f.read(4096) == data[at:at + 4096]
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    pages = next(float(line.split()[1]) for line in text.splitlines()
+                 if line.startswith("dorafs_mount_worker_pages_total"))
+    assert pages <= 3, text  # whole pages only for reads that happened to follow the one before
+    assert worker.counter("dorafs_worker_request_latency_seconds_count") >= 40  # parts, one request each
+    assert worker.metrics()["dorafs_worker_ufs_requests_total{op=read}"] <= 5  # whole pages filled once
+    assert worker.metrics()["dorafs_worker_pages"] <= 5

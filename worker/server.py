@@ -1,8 +1,10 @@
 """The worker's HTTP API.
 
-  GET /v1/page?uri=&version=&size=&index=&page_size=[&verify=1][&run=N]   page bytes (sendfile)
-        headers: X-Dorafs-Checksum (xxh3-64 of the body), X-Dorafs-Cache (hit|miss);
-        run=N: on a miss, also fill up to N-1 following pages with the same UFS read
+  GET /v1/page?uri=&version=&size=&index=&page_size=[&verify=1][&run=N][&offset=&length=]
+        page bytes (sendfile); headers: X-Dorafs-Checksum (xxh3-64 of the body),
+        X-Dorafs-Cache (hit|miss); run=N: on a miss, also fill up to N-1 following pages
+        with the same UFS read; offset, length: only those bytes of the page (a random
+        reader's small read; the whole page is still filled and cached)
   GET /v1/run?uri=&version=&size=&index=&page_size=&count=N
         pages index.. index+N-1 in one answer, each as it lands: cached pages at once,
         the first missing one fills the rest with one UFS read (as run=N); a chunked body
@@ -55,6 +57,7 @@ from dorafs.pages import page_count
 from dorafs.ufs import FileStatus
 from worker.access import UfsRoots, check_uri, check_version
 from worker.loader import Loader
+from worker.pagestore import checksum
 from worker.service import MAX_RUN, WorkerService
 
 MAX_LIST_LIMIT = 10_000
@@ -86,6 +89,18 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
         run = req.int_arg("run", 1, minimum=1)
         result = await service.page(uri, version, size, index, verify=req.query.get("verify") == "1", run=run)
         headers = {"X-Dorafs-Checksum": result.checksum, "X-Dorafs-Cache": "hit" if result.hit else "miss"}
+        if "offset" in req.query or "length" in req.query:
+            offset = req.int_arg("offset", 0)
+            length = min(req.int_arg("length"), max(0, result.size - offset))
+            part = await service.page_part(result, offset, length)
+            if part is not None:
+                return Response(200, part, headers | {"X-Dorafs-Checksum": checksum(part)})
+            result = await service.page(uri, version, size, index, verify=False)  # evicted meanwhile
+            part = bytes(memoryview(result.data)[offset:offset + length]) if result.data is not None else \
+                await service.page_part(result, offset, length)
+            if part is None:
+                raise InvalidRequest("page vanished twice while serving; retry")
+            return Response(200, part, headers | {"X-Dorafs-Checksum": checksum(part)})
         if result.data is not None:
             return Response(200, result.data, headers)
         fd = service.open_page(result)

@@ -13,6 +13,7 @@ reader of the first page so waits for one page, not for the run.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sqlite3
@@ -315,6 +316,33 @@ class WorkerService:
         oid = object_id(uri, version)
         indexes = self.store.pages_of(oid)
         return len(indexes), sum(e.size for i in indexes if (e := self.store.peek((oid, i))) is not None)
+
+    async def page_part(self, result: PageResult, offset: int, length: int) -> bytes | memoryview | None:
+        """Bytes [offset, offset+length) of a page (None: its file is gone). From memory
+        when the page is there, else read from its file: on the loop when the kernel's
+        page cache holds it (RWF_NOWAIT), in a thread when it must come from the disk."""
+        if result.data is not None:
+            return memoryview(result.data)[offset:offset + length]
+        fd = self.open_page(result)
+        if fd is None:
+            return None
+        try:
+            into = bytearray(length)
+            try:
+                got = os.preadv(fd, [into], offset, os.RWF_NOWAIT)
+            except (BlockingIOError, OSError) as exc:
+                if isinstance(exc, BlockingIOError) or exc.errno == errno.EOPNOTSUPP:
+                    got = await trio.to_thread.run_sync(os.preadv, fd, [into], offset, limiter=self._file_limiter)
+                else:
+                    raise
+            if got < length:  # partly cached (RWF_NOWAIT stops there), or a short file
+                rest = await trio.to_thread.run_sync(os.pread, fd, length - got, offset + got,
+                                                     limiter=self._file_limiter)
+                into[got:got + len(rest)] = rest
+                del into[got + len(rest):]
+            return into
+        finally:
+            os.close(fd)
 
     def open_page(self, result: PageResult) -> int | None:
         """An fd on a cached page for sendfile, or None (gone, or never cached)."""

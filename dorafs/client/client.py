@@ -85,6 +85,7 @@ class OpenFile:
 class ClientStats:
     worker_pages: int = 0
     short_circuit_pages: int = 0  # of worker_pages, read from a local worker's page file
+    worker_parts: int = 0  # parts of pages a random reader fetched instead of whole pages
     ufs_fallback_pages: int = 0
     ufs_fallback_metadata: int = 0
     failovers: int = 0
@@ -342,6 +343,10 @@ class DoraClient:
             return b""
         sequential = offset == f.next_offset
         self._readahead(f, offset, offset + length, spans[-1].index)
+        if len(spans) == 1 and not sequential and self.config.random_read:
+            data = await self._part(f, spans[0])
+            if data is not None:
+                return data
         data = await self._span(f, spans[0]) if len(spans) == 1 else await self._spans(f, spans)
         if sequential:
             self._consumed(f, spans)
@@ -411,6 +416,42 @@ class DoraClient:
         data = await self._route(f.uri, lambda address: self._workers.page(
             address, f.uri, f.status.version, f.status.size, span.index, self.page_size))
         return memoryview(data)[span.start:span.end]
+
+    async def _part(self, f: OpenFile, span) -> memoryview | bytes | None:
+        """A random reader's read from a worker that is not read directly: the aligned
+        `random_read` bytes of the page around it (two such for a read across their
+        boundary; buffered on their own), not the whole page. None: the page path serves
+        it (a buffered or local page, one on its way, a worker read from its files, an
+        error, which the page path meets again and answers)."""
+        key = self._key(f, span.index)
+        if key in self.buffer or key in self._scheduled or key in self._flights or key in self.local:
+            return None
+        size = self.config.random_read
+        start = span.start - span.start % size
+        end = min(-(-span.end // size) * size, page_length(span.index, f.status.size, self.page_size))
+        length = end - start
+        if length >= self.page_size:
+            return None
+        part_key = key + (start, end)
+        data = self.buffer.get(part_key)
+        if data is None:
+            status = f.status
+
+            async def from_worker(address: str) -> bytes | bytearray | None:
+                if self._reads_files_of(address):
+                    return None
+                return await self._workers.page(address, f.uri, status.version, status.size, span.index,
+                                                self.page_size, part=(start, length))
+
+            try:
+                data, _ = await self._flights.do(part_key, lambda: self._route(f.uri, from_worker))
+            except DoraError:  # the page path tries again and answers (UFS fallback, ESTALE...)
+                return None
+            if data is None:
+                return None
+            self.stats.worker_parts += 1
+            self.buffer.put(part_key, data)
+        return memoryview(data)[span.start - start:span.end - start]
 
     def _readahead(self, f: OpenFile, offset: int, end: int, last_index: int) -> None:
         """Keep a sequential reader's next pages coming, in runs.

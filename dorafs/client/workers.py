@@ -52,10 +52,13 @@ class WorkerClient:
         return response
 
     async def page(self, address: str, uri: str, version: str, size: int, index: int,
-                   page_size: int, run: int = 1) -> bytes | bytearray:
+                   page_size: int, run: int = 1, part: tuple[int, int] | None = None) -> bytes | bytearray:
+        """A page, or with `part` = (offset, length) those bytes of it."""
         params = {"uri": uri, "version": version, "size": size, "index": index, "page_size": page_size}
         if run > 1:
             params["run"] = run
+        if part is not None:
+            params["offset"], params["length"] = part
         for attempt in (0, 1):
             response = await self._get(address, "/v1/page", params)
             data = response.body
