@@ -55,6 +55,7 @@ HEADER_TIMEOUT = 10.0  # a client has this long to send a whole request head
 IDLE_TIMEOUT = 120.0  # keep-alive connections idle longer than this are closed
 RECV_SIZE = 64 * 1024
 FILE_CHUNK = 256 * 1024  # a FileBody's read size when it cannot go out with sendfile (TLS)
+SMALL_BODY = 256 * 1024  # a body up to this size goes out in one send with its head
 PROGRESS_INTERVAL = 1.0  # seconds between `102 Processing` answers to a client that asked for them
 
 
@@ -367,7 +368,16 @@ class HttpServer:
                 ("Server", self.name),
                 *response.headers.items(),
             ]
-            await stream.send_all(conn.send(h11.Response(status_code=response.status, headers=headers)))
+            start = conn.send(h11.Response(status_code=response.status, headers=headers))
+            if not isinstance(body, FileBody) and len(body) <= SMALL_BODY:
+                # Head, body and end in one send: one segment, one wakeup of the client.
+                parts = [start]
+                if len(body) and not head:
+                    parts += conn.send_with_data_passthrough(h11.Data(data=body))
+                parts.append(conn.send(h11.EndOfMessage()))
+                await stream.send_all(b"".join(parts))
+                return
+            await stream.send_all(start)
             if len(body) and not head:
                 for chunk in conn.send_with_data_passthrough(h11.Data(data=body)):
                     if isinstance(chunk, FileBody) and isinstance(stream, trio.SocketStream):
