@@ -204,3 +204,27 @@ def test_the_ca_bundle_boto3_uses_is_the_fast_paths(s3_server, tmp_path, monkeyp
     ufs = _run(main)
     assert ufs._fast is None
     assert os.environ["AWS_CA_BUNDLE"].endswith("absent.pem")
+
+
+def test_long_runs_stay_with_boto3(s3_server, bucket):
+    """Per MiB boto3 is the cheaper receiver: a GET longer than FAST_GET_LIMIT (a
+    sequential reader's run) goes through it, pinned all the same."""
+    from dorafs.ufs.s3 import FAST_GET_LIMIT
+
+    data = _data(FAST_GET_LIMIT + MIB)
+    etag = s3_server.client().put_object(Bucket=bucket, Key="long", Body=data)["ETag"]
+
+    async def main():
+        ufs = S3Ufs()
+        try:
+            assert bytes(await ufs.read(f"s3://{bucket}/long", 0, len(data), etag)) == data
+            assert ufs._fast.gets == 0
+            assert bytes(await ufs.read(f"s3://{bucket}/long", 5, FAST_GET_LIMIT, etag)) == data[5:5 + FAST_GET_LIMIT]
+            assert ufs._fast.gets == 1
+            s3_server.client().put_object(Bucket=bucket, Key="long", Body=b"new")
+            with pytest.raises(StaleVersion):
+                await ufs.read(f"s3://{bucket}/long", 0, len(data), etag)
+        finally:
+            await ufs.aclose()
+
+    _run(main)

@@ -2,8 +2,10 @@
 
 Why: boto3 spends about 1-2 ms of interpreter time on every request before a byte
 arrives (signing, hooks, parsing); obstore spends 0.15-0.4 ms and releases the
-interpreter while it waits (bench/README.md, "S3 clients"). A cold small file is a HEAD
-and a GET, a cold run one GET: these are the requests worth moving. Control calls,
+interpreter while it waits (bench/README.md, "S3 clients"). Per MiB received boto3 is
+the cheaper of the two, so the adapter sends HEADs and GETs of up to
+`dorafs.ufs.s3.FAST_GET_LIMIT` (4 MiB, where the two cost the same) here: a cold small
+file (a HEAD and a GET) and a random reader's page, not a sequential reader's long runs. Control calls,
 listings and writes stay with boto3 (dorafs.ufs.s3).
 
 Subtleties:
