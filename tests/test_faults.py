@@ -71,10 +71,15 @@ def test_worker_sigkill_mid_read_then_ring_rebuilt(procs, s3_server, bucket):
     workers = [procs.worker(registry=registry.url) for _ in range(2)]
     wait_for(lambda: len(registry.workers()) == 2, what="both workers registered")
     port = free_port()
-    mount = procs.mount(f"s3://{bucket}/k", registry=registry.url, options=f"{FAST},metrics_listen=127.0.0.1:{port}")
+    # No readahead and no short-circuit reads: the pages after the kill must come from a
+    # worker, not from a run fetched before it or page files kept open.
+    mount = procs.mount(f"s3://{bucket}/k", registry=registry.url,
+                        options=f"{FAST},metrics_listen=127.0.0.1:{port},readahead_pages=0,short_circuit=0")
     victim = owner_of(workers, f"s3://{bucket}/k/f0.bin")
     procs.allow = (r"worker .* failed",)
+    assert mount_metric(port, "dorafs_mount_failovers_total") == 0
     read_checked(mount.path("f0.bin"), files["f0.bin"], during=victim.kill, at=4 * MiB)
+    assert mount_metric(port, "dorafs_mount_failovers_total") >= 1
     # The registry drops it after its TTL; the mount rebuilds its ring without it.
     wait_for(lambda: mount_health(port)["workers"] == 1, timeout=15, what="the ring to drop the dead worker")
     read_checked(mount.path("f1.bin"), files["f1.bin"])
