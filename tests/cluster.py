@@ -1,7 +1,7 @@
 """Real dorafs processes for tests: workers, registries and FUSE mounts.
 
-Every process logs to a file in the test's temp dir; `check_logs` fails a test on a
-traceback (or an ERROR line it did not expect). Mounts are always unmounted on
+Every process logs to a file in the test's temp dir; `check_log` fails a test on a
+traceback, or on a WARNING or ERROR line it did not name in `procs.allow`. Mounts are always unmounted on
 teardown: `fusermount3 -u`, then lazy `-uz`, then the process is killed by its pid.
 """
 
@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.support import stop_process, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
+_LEVELS = re.compile(r" (WARNING|ERROR|CRITICAL) ")
 
 
 def _env() -> dict[str, str]:
@@ -79,10 +80,12 @@ class Process:
         return wait_for(ready, what=f"{self.name} to serve")
 
     def check_log(self, allow: tuple[str, ...] = ()) -> None:
+        """Fail on a traceback, and on a WARNING, ERROR or CRITICAL line that no pattern of
+        `allow` (the warnings the test expects) matches."""
         bad = [line for line in self.log_text().splitlines()
-               if ("Traceback" in line or " ERROR " in line or " CRITICAL " in line)
+               if ("Traceback" in line or _LEVELS.search(line))
                and not any(re.search(pattern, line) for pattern in allow)]
-        assert not bad, f"{self.name} logged unexpected errors:\n" + "\n".join(bad[:20]) + \
+        assert not bad, f"{self.name} logged unexpected warnings or errors:\n" + "\n".join(bad[:20]) + \
             f"\n--- full log {self.log_path} ---\n" + self.log_text()[-4000:]
 
 
