@@ -116,7 +116,7 @@ def test_bad_mounts_fail_with_one_line(case, s3_server, bucket, tmp_path, mountp
 def test_mount_helper_accepts_mount_options(s3_server, bucket, tmp_path, mountpoint):
     s3_server.client().put_object(Bucket=bucket, Key="h/a.txt", Body=b"via mount.dorafs")
     opts = f"rw,nosuid,nodev,_netdev,cache_dir={tmp_path / 'cache'},attr_timeout=2s"
-    result = run([sys.executable, "-c", "from dorafs.cli.main import mount_helper; mount_helper()",
+    result = run([sys.executable, "-c", "from dorafs.cli.mount import mount_helper; mount_helper()",
                   f"s3://{bucket}/h", str(mountpoint), "-o", opts], env={"XDG_CACHE_HOME": str(tmp_path / "xdg")})
     assert result.returncode == 0, result.stderr
     pid = _mount_pid(result.stdout)

@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from tests.cluster import REPO
+from tests.cluster import ESTALE_READ, REPO
 
 MiB = 1 << 20
 
@@ -50,8 +50,9 @@ def test_listing_changes_show_after_ttl(short_ttl_mount):
     assert mount.path("three.txt").read_bytes() == b"3"
 
 
-def test_deleted_object_gives_estale_to_open_handle(short_ttl_mount):
+def test_deleted_object_gives_estale_to_open_handle(short_ttl_mount, procs):
     mount, _, s3, bucket = short_ttl_mount
+    procs.allow = (ESTALE_READ,)
     data = os.urandom(4 * MiB)
     s3.put_object(Bucket=bucket, Key="s/gone.bin", Body=data)
     time.sleep(1.2)
@@ -161,6 +162,7 @@ def test_open_keeps_the_status_it_was_given_for_attr_timeout(procs, s3_server, b
 def test_a_read_that_finds_the_object_changed_makes_the_next_open_see_it(procs, s3_server, bucket):
     """With TTLs of minutes, an ESTALE read is what tells the mount and the worker that the
     status they keep is out of date: the next open pins the new version at once."""
+    procs.allow = (ESTALE_READ,)
     s3 = s3_server.client()
     old, new = os.urandom(3 * MiB), os.urandom(3 * MiB)
     s3.put_object(Bucket=bucket, Key="c/f.bin", Body=old)

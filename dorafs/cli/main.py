@@ -1,4 +1,4 @@
-"""`dorafs`: the user's command (`dorafs mount UFS_URI MOUNTPOINT`), and `mount.dorafs`, the helper mount(8) calls."""
+"""`dorafs`: the user's command (`dorafs mount UFS_URI MOUNTPOINT`)."""
 
 from __future__ import annotations
 
@@ -18,20 +18,6 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.command == "mount":
         sys.exit(mount_command(args, argv[1:]))
-
-
-def mount_helper(argv: list[str] | None = None) -> None:
-    """`mount.dorafs UFS_URI MOUNTPOINT [-o options]`, as called by mount(8)."""
-    p = argparse.ArgumentParser(prog="mount.dorafs")
-    p.add_argument("ufs_uri")
-    p.add_argument("mountpoint")
-    p.add_argument("-o", dest="options", action="append", default=[])
-    p.add_argument("-n", "-s", "-v", dest="ignored", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    forwarded = ["mount", args.ufs_uri, args.mountpoint]
-    for text in args.options:
-        forwarded += ["-o", text]
-    main(forwarded)
 
 
 if __name__ == "__main__":

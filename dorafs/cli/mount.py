@@ -1,4 +1,4 @@
-"""`dorafs mount`: its arguments, the detached start and the foreground mount.
+"""`dorafs mount` and `mount.dorafs`.
 
 `dorafs mount UFS_URI MOUNTPOINT` detaches like other mount tools: the parent starts the
 mount as a child in a new session, waits until it serves (or fails), reports, and exits
@@ -155,3 +155,19 @@ def mount_command(args: argparse.Namespace, argv: list[str]) -> int:
         return run_foreground(config, args.log_level, args.ready_fd)
     return detach(argv, config)
 
+
+def mount_helper(argv: list[str] | None = None) -> None:
+    """`mount.dorafs UFS_URI MOUNTPOINT [-o options]`, as called by mount(8): the same as
+    `dorafs mount UFS_URI MOUNTPOINT -o options`."""
+    p = argparse.ArgumentParser(prog="mount.dorafs")
+    p.add_argument("ufs_uri")
+    p.add_argument("mountpoint")
+    p.add_argument("-o", dest="options", action="append", default=[])
+    p.add_argument("-n", "-s", "-v", dest="ignored", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    forwarded = [args.ufs_uri, args.mountpoint]
+    for text in args.options:
+        forwarded += ["-o", text]
+    command = argparse.ArgumentParser(prog="dorafs mount")
+    add_mount_arguments(command)
+    sys.exit(mount_command(command.parse_args(forwarded), forwarded))
