@@ -3,6 +3,7 @@
     python3 bench/metastore.py                 # 1M and 10M entries (about 10 minutes)
     python3 bench/metastore.py --sizes 1e5,1e6 # quicker
     python3 bench/metastore.py --diskcache     # also diskcache at the smallest size, for comparison
+                                               # (needs: .venv/bin/pip install -e '.[bench-compare]')
 
 For each size the store (`worker.metastore.MetaStore`, the code the worker runs) is filled
 with that many statuses under realistic S3 URIs, in directories of 1,000 files. Then a
@@ -17,6 +18,7 @@ and written to bench/results/metastore-<time>.{md,json}.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import random
@@ -147,6 +149,8 @@ def main() -> int:
     p.add_argument("--dir", help="work directory (default: a temp dir on the same disk as /var/tmp)")
     args = p.parse_args()
     sizes = [int(float(s)) for s in args.sizes.split(",")]
+    if args.diskcache and importlib.util.find_spec("diskcache") is None:
+        p.error("--diskcache needs the diskcache package: .venv/bin/pip install -e '.[bench-compare]'")
     rows, other = [], None
     with tempfile.TemporaryDirectory(dir=args.dir or "/var/tmp", prefix="dorafs-metastore-") as tmp, \
             Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,}"),

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from dorafs.addresses import is_etcd, parse_etcd_url, parse_hostport, registry_url
+
 _SIZE_UNITS = {
     "": 1, "b": 1,
     "k": 1 << 10, "kb": 1000, "kib": 1 << 10,
@@ -50,19 +52,6 @@ def parse_duration(text: str | float) -> float:
     if not m or m.group(2).lower() not in _DURATION_UNITS:
         raise ValueError(f"not a duration: {text!r} (use e.g. 500ms, 10s, 2m)")
     return float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()]
-
-
-def parse_hostport(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
-    """`'127.0.0.1:29998'`, `':29998'` or `'29998'` -> (host, port)."""
-    host, sep, port = str(text).rpartition(":")
-    if not sep:
-        host, port = "", text
-    if not port.isascii() or not port.isdigit() or (host.count(":") and not host.startswith("[")):
-        raise ValueError(f"not HOST:PORT: {text!r} (IPv6 hosts go in brackets: [::1]:29998)")
-    number = int(port)
-    if not 0 <= number <= 65535:
-        raise ValueError(f"port out of range in {text!r}")
-    return (host.strip("[]") or default_host, number)
 
 
 def user_cache_dir() -> Path:
@@ -154,11 +143,9 @@ def _optional(parse: Callable) -> Callable:
 
 def _url(value) -> str:
     text = _text(value).strip().rstrip("/")
-    if text.lower().startswith("etcd://"):
-        from dorafs.etcd import parse_url
-
-        parse_url(text)  # raises ValueError naming what is wrong
-    return text if "://" in text else f"http://{text}"
+    if is_etcd(text):
+        parse_etcd_url(text)  # raises ValueError naming what is wrong
+    return registry_url(text)
 
 
 def _addresses(value) -> list[str]:

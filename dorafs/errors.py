@@ -105,11 +105,6 @@ class ReadOnly(DoraError):
     http_status = 403
 
 
-class NotSupported(DoraError):
-    errno = _errno.ENOTSUP
-    http_status = 501
-
-
 _BY_STATUS = {cls.http_status: cls for cls in (NotFound, StaleVersion, InvalidRequest, PermissionDenied, UfsError,
                                                CacheFull, Unavailable)}
 _BY_STATUS[401] = PermissionDenied  # a missing or wrong cluster secret

@@ -75,16 +75,6 @@ class HashRing:
             if current is None or worker < current:
                 self._points[point] = worker
 
-    def remove(self, worker: str) -> None:
-        if worker not in self._workers:
-            return
-        self._workers.discard(worker)
-        self._cache.clear()
-        for i in range(self.vnodes):
-            point = _hash(f"{worker}#{i}")
-            if self._points.get(point) == worker:
-                del self._points[point]
-
     def candidates(self, key: str, limit: int | None = None) -> list[str]:
         """Distinct workers by their distance to the key's probes; the first owns it."""
         want = len(self._workers) if limit is None else min(limit, len(self._workers))

@@ -9,13 +9,12 @@ import trio
 
 
 class _Flight:
-    __slots__ = ("done", "value", "error", "waiters")
+    __slots__ = ("done", "value", "error")
 
     def __init__(self):
         self.done = trio.Event()
         self.value: Any = None
         self.error: BaseException | None = None
-        self.waiters = 0
 
 
 class SingleFlight:
@@ -38,7 +37,6 @@ class SingleFlight:
             flight = self._flights.get(key)
             if flight is None:
                 break
-            flight.waiters += 1
             await flight.done.wait()
             if _is_cancellation(flight.error):
                 continue

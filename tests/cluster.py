@@ -1,7 +1,7 @@
 """Real dorafs processes for tests: workers, registries and FUSE mounts.
 
-Every process logs to a file in the test's temp dir; `check_logs` fails a test on a
-traceback (or an ERROR line it did not expect). Mounts are always unmounted on
+Every process logs to a file in the test's temp dir; `check_log` fails a test on a
+traceback, or on a WARNING or ERROR line it did not name in `procs.allow`. Mounts are always unmounted on
 teardown: `fusermount3 -u`, then lazy `-uz`, then the process is killed by its pid.
 """
 
@@ -20,6 +20,26 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.support import stop_process, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
+_LEVELS = re.compile(r" (WARNING|ERROR|CRITICAL) ")
+
+# Warnings a test names when it causes them (`procs.allow = (FAILOVER,)`), each matching
+# one message of dorafs.
+FAILOVER = r"WARNING dorafs\.client\.client .* worker 127\.0\.0\.1:\d+ failed \(.*\); using the next candidate"
+EXPIRED = r"WARNING registry\.state .* worker \w+ at 127\.0\.0\.1:\d+ expired \(no heartbeat"
+CORRUPT = (r"WARNING dorafs\.client\.workers .* from worker 127\.0\.0\.1:\d+ failed its checksum; asking the worker",
+           r"WARNING worker\.service .* corrupt page \w+ in the cache \(checksum \w+, expected \w+\): "
+           r"dropped, refetching")
+REFUSED = (r"WARNING dorafs\.http\.server .* refused [A-Z]+ \S+ from 127\.0\.0\.1:\d+: "
+           r"(no|a wrong) cluster secret \(401\)$")
+ESTALE_READ = r'WARNING dorafs\.fuse .* read: (changed|deleted) since version "\w+": \S+ \(ESTALE\)$'
+RESENT_BATCH = (r"WARNING dorafs\.registry\.scheduler .* job \w+: batch \d+ to worker \w+ failed \(.*\); "
+                r"sending it again later$")
+
+
+def unreachable(source: str) -> tuple[str, ...]:
+    """A membership source down: the worker's heartbeat and the mount's view say so, once."""
+    return (rf"WARNING dorafs\.membership\.heartbeat .* {source} unreachable \(.*\); retrying every",
+            rf"WARNING dorafs\.membership\.\w+ .* {source} unreachable \(.*\); keeping the last known \d+ workers")
 
 
 def _env() -> dict[str, str]:
@@ -79,10 +99,12 @@ class Process:
         return wait_for(ready, what=f"{self.name} to serve")
 
     def check_log(self, allow: tuple[str, ...] = ()) -> None:
+        """Fail on a traceback, and on a WARNING, ERROR or CRITICAL line that no pattern of
+        `allow` (the warnings the test expects) matches."""
         bad = [line for line in self.log_text().splitlines()
-               if ("Traceback" in line or " ERROR " in line or " CRITICAL " in line)
+               if ("Traceback" in line or _LEVELS.search(line))
                and not any(re.search(pattern, line) for pattern in allow)]
-        assert not bad, f"{self.name} logged unexpected errors:\n" + "\n".join(bad[:20]) + \
+        assert not bad, f"{self.name} logged unexpected warnings or errors:\n" + "\n".join(bad[:20]) + \
             f"\n--- full log {self.log_path} ---\n" + self.log_text()[-4000:]
 
 
@@ -252,15 +274,22 @@ class ProcessSet:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        # Mounts first; etcd last, so stopping workers can still revoke their leases.
-        for proc in sorted(self.started, key=lambda x: (not isinstance(x, Mount), isinstance(x, Etcd))):
+        # Mounts first, then the rest in the reverse of their start (workers before the
+        # registry they beat to, so they leave it cleanly); etcd last, so stopping workers
+        # can still revoke their leases.
+        for proc in sorted(reversed(self.started), key=lambda x: (not isinstance(x, Mount), isinstance(x, Etcd))):
             try:
                 proc.stop()
             except Exception as error:  # keep tearing down the rest
                 print(f"teardown of {proc.name} failed: {error!r}")
         if exc_type is None:
+            failures = []
             for proc in self.started:
-                proc.check_log(self.allow)
+                try:
+                    proc.check_log(self.allow)
+                except AssertionError as failure:
+                    failures.append(str(failure))
+            assert not failures, "\n\n".join(failures)
         return False
 
 

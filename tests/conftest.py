@@ -47,7 +47,8 @@ def procs(tmp_path):
     """Real dorafs processes for one test, all stopped (mounts unmounted) at teardown.
 
     `procs.worker()`, `procs.registry()`, `procs.mount(uri, workers=[...])`; logs are
-    checked for tracebacks and unexpected ERROR lines (extend `procs.allow` with regexes).
+    checked for tracebacks and for WARNING and ERROR lines the test did not name: a test
+    that expects one sets `procs.allow` to regexes that match exactly those lines.
     """
     from tests.cluster import ProcessSet
 

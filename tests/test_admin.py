@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from dorafs.ring import HashRing
-from tests.cluster import REPO, _env
+from tests.cluster import EXPIRED, REPO, _env
 from tests.support import free_port, wait_for
 from tests.test_scheduler import LONG_TTL, admin, cluster, upload
 
@@ -56,7 +56,7 @@ def test_workers_stat_and_ring(procs, s3_server, bucket):
     workers[2].kill()
     listed = json.loads(admin(registry, "workers", "--json").stdout)["workers"]
     assert [w["state"] for w in listed].count("unreachable") == 1
-    procs.allow = (r"worker .* expired",)
+    procs.allow = (EXPIRED,)
 
 
 def test_job_commands_and_bad_input(procs, s3_server, bucket):
@@ -109,6 +109,7 @@ def test_bad_arguments_exit_2(args):
 
 def test_no_workers_is_a_clear_error(procs):
     registry = procs.registry()
+    procs.allow = (r"WARNING dorafs\.http\.server .* POST /v1/jobs: no live workers to load into$",)
     result = admin(registry, "load", "s3://bucket/x")
     assert result.returncode == 1 and "no live workers" in result.stderr, result.stderr
     assert httpx.get(f"{registry.url}/healthz").status_code == 200

@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from dorafs.config import parse_duration, parse_hostport, parse_size
+from dorafs.addresses import parse_hostport
+from dorafs.config import parse_duration, parse_size
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -1,6 +1,6 @@
 """The etcd membership backend against a real 3-member etcd cluster on loopback.
 
-In-process tests drive `EtcdMembership` and `register_loop` (dorafs/etcd.py) directly;
+In-process tests drive `EtcdMembership` and `EtcdRegistration` (dorafs/membership/etcd.py) directly;
 the end-to-end ones run workers and a mount with `--registry etcd://...`. Outages of
 single members and of the whole cluster under reads are in tests/test_faults.py.
 """
@@ -17,7 +17,7 @@ import sys
 import pytest
 import trio
 
-from dorafs import etcd as etcd_backend
+from dorafs.membership import etcd as etcd_backend
 from dorafs.membership import WorkerInfo, heartbeat_loop, open_membership
 from tests.cluster import REPO, Etcd
 from tests.support import free_port, wait_for
@@ -58,7 +58,7 @@ def test_parse_url():
 
 
 def test_workers_join_leave_and_clients_follow(etcd, caplog):
-    caplog.set_level(logging.INFO, logger="dorafs.etcd")
+    caplog.set_level(logging.INFO, logger="dorafs.membership")
 
     async def main():
         membership = open_membership(etcd.url, [])
@@ -92,7 +92,7 @@ def test_workers_join_leave_and_clients_follow(etcd, caplog):
 
 
 def test_lost_lease_and_deleted_key_are_registered_again(etcd, caplog, monkeypatch):
-    caplog.set_level(logging.INFO, logger="dorafs.etcd")
+    caplog.set_level(logging.INFO, logger="dorafs.membership")
     monkeypatch.setattr(etcd_backend, "CHECK_EVERY", 2)
     key = b64("/dorafs/workers/w1")
 
@@ -124,7 +124,7 @@ def test_lost_lease_and_deleted_key_are_registered_again(etcd, caplog, monkeypat
 
 
 def test_compacted_watch_is_cancelled_and_the_client_reads_again(etcd, caplog):
-    caplog.set_level(logging.INFO, logger="dorafs.etcd")
+    caplog.set_level(logging.INFO, logger="dorafs.membership")
     prefix = "/dorafs/workers/"
 
     async def main():
@@ -158,7 +158,7 @@ def test_compacted_watch_is_cancelled_and_the_client_reads_again(etcd, caplog):
 
 
 def test_member_killed_mid_watch_and_whole_cluster_outage(etcd, caplog):
-    caplog.set_level(logging.INFO, logger="dorafs.etcd")
+    caplog.set_level(logging.INFO, logger="dorafs.membership")
 
     async def main():
         membership = etcd_backend.EtcdMembership(etcd.url)

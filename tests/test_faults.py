@@ -17,7 +17,7 @@ import pytest
 
 from dorafs.client.client import FAILURE_MEMORY
 from dorafs.ring import HashRing
-from tests.cluster import is_mounted
+from tests.cluster import CORRUPT, EXPIRED, FAILOVER, is_mounted, unreachable
 from tests.support import free_port, tmpfs, wait_for
 
 MiB = 1 << 20
@@ -71,10 +71,15 @@ def test_worker_sigkill_mid_read_then_ring_rebuilt(procs, s3_server, bucket):
     workers = [procs.worker(registry=registry.url) for _ in range(2)]
     wait_for(lambda: len(registry.workers()) == 2, what="both workers registered")
     port = free_port()
-    mount = procs.mount(f"s3://{bucket}/k", registry=registry.url, options=f"{FAST},metrics_listen=127.0.0.1:{port}")
+    # No readahead and no short-circuit reads: the pages after the kill must come from a
+    # worker, not from a run fetched before it or page files kept open.
+    mount = procs.mount(f"s3://{bucket}/k", registry=registry.url,
+                        options=f"{FAST},metrics_listen=127.0.0.1:{port},readahead_pages=0,short_circuit=0")
     victim = owner_of(workers, f"s3://{bucket}/k/f0.bin")
-    procs.allow = (r"worker .* failed",)
+    procs.allow = (FAILOVER, EXPIRED)
+    assert mount_metric(port, "dorafs_mount_failovers_total") == 0
     read_checked(mount.path("f0.bin"), files["f0.bin"], during=victim.kill, at=4 * MiB)
+    assert mount_metric(port, "dorafs_mount_failovers_total") >= 1
     # The registry drops it after its TTL; the mount rebuilds its ring without it.
     wait_for(lambda: mount_health(port)["workers"] == 1, timeout=15, what="the ring to drop the dead worker")
     read_checked(mount.path("f1.bin"), files["f1.bin"])
@@ -90,7 +95,7 @@ def test_worker_sigstop_bounded_stall_then_failover(procs, s3_server, bucket):
     mount = procs.mount(f"s3://{bucket}/s", workers=[w.address for w in workers],
                         options=f"{FAST},metrics_listen=127.0.0.1:{port},readahead_pages=0,short_circuit=0")
     victim = owner_of(workers, f"s3://{bucket}/s/big.bin")
-    procs.allow = (r"worker .* failed",)
+    procs.allow = (FAILOVER,)
     try:
         read_checked(mount.path("big.bin"), data, during=lambda: os.kill(victim.pid, signal.SIGSTOP), at=4 * MiB)
         assert mount_metric(port, "dorafs_mount_failovers_total") >= 1
@@ -111,7 +116,7 @@ def test_worker_restart_mid_read_and_its_keys_come_back(procs, s3_server, bucket
     owner = owner_of(workers, f"s3://{bucket}/r/a.bin")
     read_checked(mount.path("a.bin"), first)  # cached on its owner
     victim = owner_of(workers, f"s3://{bucket}/r/b.bin")
-    procs.allow = (r"worker .* failed",)
+    procs.allow = (FAILOVER,)
     read_checked(mount.path("b.bin"), second, during=victim.restart, at=4 * MiB)
     assert victim.alive()
     # The restarted worker keeps its cache and serves its keys again (hits, no UFS read).
@@ -132,7 +137,8 @@ def test_no_worker_answers_reads_go_to_the_ufs(procs, s3_server, bucket):
     mount = procs.mount(f"s3://{bucket}/u", workers=[w.address for w in workers],
                         options=f"{FAST},metrics_listen=127.0.0.1:{port}")
     read_checked(mount.path("f0.bin"), files["f0.bin"])
-    procs.allow = (r"worker .* failed", r"unreachable")
+    procs.allow = (FAILOVER, r"WARNING dorafs\.membership\.static .* worker 127\.0\.0\.1:\d+ unreachable \(.*\); "
+                             r"retrying in the background")
     for worker in workers:
         worker.kill()
     read_checked(mount.path("f1.bin"), files["f1.bin"])
@@ -151,7 +157,7 @@ def test_page_files_corrupted(procs, s3_server, bucket):
         raw = bytearray(page.read_bytes())
         raw[len(raw) // 3] ^= 0x5A
         page.write_bytes(raw)
-    procs.allow = (r"failed its checksum", r"corrupt page")
+    procs.allow = CORRUPT
     again = procs.mount(f"s3://{bucket}/c", workers=[worker.address])
     read_checked(again.path("file.bin"), data)
     assert worker.metrics()["dorafs_worker_corrupt_pages_total"] == 5
@@ -168,6 +174,7 @@ def test_registry_killed_reads_go_on(procs, s3_server, bucket):
     port = free_port()
     mount = procs.mount(f"s3://{bucket}/g", registry=registry.url, options=f"{FAST},metrics_listen=127.0.0.1:{port}")
     read_checked(mount.path("f0.bin"), files["f0.bin"])
+    procs.allow = unreachable(r"registry http://127\.0\.0\.1:\d+")
     registry.kill()
     for name in ("f1.bin", "f2.bin", "f3.bin"):
         read_checked(mount.path(name), files[name])
@@ -203,6 +210,7 @@ def test_whole_etcd_cluster_down_then_back(procs, s3_server, bucket):
     port = free_port()
     mount = procs.mount(f"s3://{bucket}/d", registry=etcd.url, options=f"{FAST},metrics_listen=127.0.0.1:{port}")
     wait_for(lambda: mount_health(port)["workers"] == 2, what="the mount to see both workers")
+    procs.allow = unreachable(r"etcd etcd://\S+")
     for i in range(3):
         etcd.kill(i)
     read_checked(mount.path("f0.bin"), files["f0.bin"])
@@ -257,6 +265,9 @@ def test_s3_failing_forever_is_eio_and_the_mount_stays(procs, s3_server, bucket,
 
 
 def test_s3_hanging_times_out_with_eio(procs, s3_server, bucket, proxy):
+    procs.allow = (r"WARNING dorafs\.http\.server .* GET /v1/(page|locate): S3 get_object \S+/h/file\.bin: "
+                   r"(stalled: no progress within the \d+s timeout|ConnectionClosedError: )",
+                   r"WARNING dorafs\.fuse .* read: S3 get_object \S+/h/file\.bin: stalled: .* \(EIO\)$")
     data = put(s3_server.client(), bucket, "h/file.bin", 2 * MiB)
     env = proxy.env(s3_server.env)
     worker = procs.worker(env=env, extra=["--ufs-timeout", "1s", "--ufs-deadline", "2s"])
@@ -286,6 +297,8 @@ def small_tmpfs(tmp_path):
 
 
 def test_cache_directory_full(procs, s3_server, bucket, small_tmpfs):
+    procs.allow = (r"WARNING worker\.pagestore .* cache disk full \(No space left on device .*\): "
+                   r"caching at most \d+ bytes instead of \d+",)
     s3 = s3_server.client()
     files = {f"f{i}.bin": put(s3, bucket, f"full/f{i}.bin", 6 * MiB) for i in range(2)}
     worker = procs.worker(cache_dir=small_tmpfs / "cache", cache_size="1GiB")

@@ -161,6 +161,8 @@ def test_large_listing_is_served_from_disk_in_name_order(s3_server, bucket, proc
 
 
 def test_unreadable_metadata_store_is_replaced(s3_server, bucket, procs: ProcessSet):
+    procs.allow = (r"WARNING worker\.metastore .* metadata store \S+ is unreadable \(file is not a database\); "
+                   r"moved to",)
     s3_server.client().put_object(Bucket=bucket, Key="c/f", Body=b"abc")
     worker = procs.worker()
     assert stat(worker, f"s3://{bucket}/c/f").json()["size"] == 3

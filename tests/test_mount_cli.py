@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -41,7 +40,10 @@ def mountpoint(tmp_path):
     yield path
     if is_mounted(path):
         subprocess.run(["fusermount3", "-u", str(path)], capture_output=True)
-        time.sleep(0.5)
+        try:
+            wait_for(lambda: not is_mounted(path), timeout=0.5, what="the unmount")
+        except TimeoutError:
+            pass  # lazily below
     if is_mounted(path):
         subprocess.run(["fusermount3", "-uz", str(path)], capture_output=True)
 

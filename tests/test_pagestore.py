@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import stat
+import subprocess
 import tempfile
 import threading
 from pathlib import Path
@@ -13,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dorafs.pages import object_id
+from tests.support import tmpfs
 from worker.pagestore import PageStore, checksum
 
 
@@ -299,64 +301,53 @@ def test_evicted_page_put_again_before_the_victim_is_unlinked(tmp_path):
     trio.run(main)
 
 
-def test_full_disk_lowers_the_limit_and_caching_goes_on(tmp_path, monkeypatch):
-    """ENOSPC: the page is served uncached, the limit drops to what the disk holds, and
-    later pages evict older ones instead of failing; health() says so."""
-    import errno as _errno
+def test_full_disk_lowers_the_limit_and_caching_goes_on(tmp_path):
+    """ENOSPC on a real 64 KiB tmpfs: the page is served uncached, the limit drops to what
+    the disk holds, and later pages evict older ones instead of failing; health() says so."""
+    with tmpfs(tmp_path / "disk", "64k") as disk:
+        store = new_store(disk, 1 << 20)  # a capacity the disk cannot hold
+        size = 4096  # one tmpfs block per page
 
-    from worker import pagestore
+        async def main():
+            n = 0
+            while await put(store, key(n), page(size, n)) is not None:
+                n += 1
+                assert n < 64, "the 64 KiB disk never filled"
+            assert n >= 4 and store.write_errors == 1
+            assert store.limit == store.used == n * size
+            assert "full" in store.health()
+            assert await put(store, key(100), page(size)) is not None  # evicts the oldest to fit
+            assert store.used == n * size and store.lookup(key(0)) is None and store.evictions == 1
+            assert store.write_errors == 1
+            check_consistent(store, disk)
 
-    store = new_store(tmp_path, 10_000)
-    real_write = pagestore.PageStore._write
-    full = {"on": False}
-
-    def write(self, final, data):
-        if full["on"]:
-            raise OSError(_errno.ENOSPC, "No space left on device")
-        return real_write(self, final, data)
-
-    monkeypatch.setattr(pagestore.PageStore, "_write", write)
-
-    async def main():
-        for n in range(3):
-            assert await put(store, key(n), page(100)) is not None
-        assert store.health() is None
-        full["on"] = True
-        assert await put(store, key(3), page(100)) is None
-        assert store.write_errors == 1 and store.limit == 300
-        assert "full" in store.health()
-        full["on"] = False
-        assert await put(store, key(4), page(100)) is not None  # evicts the oldest to fit
-        assert store.used == 300 and store.lookup(key(0)) is None and store.evictions == 1
-
-    trio.run(main)
+        trio.run(main)
 
 
 def test_failing_disk_serves_uncached_then_recovers(tmp_path, monkeypatch):
-    import errno as _errno
-
+    """A disk that refuses writes (the tmpfs remounted read-only: EROFS) stops the attempts
+    for FAULT_RETRY_SECONDS; after that one write is tried again and ends the fault."""
     from worker import pagestore
 
-    store = new_store(tmp_path, 10_000)
-    real_write = pagestore.PageStore._write
-    calls = []
-
-    def write(self, final, data):
-        calls.append(final)
-        if len(calls) == 1:
-            raise OSError(_errno.EIO, "Input/output error")
-        return real_write(self, final, data)
-
-    monkeypatch.setattr(pagestore.PageStore, "_write", write)
     monkeypatch.setattr(pagestore, "FAULT_RETRY_SECONDS", 0.3)
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        store = new_store(disk, 10_000)
 
-    async def main():
-        assert await put(store, key(1), page(100)) is None
-        assert "Input/output error" in store.health()
-        assert await put(store, key(2), page(100)) is None  # within the retry pause: no attempt
-        assert len(calls) == 1
-        await trio.sleep(0.35)
-        assert await put(store, key(3), page(100)) is not None
-        assert store.health() is None and store.write_errors == 1
+        def remount(mode: str) -> None:
+            subprocess.run(["mount", "-o", f"remount,{mode}", str(disk)], check=True)
 
-    trio.run(main)
+        async def main():
+            assert await put(store, key(0), page(100)) is not None
+            remount("ro")
+            assert await put(store, key(1), page(100)) is None
+            assert "Read-only file system" in store.health() and store.write_errors == 1
+            assert await put(store, key(2), page(100)) is None  # within the retry pause: no attempt
+            assert store.write_errors == 1
+            remount("rw")
+            await trio.sleep(0.35)
+            assert await put(store, key(3), page(100)) is not None
+            assert store.health() is None and store.write_errors == 1
+
+        trio.run(main)
+
+

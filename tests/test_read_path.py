@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from dorafs.pages import object_id, page_count
 from dorafs.ring import HashRing
-from tests.cluster import ProcessSet
+from tests.cluster import CORRUPT, ESTALE_READ, FAILOVER, ProcessSet
 from tests.support import wait_for
 
 MiB = 1 << 20
@@ -185,7 +185,7 @@ def test_read_survives_worker_killed_mid_read(procs, s3_server, bucket):
     mount = procs.mount(f"s3://{bucket}/k", workers=[w.address for w in workers])
     ring = HashRing([worker_id(w) for w in workers])
     owner = next(w for w in workers if worker_id(w) == ring.owner(f"s3://{bucket}/k/long.bin"))
-    procs.allow = (r"worker .* failed",)
+    procs.allow = (FAILOVER,)
     got = bytearray()
     with open(mount.path("long.bin"), "rb") as f:
         while chunk := f.read(256 * 1024):
@@ -199,6 +199,7 @@ def test_read_survives_worker_killed_mid_read(procs, s3_server, bucket):
 # -- versions: never a mix of old and new bytes -------------------------------------------
 
 def test_overwritten_object_never_mixes_versions(procs, s3_server, bucket):
+    procs.allow = (ESTALE_READ,)
     s3 = s3_server.client()
     old, new = os.urandom(8 * MiB), os.urandom(8 * MiB)
     put(s3, bucket, "v/obj.bin", old)
@@ -236,7 +237,7 @@ def test_corrupt_page_file_is_detected_and_refetched(procs, s3_server, bucket):
     raw[1000] ^= 0xFF
     raw[2000] ^= 0x01
     page.write_bytes(raw)
-    procs.allow = (r"failed its checksum", r"corrupt page")
+    procs.allow = CORRUPT
     again = procs.mount(f"s3://{bucket}/c", workers=[worker.address])
     assert read_file(again.path("file.bin")) == data
     metrics = worker.metrics()
@@ -432,6 +433,7 @@ def test_worker_cache_never_exceeds_its_capacity(procs, s3_server, bucket):
 def test_local_worker_pages_are_read_from_their_files(procs, s3_server, bucket):
     """A worker on loopback: the mount reads its page files itself (short-circuit), and
     a corrupt file there is never used."""
+    procs.allow = CORRUPT
     from tests.support import free_port
 
     data = os.urandom(3 * MiB + 5)

@@ -56,7 +56,7 @@ def test_stable_across_rebuilds_in_any_order(data, workers, key_list):
 # so a fixed set of examples keeps CI stable.
 @settings(max_examples=10, deadline=None, derandomize=True)
 @given(n=st.integers(3, 50), data=st.data())
-def test_adding_a_worker_moves_only_its_keys_and_removing_restores(n, data):
+def test_adding_a_worker_moves_only_its_keys(n, data):
     workers = data.draw(st.lists(st.sampled_from(POOL), min_size=n + 1, max_size=n + 1, unique=True))
     old, new = workers[:n], workers[n]
     ring = HashRing(old)
@@ -71,11 +71,6 @@ def test_adding_a_worker_moves_only_its_keys_and_removing_restores(n, data):
     share = len(moved) / len(sample)
     assert share <= 1.3 / (n + 1), f"{share:.4f} of keys moved, expected about {1 / (n + 1):.4f}"
     assert share >= 0.6 / (n + 1), f"only {share:.4f} of keys moved, expected about {1 / (n + 1):.4f}"
-
-    ring.remove(new)
-    assert [ring.owner(k) for k in sample] == before
-    ring.remove(new)  # removing twice is a no-op
-    assert len(ring) == n
 
 
 def exact_shares(ring: HashRing) -> dict[str, float]:
@@ -186,10 +181,6 @@ def test_empty_ring():
     assert ring.candidates("anything") == []
     assert ring.candidates("anything", 3) == []
     assert ring.owner("anything") is None
-    ring.add("a")
-    ring.remove("a")
-    assert ring.candidates("anything") == [] and ring.owner("anything") is None
-    assert len(ring._points) == 0
 
 
 def test_single_worker_owns_everything():

@@ -24,7 +24,7 @@ import pytest
 
 from dorafs.membership import WorkerInfo
 from dorafs.routing import build_routing
-from tests.cluster import REPO, _env
+from tests.cluster import CORRUPT, EXPIRED, REPO, RESENT_BATCH, _env, unreachable
 from tests.support import wait_for
 
 LONG_TTL = ["--status-ttl", "10m", "--listing-ttl", "10m"]
@@ -157,7 +157,7 @@ def test_a_load_of_8_mib_files_makes_one_get_per_file(procs, s3_server, bucket, 
 def test_worker_killed_mid_job_completes_with_every_file_cached(procs, s3_server, bucket):
     files = upload(s3_server.client(), bucket, "k", 600, size=lambda i: 4096)
     registry, workers = cluster(procs, ttl="2s")
-    procs.allow = (r"worker .* expired",)
+    procs.allow = (EXPIRED, RESENT_BATCH)
     job_id = submit(registry, f"s3://{bucket}/k", bandwidth=300 << 10)  # ~8 s for 2.4 MB
     wait_for(lambda: job(registry, job_id)["files_done"] >= 100, timeout=60, what="some progress")
     victim = workers[0]
@@ -177,6 +177,7 @@ def test_worker_killed_mid_job_completes_with_every_file_cached(procs, s3_server
 
 
 def test_registry_crash_mid_job_resumes_and_fetches_each_page_once(procs, s3_server, bucket):
+    procs.allow = unreachable(r"registry http://127\.0\.0\.1:\d+")
     files = upload(s3_server.client(), bucket, "r", 600, size=lambda i: 4096)
     registry, workers = cluster(procs, ttl="10s")
     job_id = submit(registry, f"s3://{bucket}/r", bandwidth=300 << 10)
@@ -221,6 +222,7 @@ def test_cancel_stops_the_workers_fetching(procs, s3_server, bucket):
 
 
 def test_failed_files_are_retried_once_and_reported(procs, s3_server, bucket):
+    procs.allow = CORRUPT
     s3 = s3_server.client()
     upload(s3, bucket, "f", 40, dirs=1)
     registry, workers = cluster(procs, n=2)

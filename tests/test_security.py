@@ -26,7 +26,7 @@ import trustme
 
 from dorafs.config import ConfigError, load_config
 from dorafs.security import Credentials, client_context, read_secret
-from tests.cluster import REPO, ProcessSet, _env
+from tests.cluster import REFUSED, REPO, ProcessSet, _env
 from tests.support import wait_for
 
 MiB = 1 << 20
@@ -124,6 +124,7 @@ def _refused_everywhere(base: str, endpoints, good: str, **options) -> None:
 
 
 def test_every_endpoint_but_healthz_needs_the_secret(procs, tmp_path):
+    procs.allow = (REFUSED,)
     secret_path, secret = write_secret(tmp_path)
     registry = procs.registry(extra=["--secret-file", str(secret_path)], http={"headers": bearer(secret)})
     worker = procs.worker(registry=registry.url, extra=["--secret-file", str(secret_path)],
@@ -149,6 +150,7 @@ def test_every_endpoint_but_healthz_needs_the_secret(procs, tmp_path):
 
 
 def test_metrics_can_be_open_or_on_their_own_port(procs, tmp_path):
+    procs.allow = (REFUSED,)
     secret_path, secret = write_secret(tmp_path)
     # metrics_auth=false: /metrics is open on the main port, the API is not.
     registry = procs.registry(extra=["--secret-file", str(secret_path)], env={"DORAFS_REGISTRY_METRICS_AUTH": "false"},
@@ -170,6 +172,7 @@ def test_metrics_can_be_open_or_on_their_own_port(procs, tmp_path):
 
 
 def test_admin_presents_the_secret_and_fails_in_one_line_without_it(procs, tmp_path):
+    procs.allow = (REFUSED,)
     secret_path, secret = write_secret(tmp_path)
     registry = procs.registry(extra=["--secret-file", str(secret_path)], http={"headers": bearer(secret)})
     procs.worker(registry=registry.url, extra=["--secret-file", str(secret_path)], http={"headers": bearer(secret)})
@@ -189,6 +192,8 @@ def test_admin_presents_the_secret_and_fails_in_one_line_without_it(procs, tmp_p
 
 def test_tls_cluster_end_to_end(procs, tmp_path, tls, s3_server, bucket):
     """Registry, worker and mount all on TLS with the secret; bytes arrive intact through the worker."""
+    procs.allow = (REFUSED, r"WARNING dorafs\.membership\.registry .* registry https://\S+ unreachable "
+                            r"\(HTTP 401: missing or wrong cluster secret\); keeping the last known 0 workers")
     secret_path, secret = write_secret(tmp_path)
     data = os.urandom(3 * MiB + 12345)
     s3_server.client().put_object(Bucket=bucket, Key="tls/data.bin", Body=data)
@@ -331,6 +336,7 @@ def test_ufs_roots_confine_the_worker_even_through_symlinks(tmp_path):
 
 
 def test_embedded_worker_demands_a_secret_and_stays_below_the_mount_root(procs, tmp_path):
+    procs.allow = (REFUSED,)
     data = tmp_path / "data"
     data.mkdir()
     (data / "a.txt").write_text("hello")
@@ -489,6 +495,7 @@ def test_mode_options_are_parsed_and_checked():
 # -- credentials never leave the process ---------------------------------------------------
 
 def test_credentials_appear_in_no_log_state_file_or_response(procs, tmp_path, s3_server, bucket, monkeypatch):
+    procs.allow = (REFUSED,)
     aws_secret = "AWSSECRET" + secrets.token_hex(16)
     aws_key = "AKIA" + secrets.token_hex(8).upper()
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", aws_secret)

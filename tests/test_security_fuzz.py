@@ -26,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.cluster import ProcessSet
+from tests.cluster import REFUSED, ProcessSet
 
 DECOY = b"DECOY-" + secrets.token_hex(8).encode()  # kept outside the root; must never be served
 PAGE = 64 * 1024
@@ -238,6 +238,7 @@ def fuzz_target(tmp_path_factory, s3_server):
     s3.put_object(Bucket=bucket, Key="decoy.txt", Body=DECOY)
     secret = secrets.token_hex(32)
     with ProcessSet(base / "procs") as procs:
+        procs.allow = (REFUSED,)  # the hostile requests without or with a wrong secret
         worker = procs.worker(page_size="64KiB", env={"DORAFS_SECRET": secret},
                               extra=["--ufs-roots", f"file://{root},s3://{bucket}/fz"],
                               http={"headers": {"Authorization": f"Bearer {secret}"}})

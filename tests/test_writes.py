@@ -175,6 +175,8 @@ def test_large_sequential_file_streams_as_multipart_upload(procs, s3_server, buc
 
 
 def test_staging_space_exhausted_gives_enospc_and_uploads_nothing(procs, s3_server, bucket):
+    procs.allow = (r"WARNING dorafs\.fuse .* (open|write): staging space exhausted \(\d+ of \d+ bytes in use; "
+                   r"raise staging_size\) \(ENOSPC\)$",)
     s3 = s3_server.client()
     s3.put_object(Bucket=bucket, Key="s/existing.bin", Body=os.urandom(3 * MiB))
     worker = procs.worker()
@@ -360,6 +362,8 @@ class FailingS3Proxy:
 
 
 def test_upload_failures_surface_at_close_with_eio_and_leave_no_object(procs, s3_server, bucket, monkeypatch):
+    procs.allow = (r"WARNING dorafs\.fuse .* (fsync|flush): S3 (put_object|upload_part) \S+: InternalError injected "
+                   r"\(HTTP 500\) .* \(EIO\)$",)
     s3 = s3_server.client()
     s3.put_object(Bucket=bucket, Key="f/old.txt", Body=b"old")
     worker = procs.worker()

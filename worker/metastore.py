@@ -207,13 +207,6 @@ class MetaStore:
     def memory_size(self) -> int:
         return len(self._statuses) + self._listing_entries
 
-    def disk_counts(self) -> tuple[int, int]:
-        """(statuses, listing entries) on disk. Blocking; for tests and benchmarks."""
-        assert self._db is not None
-        statuses = self._db.execute("SELECT count(*) FROM status").fetchone()[0]
-        entries = self._db.execute("SELECT count(*) FROM entry").fetchone()[0]
-        return statuses, entries
-
     # -- statuses -----------------------------------------------------------------------
 
     def memory_status(self, uri: str) -> Cached | None:

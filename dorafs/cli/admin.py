@@ -33,9 +33,9 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from dorafs import etcd
+from dorafs.addresses import is_etcd, registry_url
 from dorafs.config import ConfigError, parse_size
-from dorafs.membership import WorkerInfo, registry_url
+from dorafs.membership import WorkerInfo, etcd
 from dorafs.routing import Routing, build_routing
 from dorafs.security import Credentials, client_context, read_secret
 from dorafs.ufs import join, normalize
@@ -107,7 +107,7 @@ def call(method: str, base: str, path: str, *, params: dict | None = None, body:
 
 
 def _get(registry: str, path: str) -> dict:
-    if path == "/v1/workers" and etcd.is_etcd(registry):
+    if path == "/v1/workers" and is_etcd(registry):
         try:
             return etcd.list_workers(registry)
         except (etcd.EtcdError, ValueError) as exc:

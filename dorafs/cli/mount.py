@@ -157,16 +157,17 @@ def mount_command(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def mount_helper(argv: list[str] | None = None) -> None:
-    """`mount.dorafs UFS_URI MOUNTPOINT [-o options]`, as called by mount(8)."""
+    """`mount.dorafs UFS_URI MOUNTPOINT [-o options]`, as called by mount(8): the same as
+    `dorafs mount UFS_URI MOUNTPOINT -o options`."""
     p = argparse.ArgumentParser(prog="mount.dorafs")
     p.add_argument("ufs_uri")
     p.add_argument("mountpoint")
     p.add_argument("-o", dest="options", action="append", default=[])
     p.add_argument("-n", "-s", "-v", dest="ignored", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    from dorafs.cli.main import main
-
-    forwarded = ["mount", args.ufs_uri, args.mountpoint]
+    forwarded = [args.ufs_uri, args.mountpoint]
     for text in args.options:
         forwarded += ["-o", text]
-    main(forwarded)
+    command = argparse.ArgumentParser(prog="dorafs mount")
+    add_mount_arguments(command)
+    sys.exit(mount_command(command.parse_args(forwarded), forwarded))

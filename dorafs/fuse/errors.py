@@ -19,7 +19,10 @@ from dorafs.log import new_request_id
 
 log = logging.getLogger("dorafs.fuse")
 
-_QUIET = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EROFS, errno.ENOTSUP, errno.ENODATA}
+# Ordinary answers to what an application asked (rmdir of a full directory, creating a
+# name that exists): the mount is fine, nothing for its operator to look at.
+_QUIET = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EROFS, errno.ENOTSUP, errno.ENODATA, errno.ENOTEMPTY,
+          errno.EEXIST}
 
 
 def fuse_operation(fn):

@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 MAX_HEADER_BYTES = 16 * 1024
 MAX_BODY_BYTES = 8 << 20
 HEADER_TIMEOUT = 10.0  # a client has this long to send a whole request head
+LINGER_TIMEOUT = 1.0  # after an error answer, how long the rest of a request is read and dropped
+LINGER_BYTES = 1 << 20  # ... and how much of it
 IDLE_TIMEOUT = 120.0  # keep-alive connections idle longer than this are closed
 RECV_SIZE = 64 * 1024
 FILE_CHUNK = 256 * 1024  # a FileBody's read size when it cannot go out with sendfile (TLS)
@@ -438,8 +440,21 @@ class HttpServer:
                 response = _error_response(status, "EINVAL", message)
                 response.headers["Connection"] = "close"  # the connection ends here; say so
                 await self._send(conn, stream, response)
+                await _linger(stream)
         except Exception:
             pass  # the client is already gone or broken; nothing more to tell it
+
+
+async def _linger(stream: trio.abc.Stream) -> None:
+    """After an error answer, read and drop what the client is still sending (bounded), so
+    closing with unread bytes does not reset the connection before it has read the answer."""
+    if not isinstance(stream, trio.SocketStream):
+        return
+    await stream.send_eof()
+    dropped = 0
+    with trio.move_on_after(LINGER_TIMEOUT):
+        while dropped < LINGER_BYTES and (data := await stream.receive_some(RECV_SIZE)):
+            dropped += len(data)
 
 
 async def _send_file_chunks(stream: trio.abc.Stream, body: FileBody) -> None:

@@ -115,8 +115,6 @@ class UnderFileSystem(ABC):
 
     # -- writes: defaults for stores that cannot be written ------------------------------
 
-    min_part_size = 0  # the store's smallest part but the last (S3: 5 MiB)
-
     async def put(self, uri: str, data: bytes, expect: str | None = None) -> FileStatus:
         """Replace (or create) the object `uri` with `data`; its new status."""
         raise ReadOnly(f"this store cannot be written: {uri}")

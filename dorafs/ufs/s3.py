@@ -426,7 +426,6 @@ class S3Ufs(UnderFileSystem):
 
     # -- writes (the mount's; see base.py) --------------------------------------------
 
-    min_part_size = 5 << 20  # S3's smallest part but the last
     _copy_part_size = 1 << 30  # ranges of a multipart copy (objects past 5 GiB)
     _single_copy_limit = 5 << 30  # CopyObject's own limit
     _batch = 8  # copies in flight during a directory rename

@@ -5,7 +5,8 @@ also separates them, for `mount -o registry=...` where ',' separates options);
 workers live under the key prefix `/NAMESPACE/workers/` (default `/dorafs/workers/`),
 one key per worker id whose value is its `WorkerInfo` as JSON.
 
-Workers: grant a lease (TTL five heartbeat intervals, at least 2 s), put their key with
+Workers (a `Registration` for the heartbeat loop in dorafs/membership/heartbeat.py):
+grant a lease (TTL five heartbeat intervals, at least 2 s), put their key with
 it, and keep the lease alive every heartbeat interval. A keep-alive answered without a
 TTL means the lease is gone (expired during a partition, or a rebuilt cluster): grant a
 new one and put the key again. Every tenth heartbeat the worker also checks its key is
@@ -30,19 +31,19 @@ import base64
 import json
 import logging
 import math
-from urllib.parse import urlsplit
 
 import httpx
 import trio
 
-from dorafs.config import parse_hostport
-from dorafs.membership import Membership, Outage, WorkerInfo
+from dorafs.addresses import parse_etcd_url as parse_url
+from dorafs.membership.view import Membership, Outage, WorkerInfo
+
+__all__ = ["EtcdClient", "EtcdError", "EtcdMembership", "EtcdRegistration", "list_workers", "parse_url",
+           "prefix_end"]
 
 log = logging.getLogger(__name__)
 
-SCHEME = "etcd"
 API = "/v3"  # etcd 3.4 serves /v3 (and /v3beta); 3.5 only /v3
-DEFAULT_NAMESPACE = "dorafs"
 CONNECT_TIMEOUT = 1.0
 REQUEST_TIMEOUT = 5.0
 WATCH_RENEW = 60.0  # seconds a watch stream is trusted before a fresh read
@@ -54,28 +55,6 @@ LEADER_HEADER = {"Grpc-Metadata-hasleader": "true"}
 
 class EtcdError(Exception):
     """No endpoint answered, or the answer was an error."""
-
-
-def is_etcd(url: str | None) -> bool:
-    return bool(url) and url.strip().lower().startswith(f"{SCHEME}://")
-
-
-def parse_url(url: str) -> tuple[list[str], str]:
-    """`etcd://h1:2379,h2:2379/ns` -> (['http://h1:2379', 'http://h2:2379'], '/ns/workers/')."""
-    parts = urlsplit(url.strip())
-    if parts.scheme.lower() != SCHEME or not parts.netloc:
-        raise ValueError(f"not an etcd URL (etcd://HOST:PORT[,HOST:PORT...][/NAMESPACE]): {url!r}")
-    endpoints = []
-    for item in parts.netloc.replace("+", ",").split(","):  # '+' for mount -o, where ',' separates
-        try:
-            host, port = parse_hostport(item.strip(), default_host="")
-        except ValueError:
-            host, port = "", 0
-        if not host or not port:
-            raise ValueError(f"etcd endpoint {item!r} in {url!r} needs HOST:PORT")
-        endpoints.append(f"http://{'[' + host + ']' if ':' in host else host}:{port}")
-    namespace = parts.path.strip("/") or DEFAULT_NAMESPACE
-    return endpoints, f"/{namespace}/workers/"
 
 
 def _b64(text: str | bytes) -> str:
@@ -239,58 +218,55 @@ class EtcdMembership(Membership):
         raise httpx.ReadError("watch stream closed")
 
 
-async def register_loop(url: str, info: WorkerInfo, interval: float, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Keep `info` registered under the prefix with a lease, until cancelled; then revoke."""
-    endpoints, prefix = parse_url(url)
-    key = prefix + info.id
-    value = json.dumps(info.to_dict())
-    ttl = max(MIN_LEASE_TTL, math.ceil(interval * 5))
-    etcd = EtcdClient(endpoints, timeout=max(interval, 1.0) + REQUEST_TIMEOUT)
-    lease: str | None = None
-    started = False
-    outage = Outage(f"etcd {url}", log)
-    beats = 0
-    try:
-        while True:
-            try:
-                if lease is None:
-                    grant = await etcd.call("/lease/grant", {"TTL": ttl})
-                    if not grant.get("ID"):
-                        raise EtcdError(f"lease grant refused: {grant}")
-                    await etcd.call("/kv/put", {"key": _b64(key), "value": _b64(value), "lease": grant["ID"]})
-                    lease = grant["ID"]
-                    log.info("registered in etcd %s as %s at %s (lease %s, TTL %ds)",
-                             url, info.id, info.address, lease, ttl)
-                else:
-                    answer = await etcd.call("/lease/keepalive", {"ID": lease})
-                    if int(answer.get("result", {}).get("TTL", 0)) <= 0:
-                        log.info("etcd lease %s of worker %s expired; registering again", lease, info.id)
-                        lease = None
-                        continue
-                    beats += 1
-                    if beats % CHECK_EVERY == 0:
-                        found = await etcd.call("/kv/range", {"key": _b64(key), "keys_only": True})
-                        if not found.get("kvs"):
-                            log.info("worker %s's key vanished from etcd; registering again", info.id)
-                            await etcd.call("/lease/revoke", {"ID": lease})
-                            lease = None
-                            continue
-                outage.end()
-            except (EtcdError, ValueError, TypeError) as exc:
-                outage.begin(_describe(exc), f"retrying every {interval:.1f}s")
-            if not started:
-                task_status.started()
-                started = True
-            await trio.sleep(interval)
-    finally:
-        with trio.CancelScope(shield=True):
-            if lease is not None:
-                with trio.move_on_after(1.0):
-                    try:
-                        await etcd.call("/lease/revoke", {"ID": lease})
-                    except EtcdError:
-                        pass  # the lease expires after its TTL
-            await etcd.aclose()
+class EtcdRegistration:
+    """A worker's key under the prefix, held by a lease that each beat keeps alive."""
+
+    failures = (EtcdError, ValueError, TypeError)
+
+    def __init__(self, url: str, info: WorkerInfo, interval: float):
+        endpoints, prefix = parse_url(url)
+        self.url = url
+        self.source = f"etcd {url}"
+        self.info = info
+        self.key = prefix + info.id
+        self.ttl = max(MIN_LEASE_TTL, math.ceil(interval * 5))
+        self._etcd = EtcdClient(endpoints, timeout=max(interval, 1.0) + REQUEST_TIMEOUT)
+        self._lease: str | None = None
+        self._beats = 0
+
+    async def register(self) -> bool:
+        grant = await self._etcd.call("/lease/grant", {"TTL": self.ttl})
+        if not grant.get("ID"):
+            raise EtcdError(f"lease grant refused: {grant}")
+        value = json.dumps(self.info.to_dict())
+        await self._etcd.call("/kv/put", {"key": _b64(self.key), "value": _b64(value), "lease": grant["ID"]})
+        self._lease = grant["ID"]
+        log.info("registered in etcd %s as %s at %s (lease %s, TTL %ds)",
+                 self.url, self.info.id, self.info.address, self._lease, self.ttl)
+        return True
+
+    async def beat(self) -> bool:
+        answer = await self._etcd.call("/lease/keepalive", {"ID": self._lease})
+        if int(answer.get("result", {}).get("TTL", 0)) <= 0:
+            log.info("etcd lease %s of worker %s expired; registering again", self._lease, self.info.id)
+            self._lease = None
+            return False
+        self._beats += 1
+        if self._beats % CHECK_EVERY == 0:
+            found = await self._etcd.call("/kv/range", {"key": _b64(self.key), "keys_only": True})
+            if not found.get("kvs"):
+                log.info("worker %s's key vanished from etcd; registering again", self.info.id)
+                await self._etcd.call("/lease/revoke", {"ID": self._lease})
+                self._lease = None
+                return False
+        return True
+
+    async def deregister(self) -> None:
+        if self._lease is not None:
+            await self._etcd.call("/lease/revoke", {"ID": self._lease})
+
+    async def aclose(self) -> None:
+        await self._etcd.aclose()
 
 
 def list_workers(url: str) -> dict:
