@@ -19,7 +19,7 @@ import pytest
 from dorafs.fsspec_client import DoraFileSystem
 from dorafs.membership import WorkerInfo
 from dorafs.routing import build_routing
-from tests.cluster import ProcessSet
+from tests.cluster import REFUSED, ProcessSet
 from tests.support import wait_for
 
 MiB = 1 << 20
@@ -292,6 +292,7 @@ def test_the_cluster_secret(procs, bucket, s3_server, tmp_path):
     secret_file = tmp_path / "secret"
     secret_file.write_text(secret + "\n")
     secret_file.chmod(0o600)
+    procs.allow = (REFUSED,)  # the request without the secret below
     worker = procs.worker(extra=["--secret-file", str(secret_file)])
     assert httpx.get(f"http://{worker.address}/v1/info", timeout=5).status_code == 401
     data = put(s3_server.client(), bucket, "s/f.bin", os.urandom(200_000))
