@@ -166,7 +166,8 @@ class WorkerService:
         def digest_file() -> str | None:
             try:
                 with open(entry.path, "rb") as f:
-                    data = f.read()
+                    f.seek(entry.offset)
+                    data = f.read(entry.size + 1 if not entry.whole else entry.size)
             except FileNotFoundError:
                 return None
             return checksum(data) if len(data) == entry.size else "size-mismatch"
@@ -283,6 +284,11 @@ class WorkerService:
         oid = object_id(uri, version)
         indexes = self.store.pages_of(oid)
         return len(indexes), sum(e.size for i in indexes if (e := self.store.peek((oid, i))) is not None)
+
+    async def whole_object(self, uri: str, version: str, size: int):
+        """The one file of this version of `uri` if every page of it is cached (sealed
+        now if it is still in pages), else None; nothing is fetched."""
+        return await self.store.seal(object_id(uri, version), size, self.config.page_size)
 
     def open_page(self, result: PageResult) -> int | None:
         """An fd on a cached page for sendfile, or None (gone, or never cached)."""

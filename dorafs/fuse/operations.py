@@ -39,6 +39,7 @@ from dorafs.errors import IsADirectory, NotADirectory, NotFound, UfsError
 from dorafs.fuse.errors import fuse_operation
 from dorafs.fuse.handles import NAME_MAX, DirHandle, FileHandle, too_long, valid_name
 from dorafs.fuse.inodes import InodeTable, Node
+from dorafs.fuse.passthrough import CACHED_OPEN, OTHER_VERSION, WRITING, Fallback, Passthrough
 from dorafs.fuse.metrics import INODES, READ_BYTES, READ_LATENCY, READS, STAGING_BYTES
 from dorafs.fuse.types import ROOT_INODE, EntryAttributes, FileInfo, FUSEError, StatvfsData
 from dorafs.fuse.writing import WritingOperations
@@ -73,6 +74,8 @@ class DoraOperations(WritingOperations):
         self.staging = staging or Staging(config, client.ufs)  # its `run` is started by the mount
         self.writes = Writes(client, self.staging, counted=self._counted)  # the writing policy
         self.namespace = Namespace(client)  # the namespace policy; this object is its `Local`
+        # Wholly cached files go to the kernel, unless every read is to reach the mount.
+        self.passthrough = Passthrough(client, config.passthrough and not config.direct_io)
         self._writing: set[Node] = set()  # nodes with a WriteFile
         STAGING_BYTES.set_function(lambda: self.staging.used)
         INODES.set_function(lambda: len(self.inodes))
@@ -235,6 +238,7 @@ class DoraOperations(WritingOperations):
         if writing:
             self._writable()
         if writing or node.writer is not None:
+            self.passthrough.fallback(WRITING)
             if node.writer is None and node.status.is_dir:
                 raise IsADirectory(node.path)
             if node.writer is None and not node.linked:  # staging it would bring it back under its name
@@ -255,17 +259,32 @@ class DoraOperations(WritingOperations):
             # the kernel cache, and the kernel is told to drop that inode's attributes.
             node.attr_version = None
             self._invalidate_kernel(node.inode)
-        if others or stale_attributes or self.config.direct_io:
+        handle = FileHandle(node, self.client.open(node.uri, status))
+        backing_id = 0
+        try:
+            if others:
+                raise Fallback(OTHER_VERSION)
+            if node.cached_opens and not self.passthrough.holds(node.inode):
+                raise Fallback(CACHED_OPEN)
+            backing_id = await self.passthrough.open(node.inode, handle.file)
+        except Fallback as why:
+            self.passthrough.fallback(why.reason, why.detail)
+        if backing_id:
+            direct_io, keep_cache = False, False
+            handle.passthrough = True
+        elif others or stale_attributes or self.config.direct_io or self.passthrough.holds(node.inode):
             direct_io, keep_cache = True, False
             node.kernel_version = None
         else:
             direct_io, keep_cache = False, node.kernel_version == version
             node.kernel_version = version
+            handle.cached = True
+            node.cached_opens += 1
         node.open_versions[version] = node.open_versions.get(version, 0) + 1
         node.open_handles += 1
         fh = next(self._numbers)
-        self._handles[fh] = FileHandle(node, self.client.open(node.uri, status))
-        return FileInfo(fh=fh, keep_cache=keep_cache, direct_io=direct_io)
+        self._handles[fh] = handle
+        return FileInfo(fh=fh, keep_cache=keep_cache, direct_io=direct_io, backing_id=backing_id)
 
     @fuse_operation
     async def read(self, fh, off, size):
@@ -286,6 +305,10 @@ class DoraOperations(WritingOperations):
         if not isinstance(handle, FileHandle):
             return
         node = handle.node
+        if handle.passthrough:
+            self.passthrough.release(node.inode)
+        if handle.cached:
+            node.cached_opens -= 1
         try:
             if handle.writer is not None:
                 await self._let_go(node, handle.writer, upload=True)

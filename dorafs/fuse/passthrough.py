@@ -1,0 +1,243 @@
+"""FUSE passthrough: object versions wholly cached on this node, read by the kernel itself.
+
+When a file is opened read-only and the worker that owns it runs on this machine and
+holds every page of the pinned version, the worker hands over the version's one file
+(worker/pagestore.py seals it); the mount checks every page of it against its checksum,
+registers it with the kernel (`FUSE_DEV_IOC_BACKING_OPEN`, which answers a backing id)
+and answers the open with FOPEN_PASSTHROUGH and that id. From then on the kernel serves
+read, mmap and splice of that open file from the backing file: no READ reaches the mount.
+
+Why this cannot return wrong bytes:
+- the checksums are verified before the kernel gets the file, by this process, against
+  the checksums the worker recorded when each page arrived; once per backing file (its
+  device and inode number) per mount, since a sealed file never changes under a name
+  and the file verified is the one registered (the same open descriptor);
+- a sealed file is never rewritten, truncated or punched: eviction, `free`, a refresh
+  that drops pages and a changed object only ever unlink it, and an unlinked file keeps
+  its bytes for whoever holds it open (the kernel does); a new version is a new file;
+- the mount holds a shared `flock` on every file it registered until the backing id is
+  closed, which tells the worker to count the file's bytes while it is unlinked.
+
+The kernel allows one backing file per inode: every open of the same inode and version
+shares one backing id (a second registration would fail the open with EIO), and the id
+is closed at the last release. An inode whose opens use the kernel's page cache cannot
+take passthrough opens, nor the reverse, so while an inode has passthrough opens the
+other opens of it use direct I/O, and an inode with cached opens gets no passthrough.
+
+Every open that could not be handed over is served by the usual read path; why is
+counted (`dorafs_mount_passthrough_opens_total{result}`) and logged once per mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import struct
+from dataclasses import dataclass
+
+import trio
+import xxhash
+
+from dorafs.fuse import protocol as p
+from dorafs.fuse.metrics import PASSTHROUGH_FILES, PASSTHROUGH_OPENS
+
+log = logging.getLogger(__name__)
+
+# Why an open was not handed to the kernel (the label of the metric).
+OFF = "off"  # -o passthrough=0
+NOT_GRANTED = "not_granted"  # the kernel did not grant FUSE_PASSTHROUGH at INIT
+NOT_PERMITTED = "not_permitted"  # registering failed with EPERM (not root)
+WRITING = "writing"  # open for writing, or the file is staged
+OTHER_VERSION = "other_version"  # another open of the inode reads another version
+CACHED_OPEN = "cached_open"  # another open of the inode uses the kernel's page cache
+NOT_CACHED = "not_cached"  # no worker on this machine holds all of the version
+UNREADABLE = "unreadable"  # the worker's file cannot be opened here
+CORRUPT = "corrupt"  # a page of it did not match its checksum
+FAILED = "failed"  # registering failed otherwise
+GRANTED = "granted"
+REASONS = (GRANTED, OFF, NOT_GRANTED, NOT_PERMITTED, WRITING, OTHER_VERSION, CACHED_OPEN, NOT_CACHED,
+           UNREADABLE, CORRUPT, FAILED)
+for _reason in REASONS:
+    PASSTHROUGH_OPENS.labels(_reason)
+
+_MESSAGES = {
+    OFF: "passthrough=0",
+    NOT_GRANTED: "the kernel did not grant FUSE passthrough (kernel before 6.9, or not asked: not root)",
+    NOT_PERMITTED: "registering a backing file was refused (EPERM: the mount lacks CAP_SYS_ADMIN)",
+    WRITING: "the file is open for writing or staged",
+    OTHER_VERSION: "another open of the file reads another version",
+    CACHED_OPEN: "another open of the file uses the kernel's page cache",
+    NOT_CACHED: "the version is not wholly cached by a worker on this machine",
+    UNREADABLE: "the worker's object file cannot be read by this mount",
+    CORRUPT: "a page of the worker's object file did not match its checksum",
+    FAILED: "registering the backing file failed",
+}
+
+VERIFY_THREADS = 2  # checksum passes over object files at once
+_CHUNK = 8 << 20
+
+
+class Fallback(Exception):
+    """This open is served by the read path; `reason` says why."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Backing:
+    """One registered backing file: shared by the opens of one inode and version."""
+
+    backing_id: int
+    fd: int
+    version: str
+    size: int
+    opens: int = 0
+
+
+def verify(fd: int, size: int, page_size: int, checksums: list[str]) -> int | None:
+    """Check every page of an object file; the index of the first bad page, or None."""
+    if os.fstat(fd).st_size != size:
+        return 0
+    buf = bytearray(max(page_size, 1))
+    view = memoryview(buf)
+    for index, expected in enumerate(checksums):
+        length = min(page_size, size - index * page_size)
+        part = view[:length]
+        got = os.preadv(fd, [part], index * page_size)
+        if got != length or xxhash.xxh3_64_hexdigest(part) != expected:
+            return index
+    return None
+
+
+class Passthrough:
+    """The backing files this mount registered, by inode, and the decision per open."""
+
+    def __init__(self, client, enabled: bool):
+        self.client = client
+        self.enabled = enabled
+        self.device: int | None = None  # the /dev/fuse descriptor, once the session runs
+        self.granted = False
+        self.by_inode: dict[int, Backing] = {}
+        self._verified: dict[tuple[int, int], str] = {}  # (st_dev, st_ino) -> object version
+        self._logged: set[str] = set()
+        self._permitted = True
+        self._limiter = trio.CapacityLimiter(VERIFY_THREADS)
+        PASSTHROUGH_FILES.set_function(lambda: len(self.by_inode))
+
+    def started(self, device: int, negotiated) -> None:
+        """The session is up: may the kernel take backing files?"""
+        self.device = device
+        self.granted = bool(negotiated is not None and negotiated.granted(p.PASSTHROUGH)
+                            and negotiated.max_stack_depth > 0)
+        if self.enabled:
+            log.info("passthrough of wholly cached files: %s", "granted by the kernel" if self.granted
+                     else "not granted; every read goes through the mount")
+
+    def fallback(self, reason: str, detail: str = "") -> None:
+        """Count an open served by the read path; log its reason once per mount."""
+        PASSTHROUGH_OPENS.labels(reason).inc()
+        if reason not in self._logged and reason != OFF:
+            self._logged.add(reason)
+            log.info("an open is served without passthrough: %s%s (logged once per mount)",
+                     _MESSAGES.get(reason, reason), f" ({detail})" if detail else "")
+
+    def holds(self, inode: int) -> bool:
+        return inode in self.by_inode
+
+    async def open(self, inode: int, f) -> int:
+        """The backing id for a read-only open of pinned version `f` of `inode`, registered
+        now or shared; raises Fallback."""
+        if not self.enabled:
+            raise Fallback(OFF)
+        if not self.granted:
+            raise Fallback(NOT_GRANTED)
+        if not self._permitted:
+            raise Fallback(NOT_PERMITTED)
+        version = f.status.version
+        held = self.by_inode.get(inode)
+        if held is not None:
+            if held.version != version:
+                raise Fallback(OTHER_VERSION)
+            held.opens += 1
+            PASSTHROUGH_OPENS.labels(GRANTED).inc()
+            return held.backing_id
+        whole = await self.client.whole_file(f)
+        if whole is None or whole.get("size") != f.status.size:
+            raise Fallback(NOT_CACHED)
+        try:
+            fd = os.open(whole["path"], os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise Fallback(NOT_CACHED, "evicted meanwhile") from None
+        except OSError as exc:
+            raise Fallback(UNREADABLE, f"{whole['path']}: {exc.strerror}") from None
+        try:
+            backing_id = await self._register(fd, whole, version)
+        except BaseException:
+            os.close(fd)
+            raise
+        held = self.by_inode.get(inode)
+        if held is not None:  # another open of it registered meanwhile
+            self._close_id(backing_id)
+            os.close(fd)
+            if held.version != version:
+                raise Fallback(OTHER_VERSION)
+            held.opens += 1
+            PASSTHROUGH_OPENS.labels(GRANTED).inc()
+            return held.backing_id
+        self.by_inode[inode] = Backing(backing_id, fd, version, f.status.size, 1)
+        PASSTHROUGH_OPENS.labels(GRANTED).inc()
+        return backing_id
+
+    async def _register(self, fd: int, whole: dict, version: str) -> int:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # never waits long: the worker only tries LOCK_EX|LOCK_NB
+        st = os.fstat(fd)
+        if st.st_nlink == 0:
+            raise Fallback(NOT_CACHED, "evicted meanwhile")
+        if self._verified.get((st.st_dev, st.st_ino)) != version:
+            bad = await trio.to_thread.run_sync(verify, fd, int(whole["size"]), int(whole["page_size"]),
+                                                list(whole["checksums"]), limiter=self._limiter)
+            if bad is not None:
+                raise Fallback(CORRUPT, f"page {bad} of {whole['path']}")
+            self._verified[(st.st_dev, st.st_ino)] = version
+        arg = bytearray(p.BACKING_MAP.struct.pack(fd, 0))
+        try:
+            backing_id = fcntl.ioctl(self.device, p.DEV_IOC_BACKING_OPEN, arg, True)
+        except OSError as exc:
+            if exc.errno == errno.EPERM:
+                self._permitted = False
+                raise Fallback(NOT_PERMITTED) from None
+            raise Fallback(FAILED, os.strerror(exc.errno or errno.EIO)) from None
+        if backing_id <= 0:
+            raise Fallback(FAILED, f"backing id {backing_id}")
+        return backing_id
+
+    def release(self, inode: int) -> None:
+        """One passthrough open of `inode` ended; the last one closes the backing id."""
+        held = self.by_inode.get(inode)
+        if held is None:
+            return
+        held.opens -= 1
+        if held.opens > 0:
+            return
+        del self.by_inode[inode]
+        self._close_id(held.backing_id)
+        os.close(held.fd)  # lets go of the flock: the worker may give the bytes back
+
+    def _close_id(self, backing_id: int) -> None:
+        if self.device is None:
+            return
+        try:
+            fcntl.ioctl(self.device, p.DEV_IOC_BACKING_CLOSE, struct.pack("<I", backing_id))
+        except OSError as exc:  # unmounted meanwhile: the kernel dropped it already
+            log.debug("closing backing id %d: %s", backing_id, exc)
+
+    def close(self) -> None:
+        for inode in list(self.by_inode):
+            held = self.by_inode.pop(inode)
+            self._close_id(held.backing_id)
+            os.close(held.fd)
