@@ -34,7 +34,7 @@ from dorafs.files import lock_directory
 from dorafs.fuse import mounting
 from dorafs.fuse import protocol as p
 from dorafs.fuse.metrics import REGISTRY, ClientCollector
-from dorafs.fuse.operations import DoraOperations
+from dorafs.fuse.operations import DoraOperations, passthrough_wanted
 from dorafs.fuse.session import WANTED, Session
 from dorafs.http import HttpServer, Response, json_response
 from dorafs.membership import open_membership
@@ -173,7 +173,7 @@ async def run_mount(config: MountConfig, ready=lambda: None) -> None:
             raise MountError(f"cannot mount on {mountpoint}: {exc} (is it already mounted? is /dev/fuse there?)")
         # Passthrough is asked for only where registering backing files can work: the
         # kernel demands CAP_SYS_ADMIN for it (an unprivileged mount would get EPERM).
-        passthrough = config.passthrough and not config.direct_io and os.geteuid() == 0
+        passthrough = passthrough_wanted(config) and os.geteuid() == 0
         session = Session(operations, fd, workers=config.fuse_tasks, debug=config.debug,
                           wanted=WANTED | (p.PASSTHROUGH if passthrough else 0),
                           max_stack_depth=1 if passthrough else 0)

@@ -55,6 +55,13 @@ def _first(value: float | None, default: float) -> float:
     return default if value is None else value
 
 
+def passthrough_wanted(config: MountConfig) -> bool:
+    """Passthrough unless told otherwise on a read-only mount, where asked on a writable
+    one; never with direct_io (every read is to reach the mount)."""
+    wanted = config.read_only if config.passthrough is None else config.passthrough
+    return wanted and not config.direct_io
+
+
 def _kernel_seconds(ttl: float) -> float:
     return KERNEL_FOREVER if ttl < 0 else ttl
 
@@ -75,7 +82,7 @@ class DoraOperations(WritingOperations):
         self.writes = Writes(client, self.staging, counted=self._counted)  # the writing policy
         self.namespace = Namespace(client)  # the namespace policy; this object is its `Local`
         # Wholly cached files go to the kernel, unless every read is to reach the mount.
-        self.passthrough = Passthrough(client, config.passthrough and not config.direct_io)
+        self.passthrough = Passthrough(client, passthrough_wanted(config))
         self._writing: set[Node] = set()  # nodes with a WriteFile
         STAGING_BYTES.set_function(lambda: self.staging.used)
         INODES.set_function(lambda: len(self.inodes))
@@ -237,6 +244,8 @@ class DoraOperations(WritingOperations):
         writing = flags & os.O_ACCMODE != os.O_RDONLY or bool(flags & os.O_TRUNC)
         if writing:
             self._writable()
+        if (writing or node.writer is not None) and self.passthrough.holds(node.inode):
+            self.passthrough.conflict("writing")
         if writing or node.writer is not None:
             self.passthrough.fallback(WRITING)
             if node.writer is None and node.status.is_dir:
@@ -252,6 +261,8 @@ class DoraOperations(WritingOperations):
         node.status = status
         version = status.version
         others = any(v != version for v, n in node.open_versions.items() if n > 0)
+        if others and self.passthrough.holds(node.inode):
+            self.passthrough.conflict("another version")
         stale_attributes = node.attr_version is not None and node.attr_version != version
         if stale_attributes:
             # The kernel holds attributes (the size above all) of another version for up

@@ -20,9 +20,11 @@ Why this cannot return wrong bytes:
 
 The kernel allows one backing file per inode: every open of the same inode and version
 shares one backing id (a second registration would fail the open with EIO), and the id
-is closed at the last release. An inode whose opens use the kernel's page cache cannot
-take passthrough opens, nor the reverse, so while an inode has passthrough opens the
-other opens of it use direct I/O, and an inode with cached opens gets no passthrough.
+is closed at the last release. While an inode has passthrough opens, the kernel fails
+every open of it that is not passthrough with EIO (fs/fuse/iomode.c): so an open of
+another version or for writing is then refused here with EBUSY (counted as `conflict`,
+logged once), which is why passthrough is on by default only on read-only mounts. An
+inode with opens that use the kernel's page cache gets no passthrough open.
 
 Every open that could not be handed over is served by the usual read path; why is
 counted (`dorafs_mount_passthrough_opens_total{result}`) and logged once per mount.
@@ -42,6 +44,7 @@ import xxhash
 
 from dorafs.fuse import protocol as p
 from dorafs.fuse.metrics import PASSTHROUGH_FILES, PASSTHROUGH_OPENS
+from dorafs.fuse.types import FUSEError
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +58,11 @@ CACHED_OPEN = "cached_open"  # another open of the inode uses the kernel's page 
 NOT_CACHED = "not_cached"  # no worker on this machine holds all of the version
 UNREADABLE = "unreadable"  # the worker's file cannot be opened here
 CORRUPT = "corrupt"  # a page of it did not match its checksum
+CONFLICT = "conflict"  # refused: the inode is read through passthrough, this open could not be
 FAILED = "failed"  # registering failed otherwise
 GRANTED = "granted"
 REASONS = (GRANTED, OFF, NOT_GRANTED, NOT_PERMITTED, WRITING, OTHER_VERSION, CACHED_OPEN, NOT_CACHED,
-           UNREADABLE, CORRUPT, FAILED)
+           UNREADABLE, CORRUPT, FAILED, CONFLICT)
 for _reason in REASONS:
     PASSTHROUGH_OPENS.labels(_reason)
 
@@ -145,6 +149,16 @@ class Passthrough:
             self._logged.add(reason)
             log.info("an open is served without passthrough: %s%s (logged once per mount)",
                      _MESSAGES.get(reason, reason), f" ({detail})" if detail else "")
+
+    def conflict(self, what: str) -> None:
+        """Refuse an open (EBUSY) the kernel cannot take beside the inode's passthrough
+        opens: it fails every open of such an inode that is not passthrough with EIO."""
+        PASSTHROUGH_OPENS.labels(CONFLICT).inc()
+        if CONFLICT not in self._logged:
+            self._logged.add(CONFLICT)
+            log.warning("an open for %s of a file the kernel reads through passthrough is refused "
+                        "with EBUSY until its passthrough opens are closed (logged once per mount)", what)
+        raise FUSEError(errno.EBUSY)
 
     def holds(self, inode: int) -> bool:
         return inode in self.by_inode
