@@ -120,7 +120,7 @@ def test_eviction_refresh_and_an_overwrite_leave_an_open_passthrough_file_unchan
         assert os.pread(f.fileno(), 1000, MiB) == old[MiB:MiB + 1000]
         info = httpx.get(f"http://{worker.address}/v1/info", timeout=10).json()
         # The worker counts the unlinked file the mount holds.
-        assert info["used"] >= len(old), info
+        assert info["held"] == len(old) and info["used"] >= len(old), info
         # The kernel fails any open of an inode it reads through passthrough that is not
         # passthrough too: one of the new version is refused with EBUSY while this is open,
         # and so is one for writing.

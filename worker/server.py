@@ -169,7 +169,7 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
     @server.route("GET", "/v1/info")
     async def get_info(req: Request) -> Response:
         store = service.store
-        return json_response(info | {"used": store.used, "pages": len(store)})
+        return json_response(info | {"used": store.used, "pages": len(store), "held": store.held})
 
     @server.route("GET", "/healthz")
     async def healthz(req: Request) -> Response:

@@ -75,6 +75,8 @@ class WorkerService:
         m.cache_used.set(s.used)
         m.cache_capacity.set(s.capacity)
         m.pages.set(len(s))
+        m.whole_objects.set(s.statistics()["whole_objects"])
+        m.held_bytes.set(s.held)
         m.evictions.set(s.evictions)
         m.cache_write_errors.set(s.write_errors)
         m.metadata_entries.set(self.meta.memory_size())
