@@ -10,11 +10,18 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import pwd
+import shutil
+import site
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.cluster import ProcessSet
+from tests.cluster import REPO, ProcessSet, _env, is_mounted
 from tests.support import free_port, wait_for
 from tests.test_operations import scrape
 from tests.test_scheduler import admin, cluster
@@ -184,3 +191,60 @@ def test_dorafs_admin_load_makes_a_dataset_eligible_at_once(procs, s3_server, bu
     after = scrape(f"127.0.0.1:{port}")
     assert opens(after, "granted") == len(files)
     assert reads(after) == reads(before)
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
+def test_an_unprivileged_mount_reads_through_the_mount_without_passthrough(s3_server, bucket):
+    """`dorafs mount` as a user (fusermount3 mounts it): passthrough is not asked for (the
+    kernel would refuse its backing files), every open is read through the mount."""
+    if os.stat("/dev/fuse").st_mode & 0o006 != 0o006:
+        pytest.skip("/dev/fuse is not open to every user")
+    data = os.urandom(2 * MiB + 5)
+    s3_server.client().put_object(Bucket=bucket, Key="u/f.bin", Body=data)
+    user = pwd.getpwnam("nobody")
+    base = Path(tempfile.mkdtemp(prefix="dorafs-unpriv-"))
+    os.chmod(base, 0o755)
+    for sub in ("mnt", "home"):
+        (base / sub).mkdir()
+        os.chown(base / sub, user.pw_uid, user.pw_gid)
+    mnt = base / "mnt"
+    # The system's interpreter of this Python version, with this environment's packages: the
+    # environment's own may sit under a directory the user cannot enter (~root/.pyenv).
+    python = f"/usr/bin/python{sys.version_info[0]}.{sys.version_info[1]}"
+    if not os.path.exists(python):
+        pytest.skip(f"needs {python}")
+    path = os.pathsep.join([str(REPO), *site.getsitepackages()])
+    as_user = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups"]
+    port = free_port()
+    log = open(base / "mount.log", "wb")
+    proc = subprocess.Popen(
+        as_user + [python, "-m", "dorafs.cli.main", "mount", f"s3://{bucket}/u", str(mnt), "--foreground",
+                   "-o", f"ro,passthrough=1,metrics_listen=127.0.0.1:{port}"],
+        cwd=REPO, env=_env() | {"HOME": str(base / "home"), "XDG_CACHE_HOME": str(base / "home"), "PYTHONPATH": path},
+        stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: is_mounted(mnt) or proc.poll() is not None, timeout=30, what="the user's mount")
+        assert is_mounted(mnt), (base / "mount.log").read_text()[-2000:]
+        line = next(line for line in Path("/proc/self/mounts").read_text().splitlines() if f" {mnt} " in line)
+        assert f"user_id={user.pw_uid}" in line
+        for _ in range(3):  # the second and third find it wholly cached
+            out = subprocess.run(as_user + ["cat", str(mnt / "f.bin")], capture_output=True, timeout=60)
+            assert out.stdout == data, out.stderr
+        now = scrape(f"127.0.0.1:{port}")
+        assert opens(now, "not_granted") == 3 and opens(now, "granted") == 0
+        assert reads(now) > 0
+    finally:
+        if is_mounted(mnt):
+            subprocess.run(as_user + ["fusermount3", "-u", str(mnt)], capture_output=True, timeout=20)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+            if is_mounted(mnt):
+                subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
+        log.close()
+        text = (base / "mount.log").read_text()
+        shutil.rmtree(base, ignore_errors=True)
+    assert proc.returncode == 0, text[-2000:]
+    assert "Traceback" not in text and "passthrough" in text, text[-2000:]
