@@ -78,6 +78,8 @@ def test_a_cached_file_is_read_by_the_kernel_exactly_and_without_reads_reaching_
     m = mount()
     path = m.path("a.bin")
     assert read_whole(path) == data  # read to its end through the mount: now eligible
+    # ... and made ready in the background: the worker seals it into one file.
+    wait_for(lambda: worker.metrics()["dorafs_worker_whole_objects"] == 1, what="the object sealed")
     before = metrics()
     assert opens(before, "granted") == 0
     with open(path, "rb") as f:

@@ -290,7 +290,9 @@ class WorkerService:
     async def whole_object(self, uri: str, version: str, size: int):
         """The one file of this version of `uri` if every page of it is cached (sealed
         now if it is still in pages), else None; nothing is fetched."""
-        return await self.store.seal(object_id(uri, version), size, self.config.page_size)
+        whole = await self.store.seal(object_id(uri, version), size, self.config.page_size)
+        self.update_gauges()
+        return whole
 
     def open_page(self, result: PageResult) -> int | None:
         """An fd on a cached page for sendfile, or None (gone, or never cached)."""

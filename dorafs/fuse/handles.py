@@ -43,6 +43,7 @@ class FileHandle:
     append: bool = False
     cached: bool = False  # uses the kernel's page cache (counted in node.cached_opens)
     passthrough: bool = False  # read by the kernel from a backing file
+    read_end: int = 0  # the furthest byte read through the mount
 
 
 @dataclass

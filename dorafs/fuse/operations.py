@@ -305,6 +305,8 @@ class DoraOperations(WritingOperations):
             data = handle.writer.read(off, size)
         else:
             data = await self.client.read(handle.file, off, size)
+            if off + len(data) > handle.read_end:
+                handle.read_end = off + len(data)
         READ_LATENCY.observe(time.perf_counter() - start)
         READS.inc()
         READ_BYTES.inc(len(data))
@@ -325,6 +327,8 @@ class DoraOperations(WritingOperations):
                 await self._let_go(node, handle.writer, upload=True)
             else:
                 version = handle.file.status.version
+                if not handle.passthrough and handle.read_end >= handle.file.status.size > 0:
+                    self.passthrough.prepare_soon(handle.file)  # read to its end: hand it over next time
                 node.open_versions[version] -= 1
                 if node.open_versions[version] <= 0:
                     del node.open_versions[version]

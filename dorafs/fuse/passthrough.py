@@ -28,6 +28,11 @@ inode with opens that use the kernel's page cache gets no passthrough open.
 
 Every open that could not be handed over is served by the usual read path; why is
 counted (`dorafs_mount_passthrough_opens_total{result}`) and logged once per mount.
+
+Getting there: when a handle that read its file to the end through the mount is
+released, `prepare_soon` asks the worker (in the background) to seal the version into its
+one file and verifies it, so the next open only registers it. A file loaded with
+`dorafs-admin load` is sealed and verified at its first open.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import fcntl
 import logging
 import os
 import struct
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import trio
@@ -80,6 +86,8 @@ _MESSAGES = {
 }
 
 VERIFY_THREADS = 2  # checksum passes over object files at once
+PREPARING = 2  # files sealed and verified ahead of their next open, at once
+VERIFIED_KEPT = 100_000  # object files remembered as verified (their device and inode)
 _CHUNK = 8 << 20
 
 
@@ -127,15 +135,20 @@ class Passthrough:
         self.device: int | None = None  # the /dev/fuse descriptor, once the session runs
         self.granted = False
         self.by_inode: dict[int, Backing] = {}
-        self._verified: dict[tuple[int, int], str] = {}  # (st_dev, st_ino) -> object version
+        self._verified: OrderedDict[tuple[int, int], str] = OrderedDict()  # (st_dev, st_ino) -> version
+        self._preparing: set[tuple[str, str]] = set()
+        self._prepare_limiter = trio.CapacityLimiter(PREPARING)
+        self._nursery: trio.Nursery | None = None
         self._logged: set[str] = set()
         self._permitted = True
         self._limiter = trio.CapacityLimiter(VERIFY_THREADS)
         PASSTHROUGH_FILES.set_function(lambda: len(self.by_inode))
 
-    def started(self, device: int, negotiated) -> None:
-        """The session is up: may the kernel take backing files?"""
+    def started(self, device: int, negotiated, nursery: trio.Nursery | None = None) -> None:
+        """The session is up: may the kernel take backing files? (`nursery` runs the
+        preparation of files read to their end.)"""
         self.device = device
+        self._nursery = nursery
         self.granted = bool(negotiated is not None and negotiated.granted(p.PASSTHROUGH)
                             and negotiated.max_stack_depth > 0)
         if self.enabled:
@@ -212,12 +225,9 @@ class Passthrough:
         st = os.fstat(fd)
         if st.st_nlink == 0:
             raise Fallback(NOT_CACHED, "evicted meanwhile")
-        if self._verified.get((st.st_dev, st.st_ino)) != version:
-            bad = await trio.to_thread.run_sync(verify, fd, int(whole["size"]), int(whole["page_size"]),
-                                                list(whole["checksums"]), limiter=self._limiter)
-            if bad is not None:
-                raise Fallback(CORRUPT, f"page {bad} of {whole['path']}")
-            self._verified[(st.st_dev, st.st_ino)] = version
+        bad = await self._verify(fd, st, whole, version)
+        if bad is not None:
+            raise Fallback(CORRUPT, f"page {bad} of {whole['path']}")
         arg = bytearray(p.BACKING_MAP.struct.pack(fd, 0))
         try:
             backing_id = fcntl.ioctl(self.device, p.DEV_IOC_BACKING_OPEN, arg, True)
@@ -229,6 +239,50 @@ class Passthrough:
         if backing_id <= 0:
             raise Fallback(FAILED, f"backing id {backing_id}")
         return backing_id
+
+    async def _verify(self, fd: int, st: os.stat_result, whole: dict, version: str) -> int | None:
+        """Check the object file open at `fd` once per file: the first bad page, or None."""
+        key = (st.st_dev, st.st_ino)
+        if self._verified.get(key) == version:
+            self._verified.move_to_end(key)
+            return None
+        bad = await trio.to_thread.run_sync(verify, fd, int(whole["size"]), int(whole["page_size"]),
+                                            list(whole["checksums"]), limiter=self._limiter)
+        if bad is None:
+            self._verified[key] = version
+            while len(self._verified) > VERIFIED_KEPT:
+                self._verified.popitem(last=False)
+        return bad
+
+    def prepare_soon(self, f) -> None:
+        """In the background: have the worker seal pinned version `f` (read to its end
+        through the mount) into one file, and verify it, so its next open is handed over
+        at once."""
+        key = (f.uri, f.status.version)
+        if (not self.enabled or not self.granted or not self._permitted or self._nursery is None
+                or key in self._preparing):
+            return
+        self._preparing.add(key)
+        self._nursery.start_soon(self._prepare, f, key)
+
+    async def _prepare(self, f, key) -> None:
+        try:
+            async with self._prepare_limiter:
+                whole = await self.client.whole_file(f)
+                if whole is None or whole.get("size") != f.status.size:
+                    return
+                try:
+                    fd = os.open(whole["path"], os.O_RDONLY | os.O_CLOEXEC)
+                except OSError:
+                    return
+                try:
+                    await self._verify(fd, os.fstat(fd), whole, f.status.version)
+                finally:
+                    os.close(fd)
+        except Exception as exc:  # the next open tries again, and says why it could not
+            log.debug("preparing %s for passthrough: %s", f.uri, exc)
+        finally:
+            self._preparing.discard(key)
 
     def release(self, inode: int) -> None:
         """One passthrough open of `inode` ended; the last one closes the backing id."""
