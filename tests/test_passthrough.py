@@ -156,12 +156,16 @@ def test_every_fallback_reads_exact_bytes_through_the_mount(setup):
     with open(m.path("d.bin"), "rb") as f:
         assert opens(metrics(), "not_cached") >= 1
         assert f.read() == data
-    # Now whole: two opens share; a cached open of it meanwhile keeps passthrough away.
     before = reads(metrics())
-    with open(m.path("d.bin"), "rb") as f:
+    with open(m.path("d.bin"), "rb") as f:  # now whole: passthrough
         assert opens(metrics(), "granted") == 1
         assert f.read() == data
     assert reads(metrics()) == before
+    small = os.urandom(100_000)  # under passthrough_min_size: always through the mount
+    put("small.bin", small)
+    assert read_whole(m.path("small.bin")) == small
+    assert read_whole(m.path("small.bin")) == small
+    assert opens(metrics(), "small") == 2
 
 
 def test_passthrough_off_reads_through_the_mount(setup):

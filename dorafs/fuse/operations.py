@@ -82,7 +82,7 @@ class DoraOperations(WritingOperations):
         self.writes = Writes(client, self.staging, counted=self._counted)  # the writing policy
         self.namespace = Namespace(client)  # the namespace policy; this object is its `Local`
         # Wholly cached files go to the kernel, unless every read is to reach the mount.
-        self.passthrough = Passthrough(client, passthrough_wanted(config))
+        self.passthrough = Passthrough(client, passthrough_wanted(config), config.passthrough_min_size)
         self._writing: set[Node] = set()  # nodes with a WriteFile
         STAGING_BYTES.set_function(lambda: self.staging.used)
         INODES.set_function(lambda: len(self.inodes))

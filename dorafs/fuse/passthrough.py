@@ -64,11 +64,12 @@ CACHED_OPEN = "cached_open"  # another open of the inode uses the kernel's page 
 NOT_CACHED = "not_cached"  # no worker on this machine holds all of the version
 UNREADABLE = "unreadable"  # the worker's file cannot be opened here
 CORRUPT = "corrupt"  # a page of it did not match its checksum
+SMALL = "small"  # smaller than passthrough_min_size
 CONFLICT = "conflict"  # refused: the inode is read through passthrough, this open could not be
 FAILED = "failed"  # registering failed otherwise
 GRANTED = "granted"
 REASONS = (GRANTED, OFF, NOT_GRANTED, NOT_PERMITTED, WRITING, OTHER_VERSION, CACHED_OPEN, NOT_CACHED,
-           UNREADABLE, CORRUPT, FAILED, CONFLICT)
+           UNREADABLE, CORRUPT, FAILED, SMALL, CONFLICT)
 for _reason in REASONS:
     PASSTHROUGH_OPENS.labels(_reason)
 
@@ -83,6 +84,7 @@ _MESSAGES = {
     UNREADABLE: "the worker's object file cannot be read by this mount",
     CORRUPT: "a page of the worker's object file did not match its checksum",
     FAILED: "registering the backing file failed",
+    SMALL: "the file is smaller than passthrough_min_size",
 }
 
 VERIFY_THREADS = 2  # checksum passes over object files at once
@@ -129,9 +131,10 @@ def verify(fd: int, size: int, page_size: int, checksums: list[str]) -> int | No
 class Passthrough:
     """The backing files this mount registered, by inode, and the decision per open."""
 
-    def __init__(self, client, enabled: bool):
+    def __init__(self, client, enabled: bool, min_size: int = 0):
         self.client = client
         self.enabled = enabled
+        self.min_size = min_size
         self.device: int | None = None  # the /dev/fuse descriptor, once the session runs
         self.granted = False
         self.by_inode: dict[int, Backing] = {}
@@ -185,6 +188,8 @@ class Passthrough:
             raise Fallback(NOT_GRANTED)
         if not self._permitted:
             raise Fallback(NOT_PERMITTED)
+        if f.status.size < self.min_size:
+            raise Fallback(SMALL)
         version = f.status.version
         held = self.by_inode.get(inode)
         if held is not None:
@@ -260,7 +265,7 @@ class Passthrough:
         at once."""
         key = (f.uri, f.status.version)
         if (not self.enabled or not self.granted or not self._permitted or self._nursery is None
-                or key in self._preparing):
+                or f.status.size < self.min_size or key in self._preparing):
             return
         self._preparing.add(key)
         self._nursery.start_soon(self._prepare, f, key)
