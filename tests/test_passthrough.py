@@ -150,6 +150,8 @@ def test_every_fallback_reads_exact_bytes_through_the_mount(setup):
     worker, mount, put, metrics = setup
     data = os.urandom(3 * MiB + 7)
     put("d.bin", data)
+    small = os.urandom(100_000)  # under passthrough_min_size: always through the mount
+    put("small.bin", small)
     m = mount("passthrough=1,readahead_pages=0")
     with open(m.path("d.bin"), "rb") as f:  # only its first page gets cached
         assert f.read(1000) == data[:1000]
@@ -161,8 +163,6 @@ def test_every_fallback_reads_exact_bytes_through_the_mount(setup):
         assert opens(metrics(), "granted") == 1
         assert f.read() == data
     assert reads(metrics()) == before
-    small = os.urandom(100_000)  # under passthrough_min_size: always through the mount
-    put("small.bin", small)
     assert read_whole(m.path("small.bin")) == small
     assert read_whole(m.path("small.bin")) == small
     assert opens(metrics(), "small") == 2
