@@ -105,7 +105,7 @@ class Report:
         for s in self.systems:
             t.add_column(s, justify="right")
         if self.natives:
-            t.add_column("native", justify="right")
+            t.add_column("local file", justify="right")
         t.add_column(f"{self.dorafs}/best peer", justify="right")
         t.add_column(f"{self.dorafs}/ceiling", justify="right")
         if "native" in self.systems:
@@ -141,7 +141,7 @@ class Report:
 
     def plain_table(self) -> str:
         """The table as Markdown (for bench/README.md)."""
-        head = ["scenario", "phase", "unit", *self.systems] + (["native"] if self.natives else []) + \
+        head = ["scenario", "phase", "unit", *self.systems] + (["local file"] if self.natives else []) + \
                [f"{self.dorafs}/best peer", f"{self.dorafs}/ceiling"] + \
                ([f"{self.dorafs}/native"] if "native" in self.systems else []) + [f"{self.dorafs} RSS MiB (mount+worker)"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
