@@ -495,3 +495,25 @@ def test_sealing_needs_room_for_a_copy(tmp_path):
         assert store.pages_of(key(1)[0]) == {0, 1, 2}
 
     trio.run(main)
+
+
+def test_concurrent_seals_of_one_object_make_one_file(tmp_path):
+    store = new_store(tmp_path, 1 << 20)
+
+    async def main():
+        data = page(2500)
+        for i in range(3):
+            await put(store, key(1, i), data[i * 1000:(i + 1) * 1000])
+        results = []
+
+        async def seal():
+            results.append(await store.seal(key(1)[0], 2500, 1000))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(seal)
+        assert len(results) == 3 and all(r is not None and r is results[0] for r in results)
+        assert store.sealed == 1 and store.used == 2500
+        assert results[0].path.read_bytes() == data
+
+    trio.run(main)

@@ -123,7 +123,7 @@ class PageStore:
         self._by_object: dict[str, set[int]] = {}
         self._limiter = thread_limiter or trio.CapacityLimiter(8)
         self._whole: dict[str, WholeObject] = {}  # sealed objects by object id
-        self._sealing: set[str] = set()
+        self._sealing: dict[str, trio.Event] = {}  # objects being sealed -> set when done
         self._held: list[_Held] = []  # unlinked object files a mount still holds
         self.held = 0  # their bytes (part of `used`)
         self.sealed = 0  # objects sealed since start
@@ -287,6 +287,11 @@ class PageStore:
             else:
                 self._unlink(entry)
 
+    def refresh_held(self) -> None:
+        """Give back the bytes of held object files no mount holds any more (at most
+        every HELD_RECHECK_SECONDS)."""
+        self._check_held()
+
     def statistics(self) -> dict:
         return {"whole_objects": len(self._whole), "sealed": self.sealed, "held_files": len(self._held),
                 "held_bytes": self.held}
@@ -307,10 +312,13 @@ class PageStore:
         page missing or corrupt, which is then dropped, or no room for the copy)."""
         if oid in self._whole:
             return self._whole[oid]
+        if oid in self._sealing:  # another caller is sealing it: its outcome is ours
+            await self._sealing[oid].wait()
+            return self._whole.get(oid)
         count = -(-size // page_size)
         entries = [self._index.get((oid, i)) for i in range(count)]
-        if oid in self._sealing or any(e is None or e.whole or e.size != min(page_size, size - i * page_size)
-                                       for i, e in enumerate(entries)):
+        if any(e is None or e.whole or e.size != min(page_size, size - i * page_size)
+               for i, e in enumerate(entries)):
             return None
         if self.reserved + self.held + size > self.limit:
             return None
@@ -319,7 +327,15 @@ class PageStore:
             if victim[0] == oid:  # no room but its own pages: leave it as pages
                 return None
             self._evict_one()
-        self._sealing.add(oid)
+        done_sealing = self._sealing[oid] = trio.Event()
+        try:
+            return await self._seal(oid, size, page_size, count, entries)
+        finally:
+            del self._sealing[oid]
+            done_sealing.set()
+
+    async def _seal(self, oid: str, size: int, page_size: int, count: int,
+                    entries: list[PageEntry]) -> WholeObject | None:
         self.used += size
         self.reserved += size
         whole = WholeObject(self.objects / oid[:2] / oid, size, page_size, [e.checksum for e in entries])
@@ -332,7 +348,6 @@ class PageStore:
         finally:
             self.used -= size
             self.reserved -= size
-            self._sealing.discard(oid)
         if isinstance(done, int):  # a corrupt page: dropped, to be fetched again
             log.warning("corrupt page %s_%d found while sealing its object: dropped", oid, done)
             self.corrupt += 1

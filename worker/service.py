@@ -75,6 +75,7 @@ class WorkerService:
         m.cache_used.set(s.used)
         m.cache_capacity.set(s.capacity)
         m.pages.set(len(s))
+        s.refresh_held()
         m.whole_objects.set(s.statistics()["whole_objects"])
         m.held_bytes.set(s.held)
         m.evictions.set(s.evictions)
