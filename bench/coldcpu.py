@@ -1,9 +1,10 @@
 """Where the CPU goes during a sequential read, cold or warm: the mount, its worker and the S3 server.
 
-    python3 bench/coldcpu.py [-o DORAFS_OPTIONS] [--repeat N] [--warm]
+    python3 bench/coldcpu.py [-o DORAFS_OPTIONS] [--repeat N] [--warm] [--mode quick]
 
-Needs the full dataset in s3rver (run `python3 bench/harness.py --full` once). Each pass
-mounts dorafs on an empty cache, reads the 1 GiB object with fio (256 KiB, one reader)
+Needs the dataset in s3rver (run `python3 bench/harness.py --full` once; `--mode quick`
+reads the quick dataset's 256 MiB object instead, so the quick run of the harness is
+enough). Each pass mounts dorafs on an empty cache, reads the large object with fio (256 KiB, one reader)
 and prints the throughput with the CPU seconds each process spent meanwhile: on two
 cores, their sum against twice the wall time tells whether the read is CPU-bound.
 With `--warm`, the cache is filled once and kept: each pass is a fresh mount (and
@@ -38,6 +39,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-o", dest="options", default="", help="extra -o options for the dorafs mount")
     p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--mode", choices=("full", "quick"), default="full", help="which dataset's large object")
     p.add_argument("--warm", action="store_true", help="keep the cache: fill it once, then time warm remounts")
     p.add_argument("--spy", metavar="FILE", help="record the mount and the worker in each timed pass with py-spy (raw, FILE.N.ROLE)")
     args = p.parse_args()
@@ -48,12 +50,13 @@ def main() -> None:
     server = S3rver(work)
     try:
         env = dict(os.environ) | server.env
-        print(f"{'pass':>4} {'MiB/s':>7} {'wall s':>7} {'mount':>7} {'worker':>7} {'s3rver':>7}  (CPU seconds)")
+        print(f"{'pass':>4} {'MiB/s':>7} {'wall s':>7} {'mount':>7} {'worker':>7} {'s3rver':>7}  (CPU seconds)"
+              f"  {'worker/GiB':>10}")
         shutil.rmtree(cache, ignore_errors=True)
         for n in range(-1 if args.warm else 0, args.repeat):  # pass 0 of --warm fills the cache
             if not args.warm:
                 shutil.rmtree(cache, ignore_errors=True)
-            argv = [sys.executable, "-m", "dorafs.cli.main", "mount", "s3://bench/full", str(mnt), "--foreground",
+            argv = [sys.executable, "-m", "dorafs.cli.main", "mount", f"s3://bench/{args.mode}", str(mnt), "--foreground",
                     "--cache-dir", str(cache)] + (["-o", args.options] if args.options else [])
             mount = subprocess.Popen(argv, env=env, stdout=open(work / "mount.log", "w"), stderr=subprocess.STDOUT)
             try:
@@ -82,8 +85,9 @@ def main() -> None:
                     spy.wait(30)
                 read = json.loads(out.stdout)["jobs"][0]["read"]
                 label = "fill" if n < 0 else str(n + 1)
+                gib = read["io_bytes"] / (1 << 30)
                 print(f"{label:>4} {read['bw'] / 1024:>7.0f} {read['runtime'] / 1000:>7.2f} {spent['mount']:>7.2f} "
-                      f"{spent['worker']:>7.2f} {spent['s3rver']:>7.2f}", flush=True)
+                      f"{spent['worker']:>7.2f} {spent['s3rver']:>7.2f}  {spent['worker'] / gib:>10.2f}", flush=True)
             finally:
                 mount.terminate()
                 mount.wait(30)

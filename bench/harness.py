@@ -35,7 +35,7 @@ from procs import BENCH, CACHE, REGISTRY, WORK, clean_stale, peak_rss_mib, reset
 from report import Report, Result, fmt  # noqa: E402
 from scenarios import Ctx, all_scenarios, describe  # noqa: E402
 from servers import SERVERS  # noqa: E402
-from systems import SYSTEMS, Mounted, versions  # noqa: E402
+from systems import SYSTEMS, Dorafs, DorafsBaseline, Mounted, versions  # noqa: E402
 
 console = Console(width=None if sys.stdout.isatty() else 200)
 RESULTS = BENCH / "results"
@@ -133,6 +133,8 @@ def parse_args(argv=None):
                    help=f"comma-separated, from {','.join(SYSTEMS)} (default dorafs,s3fs,rclone,ceiling,native)")
     p.add_argument("--scenarios", default="", help="comma-separated subset of scenario names")
     p.add_argument("--dorafs-options", default="", help="extra -o options for the dorafs mounts")
+    p.add_argument("--baseline", default=None, metavar="DIR",
+                   help="another dorafs checkout (with its .venv) to run beside this one as dorafs-base")
     p.add_argument("--timeout", type=float, default=None, help="seconds allowed per workload")
     p.add_argument("--keep-work", action="store_true", help="keep logs under bench/.cache/work/")
     return p.parse_args(argv)
@@ -158,6 +160,10 @@ def main(argv=None) -> int:
     if not server_cls.available():
         raise SystemExit(f"bench: the {args.s3} server is not installed (run bash bench/setup.sh)")
     wanted = [s.strip() for s in args.systems.split(",") if s.strip()]
+    if args.baseline:
+        DorafsBaseline.checkout = Path(args.baseline).resolve()
+        if "dorafs-base" not in wanted:
+            wanted.insert(wanted.index("dorafs") + 1 if "dorafs" in wanted else 0, "dorafs-base")
     unknown = [s for s in wanted if s not in SYSTEMS]
     if unknown:
         raise SystemExit(f"bench: unknown systems {unknown}; known: {list(SYSTEMS)}")
@@ -187,7 +193,7 @@ def main(argv=None) -> int:
                 console.print(f"[yellow]{name} skipped: {why}[/yellow]")
                 continue
             system = cls(server, spec.mode, workdir)
-            if system.is_dorafs or system.name == "ceiling":  # the ceiling mirrors dorafs's readahead
+            if isinstance(system, Dorafs) or system.name == "ceiling":  # the ceiling mirrors dorafs's readahead
                 system.options = args.dorafs_options
             systems.append(system)
         dorafs_name = next((s.name for s in systems if s.is_dorafs), "dorafs")

@@ -243,7 +243,7 @@ class Report:
         fig, (ax, ax2) = plt.subplots(2, 1, figsize=(max(10, 0.9 * len(labels) + 3), 9),
                                       gridspec_kw={"height_ratios": [3, 1.3]})
         width = 0.8 / max(1, len(self.systems))
-        colors = {"dorafs": "#d62728", "dorafs-w": "#ff7f0e", "s3fs": "#1f77b4", "rclone": "#2ca02c",
+        colors = {"dorafs": "#d62728", "dorafs-w": "#ff7f0e", "dorafs-base": "#e377c2", "s3fs": "#1f77b4", "rclone": "#2ca02c",
                   "ceiling": "#7f7f7f"}
         for i, s in enumerate(self.systems):
             xs = [j + (i - (len(self.systems) - 1) / 2) * width for j in range(len(labels))]

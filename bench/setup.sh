@@ -9,6 +9,12 @@
 #     any other torch spec would download gigabytes of CUDA libraries)
 #   - pip, into the project's .venv: awscrt and obstore, the S3 clients bench/s3clients.py
 #     measures against boto3 (the versions its figures in bench/README.md were taken with)
+#   - Debian: openmpi-bin, libopenmpi-dev; pip, into .venv: mpi4py and dlio-benchmark 2.0.0
+#     for bench/dlio.py. DLIO's package requires GPU builds (nvidia-dali-cuda110, the full
+#     tensorflow, torchvision/torchaudio, which would pull CUDA torch) that its PyTorch/npz
+#     path never imports: it is installed without dependencies, with the ones that path
+#     uses (hydra-core, omegaconf, h5py, psutil, Pillow, pydftracer; TensorFlow's CPU build
+#     and torch are already there). `pip check` then lists the GPU requirements as missing.
 # Whatever cannot be installed is reported; the harness then skips what is missing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -65,6 +71,19 @@ if ! $venv -c "import awscrt.s3, obstore" 2>/dev/null; then
   $venv -m pip install -q "${S3CLIENTS[@]}" 2>&1 | grep -v -e "Running pip as the 'root'" -e "is ignored: it is neither" || true
 fi
 $venv -c "import awscrt.s3, obstore" 2>/dev/null || unavailable+=("pip:${S3CLIENTS[*]} (.venv)")
+
+for pkg in openmpi-bin libopenmpi-dev; do
+  installed "$pkg" || apt-get install -y -qq "$pkg" >/dev/null || unavailable+=("apt:$pkg")
+done
+DLIO=(dlio-benchmark==2.0.0)
+DLIO_DEPS=("mpi4py>=3.1.4,<5" "hydra-core>=1.3.2,<2" "omegaconf>=2.2,<3" "h5py>=3.11" "psutil>=5.9" "Pillow>=9.3" "pydftracer==1.0.2")
+if ! $venv -c "import dlio_benchmark, mpi4py, hydra, dftracer" 2>/dev/null; then
+  echo "bench setup: .venv/bin/python -m pip install --no-deps ${DLIO[*]}; ${DLIO_DEPS[*]}" >&2
+  $venv -m pip install -q --no-deps "${DLIO[@]}" 2>&1 | grep -v -e "Running pip as the 'root'" -e "is ignored: it is neither" || true
+  $venv -m pip install -q "${DLIO_DEPS[@]}" 2>&1 | grep -v -e "Running pip as the 'root'" -e "is ignored: it is neither" \
+    -e "dependency resolver" -e "dlio-benchmark 2.0.0 requires" || true
+fi
+$venv -c "import dlio_benchmark, mpi4py, hydra, dftracer" 2>/dev/null || unavailable+=("pip:dlio-benchmark (bench/dlio.py)")
 
 if ((${#unavailable[@]})); then
   echo "bench setup: NOT available: ${unavailable[*]} (the harness skips what needs them)" >&2

@@ -73,7 +73,7 @@ class Session:
         mnt = self.root / f"mnt{self.mounts}"
         mnt.mkdir(parents=True, exist_ok=True)
         argv, env = self.system.mount_argv(self, mnt)
-        proc = Tracked(f"{self.system.name}-mount", argv, self.root / "mount.log", env=env)
+        proc = Tracked(f"{self.system.name}-mount", argv, self.root / "mount.log", env=env, cwd=self.system.cwd)
         REGISTRY.mountpoints.append(mnt.resolve())
         grandchildren: list[int] = []
         try:
@@ -112,6 +112,7 @@ class System:
     is_peer = False
     is_dorafs = False
     config = ""
+    cwd: Path | None = None  # where its mount runs (None: this checkout)
 
     def __init__(self, s3, mode: str, workdir: Path):
         self.s3 = s3
@@ -202,6 +203,49 @@ class DorafsWorker(Dorafs):
 
     def on_mounted(self, session, m):
         m.rss_pids["worker"] = session.extra["worker"].pid
+
+
+class DorafsBaseline(Dorafs):
+    """The same embedded mount running the code of another checkout (`--baseline DIR`):
+    a change and the code before it, measured side by side in one run."""
+
+    name = "dorafs-base"
+    is_dorafs = False  # the targets and ratios stay those of the checkout under test
+    checkout: Path | None = None
+
+    @property
+    def cwd(self):  # `python -m` puts the working directory first on sys.path
+        return self.checkout
+
+    @staticmethod
+    def available():
+        if DorafsBaseline.checkout is None:
+            return "no --baseline checkout given"
+        return None
+
+    @property
+    def config(self):
+        return f"{super().config}, code of {self.checkout} ({_commit(self.checkout)})"
+
+    def env(self):
+        env = super().env()
+        env["PYTHONPATH"] = str(self.checkout) + os.pathsep + env.get("PYTHONPATH", "")
+        return env
+
+    def mount_argv(self, session, mnt):
+        argv, env = super().mount_argv(session, mnt)
+        python = self.checkout / ".venv" / "bin" / "python"
+        if python.exists():  # its own environment, its own dependencies
+            argv[0] = str(python)
+        return argv, env
+
+
+def _commit(checkout: Path) -> str:
+    try:
+        return subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
 
 
 class S3fs(System):
@@ -310,7 +354,7 @@ class Native(System):
         return None if os.geteuid() == 0 else "needs root (mount --bind)"
 
 
-SYSTEMS = {cls.name: cls for cls in (Dorafs, DorafsWorker, S3fs, Rclone, Ceiling, Native)}
+SYSTEMS = {cls.name: cls for cls in (Dorafs, DorafsWorker, DorafsBaseline, S3fs, Rclone, Ceiling, Native)}
 
 
 def versions() -> dict[str, str]:
@@ -320,12 +364,16 @@ def versions() -> dict[str, str]:
             return (out.stdout or out.stderr).strip().splitlines()[0]
         except Exception as exc:
             return f"unavailable ({exc.__class__.__name__})"
-    import pyfuse3
+    try:
+        import pyfuse3  # the ceiling's binding, installed by bench/setup.sh only
+        ceiling = pyfuse3.__version__
+    except ImportError:
+        ceiling = "not installed"
     return {
         "s3fs": run(["s3fs", "--version"]),
         "rclone": run(["rclone", "version"]),
         "fio": run(["fio", "--version"]),
-        "pyfuse3": pyfuse3.__version__,
+        "pyfuse3": ceiling,
         "python": sys.version.split()[0],
         "kernel": os.uname().release,
         "cpus": str(os.cpu_count()),

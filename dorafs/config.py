@@ -88,6 +88,13 @@ def _size(value) -> int:
     return number
 
 
+def _size_or_zero(value) -> int:
+    number = parse_size(value) if not isinstance(value, bool) else None
+    if number is None or number < 0:
+        raise ValueError(f"must be a size (0: none), got {value!r}")
+    return number
+
+
 def _duration(value) -> float:
     if isinstance(value, bool):
         raise ValueError(f"not a duration: {value!r}")
@@ -295,6 +302,9 @@ class MountConfig:
     worker_timeout: float = option(5.0, _positive_duration, "a worker silent this long (no byte, no "
                                    "\"still working\" signal) is skipped for the next")
     connect_timeout: float = option(1.0, _positive_duration, "time to connect to a worker")
+    random_read: int = option(64 << 10, _size_or_zero, "a random reader's read of a page that is neither buffered nor "
+                              "read from a local worker's files fetches this much of the page around it, "
+                              "aligned (0: the whole page); bench/README.md has the measurements")
     short_circuit: bool = option(True, _flag, "read pages of a worker on this machine from its page files "
                                  "(checked against their checksums) instead of over HTTP")
     ufs_attempts: int = option(4, _count, "tries per S3 request when the mount reads the UFS itself")

@@ -14,6 +14,8 @@ that stat and listings still work):
   proxy.drop(n, match)                the next n requests `match(seen)` picks reach the server,
                                       which acts on them, and their answer is lost (the
                                       connection is closed without a byte of it)
+  proxy.cut(n, nbytes, match)         the next n such requests get their answer's head and
+                                      `nbytes` of its body, then the connection is closed
   proxy.delay(seconds, n, match)      the next n such requests wait `seconds` before they
                                       are forwarded (a server that takes that long to answer)
   proxy.ignore_conditions = True      writes lose their If-Match / If-None-Match headers on the
@@ -91,7 +93,9 @@ class _Pace:
 
 
 class _Rule:
-    def __init__(self, kind: str, n: int | None, match: Callable[[Seen], bool], seconds: float = 0.0):
+    def __init__(self, kind: str, n: int | None, match: Callable[[Seen], bool], seconds: float = 0.0,
+                 nbytes: int = 0):
+        self.nbytes = nbytes
         self.kind, self.n, self.match, self.seconds = kind, n, match, seconds
 
 
@@ -186,9 +190,19 @@ class FaultProxy:
                         self.end_headers()
                         if self.command != "HEAD":
                             pace = _Pace(rate)
-                            while piece := response.read(PIECE):
+                            left = rule.nbytes if rule is not None and rule.kind == "cut" else None
+                            while piece := response.read(PIECE if left is None else min(PIECE, left)):
                                 self.wfile.write(piece)
                                 pace(len(piece))
+                                if left is not None:
+                                    left -= len(piece)
+                                    if left <= 0:
+                                        break
+                            if left is not None:
+                                self.wfile.flush()
+                                self.close_connection = True
+                                seen.status = response.status
+                                return
                     seen.status = response.status
                 finally:
                     conn.close()
@@ -230,6 +244,11 @@ class FaultProxy:
         """The next `n` requests `match` picks are acted on by the server; their answer is lost."""
         with self._lock:
             self._rules.append(_Rule("drop", n, match))
+
+    def cut(self, n: int | None, nbytes: int, match: Callable[[Seen], bool]) -> None:
+        """The next `n` requests `match` picks get `nbytes` of their answer's body, then EOF."""
+        with self._lock:
+            self._rules.append(_Rule("cut", n, match, nbytes=nbytes))
 
     def delay(self, seconds: float, n: int | None, match: Callable[[Seen], bool]) -> None:
         """The next `n` requests `match` picks reach the server `seconds` late."""

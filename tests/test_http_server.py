@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import socket
+import struct
 
 import h11
 import httpx
@@ -11,7 +14,7 @@ import pytest
 import trio
 
 from dorafs.errors import NotFound
-from dorafs.http.server import FileBody, HttpServer, Response, json_response
+from dorafs.http.server import PROGRESS_INTERVAL, FileBody, HttpServer, Response, json_response
 
 FILE_DATA = os.urandom(3 * 1024 * 1024 + 123)  # bigger than socket buffers: sendfile must wait
 
@@ -34,6 +37,11 @@ def make_server(data_path) -> HttpServer:
     @server.route("GET", "/boom")
     async def boom(req):
         raise RuntimeError("handler bug")
+
+    @server.route("GET", "/slow")
+    async def slow(req):
+        await trio.sleep(3 * PROGRESS_INTERVAL)
+        return json_response({"slow": True})
 
     @server.route("GET", "/file")
     async def file(req):
@@ -302,3 +310,25 @@ def test_client_disconnecting_mid_body_does_not_hurt_the_server(data_path):
         await still_serving(address)
 
     run_with_server(data_path, client)
+
+
+def test_a_client_gone_while_its_slow_request_reports_progress_is_no_server_error(data_path, caplog):
+    """A client that asked for `102 Processing` answers and left: the interim answer
+    that finds it gone ends the connection quietly, and the server keeps serving."""
+    async def client(address):
+        stream = await trio.open_tcp_stream(*address)
+        await stream.send_all(b"GET /slow HTTP/1.1\r\nHost: t\r\nX-Dorafs-Progress: 1\r\n\r\n")
+        with trio.fail_after(5):
+            assert (await stream.receive_some(1000)).startswith(b"HTTP/1.1 102 ")
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await stream.aclose()  # a reset: the next interim answer cannot be sent
+        await trio.sleep(2.5 * PROGRESS_INTERVAL)
+        # And one that stays gets its progress and then its answer.
+        async with httpx.AsyncClient() as http:
+            r = await http.get(f"http://{address[0]}:{address[1]}/slow", headers={"X-Dorafs-Progress": "1"})
+        assert r.status_code == 200 and r.json() == {"slow": True}
+        await still_serving(address)
+
+    with caplog.at_level(logging.WARNING, logger="dorafs"):
+        run_with_server(data_path, client)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []

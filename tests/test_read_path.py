@@ -471,3 +471,112 @@ def test_local_worker_pages_are_read_from_their_files(procs, s3_server, bucket):
     mount = procs.mount(f"s3://{bucket}/sc", workers=[worker.address], options="direct_io")
     assert read_file(mount.path("f.bin")) == data
     assert worker.counter("dorafs_worker_corrupt_pages_total") == 1
+
+
+def test_a_remote_workers_run_comes_in_one_answer(procs, s3_server, bucket):
+    """Without short-circuit reads, a sequential reader's readahead runs come from the
+    worker as one `/v1/run` answer each (every page with its checksum), not a request
+    per page; the bytes are exact, cold and warm."""
+    from tests.support import free_port
+
+    data = os.urandom(20 * MiB + 12345)
+    put(s3_server.client(), bucket, "runs/f.bin", data)
+    worker = procs.worker()
+
+    def requests(path: str) -> float:
+        return sum(v for k, v in worker.metrics().items()
+                   if k.startswith("dorafs_worker_request_latency_seconds_count") and f"path={path}," in k)
+
+    for rounds in ("cold", "warm"):
+        port = free_port()
+        mount = procs.mount(f"s3://{bucket}/runs", workers=[worker.address],
+                            options=f"short_circuit=0,metrics_listen=127.0.0.1:{port}")
+        pages_before, runs_before = requests("/v1/page"), requests("/v1/run")
+        assert read_file(mount.path("f.bin")) == data, rounds
+        pages, run_answers = requests("/v1/page") - pages_before, requests("/v1/run") - runs_before
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        got = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+               if line.startswith("dorafs_mount_worker_pages_total")}
+        mount.unmount()
+        assert got["dorafs_mount_worker_pages_total"] == 21, (rounds, got, pages, run_answers)
+        assert run_answers >= 2, (rounds, pages, run_answers)
+        assert pages + run_answers <= 8, (rounds, pages, run_answers)  # not one request per page
+    assert worker.metrics()["dorafs_worker_ufs_requests_total{op=read}"] <= 8  # cold: a GET per run, not per page (21)
+
+
+def test_a_run_answer_carries_each_page_with_its_checksum_and_says_why_it_stops(procs, s3_server, bucket):
+    """`/v1/run` against a real worker: the pages of a run in order, each checked; a
+    corrupt page file ends the run there (the reader fetches the rest page by page); a
+    run of a version the store no longer has is ESTALE; a run past the end is EINVAL."""
+    import trio
+
+    from dorafs.client.workers import WorkerClient
+    from dorafs.errors import InvalidRequest, StaleVersion
+
+    data = os.urandom(5 * MiB + 77)
+    etag = put(s3_server.client(), bucket, "wire/f.bin", data)
+    worker = procs.worker()
+    uri = f"s3://{bucket}/wire/f.bin"
+
+    async def run(index: int, count: int, version: str = etag) -> tuple[list[int], bytearray]:
+        client = WorkerClient(timeout=5, connect_timeout=1)
+        block = bytearray(len(data))
+        got: list[int] = []
+        try:
+            await client.run(worker.address, uri, version, len(data), index, MiB, count,
+                             lambda i, n: memoryview(block)[i * MiB:i * MiB + n], got.append)
+        finally:
+            await client.aclose()
+        return got, block
+
+    got, block = trio.run(run, 0, 6)  # cold: one UFS read for the run
+    assert got == [0, 1, 2, 3, 4, 5] and bytes(block) == data
+    assert worker.metrics()["dorafs_worker_ufs_requests_total{op=read}"] == 1
+    got, block = trio.run(run, 2, 16)  # warm, and a count past the end is cut to the object
+    assert got == [2, 3, 4, 5] and bytes(block[2 * MiB:]) == data[2 * MiB:]
+
+    page3 = data[3 * MiB:4 * MiB]
+    for path in worker.page_files():  # wherever the store keeps page 3: same size, wrong bytes
+        held = path.read_bytes()
+        if (at := held.find(page3)) >= 0:
+            with open(path, "r+b") as f:
+                f.seek(at)
+                f.write(b"\0" * len(page3))
+            break
+    else:
+        raise AssertionError("page 3 not found in the worker's files")
+    got, _ = trio.run(run, 1, 5)
+    assert got == [1, 2]
+
+    s3_server.client().put_object(Bucket=bucket, Key="wire/f.bin", Body=b"changed")
+    with pytest.raises(StaleVersion):
+        trio.run(run, 0, 2, '"0123456789abcdef0123456789abcdef"')
+    with pytest.raises(InvalidRequest):
+        trio.run(run, 6, 2)
+
+
+def test_a_random_reader_of_a_remote_worker_fetches_parts_of_pages(procs, s3_server, bucket):
+    """Without short-circuit reads, a random 4 KiB reader gets the aligned 64 KiB around
+    each read from the worker (which still fills and caches whole pages), not 1 MiB
+    pages: the bytes are exact, and the mount's buffer holds parts, not pages."""
+    from tests.support import free_port
+
+    data = os.urandom(4 * MiB + 999)
+    put(s3_server.client(), bucket, "rnd/f.bin", data)
+    worker = procs.worker()
+    port = free_port()
+    mount = procs.mount(f"s3://{bucket}/rnd", workers=[worker.address],
+                        options=f"short_circuit=0,direct_io,metrics_listen=127.0.0.1:{port}")
+    rng = random.Random(5)
+    with open(mount.path("f.bin"), "rb", buffering=0) as f:
+        for _ in range(200):
+            at = rng.randrange(1, len(data) // 4096) * 4096 + 512
+            f.seek(at)
+            assert f.read(4096) == data[at:at + 4096]
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    pages = next(float(line.split()[1]) for line in text.splitlines()
+                 if line.startswith("dorafs_mount_worker_pages_total"))
+    assert pages <= 3, text  # whole pages only for reads that happened to follow the one before
+    assert worker.counter("dorafs_worker_request_latency_seconds_count") >= 40  # parts, one request each
+    assert worker.metrics()["dorafs_worker_ufs_requests_total{op=read}"] <= 5  # whole pages filled once
+    assert worker.metrics()["dorafs_worker_pages"] <= 5

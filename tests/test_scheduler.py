@@ -128,6 +128,32 @@ def test_load_2000_files_then_mount_reads_without_ufs(procs, s3_server, bucket):
     assert ufs(workers, "read") == 2000
 
 
+def test_a_load_of_8_mib_files_makes_one_get_per_file(procs, s3_server, bucket, proxy):
+    """Pages are filled in runs: an 8 MiB file (8 pages) is one ranged GET to the store,
+    not eight, and every page of it is cached."""
+    s3 = s3_server.client()
+    files = {f"f{i}.bin": os.urandom(8 << 20) for i in range(4)}
+    for name, data in files.items():
+        s3.put_object(Bucket=bucket, Key=f"big/{name}", Body=data)
+    env = proxy.env(s3_server.env)
+    registry = procs.registry()
+    workers = [procs.worker(registry=registry.url, extra=LONG_TTL, env=env) for _ in range(2)]
+    wait_for(lambda: len(registry.workers()) == 2, what="2 workers to register")
+    result = admin(registry, "load", f"s3://{bucket}/big", "--recursive", "--progress", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["pages_fetched"] == 32 and summary["bytes_loaded"] == 32 << 20, json.dumps(summary)
+    assert proxy.count("get_range") == 4, [s.headers.get("Range") for s in proxy.seen if s.op == "get_range"]
+    assert ufs(workers, "read") == 4
+    assert sum(w.metrics()["dorafs_worker_pages"] for w in workers) == 32
+
+    before = ufs(workers)
+    mount = procs.mount(f"s3://{bucket}/big", registry=registry.url)
+    for name, data in files.items():
+        assert mount.path(name).read_bytes() == data, name
+    assert ufs(workers) == before and proxy.count("get_range") == 4, "a read after the load went to the UFS"
+
+
 def test_worker_killed_mid_job_completes_with_every_file_cached(procs, s3_server, bucket):
     files = upload(s3_server.client(), bucket, "k", 600, size=lambda i: 4096)
     registry, workers = cluster(procs, ttl="2s")

@@ -6,12 +6,13 @@ scheduler's listing, so the worker learns it without asking the UFS again (a mou
 `stat` after a load is a cache hit), then caches every page that is not cached yet.
 
 Subtleties:
-- Pages go through `WorkerService.load_page`: the same single-flight fill as reads, so a
-  page being read by a mount while a load asks for it is fetched from the UFS once.
-- Work is bounded per worker, not per batch: one `CapacityLimiter` for all page fetches of
+- Pages are filled in runs (`WorkerService.load_run`): one UFS read for up to `MAX_RUN`
+  consecutive missing pages, through the same single-flight fills as reads, so a page
+  being read by a mount while a load asks for it is fetched from the UFS once.
+- Work is bounded per worker, not per batch: one `CapacityLimiter` for all run fetches of
   all jobs (the UFS thread count), so two jobs share a worker's UFS budget.
-- A job's bandwidth share is a token bucket per job on this worker, charged a page's
-  bytes before the page is fetched (a debt model: a large page borrows, and the next
+- A job's bandwidth share is a token bucket per job on this worker, charged a run's
+  missing bytes before the run is fetched (a debt model: a large page borrows, and the next
   fetch waits the debt off), so the rate holds whatever the page size.
 - Cancel (`POST /v1/load/cancel?job=`) cancels the job's running batches at once (their
   UFS reads in flight finish in their threads, nothing new starts) and refuses the job's
@@ -34,7 +35,7 @@ from dorafs.errors import DoraError, InvalidRequest
 from dorafs.pages import object_id, page_count, page_length
 from dorafs.ufs import FileStatus
 from worker.access import UfsRoots, check_uri
-from worker.service import WorkerService
+from worker.service import MAX_RUN, WorkerService
 
 log = logging.getLogger(__name__)
 
@@ -192,35 +193,40 @@ class Loader:
         page_size = service.config.page_size
 
         errors: list[DoraError] = []
+        pages = page_count(size, page_size)
 
-        async def one(index: int) -> None:
+        async def one_run(first: int, count: int) -> None:
             async with self._limiter:
                 if errors:
                     return  # the file failed already: do not spend the UFS on it
-                length = page_length(index, size, page_size)
                 try:
-                    if job.bucket is not None and service.store.peek((oid, index)) is None:
-                        await job.bucket.take(length)
-                    fetched = await service.load_page(uri, version, size, index)
-                    if options.verify and await service.load_page(uri, version, size, index, verify=True):
-                        result["pages_repaired"] += 1
-                        self.metrics.load_pages.labels("repaired").inc()
+                    if job.bucket is not None:
+                        missing = [i for i in range(first, first + count) if service.store.peek((oid, i)) is None]
+                        await job.bucket.take(sum(page_length(i, size, page_size) for i in missing))
+                    fetched = set(await service.load_run(uri, version, size, first, count))
+                    for index in range(first, first + count):
+                        if options.verify and index not in fetched and \
+                                await service.load_page(uri, version, size, index, verify=True):
+                            result["pages_repaired"] += 1
+                            self.metrics.load_pages.labels("repaired").inc()
                 except DoraError as exc:  # kept here: a nursery would wrap it in a group
                     errors.append(exc)
                     return
-            if fetched:
-                result["pages_fetched"] += 1
-                result["bytes"] += length
-                self.metrics.load_pages.labels("fetched").inc()
-                self.metrics.load_bytes.inc(length)
-            else:
-                result["pages_cached"] += 1
-                self.metrics.load_pages.labels("cached").inc()
+            for index in range(first, first + count):
+                length = page_length(index, size, page_size)
+                if index in fetched:
+                    result["pages_fetched"] += 1
+                    result["bytes"] += length
+                    self.metrics.load_pages.labels("fetched").inc()
+                    self.metrics.load_bytes.inc(length)
+                else:
+                    result["pages_cached"] += 1
+                    self.metrics.load_pages.labels("cached").inc()
 
         oid = object_id(uri, version)
-        async with trio.open_nursery() as nursery:
-            for index in range(page_count(size, page_size)):
-                nursery.start_soon(one, index)
+        async with trio.open_nursery() as nursery:  # runs of one UFS read each, side by side
+            for first in range(0, pages, MAX_RUN):
+                nursery.start_soon(one_run, first, min(MAX_RUN, pages - first))
         if errors:
             raise errors[0]
         self.metrics.load_files.labels("loaded" if result["pages_fetched"] else "cached").inc()

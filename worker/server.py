@@ -1,8 +1,15 @@
 """The worker's HTTP API.
 
-  GET /v1/page?uri=&version=&size=&index=&page_size=[&verify=1][&run=N]   page bytes (sendfile)
-        headers: X-Dorafs-Checksum (xxh3-64 of the body), X-Dorafs-Cache (hit|miss);
-        run=N: on a miss, also fill up to N-1 following pages with the same UFS read
+  GET /v1/page?uri=&version=&size=&index=&page_size=[&verify=1][&run=N][&offset=&length=]
+        page bytes (sendfile); headers: X-Dorafs-Checksum (xxh3-64 of the body),
+        X-Dorafs-Cache (hit|miss); run=N: on a miss, also fill up to N-1 following pages
+        with the same UFS read; offset, length: only those bytes of the page (a random
+        reader's small read; the whole page is still filled and cached)
+  GET /v1/run?uri=&version=&size=&index=&page_size=&count=N
+        pages index.. index+N-1 in one answer, each as it lands: cached pages at once,
+        the first missing one fills the rest with one UFS read (as run=N); a chunked body
+        of frames, each page with its length and checksum (dorafs/runs.py). It may end
+        early (an ERROR frame, or a page evicted before it could be sent)
   GET /v1/locate?uri=&version=&size=&index=&page_size=[&count=N]
         where the files of pages index.. index+N-1 are, {"pages": [{"index", "path",
         "size", "checksum", "offset"}]} (offset: where the page starts in the file),
@@ -39,16 +46,23 @@ Every URI passes `worker.access` before anything reads it.
 
 from __future__ import annotations
 
+import json
 import time
+
+import outcome
+import trio
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from dorafs.errors import InvalidRequest
+from dorafs import runs
+from dorafs.errors import DoraError, InvalidRequest
 from dorafs.http import FileBody, HttpServer, Request, Response, json_response
+from dorafs.http.server import PROGRESS_INTERVAL, StreamBody
 from dorafs.pages import page_count
 from dorafs.ufs import FileStatus
 from worker.access import UfsRoots, check_uri, check_version
 from worker.loader import Loader
+from worker.pagestore import checksum
 from worker.service import MAX_RUN, WorkerService
 
 MAX_LIST_LIMIT = 10_000
@@ -80,6 +94,18 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
         run = req.int_arg("run", 1, minimum=1)
         result = await service.page(uri, version, size, index, verify=req.query.get("verify") == "1", run=run)
         headers = {"X-Dorafs-Checksum": result.checksum, "X-Dorafs-Cache": "hit" if result.hit else "miss"}
+        if "offset" in req.query or "length" in req.query:
+            offset = req.int_arg("offset", 0)
+            length = min(req.int_arg("length"), max(0, result.size - offset))
+            part = await service.page_part(result, offset, length)
+            if part is not None:
+                return Response(200, part, headers | {"X-Dorafs-Checksum": checksum(part)})
+            result = await service.page(uri, version, size, index, verify=False)  # evicted meanwhile
+            part = bytes(memoryview(result.data)[offset:offset + length]) if result.data is not None else \
+                await service.page_part(result, offset, length)
+            if part is None:
+                raise InvalidRequest("page vanished twice while serving; retry")
+            return Response(200, part, headers | {"X-Dorafs-Checksum": checksum(part)})
         if result.data is not None:
             return Response(200, result.data, headers)
         fd = service.open_page(result)
@@ -91,6 +117,37 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
             if fd is None:
                 raise InvalidRequest("page vanished twice while serving; retry")
         return Response(200, FileBody(fd, result.entry.offset, result.size), headers)
+
+    @server.route("GET", "/v1/run")
+    async def run(req: Request) -> Response:
+        uri, version, size, index = await page_args(req)
+        total = page_count(size, service.config.page_size)
+        if index >= total:
+            raise InvalidRequest(f"page {index} is past the end of a {size}-byte object")
+        count = min(req.int_arg("count", 1, minimum=1), MAX_RUN, total - index)
+
+        async def produce(send) -> None:
+            for i in range(index, index + count):
+                result = service.ready(uri, version, size, i)
+                if result is None:
+                    try:
+                        result = await _with_progress(send, lambda i=i: service.page(
+                            uri, version, size, i, verify=False, run=index + count - i))
+                    except DoraError as exc:  # the pages before it stand; the reader learns why
+                        body = json.dumps(exc.to_wire() | {"status": exc.http_status}).encode()
+                        await send(runs.header(runs.ERROR, i, len(body)))
+                        await send(body)
+                        return
+                part = result.data
+                if part is None:
+                    fd = service.open_page(result)
+                    if fd is None:  # evicted meanwhile: the reader asks for it on its own
+                        return
+                    part = FileBody(fd, result.entry.offset, result.size)
+                await send(runs.header(runs.PAGE, i, result.size, result.checksum))
+                await send(part)
+
+        return Response(200, StreamBody(produce))
 
     @server.route("GET", "/v1/locate")
     async def locate(req: Request) -> Response:
@@ -186,6 +243,25 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
         return Response(200, generate_latest(service.metrics.registry), content_type=CONTENT_TYPE_LATEST)
 
     return server
+
+
+async def _with_progress(send, fetch):
+    """`await fetch()`, sending a WAIT frame every PROGRESS_INTERVAL until it is done."""
+    box: list[outcome.Outcome] = []
+    done = trio.Event()
+
+    async def run() -> None:
+        box.append(await outcome.acapture(fetch))
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+        while not done.is_set():
+            with trio.move_on_after(PROGRESS_INTERVAL):
+                await done.wait()
+            if not done.is_set():
+                await send(runs.header(runs.WAIT))
+    return box[0].unwrap()
 
 
 def _ttl(req: Request, name: str) -> float | None:

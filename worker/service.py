@@ -13,6 +13,7 @@ reader of the first page so waits for one page, not for the run.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sqlite3
@@ -45,9 +46,10 @@ class PageResult:
     checksum: str
     size: int
     entry: PageEntry | None = None
-    data: bytes | None = None
+    data: bytes | memoryview | None = None
     hit: bool = False
     key: tuple | None = None
+    run_pages: int = 1  # pages the UFS read that filled it brings (itself included)
 
 
 class WorkerService:
@@ -261,11 +263,10 @@ class WorkerService:
                 raise Unavailable(f"the fill of page {index} of {uri} was cancelled")
             raise StaleVersion(f"{uri}: expected {end - start} bytes from page {index}, "
                                f"the UFS returned {progress.done}")
-        first = bytes(view)
-        digest = checksum(first)
-        entry = await self.store.put(key, first, digest)
+        digest = checksum(view)  # the page is written from the receive buffer itself: no copy
+        entry = await self.store.put(key, view, digest)
         self.update_gauges()
-        return PageResult(digest, len(first), entry=entry, data=first, key=key)
+        return PageResult(digest, len(view), entry=entry, data=view, key=key, run_pages=1 + len(extra))
 
     async def load_page(self, uri: str, version: str, size: int, index: int, *, verify: bool = False) -> bool:
         """Make sure a page is cached (load jobs); True if this call fetched it from the UFS.
@@ -282,6 +283,38 @@ class WorkerService:
             raise CacheFull(f"page {index} of {uri} could not be cached (cache full or disk failing)")
         return not shared
 
+    async def load_run(self, uri: str, version: str, size: int, first: int, count: int) -> list[int]:
+        """Make sure pages first..first+count-1 are cached (load jobs), each stretch of
+        missing pages with one UFS read; the indexes this call fetched from the UFS.
+
+        The same single-flight fills as `page`: a page a reader (or another load) is
+        filling is waited for, not fetched again. Returns once every page of the run it
+        filled has landed (or failed: `CacheFull` when one could not be cached)."""
+        fetched: list[int] = []
+        end = first + count
+        index = first
+        while index < end:
+            key, entry = await self._cached(uri, version, size, index, False)
+            if entry is not None:
+                index += 1
+                continue
+            here = index
+            result, shared = await self._page_flights.do(
+                key, lambda: self._fill(key, uri, version, size, here, end - here))
+            if result.entry is None:
+                raise CacheFull(f"page {index} of {uri} could not be cached (cache full or disk failing)")
+            if shared:
+                index += 1
+                continue
+            fetched.append(index)
+            for other in range(index + 1, index + result.run_pages):  # the run's later pages
+                _, entry = await self._cached(uri, version, size, other, False)
+                if entry is None:  # its bytes never came: the loop fills it again
+                    break
+                fetched.append(other)
+            index = fetched[-1] + 1
+        return fetched
+
     def cached_pages(self, uri: str, version: str) -> tuple[int, int]:
         """(pages, bytes) of this version of `uri` in the page store."""
         oid = object_id(uri, version)
@@ -294,6 +327,34 @@ class WorkerService:
         whole = await self.store.seal(object_id(uri, version), size, self.config.page_size)
         self.update_gauges()
         return whole
+
+    async def page_part(self, result: PageResult, offset: int, length: int) -> bytes | memoryview | None:
+        """Bytes [offset, offset+length) of a page (None: its file is gone). From memory
+        when the page is there, else read from its file: on the loop when the kernel's
+        page cache holds it (RWF_NOWAIT), in a thread when it must come from the disk."""
+        if result.data is not None:
+            return memoryview(result.data)[offset:offset + length]
+        fd = self.open_page(result)
+        if fd is None:
+            return None
+        offset += result.entry.offset  # where the page starts in its file (a sealed object's)
+        try:
+            into = bytearray(length)
+            try:
+                got = os.preadv(fd, [into], offset, os.RWF_NOWAIT)
+            except (BlockingIOError, OSError) as exc:
+                if isinstance(exc, BlockingIOError) or exc.errno == errno.EOPNOTSUPP:
+                    got = await trio.to_thread.run_sync(os.preadv, fd, [into], offset, limiter=self._file_limiter)
+                else:
+                    raise
+            if got < length:  # partly cached (RWF_NOWAIT stops there), or a short file
+                rest = await trio.to_thread.run_sync(os.pread, fd, length - got, offset + got,
+                                                     limiter=self._file_limiter)
+                into[got:got + len(rest)] = rest
+                del into[got + len(rest):]
+            return into
+        finally:
+            os.close(fd)
 
     def open_page(self, result: PageResult) -> int | None:
         """An fd on a cached page for sendfile, or None (gone, or never cached)."""

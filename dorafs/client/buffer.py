@@ -12,7 +12,9 @@ fills it (bench/README.md). A block's `generation` changes when it is reused, so
 piece held past that (by a reader that waited on another's fetch) is seen to be stale
 and never read: `view` answers None for it. A view returned to the FUSE session is copied into
 the kernel before the event loop runs anything else, so a later reuse never changes
-bytes already answered.
+bytes already answered. A block a remote run is still streaming into is `filling`: its
+first pages may be read and dropped before the last arrive, and it is not reused until
+the run ends.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ FREE_BLOCKS = 8  # idle blocks kept for reuse: one per readahead run in flight (
 
 
 class Block:
-    __slots__ = ("data", "generation", "held")
+    __slots__ = ("data", "generation", "held", "filling")
 
     def __init__(self, size: int):
         self.data = bytearray(size)
         self.generation = 0
         self.held = 0  # pieces of this generation in the buffer
+        self.filling = False  # a run is still receiving into it: never reused meanwhile
 
 
 class Piece:
@@ -130,9 +133,15 @@ class PageBuffer:
                 return block
         return Block(size)
 
+    def filled(self, block: Block) -> None:
+        """A run streamed into `block` has ended: it may be reused once none of its
+        pieces is buffered (its first pieces may have been read and dropped already)."""
+        block.filling = False
+        self.give(block)
+
     def give(self, block: Block) -> None:
         """Take back a block none of whose pieces is buffered (or that got none)."""
-        if block.held == 0 and len(self._free) < FREE_BLOCKS and block not in self._free:
+        if block.held == 0 and not block.filling and len(self._free) < FREE_BLOCKS and block not in self._free:
             self._free.append(block)
 
     def statistics(self) -> dict:

@@ -86,6 +86,7 @@ class OpenFile:
 class ClientStats:
     worker_pages: int = 0
     short_circuit_pages: int = 0  # of worker_pages, read from a local worker's page file
+    worker_parts: int = 0  # parts of pages a random reader fetched instead of whole pages
     ufs_fallback_pages: int = 0
     ufs_fallback_metadata: int = 0
     failovers: int = 0
@@ -360,6 +361,10 @@ class DoraClient:
             return b""
         sequential = offset == f.next_offset
         self._readahead(f, offset, offset + length, spans[-1].index)
+        if len(spans) == 1 and not sequential and self.config.random_read:
+            data = await self._part(f, spans[0])
+            if data is not None:
+                return data
         data = await self._span(f, spans[0]) if len(spans) == 1 else await self._spans(f, spans)
         if sequential:
             self._consumed(f, spans)
@@ -430,6 +435,42 @@ class DoraClient:
             address, f.uri, f.status.version, f.status.size, span.index, self.page_size))
         return memoryview(data)[span.start:span.end]
 
+    async def _part(self, f: OpenFile, span) -> memoryview | bytes | None:
+        """A random reader's read from a worker that is not read directly: the aligned
+        `random_read` bytes of the page around it (two such for a read across their
+        boundary; buffered on their own), not the whole page. None: the page path serves
+        it (a buffered or local page, one on its way, a worker read from its files, an
+        error, which the page path meets again and answers)."""
+        key = self._key(f, span.index)
+        if key in self.buffer or key in self._scheduled or key in self._flights or key in self.local:
+            return None
+        size = self.config.random_read
+        start = span.start - span.start % size
+        end = min(-(-span.end // size) * size, page_length(span.index, f.status.size, self.page_size))
+        length = end - start
+        if length >= self.page_size:
+            return None
+        part_key = key + (start, end)
+        data = self.buffer.get(part_key)
+        if data is None:
+            status = f.status
+
+            async def from_worker(address: str) -> bytes | bytearray | None:
+                if self._reads_files_of(address):
+                    return None
+                return await self._workers.page(address, f.uri, status.version, status.size, span.index,
+                                                self.page_size, part=(start, length))
+
+            try:
+                data, _ = await self._flights.do(part_key, lambda: self._route(f.uri, from_worker))
+            except DoraError:  # the page path tries again and answers (UFS fallback, ESTALE...)
+                return None
+            if data is None:
+                return None
+            self.stats.worker_parts += 1
+            self.buffer.put(part_key, data)
+        return memoryview(data)[span.start - start:span.end - start]
+
     def _readahead(self, f: OpenFile, offset: int, end: int, last_index: int) -> None:
         """Keep a sequential reader's next pages coming, in runs.
 
@@ -484,12 +525,24 @@ class DoraClient:
                 arrived(keys[i - start])
 
         try:
-            try:
-                await self._page(f, start, run=len(keys), ahead=True)
-            finally:
-                arrived(keys[0])
-            async with trio.open_nursery() as nursery:  # what the run did not bring (remote workers)
-                for i in range(start + 1, start + len(keys)):
+            landed: set[int] | None = None  # pages a run over HTTP brought
+            if len(keys) > 1:
+                landed = set()
+                try:
+                    if not await self._run_over_http(f, start, keys, arrived, landed):
+                        landed = None
+                except DoraError as exc:  # what did not come is fetched page by page below
+                    log.debug("the run of pages %d+%d of %s broke off: %s", start, len(keys), f.uri, exc)
+            if landed is None:
+                try:
+                    await self._page(f, start, run=len(keys), ahead=True)
+                finally:
+                    arrived(keys[0])
+                landed = {start}
+            async with trio.open_nursery() as nursery:  # what the run did not bring
+                for i in range(start, start + len(keys)):
+                    if i in landed:
+                        continue
                     if keys[i - start] in self.buffer:
                         arrived(keys[i - start])
                     else:
@@ -499,6 +552,52 @@ class DoraClient:
         finally:
             for key in keys:
                 arrived(key)
+
+    async def _run_over_http(self, f: OpenFile, start: int, keys: list[tuple],
+                             arrived: Callable[[tuple], None], got: set[int]) -> bool:
+        """A readahead run from a worker that is not on this machine (or not read
+        directly): its pages in one answer, each buffered and handed to its waiting
+        reader as it lands, its index added to `got`. False when the run's worker is read
+        directly (short-circuit): the caller takes the page path. On failover the next
+        worker is asked for the pages not in yet."""
+        status, page_size = f.status, self.page_size
+        sizes = [page_length(i, status.size, page_size) for i in range(start, start + len(keys))]
+        offsets = [sum(sizes[:n]) for n in range(len(sizes))]
+        landed: list[int] = []
+        block = None
+
+        def into(index: int, length: int) -> memoryview:
+            n = index - start
+            if not 0 <= n < len(keys) or length != sizes[n] or (landed and index != landed[-1] + 1):
+                raise ValueError(f"page {index} ({length} bytes) is not the next of this run")
+            return memoryview(block.data)[offsets[n]:offsets[n] + length]
+
+        def land(index: int) -> None:
+            n = index - start
+            self.buffer.put(keys[n], Piece(block, offsets[n], offsets[n] + sizes[n]))
+            self.stats.worker_pages += 1
+            landed.append(index)
+            got.add(index)
+            arrived(keys[n])
+
+        async def from_worker(address: str) -> bool:
+            if self._reads_files_of(address):
+                return False
+            first = start + len(landed)
+            await self._workers.run(address, f.uri, status.version, status.size, first, page_size,
+                                    start + len(keys) - first, into, land)
+            return True
+
+        block = self.buffer.block(sum(sizes))
+        block.filling = True
+        try:
+            return await self._route(f.uri, from_worker)
+        finally:
+            self.buffer.filled(block)
+
+    def _reads_files_of(self, address: str) -> bool:
+        """Are the pages of the worker at `address` read from its files (short-circuit)?"""
+        return bool(self.config.short_circuit) and address not in self._remote and is_loopback(address)
 
     def _key(self, f: OpenFile, index: int) -> tuple:
         return (f.uri, f.status.version, self.page_size, index)
@@ -550,7 +649,7 @@ class DoraClient:
         """Page `index` from one worker: read from its files when the worker is on this
         machine (and the rest of the run with it), else over HTTP."""
         status, page_size = f.status, self.page_size
-        if self.config.short_circuit and address not in self._remote and is_loopback(address):
+        if self._reads_files_of(address):
             located = await self._workers.locate(address, f.uri, status.version, status.size, index, page_size,
                                                  count=run)
             try:

@@ -21,6 +21,10 @@ Security: every request carries the credentials' `Authorization` header (built o
 With a TLS context, connections are `trio.SSLStream`s over the socket and bodies arrive
 through `receive_some` (TLS decrypts into its own buffers, so `recv_into` cannot be
 used); the plain path is unchanged. A TLS failure is a `TransportError` like any other.
+
+A worker's run of pages comes as one chunked answer (`stream`, dorafs/runs.py): its
+chunks are handed to the caller as they arrive, page bytes received straight into the
+caller's memory.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import socket
 import ssl
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlencode
 
 import trio
@@ -37,6 +42,7 @@ from dorafs.security import Credentials
 
 HEAD_LIMIT = 64 * 1024
 RECV_CHUNK = 256 * 1024
+LINE_CHUNK = 4096  # reads for a chunk's size line: a little past it, so page bytes go by recv_into
 
 
 class TransportError(Exception):
@@ -134,6 +140,14 @@ class Transport:
 
     async def _receive(self, conn: _Connection, quiet: trio.CancelScope) -> Response:
         """The next final response; each byte received pushes `quiet`'s deadline on."""
+        status, headers = await self._head(conn, quiet)
+        if "chunked" in headers.get("transfer-encoding", ""):
+            raise ValueError("a chunked answer where a whole one was expected")
+        return await self._body(conn, quiet, status, headers)
+
+    async def _head(self, conn: _Connection, quiet: trio.CancelScope) -> tuple[int, dict[str, str]]:
+        """Status and headers of the next final response (interim ones dropped); the
+        bytes after the head stay in `conn.pending`."""
         buf = conn.pending
         while True:
             while (end := buf.find(b"\r\n\r\n")) < 0:
@@ -156,14 +170,24 @@ class Transport:
         for line in head[1:]:
             name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
-        if "chunked" in headers.get("transfer-encoding", ""):
-            raise ValueError("chunked responses are not used by the worker API")
+        del buf[:end + 4]
+        return status, headers
+
+    async def _body(self, conn: _Connection, quiet: trio.CancelScope, status: int,
+                    headers: dict[str, str]) -> Response:
         length = int(headers.get("content-length", "0"))
         body = bytearray(length)
-        have = min(length, len(buf) - end - 4)
-        body[:have] = buf[end + 4:end + 4 + have]
-        conn.pending = buf[end + 4 + have:]
-        view = memoryview(body)
+        await self._fill(conn, quiet, memoryview(body))
+        return Response(status, headers, body)
+
+    async def _fill(self, conn: _Connection, quiet: trio.CancelScope, view: memoryview) -> None:
+        """Exactly len(view) bytes of the answer into `view`: first those already
+        received, then straight from the socket (`recv_into`)."""
+        buf = conn.pending
+        length = len(view)
+        have = min(length, len(buf))
+        view[:have] = buf[:have]
+        del buf[:have]
         while have < length:
             if conn.sock is not None:
                 n = await conn.sock.recv_into(view[have:], length - have)
@@ -175,7 +199,112 @@ class Transport:
                 raise _Closed("connection closed mid-body")
             quiet.deadline = trio.current_time() + self.timeout
             have += n
-        return Response(status, headers, body)
+
+    async def _line(self, conn: _Connection, quiet: trio.CancelScope) -> bytes:
+        """The next CRLF-ended line of the answer, without its CRLF."""
+        buf = conn.pending
+        while (end := buf.find(b"\r\n")) < 0:
+            if len(buf) > HEAD_LIMIT:
+                raise ValueError("chunk line too long")
+            data = await conn.stream.receive_some(LINE_CHUNK)
+            if not data:
+                raise _Closed("connection closed mid-answer")
+            quiet.deadline = trio.current_time() + self.timeout
+            buf += data
+        line = bytes(buf[:end])
+        del buf[:end + 2]
+        return line
+
+    async def stream(self, address: str, path: str, params: dict,
+                     consume: Callable[["Chunks"], Awaitable[None]]) -> Response | None:
+        """A GET whose 200 answer is chunked (a worker's run of pages): `consume(chunks)`
+        reads it chunk by chunk (see `Chunks`) as it arrives. Another answer (an error)
+        is returned whole instead. A connection that breaks mid-answer raises
+        `TransportError` (what `consume` took stays taken); a fresh connection is tried
+        once when a reused one fails before any answer."""
+        request = (f"GET {path}?{urlencode(params)} HTTP/1.1\r\nHost: {address}\r\n"
+                   f"X-Request-Id: {request_id.get()}\r\nX-Dorafs-Progress: 1\r\n{self._auth}\r\n").encode()
+        for attempt in (0, 1):
+            conn, reused = await self._checkout(address)
+            answered = False
+            try:
+                with trio.CancelScope(deadline=trio.current_time() + self.timeout) as quiet:
+                    await conn.stream.send_all(request)
+                    status, headers = await self._head(conn, quiet)
+                    answered = True
+                    if status != 200 or "chunked" not in headers.get("transfer-encoding", ""):
+                        response = await self._body(conn, quiet, status, headers)
+                    else:
+                        response = None
+                        chunks = Chunks(self, conn, quiet)
+                        await consume(chunks)
+                        await chunks.finish()
+                if quiet.cancelled_caught:
+                    raise trio.TooSlowError
+            except trio.TooSlowError:
+                await conn.close()
+                raise TransportError(f"worker {address} sent nothing for {self.timeout}s") from None
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, _Closed, ValueError) as exc:
+                await conn.close()
+                if reused and attempt == 0 and not answered and \
+                        isinstance(exc, (_Closed, trio.BrokenResourceError, OSError)):
+                    continue  # an idle keep-alive connection the worker had closed
+                raise TransportError(f"worker {address}: {exc or type(exc).__name__}") from None
+            except BaseException:
+                await conn.close()
+                raise
+            if (response is not None and response.headers.get("connection", "").lower() == "close") or \
+                    len(self._idle[address]) >= self.max_idle:
+                await conn.close()
+            else:
+                self._idle[address].append(conn)
+            return response
+        raise AssertionError("unreachable")
+
+
+class Chunks:
+    """The chunks of one chunked answer, read in order: `size()` of the next one (0: the
+    answer ended), then all of its bytes with `read(n)` or `read_into(view)`."""
+
+    def __init__(self, transport: Transport, conn: _Connection, quiet: trio.CancelScope):
+        self._t, self._conn, self._quiet = transport, conn, quiet
+        self._left = 0  # bytes of the current chunk not read yet
+        self._ended = False
+
+    async def size(self) -> int:
+        if self._ended:
+            return 0
+        if self._left:
+            raise ValueError("the previous chunk was not read to its end")
+        line = await self._t._line(self._conn, self._quiet)
+        try:
+            size = int(line.split(b";", 1)[0], 16)
+        except ValueError:
+            raise ValueError(f"bad chunk size line {line[:40]!r}") from None
+        if size == 0:
+            while await self._t._line(self._conn, self._quiet):  # trailers, up to the empty line
+                pass
+            self._ended = True
+        self._left = size
+        return size
+
+    async def read_into(self, view: memoryview) -> None:
+        if len(view) > self._left:
+            raise ValueError("read past the end of a chunk")
+        await self._t._fill(self._conn, self._quiet, view)
+        self._left -= len(view)
+        if not self._left and await self._t._line(self._conn, self._quiet):
+            raise ValueError("chunk data longer than its size")
+
+    async def read(self, n: int) -> bytearray:
+        data = bytearray(n)
+        await self.read_into(memoryview(data))
+        return data
+
+    async def finish(self) -> None:
+        """Read (and drop) whatever the consumer left, up to the answer's end."""
+        while await self.size():
+            await self.read(self._left)
 
 
 class _Closed(Exception):

@@ -12,13 +12,14 @@ filling a page from a slow store says every second that it is still at work
 
 from __future__ import annotations
 
-import logging
-
 import json
+import logging
+from collections.abc import Callable
 
 import xxhash
 
-from dorafs.client.transport import Transport, TransportError
+from dorafs import runs
+from dorafs.client.transport import Chunks, Transport, TransportError
 from dorafs.errors import Unavailable, from_wire
 from dorafs.security import Credentials
 from dorafs.ufs import FileStatus
@@ -51,10 +52,13 @@ class WorkerClient:
         return response
 
     async def page(self, address: str, uri: str, version: str, size: int, index: int,
-                   page_size: int, run: int = 1) -> bytes | bytearray:
+                   page_size: int, run: int = 1, part: tuple[int, int] | None = None) -> bytes | bytearray:
+        """A page, or with `part` = (offset, length) those bytes of it."""
         params = {"uri": uri, "version": version, "size": size, "index": index, "page_size": page_size}
         if run > 1:
             params["run"] = run
+        if part is not None:
+            params["offset"], params["length"] = part
         for attempt in (0, 1):
             response = await self._get(address, "/v1/page", params)
             data = response.body
@@ -65,6 +69,51 @@ class WorkerClient:
                         "; asking the worker to verify and refetch" if attempt == 0 else " again")
             params["verify"] = "1"
         raise CorruptPage(f"worker {address} sent a corrupt page {index} of {uri} twice")
+
+    async def run(self, address: str, uri: str, version: str, size: int, index: int, page_size: int,
+                  count: int, into: Callable[[int, int], memoryview], landed: Callable[[int], None]) -> None:
+        """Pages index.. index+count-1 in one answer (`/v1/run`), as each arrives: page
+        `i` of `n` bytes is received into `into(i, n)`, then `landed(i)` once its checksum
+        matched. It may end early (a page the worker could not send, one that failed its
+        checksum): the caller fetches what did not land page by page. An error answer for
+        the run's first page is raised as is; `Unavailable` when the worker breaks off."""
+        params = {"uri": uri, "version": version, "size": size, "index": index, "page_size": page_size,
+                  "count": count}
+
+        async def consume(chunks: Chunks) -> None:
+            while (n := await chunks.size()):
+                kind, page, length, checksum = runs.parse(await chunks.read(n))
+                if kind == runs.WAIT:
+                    continue
+                if await chunks.size() != length:
+                    raise ValueError("a run's frame and its data differ in length")
+                if kind == runs.ERROR:
+                    body = json.loads(await chunks.read(length))
+                    if page == index:
+                        raise from_wire(int(body.get("status", 502)), body)
+                    return
+                view = into(page, length)
+                await chunks.read_into(view)
+                if xxhash.xxh3_64_hexdigest(view) != checksum:
+                    log.warning("page %d of %s from worker %s failed its checksum; fetching it again",
+                                page, uri, address)
+                    return
+                landed(page)
+
+        try:
+            response = await self._transport.stream(address, "/v1/run", params, consume)
+        except TransportError as exc:
+            raise Unavailable(str(exc)) from None
+        except ValueError as exc:
+            raise Unavailable(f"worker {address}: a broken run answer: {exc}") from None
+        if response is not None:
+            if response.status == 200:
+                raise Unavailable(f"worker {address} answered a run without frames")
+            try:
+                body = json.loads(response.body)
+            except ValueError:
+                body = {"message": bytes(response.body[:200]).decode("utf-8", "replace")}
+            raise from_wire(response.status, body if isinstance(body, dict) else None)
 
     async def locate(self, address: str, uri: str, version: str, size: int, index: int,
                      page_size: int, count: int = 1) -> list[tuple[int, str, int, str, int]]:

@@ -7,16 +7,61 @@ the client's own counters when scraped, so nothing is counted twice.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+import bisect
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 REGISTRY = CollectorRegistry()
 
-READS = Counter("dorafs_mount_reads", "read() requests from the kernel", registry=REGISTRY)
-READ_BYTES = Counter("dorafs_mount_read_bytes", "Bytes returned to the kernel by read()", registry=REGISTRY)
-READ_LATENCY = Histogram(
-    "dorafs_mount_read_latency_seconds", "Time to answer one read() request", registry=REGISTRY,
-    buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5))
+
+class ReadCounts:
+    """Reads, their bytes and their latency, counted on the session's loop.
+
+    A read is the request a mount answers most, and prometheus_client's counters and
+    histograms take a lock and a few microseconds each: three of them per read were a
+    tenth of what a cached 4 KiB read costs the mount. Reads are only counted from the
+    one trio thread, so plain integers do, and `ReadCollector` turns them into the same
+    metrics at scrape time.
+    """
+
+    BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
+
+    def __init__(self):
+        self.reads = 0
+        self.bytes = 0
+        self.seconds = 0.0
+        self.buckets = [0] * (len(self.BUCKETS) + 1)  # the last one: above the largest bound
+
+    def add(self, size: int, seconds: float) -> None:
+        self.reads += 1
+        self.bytes += size
+        self.seconds += seconds
+        self.buckets[bisect.bisect_left(self.BUCKETS, seconds)] += 1
+
+
+READS = ReadCounts()
+
+
+class ReadCollector:
+    def __init__(self, counts: ReadCounts):
+        self.counts = counts
+
+    def collect(self):
+        c = self.counts
+        yield CounterMetricFamily("dorafs_mount_reads", "read() requests from the kernel", value=c.reads)
+        yield CounterMetricFamily("dorafs_mount_read_bytes", "Bytes returned to the kernel by read()",
+                                  value=c.bytes)
+        cumulative, running = [], 0
+        for bound, count in zip((*map(floatToGoString, c.BUCKETS), "+Inf"), c.buckets):
+            running += count
+            cumulative.append((bound, running))
+        yield HistogramMetricFamily("dorafs_mount_read_latency_seconds", "Time to answer one read() request",
+                                    buckets=cumulative, sum_value=c.seconds)
+
+
+REGISTRY.register(ReadCollector(READS))
 WRITE_BYTES = Counter("dorafs_mount_write_bytes", "Bytes accepted by write()", registry=REGISTRY)
 UPLOADS = Counter("dorafs_mount_uploads", "Files uploaded to the UFS at close/fsync, by result", ["result"],
                   registry=REGISTRY)

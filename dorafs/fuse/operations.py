@@ -39,8 +39,8 @@ from dorafs.errors import IsADirectory, NotADirectory, NotFound, UfsError
 from dorafs.fuse.errors import fuse_operation
 from dorafs.fuse.handles import NAME_MAX, DirHandle, FileHandle, too_long, valid_name
 from dorafs.fuse.inodes import InodeTable, Node
+from dorafs.fuse.metrics import INODES, READS, STAGING_BYTES
 from dorafs.fuse.passthrough import CACHED_OPEN, OTHER_VERSION, WRITING, Fallback, Passthrough
-from dorafs.fuse.metrics import INODES, READ_BYTES, READ_LATENCY, READS, STAGING_BYTES
 from dorafs.fuse.types import ROOT_INODE, EntryAttributes, FileInfo, FUSEError, StatvfsData
 from dorafs.fuse.writing import WritingOperations
 from dorafs.ufs import FileStatus, join
@@ -128,6 +128,16 @@ class DoraOperations(WritingOperations):
         if self.kernel is not None:
             self.kernel.invalidate_inode(inode)
 
+    def _gone(self, node: Node) -> None:
+        """The store no longer has `node` under its name (deleted or renamed there): the
+        kernel forgets the name now rather than when its entry_timeout runs out, so the
+        next use of the name looks it up again. Otherwise a file deleted in the bucket and
+        created again through the mount would be opened as the kernel's old entry (ENOENT)
+        instead of created."""
+        if self.kernel is not None and node.path and node.linked and node.writer is None:
+            name = node.path.rpartition("/")[2]
+            self.kernel.invalidate_entry(self.inodes.parent_of(node).inode, name.encode("utf-8", "surrogateescape"))
+
     def _subdirs(self, node: Node) -> int:
         """The directory's subdirectories as last counted, while the count is fresh; else 0."""
         if node.subdirs is None:
@@ -205,6 +215,7 @@ class DoraOperations(WritingOperations):
         except NotFound:
             if node.inode == ROOT_INODE:  # an empty S3 prefix: the mount starts empty
                 return FileStatus(name="", is_dir=True)
+            self._gone(node)
             raise
         except UfsError:
             if node.inode == ROOT_INODE:  # the store fails: the root stays the directory it was
@@ -255,7 +266,7 @@ class DoraOperations(WritingOperations):
             writer = await self._writer(node, truncate=bool(flags & os.O_TRUNC))
             return self._open_writer(node, writer, flags)
         # An unlinked node (reopened through /proc/PID/fd) is the version it was.
-        status = await self.client.stat(node.uri) if node.linked else node.status
+        status = await self._stat(node) if node.linked else node.status
         if status.is_dir:
             raise IsADirectory(node.path)
         node.status = status
@@ -307,9 +318,7 @@ class DoraOperations(WritingOperations):
             data = await self.client.read(handle.file, off, size)
             if off + len(data) > handle.read_end:
                 handle.read_end = off + len(data)
-        READ_LATENCY.observe(time.perf_counter() - start)
-        READS.inc()
-        READ_BYTES.inc(len(data))
+        READS.add(len(data), time.perf_counter() - start)
         return data
 
     @fuse_operation

@@ -2,11 +2,11 @@
 
 A pool of worker tasks, each with its own request buffer (max_write plus room for the
 headers, anonymous memory the kernel fills only as far as a request goes), takes turns
-reading the nonblocking device: a worker reads a request and handles it; while it
-handles, the next idle worker reads. At most one of them waits for the descriptor to
-become readable, the other idle ones park. So at most `workers` requests are served at
-once, and a worker that reads a request while the device is busy never passes through
-the scheduler. A reply is one `writev` of the out header and the payload buffers the
+reading the nonblocking device: a worker reads a request and handles it; if handling
+it waits for anything, the next idle worker reads meanwhile. At most one of them waits
+for the descriptor to become readable, the other idle ones park. So at most `workers`
+requests are served at once, and a worker that reads a request while the device is busy
+never passes through the scheduler. A reply is one `writev` of the out header and the payload buffers the
 operation returned (views of the read path's own buffers, written before anything else
 runs).
 
@@ -23,14 +23,16 @@ Subtleties:
 - Notifications to the kernel (invalidate an inode, an entry) are written from a thread
   of a task the session owns: the kernel may hold a lock that a request this session has
   yet to answer would release, so a handler must never wait for one.
-- A worker that answered a request without waiting for anything yields to the scheduler
-  before reading the next: operations that never wait (a buffered read, a staged write)
-  would otherwise keep the mount's other tasks (a part upload a later write waits for,
-  readahead, heartbeats) from running for as long as requests keep coming. (Yielding
-  every other request instead failed the streamed multipart write test once in eight
-  runs; yielding between reading a request and serving it, so a later request may be
-  served first, made a cold sequential read of bench/harness.py take 79 S3 requests
-  instead of 50.)
+- A worker that has served requests for `BUSY_SECONDS` without waiting for anything
+  yields to the scheduler before reading the next: operations that never wait (a
+  buffered read, a staged write) would otherwise keep the mount's other tasks (a part
+  upload a later write waits for, readahead, heartbeats) from running for as long as
+  requests keep coming. Not after every request: a lone reader's next request is not
+  there yet when its answer is written, so the worker waits for the device and passes
+  through the scheduler anyway; a second pass per request was pure cost. (Yielding every
+  other request instead failed the streamed multipart write test once in eight runs;
+  yielding between reading a request and serving it, so a later request may be served
+  first, made a cold sequential read of bench/harness.py take 79 S3 requests, not 50.)
 - No exception ends the loop: an operation's `FUSEError` is its errno, anything else
   is logged once and answered EIO. A reply the kernel no longer wants (ENOENT: the
   request was interrupted or its process died) is dropped.
@@ -42,7 +44,9 @@ import errno
 import logging
 import mmap
 import os
+import types
 from dataclasses import dataclass
+from time import monotonic
 
 import trio
 
@@ -59,6 +63,9 @@ _OUT_SIZE = p.OUT_HEADER.size
 
 PAGE = 4096
 HEADROOM = 4096  # in header + the largest fixed argument struct, rounded up to a page
+# A worker serving requests that never wait yields to the scheduler once this long has
+# passed since it last did (see "Subtleties").
+BUSY_SECONDS = 0.0005
 
 # What dorafs asks of the kernel, where offered. Not WRITEBACK_CACHE (writes must reach
 # the mount as they are made), not READDIRPLUS_AUTO (every readdir is a readdirplus, so
@@ -123,6 +130,37 @@ class _Slot:
     def __init__(self, scope: trio.CancelScope):
         self.scope = scope
         self.interrupted = False
+
+
+@types.coroutine
+def _watched(coro, on_wait):
+    """Run `coro` as `await` would, calling `on_wait()` when it first suspends.
+
+    Most requests (a buffered or cached read, a staged write, a kept status) finish
+    without waiting for anything; only one that waits needs another worker to watch the
+    device meanwhile. Waking one for every request cost a pass of that worker through
+    the scheduler, only to park again. The first step is taken here; from the first
+    suspension on, trio's traps and what they resume with pass through unchanged, as
+    they do through `await`.
+    """
+    try:
+        trap = coro.send(None)
+    except StopIteration as done:
+        return done.value
+    on_wait()
+    while True:
+        try:
+            sent = yield trap
+        except BaseException as exc:
+            try:
+                trap = coro.throw(exc)
+            except StopIteration as done:
+                return done.value
+        else:
+            try:
+                trap = coro.send(sent)
+            except StopIteration as done:
+                return done.value
 
 
 class SessionError(Exception):
@@ -237,15 +275,15 @@ class Session:
             # the request's bookkeeping together); then the next request gets a new one.
             with trio.CancelScope() as scope:
                 slot = _Slot(scope)
-                rested = True  # went through the scheduler since its last request
+                rested = monotonic()  # when it last went through the scheduler
                 while not slot.interrupted:
-                    if not rested:
-                        # Served a request without waiting for anything: let the mount's
-                        # other tasks (uploads, readahead, heartbeats) run before reading
-                        # the next one; never between reading a request and serving it,
-                        # which would let a later request overtake it.
+                    if monotonic() - rested > BUSY_SECONDS:
+                        # Served requests without waiting for anything for a while: let
+                        # the mount's other tasks (uploads, readahead, heartbeats) run
+                        # before reading the next one; never between reading a request
+                        # and serving it, which would let a later request overtake it.
                         await trio.lowlevel.checkpoint()
-                        rested = True
+                        rested = monotonic()
                     try:
                         n = os.readv(fd, [buf])
                     except BlockingIOError:
@@ -253,14 +291,14 @@ class Session:
                             await idle.park()
                             while self._waiting:  # woken while another still watches the
                                 await idle.park()  # device (it got the request): no read to try
-                            rested = True
+                            rested = monotonic()
                             continue
                         self._waiting = True
                         try:
                             await trio.lowlevel.wait_readable(fd)
                         finally:
                             self._waiting = False
-                        rested = True
+                        rested = monotonic()
                         continue
                     except OSError as exc:
                         if exc.errno in (errno.ENOENT, errno.EINTR):
@@ -272,11 +310,13 @@ class Session:
                     if n == 0:
                         self.terminate("end of file on the FUSE device")
                         return
-                    if not self._waiting and len(idle):
-                        idle.unpark()  # someone must watch the device while this request is served
                     self.requests += 1
-                    await self._handle(view, n, slot)
-                    rested = False
+                    await _watched(self._handle(view, n, slot), self._someone_watch)
+
+    def _someone_watch(self) -> None:
+        """A worker's request waits: another one must watch the device meanwhile."""
+        if not self._waiting and len(self._idle):
+            self._idle.unpark()
 
     async def _handle(self, view: memoryview, n: int, slot: _Slot) -> None:
         h = _unpack_in(view)

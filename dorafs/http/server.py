@@ -1,6 +1,7 @@
 """HTTP/1.1 server on trio sockets with h11.
 
 Subtleties:
+- A `StreamBody` (a worker's run of pages) goes out chunked, each part as it is produced.
 - File bodies go out with `os.sendfile` (zero copy). h11's `send_with_data_passthrough`
   lets a `FileBody` travel through h11's framing as an object with a length; we then
   stream it with sendfile between the header bytes and the end of the message.
@@ -54,6 +55,7 @@ HEADER_TIMEOUT = 10.0  # a client has this long to send a whole request head
 IDLE_TIMEOUT = 120.0  # keep-alive connections idle longer than this are closed
 RECV_SIZE = 64 * 1024
 FILE_CHUNK = 256 * 1024  # a FileBody's read size when it cannot go out with sendfile (TLS)
+SMALL_BODY = 256 * 1024  # a body up to this size goes out in one send with its head
 PROGRESS_INTERVAL = 1.0  # seconds between `102 Processing` answers to a client that asked for them
 
 
@@ -112,9 +114,19 @@ class FileBody:
 
 
 @dataclass
+class StreamBody:
+    """A body of unknown length, sent chunked (HTTP/1.1 `Transfer-Encoding: chunked`) as
+    `produce(send)` calls `await send(part)`; each part (bytes, a memoryview or a
+    `FileBody`, which `send` closes) is one chunk. When `produce` raises, the connection
+    is closed after what was sent: the client sees a body without its end."""
+
+    produce: Callable[[Callable[[bytes | memoryview | FileBody], Awaitable[None]]], Awaitable[None]]
+
+
+@dataclass
 class Response:
     status: int = 200
-    body: bytes | FileBody = b""
+    body: bytes | FileBody | StreamBody = b""
     headers: dict[str, str] = field(default_factory=dict)
     content_type: str = "application/octet-stream"
 
@@ -204,21 +216,31 @@ class HttpServer:
         """`_dispatch`, with a `102 Processing` to the client every PROGRESS_INTERVAL
         until the answer is ready."""
         answer: list[Response] = []
+        gone: BaseException | None = None  # why the client cannot take an interim answer
         async with trio.open_nursery() as nursery:
             async def handle() -> None:
                 answer.append(await self._dispatch(request))
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(handle)
-            while True:
+            while gone is None:
                 await trio.sleep(PROGRESS_INTERVAL)
                 interim = conn.send(h11.InformationalResponse(status_code=102, headers=[]))
-                with trio.CancelScope(shield=True):  # never half an interim answer on the wire
-                    with trio.move_on_after(HEADER_TIMEOUT) as stuck:
-                        await stream.send_all(interim)
-                if stuck.cancelled_caught:  # the client reads nothing: drop it
-                    raise trio.BrokenResourceError("client stopped reading")
-        return answer[0]
+                try:
+                    with trio.CancelScope(shield=True):  # never half an interim answer on the wire
+                        with trio.move_on_after(HEADER_TIMEOUT) as stuck:
+                            await stream.send_all(interim)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as exc:
+                    gone = exc  # the client went away: its request's work stops with it
+                else:
+                    if stuck.cancelled_caught:  # the client reads nothing: drop it
+                        gone = trio.TooSlowError("client stopped reading")
+            nursery.cancel_scope.cancel()
+        if answer:
+            return answer[0]
+        # Raised out here, not in the nursery, where trio would wrap it in an exception
+        # group that the connection's handler would log as a failure of its own.
+        raise trio.BrokenResourceError(f"client gone while its request was served: {gone}") from gone
 
     def _authorized(self, request: Request) -> bool:
         if self._token is None or request.path in self.open_paths:
@@ -346,6 +368,9 @@ class HttpServer:
     async def _send(self, conn: h11.Connection, stream: trio.abc.Stream, response: Response,
                     head: bool = False) -> None:
         body = response.body
+        if isinstance(body, StreamBody):
+            await self._send_stream(conn, stream, response, body)
+            return
         try:
             headers = [
                 ("Content-Type", response.content_type),
@@ -353,7 +378,16 @@ class HttpServer:
                 ("Server", self.name),
                 *response.headers.items(),
             ]
-            await stream.send_all(conn.send(h11.Response(status_code=response.status, headers=headers)))
+            start = conn.send(h11.Response(status_code=response.status, headers=headers))
+            if not isinstance(body, FileBody) and len(body) <= SMALL_BODY:
+                # Head, body and end in one send: one segment, one wakeup of the client.
+                parts = [start]
+                if len(body) and not head:
+                    parts += conn.send_with_data_passthrough(h11.Data(data=body))
+                parts.append(conn.send(h11.EndOfMessage()))
+                await stream.send_all(b"".join(parts))
+                return
+            await stream.send_all(start)
             if len(body) and not head:
                 for chunk in conn.send_with_data_passthrough(h11.Data(data=body)):
                     if isinstance(chunk, FileBody) and isinstance(stream, trio.SocketStream):
@@ -366,6 +400,35 @@ class HttpServer:
         finally:
             if isinstance(body, FileBody):
                 os.close(body.fd)
+
+    async def _send_stream(self, conn: h11.Connection, stream: trio.abc.Stream, response: Response,
+                           body: StreamBody) -> None:
+        headers = [("Content-Type", response.content_type), ("Server", self.name), *response.headers.items()]
+        await stream.send_all(conn.send(h11.Response(status_code=response.status, headers=headers)))
+
+        async def send(part: bytes | memoryview | FileBody) -> None:
+            try:
+                if not len(part):
+                    return
+                for chunk in conn.send_with_data_passthrough(h11.Data(data=part)):
+                    if isinstance(chunk, FileBody) and isinstance(stream, trio.SocketStream):
+                        await _sendfile(stream, chunk)
+                    elif isinstance(chunk, FileBody):
+                        await _send_file_chunks(stream, chunk)
+                    else:
+                        await stream.send_all(chunk)
+            finally:
+                if isinstance(part, FileBody):
+                    os.close(part.fd)
+
+        try:
+            await body.produce(send)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise
+        except Exception as exc:  # the head is out: all that is left is to end the connection
+            log.warning("streamed answer broken off: %s", exc)
+            raise trio.BrokenResourceError(str(exc)) from exc
+        await stream.send_all(conn.send(h11.EndOfMessage()))
 
     async def _reject(self, conn, stream, status: int, message: str) -> None:
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
