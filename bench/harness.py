@@ -129,8 +129,8 @@ def parse_args(argv=None):
     mode.add_argument("--full", dest="mode", action="store_const", const="full", help="full mode")
     p.set_defaults(mode="quick")
     p.add_argument("--s3", choices=sorted(SERVERS), default="s3rver", help="S3 server (default s3rver)")
-    p.add_argument("--systems", default="dorafs,s3fs,rclone,ceiling",
-                   help=f"comma-separated, from {','.join(SYSTEMS)} (default dorafs,s3fs,rclone,ceiling)")
+    p.add_argument("--systems", default="dorafs,s3fs,rclone,ceiling,native",
+                   help=f"comma-separated, from {','.join(SYSTEMS)} (default dorafs,s3fs,rclone,ceiling,native)")
     p.add_argument("--scenarios", default="", help="comma-separated subset of scenario names")
     p.add_argument("--dorafs-options", default="", help="extra -o options for the dorafs mounts")
     p.add_argument("--baseline", default=None, metavar="DIR",

@@ -65,7 +65,8 @@ def unmount(path: Path, timeout: float = 15.0) -> None:
     path = Path(path).resolve()
     if not is_mounted(path):
         return
-    subprocess.run(["fusermount3", "-u", str(path)], capture_output=True)
+    if subprocess.run(["fusermount3", "-u", str(path)], capture_output=True).returncode != 0 and is_mounted(path):
+        subprocess.run(["umount", str(path)], capture_output=True)  # not FUSE: the native system's bind mount
     deadline = time.monotonic() + timeout
     while is_mounted(path) and time.monotonic() < deadline:
         time.sleep(0.05)

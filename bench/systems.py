@@ -20,6 +20,13 @@ Configurations (each peer with its cache on and its documented performance optio
   --read-only`, everything else at its defaults (vfs-read-chunk-size 128M, buffer-size
   16M, dir-cache-time 5m, attr-timeout 1s).
 - ceiling: bench/ceiling.py, pyfuse3 serving the same bytes from memory.
+- native: the same bytes as plain files on the disk the caches are on (bench/.cache/native/),
+  bind-mounted read-only (bench/native.py): what reading them needs no FUSE for. Cold: the
+  kernel's page cache of those files dropped first (disk reads); warm: as the cold pass
+  left it, as it is for the other systems' cache files.
+
+dorafs mounts are read-only (`-o ro`), as the peers' are; so passthrough of wholly cached
+files (docs/SEMANTICS.md, promise 32) is on.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from procs import BENCH, REGISTRY, Tracked, children, is_mounted, stop_pid, unmount, wait_for
+from procs import BENCH, CACHE, REGISTRY, Tracked, children, is_mounted, stop_pid, unmount, wait_for
 
 PY = sys.executable
 
@@ -143,7 +150,7 @@ class Dorafs(System):
     @property
     def config(self):
         opts = f" -o {self.options}" if self.options else ""
-        return f"dorafs mount s3://bench/{self.mode} MNT --foreground --cache-dir DIR{opts} (embedded worker)"
+        return f"dorafs mount s3://bench/{self.mode} MNT --foreground --cache-dir DIR -o ro{opts} (embedded worker)"
 
     def env(self):
         env = super().env()
@@ -153,9 +160,7 @@ class Dorafs(System):
 
     def mount_argv(self, session, mnt):
         argv = [PY, "-m", "dorafs.cli.main", "mount", f"s3://bench/{self.mode}", mnt, "--foreground",
-                "--cache-dir", session.cache]
-        if self.options:
-            argv += ["-o", self.options]
+                "--cache-dir", session.cache, "-o", ",".join(o for o in ("ro", self.options) if o)]
         return argv, self.env()
 
     def on_mounted(self, session, m):
@@ -193,9 +198,7 @@ class DorafsWorker(Dorafs):
     def mount_argv(self, session, mnt):
         address = self._worker(session)
         argv = [PY, "-m", "dorafs.cli.main", "mount", f"s3://bench/{self.mode}", mnt, "--foreground",
-                "--workers", address]
-        if self.options:
-            argv += ["-o", self.options]
+                "--workers", address, "-o", ",".join(o for o in ("ro", self.options) if o)]
         return argv, self.env()
 
     def on_mounted(self, session, m):
@@ -317,7 +320,41 @@ class Ceiling(System):
         return [PY, BENCH / "ceiling.py", self.mode, mnt, str(self.read_ahead_kb)], self.env()
 
 
-SYSTEMS = {cls.name: cls for cls in (Dorafs, DorafsWorker, DorafsBaseline, S3fs, Rclone, Ceiling)}
+class Native(System):
+    name = "native"
+    config = "the same files on the cache disk, bind-mounted read-only (bench/native.py); cold: page cache dropped"
+
+    def _files(self) -> Path:
+        """The dataset as plain files, written once per mode."""
+        import dataset
+
+        spec = dataset.SPECS[self.mode]
+        root = CACHE / "native" / self.mode
+        done = root / ".complete"
+        if done.exists() and done.read_text() == spec.digest():
+            return root / "data"
+        _rm(root)
+        for rel, size in spec.objects():
+            path = root / "data" / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "wb") as f:
+                for off in range(0, size, 64 << 20):
+                    f.write(dataset.content(spec, rel, size, off, min(64 << 20, size - off)))
+        done.write_text(spec.digest())
+        return root / "data"
+
+    def mount_argv(self, session, mnt):
+        argv = [PY, BENCH / "native.py", self._files(), mnt]
+        if session.mounts == 1:  # cold
+            argv.append("--drop")
+        return argv, self.env()
+
+    @staticmethod
+    def available():
+        return None if os.geteuid() == 0 else "needs root (mount --bind)"
+
+
+SYSTEMS = {cls.name: cls for cls in (Dorafs, DorafsWorker, DorafsBaseline, S3fs, Rclone, Ceiling, Native)}
 
 
 def versions() -> dict[str, str]:

@@ -300,6 +300,12 @@ class MountConfig:
     ufs_timeout: float = option(2.0, _positive_duration, "an S3 attempt of the mount that makes no progress this "
                                 "long (connect, or no byte) is abandoned and retried")
     direct_io: bool = option(False, _flag, "bypass the kernel page cache (benchmarks, read-path tests)")
+    passthrough: bool | None = option(None, _optional(_flag), "hand files wholly cached by a worker on this "
+                                      "machine to the kernel (FUSE passthrough: needs root and kernel 6.9+; "
+                                      "default: on for read-only mounts, see docs/SEMANTICS.md)")
+    passthrough_min_size: int = option(1 << 20, _size, "files smaller than this are read through the mount, "
+                                       "never passthrough: one or two reads of them cost less than "
+                                       "registering a backing file")
     allow_other: bool = option(False, _flag, "let other users access the mount (FUSE allow_other)")
     fuse_tasks: int = option(64, _count, "kernel requests served concurrently")
     metrics_listen: tuple[str, int] | None = option(None, _optional(parse_hostport),

@@ -32,9 +32,10 @@ from dorafs.config import MountConfig, user_cache_dir
 from dorafs.errors import DoraError, NotFound, UfsError
 from dorafs.files import lock_directory
 from dorafs.fuse import mounting
+from dorafs.fuse import protocol as p
 from dorafs.fuse.metrics import REGISTRY, ClientCollector
-from dorafs.fuse.operations import DoraOperations
-from dorafs.fuse.session import Session
+from dorafs.fuse.operations import DoraOperations, passthrough_wanted
+from dorafs.fuse.session import WANTED, Session
 from dorafs.http import HttpServer, Response, json_response
 from dorafs.membership import open_membership
 from dorafs.notify import notify
@@ -170,7 +171,12 @@ async def run_mount(config: MountConfig, ready=lambda: None) -> None:
             fd = mounting.mount(mountpoint, fuse_options(config))
         except OSError as exc:
             raise MountError(f"cannot mount on {mountpoint}: {exc} (is it already mounted? is /dev/fuse there?)")
-        session = Session(operations, fd, workers=config.fuse_tasks, debug=config.debug)
+        # Passthrough is asked for only where registering backing files can work: the
+        # kernel demands CAP_SYS_ADMIN for it (an unprivileged mount would get EPERM).
+        passthrough = passthrough_wanted(config) and os.geteuid() == 0
+        session = Session(operations, fd, workers=config.fuse_tasks, debug=config.debug,
+                          wanted=WANTED | (p.PASSTHROUGH if passthrough else 0),
+                          max_stack_depth=1 if passthrough else 0)
         operations.kernel = session
         try:
             nursery.start_soon(_terminate_on_signal, session)
@@ -180,6 +186,7 @@ async def run_mount(config: MountConfig, ready=lambda: None) -> None:
                 address = await nursery.start(metrics_server(client).serve, *config.metrics_listen)
                 log.info("metrics on http://%s:%d/metrics", *address)
             await nursery.start(session.serve)  # returns once INIT is answered
+            operations.passthrough.started(fd, session.negotiated, nursery)
             log.info("mounted %s on %s", root_uri, mountpoint)
             ready()
             notify("READY=1", f"STATUS=serving {root_uri} on {mountpoint}")
@@ -191,6 +198,7 @@ async def run_mount(config: MountConfig, ready=lambda: None) -> None:
                 mounting.unmount(mountpoint)
             except OSError as exc:
                 log.warning("unmounting %s: %s", mountpoint, exc)
+            operations.passthrough.close()
             os.close(fd)
             log.info("unmounted %s", mountpoint)
 

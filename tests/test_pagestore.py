@@ -351,3 +351,158 @@ def test_failing_disk_serves_uncached_then_recovers(tmp_path, monkeypatch):
         trio.run(main)
 
 
+# -- whole objects ---------------------------------------------------------------------
+
+async def put_object(store: PageStore, n: int, size: int, page_size: int) -> bytes:
+    data = page(size, n)
+    for i in range(0, -(-size // page_size)):
+        await put(store, key(n, i), data[i * page_size:(i + 1) * page_size])
+    assert await store.seal(key(n)[0], size, page_size) is not None
+    return data
+
+
+def test_complete_object_is_sealed_into_one_file_at_page_offsets(tmp_path):
+    store = new_store(tmp_path, 1 << 20)
+
+    async def main():
+        data = await put_object(store, 1, 2500, 1000)
+        oid = key(1)[0]
+        whole = store.whole(oid)
+        assert whole is not None and whole.size == 2500 and len(whole.checksums) == 3
+        assert whole.path.read_bytes() == data
+        for i in range(3):
+            entry = store.lookup(key(1, i))
+            assert entry.path == whole.path and entry.offset == i * 1000 and entry.whole
+            with open(entry.path, "rb") as f:
+                f.seek(entry.offset)
+                assert checksum(f.read(entry.size)) == entry.checksum
+        assert page_files(tmp_path) == []  # the page files are gone
+        assert store.used == 2500
+
+    trio.run(main)
+    again = new_store(tmp_path, 1 << 20)  # survives a restart
+    assert again.whole(key(1)[0]) is not None and again.used == 2500 and len(again) == 3
+
+
+def test_partial_object_is_not_sealed(tmp_path):
+    store = new_store(tmp_path, 1 << 20)
+
+    async def main():
+        data = page(2500)
+        await put(store, key(1, 0), data[:1000])
+        await put(store, key(1, 2), data[2000:])
+        assert await store.seal(key(1)[0], 2500, 1000) is None
+        assert store.whole(key(1)[0]) is None
+        assert len(page_files(tmp_path)) == 2
+
+    trio.run(main)
+
+
+def test_crash_leftovers_of_sealing_are_cleaned_up(tmp_path):
+    store = new_store(tmp_path, 1 << 20)
+    trio.run(put_object, store, 1, 2500, 1000)
+    whole = store.whole(key(1)[0])
+    objects = whole.path.parent
+    (objects / f"{whole.path.name}.1234abcd.tmp").write_bytes(b"half an object")  # a sealing cut short
+    orphan = objects / ("f" * 32)  # an object file whose sums never landed
+    orphan.write_bytes(b"x" * 10)
+    page_file = tmp_path / "pages" / whole.path.name[:2] / f"{whole.path.name}_0_{whole.checksums[0]}"
+    page_file.write_bytes(page(1000, 1))  # a page file the crash left beside its sealed object
+    again = new_store(tmp_path, 1 << 20)
+    assert sorted(p.name for p in objects.iterdir()) == sorted([whole.path.name, f"{whole.path.name}.sums"])
+    assert not page_file.exists()
+    assert again.used == 2500
+
+
+def test_evicting_a_page_of_a_sealed_object_unlinks_the_whole_file(tmp_path):
+    store = new_store(tmp_path, 5000)  # sealing needs room for a copy of the object
+
+    async def main():
+        await put_object(store, 1, 2500, 1000)
+        path = store.whole(key(1)[0]).path
+        await put(store, key(2), page(1000))
+        await put(store, key(3), page(1000))
+        store.lookup(key(1, 0))
+        await put(store, key(4), page(1000))  # room for it evicts object 1 (its other pages are older)
+        assert not path.exists() and store.whole(key(1)[0]) is None
+        assert store.pages_of(key(1)[0]) == set() and store.used == 3000
+
+    trio.run(main)
+
+
+def test_a_held_object_file_is_counted_until_its_holder_lets_go(tmp_path, monkeypatch):
+    import fcntl
+    import os
+
+    import worker.pagestore as pagestore
+    monkeypatch.setattr(pagestore, "HELD_RECHECK_SECONDS", 0.0)
+    store = new_store(tmp_path, 5000)
+
+    async def main():
+        data = await put_object(store, 1, 2500, 1000)
+        path = store.whole(key(1)[0]).path
+        holder = os.open(path, os.O_RDONLY)
+        fcntl.flock(holder, fcntl.LOCK_SH)  # what a mount does while the kernel reads it
+        store.drop(key(1, 1))
+        assert not path.exists()
+        assert store.held == 2500 and store.used == 2500  # still on the disk, still counted
+        assert await put(store, key(2), page(2000)) is not None
+        assert store.used == 4500
+        assert await put(store, key(3), page(3000)) is None  # no room while it is held
+        assert os.pread(holder, 2500, 0) == data  # the holder's bytes never changed
+        os.close(holder)
+        assert await put(store, key(3), page(3000)) is not None
+        assert store.held == 0 and store.used == 5000
+
+    trio.run(main)
+
+
+def test_sealing_finds_and_drops_a_corrupt_page(tmp_path):
+    store = new_store(tmp_path, 1 << 20)
+
+    async def main():
+        data = page(2500)
+        for i in range(3):
+            await put(store, key(1, i), data[i * 1000:(i + 1) * 1000])
+        victim = store.peek(key(1, 1)).path
+        victim.write_bytes(b"\0" * 1000)  # the disk corrupted it
+        assert await store.seal(key(1)[0], 2500, 1000) is None
+        assert store.pages_of(key(1)[0]) == {0, 2} and not victim.exists()
+        assert store.corrupt == 1
+
+    trio.run(main)
+
+
+def test_sealing_needs_room_for_a_copy(tmp_path):
+    store = new_store(tmp_path, 3000)
+
+    async def main():
+        data = page(2500)
+        for i in range(3):
+            await put(store, key(1, i), data[i * 1000:(i + 1) * 1000])
+        assert await store.seal(key(1)[0], 2500, 1000) is None  # it would evict its own pages
+        assert store.pages_of(key(1)[0]) == {0, 1, 2}
+
+    trio.run(main)
+
+
+def test_concurrent_seals_of_one_object_make_one_file(tmp_path):
+    store = new_store(tmp_path, 1 << 20)
+
+    async def main():
+        data = page(2500)
+        for i in range(3):
+            await put(store, key(1, i), data[i * 1000:(i + 1) * 1000])
+        results = []
+
+        async def seal():
+            results.append(await store.seal(key(1)[0], 2500, 1000))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(seal)
+        assert len(results) == 3 and all(r is not None and r is results[0] for r in results)
+        assert store.sealed == 1 and store.used == 2500
+        assert results[0].path.read_bytes() == data
+
+    trio.run(main)

@@ -307,7 +307,7 @@ def test_worker_survives_thousands_of_hostile_requests(fuzz_target):
     assert b"".join(pages) == data
 
     # Nothing outside the root was opened or read; nothing outside the cache directory
-    # changed; inside it, only page-store names.
+    # changed; inside it, only page-store names (pages, and objects sealed whole).
     touched = [e for e in watch.events() if not (e[0] == base and e[2] == "root")]  # the root itself: listed
     watch.close()
     assert touched == [], touched[:20]
@@ -315,4 +315,5 @@ def test_worker_survives_thousands_of_hostile_requests(fuzz_target):
     names = {p.relative_to(worker.cache_dir).as_posix() for p in worker.cache_dir.rglob("*")}
     for name in names:
         assert re.fullmatch(r"lock|worker-id|metadata\.db(-wal|-shm)?|pages|pages/tmp|pages/[0-9a-f]{2}|"
-                            r"pages/[0-9a-f]{2}/[0-9a-f]{32}_\d+_[0-9a-f]{16}", name), name
+                            r"pages/[0-9a-f]{2}/[0-9a-f]{32}_\d+_[0-9a-f]{16}|"
+                            r"objects|objects/[0-9a-f]{2}|objects/[0-9a-f]{2}/[0-9a-f]{32}(\.sums)?", name), name

@@ -26,6 +26,10 @@ class WorkerMetrics:
         self.cache_used = Gauge("dorafs_worker_cache_used_bytes", "Bytes of cached pages", registry=r)
         self.cache_capacity = Gauge("dorafs_worker_cache_capacity_bytes", "Page cache capacity", registry=r)
         self.pages = Gauge("dorafs_worker_pages", "Cached pages", registry=r)
+        self.whole_objects = Gauge("dorafs_worker_whole_objects", "Object versions cached as one file "
+                                   "(sealed for a mount's passthrough)", registry=r)
+        self.held_bytes = Gauge("dorafs_worker_held_bytes", "Bytes of evicted object files a mount still reads "
+                                "through passthrough (part of the used bytes)", registry=r)
         self.evictions = Gauge("dorafs_worker_evictions", "Pages evicted since start", registry=r)
         self.listing_prefetches = Counter(
             "dorafs_worker_listing_prefetches", "Directory listings fetched ahead after repeated stat misses",

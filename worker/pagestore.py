@@ -23,11 +23,38 @@ Subtleties:
   failing disk (EIO, EROFS, EACCES...) stops write attempts for `FAULT_RETRY_SECONDS`,
   then one is tried again; a successful write ends the fault. Other errors concern one
   page's path and are only counted. `health()` says what is wrong.
+
+Whole objects: `seal` (asked by a mount on this node that wants to hand a wholly cached
+object to the kernel) copies its pages, each checked against its checksum, into one file
+at their offsets,
+`ROOT/objects/<oid[:2]>/<oid>`, with `<oid>.sums` beside it (JSON: size, page size, the
+checksum of every page); then the page entries point into that file (`PageEntry.offset`)
+and the page files are unlinked. Such a file is what a mount on this node hands to the
+kernel for passthrough reads (`whole()` says where it is), and it is still sent with
+sendfile, page by page or run by run, from its offsets.
+- The sums are renamed into place before the object file and the object file is renamed
+  from a temp name once all of it is written, so a crash leaves a whole object, or temp
+  files and page files (both handled on start), never a torn one. On start, an object
+  file without its sums (or of another size than they say) is removed, and page files of
+  an object that has its file are removed.
+- An object file never changes once it has its name: eviction (of any of its pages) and
+  drop remove the whole object and unlink the file, never rewrite, truncate or punch
+  it. A mount that hands it to the kernel holds a shared `flock` on it; unlinking such a
+  file frees no disk space until the mount lets go, so the store keeps it open, counts
+  its bytes in `held` (and in `used`, so the byte bound covers them), and gives them back
+  once the lock is gone (checked at each put and eviction, at most every
+  `HELD_RECHECK_SECONDS`). Bytes held by open passthrough files therefore delay caching,
+  never exceed the bound: while they fill it, new pages are served without caching.
+- Sealing costs one read and one write of the object on the cache disk, once, and room
+  for the copy while it is made; it is refused (the pages stay as they are) when making
+  room would evict pages of the object itself. Objects nobody asks for stay as pages.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
+import json
 import logging
 import os
 import time
@@ -46,6 +73,7 @@ FAULT_RETRY_SECONDS = 5.0  # after a failed write, pages are served uncached thi
 REGROW_SECONDS = 60.0  # after a full disk lowered the limit, try the full capacity again
 # Write errors that say the disk itself is unusable (others concern one page's path).
 DISK_FAULTS = {errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENXIO, errno.ENODEV}
+HELD_RECHECK_SECONDS = 1.0  # how often unlinked object files a mount holds are looked at
 
 
 def checksum(data: bytes | memoryview) -> str:
@@ -54,15 +82,34 @@ def checksum(data: bytes | memoryview) -> str:
 
 @dataclass
 class PageEntry:
-    path: Path
+    path: Path  # the page's file, or its object's whole file (then `whole` is set)
     size: int
     checksum: str
+    offset: int = 0  # where the page starts in `path`
+    whole: bool = False  # `path` is the sealed file of the whole object
+
+
+@dataclass
+class WholeObject:
+    """A sealed object version: one file, its size, page size and page checksums."""
+
+    path: Path
+    size: int
+    page_size: int
+    checksums: list[str]
+
+
+@dataclass
+class _Held:
+    fd: int
+    size: int
 
 
 class PageStore:
     def __init__(self, root: Path, capacity: int, *, thread_limiter: trio.CapacityLimiter | None = None):
         self.root = Path(root) / "pages"
         self.tmp = self.root / "tmp"
+        self.objects = Path(root) / "objects"
         self.capacity = capacity
         self.used = 0  # bytes of indexed pages plus reservations for writes in progress
         self.reserved = 0  # bytes reserved by writes in progress
@@ -75,6 +122,13 @@ class PageStore:
         self._index: OrderedDict[PageKey, PageEntry] = OrderedDict()
         self._by_object: dict[str, set[int]] = {}
         self._limiter = thread_limiter or trio.CapacityLimiter(8)
+        self._whole: dict[str, WholeObject] = {}  # sealed objects by object id
+        self._sealing: dict[str, trio.Event] = {}  # objects being sealed -> set when done
+        self._held: list[_Held] = []  # unlinked object files a mount still holds
+        self.held = 0  # their bytes (part of `used`)
+        self.sealed = 0  # objects sealed since start
+        self.corrupt = 0  # corrupt pages found while sealing
+        self._held_checked = 0.0
 
     def __len__(self) -> int:
         return len(self._index)
@@ -103,12 +157,53 @@ class PageStore:
                 oid, index, digest = parsed
                 st = path.stat()
                 found.append((st.st_mtime, (oid, index), PageEntry(path, st.st_size, digest)))
-        found.sort(key=lambda item: item[0])  # oldest first: the LRU end
-        for _, key, entry in found:
+        for mtime, whole in self._load_objects():
+            for index, digest in enumerate(whole.checksums):
+                length = min(whole.page_size, whole.size - index * whole.page_size)
+                found.append((mtime, (whole.path.name, index),
+                              PageEntry(whole.path, length, digest, index * whole.page_size, True)))
+            self._whole[whole.path.name] = whole
+        sealed = {oid for oid in self._whole}
+        kept = []
+        for item in found:
+            _, (oid, _), entry = item
+            if oid in sealed and not entry.whole:  # sealed before a crash unlinked its pages
+                entry.path.unlink(missing_ok=True)
+            else:
+                kept.append(item)
+        kept.sort(key=lambda item: item[0])  # oldest first: the LRU end
+        for _, key, entry in kept:
             self._insert(key, entry)
         while self.used > self.capacity and self._index:
-            self._unlink(self._evict_one())
-        log.info("page store: %d pages, %d bytes of %d", len(self._index), self.used, self.capacity)
+            self._evict_one()
+        log.info("page store: %d pages (%d whole objects), %d bytes of %d", len(self._index),
+                 len(self._whole), self.used, self.capacity)
+
+    def _load_objects(self) -> list[tuple[float, WholeObject]]:
+        """The sealed objects on disk; removes what a crash left half done."""
+        self.objects.mkdir(mode=0o700, exist_ok=True)
+        out = []
+        for sub in self.objects.iterdir():
+            if not sub.is_dir():
+                sub.unlink(missing_ok=True)
+                continue
+            for path in sub.iterdir():
+                name = path.name
+                if name.endswith(".tmp"):
+                    path.unlink(missing_ok=True)
+                    continue
+                if name.endswith(".sums"):
+                    if not (sub / name[:-5]).exists():
+                        path.unlink(missing_ok=True)
+                    continue
+                whole = _read_sums(path)
+                if whole is None:
+                    log.warning("removing object file without valid checksums: %s", path)
+                    path.unlink(missing_ok=True)
+                    Path(f"{path}.sums").unlink(missing_ok=True)
+                    continue
+                out.append((path.stat().st_mtime, whole))
+        return out
 
     # -- lookups ----------------------------------------------------------------------
 
@@ -125,6 +220,10 @@ class PageStore:
     def pages_of(self, oid: str) -> set[int]:
         return set(self._by_object.get(oid, ()))
 
+    def whole(self, oid: str) -> WholeObject | None:
+        """The sealed file of object version `oid`, if it is wholly cached as one."""
+        return self._whole.get(oid)
+
     def health(self) -> str | None:
         """None when caching works; else one line on what degrades it."""
         if self.fault is not None:
@@ -139,6 +238,10 @@ class PageStore:
         """Store a page; None if it cannot be cached (too big, or the disk failed)."""
         if key in self._index:
             return self._index[key]
+        return await self._put(key, data, digest)
+
+    async def _put(self, key: PageKey, data: bytes | memoryview, digest: str) -> PageEntry | None:
+        self._check_held()
         now = time.monotonic()
         if self.fault is not None and now < self._retry_at:
             return None  # the disk failed a moment ago: serve without caching
@@ -146,10 +249,12 @@ class PageStore:
             log.info("trying the cache's full capacity again (%d bytes)", self.capacity)
             self.limit = self.capacity
         size = len(data)
-        if self.reserved + size > self.limit:
+        if self.reserved + self.held + size > self.limit:
             return None  # too big, or writes in flight hold the room: serve without caching
-        while self.used + size > self.limit:
-            self._unlink(self._evict_one())
+        while self.used + size > self.limit and self._index:
+            self._evict_one()
+        if self.used + size > self.limit:
+            return None  # files mounts hold fill it
         self.used += size  # reserved until the rename lands or fails
         self.reserved += size
         oid, index = key
@@ -173,10 +278,190 @@ class PageStore:
         return entry
 
     def drop(self, key: PageKey) -> None:
+        """Forget a page and remove its file (all of its object's, for a sealed object)."""
         entry = self._index.pop(key, None)
         if entry is not None:
             self._forget(key, entry)
-            self._unlink(entry)
+            if entry.whole:
+                self._drop_whole(key[0])
+            else:
+                self._unlink(entry)
+
+    def refresh_held(self) -> None:
+        """Give back the bytes of held object files no mount holds any more (at most
+        every HELD_RECHECK_SECONDS)."""
+        self._check_held()
+
+    def statistics(self) -> dict:
+        return {"whole_objects": len(self._whole), "sealed": self.sealed, "held_files": len(self._held),
+                "held_bytes": self.held}
+
+    def close(self) -> None:
+        """Let go of held object files (their bytes are no longer counted)."""
+        for held in self._held:
+            os.close(held.fd)
+        self._held.clear()
+        self.used -= self.held
+        self.held = 0
+
+    # -- whole objects ----------------------------------------------------------------
+
+    async def seal(self, oid: str, size: int, page_size: int) -> WholeObject | None:
+        """The one file of object version `oid` (`size` bytes in pages of `page_size`),
+        made now from its page files if every page is cached; None if it cannot be (a
+        page missing or corrupt, which is then dropped, or no room for the copy)."""
+        if oid in self._whole:
+            return self._whole[oid]
+        if oid in self._sealing:  # another caller is sealing it: its outcome is ours
+            await self._sealing[oid].wait()
+            return self._whole.get(oid)
+        count = -(-size // page_size)
+        entries = [self._index.get((oid, i)) for i in range(count)]
+        if any(e is None or e.whole or e.size != min(page_size, size - i * page_size)
+               for i, e in enumerate(entries)):
+            return None
+        if self.reserved + self.held + size > self.limit:
+            return None
+        while self.used + size > self.limit:
+            victim = next(iter(self._index))
+            if victim[0] == oid:  # no room but its own pages: leave it as pages
+                return None
+            self._evict_one()
+        done_sealing = self._sealing[oid] = trio.Event()
+        try:
+            return await self._seal(oid, size, page_size, count, entries)
+        finally:
+            del self._sealing[oid]
+            done_sealing.set()
+
+    async def _seal(self, oid: str, size: int, page_size: int, count: int,
+                    entries: list[PageEntry]) -> WholeObject | None:
+        self.used += size
+        self.reserved += size
+        whole = WholeObject(self.objects / oid[:2] / oid, size, page_size, [e.checksum for e in entries])
+        try:
+            done = await trio.to_thread.run_sync(self._write_whole, whole, [e.path for e in entries],
+                                                 limiter=self._limiter)
+        except OSError as exc:
+            log.warning("cannot seal object %s into one file (its pages stay): %s", oid, exc)
+            done = None
+        finally:
+            self.used -= size
+            self.reserved -= size
+        if isinstance(done, int):  # a corrupt page: dropped, to be fetched again
+            log.warning("corrupt page %s_%d found while sealing its object: dropped", oid, done)
+            self.corrupt += 1
+            if self._index.get((oid, done)) is entries[done]:
+                self.drop((oid, done))
+            return None
+        if done is None:
+            return None
+        tmp_sums, tmp_file = done
+        now = [self._index.get((oid, i)) for i in range(count)]
+        if any(a is not b for a, b in zip(now, entries)):  # a page went meanwhile: give up
+            tmp_sums.unlink(missing_ok=True)
+            tmp_file.unlink(missing_ok=True)
+            return None
+        os.rename(tmp_sums, f"{whole.path}.sums")
+        os.rename(tmp_file, whole.path)
+        for i, old in enumerate(entries):
+            self._index[(oid, i)] = PageEntry(whole.path, old.size, old.checksum, i * page_size, True)
+            self._index.move_to_end((oid, i))
+            self._unlink(old)
+        self._whole[oid] = whole
+        self.sealed += 1
+        return whole
+
+    def _write_whole(self, whole: WholeObject, sources: list[Path]) -> tuple[Path, Path] | int | None:
+        """Write the object file and its sums under temp names, checking every page
+        against its checksum; None if a page file went, the index of a corrupt page."""
+        whole.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        stem = whole.path.parent / f"{whole.path.name}.{uuid.uuid4().hex[:8]}"
+        tmp_file, tmp_sums = Path(f"{stem}.tmp"), Path(f"{stem}.sums.tmp")
+        out = os.open(tmp_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            for index, source in enumerate(sources):
+                try:
+                    src = os.open(source, os.O_RDONLY)
+                except FileNotFoundError:
+                    os.close(out)
+                    tmp_file.unlink(missing_ok=True)
+                    return None
+                try:
+                    length = min(whole.page_size, whole.size - index * whole.page_size)
+                    data = os.pread(src, length + 1, 0)
+                finally:
+                    os.close(src)
+                if len(data) != length or checksum(data) != whole.checksums[index]:
+                    os.close(out)
+                    tmp_file.unlink(missing_ok=True)
+                    return index
+                view, at = memoryview(data), index * whole.page_size
+                while view:
+                    n = os.pwrite(out, view, at)
+                    view, at = view[n:], at + n
+            with open(tmp_sums, "w") as f:
+                json.dump({"size": whole.size, "page_size": whole.page_size, "checksums": whole.checksums}, f)
+        except BaseException:
+            os.close(out)
+            tmp_file.unlink(missing_ok=True)
+            tmp_sums.unlink(missing_ok=True)
+            raise
+        os.close(out)
+        return tmp_sums, tmp_file
+
+    def _drop_whole(self, oid: str) -> None:
+        """Forget every page of a sealed object and unlink its file (held if a mount holds it)."""
+        whole = self._whole.pop(oid, None)
+        for index in list(self._by_object.get(oid, ())):
+            entry = self._index.pop((oid, index), None)
+            if entry is not None:
+                self._forget((oid, index), entry)
+        if whole is None:
+            return
+        Path(f"{whole.path}.sums").unlink(missing_ok=True)
+        try:
+            fd = os.open(whole.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            fd = None
+        try:
+            whole.path.unlink()
+        except FileNotFoundError:
+            pass
+        if fd is None:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a mount holds it: its disk space stays in use
+            self._held.append(_Held(fd, whole.size))
+            self.held += whole.size
+            self.used += whole.size
+            return
+        except OSError:
+            pass
+        os.close(fd)
+
+    def _check_held(self, force: bool = False) -> None:
+        """Give back the bytes of held object files no mount holds any more."""
+        if not self._held:
+            return
+        now = time.monotonic()
+        if not force and now < self._held_checked + HELD_RECHECK_SECONDS:
+            return
+        self._held_checked = now
+        still = []
+        for held in self._held:
+            try:
+                fcntl.flock(held.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                still.append(held)
+                continue
+            except OSError:
+                pass
+            os.close(held.fd)
+            self.held -= held.size
+            self.used -= held.size
+        self._held = still
 
     # -- internals --------------------------------------------------------------------
 
@@ -212,11 +497,20 @@ class PageStore:
             if not pages:
                 del self._by_object[key[0]]
 
-    def _evict_one(self) -> PageEntry:
+    def _evict_one(self) -> None:
+        """Evict the least recently used page (with its whole object, if sealed) and
+        unlink its file."""
+        self._check_held()
+        if not self._index:
+            return
         key, entry = self._index.popitem(last=False)
         self._forget(key, entry)
-        self.evictions += 1
-        return entry
+        if entry.whole:
+            self.evictions += 1 + len(self._by_object.get(key[0], ()))
+            self._drop_whole(key[0])
+        else:
+            self.evictions += 1
+            self._unlink(entry)
 
     @staticmethod
     def _unlink(entry: PageEntry) -> None:
@@ -244,6 +538,18 @@ class PageStore:
         except OSError:
             tmp.unlink(missing_ok=True)
             raise
+
+
+def _read_sums(path: Path) -> WholeObject | None:
+    try:
+        with open(f"{path}.sums") as f:
+            sums = json.load(f)
+        size, page_size, checksums = int(sums["size"]), int(sums["page_size"]), list(sums["checksums"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if page_size <= 0 or len(checksums) != -(-size // page_size) or path.stat().st_size != size:
+        return None
+    return WholeObject(path, size, page_size, [str(c) for c in checksums])
 
 
 def _parse_name(name: str) -> tuple[str, int, str] | None:

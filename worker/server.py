@@ -12,11 +12,16 @@
         early (an ERROR frame, or a page evicted before it could be sent)
   GET /v1/locate?uri=&version=&size=&index=&page_size=[&count=N]
         where the files of pages index.. index+N-1 are, {"pages": [{"index", "path",
-        "size", "checksum"}]}, consecutive from `index`: the cached ones, up to and
+        "size", "checksum", "offset"}]} (offset: where the page starts in the file),
+        consecutive from `index`: the cached ones, up to and
         including the first miss, which one UFS read fills with the misses after it
         (as run=N) and which is answered once its own bytes are in; ending early at the
         next page not in yet or at a page held only in memory. For short-circuit reads
         by a client on the same machine (dorafs/client/local.py)
+  GET /v1/object?uri=&version=&size=&index=0&page_size=
+        {"object": {"path", "size", "page_size", "checksums"} | null}: the one file of a
+        wholly cached object version (sealed now if its pages are cached; nothing is
+        fetched), for a mount on this machine that hands it to the kernel (passthrough)
   GET /v1/stat?uri=[&ttl=&negative_ttl=]         FileStatus as JSON (404 if missing), with "age":
         seconds since it was read from the UFS (a mount keeps it until its TTL runs out)
   GET /v1/list?uri=&after=&limit=[&ttl=]         {"entries": [...], "next": name | null, "age": seconds}
@@ -111,7 +116,7 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
             fd = service.open_page(result)
             if fd is None:
                 raise InvalidRequest("page vanished twice while serving; retry")
-        return Response(200, FileBody(fd, 0, result.size), headers)
+        return Response(200, FileBody(fd, result.entry.offset, result.size), headers)
 
     @server.route("GET", "/v1/run")
     async def run(req: Request) -> Response:
@@ -138,7 +143,7 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
                     fd = service.open_page(result)
                     if fd is None:  # evicted meanwhile: the reader asks for it on its own
                         return
-                    part = FileBody(fd, 0, result.size)
+                    part = FileBody(fd, result.entry.offset, result.size)
                 await send(runs.header(runs.PAGE, i, result.size, result.checksum))
                 await send(part)
 
@@ -163,8 +168,17 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
             if result.entry is None:
                 break
             pages.append({"index": i, "path": str(result.entry.path), "size": result.size,
-                          "checksum": result.checksum})
+                          "checksum": result.checksum, "offset": result.entry.offset})
         return json_response({"pages": pages})
+
+    @server.route("GET", "/v1/object")
+    async def whole_object(req: Request) -> Response:
+        uri, version, size, _ = await page_args(req)
+        whole = await service.whole_object(uri, version, size)
+        if whole is None:
+            return json_response({"object": None})
+        return json_response({"object": {"path": str(whole.path), "size": whole.size,
+                                         "page_size": whole.page_size, "checksums": whole.checksums}})
 
     @server.route("GET", "/v1/stat")
     async def stat(req: Request) -> Response:
@@ -212,7 +226,7 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
     @server.route("GET", "/v1/info")
     async def get_info(req: Request) -> Response:
         store = service.store
-        return json_response(info | {"used": store.used, "pages": len(store)})
+        return json_response(info | {"used": store.used, "pages": len(store), "held": store.held})
 
     @server.route("GET", "/healthz")
     async def healthz(req: Request) -> Response:

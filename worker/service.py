@@ -77,6 +77,9 @@ class WorkerService:
         m.cache_used.set(s.used)
         m.cache_capacity.set(s.capacity)
         m.pages.set(len(s))
+        s.refresh_held()
+        m.whole_objects.set(s.statistics()["whole_objects"])
+        m.held_bytes.set(s.held)
         m.evictions.set(s.evictions)
         m.cache_write_errors.set(s.write_errors)
         m.metadata_entries.set(self.meta.memory_size())
@@ -168,7 +171,8 @@ class WorkerService:
         def digest_file() -> str | None:
             try:
                 with open(entry.path, "rb") as f:
-                    data = f.read()
+                    f.seek(entry.offset)
+                    data = f.read(entry.size + 1 if not entry.whole else entry.size)
             except FileNotFoundError:
                 return None
             return checksum(data) if len(data) == entry.size else "size-mismatch"
@@ -317,6 +321,13 @@ class WorkerService:
         indexes = self.store.pages_of(oid)
         return len(indexes), sum(e.size for i in indexes if (e := self.store.peek((oid, i))) is not None)
 
+    async def whole_object(self, uri: str, version: str, size: int):
+        """The one file of this version of `uri` if every page of it is cached (sealed
+        now if it is still in pages), else None; nothing is fetched."""
+        whole = await self.store.seal(object_id(uri, version), size, self.config.page_size)
+        self.update_gauges()
+        return whole
+
     async def page_part(self, result: PageResult, offset: int, length: int) -> bytes | memoryview | None:
         """Bytes [offset, offset+length) of a page (None: its file is gone). From memory
         when the page is there, else read from its file: on the loop when the kernel's
@@ -326,6 +337,7 @@ class WorkerService:
         fd = self.open_page(result)
         if fd is None:
             return None
+        offset += result.entry.offset  # where the page starts in its file (a sealed object's)
         try:
             into = bytearray(length)
             try:

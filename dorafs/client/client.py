@@ -30,6 +30,7 @@ page buffer, the window doubling up to `readahead_pages`.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -329,6 +330,23 @@ class DoraClient:
 
     def open(self, uri: str, status: FileStatus) -> OpenFile:
         return OpenFile(uri, status)
+
+    async def whole_file(self, f: OpenFile) -> dict | None:
+        """Where the owning worker keeps this pinned version as one file, if the worker
+        is on this machine and holds all of it: {"path", "size", "page_size",
+        "checksums"}; None otherwise (nothing is fetched)."""
+        for address in self.candidates(f.uri)[:1]:
+            if address in self._remote or not is_loopback(address):
+                return None
+            if self._suspect_until.get(address, 0) > trio.current_time():
+                return None
+            try:
+                return await self._workers.whole_object(address, f.uri, f.status.version, f.status.size,
+                                                        self.page_size)
+            except (DoraError, OSError) as exc:
+                log.debug("worker %s: no whole file of %s: %s", address, f.uri, exc)
+                return None
+        return None
 
     async def read(self, f: OpenFile, offset: int, length: int) -> bytes | bytearray | memoryview:
         """Bytes [offset, offset+length) of the pinned version, short only at EOF.
@@ -648,7 +666,7 @@ class DoraClient:
                 return pieces[0]
         return await self._workers.page(address, f.uri, status.version, status.size, index, page_size, run=run)
 
-    async def _read_local(self, f: OpenFile, located: list[tuple[int, str, int, str]]) -> list[Piece]:
+    async def _read_local(self, f: OpenFile, located: list[tuple[int, str, int, str, int]]) -> list[Piece]:
         """Read located page files one after another into one block, each checked
         against its checksum; keep their descriptors; the pieces of the leading pages
         that matched (a missing or corrupt one is fetched over HTTP, where the worker
@@ -662,21 +680,22 @@ class DoraClient:
         is read in a thread, so the loop never waits for the disk."""
         if not located:
             return []
-        block = self.buffer.block(sum(size for _, _, size, _ in located))
+        block = self.buffer.block(sum(size for _, _, size, _, _ in located))
         pieces = []
         at = 0
         with memoryview(block.data) as whole:
-            for index, path, size, checksum in located:
+            for index, path, size, checksum, offset in located:
                 if pieces:
                     await trio.lowlevel.checkpoint()
                 part = whole[at:at + size]
                 try:
-                    fd = LocalPages.read_page(part, path, checksum, wait=False)
+                    fd = LocalPages.read_page(part, path, checksum, wait=False, offset=offset)
                 except WouldBlock:
-                    fd = await trio.to_thread.run_sync(LocalPages.read_page, part, path, checksum)
+                    fd = await trio.to_thread.run_sync(
+                        functools.partial(LocalPages.read_page, part, path, checksum, offset=offset))
                 if fd is None:
                     break
-                self.local.keep(self._key(f, index), fd, size)
+                self.local.keep(self._key(f, index), fd, size, offset)
                 pieces.append(Piece(block, at, at + size))
                 at += size
         if not pieces:

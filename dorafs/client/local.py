@@ -16,7 +16,8 @@ usual, where a corrupt page is verified and refetched by the worker.
 Once a file has been read whole and matched its checksum, its descriptor is kept (an
 LRU bounded by count and by bytes), and later reads of that page that miss the mount's
 page buffer, the random reads above all, are a `pread` of just the bytes asked for.
-Page files never change under a name (the checksum is in it), so a kept descriptor
+Page files never change under a name (the checksum is in it), nor does the file of a
+sealed object (worker/pagestore.py: eviction unlinks it whole), so a kept descriptor
 reads the right bytes; but a kept descriptor of a file the worker has evicted (or
 replaced, or dropped on an invalidation) would pin its disk space outside the worker's
 byte bound. So a kept file whose link count fell to 0 is closed by a sweep every
@@ -97,15 +98,16 @@ class LocalPages:
         self.max_bytes = max_bytes
         self.bytes = 0  # sizes of the kept files
         self.dropped = 0  # kept files closed because their page was evicted or replaced
-        self._open: OrderedDict[Hashable, tuple[int, int]] = OrderedDict()  # key -> (fd, size)
+        self._open: OrderedDict[Hashable, tuple[int, int, int]] = OrderedDict()  # key -> (fd, size, base)
         self._threads = trio.CapacityLimiter(READ_THREADS)
 
     def __len__(self) -> int:
         return len(self._open)
 
     @staticmethod
-    def read_page(into: memoryview, path: str, checksum: str, *, wait: bool = True) -> int | None:
-        """Read a page file (path, checksum) into `into`, which is exactly its size.
+    def read_page(into: memoryview, path: str, checksum: str, *, wait: bool = True, offset: int = 0) -> int | None:
+        """Read a page (path, checksum) at `offset` of its file (a page file, or the
+        whole file of a sealed object) into `into`, which is exactly its size.
 
         Returns the open descriptor when its bytes matched the checksum; None when the
         file is missing (evicted since the worker answered), shorter or corrupt. Raises
@@ -120,7 +122,7 @@ class LocalPages:
         except OSError as exc:
             raise Unreadable(f"{path}: {exc.strerror}") from None
         try:
-            got = os.preadv(fd, [into], 0, 0 if wait else os.RWF_NOWAIT) if len(into) else 0
+            got = os.preadv(fd, [into], offset, 0 if wait else os.RWF_NOWAIT) if len(into) else 0
         except BlockingIOError:
             os.close(fd)
             raise WouldBlock(path) from None
@@ -137,11 +139,11 @@ class LocalPages:
             return None
         return fd
 
-    def keep(self, key: Hashable, fd: int, size: int) -> None:
-        """Keep the descriptor of a verified page file of `size` bytes (closing the least
-        recently read past the budgets)."""
+    def keep(self, key: Hashable, fd: int, size: int, base: int = 0) -> None:
+        """Keep the descriptor of a verified page of `size` bytes at `base` of its file
+        (closing the least recently read past the budgets)."""
         self._drop(key)
-        self._open[key] = (fd, size)
+        self._open[key] = (fd, size, base)
         self.bytes += size
         while self._open and (len(self._open) > self.max_open or self.bytes > self.max_bytes):
             self._drop(next(iter(self._open)))
@@ -149,30 +151,33 @@ class LocalPages:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._open
 
-    def _live(self, key: Hashable) -> int | None:
-        """The kept descriptor of `key`, most recently used now.
+    def _live(self, key: Hashable) -> tuple[int, int] | None:
+        """The kept descriptor of `key` and where the page starts in its file, most
+        recently used now.
 
         Whether the worker has evicted or replaced its file since is left to the sweep:
-        an unlinked page file still holds the verified bytes of its page version, so
+        an unlinked page file (or sealed object file) still holds the verified bytes
+        of its page version, so
         reading it is right, and an `fstat` on every read would cost a cached 4 KiB read
         a tenth of its time. Only the disk space waits, for at most SWEEP_SECONDS."""
         kept = self._open.get(key)
         if kept is None:
             return None
         self._open.move_to_end(key)
-        return kept[0]
+        return kept[0], kept[2]
 
     def readinto(self, key: Hashable, view: memoryview, offset: int) -> bool:
         """Fill `view` from a verified page at `offset` if the kernel has those bytes
         cached; False if its descriptor is not kept. Raises WouldBlock for bytes that
         would come from the disk (then `pread`, which waits in a thread)."""
-        fd = self._live(key)
-        if fd is None:
+        live = self._live(key)
+        if live is None:
             return False
         if not len(view):
             return True
+        fd, base = live
         try:
-            got = os.preadv(fd, [view], offset, os.RWF_NOWAIT)
+            got = os.preadv(fd, [view], base + offset, os.RWF_NOWAIT)
         except BlockingIOError:
             raise WouldBlock(key) from None
         except OSError as exc:
@@ -193,10 +198,12 @@ class LocalPages:
             return out
         except WouldBlock:
             pass
-        fd = self._live(key)
-        if fd is None:
+        live = self._live(key)
+        if live is None:
             return None
-        return await trio.to_thread.run_sync(_pread_and_close, os.dup(fd), length, offset, limiter=self._threads)
+        fd, base = live
+        return await trio.to_thread.run_sync(_pread_and_close, os.dup(fd), length, base + offset,
+                                             limiter=self._threads)
 
     async def sweep(self) -> None:
         """Close kept files whose page the worker evicted or replaced, every SWEEP_SECONDS."""

@@ -116,15 +116,23 @@ class WorkerClient:
             raise from_wire(response.status, body if isinstance(body, dict) else None)
 
     async def locate(self, address: str, uri: str, version: str, size: int, index: int,
-                     page_size: int, count: int = 1) -> list[tuple[int, str, int, str]]:
+                     page_size: int, count: int = 1) -> list[tuple[int, str, int, str, int]]:
         """Where the files of pages index.. index+count-1 are, as (index, path, size,
-        checksum), consecutive from `index`; shorter (even empty) where the worker holds
-        a page only in memory (it could not be cached)."""
+        checksum, offset in the file), consecutive from `index`; shorter (even empty)
+        where the worker holds a page only in memory (it could not be cached)."""
         params = {"uri": uri, "version": version, "size": size, "index": index, "page_size": page_size,
                   "count": count}
         response = await self._get(address, "/v1/locate", params)
         pages = json.loads(response.body)["pages"]
-        return [(p["index"], p["path"], p["size"], p["checksum"]) for p in pages]
+        return [(p["index"], p["path"], p["size"], p["checksum"], p.get("offset", 0)) for p in pages]
+
+    async def whole_object(self, address: str, uri: str, version: str, size: int,
+                           page_size: int) -> dict | None:
+        """The worker's one file of this object version if it holds all of it: {"path",
+        "size", "page_size", "checksums"}; None if it does not."""
+        params = {"uri": uri, "version": version, "size": size, "index": 0, "page_size": page_size}
+        response = await self._get(address, "/v1/object", params)
+        return json.loads(response.body)["object"]
 
     async def stat(self, address: str, uri: str, **ttls: float) -> tuple[FileStatus, float | None]:
         """The status and its age (seconds since the worker read it from the UFS)."""

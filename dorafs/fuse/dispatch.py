@@ -66,6 +66,9 @@ def attr_out(a: EntryAttributes) -> bytes:
 def open_out(info: FileInfo | int) -> bytes:
     if isinstance(info, int):  # opendir answers a bare handle
         return _pack_open(info, 0, 0)
+    if info.backing_id:  # never with KEEP_CACHE (the kernel fails such an open with EIO)
+        return _pack_open(info.fh, p.FOPEN_PASSTHROUGH | (p.FOPEN_NONSEEKABLE if info.nonseekable else 0),
+                          info.backing_id)
     flags = ((p.FOPEN_DIRECT_IO if info.direct_io else 0) | (p.FOPEN_KEEP_CACHE if info.keep_cache else 0)
              | (p.FOPEN_NONSEEKABLE if info.nonseekable else 0))
     return _pack_open(info.fh, flags, 0)

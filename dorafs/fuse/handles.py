@@ -41,6 +41,9 @@ class FileHandle:
     file: OpenFile | None  # the pinned version read from the cache; None when `writer` serves
     writer: WriteFile | None = None
     append: bool = False
+    cached: bool = False  # uses the kernel's page cache (counted in node.cached_opens)
+    passthrough: bool = False  # read by the kernel from a backing file
+    read_end: int = 0  # the furthest byte read through the mount
 
 
 @dataclass

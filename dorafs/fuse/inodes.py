@@ -26,6 +26,7 @@ class Node:
     status: FileStatus
     lookups: int = 0
     open_handles: int = 0
+    cached_opens: int = 0  # open handles that use the kernel's page cache (no direct I/O, no passthrough)
     # Version whose pages the kernel may hold in its page cache for this inode; None
     # when it may hold pages of more than one version (then the next open flushes them).
     kernel_version: str | None = None

@@ -71,6 +71,10 @@ for _result in ("ok", "failed"):
     UPLOADS.labels(_result)
 INODES = Gauge("dorafs_mount_inodes", "Inodes the kernel or an open handle holds (the root included)",
                registry=REGISTRY)
+PASSTHROUGH_OPENS = Counter("dorafs_mount_passthrough_opens", "Read-only opens of files: handed to the kernel "
+                            "(result=granted) or served by the mount, by why", ["result"], registry=REGISTRY)
+PASSTHROUGH_FILES = Gauge("dorafs_mount_passthrough_files", "Backing files registered with the kernel "
+                          "(one per inode read through passthrough)", registry=REGISTRY)
 ERRORS = Counter("dorafs_mount_errors", "Errors returned to applications, by errno", ["errno"], registry=REGISTRY)
 for _name in ("EIO", "ESTALE", "ENOENT"):  # the usual ones start at zero, visible on dashboards
     ERRORS.labels(_name)

@@ -40,6 +40,7 @@ from dorafs.fuse.errors import fuse_operation
 from dorafs.fuse.handles import NAME_MAX, DirHandle, FileHandle, too_long, valid_name
 from dorafs.fuse.inodes import InodeTable, Node
 from dorafs.fuse.metrics import INODES, READS, STAGING_BYTES
+from dorafs.fuse.passthrough import CACHED_OPEN, OTHER_VERSION, WRITING, Fallback, Passthrough
 from dorafs.fuse.types import ROOT_INODE, EntryAttributes, FileInfo, FUSEError, StatvfsData
 from dorafs.fuse.writing import WritingOperations
 from dorafs.ufs import FileStatus, join
@@ -52,6 +53,13 @@ KERNEL_FOREVER = 365 * 86400.0  # a TTL of -1 ("never recheck") as a kernel time
 
 def _first(value: float | None, default: float) -> float:
     return default if value is None else value
+
+
+def passthrough_wanted(config: MountConfig) -> bool:
+    """Passthrough unless told otherwise on a read-only mount, where asked on a writable
+    one; never with direct_io (every read is to reach the mount)."""
+    wanted = config.read_only if config.passthrough is None else config.passthrough
+    return wanted and not config.direct_io
 
 
 def _kernel_seconds(ttl: float) -> float:
@@ -73,6 +81,8 @@ class DoraOperations(WritingOperations):
         self.staging = staging or Staging(config, client.ufs)  # its `run` is started by the mount
         self.writes = Writes(client, self.staging, counted=self._counted)  # the writing policy
         self.namespace = Namespace(client)  # the namespace policy; this object is its `Local`
+        # Wholly cached files go to the kernel, unless every read is to reach the mount.
+        self.passthrough = Passthrough(client, passthrough_wanted(config), config.passthrough_min_size)
         self._writing: set[Node] = set()  # nodes with a WriteFile
         STAGING_BYTES.set_function(lambda: self.staging.used)
         INODES.set_function(lambda: len(self.inodes))
@@ -245,7 +255,10 @@ class DoraOperations(WritingOperations):
         writing = flags & os.O_ACCMODE != os.O_RDONLY or bool(flags & os.O_TRUNC)
         if writing:
             self._writable()
+        if (writing or node.writer is not None) and self.passthrough.holds(node.inode):
+            self.passthrough.conflict("writing")
         if writing or node.writer is not None:
+            self.passthrough.fallback(WRITING)
             if node.writer is None and node.status.is_dir:
                 raise IsADirectory(node.path)
             if node.writer is None and not node.linked:  # staging it would bring it back under its name
@@ -259,6 +272,8 @@ class DoraOperations(WritingOperations):
         node.status = status
         version = status.version
         others = any(v != version for v, n in node.open_versions.items() if n > 0)
+        if others and self.passthrough.holds(node.inode):
+            self.passthrough.conflict("another version")
         stale_attributes = node.attr_version is not None and node.attr_version != version
         if stale_attributes:
             # The kernel holds attributes (the size above all) of another version for up
@@ -266,17 +281,32 @@ class DoraOperations(WritingOperations):
             # the kernel cache, and the kernel is told to drop that inode's attributes.
             node.attr_version = None
             self._invalidate_kernel(node.inode)
-        if others or stale_attributes or self.config.direct_io:
+        handle = FileHandle(node, self.client.open(node.uri, status))
+        backing_id = 0
+        try:
+            if others:
+                raise Fallback(OTHER_VERSION)
+            if node.cached_opens and not self.passthrough.holds(node.inode):
+                raise Fallback(CACHED_OPEN)
+            backing_id = await self.passthrough.open(node.inode, handle.file)
+        except Fallback as why:
+            self.passthrough.fallback(why.reason, why.detail)
+        if backing_id:
+            direct_io, keep_cache = False, False
+            handle.passthrough = True
+        elif others or stale_attributes or self.config.direct_io or self.passthrough.holds(node.inode):
             direct_io, keep_cache = True, False
             node.kernel_version = None
         else:
             direct_io, keep_cache = False, node.kernel_version == version
             node.kernel_version = version
+            handle.cached = True
+            node.cached_opens += 1
         node.open_versions[version] = node.open_versions.get(version, 0) + 1
         node.open_handles += 1
         fh = next(self._numbers)
-        self._handles[fh] = FileHandle(node, self.client.open(node.uri, status))
-        return FileInfo(fh=fh, keep_cache=keep_cache, direct_io=direct_io)
+        self._handles[fh] = handle
+        return FileInfo(fh=fh, keep_cache=keep_cache, direct_io=direct_io, backing_id=backing_id)
 
     @fuse_operation
     async def read(self, fh, off, size):
@@ -286,6 +316,8 @@ class DoraOperations(WritingOperations):
             data = handle.writer.read(off, size)
         else:
             data = await self.client.read(handle.file, off, size)
+            if off + len(data) > handle.read_end:
+                handle.read_end = off + len(data)
         READS.add(len(data), time.perf_counter() - start)
         return data
 
@@ -295,11 +327,17 @@ class DoraOperations(WritingOperations):
         if not isinstance(handle, FileHandle):
             return
         node = handle.node
+        if handle.passthrough:
+            self.passthrough.release(node.inode)
+        if handle.cached:
+            node.cached_opens -= 1
         try:
             if handle.writer is not None:
                 await self._let_go(node, handle.writer, upload=True)
             else:
                 version = handle.file.status.version
+                if not handle.passthrough and handle.read_end >= handle.file.status.size > 0:
+                    self.passthrough.prepare_soon(handle.file)  # read to its end: hand it over next time
                 node.open_versions[version] -= 1
                 if node.open_versions[version] <= 0:
                     del node.open_versions[version]

@@ -171,13 +171,14 @@ class Session:
     """Serves FUSE requests from `fd` with the methods of `operations` (see dispatch.py)."""
 
     def __init__(self, operations, fd: int, *, workers: int = 64, max_write: int = 1 << 20,
-                 wanted: int = WANTED, debug: bool = False):
+                 wanted: int = WANTED, max_stack_depth: int = 0, debug: bool = False):
         self.fd = fd
         self.dispatcher = Dispatcher(operations)
         self.operations = operations
         self.workers = workers
         self.max_write = max_write
         self.wanted = wanted
+        self.max_stack_depth = max_stack_depth  # with PASSTHROUGH in `wanted`: 1 (backing files on a disk)
         self.debug = debug
         self.negotiated: Negotiated | None = None
         self.bufsize = max_write + HEADROOM
@@ -245,7 +246,7 @@ class Session:
                 continue
             try:
                 reply, settled = negotiate(memoryview(buf)[p.IN_HEADER.size:n], wanted=self.wanted,
-                                           max_write=self.max_write)
+                                           max_write=self.max_write, max_stack_depth=self.max_stack_depth)
             except FUSEError as exc:
                 log.error("the kernel speaks FUSE %d.x, dorafs %d.%d: not served",
                           p.INIT_IN.struct.unpack_from(buf, p.IN_HEADER.size)[0],

@@ -55,6 +55,7 @@ class FileInfo:
     keep_cache: bool = False
     direct_io: bool = False
     nonseekable: bool = False
+    backing_id: int = 0  # not 0: the kernel reads this open from that backing file (passthrough)
 
 
 @dataclass(slots=True)

@@ -128,8 +128,12 @@ class WritingOperations:
         node.open_handles += 1
         node.kernel_version = None  # the next open of another version flushes the kernel's pages
         fh = next(self._numbers)
-        self._handles[fh] = FileHandle(node, None, writer, append=bool(flags & os.O_APPEND))
-        return FileInfo(fh=fh, keep_cache=False, direct_io=self.config.direct_io)
+        # While the kernel reads this inode from a backing file, no open of it may use
+        # the kernel's page cache.
+        direct_io = self.config.direct_io or self.passthrough.holds(node.inode)
+        self._handles[fh] = FileHandle(node, None, writer, append=bool(flags & os.O_APPEND), cached=not direct_io)
+        node.cached_opens += not direct_io
+        return FileInfo(fh=fh, keep_cache=False, direct_io=direct_io)
 
     @staticmethod
     def _uploaded(node: Node):

@@ -1,0 +1,256 @@
+"""FUSE passthrough of wholly cached files (dorafs/fuse/passthrough.py), on a real mount.
+
+A file whose pinned version a worker on this machine holds whole is read by the kernel
+from the worker's object file: exact bytes, and no READ request reaches the mount. Every
+case that cannot be handed over is read through the mount, also exactly.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import pwd
+import shutil
+import site
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.cluster import REPO, ProcessSet, _env, is_mounted
+from tests.support import free_port, wait_for
+from tests.test_operations import scrape
+from tests.test_scheduler import admin, cluster
+
+MiB = 1 << 20
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="passthrough needs CAP_SYS_ADMIN")
+FAST = "status_ttl=0,listing_ttl=0"
+
+
+def kernel_offers_passthrough() -> bool:
+    release = os.uname().release.split(".")
+    return (int(release[0]), int("".join(c for c in release[1] if c.isdigit()) or 0)) >= (6, 9)
+
+
+pytestmark = [needs_root, pytest.mark.skipif(not kernel_offers_passthrough(), reason="kernel before 6.9")]
+
+
+def opens(metrics: dict, result: str) -> float:
+    return metrics.get(f"dorafs_mount_passthrough_opens_total{{result={result}}}", 0.0)
+
+
+def reads(metrics: dict) -> float:
+    return metrics["dorafs_mount_reads_total"]
+
+
+def read_whole(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.fixture
+def setup(procs: ProcessSet, s3_server, bucket):
+    """A worker, a mount with metrics, and a put helper."""
+    s3 = s3_server.client()
+    worker = procs.worker()
+    port = free_port()
+
+    def mount(options: str = "passthrough=1"):
+        return procs.mount(f"s3://{bucket}/p", workers=[worker.address],
+                           options=",".join(o for o in (FAST, f"metrics_listen=127.0.0.1:{port}", options) if o))
+
+    procs.allow = (r"refused with EBUSY",)
+
+    def put(name: str, data: bytes) -> None:
+        s3.put_object(Bucket=bucket, Key=f"p/{name}", Body=data)
+
+    return worker, mount, put, lambda: scrape(f"127.0.0.1:{port}")
+
+
+def test_a_cached_file_is_read_by_the_kernel_exactly_and_without_reads_reaching_the_mount(setup):
+    worker, mount, put, metrics = setup
+    data = os.urandom(3 * MiB + 12345)
+    put("a.bin", data)
+    m = mount()
+    path = m.path("a.bin")
+    assert read_whole(path) == data  # read to its end through the mount: now eligible
+    # ... and made ready in the background: the worker seals it into one file.
+    wait_for(lambda: worker.metrics()["dorafs_worker_whole_objects"] == 1, what="the object sealed")
+    before = metrics()
+    assert opens(before, "granted") == 0
+    with open(path, "rb") as f:
+        assert f.read() == data
+        for offset, size in [(0, 1), (MiB - 3, 7), (2 * MiB + 5, 100_000), (len(data) - 10, 100), (len(data), 5)]:
+            assert os.pread(f.fileno(), size, offset) == data[offset:offset + size]
+        with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as view:
+            assert view[:] == data
+            assert view[MiB + 17:MiB + 4113] == data[MiB + 17:MiB + 4113]
+        after = metrics()
+    assert opens(after, "granted") == 1
+    assert reads(after) == reads(before), "READ requests reached the mount for a passthrough file"
+    assert after["dorafs_mount_passthrough_files"] == 1
+    wait_for(lambda: metrics()["dorafs_mount_passthrough_files"] == 0, what="the backing file closed at release")
+
+
+def test_two_handles_of_one_version_share_one_backing_file(setup):
+    worker, mount, put, metrics = setup
+    data = os.urandom(2 * MiB + 1)
+    put("b.bin", data)
+    m = mount()
+    assert read_whole(m.path("b.bin")) == data
+    with open(m.path("b.bin"), "rb") as one, open(m.path("b.bin"), "rb") as two:
+        assert one.read() == data and two.read() == data
+        now = metrics()
+        assert opens(now, "granted") == 2 and now["dorafs_mount_passthrough_files"] == 1
+        one.close()
+        assert os.pread(two.fileno(), 10, MiB) == data[MiB:MiB + 10]  # the last release closes it, not the first
+    wait_for(lambda: metrics()["dorafs_mount_passthrough_files"] == 0, what="the backing file closed")
+
+
+def test_eviction_refresh_and_an_overwrite_leave_an_open_passthrough_file_unchanged(setup, s3_server, bucket):
+    worker, mount, put, metrics = setup
+    old = os.urandom(2 * MiB + 99)
+    put("c.bin", old)
+    m = mount()
+    assert read_whole(m.path("c.bin")) == old
+    with open(m.path("c.bin"), "rb") as f:
+        assert opens(metrics(), "granted") == 1
+        new = os.urandom(len(old))
+        put("c.bin", new)  # overwritten in the bucket while open
+        # Every cached page of it dropped, as `dorafs-admin free` and `refresh` do.
+        r = httpx.post(f"http://{worker.address}/v1/invalidate",
+                       params={"uri": f"s3://{bucket}/p/c.bin", "pages": "1"}, timeout=10)
+        assert r.status_code == 200 and r.json()["pages"] > 0
+        assert f.read() == old
+        assert os.pread(f.fileno(), 1000, MiB) == old[MiB:MiB + 1000]
+        info = httpx.get(f"http://{worker.address}/v1/info", timeout=10).json()
+        # The worker counts the unlinked file the mount holds.
+        assert info["held"] == len(old) and info["used"] >= len(old), info
+        # The kernel fails any open of an inode it reads through passthrough that is not
+        # passthrough too: one of the new version is refused with EBUSY while this is open,
+        # and so is one for writing.
+        with pytest.raises(OSError) as refused:
+            open(m.path("c.bin"), "rb")
+        assert refused.value.errno == errno.EBUSY
+        with pytest.raises(OSError) as refused:
+            open(m.path("c.bin"), "r+b")
+        assert refused.value.errno == errno.EBUSY
+        assert opens(metrics(), "conflict") == 2
+    assert f.closed
+    assert read_whole(m.path("c.bin")) == new  # the next open sees the new version, through the mount
+    assert read_whole(m.path("c.bin")) == new  # now cached whole: passthrough again
+    assert opens(metrics(), "granted") == 2
+
+
+def test_every_fallback_reads_exact_bytes_through_the_mount(setup):
+    worker, mount, put, metrics = setup
+    data = os.urandom(3 * MiB + 7)
+    put("d.bin", data)
+    small = os.urandom(100_000)  # under passthrough_min_size: always through the mount
+    put("small.bin", small)
+    m = mount("passthrough=1,readahead_pages=0")
+    with open(m.path("d.bin"), "rb") as f:  # only its first page gets cached
+        assert f.read(1000) == data[:1000]
+    with open(m.path("d.bin"), "rb") as f:
+        assert opens(metrics(), "not_cached") >= 1
+        assert f.read() == data
+    before = reads(metrics())
+    with open(m.path("d.bin"), "rb") as f:  # now whole: passthrough
+        assert opens(metrics(), "granted") == 1
+        assert f.read() == data
+    assert reads(metrics()) == before
+    assert read_whole(m.path("small.bin")) == small
+    assert read_whole(m.path("small.bin")) == small
+    assert opens(metrics(), "small") == 2
+
+
+def test_passthrough_off_reads_through_the_mount(setup):
+    worker, mount, put, metrics = setup
+    data = os.urandom(MiB + 3)
+    put("e.bin", data)
+    m = mount("passthrough=0")
+    assert read_whole(m.path("e.bin")) == data
+    assert read_whole(m.path("e.bin")) == data
+    with open(m.path("e.bin"), "rb") as f:
+        assert f.read() == data
+        now = metrics()
+    assert opens(now, "off") == 3 and opens(now, "granted") == 0
+    assert now["dorafs_mount_passthrough_files"] == 0
+
+
+def test_dorafs_admin_load_makes_a_dataset_eligible_at_once(procs, s3_server, bucket):
+    s3 = s3_server.client()
+    files = {f"set/f{i}.bin": os.urandom(MiB + i * 1000) for i in range(4)}
+    for key, body in files.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    registry, workers = cluster(procs, n=1)
+    assert admin(registry, "load", f"s3://{bucket}/set").returncode == 0
+    port = free_port()
+    m = procs.mount(f"s3://{bucket}", registry=registry.url, options=f"ro,metrics_listen=127.0.0.1:{port}")
+    before = scrape(f"127.0.0.1:{port}")
+    for key, body in files.items():
+        assert read_whole(m.path(key)) == body
+    after = scrape(f"127.0.0.1:{port}")
+    assert opens(after, "granted") == len(files)
+    assert reads(after) == reads(before)
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
+def test_an_unprivileged_mount_reads_through_the_mount_without_passthrough(s3_server, bucket):
+    """`dorafs mount` as a user (fusermount3 mounts it): passthrough is not asked for (the
+    kernel would refuse its backing files), every open is read through the mount."""
+    if os.stat("/dev/fuse").st_mode & 0o006 != 0o006:
+        pytest.skip("/dev/fuse is not open to every user")
+    data = os.urandom(2 * MiB + 5)
+    s3_server.client().put_object(Bucket=bucket, Key="u/f.bin", Body=data)
+    user = pwd.getpwnam("nobody")
+    base = Path(tempfile.mkdtemp(prefix="dorafs-unpriv-"))
+    os.chmod(base, 0o755)
+    for sub in ("mnt", "home"):
+        (base / sub).mkdir()
+        os.chown(base / sub, user.pw_uid, user.pw_gid)
+    mnt = base / "mnt"
+    # The system's interpreter of this Python version, with this environment's packages: the
+    # environment's own may sit under a directory the user cannot enter (~root/.pyenv).
+    python = f"/usr/bin/python{sys.version_info[0]}.{sys.version_info[1]}"
+    if not os.path.exists(python):
+        pytest.skip(f"needs {python}")
+    path = os.pathsep.join([str(REPO), *site.getsitepackages()])
+    as_user = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups"]
+    port = free_port()
+    log = open(base / "mount.log", "wb")
+    proc = subprocess.Popen(
+        as_user + [python, "-m", "dorafs.cli.main", "mount", f"s3://{bucket}/u", str(mnt), "--foreground",
+                   "-o", f"ro,passthrough=1,metrics_listen=127.0.0.1:{port}"],
+        cwd=REPO, env=_env() | {"HOME": str(base / "home"), "XDG_CACHE_HOME": str(base / "home"), "PYTHONPATH": path},
+        stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: is_mounted(mnt) or proc.poll() is not None, timeout=30, what="the user's mount")
+        assert is_mounted(mnt), (base / "mount.log").read_text()[-2000:]
+        line = next(line for line in Path("/proc/self/mounts").read_text().splitlines() if f" {mnt} " in line)
+        assert f"user_id={user.pw_uid}" in line
+        for _ in range(3):  # the second and third find it wholly cached
+            out = subprocess.run(as_user + ["cat", str(mnt / "f.bin")], capture_output=True, timeout=60)
+            assert out.stdout == data, out.stderr
+        now = scrape(f"127.0.0.1:{port}")
+        assert opens(now, "not_granted") == 3 and opens(now, "granted") == 0
+        assert reads(now) > 0
+    finally:
+        if is_mounted(mnt):
+            subprocess.run(as_user + ["fusermount3", "-u", str(mnt)], capture_output=True, timeout=20)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+            if is_mounted(mnt):
+                subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
+        log.close()
+        text = (base / "mount.log").read_text()
+        shutil.rmtree(base, ignore_errors=True)
+    assert proc.returncode == 0, text[-2000:]
+    assert "Traceback" not in text and "passthrough" in text, text[-2000:]
