@@ -50,7 +50,7 @@ def test_mount_starts_and_serves_loaded_data_while_s3_is_down(procs, s3_server, 
     assert listed.returncode == 0, listed.stderr
 
     relay.down()
-    procs.allow += (r"S3 .*(EndpointConnectionError|Could not connect)",)
+    procs.allow += (r"S3 .*(EndpointConnectionError|Could not connect|failed to establish a connection)",)
     mount = procs.mount(uri, registry=registry.url, env=env, options="status_ttl=0,listing_ttl=0,negative_ttl=0")
     assert sorted(os.listdir(mount.mountpoint)) == ["a.bin", "cold.bin", "sub"]
     assert os.listdir(mount.path("sub")) == ["b.bin"]
