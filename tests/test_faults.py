@@ -266,7 +266,8 @@ def test_s3_failing_forever_is_eio_and_the_mount_stays(procs, s3_server, bucket,
 
 def test_s3_hanging_times_out_with_eio(procs, s3_server, bucket, proxy):
     procs.allow = (r"WARNING dorafs\.http\.server .* GET /v1/(page|locate): S3 get_object \S+/h/file\.bin: "
-                   r"(stalled: no progress within the \d+s timeout|ConnectionClosedError: )",
+                   r"(stalled: no progress within the \d+s timeout|ConnectionClosedError: "
+                   r"|ConnectionError: An HTTP Client failed to establish a connection)",  # obstore's words
                    r"WARNING dorafs\.fuse .* read: S3 get_object \S+/h/file\.bin: stalled: .* \(EIO\)$")
     data = put(s3_server.client(), bucket, "h/file.bin", 2 * MiB)
     env = proxy.env(s3_server.env)
