@@ -150,14 +150,8 @@ class Transport:
         bytes after the head stay in `conn.pending`."""
         buf = conn.pending
         while True:
-            while (end := buf.find(b"\r\n\r\n")) < 0:
-                if len(buf) > HEAD_LIMIT:
-                    raise ValueError("response head too large")
-                data = await conn.stream.receive_some(RECV_CHUNK)
-                if not data:
-                    raise _Closed("connection closed before a response")
-                quiet.deadline = trio.current_time() + self.timeout
-                buf += data
+            end = await self._until(conn, quiet, b"\r\n\r\n", RECV_CHUNK, "response head too large",
+                                    "connection closed before a response")
             head = bytes(buf[:end]).decode("latin-1").split("\r\n")
             parts = head[0].split(" ", 2)
             if len(parts) < 2 or not parts[0].startswith("HTTP/1."):
@@ -200,17 +194,26 @@ class Transport:
             quiet.deadline = trio.current_time() + self.timeout
             have += n
 
+    async def _until(self, conn: _Connection, quiet: trio.CancelScope, delimiter: bytes, chunk: int,
+                     too_long: str, closed: str) -> int:
+        """Receive into `conn.pending` until it holds `delimiter` (at most HEAD_LIMIT bytes
+        before it), reading `chunk` bytes at a time; returns where the delimiter starts."""
+        buf = conn.pending
+        while (end := buf.find(delimiter)) < 0:
+            if len(buf) > HEAD_LIMIT:
+                raise ValueError(too_long)
+            data = await conn.stream.receive_some(chunk)
+            if not data:
+                raise _Closed(closed)
+            quiet.deadline = trio.current_time() + self.timeout
+            buf += data
+        return end
+
     async def _line(self, conn: _Connection, quiet: trio.CancelScope) -> bytes:
         """The next CRLF-ended line of the answer, without its CRLF."""
         buf = conn.pending
-        while (end := buf.find(b"\r\n")) < 0:
-            if len(buf) > HEAD_LIMIT:
-                raise ValueError("chunk line too long")
-            data = await conn.stream.receive_some(LINE_CHUNK)
-            if not data:
-                raise _Closed("connection closed mid-answer")
-            quiet.deadline = trio.current_time() + self.timeout
-            buf += data
+        end = await self._until(conn, quiet, b"\r\n", LINE_CHUNK, "chunk line too long",
+                                "connection closed mid-answer")
         line = bytes(buf[:end])
         del buf[:end + 2]
         return line

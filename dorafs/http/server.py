@@ -391,13 +391,7 @@ class HttpServer:
                 return
             await stream.send_all(start)
             if len(body) and not head:
-                for chunk in conn.send_with_data_passthrough(h11.Data(data=body)):
-                    if isinstance(chunk, FileBody) and isinstance(stream, trio.SocketStream):
-                        await _sendfile(stream, chunk)
-                    elif isinstance(chunk, FileBody):
-                        await _send_file_chunks(stream, chunk)
-                    else:
-                        await stream.send_all(chunk)
+                await _send_data(conn, stream, body)
             await stream.send_all(conn.send(h11.EndOfMessage()))
         finally:
             if isinstance(body, FileBody):
@@ -410,15 +404,8 @@ class HttpServer:
 
         async def send(part: bytes | memoryview | FileBody) -> None:
             try:
-                if not len(part):
-                    return
-                for chunk in conn.send_with_data_passthrough(h11.Data(data=part)):
-                    if isinstance(chunk, FileBody) and isinstance(stream, trio.SocketStream):
-                        await _sendfile(stream, chunk)
-                    elif isinstance(chunk, FileBody):
-                        await _send_file_chunks(stream, chunk)
-                    else:
-                        await stream.send_all(chunk)
+                if len(part):
+                    await _send_data(conn, stream, part)
             finally:
                 if isinstance(part, FileBody):
                     os.close(part.fd)
@@ -455,6 +442,18 @@ async def _linger(stream: trio.abc.Stream) -> None:
     with trio.move_on_after(LINGER_TIMEOUT):
         while dropped < LINGER_BYTES and (data := await stream.receive_some(RECV_SIZE)):
             dropped += len(data)
+
+
+async def _send_data(conn: h11.Connection, stream: trio.abc.Stream, data: bytes | memoryview | FileBody) -> None:
+    """One piece of a body, framed by h11: a file range with sendfile where the stream
+    is a plain socket, else copied through the stream."""
+    for chunk in conn.send_with_data_passthrough(h11.Data(data=data)):
+        if isinstance(chunk, FileBody) and isinstance(stream, trio.SocketStream):
+            await _sendfile(stream, chunk)
+        elif isinstance(chunk, FileBody):
+            await _send_file_chunks(stream, chunk)
+        else:
+            await stream.send_all(chunk)
 
 
 async def _send_file_chunks(stream: trio.abc.Stream, body: FileBody) -> None:
