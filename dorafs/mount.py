@@ -186,7 +186,8 @@ async def run_mount(config: MountConfig, ready=lambda: None) -> None:
                 address = await nursery.start(metrics_server(client).serve, *config.metrics_listen)
                 log.info("metrics on http://%s:%d/metrics", *address)
             await nursery.start(session.serve)  # returns once INIT is answered
-            operations.passthrough.started(fd, session.negotiated, nursery)
+            operations.passthrough.started(fd, session.negotiated)
+            operations.objects.started(nursery)
             log.info("mounted %s on %s", root_uri, mountpoint)
             ready()
             notify("READY=1", f"STATUS=serving {root_uri} on {mountpoint}")
@@ -199,6 +200,7 @@ async def run_mount(config: MountConfig, ready=lambda: None) -> None:
             except OSError as exc:
                 log.warning("unmounting %s: %s", mountpoint, exc)
             operations.passthrough.close()
+            operations.objects.close()
             os.close(fd)
             log.info("unmounted %s", mountpoint)
 

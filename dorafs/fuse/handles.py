@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from dorafs.client import OpenFile
 from dorafs.client.writes import WriteFile
 from dorafs.fuse.inodes import Node
+from dorafs.fuse.objectfiles import HeldFile
 from dorafs.ufs import FileStatus
 
 NAME_MAX = 255  # bytes of one name (linux/limits.h)
@@ -43,6 +44,7 @@ class FileHandle:
     append: bool = False
     cached: bool = False  # uses the kernel's page cache (counted in node.cached_opens)
     passthrough: bool = False  # read by the kernel from a backing file
+    held: HeldFile | None = None  # the verified object file of its version, if one is held
     read_end: int = 0  # the furthest byte read through the mount
 
 

@@ -30,6 +30,7 @@ class ReadCounts:
 
     def __init__(self):
         self.reads = 0
+        self.held_reads = 0  # of `reads`, answered from a held object file (dorafs/fuse/objectfiles.py)
         self.bytes = 0
         self.seconds = 0.0
         self.buckets = [0] * (len(self.BUCKETS) + 1)  # the last one: above the largest bound
@@ -39,6 +40,10 @@ class ReadCounts:
         self.bytes += size
         self.seconds += seconds
         self.buckets[bisect.bisect_left(self.BUCKETS, seconds)] += 1
+
+    def add_held(self, size: int, seconds: float) -> None:
+        self.held_reads += 1
+        self.add(size, seconds)
 
 
 READS = ReadCounts()
@@ -51,6 +56,9 @@ class ReadCollector:
     def collect(self):
         c = self.counts
         yield CounterMetricFamily("dorafs_mount_reads", "read() requests from the kernel", value=c.reads)
+        yield CounterMetricFamily("dorafs_mount_object_file_reads", "read() requests answered from an object "
+                                  "file the mount holds (a version wholly cached on this machine)",
+                                  value=c.held_reads)
         yield CounterMetricFamily("dorafs_mount_read_bytes", "Bytes returned to the kernel by read()",
                                   value=c.bytes)
         cumulative, running = [], 0
@@ -73,6 +81,9 @@ INODES = Gauge("dorafs_mount_inodes", "Inodes the kernel or an open handle holds
                registry=REGISTRY)
 PASSTHROUGH_OPENS = Counter("dorafs_mount_passthrough_opens", "Read-only opens of files: handed to the kernel "
                             "(result=granted) or served by the mount, by why", ["result"], registry=REGISTRY)
+OBJECT_FILE_OPENS = Counter("dorafs_mount_object_file_opens", "Read-only opens of files of passthrough_min_size "
+                            "or more: holding the verified object file of their version (result=held) or why "
+                            "not", ["result"], registry=REGISTRY)
 PASSTHROUGH_FILES = Gauge("dorafs_mount_passthrough_files", "Backing files registered with the kernel "
                           "(one per inode read through passthrough)", registry=REGISTRY)
 ERRORS = Counter("dorafs_mount_errors", "Errors returned to applications, by errno", ["errno"], registry=REGISTRY)

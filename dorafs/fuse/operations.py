@@ -40,7 +40,8 @@ from dorafs.fuse.errors import fuse_operation
 from dorafs.fuse.handles import NAME_MAX, DirHandle, FileHandle, too_long, valid_name
 from dorafs.fuse.inodes import InodeTable, Node
 from dorafs.fuse.metrics import INODES, READS, STAGING_BYTES
-from dorafs.fuse.passthrough import CACHED_OPEN, OTHER_VERSION, WRITING, Fallback, Passthrough
+from dorafs.fuse.objectfiles import Fallback, ObjectFiles
+from dorafs.fuse.passthrough import CACHED_OPEN, OTHER_VERSION, WRITING, Passthrough
 from dorafs.fuse.types import ROOT_INODE, EntryAttributes, FileInfo, FUSEError, StatvfsData
 from dorafs.fuse.writing import WritingOperations
 from dorafs.ufs import FileStatus, join
@@ -81,8 +82,10 @@ class DoraOperations(WritingOperations):
         self.staging = staging or Staging(config, client.ufs)  # its `run` is started by the mount
         self.writes = Writes(client, self.staging, counted=self._counted)  # the writing policy
         self.namespace = Namespace(client)  # the namespace policy; this object is its `Local`
-        # Wholly cached files go to the kernel, unless every read is to reach the mount.
-        self.passthrough = Passthrough(client, passthrough_wanted(config), config.passthrough_min_size)
+        # Wholly cached files are read from their object file: by the kernel itself
+        # (passthrough) unless every read is to reach the mount, else by the mount.
+        self.objects = ObjectFiles(client, config.passthrough_min_size)
+        self.passthrough = Passthrough(passthrough_wanted(config))
         self._writing: set[Node] = set()  # nodes with a WriteFile
         STAGING_BYTES.set_function(lambda: self.staging.used)
         INODES.set_function(lambda: len(self.inodes))
@@ -284,13 +287,18 @@ class DoraOperations(WritingOperations):
         handle = FileHandle(node, self.client.open(node.uri, status))
         backing_id = 0
         try:
+            handle.held = await self.objects.hold(handle.file)
             if others:
                 raise Fallback(OTHER_VERSION)
             if node.cached_opens and not self.passthrough.holds(node.inode):
                 raise Fallback(CACHED_OPEN)
-            backing_id = await self.passthrough.open(node.inode, handle.file)
-        except Fallback as why:
-            self.passthrough.fallback(why.reason, why.detail)
+            backing_id = self.passthrough.register(node.inode, handle.held)
+        except Fallback as why:  # a mount that cannot hand over any file says so first
+            self.passthrough.fallback(self.passthrough.unavailable() or why.reason, why.detail)
+        except BaseException:
+            if handle.held is not None:
+                self.objects.let_go(handle.held)
+            raise
         if backing_id:
             direct_io, keep_cache = False, False
             handle.passthrough = True
@@ -312,6 +320,12 @@ class DoraOperations(WritingOperations):
     async def read(self, fh, off, size):
         handle = self._handles[fh]
         start = time.perf_counter()
+        if handle.held is not None:  # a verified object file: one preadv, nothing else
+            data = self.objects.reader.now(handle.held, off, size)
+            if data is None:
+                data = await self.objects.reader.later(handle.held, off, size)
+            READS.add_held(len(data), time.perf_counter() - start)
+            return data
         if handle.writer is not None:
             data = handle.writer.read(off, size)
         else:
@@ -329,6 +343,8 @@ class DoraOperations(WritingOperations):
         node = handle.node
         if handle.passthrough:
             self.passthrough.release(node.inode)
+        if handle.held is not None:
+            self.objects.let_go(handle.held)
         if handle.cached:
             node.cached_opens -= 1
         try:
@@ -336,8 +352,8 @@ class DoraOperations(WritingOperations):
                 await self._let_go(node, handle.writer, upload=True)
             else:
                 version = handle.file.status.version
-                if not handle.passthrough and handle.read_end >= handle.file.status.size > 0:
-                    self.passthrough.prepare_soon(handle.file)  # read to its end: hand it over next time
+                if handle.held is None and handle.read_end >= handle.file.status.size > 0:
+                    self.objects.prepare_soon(handle.file)  # read to its end: held from the next open
                 node.open_versions[version] -= 1
                 if node.open_versions[version] <= 0:
                     del node.open_versions[version]

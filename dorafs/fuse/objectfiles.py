@@ -1,0 +1,251 @@
+"""Object files: versions wholly cached on this node, held open and read by the mount.
+
+A worker on this machine that holds every page of an object version keeps it as one
+file at the page offsets (worker/pagestore.py seals it). When a file is opened
+read-only and the worker that owns it has sealed (or can seal) its pinned version, the
+mount opens that file, checks every page of it against the checksum the worker recorded
+when the page arrived, and holds it open for the opens of that version. Then either the
+kernel reads it itself (passthrough.py registers it as a backing file) or, when it
+cannot, the mount answers each READ of such an open with one `preadv` of the held file:
+no page planning, no buffer, no per-page descriptor. The second way is what a mount
+without passthrough gets (not root, a kernel before 6.9, `-o direct_io`, another open of
+the inode reading through the kernel's page cache) for every file it holds.
+
+Why this cannot return wrong bytes:
+- every page is verified before the first read, by this process, against the checksums
+  the worker recorded; once per file (its device and inode number) per mount, since a
+  sealed file never changes under a name and the file verified is the one read (the
+  same open descriptor);
+- a sealed file is never rewritten, truncated or punched: eviction, `free`, a refresh
+  that drops pages and a changed object only ever unlink it, and an unlinked file keeps
+  its bytes for whoever holds it open; a new version is a new file;
+- the mount holds a shared `flock` on every file it holds, which tells the worker to
+  count the file's bytes while it is unlinked (the bound on them: docs/SEMANTICS.md).
+
+Getting there: when a handle that read its file to the end through the page path is
+released, `prepare_soon` asks the worker (in the background) to seal the version and
+verifies it, so the next open finds it ready. A file loaded with `dorafs-admin load` is
+sealed and verified at its first open.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import trio
+import xxhash
+
+from dorafs.fuse.metrics import OBJECT_FILE_OPENS
+
+log = logging.getLogger(__name__)
+
+# Why an open has no held object file (labels of dorafs_mount_passthrough_opens_total).
+NOT_CACHED = "not_cached"  # no worker on this machine holds all of the version
+UNREADABLE = "unreadable"  # the worker's file cannot be opened here
+CORRUPT = "corrupt"  # a page of it did not match its checksum
+SMALL = "small"  # smaller than passthrough_min_size
+HELD = "held"
+for _result in (HELD, NOT_CACHED, UNREADABLE, CORRUPT):
+    OBJECT_FILE_OPENS.labels(_result)
+
+VERIFY_THREADS = 2  # checksum passes over object files at once
+PREPARING = 2  # files sealed and verified ahead of their next open, at once
+VERIFIED_KEPT = 100_000  # object files remembered as verified (their device and inode)
+
+
+class Fallback(Exception):
+    """This open is not handed to the kernel; `reason` says why."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(eq=False)
+class HeldFile:
+    """One verified object file held open: shared by the opens of one object version."""
+
+    key: tuple[str, str]  # (URI, version)
+    fd: int
+    size: int
+    opens: int = 1
+
+
+def verify(fd: int, size: int, page_size: int, checksums: list[str]) -> int | None:
+    """Check every page of an object file; the index of the first bad page, or None."""
+    if os.fstat(fd).st_size != size:
+        return 0
+    buf = bytearray(max(page_size, 1))
+    view = memoryview(buf)
+    for index, expected in enumerate(checksums):
+        length = min(page_size, size - index * page_size)
+        part = view[:length]
+        got = os.preadv(fd, [part], index * page_size)
+        if got != length or xxhash.xxh3_64_hexdigest(part) != expected:
+            return index
+    return None
+
+
+class Reader:
+    """Answers READs of held files: one `preadv` into a buffer reused by every read.
+
+    The answer is a view of that buffer, which is safe because the session writes a
+    handler's answer to the kernel before anything else runs on the loop, and a read that
+    has to wait for the disk gets bytes of its own instead."""
+
+    def __init__(self):
+        self._buffer = bytearray(1 << 20)
+        self._view = memoryview(self._buffer)
+
+    def now(self, held: HeldFile, offset: int, size: int) -> memoryview | None:
+        """The bytes, if the kernel's page cache has them all; None if they must come from the disk."""
+        if size > len(self._buffer):
+            self._view.release()
+            self._buffer = bytearray(size)
+            self._view = memoryview(self._buffer)
+        part = self._view[:size]
+        try:
+            got = os.preadv(held.fd, [part], offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno == errno.EOPNOTSUPP:
+                return None
+            raise
+        if got < size and offset + got < held.size:  # partly in the page cache
+            return None
+        return part[:got]
+
+    async def later(self, held: HeldFile, offset: int, size: int) -> bytes:
+        """The bytes, read in a thread (from the disk); the held descriptor stays open
+        meanwhile, since a release cannot run while this read is being answered."""
+        return await trio.to_thread.run_sync(os.pread, held.fd, size, offset)
+
+
+class ObjectFiles:
+    """The verified object files this mount holds open, by object version."""
+
+    def __init__(self, client, min_size: int = 0):
+        self.client = client
+        self.min_size = min_size
+        self.held: dict[tuple[str, str], HeldFile] = {}
+        self.reader = Reader()
+        self.reads = 0  # READs answered from held files
+        self._verified: OrderedDict[tuple[int, int], str] = OrderedDict()  # (st_dev, st_ino) -> version
+        self._preparing: set[tuple[str, str]] = set()
+        self._prepare_limiter = trio.CapacityLimiter(PREPARING)
+        self._limiter = trio.CapacityLimiter(VERIFY_THREADS)
+        self._nursery: trio.Nursery | None = None
+
+    def started(self, nursery: trio.Nursery) -> None:
+        """The mount runs: `nursery` runs the preparation of files read to their end."""
+        self._nursery = nursery
+
+    async def hold(self, f) -> HeldFile:
+        """The verified object file of pinned version `f`, held until `let_go`; raises Fallback."""
+        if f.status.size < self.min_size or f.status.size == 0:
+            raise Fallback(SMALL)
+        try:
+            held = await self._hold(f)
+        except Fallback as why:
+            OBJECT_FILE_OPENS.labels(why.reason).inc()
+            raise
+        OBJECT_FILE_OPENS.labels(HELD).inc()
+        return held
+
+    async def _hold(self, f) -> HeldFile:
+        key = (f.uri, f.status.version)
+        held = self.held.get(key)
+        if held is not None:
+            held.opens += 1
+            return held
+        whole = await self.client.whole_file(f)
+        if whole is None or whole.get("size") != f.status.size:
+            raise Fallback(NOT_CACHED)
+        try:
+            fd = os.open(whole["path"], os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise Fallback(NOT_CACHED, "evicted meanwhile") from None
+        except OSError as exc:
+            raise Fallback(UNREADABLE, f"{whole['path']}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # never waits long: the worker only tries LOCK_EX|LOCK_NB
+            st = os.fstat(fd)
+            if st.st_nlink == 0:
+                raise Fallback(NOT_CACHED, "evicted meanwhile")
+            bad = await self._verify(fd, st, whole, f.status.version)
+            if bad is not None:
+                raise Fallback(CORRUPT, f"page {bad} of {whole['path']}")
+        except BaseException:
+            os.close(fd)
+            raise
+        held = self.held.get(key)
+        if held is not None:  # another open of it got there first
+            os.close(fd)
+            held.opens += 1
+            return held
+        held = self.held[key] = HeldFile(key, fd, f.status.size)
+        return held
+
+    def let_go(self, held: HeldFile) -> None:
+        """One open of `held` ended; the last one closes it, which lets go of the flock
+        (the worker may give the bytes back)."""
+        held.opens -= 1
+        if held.opens > 0:
+            return
+        if self.held.get(held.key) is held:
+            del self.held[held.key]
+        os.close(held.fd)
+
+    async def _verify(self, fd: int, st: os.stat_result, whole: dict, version: str) -> int | None:
+        """Check the object file open at `fd` once per file: the first bad page, or None."""
+        key = (st.st_dev, st.st_ino)
+        if self._verified.get(key) == version:
+            self._verified.move_to_end(key)
+            return None
+        bad = await trio.to_thread.run_sync(verify, fd, int(whole["size"]), int(whole["page_size"]),
+                                            list(whole["checksums"]), limiter=self._limiter)
+        if bad is None:
+            self._verified[key] = version
+            while len(self._verified) > VERIFIED_KEPT:
+                self._verified.popitem(last=False)
+        return bad
+
+    def prepare_soon(self, f) -> None:
+        """In the background: have the worker seal pinned version `f` (read to its end
+        through the mount) into one file, and verify it, so its next open holds it at once."""
+        key = (f.uri, f.status.version)
+        if self._nursery is None or f.status.size < self.min_size or key in self._preparing or key in self.held:
+            return
+        self._preparing.add(key)
+        self._nursery.start_soon(self._prepare, f, key)
+
+    async def _prepare(self, f, key) -> None:
+        try:
+            async with self._prepare_limiter:
+                whole = await self.client.whole_file(f)
+                if whole is None or whole.get("size") != f.status.size:
+                    return
+                try:
+                    fd = os.open(whole["path"], os.O_RDONLY | os.O_CLOEXEC)
+                except OSError:
+                    return
+                try:
+                    await self._verify(fd, os.fstat(fd), whole, f.status.version)
+                finally:
+                    os.close(fd)
+        except Exception as exc:  # the next open tries again, and says why it could not
+            log.debug("preparing %s: %s", f.uri, exc)
+        finally:
+            self._preparing.discard(key)
+
+    def close(self) -> None:
+        for held in self.held.values():
+            os.close(held.fd)
+        self.held.clear()

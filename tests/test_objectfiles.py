@@ -1,0 +1,113 @@
+"""Object files read by the mount itself (dorafs/fuse/objectfiles.py), on a real mount.
+
+A file whose pinned version a worker on this machine holds whole, opened where the
+kernel does not take it (here `passthrough=0`, and `direct_io` so that every read
+reaches the mount), is answered with one `preadv` of the worker's verified object file:
+exact bytes, no page fetched, and what it reads never changes while it is open.
+"""
+
+from __future__ import annotations
+
+import os
+
+import httpx
+
+from tests.cluster import CORRUPT, ProcessSet
+from tests.support import free_port, wait_for
+from tests.test_operations import scrape
+
+MiB = 1 << 20
+
+
+def held_reads(metrics: dict) -> float:
+    return metrics["dorafs_mount_object_file_reads_total"]
+
+
+def pages(metrics: dict) -> float:
+    return metrics["dorafs_mount_worker_pages_total"]
+
+
+def read_whole(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def setup(procs: ProcessSet, bucket: str, options: str = ""):
+    worker = procs.worker()
+    port = free_port()
+    m = procs.mount(f"s3://{bucket}/h", workers=[worker.address],
+                    options=f"status_ttl=0,passthrough=0,direct_io,metrics_listen=127.0.0.1:{port}{options}")
+    return worker, m, lambda: scrape(f"127.0.0.1:{port}")
+
+
+def sealed(worker) -> list:
+    return [p for p in (worker.cache_dir / "objects").glob("??/*") if p.is_file() and "." not in p.name]
+
+
+def test_a_wholly_cached_file_is_read_from_its_object_file_exactly(procs, s3_server, bucket):
+    data = os.urandom(3 * MiB + 4321)
+    s3_server.client().put_object(Bucket=bucket, Key="h/a.bin", Body=data)
+    worker, m, metrics = setup(procs, bucket)
+    assert read_whole(m.path("a.bin")) == data  # through the page path, to its end
+    wait_for(lambda: worker.metrics()["dorafs_worker_whole_objects"] == 1, what="the object sealed")
+    before = metrics()
+    with open(m.path("a.bin"), "rb") as f:
+        assert f.read() == data
+        for offset, size in [(0, 1), (MiB - 3, 7), (2 * MiB + 5, 100_000), (len(data) - 10, 100),
+                             (len(data), 5), (123, 2 * MiB)]:
+            assert os.pread(f.fileno(), size, offset) == data[offset:offset + size]
+    after = metrics()
+    assert held_reads(after) > held_reads(before) + 5
+    assert pages(after) == pages(before), "pages were fetched for a file held whole"
+    assert after["dorafs_mount_object_file_opens_total{result=held}"] >= 1
+
+
+def test_eviction_and_an_overwrite_leave_an_open_held_file_unchanged(procs, s3_server, bucket):
+    s3 = s3_server.client()
+    old = os.urandom(2 * MiB + 99)
+    s3.put_object(Bucket=bucket, Key="h/c.bin", Body=old)
+    worker, m, metrics = setup(procs, bucket)
+    assert read_whole(m.path("c.bin")) == old
+    wait_for(lambda: worker.metrics()["dorafs_worker_whole_objects"] == 1, what="the object sealed")
+    with open(m.path("c.bin"), "rb") as f:
+        assert os.pread(f.fileno(), 10, 0) == old[:10]
+        new = os.urandom(len(old))
+        s3.put_object(Bucket=bucket, Key="h/c.bin", Body=new)  # overwritten in the bucket while open
+        r = httpx.post(f"http://{worker.address}/v1/invalidate",
+                       params={"uri": f"s3://{bucket}/h/c.bin", "pages": "1"}, timeout=10)
+        assert r.status_code == 200 and r.json()["pages"] > 0
+        assert not sealed(worker), "the worker kept the object file under its name"
+        assert f.read() == old
+        assert os.pread(f.fileno(), 1000, MiB) == old[MiB:MiB + 1000]
+        # The worker counts the unlinked file the mount holds open.
+        info = httpx.get(f"http://{worker.address}/v1/info", timeout=10).json()
+        assert info["held"] == len(old), info
+        # Another open meanwhile reads the new version, through the page path.
+        assert read_whole(m.path("c.bin")) == new
+    assert read_whole(m.path("c.bin")) == new
+    # Let go at the last close: the worker's gauge (which looks again when scraped) drops to 0.
+    wait_for(lambda: worker.metrics()["dorafs_worker_held_bytes"] == 0,
+             what="the worker to stop counting the file let go of")
+
+
+def test_a_corrupt_object_file_is_not_held_and_exact_bytes_still_come(procs, s3_server, bucket):
+    procs.allow = CORRUPT
+    data = os.urandom(2 * MiB + 17)
+    s3_server.client().put_object(Bucket=bucket, Key="h/d.bin", Body=data)
+    worker, m, _ = setup(procs, bucket)
+    assert read_whole(m.path("d.bin")) == data
+    wait_for(lambda: worker.metrics()["dorafs_worker_whole_objects"] == 1, what="the object sealed")
+    (path,) = sealed(worker)
+    with open(path, "r+b") as f:  # a bit flipped on the disk, behind the worker's back
+        f.seek(MiB + 5)
+        byte = f.read(1)
+        f.seek(MiB + 5)
+        f.write(bytes([byte[0] ^ 0x40]))
+    # A mount that has not verified that file yet (one verifies a sealed file once).
+    port = free_port()
+    other = procs.mount(f"s3://{bucket}/h", workers=[worker.address], name="second",
+                        options=f"status_ttl=0,passthrough=0,direct_io,metrics_listen=127.0.0.1:{port}")
+    assert read_whole(other.path("d.bin")) == data
+    after = scrape(f"127.0.0.1:{port}")
+    assert after["dorafs_mount_object_file_opens_total{result=corrupt}"] == 1
+    assert held_reads(after) == 0
