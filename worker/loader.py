@@ -229,6 +229,8 @@ class Loader:
                 nursery.start_soon(one_run, first, min(MAX_RUN, pages - first))
         if errors:
             raise errors[0]
+        if size >= page_size:  # one file of it, ready for a mount on this machine to hold at its first open
+            await service.whole_object(uri, version, size)
         self.metrics.load_files.labels("loaded" if result["pages_fetched"] else "cached").inc()
         return result
 

@@ -224,6 +224,9 @@ class PageStore:
         """The sealed file of object version `oid`, if it is wholly cached as one."""
         return self._whole.get(oid)
 
+    def is_sealing(self, oid: str) -> bool:
+        return oid in self._sealing
+
     def health(self) -> str | None:
         """None when caching works; else one line on what degrades it."""
         if self.fault is not None:

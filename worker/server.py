@@ -19,8 +19,9 @@
         next page not in yet or at a page held only in memory. For short-circuit reads
         by a client on the same machine (dorafs/client/local.py)
   GET /v1/object?uri=&version=&size=&index=0&page_size=
-        {"object": {"path", "size", "page_size", "checksums"} | null}: the one file of a
-        wholly cached object version (sealed now if its pages are cached; nothing is
+        &wait=0|1 {"object": {"path", "size", "page_size", "checksums"} | null}: the one file of a
+        wholly cached object version (sealed now if its pages are cached, or with wait=0
+        sealed in the background and null answered at once; nothing is
         fetched), for a mount on this machine that hands it to the kernel (passthrough)
   GET /v1/stat?uri=[&ttl=&negative_ttl=]         FileStatus as JSON (404 if missing), with "age":
         seconds since it was read from the UFS (a mount keeps it until its TTL runs out)
@@ -174,7 +175,7 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
     @server.route("GET", "/v1/object")
     async def whole_object(req: Request) -> Response:
         uri, version, size, _ = await page_args(req)
-        whole = await service.whole_object(uri, version, size)
+        whole = await service.whole_object(uri, version, size, wait=req.query.get("wait", "1") != "0")
         if whole is None:
             return json_response({"object": None})
         return json_response({"object": {"path": str(whole.path), "size": whole.size,

@@ -321,10 +321,18 @@ class WorkerService:
         indexes = self.store.pages_of(oid)
         return len(indexes), sum(e.size for i in indexes if (e := self.store.peek((oid, i))) is not None)
 
-    async def whole_object(self, uri: str, version: str, size: int):
+    async def whole_object(self, uri: str, version: str, size: int, *, wait: bool = True):
         """The one file of this version of `uri` if every page of it is cached (sealed
-        now if it is still in pages), else None; nothing is fetched."""
-        whole = await self.store.seal(object_id(uri, version), size, self.config.page_size)
+        now if it is still in pages), else None; nothing is fetched. Without `wait`, only
+        a file already sealed is answered: one still in pages is sealed in the
+        background (a copy of the whole object, which an open should not wait for)."""
+        oid = object_id(uri, version)
+        if not wait and self.background is not None:
+            whole = self.store.whole(oid)
+            if whole is None and not self.store.is_sealing(oid):
+                self.background.start_soon(self.store.seal, oid, size, self.config.page_size)
+            return whole
+        whole = await self.store.seal(oid, size, self.config.page_size)
         self.update_gauges()
         return whole
 

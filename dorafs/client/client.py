@@ -331,10 +331,11 @@ class DoraClient:
     def open(self, uri: str, status: FileStatus) -> OpenFile:
         return OpenFile(uri, status)
 
-    async def whole_file(self, f: OpenFile) -> dict | None:
+    async def whole_file(self, f: OpenFile, wait: bool = True) -> dict | None:
         """Where the owning worker keeps this pinned version as one file, if the worker
         is on this machine and holds all of it: {"path", "size", "page_size",
-        "checksums"}; None otherwise (nothing is fetched)."""
+        "checksums"}; None otherwise (nothing is fetched). Without `wait`, None too
+        while the worker is still making that file (from its pages, in the background)."""
         for address in self.candidates(f.uri)[:1]:
             if address in self._remote or not is_loopback(address):
                 return None
@@ -342,7 +343,7 @@ class DoraClient:
                 return None
             try:
                 return await self._workers.whole_object(address, f.uri, f.status.version, f.status.size,
-                                                        self.page_size)
+                                                        self.page_size, wait)
             except (DoraError, OSError) as exc:
                 log.debug("worker %s: no whole file of %s: %s", address, f.uri, exc)
                 return None

@@ -127,10 +127,12 @@ class WorkerClient:
         return [(p["index"], p["path"], p["size"], p["checksum"], p.get("offset", 0)) for p in pages]
 
     async def whole_object(self, address: str, uri: str, version: str, size: int,
-                           page_size: int) -> dict | None:
+                           page_size: int, wait: bool = True) -> dict | None:
         """The worker's one file of this object version if it holds all of it: {"path",
-        "size", "page_size", "checksums"}; None if it does not."""
-        params = {"uri": uri, "version": version, "size": size, "index": 0, "page_size": page_size}
+        "size", "page_size", "checksums"}; None if it does not (without `wait`, also
+        while it is still being made)."""
+        params = {"uri": uri, "version": version, "size": size, "index": 0, "page_size": page_size,
+                  "wait": int(wait)}
         response = await self._get(address, "/v1/object", params)
         return json.loads(response.body)["object"]
 

@@ -22,10 +22,12 @@ Why this cannot return wrong bytes:
 - the mount holds a shared `flock` on every file it holds, which tells the worker to
   count the file's bytes while it is unlinked (the bound on them: docs/SEMANTICS.md).
 
-Getting there: when a handle that read its file to the end through the page path is
-released, `prepare_soon` asks the worker (in the background) to seal the version and
-verifies it, so the next open finds it ready. A file loaded with `dorafs-admin load` is
-sealed and verified at its first open.
+Getting there: an open does not make the worker seal a version (a copy of the whole
+object) while it waits: when the worker still holds it in pages, it seals it in the
+background and the open is served by the page path. When a handle that read its file to
+the end through the page path is released, `prepare_soon` has the worker seal the
+version and verifies it; the next open waits for that, and holds it. A load job (`dorafs-admin load`) seals every file of
+a page or more as it loads it; the first open verifies it.
 """
 
 from __future__ import annotations
@@ -138,7 +140,7 @@ class ObjectFiles:
         self.reader = Reader()
         self.reads = 0  # READs answered from held files
         self._verified: OrderedDict[tuple[int, int], str] = OrderedDict()  # (st_dev, st_ino) -> version
-        self._preparing: set[tuple[str, str]] = set()
+        self._preparing: dict[tuple[str, str], trio.Event] = {}  # set when prepared
         self._prepare_limiter = trio.CapacityLimiter(PREPARING)
         self._limiter = trio.CapacityLimiter(VERIFY_THREADS)
         self._nursery: trio.Nursery | None = None
@@ -161,11 +163,14 @@ class ObjectFiles:
 
     async def _hold(self, f) -> HeldFile:
         key = (f.uri, f.status.version)
+        preparing = self._preparing.get(key)
+        if preparing is not None:  # what its last reader asked for: the next open holds it
+            await preparing.wait()
         held = self.held.get(key)
         if held is not None:
             held.opens += 1
             return held
-        whole = await self.client.whole_file(f)
+        whole = await self.client.whole_file(f, wait=False)  # an open never waits for a copy
         if whole is None or whole.get("size") != f.status.size:
             raise Fallback(NOT_CACHED)
         try:
@@ -223,7 +228,7 @@ class ObjectFiles:
         key = (f.uri, f.status.version)
         if self._nursery is None or f.status.size < self.min_size or key in self._preparing or key in self.held:
             return
-        self._preparing.add(key)
+        self._preparing[key] = trio.Event()
         self._nursery.start_soon(self._prepare, f, key)
 
     async def _prepare(self, f, key) -> None:
@@ -243,7 +248,7 @@ class ObjectFiles:
         except Exception as exc:  # the next open tries again, and says why it could not
             log.debug("preparing %s: %s", f.uri, exc)
         finally:
-            self._preparing.discard(key)
+            self._preparing.pop(key).set()
 
     def close(self) -> None:
         for held in self.held.values():
