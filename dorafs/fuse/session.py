@@ -44,6 +44,7 @@ import errno
 import logging
 import mmap
 import os
+import select
 import types
 from dataclasses import dataclass
 from time import monotonic
@@ -269,6 +270,15 @@ class Session:
         view = memoryview(buf)
         fd = self.fd
         idle = self._idle
+        take = self._take
+        # After serving a request that had to be waited for, the next one is usually
+        # not there yet either (a lone reader asks again only once answered): then a
+        # poll(0), which costs a third of a `readv` that fails with EAGAIN (raising the
+        # exception is the cost), tells so before waiting. After a request that was
+        # already queued, more are likely queued: `readv` at once.
+        poll = select.poll()
+        poll.register(fd, select.POLLIN)
+        after_wait = False  # the request being served was read right after a wait
         while True:
             # One cancel scope serves this worker's requests until one of them is
             # interrupted (entering a scope per request would cost more than the rest of
@@ -284,34 +294,47 @@ class Session:
                         # and serving it, which would let a later request overtake it.
                         await trio.lowlevel.checkpoint()
                         rested = monotonic()
-                    try:
-                        n = os.readv(fd, [buf])
-                    except BlockingIOError:
+                    n = take(buf) if not after_wait or poll.poll(0) else -1
+                    after_wait = False
+                    if n < 0:  # nothing queued: wait for a request
                         if self._waiting:
                             await idle.park()
                             while self._waiting:  # woken while another still watches the
                                 await idle.park()  # device (it got the request): no read to try
-                            rested = monotonic()
-                            continue
-                        self._waiting = True
-                        try:
-                            await trio.lowlevel.wait_readable(fd)
-                        finally:
-                            self._waiting = False
+                        else:
+                            self._waiting = True
+                            try:
+                                await trio.lowlevel.wait_readable(fd)
+                            finally:
+                                self._waiting = False
                         rested = monotonic()
-                        continue
-                    except OSError as exc:
-                        if exc.errno in (errno.ENOENT, errno.EINTR):
+                        n = take(buf)
+                        if n < 0:  # another worker took it
                             continue
-                        if exc.errno != errno.ENODEV:
-                            log.error("reading the FUSE device failed: %s; the session ends", exc)
-                        self.terminate("unmounted" if exc.errno == errno.ENODEV else str(exc))
-                        return
+                        after_wait = True
                     if n == 0:
-                        self.terminate("end of file on the FUSE device")
                         return
                     self.requests += 1
                     await _watched(self._handle(view, n, slot), self._someone_watch)
+
+    def _take(self, buf) -> int:
+        """A queued request into `buf`: its length; -1 if none is queued; 0 when the
+        session ends (then it is terminated)."""
+        while True:
+            try:
+                n = os.readv(self.fd, [buf])
+            except BlockingIOError:
+                return -1
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.EINTR):
+                    continue  # ENOENT: the request was interrupted before it was read
+                if exc.errno != errno.ENODEV:
+                    log.error("reading the FUSE device failed: %s; the session ends", exc)
+                self.terminate("unmounted" if exc.errno == errno.ENODEV else str(exc))
+                return 0
+            if n == 0:
+                self.terminate("end of file on the FUSE device")
+            return n
 
     def _someone_watch(self) -> None:
         """A worker's request waits: another one must watch the device meanwhile."""
