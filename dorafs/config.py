@@ -303,9 +303,9 @@ class MountConfig:
     passthrough: bool | None = option(None, _optional(_flag), "hand files wholly cached by a worker on this "
                                       "machine to the kernel (FUSE passthrough: needs root and kernel 6.9+; "
                                       "default: on for read-only mounts, see docs/SEMANTICS.md)")
-    passthrough_min_size: int = option(1 << 20, _size, "files smaller than this are read through the mount, "
-                                       "never passthrough: one or two reads of them cost less than "
-                                       "registering a backing file")
+    passthrough_min_size: int = option(1 << 20, _size, "files smaller than this are read page by page, never "
+                                       "from a held object file nor passthrough: one or two reads of them "
+                                       "cost less than asking for and checking the whole file")
     allow_other: bool = option(False, _flag, "let other users access the mount (FUSE allow_other)")
     fuse_tasks: int = option(64, _count, "kernel requests served concurrently")
     metrics_listen: tuple[str, int] | None = option(None, _optional(parse_hostport),

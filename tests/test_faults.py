@@ -148,7 +148,10 @@ def test_no_worker_answers_reads_go_to_the_ufs(procs, s3_server, bucket):
 def test_page_files_corrupted(procs, s3_server, bucket):
     data = put(s3_server.client(), bucket, "c/file.bin", 5 * MiB)
     worker = procs.worker()
-    mount = procs.mount(f"s3://{bucket}/c", workers=[worker.address])
+    # Read page by page: a file this size read to its end would otherwise be sealed into
+    # one object file (tests/test_objectfiles.py rots one of those).
+    pagewise = "passthrough_min_size=64MiB"
+    mount = procs.mount(f"s3://{bucket}/c", workers=[worker.address], options=pagewise)
     read_checked(mount.path("file.bin"), data)
     mount.unmount()
     pages = sorted(worker.page_files())
@@ -158,7 +161,7 @@ def test_page_files_corrupted(procs, s3_server, bucket):
         raw[len(raw) // 3] ^= 0x5A
         page.write_bytes(raw)
     procs.allow = CORRUPT
-    again = procs.mount(f"s3://{bucket}/c", workers=[worker.address])
+    again = procs.mount(f"s3://{bucket}/c", workers=[worker.address], options=pagewise)
     read_checked(again.path("file.bin"), data)
     assert worker.metrics()["dorafs_worker_corrupt_pages_total"] == 5
 

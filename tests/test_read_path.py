@@ -20,6 +20,10 @@ from tests.support import wait_for
 
 MiB = 1 << 20
 PAGE = MiB
+# Files read page by page: one of a page or more read to its end is otherwise sealed into
+# one object file and held by the next open (tests/test_objectfiles.py), and what these
+# tests look at (page files, page requests, the page buffer) is the page path.
+PAGEWISE = "passthrough_min_size=1GiB"
 
 
 def put(s3, bucket: str, key: str, data: bytes) -> str:
@@ -133,7 +137,7 @@ def test_second_read_makes_no_ufs_request_even_after_worker_restart(procs, s3_se
     data = os.urandom(5 * MiB + 100)
     put(s3_server.client(), bucket, "ds/file.bin", data)
     worker = procs.worker(extra=["--status-ttl", "60s"])
-    first = procs.mount(f"s3://{bucket}/ds", workers=[worker.address])
+    first = procs.mount(f"s3://{bucket}/ds", workers=[worker.address], options=PAGEWISE)
     assert read_file(first.path("file.bin")) == data
     reads_after_first = worker.counter("dorafs_worker_ufs_requests_total")
     metrics = worker.metrics()
@@ -141,14 +145,14 @@ def test_second_read_makes_no_ufs_request_even_after_worker_restart(procs, s3_se
     assert 1 <= metrics["dorafs_worker_ufs_requests_total{op=read}"] < 6  # readahead in runs of pages
     first.unmount()
 
-    second = procs.mount(f"s3://{bucket}/ds", workers=[worker.address])  # no kernel cache
+    second = procs.mount(f"s3://{bucket}/ds", workers=[worker.address], options=PAGEWISE)  # no kernel cache
     assert read_file(second.path("file.bin")) == data
     assert worker.counter("dorafs_worker_ufs_requests_total") == reads_after_first  # not one UFS request
     assert worker.metrics()["dorafs_worker_page_requests_total{result=hit}"] >= 6
     second.unmount()
 
     worker.restart()  # the page index is rebuilt from disk
-    third = procs.mount(f"s3://{bucket}/ds", workers=[worker.address])
+    third = procs.mount(f"s3://{bucket}/ds", workers=[worker.address], options=PAGEWISE)
     assert read_file(third.path("file.bin")) == data
     metrics = worker.metrics()
     assert metrics.get("dorafs_worker_ufs_requests_total{op=read}", 0) == 0
@@ -160,7 +164,7 @@ def test_pages_live_only_on_their_ring_owner(procs, s3_server, bucket):
     files = {f"f{i:02d}.bin": os.urandom(2 * MiB + i) for i in range(24)}
     etags = {name: put(s3, bucket, f"two/{name}", data) for name, data in files.items()}
     workers = [procs.worker(), procs.worker()]
-    mount = procs.mount(f"s3://{bucket}/two", workers=[w.address for w in workers])
+    mount = procs.mount(f"s3://{bucket}/two", workers=[w.address for w in workers], options=PAGEWISE)
     for name, data in files.items():
         assert read_file(mount.path(name)) == data
     ring = HashRing([worker_id(w) for w in workers])
@@ -229,7 +233,7 @@ def test_corrupt_page_file_is_detected_and_refetched(procs, s3_server, bucket):
     data = os.urandom(3 * MiB)
     put(s3_server.client(), bucket, "c/file.bin", data)
     worker = procs.worker()
-    mount = procs.mount(f"s3://{bucket}/c", workers=[worker.address])
+    mount = procs.mount(f"s3://{bucket}/c", workers=[worker.address], options=PAGEWISE)
     assert read_file(mount.path("file.bin")) == data
     mount.unmount()
     page = sorted(worker.page_files())[1]
@@ -238,7 +242,7 @@ def test_corrupt_page_file_is_detected_and_refetched(procs, s3_server, bucket):
     raw[2000] ^= 0x01
     page.write_bytes(raw)
     procs.allow = CORRUPT
-    again = procs.mount(f"s3://{bucket}/c", workers=[worker.address])
+    again = procs.mount(f"s3://{bucket}/c", workers=[worker.address], options=PAGEWISE)
     assert read_file(again.path("file.bin")) == data
     metrics = worker.metrics()
     assert metrics["dorafs_worker_corrupt_pages_total"] == 1
@@ -342,11 +346,11 @@ def test_a_warm_sequential_read_leaves_no_page_behind_in_the_buffer(procs, tmp_p
     data = os.urandom(96 * MiB)
     (src / "f.bin").write_bytes(data)
     worker = procs.worker()
-    mount = procs.mount(f"file://{src}", workers=[worker.address])
+    mount = procs.mount(f"file://{src}", workers=[worker.address], options=PAGEWISE)
     assert read_file(mount.path("f.bin")) == data  # the worker now holds every page
     mount.unmount()
     port = free_port()
-    mount = procs.mount(f"file://{src}", workers=[worker.address], options=f"metrics_listen=127.0.0.1:{port}")
+    mount = procs.mount(f"file://{src}", workers=[worker.address], options=f"metrics_listen=127.0.0.1:{port},{PAGEWISE}")
     with open(mount.path("f.bin"), "rb") as f:
         while f.read(MiB):
             pass
@@ -443,7 +447,7 @@ def test_local_worker_pages_are_read_from_their_files(procs, s3_server, bucket):
     for setting in ("1", "0"):
         port = free_port()
         mount = procs.mount(f"s3://{bucket}/sc", workers=[worker.address],
-                            options=f"short_circuit={setting},direct_io,metrics_listen=127.0.0.1:{port}")
+                            options=f"short_circuit={setting},direct_io,metrics_listen=127.0.0.1:{port},{PAGEWISE}")
         assert read_file(mount.path("f.bin")) == data
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
         counts[setting] = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
@@ -455,7 +459,7 @@ def test_local_worker_pages_are_read_from_their_files(procs, s3_server, bucket):
     assert counts["0"]["dorafs_mount_worker_pages_total"] == 4
 
     # A small page buffer: random reads of pages read once come from the kept page files.
-    mount = procs.mount(f"s3://{bucket}/sc", workers=[worker.address], options="direct_io,buffer_size=1MiB")
+    mount = procs.mount(f"s3://{bucket}/sc", workers=[worker.address], options=f"direct_io,buffer_size=1MiB,{PAGEWISE}")
     assert read_file(mount.path("f.bin")) == data
     requests = worker.counter("dorafs_worker_page_requests_total")
     rng = random.Random(3)
@@ -470,7 +474,7 @@ def test_local_worker_pages_are_read_from_their_files(procs, s3_server, bucket):
     raw = bytearray(victim.read_bytes())
     raw[10] ^= 0xFF
     victim.write_bytes(bytes(raw))
-    mount = procs.mount(f"s3://{bucket}/sc", workers=[worker.address], options="direct_io")
+    mount = procs.mount(f"s3://{bucket}/sc", workers=[worker.address], options=f"direct_io,{PAGEWISE}")
     assert read_file(mount.path("f.bin")) == data
     assert worker.counter("dorafs_worker_corrupt_pages_total") == 1
 

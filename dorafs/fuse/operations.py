@@ -287,7 +287,10 @@ class DoraOperations(WritingOperations):
         handle = FileHandle(node, self.client.open(node.uri, status))
         backing_id = 0
         try:
-            handle.held = await self.objects.hold(handle.file)
+            if self._holds_object_files():
+                handle.held = await self.objects.hold(handle.file)
+            else:
+                raise Fallback(self.passthrough.unavailable())
             if others:
                 raise Fallback(OTHER_VERSION)
             if node.cached_opens and not self.passthrough.holds(node.inode):
@@ -315,6 +318,11 @@ class DoraOperations(WritingOperations):
         fh = next(self._numbers)
         self._handles[fh] = handle
         return FileInfo(fh=fh, keep_cache=keep_cache, direct_io=direct_io, backing_id=backing_id)
+
+    def _holds_object_files(self) -> bool:
+        """Are object files held, to be read by the kernel (passthrough) or by the mount
+        itself (which reads a worker's files only with `short_circuit`)?"""
+        return bool(self.config.short_circuit) or self.passthrough.unavailable() is None
 
     @fuse_operation
     async def read(self, fh, off, size):
@@ -352,7 +360,8 @@ class DoraOperations(WritingOperations):
                 await self._let_go(node, handle.writer, upload=True)
             else:
                 version = handle.file.status.version
-                if handle.held is None and handle.read_end >= handle.file.status.size > 0:
+                if handle.held is None and handle.read_end >= handle.file.status.size > 0 and \
+                        self._holds_object_files():
                     self.objects.prepare_soon(handle.file)  # read to its end: held from the next open
                 node.open_versions[version] -= 1
                 if node.open_versions[version] <= 0:
