@@ -98,7 +98,7 @@ def remove_stale(prefix: str = "bench-") -> list[str]:
 
 
 class CacheLimit:
-    def __init__(self, name: str, budget: int, period: float = 0.1):
+    def __init__(self, name: str, budget: int, period: float = 0.05):
         self.budget = budget
         self.period = period
         base = own_memory_cgroup()

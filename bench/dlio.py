@@ -135,7 +135,7 @@ _SIZE = {"b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30}
 # "/bench/dlio/train/x.npz" shows as "/dlio/train/x.npz", a HEAD's as "h/dlio/train/x.npz",
 # a listing's "/bench?list-type=2&..." as "?list-type=2&..."; the size is the answer's
 # length rounded by the log to two decimals of its unit (a HEAD prints its object's length).
-_LOG_LINE = re.compile(r"^info: (\S+) (\d{3}) [\d,.]+m?s ([\d.]+)(b|kb|mb|gb)$", re.M)
+_LOG_LINE = re.compile(r"^info: (\S+) (\d{3}) ([\d,.]+)(m?s) ([\d.]+)(b|kb|mb|gb)$", re.M)
 
 
 def s3_requests(log: Path, offset: int) -> tuple[dict, int]:
@@ -146,7 +146,9 @@ def s3_requests(log: Path, offset: int) -> tuple[dict, int]:
     text = _ANSI.sub(b"", data).decode(errors="replace")
     out = {"requests": 0, "ranged_get": 0, "whole_get": 0, "head": 0, "listing": 0, "other": 0}
     total = 0.0
-    for path, status, size, unit in _LOG_LINE.findall(text):
+    get_ms: list[float] = []
+    get_sizes: list[float] = []
+    for path, status, took, took_unit, size, unit in _LOG_LINE.findall(text):
         out["requests"] += 1
         if "=" in path or "?" in path:
             out["listing"] += 1
@@ -155,9 +157,20 @@ def s3_requests(log: Path, offset: int) -> tuple[dict, int]:
         elif path.startswith("/") and status in ("200", "206"):
             out["ranged_get" if status == "206" else "whole_get"] += 1
             total += float(size) * _SIZE[unit]
+            get_sizes.append(float(size) * _SIZE[unit])
+            get_ms.append(float(took.replace(",", "")) * (1000 if took_unit == "s" else 1))
         else:
             out["other"] += 1
     out["get_mib"] = round(total / MiB, 1)
+    if get_ms:  # s3rver's time per GET: from the request to the answer's last byte
+        get_ms.sort()
+        out["get_ms_mean"] = round(sum(get_ms) / len(get_ms), 1)
+        out["get_ms_median"] = get_ms[len(get_ms) // 2]
+        out["get_ms_sum"] = round(sum(get_ms))
+        out["get_sizes_mib"] = {f"<={b}": sum(1 for s in get_sizes if (s <= b * MiB and s > (b / 2) * MiB)
+                                               or (b == 0.5 and s <= b * MiB))
+                                for b in (0.5, 1, 2, 4, 8, 16)}
+        out["get_sizes_mib"][">16"] = sum(1 for s in get_sizes if s > 16 * MiB)
     return out, offset + len(data)
 
 
@@ -278,6 +291,7 @@ def main() -> None:
                             for pid in pids:
                                 daemons.adopt(pid)
                         cpu0 = {pid: cpu_seconds(pid) for pid in pids}
+                        s3rver_cpu0 = cpu_seconds(server.proc.pid)
                         _, mark = s3_requests(s3log, 0)
                         out = work / "out" / f"{name}-{phase}"
                         out.mkdir(parents=True)
@@ -286,6 +300,7 @@ def main() -> None:
                                      reader)
                         args.loadavg.append(os.getloadavg()[0])
                         r["s3"], _ = s3_requests(s3log, mark)
+                        r["s3rver_cpu_s"] = round(cpu_seconds(server.proc.pid) - s3rver_cpu0, 1)
                         r["daemon_cpu_s"] = {f"{'mount' if pid == m.proc.pid else 'child'}-{pid}":
                                              round(cpu_seconds(pid) - cpu0[pid], 1)
                                              for pid in pids if cpu_seconds(pid) is not None and cpu0[pid] is not None}
@@ -309,7 +324,9 @@ def show(name: str, phase: str, r: dict) -> None:
         s3 = r["s3"]
         extra = (f"; S3 {s3['requests']} requests ({s3['ranged_get']} ranged GETs, {s3['whole_get']} whole, "
                  f"{s3['head']} HEAD, {s3['listing']} listings), {s3['get_mib']:.0f} MiB; "
-                 f"daemon CPU {r['daemon_cpu_s']}")
+                 f"daemon CPU {r['daemon_cpu_s']}, s3rver CPU {r['s3rver_cpu_s']} s; "
+                 f"GET sizes {s3.get('get_sizes_mib')}, s3rver ms per GET mean {s3.get('get_ms_mean')} "
+                 f"median {s3.get('get_ms_median')}")
     if "reader_cgroup" in r:
         extra += f"; DLIO page cache peak {r['reader_cgroup']['peak_file_mib']:.0f} MiB"
     print(f"{name} {phase}: AU {r['au_mean']:.1f}% ({', '.join(f'{a:.1f}' for a in r['au'])}), "
@@ -346,7 +363,7 @@ def report(results: dict, args) -> None:
              f"({args.dataset_bytes / MiB:.0f} MiB), batch {args.batch}, read_threads {args.read_threads}, "
              f"computation_time {args.compute} s, {args.epochs} epochs, {args.s3}; {bound}", "",
              "| system | run | AU % (mean; per epoch) | samples/s (mean; per epoch) | wall s | "
-             "S3 GETs ranged, whole, HEADs; GET MiB | CPU s: DLIO, daemons | page cache peak MiB: DLIO, daemons |",
+             "S3 GETs ranged, whole, HEADs; GET MiB | CPU s: DLIO, daemons, s3rver | page cache peak MiB: DLIO, daemons |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         for phase in ("cold", "warm"):
@@ -358,6 +375,8 @@ def report(results: dict, args) -> None:
             s3_text = (f"{s3['ranged_get']}, {s3['whole_get']}, {s3['head']}; {s3['get_mib']:.0f}"
                        if s3 else "–")
             daemon_cpu = "+".join(f"{v:.1f}" for v in x.get("daemon_cpu_s", {}).values()) or "–"
+            if "s3rver_cpu_s" in x:
+                daemon_cpu += f", s3rver {x['s3rver_cpu_s']:.1f}"
             peaks = ", ".join(f"{x[g]['peak_file_mib']:.0f}" if g in x else "–"
                               for g in ("reader_cgroup", "daemon_cgroup"))
             lines.append(f"| {name} | {label} | {x['au_mean']:.1f}; {', '.join(f'{a:.1f}' for a in x['au'])} | "
