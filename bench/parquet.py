@@ -27,8 +27,10 @@ per process, the same for every system and every pass. Passes per system:
 page cache (POSIX_FADV_DONTNEED), warm and hot from the page cache.
 
 Per pass: MiB/s of column data (the chunks' sizes from the footer, summed over every
-read of every process, over the slowest process's wall time), reads/s, and what s3rver
-served during the pass, from its request log: GETs, and their sizes in buckets.
+read of every process, over the slowest process's wall time), reads/s, what s3rver
+served during the pass, from its request log (GETs, and their sizes in buckets; the log's
+format is described in bench/dlio.py), and the CPU seconds of the mount's processes and
+of s3rver during the pass.
 Results: a table, bench/results/parquet-<timestamp>.json and .md.
 """
 
