@@ -26,7 +26,7 @@ removed after it (bench/cachelimit.py; also on errors and SIGTERM):
   DataLoader workers start inside it, so every page the kernel caches for their reads is
   charged to it: the FUSE mount's page cache, the backing files dorafs hands the kernel
   through FUSE passthrough, the local files of `local`. A control loop keeps the group's
-  limit at its other memory (≈1 GiB: PyTorch, MPI, the batches in /dev/shm) plus the
+  limit at its other memory (≈1.25 GiB at its peak here: PyTorch, MPI, the batches in /dev/shm) plus the
   budget, so the page cache it can hold is the budget, not what is left of a guess.
 - The mount daemons' group (`--daemon-cache`, 256 MiB by default): the mount process and
   its children (dorafs's embedded worker; s3fs; rclone) are moved in once mounted. Their
@@ -54,9 +54,8 @@ import argparse
 import datetime as dt
 import json
 import os
-import shutil
-import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -69,7 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cachelimit import CacheLimit, Unavailable, descendants, drop_page_cache, parse_size, remove_stale  # noqa: E402
 from procs import BENCH, CACHE, REGISTRY, WORK, clean_stale  # noqa: E402
-from servers import _ANSI  # noqa: E402
+from servers import s3rver_served  # noqa: E402
 
 MiB = 1 << 20
 BUCKET, PREFIX = "bench", "dlio"
@@ -129,49 +128,24 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
-_SIZE = {"b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30}
-# s3rver's request log (koa-logger through winston) drops the first 16 characters of each
-# line, colour codes included, so how much of the path is left tells the method: a GET's
-# "/bench/dlio/train/x.npz" shows as "/dlio/train/x.npz", a HEAD's as "h/dlio/train/x.npz",
-# a listing's "/bench?list-type=2&..." as "?list-type=2&..."; the size is the answer's
-# length rounded by the log to two decimals of its unit (a HEAD prints its object's length).
-_LOG_LINE = re.compile(r"^info: (\S+) (\d{3}) ([\d,.]+)(m?s) ([\d.]+)(b|kb|mb|gb)$", re.M)
-
-
 def s3_requests(log: Path, offset: int) -> tuple[dict, int]:
-    """What s3rver served since `offset` of its log, and the new offset."""
-    with open(log, "rb") as f:
-        f.seek(offset)
-        data = f.read()
-    text = _ANSI.sub(b"", data).decode(errors="replace")
-    out = {"requests": 0, "ranged_get": 0, "whole_get": 0, "head": 0, "listing": 0, "other": 0}
-    total = 0.0
-    get_ms: list[float] = []
-    get_sizes: list[float] = []
-    for path, status, took, took_unit, size, unit in _LOG_LINE.findall(text):
-        out["requests"] += 1
-        if "=" in path or "?" in path:
-            out["listing"] += 1
-        elif path.startswith("h/"):
-            out["head"] += 1
-        elif path.startswith("/") and status in ("200", "206"):
-            out["ranged_get" if status == "206" else "whole_get"] += 1
-            total += float(size) * _SIZE[unit]
-            get_sizes.append(float(size) * _SIZE[unit])
-            get_ms.append(float(took.replace(",", "")) * (1000 if took_unit == "s" else 1))
-        else:
-            out["other"] += 1
-    out["get_mib"] = round(total / MiB, 1)
-    if get_ms:  # s3rver's time per GET: from the request to the answer's last byte
-        get_ms.sort()
-        out["get_ms_mean"] = round(sum(get_ms) / len(get_ms), 1)
-        out["get_ms_median"] = get_ms[len(get_ms) // 2]
-        out["get_ms_sum"] = round(sum(get_ms))
-        out["get_sizes_mib"] = {f"<={b}": sum(1 for s in get_sizes if (s <= b * MiB and s > (b / 2) * MiB)
-                                               or (b == 0.5 and s <= b * MiB))
-                                for b in (0.5, 1, 2, 4, 8, 16)}
-        out["get_sizes_mib"][">16"] = sum(1 for s in get_sizes if s > 16 * MiB)
-    return out, offset + len(data)
+    """What s3rver served since `offset` of its log (bench/servers.py), and the new offset."""
+    served, end = s3rver_served(log, offset)
+    gets = [r for r in served if r.kind == "get"]
+    out = {"requests": len(served), "ranged_get": sum(r.status == 206 for r in gets),
+           "whole_get": sum(r.status == 200 for r in gets), "head": sum(r.kind == "head" for r in served),
+           "listing": sum(r.kind == "listing" for r in served), "other": sum(r.kind == "other" for r in served),
+           "get_mib": round(sum(r.nbytes for r in gets) / MiB, 1)}
+    if gets:  # s3rver's time per GET: from the request to the answer's last byte
+        ms = sorted(r.ms for r in gets)
+        out["get_ms_mean"] = round(sum(ms) / len(ms), 1)
+        out["get_ms_median"] = ms[len(ms) // 2]
+        out["get_ms_sum"] = round(sum(ms))
+        bounds = (0.5, 1, 2, 4, 8, 16)
+        out["get_sizes_mib"] = {f"<={b}": sum(1 for r in gets if (i == 0 or r.nbytes > bounds[i - 1] * MiB)
+                                               and r.nbytes <= b * MiB) for i, b in enumerate(bounds)}
+        out["get_sizes_mib"][">16"] = sum(1 for r in gets if r.nbytes > 16 * MiB)
+    return out, end
 
 
 def dataset(args, s3, work: Path) -> None:

@@ -29,7 +29,7 @@ page cache (POSIX_FADV_DONTNEED), warm and hot from the page cache.
 Per pass: MiB/s of column data (the chunks' sizes from the footer, summed over every
 read of every process, over the slowest process's wall time), reads/s, what s3rver
 served during the pass, from its request log (GETs, and their sizes in buckets; the log's
-format is described in bench/dlio.py), and the CPU seconds of the mount's processes and
+format is described in bench/servers.py), and the CPU seconds of the mount's processes and
 of s3rver during the pass.
 Results: a table, bench/results/parquet-<timestamp>.json and .md.
 """
@@ -42,7 +42,6 @@ import json
 import multiprocessing as mp
 import os
 import random
-import re
 import shutil
 import signal
 import sys
@@ -54,13 +53,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cachelimit import descendants, drop_page_cache  # noqa: E402
 from dlio import cpu_seconds  # noqa: E402
 from procs import BENCH, CACHE, REGISTRY, WORK, clean_stale  # noqa: E402
-from servers import _ANSI  # noqa: E402
+from servers import s3rver_served  # noqa: E402
 
 MiB = 1 << 20
 BUCKET, PREFIX = "bench", "parquet"
 COLUMNS = 32
-_SIZE = {"b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30}
-_LOG_LINE = re.compile(r"^info: (\S+) (\d{3}) [\d,.]+m?s ([\d.]+)(b|kb|mb|gb)$", re.M)
 BUCKETS = [(64 << 10, "≤64K"), (256 << 10, "≤256K"), (1 << 20, "≤1M"), (4 << 20, "≤4M"), (16 << 20, "≤16M"),
            (None, ">16M")]
 
@@ -157,29 +154,18 @@ def run_pass(root: Path, args) -> dict:
 
 
 def s3_gets(log: Path, offset: int) -> tuple[dict, int]:
-    """GETs s3rver served since `offset` of its log (see bench/dlio.py for the format)."""
-    with open(log, "rb") as f:
-        f.seek(offset)
-        data = f.read()
-    text = _ANSI.sub(b"", data).decode(errors="replace")
-    sizes, heads, other = [], 0, 0
-    for path, status, size, unit in _LOG_LINE.findall(text):
-        if "=" in path or "?" in path:
-            other += 1
-        elif path.startswith("h/"):
-            heads += 1
-        elif path.startswith("/") and status in ("200", "206"):
-            sizes.append(float(size) * _SIZE[unit])
-        else:
-            other += 1
+    """GETs s3rver served since `offset` of its log (bench/servers.py), and the new offset."""
+    served, end = s3rver_served(log, offset)
+    sizes = [r.nbytes for r in served if r.kind == "get"]
     hist = {label: 0 for _, label in BUCKETS}
     for s in sizes:
         for limit, label in BUCKETS:
             if limit is None or s <= limit:
                 hist[label] += 1
                 break
-    return {"gets": len(sizes), "get_mib": round(sum(sizes) / MiB, 1), "heads": heads, "other": other,
-            "mean_kib": round(sum(sizes) / len(sizes) / 1024) if sizes else 0, "sizes": hist}, offset + len(data)
+    return {"gets": len(sizes), "get_mib": round(sum(sizes) / MiB, 1),
+            "heads": sum(r.kind == "head" for r in served), "other": sum(r.kind in ("listing", "other") for r in served),
+            "mean_kib": round(sum(sizes) / len(sizes) / 1024) if sizes else 0, "sizes": hist}, end
 
 
 # -- the run -----------------------------------------------------------------------------
