@@ -9,13 +9,14 @@ It separates the wait for one file from the CPU the machine has left: DLIO with 
 PyTorch data loader and simulated accelerator needs about half of this machine's two
 cores itself. Same dataset, s3rver bucket, mounts and page cache bounds as bench/dlio.py
 (`--kernel-cache`, `--daemon-cache`; the reader runs in DLIO's group). Per pass: files/s,
-the median and 90th percentile of the seconds one file took, S3 GETs and the CPU of the
-daemons and s3rver.
+the median and 90th percentile of the seconds one file took, S3 GETs, the CPU of the
+daemons and s3rver, and the load average; a table, also in bench/results/npzread-<timestamp>.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import shutil
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cachelimit import CacheLimit, Unavailable, descendants, drop_page_cache, parse_size, remove_stale  # noqa: E402
 from dlio import PREFIX, cpu_seconds, dataset, limits, s3_requests  # noqa: E402
-from procs import REGISTRY, WORK, clean_stale  # noqa: E402
+from procs import BENCH, REGISTRY, WORK, clean_stale  # noqa: E402
 
 
 def read_all(root: Path, threads: int) -> dict:
@@ -133,12 +134,18 @@ def main() -> None:
                     session.close()
     finally:
         REGISTRY.teardown()
-    print("\n| system | pass | threads | files/s | one file: median, p90 ms | GETs | CPU s: daemons, s3rver |")
-    print("|---|---|---|---|---|---|---|")
+    lines = ["| system | pass | threads | files/s | one file: median, p90 ms | GETs | CPU s: daemons, s3rver | load |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        print(f"| {r['system']} | {r['phase']} | {r['threads']} | {r['files_s']:.2f} | "
-              f"{r['median_s'] * 1000:.0f}, {r['p90_s'] * 1000:.0f} | {r['gets']} | "
-              f"{r['daemon_cpu_s']}, {r['s3rver_cpu_s']} |")
+        lines.append(f"| {r['system']} | {r['phase']} | {r['threads']} | {r['files_s']:.2f} | "
+                     f"{r['median_s'] * 1000:.0f}, {r['p90_s'] * 1000:.0f} | {r['gets']} | "
+                     f"{r['daemon_cpu_s']}, {r['s3rver_cpu_s']} | {r['load']:.1f} |")
+    text = "\n".join(lines)
+    print("\n" + text)
+    stamp = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}"
+    (BENCH / "results").mkdir(exist_ok=True)
+    (BENCH / "results" / f"npzread-{stamp}.md").write_text(f"`{' '.join(sys.argv)}`\n\n{text}\n")
+    print(f"results: {BENCH}/results/npzread-{stamp}.md")
 
 
 if __name__ == "__main__":
