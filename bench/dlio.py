@@ -386,14 +386,15 @@ def plot(results: dict, path: Path, title: str) -> None:
             values = [results[n].get(phase, {}).get(key, [0, 0])[epoch] for n in names]
             xs = [i + (j - 1.5) * width for i in range(len(names))]
             ax.bar(xs, values, width, label=f"{phase}, epoch {epoch + 1}")
-        ax.set_xticks(range(len(names)), names)
+        ax.set_xticks(range(len(names)), [f"{n}\n(disk: warm bars)" if n == "local" else n for n in names])
         ax.set_title(label)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
     import textwrap
 
     fig.suptitle("\n".join(textwrap.wrap(title, 150)), fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
 
 
