@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from procs import CACHE, Tracked, free_port, port_open, wait_for
@@ -118,3 +119,41 @@ class Moto(S3Server):
 
 
 SERVERS = {"s3rver": S3rver, "moto": Moto}
+
+
+# s3rver's logger (lib/middleware/logger.js) logs koa-logger's line from its 17th
+# character on, colour codes included, so how much of the path is left tells the method:
+# a GET's "/bench/dlio/train/x.npz" shows as "/dlio/train/x.npz", a HEAD's as
+# "h/dlio/train/x.npz", a listing's "/bench?list-type=2&..." as "?list-type=2&..."; then
+# the status, the time to the answer's last byte, and the answer's length rounded to two
+# decimals of its unit (a HEAD prints its object's length).
+_SERVED = re.compile(r"^info: (\S+) (\d{3}) ([\d,.]+)(m?s) ([\d.]+)(b|kb|mb|gb)$", re.M)
+_UNIT = {"b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30}
+
+
+@dataclass
+class Served:
+    kind: str  # "get" (a read of an object, whole or ranged), "head", "listing", "other"
+    status: int
+    ms: float
+    nbytes: float  # as the log rounds it
+
+
+def s3rver_served(log: Path, offset: int = 0) -> tuple[list[Served], int]:
+    """The requests s3rver's log shows after `offset`, and the log's new end."""
+    with open(log, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    found = []
+    for path, status, took, took_unit, size, unit in _SERVED.findall(_ANSI.sub(b"", data).decode(errors="replace")):
+        if "=" in path or "?" in path:
+            kind = "listing"
+        elif path.startswith("h/"):
+            kind = "head"
+        elif path.startswith("/") and status in ("200", "206"):
+            kind = "get"
+        else:
+            kind = "other"
+        ms = float(took.replace(",", "")) * (1000 if took_unit == "s" else 1)
+        found.append(Served(kind, int(status), ms, float(size) * _UNIT[unit]))
+    return found, offset + len(data)

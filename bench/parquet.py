@@ -1,0 +1,279 @@
+"""Positioned reads on structured data (issue 21): pyarrow reading a few random columns of
+a random row group from several Parquet files, 4 processes, through mounts of one s3rver
+bucket and from the local disk.
+
+    bash bench/setup.sh; . .venv/bin/activate
+    python3 bench/parquet.py                          # dorafs, s3fs, rclone, native
+    python3 bench/parquet.py --systems s3fs,native --reads 16
+
+The files (written once with pyarrow under bench/.cache/parquet/, uploaded to s3rver
+under `bench/parquet/data/`, a prefix of their own so bench/dataset.py's datasets never
+count them): `--files` files of 32 uncompressed int64 columns (no dictionary), row groups
+of `--chunk-kib` KiB per column chunk (0.5 MiB: 65,536 rows), `--row-groups` of them per
+file (4: 64 MiB files).
+
+The workload: `--procs` processes (forked, started together), each opening every file
+once with `pyarrow.parquet.ParquetFile` (the footer) and then making `--reads` reads of
+`--columns` random columns of a random row group of a random file
+(`read_row_group(rg, columns=...)`, pyarrow's defaults); the choices come from a seed
+per process, the same for every system and every pass. Passes per system:
+
+- cold: the first mount of a fresh cache (the system's own cache empty);
+- warm: a new mount over the cache the cold pass left (the kernel's page cache of the
+  first mount is gone with it);
+- hot: the same reads again on that mount (what the kernel kept).
+
+`native` reads the same files on the local disk (no FUSE): cold after dropping their
+page cache (POSIX_FADV_DONTNEED), warm and hot from the page cache.
+
+Per pass: MiB/s of column data (the chunks' sizes from the footer, summed over every
+read of every process, over the slowest process's wall time), reads/s, what s3rver
+served during the pass, from its request log (GETs, and their sizes in buckets; the log's
+format is described in bench/servers.py), and the CPU seconds of the mount's processes and
+of s3rver during the pass.
+Results: a table, bench/results/parquet-<timestamp>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import multiprocessing as mp
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cachelimit import descendants, drop_page_cache  # noqa: E402
+from dlio import cpu_seconds  # noqa: E402
+from procs import BENCH, CACHE, REGISTRY, WORK, clean_stale  # noqa: E402
+from servers import s3rver_served  # noqa: E402
+
+MiB = 1 << 20
+BUCKET, PREFIX = "bench", "parquet"
+COLUMNS = 32
+BUCKETS = [(64 << 10, "≤64K"), (256 << 10, "≤256K"), (1 << 20, "≤1M"), (4 << 20, "≤4M"), (16 << 20, "≤16M"),
+           (None, ">16M")]
+
+
+# -- the files ---------------------------------------------------------------------------
+
+def write_files(args) -> Path:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = args.chunk_kib * 1024 // 8
+    tag = f"{args.files}x{args.row_groups}rg-{COLUMNS}c-{args.chunk_kib}k"
+    root = CACHE / "parquet" / tag
+    done = root / ".complete"
+    if done.exists():
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(21)
+    for i in range(args.files):
+        with pq.ParquetWriter(root / f"part-{i:03d}.parquet",
+                              pa.schema([(f"c{j:02d}", pa.int64()) for j in range(COLUMNS)]),
+                              compression="none", use_dictionary=False) as w:
+            for _ in range(args.row_groups):
+                table = pa.table({f"c{j:02d}": rng.integers(0, 1 << 62, rows) for j in range(COLUMNS)})
+                w.write_table(table, row_group_size=rows)
+    done.write_text(tag)
+    return root
+
+
+def upload(s3, local: Path) -> None:
+    try:
+        s3.create_bucket(Bucket=BUCKET)
+    except Exception as exc:
+        if "BucketAlready" not in type(exc).__name__ and "BucketAlready" not in str(exc):
+            raise
+    have = {o["Key"]: o["Size"] for page in s3.get_paginator("list_objects_v2").paginate(
+        Bucket=BUCKET, Prefix=f"{PREFIX}/data/") for o in page.get("Contents", [])}
+    files = sorted(local.glob("*.parquet"))
+    names = {f"{PREFIX}/data/{p.name}" for p in files}
+    for key in have:
+        if key not in names:  # another --files/--row-groups: only this set under the prefix
+            s3.delete_object(Bucket=BUCKET, Key=key)
+    for p in files:
+        if have.get(f"{PREFIX}/data/{p.name}") != p.stat().st_size:
+            s3.upload_file(str(p), BUCKET, f"{PREFIX}/data/{p.name}")
+    # bench/systems.py calls a mount ready when it shows a `large` directory
+    s3.put_object(Bucket=BUCKET, Key=f"{PREFIX}/large/README", Body=b"the mount-ready marker of bench/systems.py\n")
+
+
+# -- the workload ------------------------------------------------------------------------
+
+def reader(root: str, seed: int, reads: int, columns: int, start, out) -> None:
+    import pyarrow.parquet as pq
+
+    rng = random.Random(seed)
+    paths = sorted(str(p) for p in Path(root).glob("*.parquet"))
+    start.wait()
+    t0 = time.perf_counter()
+    files = [pq.ParquetFile(p) for p in paths]
+    nbytes = 0
+    for _ in range(reads):
+        f = rng.randrange(len(files))
+        meta = files[f].metadata
+        rg = rng.randrange(meta.num_row_groups)
+        cols = sorted(rng.sample(range(meta.num_columns), columns))
+        table = files[f].read_row_group(rg, columns=[meta.schema.column(c).name for c in cols])
+        assert table.num_rows == meta.row_group(rg).num_rows
+        nbytes += sum(meta.row_group(rg).column(c).total_compressed_size for c in cols)
+    out.put((seed, nbytes, time.perf_counter() - t0))
+
+
+def run_pass(root: Path, args) -> dict:
+    ctx = mp.get_context("fork")
+    start, out = ctx.Barrier(args.procs + 1), ctx.Queue()
+    procs = [ctx.Process(target=reader, args=(str(root), 1000 + i, args.reads, args.columns, start, out))
+             for i in range(args.procs)]
+    for p in procs:
+        p.start()
+    try:
+        start.wait(timeout=120)
+        got = [out.get(timeout=1800) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    nbytes = sum(g[1] for g in got)
+    wall = max(g[2] for g in got)
+    reads = args.procs * args.reads
+    return {"mib_s": nbytes / MiB / wall, "reads_s": reads / wall, "seconds": wall, "data_mib": nbytes / MiB}
+
+
+def s3_gets(log: Path, offset: int) -> tuple[dict, int]:
+    """GETs s3rver served since `offset` of its log (bench/servers.py), and the new offset."""
+    served, end = s3rver_served(log, offset)
+    sizes = [r.nbytes for r in served if r.kind == "get"]
+    hist = {label: 0 for _, label in BUCKETS}
+    for s in sizes:
+        for limit, label in BUCKETS:
+            if limit is None or s <= limit:
+                hist[label] += 1
+                break
+    return {"gets": len(sizes), "get_mib": round(sum(sizes) / MiB, 1),
+            "heads": sum(r.kind == "head" for r in served), "other": sum(r.kind in ("listing", "other") for r in served),
+            "mean_kib": round(sum(sizes) / len(sizes) / 1024) if sizes else 0, "sizes": hist}, end
+
+
+# -- the run -----------------------------------------------------------------------------
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--systems", default="dorafs,s3fs,rclone,native")
+    p.add_argument("--files", type=int, default=8)
+    p.add_argument("--row-groups", type=int, default=4, help="per file")
+    p.add_argument("--chunk-kib", type=int, default=512, help="size of one column chunk")
+    p.add_argument("--procs", type=int, default=4)
+    p.add_argument("--reads", type=int, default=64, help="per process per pass")
+    p.add_argument("--columns", type=int, default=4, help="columns per read")
+    args = p.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    from servers import SERVERS
+    from systems import SYSTEMS
+
+    for line in clean_stale():
+        print(line)
+    work = WORK / "parquet"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    local = write_files(args)
+    args.file_mib = round(sum(p.stat().st_size for p in local.glob("*.parquet")) / args.files / MiB, 1)
+    results: dict[str, dict] = {}
+    try:
+        server = SERVERS["s3rver"](work)
+        os.environ.update(server.env)
+        upload(server.client(), local)
+        log = server.proc.log_path
+        for name in args.systems.split(","):
+            results[name] = {}
+            if name == "native":
+                drop_page_cache(local)
+                for phase in ("cold", "warm", "hot"):
+                    results[name][phase] = run_pass(local, args)
+                    show(name, phase, results[name][phase])
+                continue
+            cls = SYSTEMS[name]
+            why = cls.available()
+            if why:
+                print(f"{name}: skipped ({why})")
+                del results[name]
+                continue
+            system = cls(server, PREFIX, work)
+            session = system.session()
+            results[name]["config"] = system.config
+            try:
+                for phases in (("cold",), ("warm", "hot")):
+                    with session.mount() as m:
+                        pids = [m.proc.pid] + descendants(m.proc.pid)
+                        for phase in phases:
+                            _, mark = s3_gets(log, 0)
+                            cpu0 = [cpu_seconds(pid) or 0.0 for pid in pids + [server.proc.pid]]
+                            results[name][phase] = r = run_pass(m.path / "data", args)
+                            cpu1 = [cpu_seconds(pid) or 0.0 for pid in pids + [server.proc.pid]]
+                            r["s3"], _ = s3_gets(log, mark)
+                            r["daemon_cpu_s"] = round(sum(cpu1[:-1]) - sum(cpu0[:-1]), 2)
+                            r["s3rver_cpu_s"] = round(cpu1[-1] - cpu0[-1], 2)
+                            show(name, phase, r)
+            finally:
+                session.close()
+    finally:
+        REGISTRY.teardown()
+    report(results, args)
+
+
+def show(name: str, phase: str, r: dict) -> None:
+    s3 = r.get("s3")
+    extra = (f"; S3 {s3['gets']} GETs, {s3['get_mib']:.0f} MiB, mean {s3['mean_kib']} KiB, "
+             f"{s3['heads']} HEADs, sizes {s3['sizes']}; CPU s: daemons {r['daemon_cpu_s']}, "
+             f"s3rver {r['s3rver_cpu_s']}") if s3 else ""
+    print(f"{name} {phase}: {r['mib_s']:.1f} MiB/s, {r['reads_s']:.1f} reads/s, {r['seconds']:.1f} s{extra}",
+          flush=True)
+
+
+def report(results: dict, args) -> None:
+    stamp = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}"
+    head = (f"Parquet positioned reads: {args.files} files of {args.file_mib} MiB, {COLUMNS} int64 columns "
+            f"uncompressed, {args.row_groups} row groups, {args.chunk_kib} KiB column chunks; {args.procs} "
+            f"processes x {args.reads} reads of {args.columns} random columns of a random row group; s3rver; "
+            f"load average {os.getloadavg()[0]:.1f} at the end")
+    lines = [head, "", "| system | pass | MiB/s | reads/s | × native (same pass) | S3 GETs | GET MiB | mean GET KiB | "
+             "GET sizes (" + ", ".join(label for _, label in BUCKETS) + ") | CPU s: daemons, s3rver |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    native = results.get("native", {})
+    for name, r in results.items():
+        for phase in ("cold", "warm", "hot"):
+            if phase not in r:
+                continue
+            x = r[phase]
+            ratio = f"{x['mib_s'] / native[phase]['mib_s']:.2f}" if phase in native else "–"
+            s3 = x.get("s3")
+            s3_text = (f"{s3['gets']} | {s3['get_mib']:.0f} | {s3['mean_kib']} | "
+                       + ", ".join(str(v) for v in s3["sizes"].values())
+                       + f" | {x['daemon_cpu_s']:.1f}, {x['s3rver_cpu_s']:.1f}") if s3 else "– | – | – | – | –"
+            lines.append(f"| {name} | {phase} | {x['mib_s']:.1f} | {x['reads_s']:.1f} | {ratio} | {s3_text} |")
+    text = "\n".join(lines)
+    print("\n" + text)
+    out = BENCH / "results"
+    out.mkdir(exist_ok=True)
+    (out / f"parquet-{stamp}.md").write_text(f"`{' '.join(sys.argv)}`\n\n{text}\n")
+    (out / f"parquet-{stamp}.json").write_text(json.dumps({"argv": sys.argv, "args": vars(args),
+                                                           "results": results}, indent=1))
+    print(f"results: {out}/parquet-{stamp}.*")
+
+
+if __name__ == "__main__":
+    main()
