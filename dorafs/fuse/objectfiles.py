@@ -51,8 +51,9 @@ NOT_CACHED = "not_cached"  # no worker on this machine holds all of the version
 UNREADABLE = "unreadable"  # the worker's file cannot be opened here
 CORRUPT = "corrupt"  # a page of it did not match its checksum
 SMALL = "small"  # smaller than passthrough_min_size
+TOO_MANY = "too_many"  # as many object files held as the descriptor budget allows
 HELD = "held"
-for _result in (HELD, NOT_CACHED, UNREADABLE, CORRUPT):
+for _result in (HELD, NOT_CACHED, UNREADABLE, CORRUPT, TOO_MANY):
     OBJECT_FILE_OPENS.labels(_result)
 
 VERIFY_THREADS = 2  # checksum passes over object files at once
@@ -133,9 +134,10 @@ class Reader:
 class ObjectFiles:
     """The verified object files this mount holds open, by object version."""
 
-    def __init__(self, client, min_size: int = 0):
+    def __init__(self, client, min_size: int = 0, max_held: int = 4096):
         self.client = client
         self.min_size = min_size
+        self.max_held = max_held  # descriptors: one per object version open at once
         self.held: dict[tuple[str, str], HeldFile] = {}
         self.reader = Reader()
         self.reads = 0  # READs answered from held files
@@ -170,6 +172,8 @@ class ObjectFiles:
         if held is not None:
             held.opens += 1
             return held
+        if len(self.held) >= self.max_held:
+            raise Fallback(TOO_MANY)
         whole = await self.client.whole_file(f, wait=False)  # an open never waits for a copy
         if whole is None or whole.get("size") != f.status.size:
             raise Fallback(NOT_CACHED)

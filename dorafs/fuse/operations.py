@@ -32,6 +32,7 @@ from dataclasses import replace
 import trio
 
 from dorafs.client import DoraClient
+from dorafs.client.local import descriptor_budget
 from dorafs.client.namespace import Namespace
 from dorafs.client.writes import Staging, Writes
 from dorafs.config import MountConfig
@@ -84,7 +85,7 @@ class DoraOperations(WritingOperations):
         self.namespace = Namespace(client)  # the namespace policy; this object is its `Local`
         # Wholly cached files are read from their object file: by the kernel itself
         # (passthrough) unless every read is to reach the mount, else by the mount.
-        self.objects = ObjectFiles(client, config.passthrough_min_size)
+        self.objects = ObjectFiles(client, config.passthrough_min_size, max_held=descriptor_budget())
         self.passthrough = Passthrough(passthrough_wanted(config))
         self._writing: set[Node] = set()  # nodes with a WriteFile
         STAGING_BYTES.set_function(lambda: self.staging.used)

@@ -31,13 +31,13 @@ from dataclasses import dataclass
 
 from dorafs.fuse import protocol as p
 from dorafs.fuse.metrics import PASSTHROUGH_FILES, PASSTHROUGH_OPENS
-from dorafs.fuse.objectfiles import CORRUPT, NOT_CACHED, SMALL, UNREADABLE, Fallback, HeldFile
+from dorafs.fuse.objectfiles import CORRUPT, NOT_CACHED, SMALL, TOO_MANY, UNREADABLE, Fallback, HeldFile
 from dorafs.fuse.types import FUSEError
 
 log = logging.getLogger(__name__)
 
 # Why an open was not handed to the kernel (the label of the metric); objectfiles.py
-# has those of files not held at all (NOT_CACHED, UNREADABLE, CORRUPT, SMALL).
+# has those of files not held at all (NOT_CACHED, UNREADABLE, CORRUPT, SMALL, TOO_MANY).
 OFF = "off"  # -o passthrough=0
 NOT_GRANTED = "not_granted"  # the kernel did not grant FUSE_PASSTHROUGH at INIT
 NOT_PERMITTED = "not_permitted"  # registering failed with EPERM (not root)
@@ -48,7 +48,7 @@ CONFLICT = "conflict"  # refused: the inode is read through passthrough, this op
 FAILED = "failed"  # registering failed otherwise
 GRANTED = "granted"
 REASONS = (GRANTED, OFF, NOT_GRANTED, NOT_PERMITTED, WRITING, OTHER_VERSION, CACHED_OPEN, NOT_CACHED,
-           UNREADABLE, CORRUPT, FAILED, SMALL, CONFLICT)
+           UNREADABLE, CORRUPT, FAILED, SMALL, TOO_MANY, CONFLICT)
 for _reason in REASONS:
     PASSTHROUGH_OPENS.labels(_reason)
 
@@ -64,6 +64,7 @@ _MESSAGES = {
     CORRUPT: "a page of the worker's object file did not match its checksum",
     FAILED: "registering the backing file failed",
     SMALL: "the file is smaller than passthrough_min_size",
+    TOO_MANY: "as many object files are open as the mount's descriptor budget allows",
 }
 
 @dataclass
