@@ -40,6 +40,12 @@ def setup(procs: ProcessSet, bucket: str, options: str = ""):
     return worker, m, lambda: scrape(f"127.0.0.1:{port}")
 
 
+def prepared(worker, metrics) -> None:
+    """Wait until the worker sealed the file read to its end and the mount verified it."""
+    wait_for(lambda: worker.metrics()["dorafs_worker_whole_objects"] == 1
+             and metrics()["dorafs_mount_object_files_preparing"] == 0, what="the file prepared")
+
+
 def sealed(worker) -> list:
     return [p for p in (worker.cache_dir / "objects").glob("??/*") if p.is_file() and "." not in p.name]
 
@@ -49,7 +55,7 @@ def test_a_wholly_cached_file_is_read_from_its_object_file_exactly(procs, s3_ser
     s3_server.client().put_object(Bucket=bucket, Key="h/a.bin", Body=data)
     worker, m, metrics = setup(procs, bucket)
     assert read_whole(m.path("a.bin")) == data  # through the page path, to its end
-    wait_for(lambda: worker.metrics()["dorafs_worker_whole_objects"] == 1, what="the object sealed")
+    prepared(worker, metrics)
     before = metrics()
     with open(m.path("a.bin"), "rb") as f:
         assert f.read() == data
@@ -68,7 +74,7 @@ def test_eviction_and_an_overwrite_leave_an_open_held_file_unchanged(procs, s3_s
     s3.put_object(Bucket=bucket, Key="h/c.bin", Body=old)
     worker, m, metrics = setup(procs, bucket)
     assert read_whole(m.path("c.bin")) == old
-    wait_for(lambda: worker.metrics()["dorafs_worker_whole_objects"] == 1, what="the object sealed")
+    prepared(worker, metrics)
     with open(m.path("c.bin"), "rb") as f:
         assert os.pread(f.fileno(), 10, 0) == old[:10]
         new = os.urandom(len(old))

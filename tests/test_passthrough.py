@@ -47,6 +47,13 @@ def reads(metrics: dict) -> float:
     return metrics["dorafs_mount_reads_total"]
 
 
+def prepared(metrics, worker, sealed: int = 1) -> None:
+    """Wait until the worker has sealed `sealed` objects and the mount verified them (a
+    file read to its end is prepared in the background after its release)."""
+    wait_for(lambda: worker.metrics()["dorafs_worker_whole_objects"] == sealed
+             and metrics()["dorafs_mount_object_files_preparing"] == 0, what="the file prepared")
+
+
 def read_whole(path) -> bytes:
     with open(path, "rb") as f:
         return f.read()
@@ -78,8 +85,9 @@ def test_a_cached_file_is_read_by_the_kernel_exactly_and_without_reads_reaching_
     m = mount()
     path = m.path("a.bin")
     assert read_whole(path) == data  # read to its end through the mount: now eligible
-    # ... and made ready in the background: the worker seals it into one file.
-    wait_for(lambda: worker.metrics()["dorafs_worker_whole_objects"] == 1, what="the object sealed")
+    # ... and made ready in the background: the worker seals it into one file, the mount
+    # verifies it (an open meanwhile reads what the kernel kept of that read).
+    prepared(metrics, worker)
     before = metrics()
     assert opens(before, "granted") == 0
     with open(path, "rb") as f:
@@ -102,6 +110,7 @@ def test_two_handles_of_one_version_share_one_backing_file(setup):
     put("b.bin", data)
     m = mount()
     assert read_whole(m.path("b.bin")) == data
+    prepared(metrics, worker)
     with open(m.path("b.bin"), "rb") as one, open(m.path("b.bin"), "rb") as two:
         assert one.read() == data and two.read() == data
         now = metrics()
@@ -117,6 +126,7 @@ def test_eviction_refresh_and_an_overwrite_leave_an_open_passthrough_file_unchan
     put("c.bin", old)
     m = mount()
     assert read_whole(m.path("c.bin")) == old
+    prepared(metrics, worker)
     with open(m.path("c.bin"), "rb") as f:
         assert opens(metrics(), "granted") == 1
         new = os.urandom(len(old))
@@ -142,6 +152,7 @@ def test_eviction_refresh_and_an_overwrite_leave_an_open_passthrough_file_unchan
         assert opens(metrics(), "conflict") == 2
     assert f.closed
     assert read_whole(m.path("c.bin")) == new  # the next open sees the new version, through the mount
+    prepared(metrics, worker)
     assert read_whole(m.path("c.bin")) == new  # now cached whole: passthrough again
     assert opens(metrics(), "granted") == 2
 
@@ -158,6 +169,7 @@ def test_every_fallback_reads_exact_bytes_through_the_mount(setup):
     with open(m.path("d.bin"), "rb") as f:
         assert opens(metrics(), "not_cached") >= 1
         assert f.read() == data
+    prepared(metrics, worker)
     before = reads(metrics())
     with open(m.path("d.bin"), "rb") as f:  # now whole: passthrough
         assert opens(metrics(), "granted") == 1

@@ -84,6 +84,8 @@ PASSTHROUGH_OPENS = Counter("dorafs_mount_passthrough_opens", "Read-only opens o
 OBJECT_FILE_OPENS = Counter("dorafs_mount_object_file_opens", "Read-only opens of files of passthrough_min_size "
                             "or more: holding the verified object file of their version (result=held) or why "
                             "not", ["result"], registry=REGISTRY)
+OBJECT_FILES_PREPARING = Gauge("dorafs_mount_object_files_preparing", "Versions read to their end being sealed "
+                               "by their worker and verified, to be held from their next open", registry=REGISTRY)
 PASSTHROUGH_FILES = Gauge("dorafs_mount_passthrough_files", "Backing files registered with the kernel "
                           "(one per inode read through passthrough)", registry=REGISTRY)
 ERRORS = Counter("dorafs_mount_errors", "Errors returned to applications, by errno", ["errno"], registry=REGISTRY)

@@ -289,7 +289,10 @@ class DoraOperations(WritingOperations):
         backing_id = 0
         try:
             if self._holds_object_files():
-                handle.held = await self.objects.hold(handle.file)
+                # A reader that read this version through the kernel's page cache left
+                # its pages there: the next open reads them rather than wait for the
+                # version's object file, which is being made from them.
+                handle.held = await self.objects.hold(handle.file, wait=node.kernel_version != version)
             else:
                 raise Fallback(self.passthrough.unavailable())
             if others:
