@@ -27,7 +27,7 @@ MIN_SIZE = 1 << 20  # smaller buffers cost little to make: not pooled
 
 
 class BufferPool:
-    def __init__(self, keep: int = 4, min_size: int = MIN_SIZE):
+    def __init__(self, keep: int = 8, min_size: int = MIN_SIZE):
         self.keep = keep
         self.min_size = min_size
         self._lent: list[bytearray] = []  # every buffer tracked, free or not
