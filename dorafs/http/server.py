@@ -46,6 +46,7 @@ import trio
 from prometheus_client import CollectorRegistry, Histogram
 
 from dorafs.errors import DoraError
+from dorafs.http import lean
 from dorafs.log import new_request_id, request_id
 
 log = logging.getLogger(__name__)
@@ -285,25 +286,50 @@ class HttpServer:
     async def _serve(self, conn: h11.Connection, stream: trio.abc.Stream, peer: str,
                      nursery: trio.Nursery) -> None:
         """The requests of one connection, in turn, until it ends (errors handled here,
-        inside the nursery, so that none reaches the caller wrapped in a group)."""
+        inside the nursery, so that none reaches the caller wrapped in a group).
+
+        Requests are read and answered by dorafs/http/lean.py until one is not of its
+        common shape; that one and every later one go through h11."""
         reporter: _Reporter | None = None
+        pending: bytearray | None = bytearray()  # received, not yet read (None: h11 reads)
         served = 0
+
+        def interim() -> bytes:
+            return lean.INTERIM if pending is not None else \
+                conn.send(h11.InformationalResponse(status_code=102, headers=[]))
+
         try:
             while True:
-                request = await self._read_request(conn, stream, peer)
+                request = None
+                if pending is not None:
+                    request = await self._read_lean(pending, stream, peer)
+                    if request is _H11:
+                        started = bool(pending)
+                        if started:
+                            conn.receive_data(bytes(pending))
+                        pending = None
+                        request = await self._read_request(conn, stream, peer, started=started)
+                else:
+                    request = await self._read_request(conn, stream, peer)
                 if request is None:
                     return
                 if request.headers.get("x-dorafs-progress") == "1":
                     if reporter is None:
-                        reporter = _Reporter(conn, stream)
+                        reporter = _Reporter(interim, stream)
                         nursery.start_soon(reporter.run)
                     response = await self._dispatch_reporting(reporter, request)
                 else:
                     response = await self._dispatch(request)
-                await self._send(conn, stream, response, head=request.method == "HEAD")
-                if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
-                    return
-                conn.start_next_cycle()
+                if pending is not None:
+                    close = lean.wants_close(request.headers)
+                    await self._send_lean(stream, response, head=request.method == "HEAD", close=close)
+                    if close:
+                        return
+                else:
+                    await self._send(conn, stream, response, head=request.method == "HEAD")
+                    if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                        return
+                    conn.start_next_cycle()
                 served += 1
                 if not served % FAIR_REQUESTS:
                     # A client whose requests are always waiting would otherwise keep the
@@ -315,6 +341,30 @@ class HttpServer:
             await self._reject(conn, stream, exc.error_status_hint, str(exc))
         except Exception:
             log.exception("connection failed; closing it")
+
+    async def _read_lean(self, pending: bytearray, stream: trio.abc.Stream, peer: str) -> Request | object | None:
+        """The next request if it is of the common shape (dorafs/http/lean.py); `_H11`
+        if h11 is to read it (from `pending` on); None when the client is gone or idle
+        too long."""
+        if not pending:
+            try:
+                data = await _receive(stream, IDLE_TIMEOUT)
+            except trio.TooSlowError:
+                return None
+            if not data:
+                return None
+            pending += data
+        end = pending.find(b"\r\n\r\n")
+        if end < 0 or end > MAX_HEADER_BYTES:
+            return _H11
+        parsed = lean.parse_head(bytes(pending[:end]))
+        if parsed is None:
+            return _H11
+        del pending[:end + 4]
+        method, target, headers = parsed
+        path, query = _split_target(target)
+        return Request(method=method, path=path, query=_parse_query(query) if query else {}, headers=headers,
+                       peer=peer)
 
     async def _dispatch_reporting(self, reporter: _Reporter, request: Request) -> Response:
         """`_dispatch`, with a `102 Processing` to the client every PROGRESS_INTERVAL
@@ -339,12 +389,15 @@ class HttpServer:
                 return event
             conn.receive_data(await _receive(stream, timeout))
 
-    async def _read_request(self, conn: h11.Connection, stream: trio.abc.Stream, peer: str = "") -> Request | None:
+    async def _read_request(self, conn: h11.Connection, stream: trio.abc.Stream, peer: str = "",
+                            started: bool = False) -> Request | None:
+        """The next request, by h11; `started`: its first bytes are already in."""
         try:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                conn.receive_data(await _receive(stream, IDLE_TIMEOUT))  # idle between requests: the first byte
-                event = conn.next_event()
+                if not started:  # idle between requests: the first byte
+                    conn.receive_data(await _receive(stream, IDLE_TIMEOUT))
+                    event = conn.next_event()
                 if event is h11.NEED_DATA:
                     with trio.fail_after(HEADER_TIMEOUT):  # then the whole head, promptly
                         event = await self._next_event(conn, stream, HEADER_TIMEOUT)
@@ -354,15 +407,7 @@ class HttpServer:
             return None
         if sum(len(k) + len(v) + 4 for k, v in event.headers) + len(event.target) > MAX_HEADER_BYTES:
             raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
-        raw = event.target.decode("latin-1")
-        if raw.startswith("/") and not raw.startswith("//") and "#" not in raw:  # origin form: no parser needed
-            path, _, query = raw.partition("?")
-        else:
-            try:
-                target = urlsplit(raw)
-            except ValueError as exc:
-                raise h11.RemoteProtocolError(f"bad request target: {exc}", error_status_hint=400) from None
-            path, query = target.path, target.query
+        path, query = _split_target(event.target.decode("latin-1"))
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in event.headers}  # h11 lowercases names
         body = bytearray()
         while True:
@@ -417,26 +462,42 @@ class HttpServer:
             if isinstance(body, FileBody):
                 os.close(body.fd)
 
+    async def _send_lean(self, stream: trio.abc.Stream, response: Response, head: bool, close: bool) -> None:
+        """An answer framed without h11 (to a request read by dorafs/http/lean.py)."""
+        body = response.body
+        fields = [("Content-Type", response.content_type),
+                  ("Transfer-Encoding", "chunked") if isinstance(body, StreamBody) else ("Content-Length", str(len(body))),
+                  ("Server", self.name), *response.headers.items()]
+        if close:
+            fields.append(("Connection", "close"))
+        try:
+            start = lean.response_head(response.status, fields)
+            if isinstance(body, StreamBody):
+                await _send_all(stream, start)
+                if not head:
+                    await _produce(body, lambda part: _send_chunk(stream, part))
+                    await _send_all(stream, lean.LAST_CHUNK)
+            elif head or not len(body):
+                await _send_all(stream, start)
+            elif not isinstance(body, FileBody) and len(body) <= SMALL_BODY:
+                await _send_all(stream, b"".join((start, body)))  # one send: one segment, one wakeup
+            else:
+                await _send_all(stream, start)
+                await _send_piece(stream, body)
+        finally:
+            if isinstance(body, FileBody):
+                os.close(body.fd)
+
     async def _send_stream(self, conn: h11.Connection, stream: trio.abc.Stream, response: Response,
                            body: StreamBody) -> None:
         headers = [("Content-Type", response.content_type), ("Server", self.name), *response.headers.items()]
         await _send_all(stream, conn.send(h11.Response(status_code=response.status, headers=headers)))
 
         async def send(part: bytes | memoryview | FileBody) -> None:
-            try:
-                if len(part):
-                    await _send_data(conn, stream, part)
-            finally:
-                if isinstance(part, FileBody):
-                    os.close(part.fd)
+            if len(part):
+                await _send_data(conn, stream, part)
 
-        try:
-            await body.produce(send)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            raise
-        except Exception as exc:  # the head is out: all that is left is to end the connection
-            log.warning("streamed answer broken off: %s", exc)
-            raise trio.BrokenResourceError(str(exc)) from exc
+        await _produce(body, send)
         await _send_all(stream, conn.send(h11.EndOfMessage()))
 
     async def _reject(self, conn, stream, status: int, message: str) -> None:
@@ -462,8 +523,8 @@ class _Reporter:
     changes, no task and no wakeup. When an interim answer finds the client gone, the
     request's work is cancelled (`gone` says why)."""
 
-    def __init__(self, conn: h11.Connection, stream: trio.abc.Stream):
-        self._conn, self._stream = conn, stream
+    def __init__(self, interim: Callable[[], bytes], stream: trio.abc.Stream):
+        self._interim, self._stream = interim, stream
         self._sleep = trio.CancelScope()
         self._work: trio.CancelScope | None = None  # the request being served, while it is
         self._sending: trio.Event | None = None  # set when an interim answer being sent is out
@@ -488,7 +549,7 @@ class _Reporter:
             if self._work is None:
                 continue
             self._sleep.deadline = trio.current_time() + PROGRESS_INTERVAL
-            interim = self._conn.send(h11.InformationalResponse(status_code=102, headers=[]))
+            interim = self._interim()
             self._sending = trio.Event()
             try:
                 with trio.CancelScope(shield=True):  # never half an interim answer on the wire
@@ -529,6 +590,48 @@ async def _send_data(conn: h11.Connection, stream: trio.abc.Stream, data: bytes 
             await _send_file_chunks(stream, chunk)
         else:
             await _send_all(stream, chunk)
+
+
+async def _produce(body: StreamBody, send: Callable[[bytes | memoryview | FileBody], Awaitable[None]]) -> None:
+    """Run a streamed answer's producer, each part through `send` (a FileBody's fd closed
+    after it); a producer's failure once the head is out can only end the connection."""
+    async def each(part: bytes | memoryview | FileBody) -> None:
+        try:
+            await send(part)
+        finally:
+            if isinstance(part, FileBody):
+                os.close(part.fd)
+
+    try:
+        await body.produce(each)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        raise
+    except Exception as exc:  # the head is out: all that is left is to end the connection
+        log.warning("streamed answer broken off: %s", exc)
+        raise trio.BrokenResourceError(str(exc)) from exc
+
+
+async def _send_chunk(stream: trio.abc.Stream, part: bytes | memoryview | FileBody) -> None:
+    """One chunk of a chunked answer framed without h11."""
+    if not len(part):
+        return
+    if isinstance(part, FileBody):
+        await _send_all(stream, lean.chunk_head(len(part)))
+        await _send_piece(stream, part)
+        await _send_all(stream, lean.CHUNK_END)
+    else:
+        await _send_all(stream, b"".join((lean.chunk_head(len(part)), part, lean.CHUNK_END)))
+
+
+async def _send_piece(stream: trio.abc.Stream, data: bytes | memoryview | FileBody) -> None:
+    """Body bytes as they are: a file range with sendfile where the stream is a plain socket."""
+    if isinstance(data, FileBody):
+        if isinstance(stream, trio.SocketStream):
+            await _sendfile(stream, data)
+        else:
+            await _send_file_chunks(stream, data)
+    else:
+        await _send_all(stream, data)
 
 
 async def _send_file_chunks(stream: trio.abc.Stream, body: FileBody) -> None:
@@ -601,6 +704,21 @@ async def _send_all(stream: trio.abc.Stream, data: bytes | memoryview) -> None:
                 raise trio.BrokenResourceError from exc
             raise
         view = view[sent:]
+
+
+_H11 = object()  # `_read_lean`: this request is h11's to read
+
+
+def _split_target(raw: str) -> tuple[str, str]:
+    """Path and query of a request target."""
+    if raw.startswith("/") and not raw.startswith("//") and "#" not in raw:  # origin form: no parser needed
+        path, _, query = raw.partition("?")
+        return path, query
+    try:
+        target = urlsplit(raw)
+    except ValueError as exc:
+        raise h11.RemoteProtocolError(f"bad request target: {exc}", error_status_hint=400) from None
+    return target.path, target.query
 
 
 def _parse_query(query: str) -> dict[str, str]:
