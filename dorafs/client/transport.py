@@ -17,6 +17,13 @@ Connections are kept alive in a small pool per address. A request that fails on 
 connection (the worker closed it while idle) is retried once on a fresh one; any other
 failure surfaces as `TransportError` for the caller to fail over.
 
+On a plain socket the request is written and the answer read straight on its
+descriptor (`os.write`, `os.read`, `os.readv`), waiting only when the socket is full or
+has nothing yet: no scheduler pass per call. A response head is read in small pieces
+(LINE_CHUNK), so a body mostly lands by `readv` in its own buffer rather than through
+`pending`. Query values are quoted once and remembered (`/` and `:` left as they are;
+the server decodes either form).
+
 Security: every request carries the credentials' `Authorization` header (built once).
 With a TLS context, connections are `trio.SSLStream`s over the socket and bodies arrive
 through `receive_some` (TLS decrypts into its own buffers, so `recv_into` cannot be

@@ -1,6 +1,15 @@
 """HTTP/1.1 server on trio sockets with h11.
 
 Subtleties:
+- The common request (a GET or HEAD whose head arrives whole, without a body: nearly
+  every request a worker gets) is read and answered by dorafs/http/lean.py, without
+  h11; the first request of any other shape, and every later one on that connection,
+  goes through h11, so unusual requests keep h11's checks and answers.
+- On a plain socket, bytes are read and written straight with `os.read`/`os.write`,
+  waiting (`wait_readable`/`wait_writable`) only when the socket has nothing or is full:
+  a request answered at once costs no scheduler pass of its own. A connection still
+  yields every FAIR_REQUESTS requests, so a client that always has one waiting cannot
+  keep the loop.
 - A `StreamBody` (a worker's run of pages) goes out chunked, each part as it is produced.
 - File bodies go out with `os.sendfile` (zero copy). h11's `send_with_data_passthrough`
   lets a `FileBody` travel through h11's framing as an object with a length; we then
@@ -19,7 +28,9 @@ Subtleties:
 - A client that sends `X-Dorafs-Progress: 1` (the mount's worker client) is told every
   PROGRESS_INTERVAL that its request is still being worked on, with an interim `102
   Processing` answer: it bounds the worker's silence, not the request's duration, so a
-  fill from a slow store is not mistaken for a dead worker.
+  fill from a slow store is not mistaken for a dead worker. One task per connection
+  sends them (`_Reporter`), woken only when a request has taken PROGRESS_INTERVAL; an
+  interim answer that finds the client gone cancels the request's work.
 - TLS: with an SSL context every accepted connection is wrapped in a `trio.SSLStream`.
   sendfile cannot write through TLS, so a `FileBody` is then read and sent in chunks;
   the plain path keeps sendfile. A client speaking plain HTTP to a TLS port fails its

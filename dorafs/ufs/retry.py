@@ -16,6 +16,9 @@ Subtleties:
 - A retried streamed read goes on from the bytes the failed attempt delivered (the
   caller reads `progress.done`), so a broken connection costs what was in flight, not
   the whole transfer.
+- A streaming thread tells the loop of its bytes (a wakeup of the loop each time) when
+  a waiter's bytes are in, or at least every TELL_EVERY while they come; the stall
+  watchdog counts silence from the last delivery, told or not.
 - An attempt runs in a thread that cannot be cancelled, so when the deadline passes or
   the watchdog fires mid-attempt the caller is answered (UfsError, EIO) and the thread is
   abandoned to finish on its own socket timeout; `Progress.abandon` makes sure it can no
