@@ -12,8 +12,9 @@ Subtleties:
   it, an answer being sent from it, a read's thread that was abandoned but may still
   write into it). So a buffer is never handed out while anything can still read or
   write it, and no caller has to give one back.
-- Only buffers of exactly the size asked for are reused (a run is nearly always the
-  same 16 pages), at most `keep` are tracked; others are plain new bytearrays.
+- Only buffers of exactly the size asked for are reused (a sequential reader's runs are
+  mostly of one size), at most `keep` of them and `max_bytes` in all are tracked (what
+  a worker holds on to when idle); others are plain new bytearrays.
 - A reused buffer still holds its previous read's bytes past what the new read has
   delivered. Callers only ever look at the bytes a read delivered (`Progress.done`).
 """
@@ -24,12 +25,14 @@ import sys
 import threading
 
 MIN_SIZE = 1 << 20  # smaller buffers cost little to make: not pooled
+MAX_BYTES = 96 << 20  # at most this much kept for reuse (a cold sequential read keeps 4-8 runs in flight)
 
 
 class BufferPool:
-    def __init__(self, keep: int = 8, min_size: int = MIN_SIZE):
+    def __init__(self, keep: int = 8, min_size: int = MIN_SIZE, max_bytes: int = MAX_BYTES):
         self.keep = keep
         self.min_size = min_size
+        self.max_bytes = max_bytes
         self._lent: list[bytearray] = []  # every buffer tracked, free or not
         self._lock = threading.Lock()
         self.reused = 0  # statistics (tests read them)
@@ -50,9 +53,10 @@ class BufferPool:
                     spare = i
             fresh = bytearray(size)
             self.made += 1
-            if len(self._lent) < self.keep:
+            held = sum(len(b) for b in self._lent)
+            if len(self._lent) < self.keep and held + size <= self.max_bytes:
                 self._lent.append(fresh)
-            elif spare >= 0:
+            elif spare >= 0 and held - len(self._lent[spare]) + size <= self.max_bytes:
                 self._lent[spare] = fresh
             return fresh
 
