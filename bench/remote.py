@@ -140,7 +140,7 @@ def main() -> None:
           f"(medians; {time.strftime('%H:%M UTC', time.gmtime())}, load {os.getloadavg()[0]:.1f})")
     print(f"{'system':44} {'IOPS':>8} {'x memory':>9} {'mount CPU µs/read':>18}")
     for name in results:
-        print(f"{name:44} {statistics.median(results[name]):>8,.0f} {statistics.median(ratios[name]):>9.2f} "
+        print(f"{name:44} {statistics.median(results[name]):>8,.0f} {statistics.median(ratios[name]):>9.3f} "
               f"{statistics.median(cpu[name]):>18.1f}")
 
 
