@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from procs import WORK, children  # noqa: E402
+from procs import WORK, children, unmount  # noqa: E402
 from servers import S3rver  # noqa: E402
 
 
@@ -53,6 +53,7 @@ def main() -> None:
         print(f"{'pass':>4} {'MiB/s':>7} {'wall s':>7} {'mount':>7} {'worker':>7} {'s3rver':>7}  (CPU seconds)"
               f"  {'worker/GiB':>10}")
         shutil.rmtree(cache, ignore_errors=True)
+        unmount(mnt)  # one a killed run left
         for n in range(-1 if args.warm else 0, args.repeat):  # pass 0 of --warm fills the cache
             if not args.warm:
                 shutil.rmtree(cache, ignore_errors=True)
@@ -89,8 +90,10 @@ def main() -> None:
                 print(f"{label:>4} {read['bw'] / 1024:>7.0f} {read['runtime'] / 1000:>7.2f} {spent['mount']:>7.2f} "
                       f"{spent['worker']:>7.2f} {spent['s3rver']:>7.2f}  {spent['worker'] / gib:>10.2f}", flush=True)
             finally:
+                unmount(mnt)  # the mount then ends; a SIGTERM alone left the mount behind here
                 mount.terminate()
                 mount.wait(30)
+                unmount(mnt)
     finally:
         server.stop()
 

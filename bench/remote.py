@@ -1,7 +1,7 @@
 """Random 4 KiB reads through a worker that is not read directly, against a FUSE server
 answering from memory, side by side in one run.
 
-    python3 bench/remote.py [--runtime 10] [--rounds 3] [--random-read 64KiB,0]
+    python3 bench/remote.py [--runtime 10] [--rounds 3] [--random-read 64KiB,0] [--repo DIR ...]
 
 Needs the quick dataset in s3rver (`bash bench/run.sh` once). Starts s3rver, a registry
 and two workers on loopback (tests/cluster.py's real daemons), and a dorafs mount of the
@@ -14,6 +14,10 @@ seconds through: the memory file system on dorafs's own FUSE session
 setting (0: whole 1 MiB pages, as before the setting existed). A fresh mount per turn, so
 the mount's page buffer starts empty each time. Prints IOPS, the ratio to the memory
 server of the same round, and the mount's CPU µs per read.
+
+With `--repo` (repeatable), each checkout gets its own registry, workers and mounts
+(its code on PYTHONPATH and as their working directory), all measured in the same
+rounds, so an older commit and this one are compared side by side.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -35,6 +40,7 @@ sys.path.insert(0, str(BENCH.parent))
 from procs import WORK  # noqa: E402
 from servers import S3rver  # noqa: E402
 
+import tests.cluster  # noqa: E402
 from tests.cluster import ProcessSet  # noqa: E402
 from tests.support import wait_for  # noqa: E402
 
@@ -45,6 +51,22 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().split(")")[-1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextmanager
+def checkout(repo: Path):
+    """Processes started meanwhile run `repo`'s code (tests.cluster reads REPO at each start)."""
+    saved = tests.cluster.REPO
+    tests.cluster.REPO = repo
+    try:
+        yield
+    finally:
+        tests.cluster.REPO = saved
+
+
+def _commit(repo: Path) -> str:
+    out = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() or "?"
 
 
 def fio(path: Path, runtime: int) -> float:
@@ -59,24 +81,31 @@ def main() -> None:
     p.add_argument("--runtime", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--random-read", default="64KiB,0", help="random_read settings to measure, comma-separated")
+    p.add_argument("--repo", action="append", help="a dorafs checkout to measure (repeatable; default: this one)")
     args = p.parse_args()
     settings = args.random_read.split(",")
+    repos = [Path(r).resolve() for r in (args.repo or [BENCH.parent])]
+    labels = {repo: (f"{repo.name} ({_commit(repo)}) " if args.repo else "dorafs ") for repo in repos}
     work = WORK / "remote"
     work.mkdir(parents=True, exist_ok=True)
     server = S3rver(work)
-    results: dict[str, list[float]] = {"memory": []} | {f"dorafs random_read={s}": [] for s in settings}
+    results: dict[str, list[float]] = {"memory": []} | {
+        f"{labels[repo]}random_read={s}": [] for repo in repos for s in settings}
     cpu: dict[str, list[float]] = {k: [] for k in results}
     ratios: dict[str, list[float]] = {k: [] for k in results}
     try:
         env = dict(os.environ) | server.env
         with tempfile.TemporaryDirectory(dir=work) as tmp, ProcessSet(Path(tmp)) as procs:
-            registry = procs.registry(env=env)
-            for _ in range(2):
-                procs.worker(registry=registry.url, env=env)
-            wait_for(lambda: len(registry.workers()) == 2, what="two workers")
-            warm = procs.mount("s3://bench/quick", registry=registry.url, env=env, options="short_circuit=0")
-            subprocess.run(["cat", str(warm.path(FILE))], stdout=subprocess.DEVNULL, check=True)
-            warm.unmount()
+            registries = {}
+            for repo in repos:
+                with checkout(repo):
+                    registry = registries[repo] = procs.registry(env=env)
+                    for _ in range(2):
+                        procs.worker(registry=registry.url, env=env)
+                    wait_for(lambda: len(registry.workers()) == 2, what="two workers")
+                    warm = procs.mount("s3://bench/quick", registry=registry.url, env=env, options="short_circuit=0")
+                subprocess.run(["cat", str(warm.path(FILE))], stdout=subprocess.DEVNULL, check=True)
+                warm.unmount()
             mnt = Path(tmp) / "memory-mnt"
             mnt.mkdir()
             for n in range(args.rounds):
@@ -91,11 +120,12 @@ def main() -> None:
                 finally:
                     subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
                     memory.wait(30)
-                for setting in settings:
-                    name = f"dorafs random_read={setting}"
-                    mount = procs.mount("s3://bench/quick", registry=registry.url, env=env,
-                                        options=f"short_circuit=0,direct_io,random_read={setting}",
-                                        name=f"m{n}{setting.replace('KiB', 'k')}")
+                for (r, repo), setting in ((r, s) for r in enumerate(repos) for s in settings):
+                    name = f"{labels[repo]}random_read={setting}"
+                    with checkout(repo):
+                        mount = procs.mount("s3://bench/quick", registry=registries[repo].url, env=env,
+                                            options=f"short_circuit=0,direct_io,random_read={setting}",
+                                            name=f"m{n}r{r}{setting.replace('KiB', 'k')}")
                     before = cpu_seconds(mount.proc.pid)
                     iops = fio(mount.path(FILE), args.runtime)
                     cpu[name].append((cpu_seconds(mount.proc.pid) - before) / (iops * args.runtime) * 1e6)
@@ -108,9 +138,9 @@ def main() -> None:
         server.stop()
     print(f"\nrandom 4 KiB reads, O_DIRECT, 1 job, {args.runtime} s x {args.rounds} rounds "
           f"(medians; {time.strftime('%H:%M UTC', time.gmtime())}, load {os.getloadavg()[0]:.1f})")
-    print(f"{'system':28} {'IOPS':>8} {'x memory':>9} {'mount CPU µs/read':>18}")
+    print(f"{'system':44} {'IOPS':>8} {'x memory':>9} {'mount CPU µs/read':>18}")
     for name in results:
-        print(f"{name:28} {statistics.median(results[name]):>8,.0f} {statistics.median(ratios[name]):>9.2f} "
+        print(f"{name:44} {statistics.median(results[name]):>8,.0f} {statistics.median(ratios[name]):>9.3f} "
               f"{statistics.median(cpu[name]):>18.1f}")
 
 

@@ -12,9 +12,12 @@ import h11
 import httpx
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dorafs.errors import NotFound
-from dorafs.http.server import PROGRESS_INTERVAL, FileBody, HttpServer, Response, json_response
+from dorafs.http import lean
+from dorafs.http.server import PROGRESS_INTERVAL, FileBody, HttpServer, Response, StreamBody, json_response
 
 FILE_DATA = os.urandom(3 * 1024 * 1024 + 123)  # bigger than socket buffers: sendfile must wait
 
@@ -42,6 +45,16 @@ def make_server(data_path) -> HttpServer:
     async def slow(req):
         await trio.sleep(3 * PROGRESS_INTERVAL)
         return json_response({"slow": True})
+
+    @server.route("GET", "/stream")
+    async def stream(req):
+        async def produce(send):
+            await send(b"first;")
+            await send(b"")
+            await send(FileBody(os.open(data_path, os.O_RDONLY), 10, 100_000))
+            await send(memoryview(b";last"))
+
+        return Response(200, StreamBody(produce))
 
     @server.route("GET", "/file")
     async def file(req):
@@ -360,3 +373,56 @@ def test_a_client_gone_while_its_slow_request_reports_progress_is_no_server_erro
     with caplog.at_level(logging.WARNING, logger="dorafs"):
         run_with_server(data_path, client)
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+# -- the common request, without h11 (dorafs/http/lean.py) ----------------------------------
+
+_NAMES = st.sampled_from(["X-Request-Id", "Accept", "x-dorafs-progress", "Connection"] * 4 +
+                         ["X_y", "Host", "Content-Length", "Transfer-Encoding", "Expect", "Upgrade", "Bad Name", "",
+                          "Na\xe9"])
+_VALUES = st.sampled_from(["close", "keep-alive", "t", " 1 ", "a b", "x\ty", ""] * 3) | \
+    st.text(alphabet=st.sampled_from(list("ab1 \t:/=%\x7f\x00\xe9")), max_size=12)
+
+
+@settings(max_examples=400, deadline=None)
+@given(method=st.sampled_from(["GET"] * 12 + ["HEAD", "POST", "get", "GET "]),
+       target=st.sampled_from(["/v1/page?uri=s3%3A%2F%2Fb%2Fk&index=3"] * 14 + ["/", "//x", "/a#b", "*", "/a b",
+                                                                               "/\xe9", "http://h/x"]),
+       version=st.sampled_from(["HTTP/1.1"] * 12 + ["HTTP/1.0", "HTTP/2"]),
+       host=st.sampled_from(["Host: t"] * 4 + ["host:t ", "Host:", ""]),
+       fields=st.lists(st.tuples(_NAMES, _VALUES), max_size=3), fold=st.integers(0, 9))
+def test_lean_reads_only_requests_h11_accepts_and_reads_them_alike(method, target, version, host, fields, fold):
+    lines = [f"{method} {target} {version}"] + ([host] if host else []) + \
+        [f"{name}: {value}" for name, value in fields]
+    if fold == 9 and len(lines) > 1:
+        lines.append(" folded")
+    head = "\r\n".join(lines).encode("latin-1")
+    parsed = lean.parse_head(head)
+    if parsed is None:
+        return  # h11's to read, whatever it makes of it
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(head + b"\r\n\r\n")
+    event = conn.next_event()  # raises if h11 would refuse what lean took
+    assert isinstance(event, h11.Request)
+    assert isinstance(conn.next_event(), h11.EndOfMessage)  # and no body either
+    assert parsed == (event.method.decode(), event.target.decode(),
+                      {k.decode(): v.decode() for k, v in event.headers})
+
+
+def test_a_streamed_answer_and_a_close_without_h11(data_path):
+    async def client(address):
+        stream = await trio.open_tcp_stream(*address)
+        raw = RawClient(stream)
+        head, body = await raw.request("GET", "/stream")
+        assert head.status_code == 200 and body == b"first;" + FILE_DATA[10:100_010] + b";last"
+        assert (b"transfer-encoding", b"chunked") in head.headers
+        head, body = await raw.request("HEAD", "/stream")
+        assert head.status_code == 200 and body == b""
+        await stream.aclose()
+        # Asked to close: the answer says so and the connection ends after it.
+        answer = await raw_exchange(address, b"GET /json?n=5 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        assert status_of(answer) == 200 and b"\r\nConnection: close\r\n" in answer
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["query"] == {"n": "5"}
+        await still_serving(address)
+
+    run_with_server(data_path, client)

@@ -17,6 +17,13 @@ Connections are kept alive in a small pool per address. A request that fails on 
 connection (the worker closed it while idle) is retried once on a fresh one; any other
 failure surfaces as `TransportError` for the caller to fail over.
 
+On a plain socket the request is written and the answer read straight on its
+descriptor (`os.write`, `os.read`, `os.readv`), waiting only when the socket is full or
+has nothing yet: no scheduler pass per call. A response head is read in small pieces
+(LINE_CHUNK), so a body mostly lands by `readv` in its own buffer rather than through
+`pending`. Query values are quoted once and remembered (`/` and `:` left as they are;
+the server decodes either form).
+
 Security: every request carries the credentials' `Authorization` header (built once).
 With a TLS context, connections are `trio.SSLStream`s over the socket and bodies arrive
 through `receive_some` (TLS decrypts into its own buffers, so `recv_into` cannot be
@@ -29,11 +36,13 @@ caller's memory.
 
 from __future__ import annotations
 
+import functools
+import os
 import socket
 import ssl
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from urllib.parse import urlencode
+from urllib.parse import quote
 
 import trio
 
@@ -41,8 +50,7 @@ from dorafs.log import request_id
 from dorafs.security import Credentials
 
 HEAD_LIMIT = 64 * 1024
-RECV_CHUNK = 256 * 1024
-LINE_CHUNK = 4096  # reads for a chunk's size line: a little past it, so page bytes go by recv_into
+LINE_CHUNK = 4096  # reads for a response head or a chunk's size line: a little past it, so page bytes go by recv_into
 
 
 class TransportError(Exception):
@@ -61,8 +69,42 @@ class Response:
 class _Connection:
     def __init__(self, stream: trio.SocketStream | trio.SSLStream):
         self.stream = stream
-        self.sock = stream.socket if isinstance(stream, trio.SocketStream) else None  # None: TLS
+        # The socket's descriptor, read and written straight (None: TLS, through the stream).
+        self.fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else None
         self.pending = bytearray()  # bytes received past the previous response
+
+    async def send(self, data: bytes) -> None:
+        """All of `data`; on a plain socket without a scheduler pass when it takes it at once."""
+        if self.fd is None:
+            await self.stream.send_all(data)
+            return
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.fd, view):]
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self.fd)
+
+    async def receive(self, size: int) -> bytes:
+        """Up to `size` bytes (b"" at the end); waits only when none have arrived."""
+        if self.fd is None:
+            return await self.stream.receive_some(size)
+        while True:
+            try:
+                return os.read(self.fd, size)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.fd)
+
+    async def receive_into(self, view: memoryview) -> int:
+        if self.fd is None:
+            data = await self.stream.receive_some(len(view))
+            view[:len(data)] = data
+            return len(data)
+        while True:
+            try:
+                return os.readv(self.fd, [view])
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.fd)
 
     async def close(self) -> None:
         with trio.CancelScope(shield=True):
@@ -92,13 +134,13 @@ class Transport:
     async def request(self, method: str, address: str, path: str, params: dict) -> Response:
         """One request without a body (the worker API takes its arguments in the query)."""
         length = "" if method in ("GET", "HEAD") else "Content-Length: 0\r\n"
-        request = (f"{method} {path}?{urlencode(params)} HTTP/1.1\r\nHost: {address}\r\n"
+        request = (f"{method} {path}?{_query(params)} HTTP/1.1\r\nHost: {address}\r\n"
                    f"X-Request-Id: {request_id.get()}\r\nX-Dorafs-Progress: 1\r\n{self._auth}{length}\r\n").encode()
         for attempt in (0, 1):
             conn, reused = await self._checkout(address)
             try:
                 with trio.CancelScope(deadline=trio.current_time() + self.timeout) as quiet:
-                    await conn.stream.send_all(request)
+                    await conn.send(request)
                     response = await self._receive(conn, quiet)
                 if quiet.cancelled_caught:
                     raise trio.TooSlowError
@@ -150,7 +192,7 @@ class Transport:
         bytes after the head stay in `conn.pending`."""
         buf = conn.pending
         while True:
-            end = await self._until(conn, quiet, b"\r\n\r\n", RECV_CHUNK, "response head too large",
+            end = await self._until(conn, quiet, b"\r\n\r\n", LINE_CHUNK, "response head too large",
                                     "connection closed before a response")
             head = bytes(buf[:end]).decode("latin-1").split("\r\n")
             parts = head[0].split(" ", 2)
@@ -183,12 +225,7 @@ class Transport:
         view[:have] = buf[:have]
         del buf[:have]
         while have < length:
-            if conn.sock is not None:
-                n = await conn.sock.recv_into(view[have:], length - have)
-            else:
-                data = await conn.stream.receive_some(length - have)
-                n = len(data)
-                view[have:have + n] = data
+            n = await conn.receive_into(view[have:])
             if n == 0:
                 raise _Closed("connection closed mid-body")
             quiet.deadline = trio.current_time() + self.timeout
@@ -202,7 +239,7 @@ class Transport:
         while (end := buf.find(delimiter)) < 0:
             if len(buf) > HEAD_LIMIT:
                 raise ValueError(too_long)
-            data = await conn.stream.receive_some(chunk)
+            data = await conn.receive(chunk)
             if not data:
                 raise _Closed(closed)
             quiet.deadline = trio.current_time() + self.timeout
@@ -225,14 +262,14 @@ class Transport:
         is returned whole instead. A connection that breaks mid-answer raises
         `TransportError` (what `consume` took stays taken); a fresh connection is tried
         once when a reused one fails before any answer."""
-        request = (f"GET {path}?{urlencode(params)} HTTP/1.1\r\nHost: {address}\r\n"
+        request = (f"GET {path}?{_query(params)} HTTP/1.1\r\nHost: {address}\r\n"
                    f"X-Request-Id: {request_id.get()}\r\nX-Dorafs-Progress: 1\r\n{self._auth}\r\n").encode()
         for attempt in (0, 1):
             conn, reused = await self._checkout(address)
             answered = False
             try:
                 with trio.CancelScope(deadline=trio.current_time() + self.timeout) as quiet:
-                    await conn.stream.send_all(request)
+                    await conn.send(request)
                     status, headers = await self._head(conn, quiet)
                     answered = True
                     if status != 200 or "chunked" not in headers.get("transfer-encoding", ""):
@@ -312,3 +349,16 @@ class Chunks:
 
 class _Closed(Exception):
     pass
+
+
+def _query(params: dict) -> str:
+    """The query string of `params` (as `urlencode`; `/` and `:` left as they are), each
+    text value quoted once and remembered: a reader asks with the same URI and version
+    again and again."""
+    return "&".join(f"{name}={value if type(value) is int else _quoted(str(value))}"
+                    for name, value in params.items())
+
+
+@functools.lru_cache(maxsize=4096)
+def _quoted(value: str) -> str:
+    return quote(value, safe="/:")

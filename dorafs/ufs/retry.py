@@ -16,6 +16,9 @@ Subtleties:
 - A retried streamed read goes on from the bytes the failed attempt delivered (the
   caller reads `progress.done`), so a broken connection costs what was in flight, not
   the whole transfer.
+- A streaming thread tells the loop of its bytes (a wakeup of the loop each time) when
+  a waiter's bytes are in, or at least every TELL_EVERY while they come; the stall
+  watchdog counts silence from the last delivery, told or not.
 - An attempt runs in a thread that cannot be cancelled, so when the deadline passes or
   the watchdog fires mid-attempt the caller is answered (UfsError, EIO) and the thread is
   abandoned to finish on its own socket timeout; `Progress.abandon` makes sure it can no
@@ -35,6 +38,7 @@ import logging
 import math
 import random
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -46,6 +50,7 @@ from dorafs.errors import UfsError
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+TELL_EVERY = 0.05  # seconds: a streaming thread wakes the loop at least this often while bytes come
 
 
 @dataclass(frozen=True)
@@ -99,7 +104,10 @@ class Progress:
         self._token = trio.lowlevel.current_trio_token()
         self._scope: trio.CancelScope | None = None
         self._stall = math.inf
-        self._waiters: list[tuple[int, trio.Event]] = []
+        self._waiters: list[tuple[int, trio.Event]] = []  # (bytes wanted, set when in), under the lock
+        self._want = math.inf  # the fewest bytes a waiter wants
+        self._last = time.perf_counter()  # when the thread last delivered
+        self._told = -math.inf  # when it last told the loop
 
     # -- the attempt's thread -----------------------------------------------------------
 
@@ -107,18 +115,25 @@ class Progress:
         with self._lock:
             self._ticket += 1
             ticket = self._ticket
+            self._last = self._told = time.perf_counter()
         self._soon(self._alive)
         return ticket
 
     def deliver(self, ticket: int, store: Callable[[int], int]) -> int:
         """Run `store(done)` (which puts bytes at offset `done` and returns how many)
-        unless the attempt was abandoned; then tell the loop."""
+        unless the attempt was abandoned; then tell the loop, if a waiter's bytes are
+        in or it has not been told for TELL_EVERY (each telling wakes the loop)."""
         with self._lock:
             if ticket != self._ticket:
                 raise Abandoned()
             n = store(self.done)
             self.done += n
-        self._soon(self._alive)
+            now = self._last = time.perf_counter()
+            tell = self.done >= self._want or now >= self._told + TELL_EVERY
+            if tell:
+                self._told = now
+        if tell:
+            self._soon(self._alive)
         return n
 
     def _soon(self, fn: Callable[[], None]) -> None:
@@ -130,18 +145,18 @@ class Progress:
     # -- the loop -----------------------------------------------------------------------
 
     def _alive(self) -> None:
-        if self._scope is not None:
-            self._scope.deadline = trio.current_time() + self._stall
+        if self._scope is not None:  # silence counts from the last delivery, told or not
+            self._scope.deadline = trio.current_time() - (time.perf_counter() - self._last) + self._stall
         self._wake()
 
     def _wake(self) -> None:
-        keep = []
-        for want, event in self._waiters:
-            if self.done >= want or self.finished:
-                event.set()
-            else:
-                keep.append((want, event))
-        self._waiters = keep
+        with self._lock:
+            ready = [event for want, event in self._waiters if self.done >= want or self.finished]
+            if ready:
+                self._waiters = [(want, event) for want, event in self._waiters if event not in ready]
+                self._want = min((want for want, _ in self._waiters), default=math.inf)
+        for event in ready:
+            event.set()
 
     def watch(self, scope: trio.CancelScope | None, stall: float) -> None:
         """Cancel `scope` when an attempt started and then delivered nothing for `stall` s."""
@@ -160,8 +175,13 @@ class Progress:
         """Wait until `nbytes` are delivered or the call ended; the bytes delivered."""
         if self.done < nbytes and not self.finished:
             event = trio.Event()
-            self._waiters.append((nbytes, event))
-            await event.wait()
+            with self._lock:  # so the thread sees the waiter, or the waiter sees the bytes
+                waiting = self.done < nbytes
+                if waiting:
+                    self._waiters.append((nbytes, event))
+                    self._want = min(self._want, nbytes)
+            if waiting:
+                await event.wait()
         return self.done
 
 

@@ -67,7 +67,8 @@ from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, HTT
 
 from dorafs.errors import DoraError, NotADirectory, NotFound, StaleVersion, UfsError
 from dorafs.ufs.base import NEW, CommitConflict, FileStatus, UnderFileSystem, Upload
-from dorafs.ufs.retry import Attempt, Progress, RetryPolicy, call_with_retries
+from dorafs.ufs.buffers import BufferPool
+from dorafs.ufs.retry import Abandoned, Attempt, Progress, RetryPolicy, call_with_retries
 from dorafs.ufs.s3fast import FastPath
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,48 @@ def _failure(op: str, bucket: str, key: str, exc: Exception) -> UfsError:
     return UfsError(f"S3 {op} {where}: {type(exc).__name__}: {exc}")
 
 
+def _raw_body(body: Any) -> Any | None:
+    """The `http.client` response under a GET's body (a urllib3 response, or botocore's
+    wrapper of one), when its bytes can be received straight into the caller's buffer:
+    a plain body (no content coding for urllib3 to undo). None: read through
+    `body.read` (one copy more)."""
+    stream = getattr(body, "_raw_stream", body)
+    fp = getattr(stream, "_fp", None)
+    if fp is None or not hasattr(fp, "readinto") or not hasattr(stream, "release_conn"):
+        return None
+    if stream.headers.get("content-encoding") or getattr(stream, "_decoder", None) is not None:
+        return None
+    return fp
+
+
+def _receive_into(body: Any, raw: Any, buffer: bytearray, length: int, progress: Progress, ticket: int) -> int:
+    """Receive a GET's body from `raw` straight into `buffer` at `progress.done` on, a
+    chunk at a time, each reported to `progress` (no copy in Python: the kernel's into
+    the buffer is the only one).
+
+    Only for a read pinned to a version: an attempt abandoned meanwhile may still write
+    into the buffer, but only the same bytes of the same version at the same offsets
+    as the attempt after it, and only past what was delivered. Returns the bytes received."""
+    view = memoryview(buffer)
+    got = 0
+    while progress.done < length:
+        at = progress.done
+        n = raw.readinto(view[at:min(length, at + CHUNK)])
+        if not n:
+            break
+        got += n
+
+        def store(now: int, at=at, n=n) -> int:
+            if now != at:  # another attempt delivered meanwhile: this one was abandoned
+                raise Abandoned()
+            return n
+
+        progress.deliver(ticket, store)
+    if raw.isclosed():  # read to its end: the connection goes back to the pool (else closing the body closes it)
+        getattr(body, "_raw_stream", body).release_conn()
+    return got
+
+
 class S3Ufs(UnderFileSystem):
     """One boto3 client (thread-safe) shared by every call, created on first use."""
 
@@ -152,6 +195,7 @@ class S3Ufs(UnderFileSystem):
         self._honours: dict[str, bool] = {}  # bucket -> does its server honour conditional writes
         # GETs and HEADs go through obstore (dorafs.ufs.s3fast) where it can make them.
         self._fast = FastPath(self.retry, threads) if FastPath.available() else None
+        self.buffers = BufferPool()  # receive buffers of long reads, reused (dorafs/ufs/buffers.py)
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -353,7 +397,7 @@ class S3Ufs(UnderFileSystem):
             base["IfMatch"] = version
         client = await self._s3()
         progress = progress or Progress()
-        buffer = progress.buffer = bytearray(length)
+        buffer = progress.buffer = self.buffers.take(length)
 
         # obstore for what it does cheaper: small GETs. Per MiB boto3 is the cheaper
         # receiver (bench/README.md: about 1.2 ms + 0.44 ms/MiB against obstore's
@@ -381,17 +425,26 @@ class S3Ufs(UnderFileSystem):
             if version and etag and etag != version:  # a store that ignores If-Match: no byte of it
                 response["Body"].close()
                 raise _OtherVersion(etag)
+            expected = int(response.get("ContentLength", -1))
             with response["Body"] as body:  # a blocking socket: read here, chunk by chunk
-                while progress.done < length:
-                    chunk = body.read(min(CHUNK, length - progress.done))
-                    if not chunk:
-                        break
+                raw = _raw_body(body) if version else None
+                if raw is not None:
+                    got = _receive_into(body, raw, buffer, length, progress, ticket)
+                else:
+                    got = 0
+                    while progress.done < length:
+                        chunk = body.read(min(CHUNK, length - progress.done))
+                        if not chunk:
+                            break
+                        got += len(chunk)
 
-                    def store(at: int, chunk=chunk) -> int:
-                        buffer[at:at + len(chunk)] = chunk
-                        return len(chunk)
+                        def store(at: int, chunk=chunk) -> int:
+                            buffer[at:at + len(chunk)] = chunk
+                            return len(chunk)
 
-                    progress.deliver(ticket, store)
+                        progress.deliver(ticket, store)
+            if got < expected and progress.done < length:  # broken off: retried, never a short object
+                raise IncompleteReadError(actual_bytes=got, expected_bytes=expected)
             return progress.done
 
         try:

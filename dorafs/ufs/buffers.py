@@ -1,0 +1,66 @@
+"""Receive buffers for long UFS reads, handed out again once nothing refers to them.
+
+Why: a worker's fill receives a run of pages (up to 16 MiB) into one bytearray. A fresh
+bytearray is zeroed by Python, so each of its pages is faulted in and cleared before a
+byte arrives; a profile of a cold sequential read put about a third of the worker's
+CPU on that one line (bench/README.md, "Worker CPU per GiB read cold"). A buffer
+that was used before is already mapped.
+
+Subtleties:
+- A buffer is free when only the pool refers to it: CPython counts references, and
+  every holder of its bytes holds one (a memoryview of it, a page being written from
+  it, an answer being sent from it, a read's thread that was abandoned but may still
+  write into it). So a buffer is never handed out while anything can still read or
+  write it, and no caller has to give one back.
+- Only buffers of exactly the size asked for are reused (a sequential reader's runs are
+  mostly of one size), at most `keep` of them and `max_bytes` in all are tracked (what
+  a worker holds on to when idle); others are plain new bytearrays.
+- A reused buffer still holds its previous read's bytes past what the new read has
+  delivered. Callers only ever look at the bytes a read delivered (`Progress.done`).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+MIN_SIZE = 1 << 20  # smaller buffers cost little to make: not pooled
+MAX_BYTES = 96 << 20  # at most this much kept for reuse (a cold sequential read keeps 4-8 runs in flight)
+
+
+class BufferPool:
+    def __init__(self, keep: int = 8, min_size: int = MIN_SIZE, max_bytes: int = MAX_BYTES):
+        self.keep = keep
+        self.min_size = min_size
+        self.max_bytes = max_bytes
+        self._lent: list[bytearray] = []  # every buffer tracked, free or not
+        self._lock = threading.Lock()
+        self.reused = 0  # statistics (tests read them)
+        self.made = 0
+
+    def take(self, size: int) -> bytearray:
+        """A bytearray of `size` bytes (their content undefined) that nobody else refers to."""
+        if size < self.min_size:
+            return bytearray(size)
+        with self._lock:
+            spare = -1  # where a free buffer of another size is: room for this size
+            for i in range(len(self._lent)):
+                buf = self._lent[i]
+                if sys.getrefcount(buf) == _FREE:
+                    if len(buf) == size:
+                        self.reused += 1
+                        return buf
+                    spare = i
+            fresh = bytearray(size)
+            self.made += 1
+            held = sum(len(b) for b in self._lent)
+            if len(self._lent) < self.keep and held + size <= self.max_bytes:
+                self._lent.append(fresh)
+            elif spare >= 0 and held - len(self._lent[spare]) + size <= self.max_bytes:
+                self._lent[spare] = fresh
+            return fresh
+
+
+# References to a tracked buffer that nobody else holds, as `take` counts them: the
+# pool's list, the loop's variable `buf` and getrefcount's own argument.
+_FREE = 3
