@@ -736,10 +736,10 @@ def _parse_query(query: str) -> dict[str, str]:
     """`dict(parse_qsl(query, keep_blank_values=True))`, without its per-field steps
     for the fields that need none (no `+`, no `%`)."""
     out = {}
-    for field in query.split("&"):
-        if not field:
+    for pair in query.split("&"):
+        if not pair:
             continue
-        name, _, value = field.partition("=")
+        name, _, value = pair.partition("=")
         if "+" in field:
             name, value = name.replace("+", " "), value.replace("+", " ")
         if "%" in name:
