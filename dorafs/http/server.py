@@ -740,7 +740,7 @@ def _parse_query(query: str) -> dict[str, str]:
         if not pair:
             continue
         name, _, value = pair.partition("=")
-        if "+" in field:
+        if "+" in pair:
             name, value = name.replace("+", " "), value.replace("+", " ")
         if "%" in name:
             name = unquote(name)
