@@ -302,7 +302,7 @@ class MountConfig:
     direct_io: bool = option(False, _flag, "bypass the kernel page cache (benchmarks, read-path tests)")
     passthrough: bool | None = option(None, _optional(_flag), "hand files wholly cached by a worker on this "
                                       "machine to the kernel (FUSE passthrough: needs root and kernel 6.9+; "
-                                      "default: on for read-only mounts, see docs/SEMANTICS.md)")
+                                      "default: on unless direct_io, see docs/SEMANTICS.md)")
     passthrough_min_size: int = option(1 << 20, _size, "files smaller than this are read page by page, never "
                                        "from a held object file nor passthrough: one or two reads of them "
                                        "cost less than asking for and checking the whole file")

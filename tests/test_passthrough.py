@@ -7,7 +7,6 @@ case that cannot be handed over is read through the mount, also exactly.
 
 from __future__ import annotations
 
-import errno
 import mmap
 import os
 import pwd
@@ -70,7 +69,6 @@ def setup(procs: ProcessSet, s3_server, bucket):
         return procs.mount(f"s3://{bucket}/p", workers=[worker.address],
                            options=",".join(o for o in (FAST, f"metrics_listen=127.0.0.1:{port}", options) if o))
 
-    procs.allow = (r"refused with EBUSY",)
 
     def put(name: str, data: bytes) -> None:
         s3.put_object(Bucket=bucket, Key=f"p/{name}", Body=data)
@@ -141,20 +139,41 @@ def test_eviction_refresh_and_an_overwrite_leave_an_open_passthrough_file_unchan
         # The worker counts the unlinked file the mount holds.
         assert info["held"] == len(old) and info["used"] >= len(old), info
         # The kernel fails any open of an inode it reads through passthrough that is not
-        # passthrough too: one of the new version is refused with EBUSY while this is open,
-        # and so is one for writing.
-        with pytest.raises(OSError) as refused:
-            open(m.path("c.bin"), "rb")
-        assert refused.value.errno == errno.EBUSY
-        with pytest.raises(OSError) as refused:
-            open(m.path("c.bin"), "r+b")
-        assert refused.value.errno == errno.EBUSY
-        assert opens(metrics(), "conflict") == 2
+        # passthrough too: an open of the new version gets the name a new inode, and the
+        # open descriptor reads on from the old one, its version, as after an unlink.
+        inode = os.fstat(f.fileno()).st_ino
+        with open(m.path("c.bin"), "rb") as g:
+            assert g.read() == new
+            assert os.fstat(g.fileno()).st_ino != inode
+        assert os.pread(f.fileno(), 1000, 2 * MiB) == old[2 * MiB:2 * MiB + 1000]
+        assert os.fstat(f.fileno()).st_nlink == 0
+        assert os.stat(m.path("c.bin")).st_ino != inode
+        assert opens(metrics(), "new_inode") == 1
     assert f.closed
-    assert read_whole(m.path("c.bin")) == new  # the next open sees the new version, through the mount
-    prepared(metrics, worker)
+    prepared(metrics, worker)  # the new version, read to its end above
+    granted = opens(metrics(), "granted")
     assert read_whole(m.path("c.bin")) == new  # now cached whole: passthrough again
-    assert opens(metrics(), "granted") == 2
+    assert opens(metrics(), "granted") == granted + 1
+
+
+def test_an_open_for_writing_beside_passthrough_opens_gets_a_new_inode(setup, s3_server, bucket):
+    worker, mount, put, metrics = setup
+    old = os.urandom(2 * MiB + 5)
+    put("w.bin", old)
+    m = mount()
+    assert read_whole(m.path("w.bin")) == old
+    prepared(metrics, worker)
+    with open(m.path("w.bin"), "rb") as f:
+        assert opens(metrics(), "granted") == 1
+        with open(m.path("w.bin"), "r+b") as w:  # written through the mount meanwhile
+            w.seek(MiB)
+            w.write(b"written")
+        assert f.read() == old  # the passthrough descriptor reads its version on
+        assert opens(metrics(), "new_inode") == 1
+    new = old[:MiB] + b"written" + old[MiB + 7:]
+    assert read_whole(m.path("w.bin")) == new
+    body = s3_server.client().get_object(Bucket=bucket, Key="p/w.bin")["Body"].read()
+    assert body == new
 
 
 def test_every_fallback_reads_exact_bytes_through_the_mount(setup):

@@ -58,9 +58,9 @@ def _first(value: float | None, default: float) -> float:
 
 
 def passthrough_wanted(config: MountConfig) -> bool:
-    """Passthrough unless told otherwise on a read-only mount, where asked on a writable
-    one; never with direct_io (every read is to reach the mount)."""
-    wanted = config.read_only if config.passthrough is None else config.passthrough
+    """Passthrough unless told otherwise; never with direct_io (every read is to reach
+    the mount)."""
+    wanted = True if config.passthrough is None else config.passthrough
     return wanted and not config.direct_io
 
 
@@ -141,6 +141,19 @@ class DoraOperations(WritingOperations):
         if self.kernel is not None and node.path and node.linked and node.writer is None:
             name = node.path.rpartition("/")[2]
             self.kernel.invalidate_entry(self.inodes.parent_of(node).inode, name.encode("utf-8", "surrogateescape"))
+
+    def _new_inode(self, node: Node, why: str) -> None:
+        """An open of `node` that the kernel would refuse: while an inode is read through
+        passthrough, the kernel fails every open of it that is not passthrough too
+        (fs/fuse/iomode.c), so one of another version or for writing cannot share it.
+        The name gets a new inode instead: `node` is detached from its path, as after an
+        unlink (its opens read on, their version), the kernel is told to forget the name,
+        and the open is answered ESTALE, on which the kernel looks the name up again
+        (LOOKUP_REVAL) and opens the inode that lookup answers."""
+        self.passthrough.new_inode(why)
+        self._gone(node)
+        self.inodes.detach(node)
+        raise FUSEError(errno.ESTALE)
 
     def _subdirs(self, node: Node) -> int:
         """The directory's subdirectories as last counted, while the count is fresh; else 0."""
@@ -259,8 +272,8 @@ class DoraOperations(WritingOperations):
         writing = flags & os.O_ACCMODE != os.O_RDONLY or bool(flags & os.O_TRUNC)
         if writing:
             self._writable()
-        if (writing or node.writer is not None) and self.passthrough.holds(node.inode):
-            self.passthrough.conflict("writing")
+        if writing and self.passthrough.holds(node.inode):
+            self._new_inode(node, "writing")
         if writing or node.writer is not None:
             self.passthrough.fallback(WRITING)
             if node.writer is None and node.status.is_dir:
@@ -273,11 +286,11 @@ class DoraOperations(WritingOperations):
         status = await self._stat(node) if node.linked else node.status
         if status.is_dir:
             raise IsADirectory(node.path)
-        node.status = status
         version = status.version
         others = any(v != version for v, n in node.open_versions.items() if n > 0)
-        if others and self.passthrough.holds(node.inode):
-            self.passthrough.conflict("another version")
+        if others and self.passthrough.holds(node.inode) and node.linked:
+            self._new_inode(node, "another version")
+        node.status = status
         stale_attributes = node.attr_version is not None and node.attr_version != version
         if stale_attributes:
             # The kernel holds attributes (the size above all) of another version for up

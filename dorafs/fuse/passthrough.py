@@ -12,9 +12,10 @@ The kernel allows one backing file per inode: every open of the same inode and v
 shares one backing id (a second registration would fail the open with EIO), and the id
 is closed at the last release. While an inode has passthrough opens, the kernel fails
 every open of it that is not passthrough with EIO (fs/fuse/iomode.c): so an open of
-another version or for writing is then refused here with EBUSY (counted as `conflict`,
-logged once), which is why passthrough is on by default only on read-only mounts. An
-inode with opens that use the kernel's page cache gets no passthrough open.
+another version or for writing gives the name a new inode (operations.py `_new_inode`:
+counted as `new_inode`, logged once), and the passthrough opens read on from the old one,
+as after an unlink. An inode with opens that use the kernel's page cache gets no
+passthrough open.
 
 Every open that could not be handed over is served by the mount (from its held object
 file when it has one, else by the page path); why is counted
@@ -32,7 +33,6 @@ from dataclasses import dataclass
 from dorafs.fuse import protocol as p
 from dorafs.fuse.metrics import PASSTHROUGH_FILES, PASSTHROUGH_OPENS
 from dorafs.fuse.objectfiles import CORRUPT, NOT_CACHED, SMALL, TOO_MANY, UNREADABLE, Fallback, HeldFile
-from dorafs.fuse.types import FUSEError
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +44,11 @@ NOT_PERMITTED = "not_permitted"  # registering failed with EPERM (not root)
 WRITING = "writing"  # open for writing, or the file is staged
 OTHER_VERSION = "other_version"  # another open of the inode reads another version
 CACHED_OPEN = "cached_open"  # another open of the inode uses the kernel's page cache
-CONFLICT = "conflict"  # refused: the inode is read through passthrough, this open could not be
+NEW_INODE = "new_inode"  # the inode is read through passthrough, this open could not be: a new inode
 FAILED = "failed"  # registering failed otherwise
 GRANTED = "granted"
 REASONS = (GRANTED, OFF, NOT_GRANTED, NOT_PERMITTED, WRITING, OTHER_VERSION, CACHED_OPEN, NOT_CACHED,
-           UNREADABLE, CORRUPT, FAILED, SMALL, TOO_MANY, CONFLICT)
+           UNREADABLE, CORRUPT, FAILED, SMALL, TOO_MANY, NEW_INODE)
 for _reason in REASONS:
     PASSTHROUGH_OPENS.labels(_reason)
 
@@ -105,15 +105,14 @@ class Passthrough:
             log.info("an open is served without passthrough: %s%s (logged once per mount)",
                      _MESSAGES.get(reason, reason), f" ({detail})" if detail else "")
 
-    def conflict(self, what: str) -> None:
-        """Refuse an open (EBUSY) the kernel cannot take beside the inode's passthrough
-        opens: it fails every open of such an inode that is not passthrough with EIO."""
-        PASSTHROUGH_OPENS.labels(CONFLICT).inc()
-        if CONFLICT not in self._logged:
-            self._logged.add(CONFLICT)
-            log.warning("an open for %s of a file the kernel reads through passthrough is refused "
-                        "with EBUSY until its passthrough opens are closed (logged once per mount)", what)
-        raise FUSEError(errno.EBUSY)
+    def new_inode(self, what: str) -> None:
+        """Count an open (for `what`) the kernel cannot take beside an inode's passthrough
+        opens, which gives the name a new inode; log the first."""
+        PASSTHROUGH_OPENS.labels(NEW_INODE).inc()
+        if NEW_INODE not in self._logged:
+            self._logged.add(NEW_INODE)
+            log.info("an open for %s of a file the kernel reads through passthrough gets a new inode; "
+                     "the passthrough opens read on from the old one (logged once per mount)", what)
 
     def holds(self, inode: int) -> bool:
         return inode in self.by_inode
