@@ -495,8 +495,9 @@ def test_a_remote_workers_run_comes_in_one_answer(procs, s3_server, bucket):
 
     for rounds in ("cold", "warm"):
         port = free_port()
+        # passthrough=0: the warm read would be the kernel's, from the object file.
         mount = procs.mount(f"s3://{bucket}/runs", workers=[worker.address],
-                            options=f"short_circuit=0,metrics_listen=127.0.0.1:{port}")
+                            options=f"short_circuit=0,passthrough=0,metrics_listen=127.0.0.1:{port}")
         pages_before, runs_before = requests("/v1/page"), requests("/v1/run")
         assert read_file(mount.path("f.bin")) == data, rounds
         pages, run_answers = requests("/v1/page") - pages_before, requests("/v1/run") - runs_before
