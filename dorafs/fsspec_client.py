@@ -279,8 +279,8 @@ class DoraFileSystem(AbstractFileSystem):
 
         async def listing() -> list[FileStatus]:
             entries = []
-            async for page in client.list_pages(uri):
-                entries += page
+            async for batch in client.list_batches(uri):
+                entries += batch
             return entries
 
         try:
@@ -311,7 +311,17 @@ class DoraFileSystem(AbstractFileSystem):
         status = self._call(path, client.stat, self.uri(path))
         if status.is_dir:
             raise IsADirectoryError(errno.EISDIR, "is a directory", path)
-        return client.open(self.uri(path), status)
+        return client.open_pinned(self.uri(path), status)
+
+    def close_pinned(self, handle: OpenFile) -> None:
+        """The open file is done: its readahead is cancelled."""
+        runtime = self._runtime
+        if runtime is None or runtime.pid != os.getpid() or runtime.client is None:
+            return  # a forked child's handle from its parent: nothing of it runs here
+        try:
+            runtime.call_sync(runtime.client.close, handle)
+        except OSError:  # the loop has ended: so has the readahead
+            pass
 
     def read_pinned(self, handle: OpenFile, offset: int, length: int) -> bytes:
         """Bytes [offset, offset+length) of the open file's pinned version, short only at EOF."""
@@ -338,7 +348,11 @@ class DoraFileSystem(AbstractFileSystem):
             last = size if end is None else (max(0, size + end) if end < 0 else min(end, size))
             if last <= first:
                 return b""
-            return bytes(await client.read(client.open(uri, status), first, last - first))
+            opened = client.open_pinned(uri, status)
+            try:
+                return bytes(await client.read(opened, first, last - first))
+            finally:
+                client.close(opened)  # no readahead past what was asked for
 
         return self._call(path, cat)
 
@@ -370,3 +384,8 @@ class DoraFile(AbstractBufferedFile):
 
     def _fetch_range(self, start: int, end: int) -> bytes:
         return self.fs.read_pinned(self.handle, start, end - start)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.fs.close_pinned(self.handle)
+        super().close()

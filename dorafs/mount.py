@@ -255,15 +255,15 @@ async def root_status(client: DoraClient, root_uri: str) -> FileStatus:
 
 async def held_listing(client: DoraClient, uri: str) -> bool:
     """Whether the workers answer a listing of `uri` (what they hold, the UFS failing)."""
-    pages = client.list_pages(uri)
+    batches = client.list_batches(uri)
     try:
-        await pages.__anext__()
+        await batches.__anext__()
     except StopAsyncIteration:
         return True
     except DoraError:
         return False
     finally:
-        await pages.aclose()
+        await batches.aclose()
     return True
 
 
