@@ -163,6 +163,13 @@ class _Runtime:
         except trio.RunFinishedError:
             raise OSError(errno.ESHUTDOWN, "dorafs: the client was closed") from None
 
+    def soon(self, fn, *args) -> None:
+        """Run the sync `fn(*args)` on the loop soon, from any thread, its own included."""
+        try:
+            self._token.run_sync_soon(fn, *args)
+        except trio.RunFinishedError:  # the loop has ended, and with it what fn would end
+            pass
+
     def close(self) -> None:
         if self.pid != os.getpid() or not self._thread.is_alive():
             return
@@ -314,14 +321,12 @@ class DoraFileSystem(AbstractFileSystem):
         return client.open_pinned(self.uri(path), status)
 
     def close_pinned(self, handle: OpenFile) -> None:
-        """The open file is done: its readahead is cancelled."""
+        """The open file is done: its readahead is cancelled, soon, on the loop. Never
+        waits: a file closed by the garbage collector may be closed on the loop's thread."""
         runtime = self._runtime
         if runtime is None or runtime.pid != os.getpid() or runtime.client is None:
             return  # a forked child's handle from its parent: nothing of it runs here
-        try:
-            runtime.call_sync(runtime.client.close, handle)
-        except OSError:  # the loop has ended: so has the readahead
-            pass
+        runtime.soon(runtime.client.close, handle)
 
     def read_pinned(self, handle: OpenFile, offset: int, length: int) -> bytes:
         """Bytes [offset, offset+length) of the open file's pinned version, short only at EOF."""
