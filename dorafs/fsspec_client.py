@@ -56,6 +56,7 @@ import trio
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 
 from dorafs.client.client import DoraClient, OpenFile
+from dorafs.client.prefetch import Prefetcher
 from dorafs.client.statuses import StatusMemo
 from dorafs.config import ConfigError, MountConfig, load_config
 from dorafs.errors import DoraError, IsADirectory, NotADirectory, NotFound
@@ -331,6 +332,9 @@ class DoraFileSystem(AbstractFileSystem):
     def read_pinned(self, handle: OpenFile, offset: int, length: int) -> bytes:
         """Bytes [offset, offset+length) of the open file's pinned version, short only at EOF."""
         client = self.runtime.client
+        if handle.ahead is None or handle.ahead.reader is not client.reader:
+            # A forked child reading a file its parent opened: readahead of its own.
+            handle.ahead = Prefetcher(client.reader, handle)
 
         async def read() -> bytes:
             return bytes(await client.read(handle, offset, length))  # copied on the loop: buffers are reused

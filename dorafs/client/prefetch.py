@@ -68,10 +68,10 @@ class Prefetcher:
         self.closed = False
         self._runs: dict[trio.CancelScope, tuple[int, int]] = {}  # runs in flight -> (first, last) page
 
-    def follow(self, offset: int, end: int, first_index: int, last_index: int) -> None:
-        """A read of [offset, end), pages first_index..last_index: keep the pages after
-        it coming if the reader reads sequentially; cancel runs it went away from."""
-        sequential = offset == self.next_offset
+    def follow(self, sequential: bool, end: int, first_index: int, last_index: int) -> None:
+        """A read ending at `end`, of pages first_index..last_index, `sequential` when it
+        started at `next_offset`: keep the pages after it coming if the reader reads
+        sequentially; cancel the runs it went away from."""
         self.next_offset = end
         if not sequential:
             self.window = 0
@@ -83,7 +83,7 @@ class Prefetcher:
             return
         f, reader, shared = self.file, self.reader, self.shared
         self.window = min(max(1, self.window * 2), shared.config.readahead_pages)
-        page_size = reader.router.page_size
+        page_size = reader.page_size
         last_page = min(last_index + self.window, page_count(f.status.size, page_size) - 1)
         start = last_index + 1
         while start <= last_page and reader.coming(f, start):
@@ -185,7 +185,7 @@ class Prefetcher:
         directly (short-circuit): the caller takes the page path. On failover the next
         worker is asked for the pages not in yet."""
         reader, f = self.reader, self.file
-        status, page_size, buffer = f.status, reader.router.page_size, reader.buffer
+        status, page_size, buffer = f.status, reader.page_size, reader.buffer
         sizes = [page_length(i, status.size, page_size) for i in range(start, start + len(keys))]
         offsets = [sum(sizes[:n]) for n in range(len(sizes))]
         landed: list[int] = []

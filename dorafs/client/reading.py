@@ -59,8 +59,8 @@ FAILURE_MEMORY = 0.5  # seconds a page's final error is answered again without a
 @dataclass(eq=False)
 class OpenFile:
     """One open file of the client: its URI, the status (version, size) pinned when it
-    was opened, and its prefetcher (readahead owned by this file, cancelled at close):
-    one of the Reader that reads it (`Reader.open_file`, or at its first read there)."""
+    was opened, and its prefetcher (readahead owned by this file, cancelled at close),
+    which belongs to the Reader that reads it: make one with `Reader.open_file`."""
 
     uri: str
     status: FileStatus
@@ -78,12 +78,17 @@ class Reader:
         self.ufs = ufs
         self.statuses = statuses  # forgets a file whose version is gone
         self.stats = stats
+        self.page_size = router.page_size  # the cluster's: the router tells when it changes
+        router.page_size_followers.append(self._follow_page_size)
         self.buffer = PageBuffer(config.buffer_size)
         self.local = LocalPages()
         self.prefetches = Prefetches(config)
         self._scheduled = self.prefetches.scheduled  # the same dict: pages runs are fetching
         self._flights = SingleFlight()
         self._failed: dict[tuple, tuple[float, Exception]] = {}  # page key -> (until, error)
+
+    def _follow_page_size(self, page_size: int) -> None:
+        self.page_size = page_size
 
     def open_file(self, uri: str, status: FileStatus) -> OpenFile:
         f = OpenFile(uri, status)
@@ -92,7 +97,7 @@ class Reader:
 
     def key(self, f: OpenFile, index: int) -> tuple:
         """The buffer's and the kept files' key of page `index` of the file's pinned version."""
-        return (f.uri, f.status.version, self.router.page_size, index)
+        return (f.uri, f.status.version, self.page_size, index)
 
     def coming(self, f: OpenFile, index: int) -> bool:
         """Is page `index` kept, buffered, being fetched or scheduled?"""
@@ -107,14 +112,12 @@ class Reader:
         read is one `pread` of a verified local page file, or is assembled in one buffer,
         each part read or copied straight into it.
         """
-        spans = plan(offset, length, f.status.size, self.router.page_size)
+        spans = plan(offset, length, f.status.size, self.page_size)
         if not spans:
             return b""
         ahead = f.ahead
-        if ahead is None or ahead.reader is not self:  # a forked fsspec child's handle of its parent's
-            ahead = f.ahead = Prefetcher(self, f)
         sequential = offset == ahead.next_offset
-        ahead.follow(offset, offset + length, spans[0].index, spans[-1].index)
+        ahead.follow(sequential, offset + length, spans[0].index, spans[-1].index)
         if len(spans) == 1 and not sequential and self.config.random_read:
             data = await self._random_part(f, spans[0])
             if data is not None:
@@ -130,7 +133,7 @@ class Reader:
         pages coming next, and a block read ahead is reused as soon as it has been read,
         instead of fresh memory being faulted in for every run. The bytes just returned
         stay valid: the FUSE session writes them to the kernel before anything else runs."""
-        size, page_size = f.status.size, self.router.page_size
+        size, page_size = f.status.size, self.page_size
         for span in spans:
             if span.end == page_length(span.index, size, page_size):
                 self.buffer.discard(self.key(f, span.index))
@@ -186,7 +189,7 @@ class Reader:
             if page is not None:  # else its block was reused while this reader waited: again
                 return page[span.start:span.end]
         data = await self.router.route(f.uri, lambda address: self.workers.page(
-            address, f.uri, f.status.version, f.status.size, span.index, self.router.page_size))
+            address, f.uri, f.status.version, f.status.size, span.index, self.page_size))
         return memoryview(data)[span.start:span.end]
 
     async def _random_part(self, f: OpenFile, span) -> memoryview | bytes | None:
@@ -198,7 +201,7 @@ class Reader:
         key = self.key(f, span.index)
         if key in self.buffer or key in self._scheduled or key in self._flights or key in self.local:
             return None
-        page_size = self.router.page_size
+        page_size = self.page_size
         size = self.config.random_read
         start = span.start - span.start % size
         end = min(-(-span.end // size) * size, page_length(span.index, f.status.size, page_size))
@@ -257,7 +260,7 @@ class Reader:
         return data
 
     async def _fetch(self, f: OpenFile, index: int, run: int = 1) -> bytes | bytearray | Piece:
-        status, page_size = f.status, self.router.page_size
+        status, page_size = f.status, self.page_size
         try:
             data = await self.router.route(f.uri, lambda address: self._fetch_from(address, f, index, run))
             self.stats.worker_pages += 1
@@ -272,7 +275,7 @@ class Reader:
                           run: int = 1) -> bytes | bytearray | Piece:
         """Page `index` from one worker: read from its files when the worker is on this
         machine (and the rest of the run with it), else over HTTP."""
-        status, page_size = f.status, self.router.page_size
+        status, page_size = f.status, self.page_size
         if self.router.reads_files_of(address):
             located = await self.workers.locate(address, f.uri, status.version, status.size, index, page_size,
                                                 count=run)

@@ -54,6 +54,7 @@ class Router:
         self.membership = membership
         self.config = config
         self.page_size = config.page_size  # the cluster's, once workers are known (see `_rebuild`)
+        self.page_size_followers: list[Callable[[int], None]] = []  # told when page_size changes
         self.ring = HashRing()
         self.stats = stats  # the client's ClientStats: failovers and answers by worker
         self._suspect_until: dict[str, float] = {}
@@ -70,8 +71,10 @@ class Router:
             self._suspect_for.pop(address, None)
         self._ring_addresses = {w.address for w in workers.values()}
         routing = build_routing(workers)  # the scheduler routes loads the same way
-        if routing.page_size is not None:
+        if routing.page_size is not None and routing.page_size != self.page_size:
             self.page_size = routing.page_size
+            for follow in self.page_size_followers:
+                follow(routing.page_size)
         if routing.left_out:
             log.error("workers %s use a page size other than %d and are left off the ring",
                       routing.left_out, self.page_size)
