@@ -316,10 +316,10 @@ class Reader:
                     await trio.lowlevel.checkpoint()
                 part = whole[at:at + size]
                 try:
-                    fd = LocalPages.read_page(part, path, checksum, wait=False, offset=offset)
+                    fd = LocalPages.load_page_file(part, path, checksum, wait=False, offset=offset)
                 except WouldBlock:
                     fd = await trio.to_thread.run_sync(
-                        functools.partial(LocalPages.read_page, part, path, checksum, offset=offset))
+                        functools.partial(LocalPages.load_page_file, part, path, checksum, offset=offset))
                 if fd is None:
                     break
                 self.local.keep(self.key(f, index), fd, size, offset)
