@@ -19,6 +19,8 @@ import trio
 from dorafs.client import DoraClient
 from dorafs.ufs.s3 import CHUNK
 from tests.faultproxy import PIECE
+from tests.support import free_port
+from tests.test_operations import scrape
 from dorafs.config import MountConfig
 from dorafs.membership import StaticMembership
 from dorafs.ufs import UfsSet
@@ -173,8 +175,10 @@ def test_a_release_through_the_mount_cancels_the_files_readahead(procs, s3_serve
     data = random.Random(5).randbytes(size)
     s3_server.client().put_object(Bucket=bucket, Key="stream.bin", Body=data)
     procs.allow = (r"worker 127\.0\.0\.1:9 unreachable",)
+    port = free_port()
     mount = procs.mount(f"s3://{bucket}", workers=["127.0.0.1:9"], env=proxy.env(s3_server.env),
-                        options="direct_io,page_size=1MiB,readahead_pages=16,random_read=0")
+                        options=f"direct_io,page_size=1MiB,readahead_pages=16,random_read=0,"
+                                f"metrics_listen=127.0.0.1:{port}")
     proxy.limit(RATE)
     fd = os.open(mount.path("stream.bin"), os.O_RDONLY)
     try:
@@ -190,3 +194,6 @@ def test_a_release_through_the_mount_cancels_the_files_readahead(procs, s3_serve
     # each GET in flight stops at its next piece (CHUNK) and the store sends no more.
     in_flight = 15
     assert after - at_close <= in_flight * (CHUNK + 2 * PIECE), (at_close, after)
+    metrics = scrape(f"127.0.0.1:{port}")
+    assert metrics["dorafs_mount_readahead_runs_total"] >= 3
+    assert metrics["dorafs_mount_readahead_cancelled_runs_total"] >= 1

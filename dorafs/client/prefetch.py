@@ -50,7 +50,8 @@ class Prefetches:
         self.scheduled: dict[tuple, trio.Event] = {}  # keys of pages runs fetch -> set when that page is in
         self.pages = 0  # pages scheduled and not in yet (at most MAX_PREFETCH)
         self.nursery: trio.Nursery | None = None  # the client's, while it runs: the run tasks live there
-        self.cancelled_runs = 0  # runs cancelled by a close or a seek away
+        self.runs = 0  # runs started (dorafs_mount_readahead_runs_total)
+        self.cancelled_runs = 0  # of those, cancelled by a close or a seek away
 
 
 class Prefetcher:
@@ -99,6 +100,7 @@ class Prefetcher:
             shared.pages += len(keys)
             scope = trio.CancelScope()
             self._runs[scope] = (first, first + len(keys) - 1)
+            shared.runs += 1
             shared.nursery.start_soon(self._run, scope, first, keys, events)
 
     def _cancel_far(self, first_index: int, last_index: int) -> None:
