@@ -44,7 +44,11 @@ async def measure(root: Path, reads: int, rounds: int, held: bool) -> list[float
     config = MountConfig()
     client = DoraClient(config, Membership(), UfsSet())
     ops = DoraOperations(client, config, "file:///bench", FileStatus("", True))
-    opened = client.open("file:///bench/big", FileStatus("big", False, PAGES * PAGE, 0.0, "v1"))
+    status = FileStatus("big", False, PAGES * PAGE, 0.0, "v1")
+    # Checkouts before the client's split by concern: `open` and `_key` on the client.
+    opened = client.open_pinned("file:///bench/big", status) if hasattr(client, "open_pinned") else \
+        client.open("file:///bench/big", status)
+    key = client.reader.key if hasattr(client, "reader") else client._key
     handle = ops._handles[7] = FileHandle(None, opened)
     if held:
         from dorafs.fuse.objectfiles import HeldFile
@@ -54,7 +58,7 @@ async def measure(root: Path, reads: int, rounds: int, held: bool) -> list[float
     for i in range(PAGES):
         path = root / f"p{i}"
         path.write_bytes(os.urandom(PAGE))
-        client.local.keep(client._key(opened, i), os.open(path, os.O_RDONLY), PAGE)
+        client.local.keep(key(opened, i), os.open(path, os.O_RDONLY), PAGE)
     read = Dispatcher(ops).handlers[p.READ]
     header = (0, p.READ, 1, 5, 0, 0, 0)
     rng = random.Random(1)

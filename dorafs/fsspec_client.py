@@ -56,6 +56,7 @@ import trio
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 
 from dorafs.client.client import DoraClient, OpenFile
+from dorafs.client.prefetch import Prefetcher
 from dorafs.client.statuses import StatusMemo
 from dorafs.config import ConfigError, MountConfig, load_config
 from dorafs.errors import DoraError, IsADirectory, NotADirectory, NotFound
@@ -162,6 +163,13 @@ class _Runtime:
             return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
         except trio.RunFinishedError:
             raise OSError(errno.ESHUTDOWN, "dorafs: the client was closed") from None
+
+    def soon(self, fn, *args) -> None:
+        """Run the sync `fn(*args)` on the loop soon, from any thread, its own included."""
+        try:
+            self._token.run_sync_soon(fn, *args)
+        except trio.RunFinishedError:  # the loop has ended, and with it what fn would end
+            pass
 
     def close(self) -> None:
         if self.pid != os.getpid() or not self._thread.is_alive():
@@ -279,8 +287,8 @@ class DoraFileSystem(AbstractFileSystem):
 
         async def listing() -> list[FileStatus]:
             entries = []
-            async for page in client.list_pages(uri):
-                entries += page
+            async for batch in client.list_batches(uri):
+                entries += batch
             return entries
 
         try:
@@ -311,11 +319,22 @@ class DoraFileSystem(AbstractFileSystem):
         status = self._call(path, client.stat, self.uri(path))
         if status.is_dir:
             raise IsADirectoryError(errno.EISDIR, "is a directory", path)
-        return client.open(self.uri(path), status)
+        return client.open_pinned(self.uri(path), status)
+
+    def close_pinned(self, handle: OpenFile) -> None:
+        """The open file is done: its readahead is cancelled, soon, on the loop. Never
+        waits: a file closed by the garbage collector may be closed on the loop's thread."""
+        runtime = self._runtime
+        if runtime is None or runtime.pid != os.getpid() or runtime.client is None:
+            return  # a forked child's handle from its parent: nothing of it runs here
+        runtime.soon(runtime.client.close, handle)
 
     def read_pinned(self, handle: OpenFile, offset: int, length: int) -> bytes:
         """Bytes [offset, offset+length) of the open file's pinned version, short only at EOF."""
         client = self.runtime.client
+        if handle.ahead is None or handle.ahead.reader is not client.reader:
+            # A forked child reading a file its parent opened: readahead of its own.
+            handle.ahead = Prefetcher(client.reader, handle)
 
         async def read() -> bytes:
             return bytes(await client.read(handle, offset, length))  # copied on the loop: buffers are reused
@@ -338,7 +357,11 @@ class DoraFileSystem(AbstractFileSystem):
             last = size if end is None else (max(0, size + end) if end < 0 else min(end, size))
             if last <= first:
                 return b""
-            return bytes(await client.read(client.open(uri, status), first, last - first))
+            opened = client.open_pinned(uri, status)
+            try:
+                return bytes(await client.read(opened, first, last - first))
+            finally:
+                client.close(opened)  # no readahead past what was asked for
 
         return self._call(path, cat)
 
@@ -370,3 +393,8 @@ class DoraFile(AbstractBufferedFile):
 
     def _fetch_range(self, start: int, end: int) -> bytes:
         return self.fs.read_pinned(self.handle, start, end - start)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.fs.close_pinned(self.handle)
+        super().close()

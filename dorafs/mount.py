@@ -1,5 +1,10 @@
 """Wiring of one mount: membership, client, optional embedded worker, FUSE session.
 
+`run_mount` builds every part and owns their lifetimes in one AsyncExitStack: the
+embedded worker, the UFS adapters, and one nursery in which every background task of the
+mount runs (the client's, the staging area's uploads, the FUSE session, passthrough's
+sealing, metrics); leaving the stack cancels the nursery, then closes the rest.
+
 With neither a registry nor workers named, the mount starts an embedded single-node
 cluster: one `dorafs-worker` child process on a loopback port with its cache under the
 user's cache directory, stopped when the mount ends. It runs as its own process so the
@@ -28,6 +33,7 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dorafs.client import DoraClient
+from dorafs.client.writes import Staging
 from dorafs.config import MountConfig, user_cache_dir
 from dorafs.errors import DoraError, NotFound, UfsError
 from dorafs.files import lock_directory
@@ -161,12 +167,16 @@ async def run_mount(config: MountConfig, ready=lambda: None) -> None:
         stack.push_async_callback(ufs.aclose)
         membership = open_membership(config.registry, workers, credentials)
         client = DoraClient(config, membership, ufs, credentials=credentials)
+        # The mount's one nursery owns every background task: the client's (membership,
+        # readahead, listings ahead), the staging area's uploads, the session and its
+        # kernel notifications, passthrough's sealing, metrics; cancelled on the way out.
         nursery = await stack.enter_async_context(trio.open_nursery())
         stack.callback(nursery.cancel_scope.cancel)
         await nursery.start(client.run)
         root = await root_status(client, root_uri)
-        operations = DoraOperations(client, config, root_uri, root)
-        await nursery.start(operations.staging.run)
+        staging = Staging(config, ufs)
+        await nursery.start(staging.run)
+        operations = DoraOperations(client, config, root_uri, root, staging)
         try:
             fd = mounting.mount(mountpoint, fuse_options(config))
         except OSError as exc:
@@ -257,15 +267,15 @@ async def root_status(client: DoraClient, root_uri: str) -> FileStatus:
 
 async def held_listing(client: DoraClient, uri: str) -> bool:
     """Whether the workers answer a listing of `uri` (what they hold, the UFS failing)."""
-    pages = client.list_pages(uri)
+    batches = client.list_batches(uri)
     try:
-        await pages.__anext__()
+        await batches.__anext__()
     except StopAsyncIteration:
         return True
     except DoraError:
         return False
     finally:
-        await pages.aclose()
+        await batches.aclose()
     return True
 
 

@@ -24,7 +24,7 @@ _LEVELS = re.compile(r" (WARNING|ERROR|CRITICAL) ")
 
 # Warnings a test names when it causes them (`procs.allow = (FAILOVER,)`), each matching
 # one message of dorafs.
-FAILOVER = r"WARNING dorafs\.client\.client .* worker 127\.0\.0\.1:\d+ failed \(.*\); using the next candidate"
+FAILOVER = r"WARNING dorafs\.client\.router .* worker 127\.0\.0\.1:\d+ failed \(.*\); using the next candidate"
 EXPIRED = r"WARNING registry\.state .* worker \w+ at 127\.0\.0\.1:\d+ expired \(no heartbeat"
 CORRUPT = (r"WARNING dorafs\.client\.workers .* from worker 127\.0\.0\.1:\d+ failed its checksum; asking the worker",
            r"WARNING worker\.service .* corrupt page \w+ in the cache \(checksum \w+, expected \w+\): "

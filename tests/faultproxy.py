@@ -26,8 +26,9 @@ that stat and listings still work):
 
 Counters: `proxy.injected` the faults served; `proxy.requests` every request seen;
 `proxy.seen` a list of `Seen` with the payload bytes each request carried
-(`x-amz-decoded-content-length` when boto3 frames its body, else its length) and the
-answer's status; `proxy.payload(op)` sums the payload of one operation.
+(`x-amz-decoded-content-length` when boto3 frames its body, else its length), the
+answer's status and the answer's body bytes passed on so far (`sent`);
+`proxy.payload(op)` sums the payload of one operation, `proxy.sent(op)` its answers.
 Threads: one per connection (ThreadingHTTPServer); the fault state is under a lock.
 Bodies stream through in 64 KiB pieces, paced when a limit is set.
 """
@@ -54,6 +55,7 @@ class Seen:
     payload: int = 0
     status: int | None = None  # None: no answer reached the client
     extra: dict = field(default_factory=dict)
+    sent: int = 0  # bytes of the answer's body the proxy passed on (streamed ones)
 
     @property
     def op(self) -> str:
@@ -192,7 +194,12 @@ class FaultProxy:
                             pace = _Pace(rate)
                             left = rule.nbytes if rule is not None and rule.kind == "cut" else None
                             while piece := response.read(PIECE if left is None else min(PIECE, left)):
-                                self.wfile.write(piece)
+                                try:
+                                    self.wfile.write(piece)
+                                except (BrokenPipeError, ConnectionResetError):  # the client left
+                                    self.close_connection = True
+                                    return
+                                seen.sent += len(piece)
                                 pace(len(piece))
                                 if left is not None:
                                     left -= len(piece)
@@ -259,6 +266,11 @@ class FaultProxy:
         """Bytes of payload the requests of one operation carried (see `Seen.op`)."""
         with self._lock:
             return sum(s.payload for s in self.seen if s.op == op)
+
+    def sent(self, op: str) -> int:
+        """Bytes of answer bodies passed on to the clients of one operation, so far."""
+        with self._lock:
+            return sum(s.sent for s in self.seen if s.op == op)
 
     def count(self, op: str) -> int:
         with self._lock:

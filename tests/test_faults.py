@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dorafs.client.client import FAILURE_MEMORY
+from dorafs.client.reading import FAILURE_MEMORY
 from dorafs.ring import HashRing
 from tests.cluster import CORRUPT, EXPIRED, FAILOVER, is_mounted, unreachable
 from tests.support import free_port, tmpfs, wait_for

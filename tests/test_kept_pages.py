@@ -64,7 +64,7 @@ def test_kept_page_files_are_dropped_when_the_worker_evicts_them(procs, s3_serve
 def _kept(tmp_path, pages: LocalPages, name: str, data: bytes) -> str:
     path = tmp_path / name
     path.write_bytes(data)
-    fd = LocalPages.read_page(memoryview(bytearray(len(data))), str(path), xxhash.xxh3_64_hexdigest(data))
+    fd = LocalPages.load_page_file(memoryview(bytearray(len(data))), str(path), xxhash.xxh3_64_hexdigest(data))
     pages.keep(name, fd, len(data))
     return str(path)
 

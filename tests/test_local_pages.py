@@ -35,13 +35,13 @@ def test_a_page_file_is_read_whole_and_checked(tmp_path):
     data = os.urandom(100_000)
     path, checksum = page_file(tmp_path, data)
     into = bytearray(len(data))
-    fd = LocalPages.read_page(memoryview(into), path, checksum, wait=False)  # just written: cached
+    fd = LocalPages.load_page_file(memoryview(into), path, checksum, wait=False)  # just written: cached
     assert fd is not None and into == data
     os.close(fd)
 
-    assert LocalPages.read_page(memoryview(bytearray(len(data))), path, "0" * 16) is None  # corrupt
-    assert LocalPages.read_page(memoryview(bytearray(len(data) + 1)), path, checksum) is None  # shorter
-    assert LocalPages.read_page(memoryview(bytearray(10)), str(tmp_path / "gone"), checksum) is None  # evicted
+    assert LocalPages.load_page_file(memoryview(bytearray(len(data))), path, "0" * 16) is None  # corrupt
+    assert LocalPages.load_page_file(memoryview(bytearray(len(data) + 1)), path, checksum) is None  # shorter
+    assert LocalPages.load_page_file(memoryview(bytearray(10)), str(tmp_path / "gone"), checksum) is None  # evicted
 
 
 def test_a_page_file_on_the_disk_only_is_left_to_a_waiting_read(tmp_path):
@@ -51,7 +51,7 @@ def test_a_page_file_on_the_disk_only_is_left_to_a_waiting_read(tmp_path):
         pytest.skip("this file system keeps the file in memory (tmpfs): nothing to wait for")
     into = bytearray(len(data))
     with pytest.raises(WouldBlock):
-        LocalPages.read_page(memoryview(into), path, checksum, wait=False)
-    fd = LocalPages.read_page(memoryview(into), path, checksum)  # what the mount then does in a thread
+        LocalPages.load_page_file(memoryview(into), path, checksum, wait=False)
+    fd = LocalPages.load_page_file(memoryview(into), path, checksum)  # what the mount then does in a thread
     assert fd is not None and into == data
     os.close(fd)

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Hashable
 
-FREE_BLOCKS = 8  # idle blocks kept for reuse: one per readahead run in flight (client.MAX_PREFETCH / RUN_PAGES)
+FREE_BLOCKS = 8  # idle blocks kept for reuse: one per readahead run in flight (prefetch.MAX_PREFETCH / RUN_PAGES)
 
 
 class Block:

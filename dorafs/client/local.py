@@ -105,7 +105,7 @@ class LocalPages:
         return len(self._open)
 
     @staticmethod
-    def read_page(into: memoryview, path: str, checksum: str, *, wait: bool = True, offset: int = 0) -> int | None:
+    def load_page_file(into: memoryview, path: str, checksum: str, *, wait: bool = True, offset: int = 0) -> int | None:
         """Read a page (path, checksum) at `offset` of its file (a page file, or the
         whole file of a sealed object) into `into`, which is exactly its size.
 

@@ -193,15 +193,18 @@ class WriteFile:
     async def load(self, client, status: FileStatus) -> None:
         """Fill the staging file with the version `status` of the file, through the cache."""
         await self._hold(status.size)
-        opened = client.open(self.uri, status)
+        opened = client.open_pinned(self.uri, status)
         chunk = 8 * client.page_size
         offset = 0
-        while offset < status.size:
-            data = await client.read(opened, offset, min(chunk, status.size - offset))
-            if not data:
-                raise UfsError(f"{self.uri} ended at {offset} of {status.size} bytes while staging it")
-            await trio.to_thread.run_sync(os.pwrite, self.fd, data, offset)
-            offset += len(data)
+        try:
+            while offset < status.size:
+                data = await client.read(opened, offset, min(chunk, status.size - offset))
+                if not data:
+                    raise UfsError(f"{self.uri} ended at {offset} of {status.size} bytes while staging it")
+                await trio.to_thread.run_sync(os.pwrite, self.fd, data, offset)
+                offset += len(data)
+        finally:
+            client.close(opened)  # its readahead ends with it
         os.ftruncate(self.fd, status.size)  # a first attempt at another version may have been longer
         self.size = status.size
         self._fit_reservation()

@@ -52,5 +52,5 @@ class FileHandle:
 class DirHandle:
     node: Node
     entries: list[FileStatus] = field(default_factory=list)
-    pages: AsyncIterator[list[FileStatus]] | None = None
+    batches: AsyncIterator[list[FileStatus]] | None = None  # the listing, one request's entries at a time
     complete: bool = False

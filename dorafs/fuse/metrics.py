@@ -119,6 +119,12 @@ class ClientCollector:
         yield CounterMetricFamily("dorafs_mount_listing_prefetches",
                                   "Directory listings fetched ahead after repeated status misses in them",
                                   value=self.client.scans.started)
+        prefetches = self.client.reader.prefetches
+        yield CounterMetricFamily("dorafs_mount_readahead_runs", "Readahead runs started for sequential readers",
+                                  value=prefetches.runs)
+        yield CounterMetricFamily("dorafs_mount_readahead_cancelled_runs",
+                                  "Readahead runs cancelled because their file closed or its reader seeked away",
+                                  value=prefetches.cancelled_runs)
         hits = CounterMetricFamily("dorafs_mount_buffer_lookups", "Page buffer lookups", labels=["result"])
         hits.add_metric(["hit"], buffer["hits"])
         hits.add_metric(["miss"], buffer["misses"])

@@ -298,7 +298,7 @@ class DoraOperations(WritingOperations):
             # the kernel cache, and the kernel is told to drop that inode's attributes.
             node.attr_version = None
             self._invalidate_kernel(node.inode)
-        handle = FileHandle(node, self.client.open(node.uri, status))
+        handle = FileHandle(node, self.client.open_pinned(node.uri, status))
         backing_id = 0
         try:
             if self._holds_object_files():
@@ -376,6 +376,7 @@ class DoraOperations(WritingOperations):
             if handle.writer is not None:
                 await self._let_go(node, handle.writer, upload=True)
             else:
+                self.client.close(handle.file)  # its readahead ends with it
                 version = handle.file.status.version
                 if handle.held is None and handle.read_end >= handle.file.status.size > 0 and \
                         self._holds_object_files():
@@ -400,13 +401,13 @@ class DoraOperations(WritingOperations):
         return fh
 
     async def _entry(self, handle: DirHandle, index: int) -> FileStatus | None:
-        """Entry `index` of the handle's listing snapshot, fetching pages as needed. Files
+        """Entry `index` of the handle's listing snapshot, fetching batches as needed. Files
         created through this mount and not uploaded yet come last."""
         while index >= len(handle.entries) and not handle.complete:
-            if handle.pages is None:
-                handle.pages = self.client.list_pages(handle.node.uri)
+            if handle.batches is None:
+                handle.batches = self.client.list_batches(handle.node.uri)
             try:
-                page = await handle.pages.__anext__()
+                batch = await handle.batches.__anext__()
             except (StopAsyncIteration, NotFound) as exc:
                 if isinstance(exc, NotFound) and handle.node.inode != ROOT_INODE:
                     raise
@@ -415,7 +416,7 @@ class DoraOperations(WritingOperations):
                 listed = {e.name for e in handle.entries}
                 handle.entries.extend(self._pending_children(handle.node, listed))
                 break
-            handle.entries.extend(e for e in page if valid_name(e.name))
+            handle.entries.extend(e for e in batch if valid_name(e.name))
         return handle.entries[index] if index < len(handle.entries) else None
 
     @fuse_operation
@@ -438,7 +439,7 @@ class DoraOperations(WritingOperations):
         handle = self._handles.pop(fh, None)
         if not isinstance(handle, DirHandle):
             return
-        if handle.pages is not None:
-            await handle.pages.aclose()
+        if handle.batches is not None:
+            await handle.batches.aclose()
         handle.node.open_handles -= 1
         self.inodes.release_if_unused(handle.node)

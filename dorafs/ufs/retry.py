@@ -197,7 +197,9 @@ async def call_with_retries(policy: RetryPolicy, what: str, run: Callable[[], T]
     interpret (412 -> StaleVersion...); retries exhausted raise `UfsError`.
 
     `nbytes` is what the call moves (it stretches the deadline); with `progress` the
-    attempt reports its bytes and is abandoned when it stalls for `policy.timeout`.
+    attempt reports its bytes and is abandoned when it stalls for `policy.timeout`, and
+    when the caller is cancelled (a readahead of a file that closed): its thread stops
+    at its next piece instead of streaming the rest for nobody.
     `settled(exc)`, given, is awaited after a transient failure: a non-None result means
     the failed attempt took effect after all, and is returned instead of retrying.
     """
@@ -249,6 +251,7 @@ async def call_with_retries(policy: RetryPolicy, what: str, run: Callable[[], T]
                 break
     finally:
         if progress is not None:
+            progress.abandon()  # a thread still streaming (the caller was cancelled) stops at its next piece
             progress.finish()
     elapsed = trio.current_time() - start
     raise UfsError(f"{what}: {cause} (after {attempt} attempt{'s' if attempt != 1 else ''}, {elapsed:.1f}s)") \

@@ -1,0 +1,223 @@
+"""Readahead: each open file's prefetcher keeps a sequential reader's next pages coming.
+
+Every `OpenFile` (client/reading.py) has its own `Prefetcher`; what all of them have in
+flight together is counted in the mount's one `Prefetches`.
+
+Subtleties:
+- The window doubles on each sequential read (a read starting where the last one ended)
+  up to `readahead_pages`; any other read sets it back to nothing. When fewer than half
+  of the window's pages are buffered or on their way, the rest is requested as runs of
+  `RUN_PAGES` pages, side by side, at most `MAX_PREFETCH` pages across the mount.
+- A run's first page asks the worker to fill the whole run with one UFS read (`run=`).
+  From a worker on this machine the run then comes in one block (`/v1/locate`, read
+  from its files); from another one in one answer (`/v1/run`, `_run_over_http`), each
+  page buffered and handed to its waiting reader as it lands. Several runs in flight
+  keep a cold read going at the store's pace rather than one request's latency.
+- A page a run is fetching is *scheduled* (`Prefetches.scheduled`, key -> event): a
+  reader asking for it waits for that page rather than fetching it a second time, and
+  the event is set as soon as that page is in (or its run ends, however it ends).
+- Ownership: the run tasks live in the client's nursery (the client's `run` owns them
+  and ends them with the mount), but each runs inside a cancel scope its file's
+  prefetcher owns. `close` (the file released, or an fsspec file closed) cancels every
+  run of that file, and so does a read far from the runs in flight (a seek away: more
+  than a window from them). Pages already fetched stay in the buffer, usable by any
+  reader; a reader waiting for a page of a cancelled run is let go and fetches it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import trio
+
+from dorafs.client.buffer import Piece
+from dorafs.config import MountConfig
+from dorafs.errors import DoraError
+from dorafs.pages import page_count, page_length
+
+log = logging.getLogger(__name__)
+
+MAX_PREFETCH = 48  # readahead pages in flight across the mount
+RUN_PAGES = 8  # pages per readahead run (one UFS read on a miss)
+
+
+class Prefetches:
+    """The mount's readahead in flight, across all open files."""
+
+    def __init__(self, config: MountConfig):
+        self.config = config
+        self.scheduled: dict[tuple, trio.Event] = {}  # keys of pages runs fetch -> set when that page is in
+        self.pages = 0  # pages scheduled and not in yet (at most MAX_PREFETCH)
+        self.nursery: trio.Nursery | None = None  # the client's, while it runs: the run tasks live there
+        self.runs = 0  # runs started (dorafs_mount_readahead_runs_total)
+        self.cancelled_runs = 0  # of those, cancelled by a close or a seek away
+
+
+class Prefetcher:
+    """Readahead of one open file: its window, and its runs in flight, each in a cancel
+    scope this prefetcher owns (see the module's note)."""
+
+    __slots__ = ("reader", "shared", "file", "next_offset", "window", "closed", "_runs")
+
+    def __init__(self, reader, file):
+        self.reader = reader  # the mount's Reader (client/reading.py): keys, the buffer, page fetches
+        self.shared: Prefetches = reader.prefetches
+        self.file = file  # the OpenFile this prefetcher reads ahead for
+        self.next_offset = 0  # where a sequential reader would read next
+        self.window = 0  # current readahead window, in pages
+        self.closed = False
+        self._runs: dict[trio.CancelScope, tuple[int, int]] = {}  # runs in flight -> (first, last) page
+
+    def follow(self, sequential: bool, end: int, first_index: int, last_index: int) -> None:
+        """A read ending at `end`, of pages first_index..last_index, `sequential` when it
+        started at `next_offset`: keep the pages after it coming if the reader reads
+        sequentially; cancel the runs it went away from."""
+        self.next_offset = end
+        if not sequential:
+            self.window = 0
+            if self._runs:
+                self._cancel_far(first_index, last_index)
+            return
+        if self.shared.nursery is None or self.closed or self.shared.config.readahead_pages <= 0:
+            self.window = 0
+            return
+        f, reader, shared = self.file, self.reader, self.shared
+        self.window = min(max(1, self.window * 2), shared.config.readahead_pages)
+        page_size = reader.page_size
+        last_page = min(last_index + self.window, page_count(f.status.size, page_size) - 1)
+        start = last_index + 1
+        while start <= last_page and reader.coming(f, start):
+            start += 1
+        ahead = start - last_index - 1
+        if start > last_page or (ahead and 2 * ahead >= self.window):
+            return
+        count = min(last_page - start + 1, MAX_PREFETCH - shared.pages)
+        for first in range(start, start + count, RUN_PAGES):  # runs fetched side by side
+            keys = [reader.key(f, i) for i in range(first, min(start + count, first + RUN_PAGES))]
+            events = {key: trio.Event() for key in keys}  # each set when its own page is in
+            shared.scheduled.update(events)
+            shared.pages += len(keys)
+            scope = trio.CancelScope()
+            self._runs[scope] = (first, first + len(keys) - 1)
+            shared.runs += 1
+            shared.nursery.start_soon(self._run, scope, first, keys, events)
+
+    def _cancel_far(self, first_index: int, last_index: int) -> None:
+        """The reader left the runs in flight behind (or jumped back) by more than a
+        window: their pages would come for nobody."""
+        slack = max(self.shared.config.readahead_pages, RUN_PAGES)
+        for scope, (first, last) in list(self._runs.items()):
+            if first_index > last + slack or last_index + slack < first:
+                self._cancel(scope)
+
+    def _cancel(self, scope: trio.CancelScope) -> None:
+        if not scope.cancel_called:
+            scope.cancel()
+            self.shared.cancelled_runs += 1
+
+    def close(self) -> None:
+        """The file is closed: cancel its runs; start none again."""
+        self.closed = True
+        for scope in list(self._runs):
+            self._cancel(scope)
+
+    @property
+    def running(self) -> int:
+        """Runs of this file in flight."""
+        return len(self._runs)
+
+    async def _run(self, scope: trio.CancelScope, start: int, keys: list[tuple],
+                   events: dict[tuple, trio.Event]) -> None:
+        shared, reader, f = self.shared, self.reader, self.file
+
+        def arrived(key: tuple) -> None:  # a reader waiting for this page goes on now, not at the run's end
+            event = events.pop(key, None)
+            if event is None:
+                return
+            if shared.scheduled.get(key) is event:
+                del shared.scheduled[key]
+            shared.pages -= 1
+            event.set()
+
+        async def one(i: int) -> None:
+            try:
+                await reader.whole_page(f, i, ahead=True)
+            finally:
+                arrived(keys[i - start])
+
+        try:
+            with scope:
+                landed: set[int] | None = None  # pages a run over HTTP brought
+                if len(keys) > 1:
+                    landed = set()
+                    try:
+                        if not await self._run_over_http(start, keys, arrived, landed):
+                            landed = None
+                    except DoraError as exc:  # what did not come is fetched page by page below
+                        log.debug("the run of pages %d+%d of %s broke off: %s", start, len(keys), f.uri, exc)
+                if landed is None:
+                    try:
+                        await reader.whole_page(f, start, run=len(keys), ahead=True)
+                    finally:
+                        arrived(keys[0])
+                    landed = {start}
+                async with trio.open_nursery() as nursery:  # what the run did not bring
+                    for i in range(start, start + len(keys)):
+                        if i in landed:
+                            continue
+                        if keys[i - start] in reader.buffer:
+                            arrived(keys[i - start])
+                        else:
+                            nursery.start_soon(one, i)
+        except Exception as exc:  # the reader will hit (and report) the same error itself
+            log.debug("readahead of pages %d+%d of %s failed: %s", start, len(keys), f.uri, exc)
+        finally:
+            self._runs.pop(scope, None)
+            for key in keys:
+                arrived(key)
+        if scope.cancelled_caught:
+            log.debug("readahead of pages %d+%d of %s cancelled", start, len(keys), f.uri)
+
+    async def _run_over_http(self, start: int, keys: list[tuple],
+                             arrived: Callable[[tuple], None], got: set[int]) -> bool:
+        """A readahead run from a worker that is not on this machine (or not read
+        directly): its pages in one answer, each buffered and handed to its waiting
+        reader as it lands, its index added to `got`. False when the run's worker is read
+        directly (short-circuit): the caller takes the page path. On failover the next
+        worker is asked for the pages not in yet."""
+        reader, f = self.reader, self.file
+        status, page_size, buffer = f.status, reader.page_size, reader.buffer
+        sizes = [page_length(i, status.size, page_size) for i in range(start, start + len(keys))]
+        offsets = [sum(sizes[:n]) for n in range(len(sizes))]
+        landed: list[int] = []
+        block = None
+
+        def into(index: int, length: int) -> memoryview:
+            n = index - start
+            if not 0 <= n < len(keys) or length != sizes[n] or (landed and index != landed[-1] + 1):
+                raise ValueError(f"page {index} ({length} bytes) is not the next of this run")
+            return memoryview(block.data)[offsets[n]:offsets[n] + length]
+
+        def land(index: int) -> None:
+            n = index - start
+            buffer.put(keys[n], Piece(block, offsets[n], offsets[n] + sizes[n]))
+            reader.stats.worker_pages += 1
+            landed.append(index)
+            got.add(index)
+            arrived(keys[n])
+
+        async def from_worker(address: str) -> bool:
+            if reader.router.reads_files_of(address):
+                return False
+            first = start + len(landed)
+            await reader.workers.run(address, f.uri, status.version, status.size, first, page_size,
+                                     start + len(keys) - first, into, land)
+            return True
+
+        block = buffer.block(sum(sizes))
+        block.filling = True
+        try:
+            return await reader.router.route(f.uri, from_worker)
+        finally:
+            buffer.filled(block)

@@ -1,0 +1,330 @@
+"""The read path: bytes of an open file's pinned version, from the nearest copy of each page.
+
+`Reader.read(open_file, offset, length)` returns exactly the bytes asked for (short only
+at end of file), assembled from page-aligned pieces of the version pinned when the file
+was opened (`OpenFile.status`).
+
+Subtleties:
+- Words: a *page* here is always a data page, a page-aligned slice of one object version
+  (dorafs/pages.py), identified by `key(f, index)`; a *span* is the part of one page a
+  read touches; a *part* is the aligned `random_read` bytes around a random reader's
+  read.
+- The nearest copy first, for each span: the mount's page buffer (client/buffer.py), a
+  page file of a worker on this machine this process already holds open
+  (client/local.py, one `pread`), then a fetch: `_whole_page` -> `_fetch`, one fetch per
+  page at a time (dorafs/singleflight.py), from the owning worker (client/router.py) or,
+  when no worker answers, from the UFS in this process.
+- From a worker on this machine the mount asks only where the page files are
+  (`/v1/locate`) and reads and checks them itself (`_load_page_files`); from another
+  worker the bytes come over HTTP with their checksum (client/workers.py).
+- A page its readahead run is fetching (client/prefetch.py, `scheduled`) is waited for,
+  never fetched twice; its page file may already be kept, but the run buffers it after.
+- A random reader of a worker that is not read directly asks only for the part around
+  its read (`_random_part`), not the whole page.
+- A page whose fetch failed for good (EIO after the UFS retries, ESTALE) answers the
+  same error for `FAILURE_MEMORY` seconds without a new fetch: the kernel re-issues a
+  failed readahead as a synchronous read at once, which would otherwise wait out the
+  same UFS deadline a second time.
+- Buffered pages are returned as memoryviews, no copy until the kernel takes the bytes;
+  a sequential reader's pages read to their end are discarded from the buffer at once
+  (`_consumed`): it will not ask again, and the block is reused for the pages coming.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+
+import trio
+
+from dorafs.client.buffer import PageBuffer, Piece, view
+from dorafs.client.local import LocalPages, Unreadable, WouldBlock
+from dorafs.client.prefetch import Prefetcher, Prefetches
+from dorafs.client.router import Router
+from dorafs.client.statuses import StatusMemo
+from dorafs.client.workers import WorkerClient
+from dorafs.config import MountConfig
+from dorafs.errors import DoraError, NotFound, StaleVersion, Unavailable
+from dorafs.pages import page_length, plan
+from dorafs.singleflight import SingleFlight
+from dorafs.ufs import FileStatus, UfsSet
+
+log = logging.getLogger(__name__)
+
+STALE_TRIES = 3  # reads of a page whose block was reused under them before one goes around the buffer
+FAILURE_MEMORY = 0.5  # seconds a page's final error is answered again without a new fetch
+
+
+@dataclass(eq=False)
+class OpenFile:
+    """One open file of the client: its URI, the status (version, size) pinned when it
+    was opened, and its prefetcher (readahead owned by this file, cancelled at close),
+    which belongs to the Reader that reads it: make one with `Reader.open_file`."""
+
+    uri: str
+    status: FileStatus
+    ahead: Prefetcher | None = field(default=None, repr=False)
+
+
+class Reader:
+    """The mount's read path (see the module's note)."""
+
+    def __init__(self, config: MountConfig, router: Router, workers: WorkerClient, ufs: UfsSet,
+                 statuses: StatusMemo, stats):
+        self.config = config
+        self.router = router
+        self.workers = workers
+        self.ufs = ufs
+        self.statuses = statuses  # forgets a file whose version is gone
+        self.stats = stats
+        self.page_size = router.page_size  # the cluster's: the router tells when it changes
+        router.page_size_followers.append(self._follow_page_size)
+        self.buffer = PageBuffer(config.buffer_size)
+        self.local = LocalPages()
+        self.prefetches = Prefetches(config)
+        self._scheduled = self.prefetches.scheduled  # the same dict: pages runs are fetching
+        self._flights = SingleFlight()
+        self._failed: dict[tuple, tuple[float, Exception]] = {}  # page key -> (until, error)
+
+    def _follow_page_size(self, page_size: int) -> None:
+        self.page_size = page_size
+
+    def open_file(self, uri: str, status: FileStatus) -> OpenFile:
+        f = OpenFile(uri, status)
+        f.ahead = Prefetcher(self, f)
+        return f
+
+    def key(self, f: OpenFile, index: int) -> tuple:
+        """The buffer's and the kept files' key of page `index` of the file's pinned version."""
+        return (f.uri, f.status.version, self.page_size, index)
+
+    def coming(self, f: OpenFile, index: int) -> bool:
+        """Is page `index` kept, buffered, being fetched or scheduled?"""
+        key = self.key(f, index)
+        return key in self.local or key in self.buffer or key in self._flights or key in self._scheduled
+
+    async def read(self, f: OpenFile, offset: int, length: int) -> bytes | bytearray | memoryview:
+        """Bytes [offset, offset+length) of the pinned version, short only at EOF.
+
+        Buffered pages are returned as memoryviews, no copy until the kernel takes the
+        bytes, and so is a read across pages of one block (a run read together). Else a
+        read is one `pread` of a verified local page file, or is assembled in one buffer,
+        each part read or copied straight into it.
+        """
+        spans = plan(offset, length, f.status.size, self.page_size)
+        if not spans:
+            return b""
+        ahead = f.ahead
+        sequential = offset == ahead.next_offset
+        ahead.follow(sequential, offset + length, spans[0].index, spans[-1].index)
+        if len(spans) == 1 and not sequential and self.config.random_read:
+            data = await self._random_part(f, spans[0])
+            if data is not None:
+                return data
+        data = await self._span(f, spans[0]) if len(spans) == 1 else await self._spans(f, spans)
+        if sequential:
+            self._consumed(f, spans)
+        return data
+
+    def _consumed(self, f: OpenFile, spans) -> None:
+        """A sequential reader has read these pages to their end: it will not ask for
+        them again (the kernel keeps what it read), so their buffer space goes to the
+        pages coming next, and a block read ahead is reused as soon as it has been read,
+        instead of fresh memory being faulted in for every run. The bytes just returned
+        stay valid: the FUSE session writes them to the kernel before anything else runs."""
+        size, page_size = f.status.size, self.page_size
+        for span in spans:
+            if span.end == page_length(span.index, size, page_size):
+                self.buffer.discard(self.key(f, span.index))
+
+    async def _spans(self, f: OpenFile, spans) -> bytearray | memoryview:
+        """A read across pages: one slice of a block when they were read together, else
+        assembled in one buffer."""
+        held = [self.buffer.get(self.key(f, span.index)) for span in spans]
+        if all(isinstance(piece, Piece) for piece in held) and all(
+                later.follows(earlier) for earlier, later in zip(held, held[1:])):
+            return memoryview(held[0].block.data)[held[0].start + spans[0].start:held[-1].start + spans[-1].end]
+        out = bytearray(sum(span.end - span.start for span in spans))
+        missing = []
+        at = 0
+        for span, data in zip(spans, held):
+            part = memoryview(out)[at:at + span.end - span.start]
+            at += len(part)
+            if data is not None:
+                part[:] = view(data)[span.start:span.end]  # buffered pieces are never stale
+                continue
+            key = self.key(f, span.index)
+            try:
+                if key not in self._scheduled and self.local.readinto(key, part, span.start):
+                    continue
+            except WouldBlock:  # on the disk, not in the kernel's cache: _span reads it in a thread
+                pass
+            missing.append((span, part))
+        if missing:
+            async def fill(span, part: memoryview) -> None:
+                part[:] = await self._span(f, span)
+
+            async with trio.open_nursery() as nursery:
+                for span, part in missing:
+                    nursery.start_soon(fill, span, part)
+        return out
+
+    async def _span(self, f: OpenFile, span) -> bytes | memoryview:
+        """The bytes of one page span: from the buffer, a verified local page file, or a fetch."""
+        key = self.key(f, span.index)
+        for _ in range(STALE_TRIES):
+            data = self.buffer.get(key)
+            if data is None:
+                # A page its readahead run is reading waits for the run: its file is
+                # already kept (so `pread` would answer it), but the run buffers it after,
+                # behind this reader, where nothing discards it and it pins its block
+                # until the buffer is full.
+                got = None if key in self._scheduled else await self.local.pread(
+                    key, span.end - span.start, span.start)
+                if got is not None:  # just the bytes asked for, no whole-page copy
+                    return got
+                data = await self.whole_page(f, span.index)
+            page = view(data)
+            if page is not None:  # else its block was reused while this reader waited: again
+                return page[span.start:span.end]
+        data = await self.router.route(f.uri, lambda address: self.workers.page(
+            address, f.uri, f.status.version, f.status.size, span.index, self.page_size))
+        return memoryview(data)[span.start:span.end]
+
+    async def _random_part(self, f: OpenFile, span) -> memoryview | bytes | None:
+        """A random reader's read from a worker that is not read directly: the aligned
+        `random_read` bytes of the page around it (two such for a read across their
+        boundary; buffered on their own), not the whole page. None: the page path serves
+        it (a buffered or local page, one on its way, a worker read from its files, an
+        error, which the page path meets again and answers)."""
+        key = self.key(f, span.index)
+        if key in self.buffer or key in self._scheduled or key in self._flights or key in self.local:
+            return None
+        page_size = self.page_size
+        size = self.config.random_read
+        start = span.start - span.start % size
+        end = min(-(-span.end // size) * size, page_length(span.index, f.status.size, page_size))
+        length = end - start
+        if length >= page_size:
+            return None
+        part_key = key + (start, end)
+        data = self.buffer.get(part_key)
+        if data is None:
+            status = f.status
+
+            async def from_worker(address: str) -> bytes | bytearray | None:
+                if self.router.reads_files_of(address):
+                    return None
+                return await self.workers.page(address, f.uri, status.version, status.size, span.index,
+                                               page_size, part=(start, length))
+
+            try:
+                data, _ = await self._flights.do(part_key, lambda: self.router.route(f.uri, from_worker))
+            except DoraError:  # the page path tries again and answers (UFS fallback, ESTALE...)
+                return None
+            if data is None:
+                return None
+            self.stats.worker_parts += 1
+            self.buffer.put(part_key, data)
+        return memoryview(data)[span.start - start:span.end - start]
+
+    async def whole_page(self, f: OpenFile, index: int, run: int = 1, ahead: bool = False) -> bytes | bytearray | Piece:
+        """A whole page, buffered: from the buffer or a fetch (single-flight per page).
+
+        `run` > 1 lets the fetch bring the following pages of the run too. A reader
+        that asks for a page of a run being read ahead waits for that run rather than
+        fetching the page a second time (`ahead`: the run's own fetches)."""
+        key = self.key(f, index)
+        data = self.buffer.get(key)
+        if data is not None:
+            return data
+        pending = None if ahead else self._scheduled.get(key)
+        if pending is not None:
+            await pending.wait()
+            data = self.buffer.get(key)
+            if data is not None:
+                return data
+        failed = self._failed.get(key)
+        if failed is not None and failed[0] > trio.current_time():
+            raise failed[1]  # the kernel retries a failed readahead at once: same answer, no new wait
+        try:
+            data, _ = await self._flights.do(key, lambda: self._fetch(f, index, run))
+        except DoraError as exc:
+            if isinstance(exc, (StaleVersion, NotFound)):  # the next open asks for the current version
+                self.statuses.forget(f.uri)
+            if len(self._failed) > 1024:
+                self._failed.clear()
+            self._failed[key] = (trio.current_time() + FAILURE_MEMORY, exc)
+            raise
+        return data
+
+    async def _fetch(self, f: OpenFile, index: int, run: int = 1) -> bytes | bytearray | Piece:
+        status, page_size = f.status, self.page_size
+        try:
+            data = await self.router.route(f.uri, lambda address: self._fetch_from(address, f, index, run))
+            self.stats.worker_pages += 1
+        except Unavailable:
+            self.stats.ufs_fallback_pages += 1
+            length = min(page_size, status.size - index * page_size)
+            data = await self.ufs.get(f.uri).read(f.uri, index * page_size, length, status.version)
+        self.buffer.put(self.key(f, index), data)
+        return data
+
+    async def _fetch_from(self, address: str, f: OpenFile, index: int,
+                          run: int = 1) -> bytes | bytearray | Piece:
+        """Page `index` from one worker: read from its files when the worker is on this
+        machine (and the rest of the run with it), else over HTTP."""
+        status, page_size = f.status, self.page_size
+        if self.router.reads_files_of(address):
+            located = await self.workers.locate(address, f.uri, status.version, status.size, index, page_size,
+                                                count=run)
+            try:
+                pieces = await self._load_page_files(f, located)
+            except Unreadable as exc:
+                log.info("worker %s: its page files are not readable here (%s); reading over HTTP", address, exc)
+                self.router.not_readable_here(address)
+                pieces = []
+            if pieces:
+                self.stats.short_circuit_pages += len(pieces)
+                self.stats.worker_pages += len(pieces) - 1  # page `index` is counted by _fetch
+                for i, piece in enumerate(pieces[1:], index + 1):  # page `index` is buffered by _fetch
+                    self.buffer.put(self.key(f, i), piece)
+                return pieces[0]
+        return await self.workers.page(address, f.uri, status.version, status.size, index, page_size, run=run)
+
+    async def _load_page_files(self, f: OpenFile, located: list[tuple[int, str, int, str, int]]) -> list[Piece]:
+        """Read located page files one after another into one block, each checked
+        against its checksum; keep their descriptors; the pieces of the leading pages
+        that matched (a missing or corrupt one is fetched over HTTP, where the worker
+        checks it).
+
+        On the event loop, with a checkpoint between pages, when the page is in the
+        kernel's page cache: then it costs a copy and a hash (a fraction of a
+        millisecond), and handing it to a thread measured slower (bench/README.md): the
+        thread and the loop, which holds the interpreter lock while it copies a
+        reply into the kernel, wait on each other. A page that must come from the disk
+        is read in a thread, so the loop never waits for the disk."""
+        if not located:
+            return []
+        block = self.buffer.block(sum(size for _, _, size, _, _ in located))
+        pieces = []
+        at = 0
+        with memoryview(block.data) as whole:
+            for index, path, size, checksum, offset in located:
+                if pieces:
+                    await trio.lowlevel.checkpoint()
+                part = whole[at:at + size]
+                try:
+                    fd = LocalPages.load_page_file(part, path, checksum, wait=False, offset=offset)
+                except WouldBlock:
+                    fd = await trio.to_thread.run_sync(
+                        functools.partial(LocalPages.load_page_file, part, path, checksum, offset=offset))
+                if fd is None:
+                    break
+                self.local.keep(self.key(f, index), fd, size, offset)
+                pieces.append(Piece(block, at, at + size))
+                at += size
+        if not pieces:
+            self.buffer.give(block)
+        return pieces
