@@ -99,7 +99,7 @@ def verify(fd: int, size: int, page_size: int, checksums: list[str]) -> int | No
     return None
 
 
-class Reader:
+class HeldReader:
     """Answers READs of held files: one `preadv` into a buffer reused by every read.
 
     The answer is a view of that buffer, which is safe because the session writes a
@@ -143,7 +143,7 @@ class ObjectFiles:
         self.min_size = min_size
         self.max_held = max_held  # descriptors: one per object version open at once
         self.held: dict[tuple[str, str], HeldFile] = {}
-        self.reader = Reader()
+        self.reader = HeldReader()
         self.reads = 0  # READs answered from held files
         self._verified: OrderedDict[tuple[int, int], str] = OrderedDict()  # (st_dev, st_ino) -> version
         self._preparing: dict[tuple[str, str], trio.Event] = {}  # set when prepared
