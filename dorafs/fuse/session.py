@@ -67,6 +67,11 @@ HEADROOM = 4096  # in header + the largest fixed argument struct, rounded up to 
 # A worker serving requests that never wait yields to the scheduler once this long has
 # passed since it last did (see "Subtleties").
 BUSY_SECONDS = 0.0005
+# After a request that had to be waited for, a worker polls the device this long before
+# it sleeps in epoll: a lone reader's next request comes within tens of microseconds, and
+# being woken from epoll (the scheduler, an idle core's wake-up) cost more than that on an
+# idle machine (bench/README.md, "Held object files and a cheaper wait").
+SPIN_SECONDS = 0.00005
 
 # What dorafs asks of the kernel, where offered. Not WRITEBACK_CACHE (writes must reach
 # the mount as they are made), not READDIRPLUS_AUTO (every readdir is a readdirplus, so
@@ -162,6 +167,15 @@ def _watched(coro, on_wait):
                 trap = coro.send(sent)
             except StopIteration as done:
                 return done.value
+
+
+def _queued_soon(poll: select.poll) -> bool:
+    """Is a request queued on the device now, or within SPIN_SECONDS?"""
+    end = monotonic() + SPIN_SECONDS
+    while not poll.poll(0):
+        if monotonic() >= end:
+            return False
+    return True
 
 
 class SessionError(Exception):
@@ -272,10 +286,11 @@ class Session:
         idle = self._idle
         take = self._take
         # After serving a request that had to be waited for, the next one is usually
-        # not there yet either (a lone reader asks again only once answered): then a
+        # not there yet either (a lone reader asks again only once answered): then
         # poll(0), which costs a third of a `readv` that fails with EAGAIN (raising the
-        # exception is the cost), tells so before waiting. After a request that was
-        # already queued, more are likely queued: `readv` at once.
+        # exception is the cost), is asked for up to SPIN_SECONDS before waiting in
+        # epoll. After a request that was already queued, more are likely queued:
+        # `readv` at once.
         poll = select.poll()
         poll.register(fd, select.POLLIN)
         after_wait = False  # the request being served was read right after a wait
@@ -294,7 +309,7 @@ class Session:
                         # and serving it, which would let a later request overtake it.
                         await trio.lowlevel.checkpoint()
                         rested = monotonic()
-                    n = take(buf) if not after_wait or poll.poll(0) else -1
+                    n = take(buf) if not after_wait or _queued_soon(poll) else -1
                     after_wait = False
                     if n < 0:  # nothing queued: wait for a request
                         if self._waiting:
