@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 import uuid
 from pathlib import Path
 
 import trio
 
+from dorafs.files import write_atomic
 from dorafs.membership import WorkerInfo
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ class MembershipTable:
                 "workers": [info.to_dict() for _, info in sorted(self._workers.items())],
             }
             try:
-                await trio.to_thread.run_sync(_write_atomic, self.path, json.dumps(data, indent=1) + "\n")
+                await trio.to_thread.run_sync(write_atomic, self.path, json.dumps(data, indent=1) + "\n")
             except OSError as exc:
                 # Membership still works from memory; only a restart would lose it.
                 if not self._save_failing:
@@ -187,17 +187,3 @@ class MembershipTable:
             if self._save_failing:
                 log.info("state saved to %s again", self.path)
             self._save_failing = False
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
