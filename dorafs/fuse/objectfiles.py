@@ -147,6 +147,7 @@ class ObjectFiles:
         self.reads = 0  # READs answered from held files
         self._verified: OrderedDict[tuple[int, int], str] = OrderedDict()  # (st_dev, st_ino) -> version
         self._preparing: dict[tuple[str, str], trio.Event] = {}  # set when prepared
+        self._holding: dict[tuple[str, str], trio.Event] = {}  # being opened and checked -> set when done
         self._prepare_limiter = trio.CapacityLimiter(PREPARING)
         self._limiter = trio.CapacityLimiter(VERIFY_THREADS)
         self._nursery: trio.Nursery | None = None
@@ -177,12 +178,22 @@ class ObjectFiles:
             if not wait:
                 raise Fallback(NOT_CACHED, "being sealed")
             await preparing.wait()
+        while (holding := self._holding.get(key)) is not None:  # opens of it at once: one checks it
+            await holding.wait()
         held = self.held.get(key)
         if held is not None:
             held.opens += 1
             return held
         if len(self.held) >= self.max_held:
             raise Fallback(TOO_MANY)
+        holding = self._holding[key] = trio.Event()
+        try:
+            return await self._open_held(f, key)
+        finally:
+            del self._holding[key]
+            holding.set()
+
+    async def _open_held(self, f, key: tuple[str, str]) -> HeldFile:
         whole = await self.client.whole_file(f, wait=False)  # an open never waits for a copy
         if whole is None or whole.get("size") != f.status.size:
             raise Fallback(NOT_CACHED)
@@ -203,11 +214,6 @@ class ObjectFiles:
         except BaseException:
             os.close(fd)
             raise
-        held = self.held.get(key)
-        if held is not None:  # another open of it got there first
-            os.close(fd)
-            held.opens += 1
-            return held
         held = self.held[key] = HeldFile(key, fd, f.status.size)
         return held
 
