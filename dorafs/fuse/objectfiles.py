@@ -144,7 +144,6 @@ class ObjectFiles:
         self.max_held = max_held  # descriptors: one per object version open at once
         self.held: dict[tuple[str, str], HeldFile] = {}
         self.reader = HeldReader()
-        self.reads = 0  # READs answered from held files
         self._verified: OrderedDict[tuple[int, int], str] = OrderedDict()  # (st_dev, st_ino) -> version
         self._preparing: dict[tuple[str, str], trio.Event] = {}  # set when prepared
         self._holding: dict[tuple[str, str], trio.Event] = {}  # being opened and checked -> set when done
