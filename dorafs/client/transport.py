@@ -46,6 +46,7 @@ from urllib.parse import quote
 
 import trio
 
+from dorafs.http.sockets import send_all
 from dorafs.log import request_id
 from dorafs.security import Credentials
 
@@ -75,15 +76,7 @@ class _Connection:
 
     async def send(self, data: bytes) -> None:
         """All of `data`; on a plain socket without a scheduler pass when it takes it at once."""
-        if self.fd is None:
-            await self.stream.send_all(data)
-            return
-        view = memoryview(data)
-        while view:
-            try:
-                view = view[os.write(self.fd, view):]
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(self.fd)
+        await send_all(self.stream, data)
 
     async def receive(self, size: int) -> bytes:
         """Up to `size` bytes (b"" at the end); waits only when none have arrived."""

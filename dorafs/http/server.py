@@ -58,6 +58,7 @@ from prometheus_client import CollectorRegistry, Histogram
 
 from dorafs.errors import DoraError
 from dorafs.http import lean
+from dorafs.http.sockets import send_all
 from dorafs.log import new_request_id, request_id
 
 log = logging.getLogger(__name__)
@@ -463,12 +464,12 @@ class HttpServer:
                 if len(body) and not head:
                     parts += conn.send_with_data_passthrough(h11.Data(data=body))
                 parts.append(conn.send(h11.EndOfMessage()))
-                await _send_all(stream, b"".join(parts))
+                await send_all(stream, b"".join(parts))
                 return
-            await _send_all(stream, start)
+            await send_all(stream, start)
             if len(body) and not head:
                 await _send_data(conn, stream, body)
-            await _send_all(stream, conn.send(h11.EndOfMessage()))
+            await send_all(stream, conn.send(h11.EndOfMessage()))
         finally:
             if isinstance(body, FileBody):
                 os.close(body.fd)
@@ -484,16 +485,16 @@ class HttpServer:
         try:
             start = lean.response_head(response.status, fields)
             if isinstance(body, StreamBody):
-                await _send_all(stream, start)
+                await send_all(stream, start)
                 if not head:
                     await _produce(body, lambda part: _send_chunk(stream, part))
-                    await _send_all(stream, lean.LAST_CHUNK)
+                    await send_all(stream, lean.LAST_CHUNK)
             elif head or not len(body):
-                await _send_all(stream, start)
+                await send_all(stream, start)
             elif not isinstance(body, FileBody) and len(body) <= SMALL_BODY:
-                await _send_all(stream, b"".join((start, body)))  # one send: one segment, one wakeup
+                await send_all(stream, b"".join((start, body)))  # one send: one segment, one wakeup
             else:
-                await _send_all(stream, start)
+                await send_all(stream, start)
                 await _send_piece(stream, body)
         finally:
             if isinstance(body, FileBody):
@@ -502,14 +503,14 @@ class HttpServer:
     async def _send_stream(self, conn: h11.Connection, stream: trio.abc.Stream, response: Response,
                            body: StreamBody) -> None:
         headers = [("Content-Type", response.content_type), ("Server", self.name), *response.headers.items()]
-        await _send_all(stream, conn.send(h11.Response(status_code=response.status, headers=headers)))
+        await send_all(stream, conn.send(h11.Response(status_code=response.status, headers=headers)))
 
         async def send(part: bytes | memoryview | FileBody) -> None:
             if len(part):
                 await _send_data(conn, stream, part)
 
         await _produce(body, send)
-        await _send_all(stream, conn.send(h11.EndOfMessage()))
+        await send_all(stream, conn.send(h11.EndOfMessage()))
 
     async def _reject(self, conn, stream, status: int, message: str) -> None:
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
@@ -565,7 +566,7 @@ class _Reporter:
             try:
                 with trio.CancelScope(shield=True):  # never half an interim answer on the wire
                     with trio.move_on_after(HEADER_TIMEOUT) as stuck:
-                        await _send_all(self._stream, interim)
+                        await send_all(self._stream, interim)
                 if stuck.cancelled_caught:  # the client reads nothing: drop it
                     self.gone = trio.TooSlowError("client stopped reading")
             except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as exc:
@@ -600,7 +601,7 @@ async def _send_data(conn: h11.Connection, stream: trio.abc.Stream, data: bytes 
         elif isinstance(chunk, FileBody):
             await _send_file_chunks(stream, chunk)
         else:
-            await _send_all(stream, chunk)
+            await send_all(stream, chunk)
 
 
 async def _produce(body: StreamBody, send: Callable[[bytes | memoryview | FileBody], Awaitable[None]]) -> None:
@@ -627,11 +628,11 @@ async def _send_chunk(stream: trio.abc.Stream, part: bytes | memoryview | FileBo
     if not len(part):
         return
     if isinstance(part, FileBody):
-        await _send_all(stream, lean.chunk_head(len(part)))
+        await send_all(stream, lean.chunk_head(len(part)))
         await _send_piece(stream, part)
-        await _send_all(stream, lean.CHUNK_END)
+        await send_all(stream, lean.CHUNK_END)
     else:
-        await _send_all(stream, b"".join((lean.chunk_head(len(part)), part, lean.CHUNK_END)))
+        await send_all(stream, b"".join((lean.chunk_head(len(part)), part, lean.CHUNK_END)))
 
 
 async def _send_piece(stream: trio.abc.Stream, data: bytes | memoryview | FileBody) -> None:
@@ -642,7 +643,7 @@ async def _send_piece(stream: trio.abc.Stream, data: bytes | memoryview | FileBo
         else:
             await _send_file_chunks(stream, data)
     else:
-        await _send_all(stream, data)
+        await send_all(stream, data)
 
 
 async def _send_file_chunks(stream: trio.abc.Stream, body: FileBody) -> None:
@@ -694,27 +695,6 @@ async def _receive(stream: trio.abc.Stream, timeout: float) -> bytes:
             await trio.lowlevel.wait_readable(fd)
         if waited.cancelled_caught:
             raise trio.TooSlowError
-
-
-async def _send_all(stream: trio.abc.Stream, data: bytes | memoryview) -> None:
-    """`stream.send_all`, straight to a plain socket: no scheduler pass when the socket
-    takes it all at once (callers never send on one connection from two tasks at once)."""
-    if not isinstance(stream, trio.SocketStream):
-        await stream.send_all(data)
-        return
-    fd = stream.socket.fileno()
-    view = memoryview(data)
-    while view:
-        try:
-            sent = os.write(fd, view)
-        except BlockingIOError:
-            await trio.lowlevel.wait_writable(fd)
-            continue
-        except OSError as exc:
-            if exc.errno in (errno.EPIPE, errno.ECONNRESET):
-                raise trio.BrokenResourceError from exc
-            raise
-        view = view[sent:]
 
 
 _H11 = object()  # `_read_lean`: this request is h11's to read
