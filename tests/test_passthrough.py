@@ -285,3 +285,16 @@ def test_an_unprivileged_mount_reads_through_the_mount_without_passthrough(s3_se
         shutil.rmtree(base, ignore_errors=True)
     assert proc.returncode == 0, text[-2000:]
     assert "Traceback" not in text and "passthrough" in text, text[-2000:]
+
+
+def test_passthrough_is_on_by_default_on_a_writable_mount(setup):
+    worker, mount, put, metrics = setup
+    data = os.urandom(MiB + 17)
+    put("default.bin", data)
+    m = mount("")  # no passthrough option, not read-only
+    assert read_whole(m.path("default.bin")) == data
+    prepared(metrics, worker)
+    before = reads(metrics())
+    assert read_whole(m.path("default.bin")) == data
+    now = metrics()
+    assert opens(now, "granted") == 1 and reads(now) == before
