@@ -32,6 +32,7 @@ PAGES = 16
 
 async def measure(root: Path, reads: int, rounds: int, held: bool) -> list[float]:
     from dorafs.client.client import DoraClient
+    from dorafs.client.writes import Staging
     from dorafs.config import MountConfig
     from dorafs.fuse import protocol as p
     from dorafs.fuse.dispatch import Dispatcher
@@ -43,7 +44,7 @@ async def measure(root: Path, reads: int, rounds: int, held: bool) -> list[float
 
     config = MountConfig()
     client = DoraClient(config, Membership(), UfsSet())
-    ops = DoraOperations(client, config, "file:///bench", FileStatus("", True))
+    ops = DoraOperations(client, config, "file:///bench", FileStatus("", True), Staging(config, client.ufs))
     status = FileStatus("big", False, PAGES * PAGE, 0.0, "v1")
     # Checkouts before the client's split by concern: `open` and `_key` on the client.
     opened = client.open_pinned("file:///bench/big", status) if hasattr(client, "open_pinned") else \

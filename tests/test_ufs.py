@@ -95,7 +95,7 @@ def run(make: Callable[[], UnderFileSystem], body) -> None:
 
 
 async def pages(ufs: UnderFileSystem, uri: str) -> list[list[FileStatus]]:
-    return [page async for page in ufs.list_pages(uri)]
+    return [page async for page in ufs.list_batches(uri)]
 
 
 async def listing(ufs: UnderFileSystem, uri: str) -> list[FileStatus]:

@@ -140,11 +140,10 @@ async def run(config: WorkerConfig, security: Security | None = None, *, lifelin
     ufs = UfsSet(threads=config.ufs_threads,
                  retry=RetryPolicy(config.ufs_attempts, config.ufs_deadline, config.ufs_timeout))
     service = WorkerService(config, ufs, WorkerMetrics())
-    await service.start()
     wid = _worker_id(config.cache_dir)
     try:
         async with trio.open_nursery() as nursery:
-            service.background = nursery
+            await nursery.start(service.run)
             if lifeline is not None:
                 nursery.start_soon(_watch_lifeline, lifeline, nursery.cancel_scope)
             info: dict = {"id": wid, "page_size": config.page_size, "capacity": config.cache_size}

@@ -7,7 +7,7 @@ on one page, status or listing share one UFS request (single-flight).
 A run (one UFS read for a page and the pages after it, for a sequential reader) streams:
 the first page goes to its reader as soon as its bytes have arrived, and each following
 page is cached as soon as its own bytes are in, while the rest of the run is still on
-its way (the run goes on in the daemon's background nursery). Through a slow store the
+its way (the run goes on in the service's background nursery). Through a slow store the
 reader of the first page so waits for one page, not for the run.
 """
 
@@ -63,14 +63,23 @@ class WorkerService:
         self._run_pages: dict[tuple[str, int], trio.Event] = {}  # pages a run in flight will cache
         self._meta_flights = SingleFlight()
         self._file_limiter = trio.CapacityLimiter(8)  # verification reads off the loop
-        self.background: trio.Nursery | None = None  # set by the daemon: background fills
+        self.background: trio.Nursery | None = None  # the service's own, while `run` runs
         self._scans = ListingPrefetch(self._prefetch_listing)  # stat misses per directory -> its listing
         self.health: str | None = None  # why caching is degraded (None: it works)
 
-    async def start(self) -> None:
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Load the cache and the metadata, then own the worker's background work (fills of
+        whole runs, seals, listings fetched ahead) until cancelled, which stops all of it."""
         await trio.to_thread.run_sync(self.store.load)
         await trio.to_thread.run_sync(self.meta.open)
         self.update_gauges()
+        async with trio.open_nursery() as nursery:
+            self.background = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self.background = None
 
     def update_gauges(self) -> None:
         m, s = self.metrics, self.store
@@ -475,7 +484,7 @@ class WorkerService:
         await self.meta.begin_fill(uri, gen)
         self.metrics.ufs_requests.labels("list").inc()
         try:
-            async for page in self.ufs.get(uri).list_pages(uri):
+            async for page in self.ufs.get(uri).list_batches(uri):
                 await self.meta.add_entries(uri, gen, page)
                 count += len(page)
                 if kept is not None:

@@ -99,7 +99,7 @@ class Metadata:
                     lambda address: self._workers.list_page(address, uri, after, LIST_BATCH, ttl=-1))
             except Unavailable:
                 self.stats.ufs_fallback_metadata += 1
-                async for batch in self.ufs.get(uri).list_pages(uri):
+                async for batch in self.ufs.get(uri).list_batches(uri):
                     batch = [e for e in batch if e.name > after] if after else batch
                     if batch:
                         self._keep_listed(uri, batch, 0.0, trio.current_time())

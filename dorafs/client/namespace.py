@@ -115,7 +115,7 @@ class Namespace:
         """ENOTEMPTY unless the directory has no entry in the UFS and none `pending` here."""
         if pending():
             raise NotEmpty(path)
-        async for page in self.client.ufs.get(uri).list_pages(uri):
+        async for page in self.client.ufs.get(uri).list_batches(uri):
             if page:
                 raise NotEmpty(path)
 

@@ -75,12 +75,12 @@ class DoraOperations(WritingOperations):
     kernel = None
 
     def __init__(self, client: DoraClient, config: MountConfig, root_uri: str, root_status: FileStatus,
-                 staging: Staging | None = None):
+                 staging: Staging):
         super().__init__()
         self.client = client
         self.config = config
         self.inodes = InodeTable(root_uri, root_status)
-        self.staging = staging or Staging(config, client.ufs)  # its `run` is started by the mount
+        self.staging = staging  # built and run by its owner, the mount
         self.writes = Writes(client, self.staging, counted=self._counted)  # the writing policy
         self.namespace = Namespace(client)  # the namespace policy; this object is its `Local`
         # Wholly cached files are read from their object file: by the kernel itself

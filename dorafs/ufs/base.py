@@ -97,8 +97,8 @@ class UnderFileSystem(ABC):
         """Status of a file or directory; `NotFound` when neither exists."""
 
     @abstractmethod
-    def list_pages(self, uri: str) -> AsyncIterator[list[FileStatus]]:
-        """Children of a directory, streamed a page at a time in name order.
+    def list_batches(self, uri: str) -> AsyncIterator[list[FileStatus]]:
+        """Children of a directory, streamed a batch (one listing response) at a time in name order.
 
         Raises `NotFound` if the directory does not exist, `NotADirectory` for a file.
         """

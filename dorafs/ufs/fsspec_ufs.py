@@ -154,7 +154,7 @@ class FsspecUfs(UnderFileSystem):
             raise _failure("stat", uri, exc) from exc
         return status
 
-    async def list_pages(self, uri: str) -> AsyncIterator[list[FileStatus]]:
+    async def list_batches(self, uri: str) -> AsyncIterator[list[FileStatus]]:
         def listing() -> list[FileStatus]:
             path = self._path(uri)
             infos = self._fs.ls(path, detail=True)

@@ -345,7 +345,7 @@ class S3Ufs(UnderFileSystem):
             mtime=_seconds(head.get("LastModified")), version=str(head.get("ETag", "")),
         )
 
-    async def list_pages(self, uri: str) -> AsyncIterator[list[FileStatus]]:
+    async def list_batches(self, uri: str) -> AsyncIterator[list[FileStatus]]:
         bucket, key = split_uri(uri)
         prefix = key + "/" if key else ""
         params: dict[str, Any] = {"Prefix": prefix, "Delimiter": "/", "MaxKeys": self._page_size}
