@@ -51,7 +51,7 @@ def uri_of(i: int) -> str:
 def fill(path: Path, n: int, progress: Progress) -> float:
     """Bulk-load n statuses (and one 100k-entry listing) straight through the store's schema."""
     store = MetaStore(path, 1000)
-    store.open()
+    store.load()
     db = store._db
     task = progress.add_task(f"fill {n:,}", total=n)
     start = time.perf_counter()
@@ -99,7 +99,7 @@ async def measure(path: Path, n: int) -> dict:
     pages, after = [], ""
     for _ in range(100):
         t = time.perf_counter()
-        entries = await store.page(listing, after, 1000)
+        entries = await store.batch(listing, after, 1000)
         pages.append(time.perf_counter() - t)
         after = entries[-1].name
     store.close()

@@ -60,7 +60,7 @@ class Batch:
     owner: str  # worker id the files were grouped for
     files: list[dict]  # {"uri", "status"}
     nbytes: int = 0
-    open: bool = True  # still being filled by the walk
+    filling: bool = True  # still being filled by the walk
     retry: bool = False  # the end-of-job retry of failed files
     attempts: int = 0
     ring_version: int = -1  # membership version the files were grouped under
@@ -99,7 +99,7 @@ class Job:
     def from_dict(cls, data: dict) -> Job:
         data = dict(data)
         spec = JobSpec(**data.pop("spec"))
-        batches = {b["id"]: Batch(**b) for b in data.pop("batches")}
+        batches = {b["id"]: Batch(**_renamed(b)) for b in data.pop("batches")}
         counters = dict.fromkeys(COUNTERS, 0) | data.pop("counters")
         return cls(spec=spec, batches=batches, counters=counters, **data)
 
@@ -118,3 +118,12 @@ class Job:
         self.counters["files_failed"] += 1
         self.failed.append({"uri": uri, "error": error, "errno": errno})
         del self.failed[:-MAX_FAILED_KEPT]
+
+
+def _renamed(batch: dict) -> dict:
+    """A batch as saved by this version, from a state file of any version (a batch's
+    `filling` was called `open` before)."""
+    batch = dict(batch)
+    if "open" in batch:
+        batch["filling"] = batch.pop("open")
+    return batch

@@ -167,7 +167,7 @@ class Scheduler:
         else:
             job.counters["files_listed"], job.counters["bytes_listed"] = 1, root.size
             self._add(job, spec.uri, root)
-            self._close_open(job)
+            self._finish_filling(job)
             job.listing_done = True
         self.jobs[job.id] = job
         await self._save_now(job)
@@ -286,7 +286,7 @@ class Scheduler:
                     job.listing_done = False
                 else:
                     self._add(job, job.spec.uri, root)
-                    self._close_open(job)
+                    self._finish_filling(job)
                 self._mark(job)
                 continue
             if job.retry and not job.retrying:
@@ -294,7 +294,7 @@ class Scheduler:
                 log.info("job %s: retrying %d failed files", job.id, len(job.retry))
                 for item in job.retry:
                     self._add(job, item["uri"], FileStatus.from_dict(item["status"]), retry=True)
-                self._close_open(job)
+                self._finish_filling(job)
                 job.retry = []
                 self._mark(job)
                 continue
@@ -336,23 +336,23 @@ class Scheduler:
                 job.stack.pop()
                 self._mark(job)
             await self._room(job)
-        self._close_open(job)
+        self._finish_filling(job)
         job.listing_done = True
         self._mark(job)
 
     def _add(self, job: Job, uri: str, status: FileStatus, *, retry: bool = False) -> None:
-        """Put a file (or directory, for its status) in the open batch of its owner."""
+        """Put a file (or directory, for its status) in the batch of its owner still filling."""
         routing = self.routing()
         owner = routing.owner(uri)
         owner_id = owner.id if owner is not None else ""
-        batch = next((b for b in job.batches.values() if b.open and b.owner == owner_id and b.retry == retry), None)
+        batch = next((b for b in job.batches.values() if b.filling and b.owner == owner_id and b.retry == retry), None)
         if batch is None:
             batch = Batch(job.next_batch, owner_id, [], retry=retry, ring_version=self.table.version)
             job.next_batch += 1
             job.batches[batch.id] = batch
         batch.add(uri, status)
         if len(batch.files) >= BATCH_FILES or batch.nbytes >= self._batch_bytes(job, routing):
-            batch.open = False
+            batch.filling = False
             self._wake(job)
 
     @staticmethod
@@ -362,16 +362,16 @@ class Scheduler:
             return BATCH_BYTES
         return min(BATCH_BYTES, max(1, job.spec.bandwidth * BATCH_SECONDS // max(1, len(routing.workers))))
 
-    def _close_open(self, job: Job) -> None:
+    def _finish_filling(self, job: Job) -> None:
         for batch in job.batches.values():
-            batch.open = False
+            batch.filling = False
         self._wake(job)
 
     async def _room(self, job: Job) -> None:
         """Wait while enough batches are waiting to be sent (bounded memory)."""
         while True:
             limit = QUEUED_PER_WORKER * max(1, len(self.routing().workers))
-            if sum(1 for b in job.batches.values() if not b.open) < limit:
+            if sum(1 for b in job.batches.values() if not b.filling) < limit:
                 return
             await self._wait(job)
 
@@ -390,13 +390,13 @@ class Scheduler:
                 for wid, _ in running.values():
                     busy[wid] = busy.get(wid, 0) + 1
                 self._regroup(job, routing)
-                idle = [b for b in job.batches.values() if b.open and b.files and not busy.get(b.owner)
-                        and not any(q.owner == b.owner and not q.open for q in job.batches.values())]
+                idle = [b for b in job.batches.values() if b.filling and b.files and not busy.get(b.owner)
+                        and not any(q.owner == b.owner and not q.filling for q in job.batches.values())]
                 for batch in idle:  # keep workers busy while the walk is slow: send what there is
-                    batch.open = False
+                    batch.filling = False
                 now = trio.current_time()
                 for batch in sorted(job.batches.values(), key=lambda b: b.id):
-                    if batch.open or batch.id in running or batch.owner not in routing.workers:
+                    if batch.filling or batch.id in running or batch.owner not in routing.workers:
                         continue
                     if busy.get(batch.owner, 0) >= SLOTS_PER_WORKER or backoff.get(batch.owner, 0) > now:
                         continue
@@ -411,7 +411,7 @@ class Scheduler:
     def _regroup(self, job: Job, routing: Routing) -> None:
         """Queued batches grouped under an older ring go to the files' current owners."""
         for batch in list(job.batches.values()):
-            if batch.open or batch.ring_version == self.table.version:
+            if batch.filling or batch.ring_version == self.table.version:
                 continue
             owners = {}
             for item in batch.files:
@@ -426,7 +426,7 @@ class Scheduler:
             del job.batches[batch.id]
             for owner_id, items in owners.items():
                 new = Batch(job.next_batch, owner_id, items, sum(i["status"].get("size", 0) for i in items),
-                            open=False, retry=batch.retry, ring_version=self.table.version)
+                            filling=False, retry=batch.retry, ring_version=self.table.version)
                 job.next_batch += 1
                 job.batches[new.id] = new
             self._mark(job)

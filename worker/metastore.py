@@ -128,7 +128,7 @@ class MetaStore:
 
     # -- lifecycle ----------------------------------------------------------------------
 
-    def open(self) -> None:
+    def load(self) -> None:
         """Open (or recreate) the database and clear interrupted fills. Blocking."""
         try:
             self._db = self._connect()
@@ -260,7 +260,7 @@ class MetaStore:
             return None, "miss"
         return Listing(dir, row[0], row[1], row[2]), "disk"
 
-    async def page(self, listing: Listing, after: str, limit: int) -> list[FileStatus]:
+    async def batch(self, listing: Listing, after: str, limit: int) -> list[FileStatus]:
         """Up to `limit` entries named after `after`, in name order."""
         if listing.entries is not None:
             start = bisect.bisect_right(_Names(listing.entries), after) if after else 0

@@ -191,7 +191,7 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
     async def listing(req: Request) -> Response:
         uri = await allowed_uri(req)
         limit = min(req.int_arg("limit", 1000, minimum=1), MAX_LIST_LIMIT)
-        entries, after, fetched = await service.list_page(uri, req.query.get("after", ""), limit, ttl=_ttl(req, "ttl"))
+        entries, after, fetched = await service.list_batch(uri, req.query.get("after", ""), limit, ttl=_ttl(req, "ttl"))
         return json_response({"entries": [e.to_dict() for e in entries], "next": after,
                               "age": round(max(0.0, time.time() - fetched), 3)})
 

@@ -71,7 +71,7 @@ class WorkerService:
         """Load the cache and the metadata, then own the worker's background work (fills of
         whole runs, seals, listings fetched ahead) until cancelled, which stops all of it."""
         await trio.to_thread.run_sync(self.store.load)
-        await trio.to_thread.run_sync(self.meta.open)
+        await trio.to_thread.run_sync(self.meta.load)
         self.update_gauges()
         async with trio.open_nursery() as nursery:
             self.background = nursery
@@ -446,7 +446,7 @@ class WorkerService:
         await self._meta_flights.do(("list", directory), lambda: self._fill_listing(directory))
         self.metrics.listing_prefetches.inc()
 
-    async def list_page(self, uri: str, after: str, limit: int,
+    async def list_batch(self, uri: str, after: str, limit: int,
                         ttl: float | None = None) -> tuple[list[FileStatus], str | None, float]:
         """Up to `limit` entries named after `after`, the cursor for the next page, and
         the wall-clock time the listing was read from the UFS.
@@ -462,7 +462,7 @@ class WorkerService:
         else:
             self.metrics.metadata_requests.labels("list", level).inc()
         try:
-            entries = await self.meta.page(listing, after, limit + 1)
+            entries = await self.meta.batch(listing, after, limit + 1)
         except sqlite3.Error as exc:
             raise Unavailable(f"the metadata store cannot read the listing of {uri}: {exc}") from None
         more = len(entries) > limit

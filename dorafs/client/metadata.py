@@ -9,7 +9,7 @@ Subtleties:
   runs in the background, in the nursery the client owns, and keeps every status it
   brings, bounded by `LIST_AHEAD_ENTRIES`.
 - A listing comes in *batches* of up to `LIST_BATCH` entries (the wire protocol calls
-  them pages: `/v1/list?after=&limit=`, `WorkerClient.list_page`); `list_batches` yields
+  them pages: `/v1/list?after=&limit=`, `WorkerClient.list_batch`); `list_batches` yields
   them one at a time, so a directory of a million entries never sits in memory at once.
 - When the UFS fails (a worker answers EIO for a status or a listing it had to refresh),
   the mount asks the owner again for what it holds, whatever its age (`ttl=-1`): a store
@@ -94,9 +94,9 @@ class Metadata:
             try:
                 entries, after_next, age = await self._from_owner(
                     uri,
-                    lambda address: self._workers.list_page(address, uri, after, LIST_BATCH,
+                    lambda address: self._workers.list_batch(address, uri, after, LIST_BATCH,
                                                             ttl=self.config.listing_ttl),
-                    lambda address: self._workers.list_page(address, uri, after, LIST_BATCH, ttl=-1))
+                    lambda address: self._workers.list_batch(address, uri, after, LIST_BATCH, ttl=-1))
             except Unavailable:
                 self.stats.ufs_fallback_metadata += 1
                 async for batch in self.ufs.get(uri).list_batches(uri):

@@ -143,7 +143,7 @@ class WorkerClient:
         age = body.get("age")
         return FileStatus.from_dict(body), None if age is None else float(age)
 
-    async def list_page(self, address: str, uri: str, after: str, limit: int,
+    async def list_batch(self, address: str, uri: str, after: str, limit: int,
                         **ttls: float) -> tuple[list[FileStatus], str | None, float | None]:
         """Entries, the cursor for the next page, and the listing's age (seconds since the
         worker read it from the UFS)."""

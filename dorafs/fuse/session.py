@@ -234,7 +234,7 @@ class Session:
         if self._scope is not None:
             self._scope.cancel()
 
-    async def _read(self, buf) -> int:
+    async def _receive(self, buf) -> int:
         """One request into `buf`, waiting for one if needed; 0 at the end."""
         while True:
             try:
@@ -251,7 +251,7 @@ class Session:
     async def _init(self) -> bool:
         buf = bytearray(self.bufsize)
         while True:
-            n = await self._read(buf)
+            n = await self._receive(buf)
             if n == 0:
                 self.end_reason = "the device closed before INIT"
                 return False
