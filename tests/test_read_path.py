@@ -584,6 +584,9 @@ def test_a_random_reader_of_a_remote_worker_fetches_parts_of_pages(procs, s3_ser
     pages = next(float(line.split()[1]) for line in text.splitlines()
                  if line.startswith("dorafs_mount_worker_pages_total"))
     assert pages <= 3, text  # whole pages only for reads that happened to follow the one before
+    parts = next(float(line.split()[1]) for line in text.splitlines()
+                 if line.startswith("dorafs_mount_worker_page_parts_total"))
+    assert parts >= 40, text  # most of the file's 64 parts, each fetched once
     assert worker.counter("dorafs_worker_request_latency_seconds_count") >= 40  # parts, one request each
     assert worker.metrics()["dorafs_worker_ufs_requests_total{op=read}"] <= 5  # whole pages filled once
     assert worker.metrics()["dorafs_worker_pages"] <= 5

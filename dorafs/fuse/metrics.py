@@ -113,6 +113,9 @@ class ClientCollector:
         yield CounterMetricFamily("dorafs_mount_short_circuit_pages",
                                   "Pages read from a local worker's page file instead of over HTTP",
                                   value=stats.short_circuit_pages)
+        yield CounterMetricFamily("dorafs_mount_worker_page_parts",
+                                  "Parts of pages fetched from workers for random readers, instead of whole pages",
+                                  value=stats.worker_parts)
         yield CounterMetricFamily("dorafs_mount_statuses_kept",
                                   "Statuses answered from those the mount keeps, without asking a worker",
                                   value=self.client.statuses.hits)
