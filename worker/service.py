@@ -233,17 +233,31 @@ class WorkerService:
                 return None
             return memoryview(data)[:upto] if valid >= upto else None
 
-        async def cache_rest() -> None:  # each later page of the run, as soon as its bytes are in
+        def page_end(i: int) -> int:  # where page i ends in the run's bytes
+            return (i - index) * page_size + page_length(i, size, page_size)
+
+        async def cache_rest() -> None:
+            """Each later page of the run as soon as its bytes are in; the pages whose
+            bytes are in by then go with it, their files written by one thread call."""
             try:
-                for other in extra:
-                    upto = (other[1] - index) * page_size + page_length(other[1], size, page_size)
-                    await progress.wait_for(upto)
-                    view = have(upto)
-                    if view is None:
+                at = 0
+                while at < len(extra):
+                    await progress.wait_for(page_end(extra[at][1]))
+                    batch = []
+                    while at < len(extra) and len(batch) < WRITE_BATCH:
+                        upto = page_end(extra[at][1])
+                        view = have(upto)
+                        if view is None:
+                            break
+                        piece = view[upto - page_length(extra[at][1], size, page_size):]
+                        batch.append((extra[at], piece, checksum(piece)))
+                        at += 1
+                    if not batch:
                         break
-                    piece = view[upto - page_length(other[1], size, page_size):]
-                    await self.store.put(other, piece, checksum(piece))
-                    self._run_pages.pop(other).set()
+                    await self.store.put_many(batch)
+                    for other, _, _ in batch:
+                        self._run_pages.pop(other).set()
+                self._seal_if_whole(oid, size)
             finally:
                 for other in extra:
                     event = self._run_pages.pop(other, None)
@@ -275,6 +289,7 @@ class WorkerService:
         digest = checksum(view)  # the page is written from the receive buffer itself: no copy
         entry = await self.store.put(key, view, digest)
         self.update_gauges()
+        self._seal_if_whole(oid, size)  # (its run's later pages may have landed first)
         return PageResult(digest, len(view), entry=entry, data=view, key=key, run_pages=1 + len(extra))
 
     async def load_page(self, uri: str, version: str, size: int, index: int, *, verify: bool = False) -> bool:
@@ -344,6 +359,20 @@ class WorkerService:
         whole = await self.store.seal(oid, size, self.config.page_size)
         self.update_gauges()
         return whole
+
+    def _seal_if_whole(self, oid: str, size: int) -> None:
+        """Seal object version `oid` into one file in the background once its last page
+        is in (objects of a page or more, as load jobs do), so that a mount on this node
+        finds it whole at its next open instead of asking for the copy then."""
+        page_size = self.config.page_size
+        if self.background is None or size < page_size or self.store.whole(oid) is not None \
+                or self.store.is_sealing(oid) or self.store.count_of(oid) != page_count(size, page_size):
+            return
+        self.background.start_soon(self._seal, oid, size)
+
+    async def _seal(self, oid: str, size: int) -> None:
+        if await self.store.seal(oid, size, self.config.page_size) is not None:
+            self.update_gauges()
 
     async def page_part(self, result: PageResult, offset: int, length: int) -> bytes | memoryview | None:
         """Bytes [offset, offset+length) of a page (None: its file is gone). From memory
@@ -537,6 +566,7 @@ class WorkerService:
 
 
 MAX_RUN = 16  # pages one UFS read may fill for a sequential reader
+WRITE_BATCH = 8  # at most this many pages of a run written by one thread call
 
 
 def _within(fetched: float, ttl: float) -> bool:
