@@ -362,10 +362,11 @@ class WorkerService:
 
     def _seal_if_whole(self, oid: str, size: int) -> None:
         """Seal object version `oid` into one file in the background once its last page
-        is in (objects of a page or more, as load jobs do), so that a mount on this node
-        finds it whole at its next open instead of asking for the copy then."""
-        page_size = self.config.page_size
-        if self.background is None or size < page_size or self.store.whole(oid) is not None \
+        is in (objects of `seal_min_size` and of a page or more), so that a mount on this
+        node finds it whole at its next open instead of waiting for the copy then, and
+        the copy is made while its pages are still in the kernel's page cache."""
+        page_size, least = self.config.page_size, self.config.seal_min_size
+        if self.background is None or not least or size < max(least, page_size) or self.store.whole(oid) is not None \
                 or self.store.is_sealing(oid) or self.store.count_of(oid) != page_count(size, page_size):
             return
         self.background.start_soon(self._seal, oid, size)
