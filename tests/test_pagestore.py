@@ -506,3 +506,45 @@ def test_concurrent_seals_of_one_object_make_one_file(tmp_path):
         assert results[0].path.read_bytes() == data
 
     trio.run(main)
+
+
+# -- a worker seals a version when its last page lands (worker/service.py) ---------------
+
+def test_a_worker_seals_a_version_when_its_last_page_lands(procs, s3_server, bucket):
+    """No mount and no load job asks for the object file: the worker makes it once every
+    page of the version is cached (seal_min_size, one page by default), its bytes exactly
+    the object's; with seal_min_size 0 the pages stay page files; a version smaller than
+    a page is never sealed."""
+    import os
+
+    import httpx
+
+    from tests.support import wait_for
+
+    mib = 1 << 20
+    s3 = s3_server.client()
+    data = os.urandom(3 * mib + 5)
+    etag = s3.put_object(Bucket=bucket, Key="seal/f.bin", Body=data)["ETag"]
+    small = os.urandom(5000)
+    small_etag = s3.put_object(Bucket=bucket, Key="seal/small.bin", Body=small)["ETag"]
+    sealing = procs.worker()
+    pages_only = procs.worker(extra=["--seal-min-size", "0"])
+
+    def read(worker, name: str, version: str, content: bytes, index: int, run: int = 1) -> None:
+        params = {"uri": f"s3://{bucket}/seal/{name}", "version": version, "size": len(content),
+                  "index": index, "page_size": mib, "run": run}
+        r = httpx.get(f"http://{worker.address}/v1/page", params=params, timeout=30)
+        assert r.status_code == 200 and r.content == content[index * mib:(index + 1) * mib]
+
+    for worker in (sealing, pages_only):
+        read(worker, "f.bin", etag, data, 0)
+        read(worker, "f.bin", etag, data, 1, run=3)  # the run brings the last two pages
+        read(worker, "small.bin", small_etag, small, 0)
+    wait_for(lambda: sealing.metrics()["dorafs_worker_whole_objects"] == 1, what="the version sealed")
+    objects = [p for p in (sealing.cache_dir / "objects").glob("??/*") if p.is_file() and "." not in p.name]
+    assert len(objects) == 1 and objects[0].read_bytes() == data
+    wait_for(lambda: len(sealing.page_files()) == 1, what="its page files unlinked")  # the small file's page
+    for i in range(4):  # served from the object file now
+        read(sealing, "f.bin", etag, data, i)
+    assert sealing.counter("dorafs_worker_ufs_requests_total") == 3  # two reads of f.bin, one of small.bin
+    assert pages_only.metrics()["dorafs_worker_whole_objects"] == 0 and len(pages_only.page_files()) == 5
