@@ -13,11 +13,11 @@
   GET /v1/locate?uri=&version=&size=&index=&page_size=[&count=N]
         where the files of pages index.. index+N-1 are, {"pages": [{"index", "path",
         "size", "checksum", "offset"}]} (offset: where the page starts in the file),
-        consecutive from `index`: the cached ones, up to and
-        including the first miss, which one UFS read fills with the misses after it
-        (as run=N) and which is answered once its own bytes are in; ending early at the
-        next page not in yet or at a page held only in memory. For short-circuit reads
-        by a client on the same machine (dorafs/client/local.py)
+        consecutive from `index`: the cached ones, and from the first miss on, which one
+        UFS read fills with the misses after it (as run=N), the pages that read (or a
+        run already in flight) brings, once they have landed; ending early at a page
+        neither cached nor being filled, or at a page held only in memory. For
+        short-circuit reads by a client on the same machine (dorafs/client/local.py)
   GET /v1/object?uri=&version=&size=&index=0&page_size=
         &wait=0|1 {"object": {"path", "size", "page_size", "checksums"} | null}: the one file of a
         wholly cached object version (sealed now if its pages are cached, or with wait=0
@@ -155,14 +155,15 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
         uri, version, size, index = await page_args(req)
         count = min(req.int_arg("count", 1, minimum=1), MAX_RUN, page_count(size, service.config.page_size) - index)
         # Cached pages come at once; the first missing one fills the rest of the run with
-        # one UFS read and is answered as soon as its own bytes are in (the run goes on
-        # landing meanwhile, and the caller asks for the pages after it).
+        # one UFS read, and the answer waits for the pages that read (or another run in
+        # flight) brings: a readahead run is one request, not one per page. It ends at
+        # a page that is neither cached nor being filled (no second UFS read).
         pages = []
         waited = False
         for i in range(index, index + max(1, count)):
             result = service.ready(uri, version, size, i)
             if result is None:
-                if waited:
+                if waited and not service.filling(uri, version, i):
                     break
                 result = await service.page(uri, version, size, i, verify=False, run=index + count - i)
                 waited = True

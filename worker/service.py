@@ -160,6 +160,11 @@ class WorkerService:
         self.metrics.bytes_served.inc(entry.size)
         return PageResult(entry.checksum, entry.size, entry=entry, hit=True, key=key)
 
+    def filling(self, uri: str, version: str, index: int) -> bool:
+        """Is a fill in flight that will cache this page (a run, or its own)?"""
+        key = (object_id(uri, version), index)
+        return key in self._run_pages or key in self._page_flights
+
     async def _cached(self, uri: str, version: str, size: int, index: int,
                       verify: bool) -> tuple[tuple[str, int], PageEntry | None]:
         """The page's key and its cached entry (None on a miss), after any run filling it
