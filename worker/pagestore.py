@@ -14,6 +14,8 @@ Subtleties:
 - Evicted files are unlinked on the trio thread, before the put that evicted them
   continues (one unlink per page written, microseconds on a local disk): a late unlink
   in a thread could delete a page re-cached under the same name in the meantime.
+- The pages of a run whose bytes are in are written by one thread call (`put_many`),
+  their room reserved first; each page still gets its own temp file and rename.
 - The index lives on the trio thread; file I/O runs in threads. Readers of a page that
   eviction unlinks concurrently still hold their open fd, so sendfile completes.
 - A full or failing cache disk never fails a read: the page is served from memory
@@ -24,9 +26,10 @@ Subtleties:
   then one is tried again; a successful write ends the fault. Other errors concern one
   page's path and are only counted. `health()` says what is wrong.
 
-Whole objects: `seal` (asked by a mount on this node that wants to hand a wholly cached
-object to the kernel) copies its pages, each checked against its checksum, into one file
-at their offsets,
+Whole objects: `seal` (called by the worker when the last page of a version of
+`seal_min_size` or more lands, or asked by a mount on this node that wants to hand a
+wholly cached object to the kernel, or by a load job) copies its pages, each checked
+against its checksum, into one file at their offsets,
 `ROOT/objects/<oid[:2]>/<oid>`, with `<oid>.sums` beside it (JSON: size, page size, the
 checksum of every page); then the page entries point into that file (`PageEntry.offset`)
 and the page files are unlinked. Such a file is what a mount on this node hands to the
@@ -47,7 +50,9 @@ sendfile, page by page or run by run, from its offsets.
   never exceed the bound: while they fill it, new pages are served without caching.
 - Sealing costs one read and one write of the object on the cache disk, once, and room
   for the copy while it is made; it is refused (the pages stay as they are) when making
-  room would evict pages of the object itself. Objects nobody asks for stay as pages.
+  room would evict pages of the object itself. Made when the last page lands, the copy
+  reads pages still in the kernel's page cache. Versions smaller than `seal_min_size`
+  (or a page) stay as pages unless asked for, and so do partly cached ones.
 """
 
 from __future__ import annotations
@@ -56,7 +61,6 @@ import errno
 import fcntl
 import itertools
 import json
-import mmap
 import logging
 import os
 import time
@@ -405,14 +409,18 @@ class PageStore:
         return whole
 
     def _write_whole(self, whole: WholeObject, sources: list[Path]) -> tuple[Path, Path] | int | None:
-        """Write the object file and its sums under temp names: each page file copied
-        in the kernel (`copy_file_range`: no byte through Python), then every page of
-        the copy checked against its checksum from the page cache (a mapping, no copy);
-        None if a page file went, the index of a corrupt page."""
+        """Write the object file and its sums under temp names, checking every page
+        against its checksum; None if a page file went, the index of a corrupt page.
+
+        Each page is read into one buffer kept for the whole copy (no fresh memory per
+        page), checked there, and written from it. The kernel's own copy
+        (`copy_file_range`) costs as much CPU on ext4, which cannot share the blocks,
+        and would need a second pass over the copy to check it (bench/README.md)."""
         whole.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         stem = whole.path.parent / f"{whole.path.name}.{uuid.uuid4().hex[:8]}"
         tmp_file, tmp_sums = Path(f"{stem}.tmp"), Path(f"{stem}.sums.tmp")
-        out = os.open(tmp_file, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        out = os.open(tmp_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        buffer = bytearray(min(whole.page_size, whole.size) + 1)  # +1: a longer page file shows
         try:
             for index, source in enumerate(sources):
                 try:
@@ -423,18 +431,18 @@ class PageStore:
                     return None
                 try:
                     length = min(whole.page_size, whole.size - index * whole.page_size)
-                    copied = os.fstat(src).st_size == length and _copy(src, out, length, index * whole.page_size)
+                    got = _read_fully(src, memoryview(buffer)[:length + 1])
                 finally:
                     os.close(src)
-                if not copied:
+                data = memoryview(buffer)[:length]
+                if got != length or checksum(data) != whole.checksums[index]:
                     os.close(out)
                     tmp_file.unlink(missing_ok=True)
                     return index
-            bad = _check_pages(out, whole)
-            if bad is not None:
-                os.close(out)
-                tmp_file.unlink(missing_ok=True)
-                return bad
+                at = index * whole.page_size
+                while data:
+                    n = os.pwrite(out, data, at)
+                    data, at = data[n:], at + n
             with open(tmp_sums, "w") as f:
                 json.dump({"size": whole.size, "page_size": whole.page_size, "checksums": whole.checksums}, f)
         except BaseException:
@@ -599,45 +607,16 @@ def _unlink(path: str) -> None:
         pass
 
 
-def _copy(src: int, out: int, length: int, at: int) -> bool:
-    """Copy `length` bytes from the start of `src` to `at` in `out`, in the kernel;
-    False if `src` had fewer."""
-    done = 0
-    try:
-        while done < length:
-            n = os.copy_file_range(src, out, length - done, done, at + done)
-            if n == 0:
-                return False
-            done += n
-        return True
-    except OSError as exc:  # a file system or kernel without it: through a buffer
-        if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-            raise
-    data = os.pread(src, length - done, done)
-    if len(data) != length - done:
-        return False
-    view, at = memoryview(data), at + done
-    while view:
-        n = os.pwrite(out, view, at)
-        view, at = view[n:], at + n
-    return True
-
-
-def _check_pages(fd: int, whole: WholeObject) -> int | None:
-    """The index of the first page of object file `fd` that does not match its
-    checksum, or None: read through a mapping of the file (no copy into Python)."""
-    if whole.size == 0:
-        return None
-    with mmap.mmap(fd, whole.size, prot=mmap.PROT_READ) as mapped:
-        view = memoryview(mapped)
-        try:
-            for index, expected in enumerate(whole.checksums):
-                at = index * whole.page_size
-                if checksum(view[at:at + whole.page_size]) != expected:
-                    return index
-        finally:
-            view.release()
-    return None
+def _read_fully(fd: int, into: memoryview) -> int:
+    """Read from the start of `fd` into `into` until it is full or the file ends; the
+    bytes read."""
+    got = 0
+    while got < len(into):
+        n = os.preadv(fd, [into[got:]], got)
+        if n == 0:
+            break
+        got += n
+    return got
 
 
 def _read_sums(path: Path) -> WholeObject | None:
