@@ -512,9 +512,10 @@ def test_concurrent_seals_of_one_object_make_one_file(tmp_path):
 
 def test_a_worker_seals_a_version_when_its_last_page_lands(procs, s3_server, bucket):
     """No mount and no load job asks for the object file: the worker makes it once every
-    page of the version is cached (seal_min_size, one page by default), its bytes exactly
-    the object's; with seal_min_size 0 the pages stay page files; a version smaller than
-    a page is never sealed."""
+    page of a version that a mount on this machine reads from its files (/v1/locate) is
+    cached, its bytes exactly the object's. Not for a version read only over HTTP (a
+    remote mount cannot hold the file), nor with seal_min_size 0, nor for a version
+    smaller than a page."""
     import os
 
     import httpx
@@ -523,28 +524,43 @@ def test_a_worker_seals_a_version_when_its_last_page_lands(procs, s3_server, buc
 
     mib = 1 << 20
     s3 = s3_server.client()
-    data = os.urandom(3 * mib + 5)
-    etag = s3.put_object(Bucket=bucket, Key="seal/f.bin", Body=data)["ETag"]
-    small = os.urandom(5000)
-    small_etag = s3.put_object(Bucket=bucket, Key="seal/small.bin", Body=small)["ETag"]
+    objects = {name: os.urandom(size) for name, size in (("here.bin", 3 * mib + 5), ("remote.bin", 2 * mib + 9),
+                                                         ("small.bin", 5000))}
+    etags = {name: s3.put_object(Bucket=bucket, Key=f"seal/{name}", Body=data)["ETag"]
+             for name, data in objects.items()}
     sealing = procs.worker()
     pages_only = procs.worker(extra=["--seal-min-size", "0"])
 
-    def read(worker, name: str, version: str, content: bytes, index: int, run: int = 1) -> None:
-        params = {"uri": f"s3://{bucket}/seal/{name}", "version": version, "size": len(content),
-                  "index": index, "page_size": mib, "run": run}
-        r = httpx.get(f"http://{worker.address}/v1/page", params=params, timeout=30)
-        assert r.status_code == 200 and r.content == content[index * mib:(index + 1) * mib]
+    def params(name: str, index: int, **more) -> dict:
+        return {"uri": f"s3://{bucket}/seal/{name}", "version": etags[name], "size": len(objects[name]),
+                "index": index, "page_size": mib, **more}
+
+    def page(worker, name: str, index: int, run: int = 1) -> None:
+        r = httpx.get(f"http://{worker.address}/v1/page", params=params(name, index, run=run), timeout=30)
+        assert r.status_code == 200 and r.content == objects[name][index * mib:(index + 1) * mib]
+
+    def locate(worker, name: str, index: int, count: int) -> list[int]:
+        r = httpx.get(f"http://{worker.address}/v1/locate", params=params(name, index, count=count), timeout=30)
+        assert r.status_code == 200
+        for p in r.json()["pages"]:
+            with open(p["path"], "rb") as f:
+                f.seek(p["offset"])
+                assert f.read(p["size"]) == objects[name][p["index"] * mib:p["index"] * mib + p["size"]]
+        return [p["index"] for p in r.json()["pages"]]
 
     for worker in (sealing, pages_only):
-        read(worker, "f.bin", etag, data, 0)
-        read(worker, "f.bin", etag, data, 1, run=3)  # the run brings the last two pages
-        read(worker, "small.bin", small_etag, small, 0)
+        assert locate(worker, "here.bin", 0, 1) == [0]
+        assert locate(worker, "here.bin", 1, 3) == [1, 2, 3]  # the run's pages, in one answer
+        assert locate(worker, "small.bin", 0, 1) == [0]
+        page(worker, "remote.bin", 0, run=3)
+        page(worker, "remote.bin", 1)
+        page(worker, "remote.bin", 2)
     wait_for(lambda: sealing.metrics()["dorafs_worker_whole_objects"] == 1, what="the version sealed")
-    objects = [p for p in (sealing.cache_dir / "objects").glob("??/*") if p.is_file() and "." not in p.name]
-    assert len(objects) == 1 and objects[0].read_bytes() == data
-    wait_for(lambda: len(sealing.page_files()) == 1, what="its page files unlinked")  # the small file's page
+    sealed = [p for p in (sealing.cache_dir / "objects").glob("??/*") if p.is_file() and "." not in p.name]
+    assert len(sealed) == 1 and sealed[0].read_bytes() == objects["here.bin"]
+    wait_for(lambda: len(sealing.page_files()) == 4, what="its page files unlinked")  # remote.bin's 3, small.bin's 1
     for i in range(4):  # served from the object file now
-        read(sealing, "f.bin", etag, data, i)
-    assert sealing.counter("dorafs_worker_ufs_requests_total") == 3  # two reads of f.bin, one of small.bin
-    assert pages_only.metrics()["dorafs_worker_whole_objects"] == 0 and len(pages_only.page_files()) == 5
+        page(sealing, "here.bin", i)
+    assert locate(sealing, "here.bin", 0, 4) == [0, 1, 2, 3]
+    assert sealing.counter("dorafs_worker_ufs_requests_total") == 4  # two reads of here.bin, one of each other
+    assert pages_only.metrics()["dorafs_worker_whole_objects"] == 0 and len(pages_only.page_files()) == 8

@@ -26,9 +26,9 @@ Subtleties:
   then one is tried again; a successful write ends the fault. Other errors concern one
   page's path and are only counted. `health()` says what is wrong.
 
-Whole objects: `seal` (called by the worker when the last page of a version of
-`seal_min_size` or more lands, or asked by a mount on this node that wants to hand a
-wholly cached object to the kernel, or by a load job) copies its pages, each checked
+Whole objects: `seal` (called by the worker when the last page lands of a version of
+`seal_min_size` or more that a mount on this node reads from its files, or asked by
+such a mount that wants to hand a wholly cached object to the kernel, or by a load job) copies its pages, each checked
 against its checksum, into one file at their offsets,
 `ROOT/objects/<oid[:2]>/<oid>`, with `<oid>.sums` beside it (JSON: size, page size, the
 checksum of every page); then the page entries point into that file (`PageEntry.offset`)

@@ -158,6 +158,7 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
         # one UFS read, and the answer waits for the pages that read (or another run in
         # flight) brings: a readahead run is one request, not one per page. It ends at
         # a page that is neither cached nor being filled (no second UFS read).
+        service.read_here(uri, version)  # a mount on this machine: worth sealing once whole
         pages = []
         waited = False
         for i in range(index, index + max(1, count)):

@@ -18,6 +18,7 @@ import logging
 import os
 import sqlite3
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +66,9 @@ class WorkerService:
         self._file_limiter = trio.CapacityLimiter(8)  # verification reads off the loop
         self.background: trio.Nursery | None = None  # the service's own, while `run` runs
         self._scans = ListingPrefetch(self._prefetch_listing)  # stat misses per directory -> its listing
+        # Versions a mount on this machine reads from their files (/v1/locate), most recent
+        # last: sealed when their last page lands, since such a mount can hold the file.
+        self._read_here: OrderedDict[str, None] = OrderedDict()
         self.health: str | None = None  # why caching is degraded (None: it works)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -159,6 +163,14 @@ class WorkerService:
         self.metrics.page_requests.labels("hit").inc()
         self.metrics.bytes_served.inc(entry.size)
         return PageResult(entry.checksum, entry.size, entry=entry, hit=True, key=key)
+
+    def read_here(self, uri: str, version: str) -> None:
+        """A mount on this machine reads this version from its files (short-circuit)."""
+        oid = object_id(uri, version)
+        self._read_here[oid] = None
+        self._read_here.move_to_end(oid)
+        while len(self._read_here) > READ_HERE_KEPT:
+            self._read_here.popitem(last=False)
 
     def filling(self, uri: str, version: str, index: int) -> bool:
         """Is a fill in flight that will cache this page (a run, or its own)?"""
@@ -367,11 +379,14 @@ class WorkerService:
 
     def _seal_if_whole(self, oid: str, size: int) -> None:
         """Seal object version `oid` into one file in the background once its last page
-        is in (objects of `seal_min_size` and of a page or more), so that a mount on this
-        node finds it whole at its next open instead of waiting for the copy then, and
-        the copy is made while its pages are still in the kernel's page cache."""
+        is in, if a mount on this machine reads it from its files (`read_here`) and it is
+        of `seal_min_size` and a page or more: that mount then finds it whole at its next
+        open instead of waiting for the copy, and the copy is made while the pages are
+        still in the kernel's page cache. Versions only remote mounts read are not
+        copied (they cannot hold the file); load jobs seal what they load."""
         page_size, least = self.config.page_size, self.config.seal_min_size
-        if self.background is None or not least or size < max(least, page_size) or self.store.whole(oid) is not None \
+        if self.background is None or not least or size < max(least, page_size) or oid not in self._read_here \
+                or self.store.whole(oid) is not None \
                 or self.store.is_sealing(oid) or self.store.count_of(oid) != page_count(size, page_size):
             return
         self.background.start_soon(self._seal, oid, size)
@@ -573,6 +588,7 @@ class WorkerService:
 
 MAX_RUN = 16  # pages one UFS read may fill for a sequential reader
 WRITE_BATCH = 8  # at most this many pages of a run written by one thread call
+READ_HERE_KEPT = 4096  # versions remembered as read by a mount on this machine
 
 
 def _within(fetched: float, ttl: float) -> bool:
