@@ -136,6 +136,7 @@ class PageStore:
         self.corrupt = 0  # corrupt pages found while sealing
         self._held_checked = 0.0
         self._serial = itertools.count()  # temp file names (the temp directory is emptied on start)
+        self._pid = os.getpid()
 
     def __len__(self) -> int:
         return len(self._index)
@@ -574,7 +575,7 @@ class PageStore:
         return None
 
     def _write(self, final: str, data: bytes | memoryview) -> None:
-        tmp = f"{self.tmp}/{os.getpid()}-{next(self._serial)}.tmp"
+        tmp = f"{self.tmp}/{self._pid}-{next(self._serial)}.tmp"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileNotFoundError:  # the temp directory went: make it again
