@@ -172,10 +172,10 @@ class WorkerService:
         while len(self._read_here) > READ_HERE_KEPT:
             self._read_here.popitem(last=False)
 
-    def filling(self, uri: str, version: str, index: int) -> bool:
-        """Is a fill in flight that will cache this page (a run, or its own)?"""
-        key = (object_id(uri, version), index)
-        return key in self._run_pages or key in self._page_flights
+    def run_landing(self, uri: str, version: str, index: int) -> trio.Event | None:
+        """Set when a run in flight has cached this page (or given up on it); None when
+        no run is filling it."""
+        return self._run_pages.get((object_id(uri, version), index))
 
     async def _cached(self, uri: str, version: str, size: int, index: int,
                       verify: bool) -> tuple[tuple[str, int], PageEntry | None]:
@@ -392,7 +392,11 @@ class WorkerService:
         self.background.start_soon(self._seal, oid, size)
 
     async def _seal(self, oid: str, size: int) -> None:
-        if await self.store.seal(oid, size, self.config.page_size) is not None:
+        # A moment first: a mount reading the last pages opens their page files right
+        # after /v1/locate named them (and keeps them); sealing unlinks them, and a page
+        # file gone before its open is fetched over HTTP instead.
+        await trio.sleep(SEAL_DELAY)
+        if self.store.whole(oid) is None and await self.store.seal(oid, size, self.config.page_size) is not None:
             self.update_gauges()
 
     async def page_part(self, result: PageResult, offset: int, length: int) -> bytes | memoryview | None:
@@ -589,6 +593,7 @@ class WorkerService:
 MAX_RUN = 16  # pages one UFS read may fill for a sequential reader
 WRITE_BATCH = 8  # at most this many pages of a run written by one thread call
 READ_HERE_KEPT = 4096  # versions remembered as read by a mount on this machine
+SEAL_DELAY = 1.0  # seconds from a version's last page to its seal (see _seal)
 
 
 def _within(fetched: float, ttl: float) -> bool:
