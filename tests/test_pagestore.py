@@ -550,7 +550,7 @@ def test_a_worker_seals_a_version_when_its_last_page_lands(procs, s3_server, buc
 
     for worker in (sealing, pages_only):
         assert locate(worker, "here.bin", 0, 1) == [0]
-        got = locate(worker, "here.bin", 1, 3)  # page 1, and the pages of its run that landed right after it
+        got = locate(worker, "here.bin", 1, 3)  # page 1, and the pages of its run cached by then
         assert got == list(range(1, 1 + len(got))) and got
         wait_for(lambda: locate(worker, "here.bin", 1, 3) == [1, 2, 3], what="the run's pages")
         assert locate(worker, "small.bin", 0, 1) == [0]

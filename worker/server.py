@@ -13,12 +13,11 @@
   GET /v1/locate?uri=&version=&size=&index=&page_size=[&count=N]
         where the files of pages index.. index+N-1 are, {"pages": [{"index", "path",
         "size", "checksum", "offset"}]} (offset: where the page starts in the file),
-        consecutive from `index`: the cached ones, up to and including the first miss,
-        which one UFS read fills with the misses after it (as run=N) and which is
-        answered once its own bytes are in, with the pages of that run that land within
-        LOCATE_GATHER of each other; ending early at a page not in by then, or held only
-        in memory. For short-circuit reads by a client on the same machine
-        (dorafs/client/local.py)
+        consecutive from `index`: the cached ones, up to and
+        including the first miss, which one UFS read fills with the misses after it
+        (as run=N) and which is answered once its own bytes are in; ending early at the
+        next page not in yet or at a page held only in memory. For short-circuit reads
+        by a client on the same machine (dorafs/client/local.py)
   GET /v1/object?uri=&version=&size=&index=0&page_size=
         &wait=0|1 {"object": {"path", "size", "page_size", "checksums"} | null}: the one file of a
         wholly cached object version (sealed now if its pages are cached, or with wait=0
@@ -68,9 +67,6 @@ from worker.pagestore import checksum
 from worker.service import MAX_RUN, WorkerService
 
 MAX_LIST_LIMIT = 10_000
-# How long a locate answer waits for each next page of the run it started (or found in
-# flight): a page of 1 MiB lands every 5-10 ms from a store at 100-200 MB/s.
-LOCATE_GATHER = 0.025
 
 
 def build_server(service: WorkerService, info: dict) -> HttpServer:
@@ -159,25 +155,16 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
         uri, version, size, index = await page_args(req)
         count = min(req.int_arg("count", 1, minimum=1), MAX_RUN, page_count(size, service.config.page_size) - index)
         # Cached pages come at once; the first missing one fills the rest of the run with
-        # one UFS read and is answered once its own bytes are in, with the pages of the
-        # run that land right after it (each waited for at most LOCATE_GATHER): from a
-        # fast store a readahead run is one request, not one per page, and from a slow
-        # one the reader still waits for its page, not for the run.
+        # one UFS read and is answered as soon as its own bytes are in (the run goes on
+        # landing meanwhile, and the caller asks for the pages after it).
         service.read_here(uri, version)  # a mount on this machine: worth sealing once whole
         pages = []
         waited = False
         for i in range(index, index + max(1, count)):
             result = service.ready(uri, version, size, i)
-            if result is None and waited:
-                landed = service.run_landing(uri, version, i)
-                if landed is None:  # not being filled by a run: the caller asks for it
+            if result is None:
+                if waited:
                     break
-                with trio.move_on_after(LOCATE_GATHER):
-                    await landed.wait()
-                result = service.ready(uri, version, size, i)
-                if result is None:
-                    break
-            elif result is None:
                 result = await service.page(uri, version, size, i, verify=False, run=index + count - i)
                 waited = True
             if result.entry is None:

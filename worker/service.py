@@ -172,11 +172,6 @@ class WorkerService:
         while len(self._read_here) > READ_HERE_KEPT:
             self._read_here.popitem(last=False)
 
-    def run_landing(self, uri: str, version: str, index: int) -> trio.Event | None:
-        """Set when a run in flight has cached this page (or given up on it); None when
-        no run is filling it."""
-        return self._run_pages.get((object_id(uri, version), index))
-
     async def _cached(self, uri: str, version: str, size: int, index: int,
                       verify: bool) -> tuple[tuple[str, int], PageEntry | None]:
         """The page's key and its cached entry (None on a miss), after any run filling it
