@@ -28,9 +28,9 @@ Subtleties:
 
 Whole objects: `seal` (called by the worker when the last page lands of a version of
 `seal_min_size` or more that a mount on this node reads from its files, or asked by
-such a mount that wants to hand a wholly cached object to the kernel, or by a load job) copies its pages, each checked
-against its checksum, into one file at their offsets,
-`ROOT/objects/<oid[:2]>/<oid>`, with `<oid>.sums` beside it (JSON: size, page size, the
+such a mount that wants to hand a wholly cached object to the kernel, or by a load
+job) copies its pages, each checked against its checksum, into one file at their
+offsets, `ROOT/objects/<oid[:2]>/<oid>`, with `<oid>.sums` beside it (JSON: size, page size, the
 checksum of every page); then the page entries point into that file (`PageEntry.offset`)
 and the page files are unlinked. Such a file is what a mount on this node hands to the
 kernel for passthrough reads (`whole()` says where it is), and it is still sent with
