@@ -215,6 +215,10 @@ class WorkerConfig:
     cache_size: int = option(10 << 30, _size, "page cache capacity; 10GiB fits a shard and a laptop disk")
     page_size: int = option(DEFAULT_PAGE_SIZE, _size,
                             "page size; 1MiB serves eight 128 KiB kernel reads per fetch")
+    seal_min_size: int = option(DEFAULT_PAGE_SIZE, _size_or_zero,
+                                "an object version this big or bigger that a mount on this machine reads from the "
+                                "worker's files is copied into one file as soon as its last page is cached (what such "
+                                "a mount hands to the kernel); 0: only when a mount or load job asks")
     status_ttl: float = option(300.0, _duration, "how long a cached status is trusted when a request names no TTL "
                                "(-1 never recheck, 0 always)")
     listing_ttl: float = option(300.0, _duration, "the same for a cached directory listing")

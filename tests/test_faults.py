@@ -147,9 +147,10 @@ def test_no_worker_answers_reads_go_to_the_ufs(procs, s3_server, bucket):
 
 def test_page_files_corrupted(procs, s3_server, bucket):
     data = put(s3_server.client(), bucket, "c/file.bin", 5 * MiB)
-    worker = procs.worker()
-    # Read page by page: a file this size read to its end would otherwise be sealed into
-    # one object file (tests/test_objectfiles.py rots one of those).
+    # Kept as pages and read page by page: a file this size cached whole or read to its
+    # end would otherwise be sealed into one object file (tests/test_objectfiles.py rots
+    # one of those).
+    worker = procs.worker(extra=["--seal-min-size", "0"])
     pagewise = "passthrough_min_size=64MiB"
     mount = procs.mount(f"s3://{bucket}/c", workers=[worker.address], options=pagewise)
     read_checked(mount.path("file.bin"), data)

@@ -506,3 +506,63 @@ def test_concurrent_seals_of_one_object_make_one_file(tmp_path):
         assert results[0].path.read_bytes() == data
 
     trio.run(main)
+
+
+# -- a worker seals a version when its last page lands (worker/service.py) ---------------
+
+def test_a_worker_seals_a_version_when_its_last_page_lands(procs, s3_server, bucket):
+    """No mount and no load job asks for the object file: the worker makes it once every
+    page of a version that a mount on this machine reads from its files (/v1/locate) is
+    cached, its bytes exactly the object's. Not for a version read only over HTTP (a
+    remote mount cannot hold the file), nor with seal_min_size 0, nor for a version
+    smaller than a page."""
+    import os
+
+    import httpx
+
+    from tests.support import wait_for
+
+    mib = 1 << 20
+    s3 = s3_server.client()
+    objects = {name: os.urandom(size) for name, size in (("here.bin", 3 * mib + 5), ("remote.bin", 2 * mib + 9),
+                                                         ("small.bin", 5000))}
+    etags = {name: s3.put_object(Bucket=bucket, Key=f"seal/{name}", Body=data)["ETag"]
+             for name, data in objects.items()}
+    sealing = procs.worker()
+    pages_only = procs.worker(extra=["--seal-min-size", "0"])
+
+    def params(name: str, index: int, **more) -> dict:
+        return {"uri": f"s3://{bucket}/seal/{name}", "version": etags[name], "size": len(objects[name]),
+                "index": index, "page_size": mib, **more}
+
+    def page(worker, name: str, index: int, run: int = 1) -> None:
+        r = httpx.get(f"http://{worker.address}/v1/page", params=params(name, index, run=run), timeout=30)
+        assert r.status_code == 200 and r.content == objects[name][index * mib:(index + 1) * mib]
+
+    def locate(worker, name: str, index: int, count: int) -> list[int]:
+        r = httpx.get(f"http://{worker.address}/v1/locate", params=params(name, index, count=count), timeout=30)
+        assert r.status_code == 200
+        for p in r.json()["pages"]:
+            with open(p["path"], "rb") as f:
+                f.seek(p["offset"])
+                assert f.read(p["size"]) == objects[name][p["index"] * mib:p["index"] * mib + p["size"]]
+        return [p["index"] for p in r.json()["pages"]]
+
+    for worker in (sealing, pages_only):
+        assert locate(worker, "here.bin", 0, 1) == [0]
+        got = locate(worker, "here.bin", 1, 3)  # page 1, and the pages of its run cached by then
+        assert got == list(range(1, 1 + len(got))) and got
+        wait_for(lambda: locate(worker, "here.bin", 1, 3) == [1, 2, 3], what="the run's pages")
+        assert locate(worker, "small.bin", 0, 1) == [0]
+        page(worker, "remote.bin", 0, run=3)
+        page(worker, "remote.bin", 1)
+        page(worker, "remote.bin", 2)
+    wait_for(lambda: sealing.metrics()["dorafs_worker_whole_objects"] == 1, what="the version sealed")
+    sealed = [p for p in (sealing.cache_dir / "objects").glob("??/*") if p.is_file() and "." not in p.name]
+    assert len(sealed) == 1 and sealed[0].read_bytes() == objects["here.bin"]
+    wait_for(lambda: len(sealing.page_files()) == 4, what="its page files unlinked")  # remote.bin's 3, small.bin's 1
+    for i in range(4):  # served from the object file now
+        page(sealing, "here.bin", i)
+    assert locate(sealing, "here.bin", 0, 4) == [0, 1, 2, 3]
+    assert sealing.counter("dorafs_worker_ufs_requests_total") == 4  # two reads of here.bin, one of each other
+    assert pages_only.metrics()["dorafs_worker_whole_objects"] == 0 and len(pages_only.page_files()) == 8

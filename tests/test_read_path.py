@@ -24,6 +24,10 @@ PAGE = MiB
 # one object file and held by the next open (tests/test_objectfiles.py), and what these
 # tests look at (page files, page requests, the page buffer) is the page path.
 PAGEWISE = "passthrough_min_size=1GiB"
+# A worker that keeps such files as pages: one seals a version of a page or more into one
+# object file as soon as its last page is cached (seal_min_size); the tests that look at
+# page files themselves ask it not to.
+PAGE_FILES = ["--seal-min-size", "0"]
 
 
 def put(s3, bucket: str, key: str, data: bytes) -> str:
@@ -163,7 +167,7 @@ def test_pages_live_only_on_their_ring_owner(procs, s3_server, bucket):
     s3 = s3_server.client()
     files = {f"f{i:02d}.bin": os.urandom(2 * MiB + i) for i in range(24)}
     etags = {name: put(s3, bucket, f"two/{name}", data) for name, data in files.items()}
-    workers = [procs.worker(), procs.worker()]
+    workers = [procs.worker(extra=PAGE_FILES), procs.worker(extra=PAGE_FILES)]
     mount = procs.mount(f"s3://{bucket}/two", workers=[w.address for w in workers], options=PAGEWISE)
     for name, data in files.items():
         assert read_file(mount.path(name)) == data
@@ -232,7 +236,7 @@ def test_overwritten_object_never_mixes_versions(procs, s3_server, bucket):
 def test_corrupt_page_file_is_detected_and_refetched(procs, s3_server, bucket):
     data = os.urandom(3 * MiB)
     put(s3_server.client(), bucket, "c/file.bin", data)
-    worker = procs.worker()
+    worker = procs.worker(extra=PAGE_FILES)
     mount = procs.mount(f"s3://{bucket}/c", workers=[worker.address], options=PAGEWISE)
     assert read_file(mount.path("file.bin")) == data
     mount.unmount()
@@ -442,7 +446,7 @@ def test_local_worker_pages_are_read_from_their_files(procs, s3_server, bucket):
 
     data = os.urandom(3 * MiB + 5)
     put(s3_server.client(), bucket, "sc/f.bin", data)
-    worker = procs.worker()
+    worker = procs.worker(extra=PAGE_FILES)
     counts = {}
     for setting in ("1", "0"):
         port = free_port()
@@ -522,7 +526,7 @@ def test_a_run_answer_carries_each_page_with_its_checksum_and_says_why_it_stops(
 
     data = os.urandom(5 * MiB + 77)
     etag = put(s3_server.client(), bucket, "wire/f.bin", data)
-    worker = procs.worker()
+    worker = procs.worker(extra=PAGE_FILES)
     uri = f"s3://{bucket}/wire/f.bin"
 
     async def run(index: int, count: int, version: str = etag) -> tuple[list[int], bytearray]:

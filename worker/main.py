@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None) -> tuple[WorkerConfig, Security, str | No
     p.add_argument("--cache-dir", help="page cache directory")
     p.add_argument("--cache-size", help="page cache capacity, e.g. 10GiB")
     p.add_argument("--page-size", help="page size, e.g. 1MiB")
+    p.add_argument("--seal-min-size", help="seal object versions this big or bigger that a mount on this machine "
+                   "reads into one file as soon as their last page is cached, e.g. 1MiB (0: only when asked)")
     p.add_argument("--status-ttl", help="how long a cached status is trusted by default, e.g. 5m (-1 never recheck)")
     p.add_argument("--listing-ttl", help="how long a cached directory listing is trusted by default, e.g. 5m")
     p.add_argument("--negative-ttl", help="how long a cached \"no such path\" is trusted by default, e.g. 30s")

@@ -14,6 +14,8 @@ Subtleties:
 - Evicted files are unlinked on the trio thread, before the put that evicted them
   continues (one unlink per page written, microseconds on a local disk): a late unlink
   in a thread could delete a page re-cached under the same name in the meantime.
+- The pages of a run whose bytes are in are written by one thread call (`put_many`),
+  their room reserved first; each page still gets its own temp file and rename.
 - The index lives on the trio thread; file I/O runs in threads. Readers of a page that
   eviction unlinks concurrently still hold their open fd, so sendfile completes.
 - A full or failing cache disk never fails a read: the page is served from memory
@@ -24,10 +26,11 @@ Subtleties:
   then one is tried again; a successful write ends the fault. Other errors concern one
   page's path and are only counted. `health()` says what is wrong.
 
-Whole objects: `seal` (asked by a mount on this node that wants to hand a wholly cached
-object to the kernel) copies its pages, each checked against its checksum, into one file
-at their offsets,
-`ROOT/objects/<oid[:2]>/<oid>`, with `<oid>.sums` beside it (JSON: size, page size, the
+Whole objects: `seal` (called by the worker when the last page lands of a version of
+`seal_min_size` or more that a mount on this node reads from its files, or asked by
+such a mount that wants to hand a wholly cached object to the kernel, or by a load
+job) copies its pages, each checked against its checksum, into one file at their
+offsets, `ROOT/objects/<oid[:2]>/<oid>`, with `<oid>.sums` beside it (JSON: size, page size, the
 checksum of every page); then the page entries point into that file (`PageEntry.offset`)
 and the page files are unlinked. Such a file is what a mount on this node hands to the
 kernel for passthrough reads (`whole()` says where it is), and it is still sent with
@@ -47,13 +50,16 @@ sendfile, page by page or run by run, from its offsets.
   never exceed the bound: while they fill it, new pages are served without caching.
 - Sealing costs one read and one write of the object on the cache disk, once, and room
   for the copy while it is made; it is refused (the pages stay as they are) when making
-  room would evict pages of the object itself. Objects nobody asks for stay as pages.
+  room would evict pages of the object itself. Made when the last page lands, the copy
+  reads pages still in the kernel's page cache. Versions smaller than `seal_min_size`
+  (or a page) stay as pages unless asked for, and so do partly cached ones.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -129,6 +135,8 @@ class PageStore:
         self.sealed = 0  # objects sealed since start
         self.corrupt = 0  # corrupt pages found while sealing
         self._held_checked = 0.0
+        self._serial = itertools.count()  # temp file names (the temp directory is emptied on start)
+        self._pid = os.getpid()
 
     def __len__(self) -> int:
         return len(self._index)
@@ -220,6 +228,10 @@ class PageStore:
     def pages_of(self, oid: str) -> set[int]:
         return set(self._by_object.get(oid, ()))
 
+    def count_of(self, oid: str) -> int:
+        """How many pages of object version `oid` are cached."""
+        return len(self._by_object.get(oid, ()))
+
     def whole(self, oid: str) -> WholeObject | None:
         """The sealed file of object version `oid`, if it is wholly cached as one."""
         return self._whole.get(oid)
@@ -241,44 +253,66 @@ class PageStore:
         """Store a page; None if it cannot be cached (too big, or the disk failed)."""
         if key in self._index:
             return self._index[key]
-        return await self._put(key, data, digest)
+        return (await self.put_many([(key, data, digest)]))[0]
 
-    async def _put(self, key: PageKey, data: bytes | memoryview, digest: str) -> PageEntry | None:
+    async def put_many(self, pages: list[tuple[PageKey, bytes | memoryview, str]]) -> list[PageEntry | None]:
+        """Store several pages (those of a run whose bytes are in) with one thread call
+        for all of their files; for each, its entry or None as `put` answers. Room for
+        all of them is reserved (evicting as needed) before the first file is written."""
+        out: list[PageEntry | None] = [None] * len(pages)
+        todo: list[tuple[int, PageKey, bytes | memoryview, str, str]] = []
+        taken: set[PageKey] = set()
+        for i, (key, data, digest) in enumerate(pages):
+            if key in self._index:
+                out[i] = self._index[key]
+            elif key not in taken and self._reserve(len(data)):
+                taken.add(key)
+                oid, index = key
+                todo.append((i, key, data, digest, f"{self.root}/{oid[:2]}/{oid}_{index}_{digest}"))
+        if not todo:
+            return out
+        try:
+            failure = await trio.to_thread.run_sync(self._write_all, [(t[4], t[2]) for t in todo],
+                                                    limiter=self._limiter)
+        finally:
+            for _, _, data, _, _ in todo:
+                self.used -= len(data)
+                self.reserved -= len(data)
+        written = len(todo) if failure is None else failure[0]
+        if failure is not None:
+            self.write_errors += 1
+            self._write_failed(failure[1], len(todo[written][2]))
+        elif self.fault is not None:
+            log.info("cache disk writes work again (after: %s)", self.fault)
+            self.fault = None
+        for i, key, data, digest, final in todo[:written]:
+            if key in self._index:  # a concurrent put of the same page won the race
+                out[i] = self._index[key]
+                continue
+            entry = PageEntry(Path(final), len(data), digest)
+            self._insert(key, entry)
+            out[i] = entry
+        return out
+
+    def _reserve(self, size: int) -> bool:
+        """Hold room for a page about to be written (evicting as needed); False when it
+        cannot be cached now (the disk failed a moment ago, too big, no room)."""
         self._check_held()
         now = time.monotonic()
         if self.fault is not None and now < self._retry_at:
-            return None  # the disk failed a moment ago: serve without caching
+            return False  # the disk failed a moment ago: serve without caching
         if self.limit < self.capacity and now >= self._regrow_at:
             log.info("trying the cache's full capacity again (%d bytes)", self.capacity)
             self.limit = self.capacity
-        size = len(data)
         if self.reserved + self.held + size > self.limit:
-            return None  # too big, or writes in flight hold the room: serve without caching
+            return False  # too big, or writes in flight hold the room: serve without caching
         while self.used + size > self.limit and self._index:
             self._evict_one()
         if self.used + size > self.limit:
-            return None  # files mounts hold fill it
+            return False  # files mounts hold fill it
         self.used += size  # reserved until the rename lands or fails
         self.reserved += size
-        oid, index = key
-        final = self.root / oid[:2] / f"{oid}_{index}_{digest}"
-        try:
-            await trio.to_thread.run_sync(self._write, final, data, limiter=self._limiter)
-        except OSError as exc:
-            self.write_errors += 1
-            self._write_failed(exc, size)
-            return None
-        finally:
-            self.used -= size
-            self.reserved -= size
-        if self.fault is not None:
-            log.info("cache disk writes work again (after: %s)", self.fault)
-            self.fault = None
-        if key in self._index:  # a concurrent put of the same page won the race
-            return self._index[key]
-        entry = PageEntry(final, size, digest)
-        self._insert(key, entry)
-        return entry
+        return True
 
     def drop(self, key: PageKey) -> None:
         """Forget a page and remove its file (all of its object's, for a sealed object)."""
@@ -377,11 +411,17 @@ class PageStore:
 
     def _write_whole(self, whole: WholeObject, sources: list[Path]) -> tuple[Path, Path] | int | None:
         """Write the object file and its sums under temp names, checking every page
-        against its checksum; None if a page file went, the index of a corrupt page."""
+        against its checksum; None if a page file went, the index of a corrupt page.
+
+        Each page is read into one buffer kept for the whole copy (no fresh memory per
+        page), checked there, and written from it. The kernel's own copy
+        (`copy_file_range`) costs as much CPU on ext4, which cannot share the blocks,
+        and would need a second pass over the copy to check it (bench/README.md)."""
         whole.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         stem = whole.path.parent / f"{whole.path.name}.{uuid.uuid4().hex[:8]}"
         tmp_file, tmp_sums = Path(f"{stem}.tmp"), Path(f"{stem}.sums.tmp")
         out = os.open(tmp_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        buffer = bytearray(min(whole.page_size, whole.size) + 1)  # +1: a longer page file shows
         try:
             for index, source in enumerate(sources):
                 try:
@@ -392,17 +432,18 @@ class PageStore:
                     return None
                 try:
                     length = min(whole.page_size, whole.size - index * whole.page_size)
-                    data = os.pread(src, length + 1, 0)
+                    got = _read_fully(src, memoryview(buffer)[:length + 1])
                 finally:
                     os.close(src)
-                if len(data) != length or checksum(data) != whole.checksums[index]:
+                data = memoryview(buffer)[:length]
+                if got != length or checksum(data) != whole.checksums[index]:
                     os.close(out)
                     tmp_file.unlink(missing_ok=True)
                     return index
-                view, at = memoryview(data), index * whole.page_size
-                while view:
-                    n = os.pwrite(out, view, at)
-                    view, at = view[n:], at + n
+                at = index * whole.page_size
+                while data:
+                    n = os.pwrite(out, data, at)
+                    data, at = data[n:], at + n
             with open(tmp_sums, "w") as f:
                 json.dump({"size": whole.size, "page_size": whole.page_size, "checksums": whole.checksums}, f)
         except BaseException:
@@ -522,25 +563,61 @@ class PageStore:
         except FileNotFoundError:
             pass
 
-    def _write(self, final: Path, data: bytes | memoryview) -> None:
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        tmp = self.tmp / f"{uuid.uuid4().hex}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    def _write_all(self, pages: list[tuple[str, bytes | memoryview]]) -> tuple[int, OSError] | None:
+        """Write page files (final name, bytes) one after another, each under a temp
+        name renamed into place; None when all landed, else how many did and the error
+        that stopped the rest (they are not written: the disk said what it thinks)."""
+        for done, (final, data) in enumerate(pages):
+            try:
+                self._write(final, data)
+            except OSError as exc:
+                return done, exc
+        return None
+
+    def _write(self, final: str, data: bytes | memoryview) -> None:
+        tmp = f"{self.tmp}/{self._pid}-{next(self._serial)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileNotFoundError:  # the temp directory went: make it again
+            self.tmp.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
         except OSError:
             os.close(fd)
-            tmp.unlink(missing_ok=True)  # a partial page would hold the space a full disk lacks
+            _unlink(tmp)  # a partial page would hold the space a full disk lacks
             raise
         os.close(fd)
         try:
-            final.parent.mkdir(mode=0o700, exist_ok=True)
-            os.rename(tmp, final)
+            try:
+                os.rename(tmp, final)
+            except FileNotFoundError:  # its directory is not there yet
+                os.makedirs(os.path.dirname(final), mode=0o700, exist_ok=True)
+                os.rename(tmp, final)
         except OSError:
-            tmp.unlink(missing_ok=True)
+            _unlink(tmp)
             raise
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _read_fully(fd: int, into: memoryview) -> int:
+    """Read from the start of `fd` into `into` until it is full or the file ends; the
+    bytes read."""
+    got = 0
+    while got < len(into):
+        n = os.preadv(fd, [into[got:]], got)
+        if n == 0:
+            break
+        got += n
+    return got
 
 
 def _read_sums(path: Path) -> WholeObject | None:

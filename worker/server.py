@@ -157,6 +157,7 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
         # Cached pages come at once; the first missing one fills the rest of the run with
         # one UFS read and is answered as soon as its own bytes are in (the run goes on
         # landing meanwhile, and the caller asks for the pages after it).
+        service.read_here(uri, version)  # a mount on this machine: worth sealing once whole
         pages = []
         waited = False
         for i in range(index, index + max(1, count)):

@@ -18,6 +18,7 @@ import logging
 import os
 import sqlite3
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +66,9 @@ class WorkerService:
         self._file_limiter = trio.CapacityLimiter(8)  # verification reads off the loop
         self.background: trio.Nursery | None = None  # the service's own, while `run` runs
         self._scans = ListingPrefetch(self._prefetch_listing)  # stat misses per directory -> its listing
+        # Versions a mount on this machine reads from their files (/v1/locate), most recent
+        # last: sealed when their last page lands, since such a mount can hold the file.
+        self._read_here: OrderedDict[str, None] = OrderedDict()
         self.health: str | None = None  # why caching is degraded (None: it works)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -160,6 +164,14 @@ class WorkerService:
         self.metrics.bytes_served.inc(entry.size)
         return PageResult(entry.checksum, entry.size, entry=entry, hit=True, key=key)
 
+    def read_here(self, uri: str, version: str) -> None:
+        """A mount on this machine reads this version from its files (short-circuit)."""
+        oid = object_id(uri, version)
+        self._read_here[oid] = None
+        self._read_here.move_to_end(oid)
+        while len(self._read_here) > READ_HERE_KEPT:
+            self._read_here.popitem(last=False)
+
     async def _cached(self, uri: str, version: str, size: int, index: int,
                       verify: bool) -> tuple[tuple[str, int], PageEntry | None]:
         """The page's key and its cached entry (None on a miss), after any run filling it
@@ -233,17 +245,31 @@ class WorkerService:
                 return None
             return memoryview(data)[:upto] if valid >= upto else None
 
-        async def cache_rest() -> None:  # each later page of the run, as soon as its bytes are in
+        def page_end(i: int) -> int:  # where page i ends in the run's bytes
+            return (i - index) * page_size + page_length(i, size, page_size)
+
+        async def cache_rest() -> None:
+            """Each later page of the run as soon as its bytes are in; the pages whose
+            bytes are in by then go with it, their files written by one thread call."""
             try:
-                for other in extra:
-                    upto = (other[1] - index) * page_size + page_length(other[1], size, page_size)
-                    await progress.wait_for(upto)
-                    view = have(upto)
-                    if view is None:
+                at = 0
+                while at < len(extra):
+                    await progress.wait_for(page_end(extra[at][1]))
+                    batch = []
+                    while at < len(extra) and len(batch) < WRITE_BATCH:
+                        upto = page_end(extra[at][1])
+                        view = have(upto)
+                        if view is None:
+                            break
+                        piece = view[upto - page_length(extra[at][1], size, page_size):]
+                        batch.append((extra[at], piece, checksum(piece)))
+                        at += 1
+                    if not batch:
                         break
-                    piece = view[upto - page_length(other[1], size, page_size):]
-                    await self.store.put(other, piece, checksum(piece))
-                    self._run_pages.pop(other).set()
+                    await self.store.put_many(batch)
+                    for other, _, _ in batch:
+                        self._run_pages.pop(other).set()
+                self._seal_if_whole(oid, size)
             finally:
                 for other in extra:
                     event = self._run_pages.pop(other, None)
@@ -275,6 +301,7 @@ class WorkerService:
         digest = checksum(view)  # the page is written from the receive buffer itself: no copy
         entry = await self.store.put(key, view, digest)
         self.update_gauges()
+        self._seal_if_whole(oid, size)  # (its run's later pages may have landed first)
         return PageResult(digest, len(view), entry=entry, data=view, key=key, run_pages=1 + len(extra))
 
     async def load_page(self, uri: str, version: str, size: int, index: int, *, verify: bool = False) -> bool:
@@ -344,6 +371,28 @@ class WorkerService:
         whole = await self.store.seal(oid, size, self.config.page_size)
         self.update_gauges()
         return whole
+
+    def _seal_if_whole(self, oid: str, size: int) -> None:
+        """Seal object version `oid` into one file in the background once its last page
+        is in, if a mount on this machine reads it from its files (`read_here`) and it is
+        of `seal_min_size` and a page or more: that mount then finds it whole at its next
+        open instead of waiting for the copy, and the copy is made while the pages are
+        still in the kernel's page cache. Versions only remote mounts read are not
+        copied (they cannot hold the file); load jobs seal what they load."""
+        page_size, least = self.config.page_size, self.config.seal_min_size
+        if self.background is None or not least or size < max(least, page_size) or oid not in self._read_here \
+                or self.store.whole(oid) is not None \
+                or self.store.is_sealing(oid) or self.store.count_of(oid) != page_count(size, page_size):
+            return
+        self.background.start_soon(self._seal, oid, size)
+
+    async def _seal(self, oid: str, size: int) -> None:
+        # A moment first: a mount reading the last pages opens their page files right
+        # after /v1/locate named them (and keeps them); sealing unlinks them, and a page
+        # file gone before its open is fetched over HTTP instead.
+        await trio.sleep(SEAL_DELAY)
+        if self.store.whole(oid) is None and await self.store.seal(oid, size, self.config.page_size) is not None:
+            self.update_gauges()
 
     async def page_part(self, result: PageResult, offset: int, length: int) -> bytes | memoryview | None:
         """Bytes [offset, offset+length) of a page (None: its file is gone). From memory
@@ -537,6 +586,9 @@ class WorkerService:
 
 
 MAX_RUN = 16  # pages one UFS read may fill for a sequential reader
+WRITE_BATCH = 8  # at most this many pages of a run written by one thread call
+READ_HERE_KEPT = 4096  # versions remembered as read by a mount on this machine
+SEAL_DELAY = 1.0  # seconds from a version's last page to its seal (see _seal)
 
 
 def _within(fetched: float, ttl: float) -> bool:
