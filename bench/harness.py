@@ -355,11 +355,14 @@ def run_phase(ctx, server, scenario, system, session, phase, *, prefill, console
         metrics_before = scrape_mount(m)
         s3_before = server.requests()
         start = time.perf_counter()
+        ctx.settle = lambda: settle(m)
         try:
             out = scenario.run(ctx, m.path, phase)
             error = None
         except Exception as exc:
             out, error = {}, f"{type(exc).__name__}: {exc}"
+        finally:
+            ctx.settle = lambda: None
         wall = time.perf_counter() - start
         through = mount_delta(metrics_before, scrape_mount(m))
         rss = watch.stop()
