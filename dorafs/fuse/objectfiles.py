@@ -29,8 +29,9 @@ through the page path is released, `prepare_soon` has the worker seal the versio
 now holds all of it, and verifies it: so a version read to its end by one reader, or in
 parts by several (four readers of a quarter each: whichever closes last), is held from
 its next open. A release while such a preparation runs asks again after it, since the
-worker may have answered before the last reader's pages were all there. That takes longer than reading the version again from the
-kernel's page cache (a 256 MiB file: about 120 ms, against 45 ms): an open meanwhile
+worker may have answered before the last reader's pages were all there. That takes
+longer than reading the version again from the kernel's page cache (a 256 MiB file:
+about 120 ms, against 45 ms): an open meanwhile
 waits for it only when the kernel holds no pages of that version for the inode;
 otherwise it reads those (`keep_cache`), and a later open holds the file. A load job
 (`dorafs-admin load`) seals every file of a page or more as it loads it; the first open
