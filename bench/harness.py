@@ -70,6 +70,63 @@ class RssWatch:
         return out
 
 
+# What a dorafs mount's reads went through, from its /metrics around one workload: opens
+# handed to the kernel (passthrough) or not and why, held object files, READs that reached
+# the mount (all of them, and those answered from a held object file).
+MOUNT_SERIES = ("dorafs_mount_passthrough_opens_total", "dorafs_mount_object_file_opens_total",
+                "dorafs_mount_reads_total", "dorafs_mount_object_file_reads_total")
+
+
+def scrape_mount(m: Mounted) -> dict[str, float] | None:
+    """The counters of MOUNT_SERIES (by label) of a mount serving /metrics; None otherwise."""
+    if m.metrics_port is None:
+        return None
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{m.metrics_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(MOUNT_SERIES):
+            name, _, value = line.rpartition(" ")
+            out[name.replace("dorafs_mount_", "").replace("_total", "")] = float(value)
+    return out
+
+
+def settle(m: Mounted, timeout: float = 180.0) -> float | None:
+    """Wait until a dorafs mount has no object file being prepared (sealed by its worker
+    and verified: what a version read to its end gets after its last close); the seconds
+    waited, or None for a mount without /metrics. A mount that stays up does this in the
+    background; the harness unmounts right after the cold pass, which would cut it short
+    and leave the warm pass a version still in pages."""
+    if m.metrics_port is None:
+        return None
+    import urllib.request
+    start = time.perf_counter()
+    idle = 0  # polls in a row with nothing being prepared: a last RELEASE may still be on its way
+    while time.perf_counter() - start < timeout and idle < 3:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{m.metrics_port}/metrics", timeout=5) as r:
+                text = r.read().decode()
+        except OSError:
+            return None
+        line = next((x for x in text.splitlines() if x.startswith("dorafs_mount_object_files_preparing ")), None)
+        if line is None:
+            return None
+        idle = idle + 1 if float(line.split()[1]) == 0 else 0
+        time.sleep(0.05)
+    return round(time.perf_counter() - start, 2)
+
+
+def mount_delta(before: dict | None, after: dict | None) -> dict[str, int] | None:
+    """What changed between two scrapes, left out where nothing did."""
+    if before is None or after is None:
+        return None
+    return {k: int(v - before.get(k, 0.0)) for k, v in after.items() if v != before.get(k, 0.0)}
+
+
 def ensure_dataset(server, spec: dataset.Spec) -> None:
     manifest = CACHE / f"dataset-{server.name}-{spec.mode}.json"
     s3 = server.client()
@@ -295,24 +352,35 @@ def run_phase(ctx, server, scenario, system, session, phase, *, prefill, console
     rows = scenario.row_names()
     with session.mount() as m:
         watch = RssWatch(m)
+        metrics_before = scrape_mount(m)
         s3_before = server.requests()
         start = time.perf_counter()
+        ctx.settle = lambda: settle(m)
         try:
             out = scenario.run(ctx, m.path, phase)
             error = None
         except Exception as exc:
             out, error = {}, f"{type(exc).__name__}: {exc}"
+        finally:
+            ctx.settle = lambda: None
         wall = time.perf_counter() - start
+        through = mount_delta(metrics_before, scrape_mount(m))
         rss = watch.stop()
         s3_requests = server.requests() - s3_before
+        settled = None
         if prefill and error is None:
             try:
                 scenario.prefill(ctx, m.path)
+                settled = settle(m)  # untimed: the warm pass finds what a mount left up would
             except Exception as exc:
                 error = f"prefill failed: {exc}"
     results = []
     for row in rows:
         value, detail = out.get(row, (None, {}))
+        if through is not None:
+            detail = dict(detail, mount=through)
+        if settled is not None:
+            detail = dict(detail, settle_s=settled)
         results.append(Result(row, phase, system.name, value, scenario.unit, scenario.higher_better, detail,
                               rss, s3_requests, round(wall, 3), error))
         rss_text = "+".join(f"{v:.0f}" for v in rss.values())
@@ -320,6 +388,9 @@ def run_phase(ctx, server, scenario, system, session, phase, *, prefill, console
                 f"{fmt(value, scenario.unit):>10} {scenario.unit:<9} RSS {rss_text:>9} MiB  "
                 f"S3 req {s3_requests:>6}  {wall:6.1f} s")
         console.print(f"  {row:<10} {phase:<5} {system.name:<8} {text}")
+        if through and row == rows[0]:
+            console.print("      mount: " + " ".join(f"{k}={v}" for k, v in sorted(through.items())) +
+                          (f"; then {settled} s until nothing was being prepared" if settled else ""))
         if error and os.environ.get("BENCH_DEBUG"):
             traceback.print_exc()
     return results

@@ -38,7 +38,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from procs import BENCH, CACHE, REGISTRY, Tracked, children, is_mounted, stop_pid, unmount, wait_for
+from procs import BENCH, CACHE, REGISTRY, Tracked, children, free_port, is_mounted, stop_pid, unmount, wait_for
 
 PY = sys.executable
 
@@ -55,6 +55,7 @@ class Mounted:
         self.path = path
         self.proc = proc
         self.rss_pids: dict[str, int] = {"mount": proc.pid}
+        self.metrics_port: int | None = None  # a dorafs mount's /metrics (what its reads went through)
 
 
 class Session:
@@ -73,6 +74,7 @@ class Session:
         mnt = self.root / f"mnt{self.mounts}"
         mnt.mkdir(parents=True, exist_ok=True)
         argv, env = self.system.mount_argv(self, mnt)
+        metrics_port = self.system.metrics_port
         proc = Tracked(f"{self.system.name}-mount", argv, self.root / "mount.log", env=env, cwd=self.system.cwd)
         REGISTRY.mountpoints.append(mnt.resolve())
         grandchildren: list[int] = []
@@ -85,6 +87,7 @@ class Session:
             wait_for(ready, timeout=60, what=f"the {self.system.name} mount")
             wait_for(lambda: os.path.isdir(mnt / "large"), timeout=30, what=f"{self.system.name} to serve")
             m = Mounted(self.system, mnt, proc)
+            m.metrics_port = metrics_port
             self.system.on_mounted(self, m)
             for pid in children(proc.pid):  # the embedded worker
                 grandchildren.append(pid)
@@ -113,6 +116,7 @@ class System:
     is_dorafs = False
     config = ""
     cwd: Path | None = None  # where its mount runs (None: this checkout)
+    metrics_port: int | None = None  # set by mount_argv for a mount that serves /metrics
 
     def __init__(self, s3, mode: str, workdir: Path):
         self.s3 = s3
@@ -158,9 +162,16 @@ class Dorafs(System):
         env.setdefault("DORAFS_LOG_LEVEL", "INFO")
         return env
 
+    def _options(self) -> str:
+        """-o of a mount: read-only, the run's options, and a /metrics listener on loopback
+        (scraped around each workload: which opens went through passthrough, how many READs
+        reached the mount)."""
+        self.metrics_port = free_port()
+        return ",".join(o for o in ("ro", self.options, f"metrics_listen=127.0.0.1:{self.metrics_port}") if o)
+
     def mount_argv(self, session, mnt):
         argv = [PY, "-m", "dorafs.cli.main", "mount", f"s3://bench/{self.mode}", mnt, "--foreground",
-                "--cache-dir", session.cache, "-o", ",".join(o for o in ("ro", self.options) if o)]
+                "--cache-dir", session.cache, "-o", self._options()]
         return argv, self.env()
 
     def on_mounted(self, session, m):
@@ -198,7 +209,7 @@ class DorafsWorker(Dorafs):
     def mount_argv(self, session, mnt):
         address = self._worker(session)
         argv = [PY, "-m", "dorafs.cli.main", "mount", f"s3://bench/{self.mode}", mnt, "--foreground",
-                "--workers", address, "-o", ",".join(o for o in ("ro", self.options) if o)]
+                "--workers", address, "-o", self._options()]
         return argv, self.env()
 
     def on_mounted(self, session, m):

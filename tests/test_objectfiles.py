@@ -117,3 +117,26 @@ def test_a_corrupt_object_file_is_not_held_and_exact_bytes_still_come(procs, s3_
     after = scrape(f"127.0.0.1:{port}")
     assert after["dorafs_mount_object_file_opens_total{result=corrupt}"] == 1
     assert held_reads(after) == 0
+
+
+def test_a_file_read_in_parts_by_several_readers_is_held_at_its_next_open(procs, s3_server, bucket):
+    """Four readers of a quarter each, opened at once (the bench's seq4): the one that
+    reads to the end closes first, before the others' pages are there; whichever closes
+    last leaves the version whole, and the next open holds its object file."""
+    data = os.urandom(4 * MiB + 333)
+    s3_server.client().put_object(Bucket=bucket, Key="h/q.bin", Body=data)
+    worker, m, metrics = setup(procs, bucket)
+    quarter = len(data) // 4
+    readers = [open(m.path("q.bin"), "rb") for _ in range(4)]  # nothing cached yet: none is held
+    for f, (start, end) in zip(readers, ((3 * quarter, len(data)), (0, quarter), (quarter, 2 * quarter),
+                                         (2 * quarter, 3 * quarter))):
+        assert os.pread(f.fileno(), end - start, start) == data[start:end]
+        f.close()
+    prepared(worker, metrics)
+    before = metrics()
+    assert read_whole(m.path("q.bin")) == data
+    after = metrics()
+    assert after["dorafs_mount_object_file_opens_total{result=held}"] == \
+        before["dorafs_mount_object_file_opens_total{result=held}"] + 1
+    assert held_reads(after) > held_reads(before)
+    assert pages(after) == pages(before), "pages were fetched for a file held whole"

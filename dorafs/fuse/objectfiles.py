@@ -24,10 +24,14 @@ Why this cannot return wrong bytes:
 
 Getting there: an open does not make the worker seal a version (a copy of the whole
 object) while it waits: when the worker still holds it in pages, it seals it in the
-background and the open is served by the page path. When a handle that read its file to
-the end through the page path is released, `prepare_soon` has the worker seal the
-version and verifies it. That takes longer than reading the version again from the
-kernel's page cache (a 256 MiB file: about 120 ms, against 45 ms): an open meanwhile
+background and the open is served by the page path. When a handle that read its file
+through the page path is released, `prepare_soon` has the worker seal the version if it
+now holds all of it, and verifies it: so a version read to its end by one reader, or in
+parts by several (four readers of a quarter each: whichever closes last), is held from
+its next open. A release while such a preparation runs asks again after it, since the
+worker may have answered before the last reader's pages were all there. That takes
+longer than reading the version again from the kernel's page cache (a 256 MiB file:
+about 120 ms, against 45 ms): an open meanwhile
 waits for it only when the kernel holds no pages of that version for the inode;
 otherwise it reads those (`keep_cache`), and a later open holds the file. A load job
 (`dorafs-admin load`) seals every file of a page or more as it loads it; the first open
@@ -146,6 +150,7 @@ class ObjectFiles:
         self.reader = HeldReader()
         self._verified: OrderedDict[tuple[int, int], str] = OrderedDict()  # (st_dev, st_ino) -> version
         self._preparing: dict[tuple[str, str], trio.Event] = {}  # set when prepared
+        self._again: dict[tuple[str, str], object] = {}  # released while being prepared: the file to ask again
         self._holding: dict[tuple[str, str], trio.Event] = {}  # being opened and checked -> set when done
         self._prepare_limiter = trio.CapacityLimiter(PREPARING)
         self._limiter = trio.CapacityLimiter(VERIFY_THREADS)
@@ -241,18 +246,23 @@ class ObjectFiles:
         return bad
 
     def prepare_soon(self, f) -> None:
-        """In the background: have the worker seal pinned version `f` (read to its end
-        through the mount) into one file, and verify it, so its next open holds it at once."""
+        """In the background: have the worker seal pinned version `f` (read through the
+        mount) into one file if it holds all of it, and verify it, so its next open holds
+        it at once."""
         key = (f.uri, f.status.version)
-        if self._nursery is None or f.status.size < self.min_size or key in self._preparing or key in self.held:
+        if self._nursery is None or f.status.size < self.min_size or key in self.held:
+            return
+        if key in self._preparing:  # asked before this reader's pages were there, maybe
+            self._again[key] = f
             return
         self._preparing[key] = trio.Event()
         self._nursery.start_soon(self._prepare, f, key)
 
     async def _prepare(self, f, key) -> None:
+        ready = False
         try:
             async with self._prepare_limiter:
-                whole = await self.client.whole_file(f)
+                whole = await self.client.whole_file(f)  # None unless the worker holds all of it
                 if whole is None or whole.get("size") != f.status.size:
                     return
                 try:
@@ -260,13 +270,16 @@ class ObjectFiles:
                 except OSError:
                     return
                 try:
-                    await self._verify(fd, os.fstat(fd), whole, f.status.version)
+                    ready = await self._verify(fd, os.fstat(fd), whole, f.status.version) is None
                 finally:
                     os.close(fd)
         except Exception as exc:  # the next open tries again, and says why it could not
             log.debug("preparing %s: %s", f.uri, exc)
         finally:
             self._preparing.pop(key).set()
+            again = self._again.pop(key, None)
+            if again is not None and not ready:
+                self.prepare_soon(again)
 
     def close(self) -> None:
         for held in self.held.values():

@@ -378,9 +378,11 @@ class DoraOperations(WritingOperations):
             else:
                 self.client.close(handle.file)  # its readahead ends with it
                 version = handle.file.status.version
-                if handle.held is None and handle.read_end >= handle.file.status.size > 0 and \
-                        self._holds_object_files():
-                    self.objects.prepare_soon(handle.file)  # read to its end: held from the next open
+                if handle.held is None and handle.read_end > 0 and self._holds_object_files():
+                    # Read through the mount: if its worker now holds all of that version (this
+                    # reader read it to its end, or the last of several readers of its parts
+                    # closes), it is held from the next open.
+                    self.objects.prepare_soon(handle.file)
                 node.open_versions[version] -= 1
                 if node.open_versions[version] <= 0:
                     del node.open_versions[version]
