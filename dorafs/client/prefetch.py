@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 MAX_PREFETCH = 48  # readahead pages in flight across the mount
 RUN_PAGES = 8  # pages per readahead run (one UFS read on a miss)
+RUN_LIMIT = 16  # pages one run may ask a worker to fill (the worker's MAX_RUN)
+GROUP_PAGES = 8  # a large random read's aligned group of pages, fetched together (`around`)
 
 
 class Prefetches:
@@ -67,7 +69,7 @@ class Prefetcher:
         self.next_offset = 0  # where a sequential reader would read next
         self.window = 0  # current readahead window, in pages
         self.closed = False
-        self._runs: dict[trio.CancelScope, tuple[int, int]] = {}  # runs in flight -> (first, last) page
+        self._runs: dict[trio.CancelScope, tuple[int, int, bool]] = {}  # runs in flight -> (first, last, far)
 
     def follow(self, sequential: bool, end: int, first_index: int, last_index: int) -> None:
         """A read ending at `end`, of pages first_index..last_index, `sequential` when it
@@ -94,21 +96,54 @@ class Prefetcher:
             return
         count = min(last_page - start + 1, MAX_PREFETCH - shared.pages)
         for first in range(start, start + count, RUN_PAGES):  # runs fetched side by side
-            keys = [reader.key(f, i) for i in range(first, min(start + count, first + RUN_PAGES))]
-            events = {key: trio.Event() for key in keys}  # each set when its own page is in
-            shared.scheduled.update(events)
-            shared.pages += len(keys)
-            scope = trio.CancelScope()
-            self._runs[scope] = (first, first + len(keys) - 1)
-            shared.runs += 1
-            shared.nursery.start_soon(self._run, scope, first, keys, events)
+            self._start_run(first, min(start + count, first + RUN_PAGES) - first)
+
+    def around(self, first_index: int, last_index: int) -> None:
+        """A large read away from where the reader was (a column chunk of a Parquet file,
+        a record of an archive): the aligned group of `GROUP_PAGES` pages around it is
+        fetched as one run per stretch of pages that nothing is bringing yet, the read's
+        own pages with it, so that the reads that follow nearby find their pages in and a
+        cold file costs one UFS read per group instead of one per page. Such a run is not
+        cancelled when the reader reads elsewhere (its next read usually does), only at
+        `close`."""
+        shared, reader, f = self.shared, self.reader, self.file
+        if shared.nursery is None or self.closed:
+            return
+        lo = first_index - first_index % GROUP_PAGES
+        hi = min(max(last_index, lo + GROUP_PAGES - 1), lo + RUN_LIMIT - 1,
+                 page_count(f.status.size, reader.page_size) - 1)
+        index = lo
+        while index <= hi:
+            if reader.coming(f, index):
+                index += 1
+                continue
+            end = index
+            while end < hi and not reader.coming(f, end + 1):
+                end += 1
+            if shared.pages + end - index + 1 > MAX_PREFETCH:
+                return  # the mount's readahead is full: the read fetches its own pages
+            self._start_run(index, end - index + 1, far=False)
+            index = end + 1
+
+    def _start_run(self, first: int, count: int, far: bool = True) -> None:
+        """Pages first..first+count-1 fetched as one run in the client's nursery, each
+        scheduled until it is in. `far`: cancelled when the reader reads far from it."""
+        shared, reader, f = self.shared, self.reader, self.file
+        keys = [reader.key(f, i) for i in range(first, first + count)]
+        events = {key: trio.Event() for key in keys}  # each set when its own page is in
+        shared.scheduled.update(events)
+        shared.pages += len(keys)
+        scope = trio.CancelScope()
+        self._runs[scope] = (first, first + len(keys) - 1, far)
+        shared.runs += 1
+        shared.nursery.start_soon(self._run, scope, first, keys, events)
 
     def _cancel_far(self, first_index: int, last_index: int) -> None:
         """The reader left the runs in flight behind (or jumped back) by more than a
         window: their pages would come for nobody."""
         slack = max(self.shared.config.readahead_pages, RUN_PAGES)
-        for scope, (first, last) in list(self._runs.items()):
-            if first_index > last + slack or last_index + slack < first:
+        for scope, (first, last, far) in list(self._runs.items()):
+            if far and (first_index > last + slack or last_index + slack < first):
                 self._cancel(scope)
 
     def _cancel(self, scope: trio.CancelScope) -> None:
