@@ -428,7 +428,7 @@ class WorkerService:
         self.metrics.metadata_requests.labels("stat", "miss").inc()
         parent = parent_uri(uri)
         if parent:
-            self._scans.miss(parent, self.background)  # the rest of a scan: from one listing
+            self._scans.miss(parent, self.background, uri)  # the rest of a scan: from one listing
 
         async def fetch() -> tuple[FileStatus | None, float]:
             fetched = time.time()
