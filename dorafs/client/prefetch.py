@@ -4,8 +4,11 @@ Every `OpenFile` (client/reading.py) has its own `Prefetcher`; what all of them 
 flight together is counted in the mount's one `Prefetches`.
 
 Subtleties:
-- The window doubles on each sequential read (a read starting where the last one ended)
-  up to `readahead_pages`; any other read sets it back to nothing. When fewer than half
+- The window doubles on each sequential read (a read starting where the last one ended,
+  or at the file's start, where a reader that first read an archive's index at its end
+  starts reading it through) up to `readahead_pages`; it starts at `READ_AHEAD_FACTOR`
+  times the read (at least a page); any other read sets it back to nothing. A read whose
+  own pages nothing brings yet asks for them in the same run as the pages after them. When fewer than half
   of the window's pages are buffered or on their way, the rest is requested as runs of
   `RUN_PAGES` pages, side by side, at most `MAX_PREFETCH` pages across the mount.
 - A run's first page asks the worker to fill the whole run with one UFS read (`run=`).
@@ -41,6 +44,7 @@ log = logging.getLogger(__name__)
 MAX_PREFETCH = 48  # readahead pages in flight across the mount
 RUN_PAGES = 8  # pages per readahead run (one UFS read on a miss)
 RUN_LIMIT = 16  # pages one run may ask a worker to fill (the worker's MAX_RUN)
+READ_AHEAD_FACTOR = 4  # a sequential reader's first window: this many times its read, in pages (at least one)
 GROUP_PAGES = 8  # a large random read's aligned group of pages, fetched together (`around`)
 
 
@@ -71,29 +75,39 @@ class Prefetcher:
         self.closed = False
         self._runs: dict[trio.CancelScope, tuple[int, int, bool]] = {}  # runs in flight -> (first, last, far)
 
-    def follow(self, sequential: bool, end: int, first_index: int, last_index: int) -> None:
-        """A read ending at `end`, of pages first_index..last_index, `sequential` when it
-        started at `next_offset`: keep the pages after it coming if the reader reads
-        sequentially; cancel the runs it went away from."""
+    def follow(self, sequential: bool, end: int, length: int, first_index: int, last_index: int) -> None:
+        """A read of `length` bytes ending at `end`, of pages first_index..last_index,
+        `sequential` when it started at `next_offset` (or at the file's start): keep the
+        pages after it coming if the reader reads sequentially, with the read's own pages
+        when nothing brings them yet (one UFS read for both); cancel the runs it went
+        away from."""
         self.next_offset = end
         if not sequential:
             self.window = 0
             if self._runs:
                 self._cancel_far(first_index, last_index)
-            return
+            if end != length:  # else a read from the file's start: a sequential reader starting
+                return
         if self.shared.nursery is None or self.closed or self.shared.config.readahead_pages <= 0:
             self.window = 0
             return
         f, reader, shared = self.file, self.reader, self.shared
-        self.window = min(max(1, self.window * 2), shared.config.readahead_pages)
         page_size = reader.page_size
+        first_window = -(-READ_AHEAD_FACTOR * length // page_size)  # a larger read starts a larger window
+        self.window = min(max(first_window, self.window * 2), shared.config.readahead_pages)
         last_page = min(last_index + self.window, page_count(f.status.size, page_size) - 1)
-        start = last_index + 1
-        while start <= last_page and reader.coming(f, start):
-            start += 1
-        ahead = start - last_index - 1
-        if start > last_page or (ahead and 2 * ahead >= self.window):
+        if last_page == last_index:
             return
+        start = first_index  # the read's own pages not coming yet come with the run after them
+        while start <= last_index and reader.coming(f, start):
+            start += 1
+        if start > last_index:
+            start = last_index + 1
+            while start <= last_page and reader.coming(f, start):
+                start += 1
+            ahead = start - last_index - 1
+            if start > last_page or (ahead and 2 * ahead >= self.window):
+                return
         count = min(last_page - start + 1, MAX_PREFETCH - shared.pages)
         for first in range(start, start + count, RUN_PAGES):  # runs fetched side by side
             self._start_run(first, min(start + count, first + RUN_PAGES) - first)

@@ -119,8 +119,8 @@ class Reader:
             return b""
         ahead = f.ahead
         sequential = offset == ahead.next_offset
-        ahead.follow(sequential, offset + length, spans[0].index, spans[-1].index)
-        if not sequential and length >= LARGE_READ:
+        ahead.follow(sequential, offset + length, length, spans[0].index, spans[-1].index)
+        if not sequential and length >= LARGE_READ and offset:
             ahead.around(spans[0].index, spans[-1].index)
         if len(spans) == 1 and not sequential and self.config.random_read:
             data = await self._random_part(f, spans[0])
