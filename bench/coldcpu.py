@@ -62,7 +62,7 @@ def main() -> None:
                   f"  {'S3 req/file':>11}")
         else:
             print(f"{'pass':>4} {'MiB/s':>7} {'wall s':>7} {'mount':>7} {'worker':>7} {'s3rver':>7}  (CPU seconds)"
-                  f"  {'worker/GiB':>10}")
+                  f"  {'worker/GiB':>10} {'mount/GiB':>9} {'S3 req':>6}")
         shutil.rmtree(cache, ignore_errors=True)
         unmount(mnt)  # one a killed run left
         for n in range(-1 if args.warm else 0, args.repeat):  # pass 0 of --warm fills the cache
@@ -101,6 +101,7 @@ def main() -> None:
                           + " ".join(f"{spent[k] * 1000 / files:>7.2f}" for k in ("mount", "worker", "s3rver"))
                           + f"  {requests / files:>11.2f}", flush=True)
                     continue
+                requests = server.requests()
                 out = subprocess.run(["fio", "--name=cold", f"--filename={mnt}/large/big.bin", "--rw=read",
                                       "--bs=256k", "--ioengine=psync", "--output-format=json"],
                                      capture_output=True, text=True, check=True)
@@ -112,7 +113,8 @@ def main() -> None:
                 label = "fill" if n < 0 else str(n + 1)
                 gib = read["io_bytes"] / (1 << 30)
                 print(f"{label:>4} {read['bw'] / 1024:>7.0f} {read['runtime'] / 1000:>7.2f} {spent['mount']:>7.2f} "
-                      f"{spent['worker']:>7.2f} {spent['s3rver']:>7.2f}  {spent['worker'] / gib:>10.2f}", flush=True)
+                      f"{spent['worker']:>7.2f} {spent['s3rver']:>7.2f}  {spent['worker'] / gib:>10.2f} "
+                      f"{spent['mount'] / gib:>9.2f} {server.requests() - requests:>6}", flush=True)
             finally:
                 unmount(mnt)  # the mount then ends; a SIGTERM alone left the mount behind here
                 mount.terminate()

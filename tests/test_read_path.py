@@ -640,3 +640,24 @@ def test_large_reads_at_random_places_bring_their_group_of_pages_in_one_get(proc
     groups = {(offset // PAGE) // 8 for offset in offsets} | {((offset + 528383) // PAGE) // 8 for offset in offsets}
     gets = _ufs_reads(worker) - before
     assert gets <= len(groups) + 1, (gets, groups)  # 4 groups of 8 pages; 24 reads of 1-2 pages each before
+
+
+def test_a_local_workers_run_is_located_in_a_few_requests(procs, s3_server, bucket):
+    """With short-circuit reads, the pages of a readahead run after its first are asked
+    for together (`/v1/locate` of the rest of the run brings every page already in), not
+    one request per page; a GET per run, exact bytes."""
+    data = os.urandom(20 * MiB + 12345)
+    put(s3_server.client(), bucket, "lruns/f.bin", data)
+    worker = procs.worker()
+
+    def locates() -> float:
+        return sum(v for k, v in worker.metrics().items()
+                   if k.startswith("dorafs_worker_request_latency_seconds_count") and "path=/v1/locate," in k)
+
+    mount = procs.mount(f"s3://{bucket}/lruns", workers=[worker.address], options=PAGEWISE)
+    before = locates()
+    assert read_file(mount.path("f.bin")) == data
+    asked = locates() - before
+    mount.unmount()
+    assert asked < 21, asked  # 21 pages: one request per page before (12 seen here)
+    assert worker.metrics()["dorafs_worker_ufs_requests_total{op=read}"] <= 8
