@@ -121,7 +121,7 @@ class Prefetcher:
         cancelled when the reader reads elsewhere (its next read usually does), only at
         `close`."""
         shared, reader, f = self.shared, self.reader, self.file
-        if shared.nursery is None or self.closed:
+        if shared.nursery is None or self.closed or shared.config.readahead_pages <= 0:
             return
         lo = first_index - first_index % GROUP_PAGES
         hi = min(max(last_index, lo + GROUP_PAGES - 1), lo + RUN_LIMIT - 1,
