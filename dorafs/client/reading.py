@@ -211,7 +211,8 @@ class Reader:
             await self.whole_page(f, first, run=count)
             for i, key in enumerate(keys, first + 1):
                 try:
-                    await self.whole_page(f, i, ahead=True)
+                    if key not in self.buffer:  # the rest of the run in one ask, as far as it is in
+                        await self.whole_page(f, i, run=first + count - i, ahead=True)
                 finally:
                     self._landed(key, events)
         except DoraError as exc:
