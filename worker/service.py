@@ -205,8 +205,8 @@ class WorkerService:
             if other in self._run_pages or other in self._page_flights or self.store.lookup(other) is not None:
                 break
             extra.append(other)
-        for other in extra:
-            self._run_pages[other] = trio.Event()
+        own = {other: trio.Event() for other in extra}  # this run's; a later run may wait on the same page
+        self._run_pages.update(own)
         last = index + len(extra)
         start, end = index * page_size, min(size, (last + 1) * page_size)
         first_length = page_length(index, size, page_size)
@@ -243,13 +243,20 @@ class WorkerService:
                         break
                     piece = view[upto - page_length(other[1], size, page_size):]
                     await self.store.put(other, piece, checksum(piece))
-                    self._run_pages.pop(other).set()
+                    landed(other)
             finally:
                 for other in extra:
-                    event = self._run_pages.pop(other, None)
-                    if event is not None:
-                        event.set()
+                    landed(other)
                 self.update_gauges()
+
+        def landed(other) -> None:
+            # Only this run's own event: once a page is done here and not kept (a full
+            # cache), another run may fill it again and register its own meanwhile.
+            event = own.pop(other, None)
+            if event is not None:
+                if self._run_pages.get(other) is event:
+                    del self._run_pages[other]
+                event.set()
 
         async def whole_run() -> None:
             try:
