@@ -1,12 +1,15 @@
 """Where the CPU goes during a sequential read, cold or warm: the mount, its worker and the S3 server.
 
-    python3 bench/coldcpu.py [-o DORAFS_OPTIONS] [--repeat N] [--warm] [--mode quick]
+    python3 bench/coldcpu.py [-o DORAFS_OPTIONS] [--repeat N] [--warm] [--mode quick] [--small]
 
 Needs the dataset in s3rver (run `python3 bench/harness.py --full` once; `--mode quick`
 reads the quick dataset's 256 MiB object instead, so the quick run of the harness is
 enough). Each pass mounts dorafs on an empty cache, reads the large object with fio (256 KiB, one reader)
 and prints the throughput with the CPU seconds each process spent meanwhile: on two
 cores, their sum against twice the wall time tells whether the read is CPU-bound.
+With `--small`, each pass reads the dataset's small files instead (bench/workloads.py
+smallfiles: 4 processes, random order) and prints files/s, the CPU milliseconds per file
+of each process and the S3 requests per file.
 With `--warm`, the cache is filled once and kept: each pass is a fresh mount (and
 worker) over the full cache, as the harness's warm phase.
 """
@@ -41,6 +44,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--mode", choices=("full", "quick"), default="full", help="which dataset's large object")
     p.add_argument("--warm", action="store_true", help="keep the cache: fill it once, then time warm remounts")
+    p.add_argument("--small", action="store_true", help="read the small files (4 processes) instead of the large object")
     p.add_argument("--spy", metavar="FILE", help="record the mount and the worker in each timed pass with py-spy (raw, FILE.N.ROLE)")
     args = p.parse_args()
     work = WORK / "coldcpu"
@@ -50,8 +54,15 @@ def main() -> None:
     server = S3rver(work)
     try:
         env = dict(os.environ) | server.env
-        print(f"{'pass':>4} {'MiB/s':>7} {'wall s':>7} {'mount':>7} {'worker':>7} {'s3rver':>7}  (CPU seconds)"
-              f"  {'worker/GiB':>10}")
+        if args.small:
+            import dataset
+            names = work / "small-names.txt"
+            names.write_text("\n".join(dataset.SPECS[args.mode].small_names()) + "\n")
+            print(f"{'pass':>4} {'files/s':>8} {'wall s':>7} {'mount':>7} {'worker':>7} {'s3rver':>7}  (CPU ms per file)"
+                  f"  {'S3 req/file':>11}")
+        else:
+            print(f"{'pass':>4} {'MiB/s':>7} {'wall s':>7} {'mount':>7} {'worker':>7} {'s3rver':>7}  (CPU seconds)"
+                  f"  {'worker/GiB':>10} {'mount/GiB':>9} {'S3 req':>6}")
         shutil.rmtree(cache, ignore_errors=True)
         unmount(mnt)  # one a killed run left
         for n in range(-1 if args.warm else 0, args.repeat):  # pass 0 of --warm fills the cache
@@ -77,6 +88,20 @@ def main() -> None:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
                     time.sleep(1)
                 before = {k: cpu_seconds(v) for k, v in pids.items()}
+                if args.small:
+                    requests = server.requests()
+                    out = subprocess.run([sys.executable, str(Path(__file__).parent / "workloads.py"), "smallfiles",
+                                          "--root", str(mnt / "small"), "--names", str(names), "--procs", "4"],
+                                         capture_output=True, text=True, check=True)
+                    spent = {k: cpu_seconds(v) - before[k] for k, v in pids.items()}
+                    requests = server.requests() - requests
+                    r = json.loads(out.stdout.strip().splitlines()[-1])
+                    files = r["files"]
+                    print(f"{n + 1:>4} {files / r['seconds']:>8.1f} {r['seconds']:>7.2f} "
+                          + " ".join(f"{spent[k] * 1000 / files:>7.2f}" for k in ("mount", "worker", "s3rver"))
+                          + f"  {requests / files:>11.2f}", flush=True)
+                    continue
+                requests = server.requests()
                 out = subprocess.run(["fio", "--name=cold", f"--filename={mnt}/large/big.bin", "--rw=read",
                                       "--bs=256k", "--ioengine=psync", "--output-format=json"],
                                      capture_output=True, text=True, check=True)
@@ -88,7 +113,8 @@ def main() -> None:
                 label = "fill" if n < 0 else str(n + 1)
                 gib = read["io_bytes"] / (1 << 30)
                 print(f"{label:>4} {read['bw'] / 1024:>7.0f} {read['runtime'] / 1000:>7.2f} {spent['mount']:>7.2f} "
-                      f"{spent['worker']:>7.2f} {spent['s3rver']:>7.2f}  {spent['worker'] / gib:>10.2f}", flush=True)
+                      f"{spent['worker']:>7.2f} {spent['s3rver']:>7.2f}  {spent['worker'] / gib:>10.2f} "
+                      f"{spent['mount'] / gib:>9.2f} {server.requests() - requests:>6}", flush=True)
             finally:
                 unmount(mnt)  # the mount then ends; a SIGTERM alone left the mount behind here
                 mount.terminate()

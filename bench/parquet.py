@@ -226,6 +226,7 @@ def main() -> None:
                             cpu1 = [cpu_seconds(pid) or 0.0 for pid in pids + [server.proc.pid]]
                             r["s3"], _ = s3_gets(log, mark)
                             r["daemon_cpu_s"] = round(sum(cpu1[:-1]) - sum(cpu0[:-1]), 2)
+                            r["mount_cpu_s"] = round(cpu1[0] - cpu0[0], 2)  # the mount process alone
                             r["s3rver_cpu_s"] = round(cpu1[-1] - cpu0[-1], 2)
                             show(name, phase, r)
             finally:
@@ -238,7 +239,8 @@ def main() -> None:
 def show(name: str, phase: str, r: dict) -> None:
     s3 = r.get("s3")
     extra = (f"; S3 {s3['gets']} GETs, {s3['get_mib']:.0f} MiB, mean {s3['mean_kib']} KiB, "
-             f"{s3['heads']} HEADs, sizes {s3['sizes']}; CPU s: daemons {r['daemon_cpu_s']}, "
+             f"{s3['heads']} HEADs, sizes {s3['sizes']}; CPU s: daemons {r['daemon_cpu_s']} "
+             f"(mount {r.get('mount_cpu_s')}), "
              f"s3rver {r['s3rver_cpu_s']}") if s3 else ""
     print(f"{name} {phase}: {r['mib_s']:.1f} MiB/s, {r['reads_s']:.1f} reads/s, {r['seconds']:.1f} s{extra}",
           flush=True)

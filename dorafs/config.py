@@ -289,7 +289,8 @@ class MountConfig:
     read_ahead_kb: int = option(1024, _count, "kernel readahead of the mount (its bdi's read_ahead_kb, set when "
                                 "permitted); 1024 lets the kernel ask for a whole page per request (0: leave it)")
     readahead_pages: int = option(32, _count, "pages fetched ahead of a sequential reader, in runs "
-                                  "filled by one UFS read each (0: none)")
+                                  "filled by one UFS read each; a read of 256 KiB or more elsewhere in a "
+                                  "file brings its aligned group of 8 pages as such a run (0: neither)")
     worker_timeout: float = option(5.0, _positive_duration, "a worker silent this long (no byte, no "
                                    "\"still working\" signal) is skipped for the next")
     connect_timeout: float = option(1.0, _positive_duration, "time to connect to a worker")

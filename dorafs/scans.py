@@ -2,8 +2,9 @@
 
 A program that stats or opens every file of a directory by name (`find`, `ls -l` on
 some systems, a data loader with a list of files) costs one status request per file.
-One listing answers all of them: after `after` misses in one directory, its listing is
-fetched in the background, and the rest of the scan is answered from it. Workers use
+One listing answers all of them: after misses of `after` different entries in one
+directory, its listing is fetched in the background (while it runs, `listing` tells a
+miss in that directory to wait for it), and the rest of the scan is answered from it. Workers use
 this in front of the UFS; mounts in front of the workers.
 
 Bounded: `at_once` listings at a time, and the counts are dropped wholesale when they
@@ -30,18 +31,21 @@ class ListingPrefetch:
         self.at_once = at_once
         self.max_directories = max_directories
         self.again_after = again_after
-        self._misses: dict[str, int] = {}
-        self._running: set[str] = set()
+        self._misses: dict[str, set] = {}  # directory -> the entries missed in it (None: each miss its own)
+        self._running: dict[str, trio.Event] = {}  # directory being listed -> set when its listing ends
         self._listed: dict[str, float] = {}  # directory -> when it was last listed ahead (again_after)
         self.started = 0
 
-    def miss(self, directory: str, nursery: trio.Nursery | None) -> None:
-        """Count a status miss under `directory`; start its listing once there are enough."""
-        misses = self._misses.get(directory, 0) + 1
-        if misses < self.after:
+    def miss(self, directory: str, nursery: trio.Nursery | None, name: str | None = None) -> None:
+        """Count a status miss under `directory` (of entry `name`: the same name missed
+        again counts once); start its listing once there are enough."""
+        misses = self._misses.get(directory)
+        if misses is None:
             if len(self._misses) >= self.max_directories:
                 self._misses.clear()
-            self._misses[directory] = misses
+            misses = self._misses[directory] = set()
+        misses.add(object() if name is None else name)
+        if len(misses) < self.after:
             return
         self._misses.pop(directory, None)
         if nursery is None or directory in self._running or len(self._running) >= self.at_once:
@@ -53,7 +57,7 @@ class ListingPrefetch:
             if len(self._listed) >= self.max_directories:
                 self._listed.clear()
             self._listed[directory] = now
-        self._running.add(directory)
+        self._running[directory] = trio.Event()
         self.started += 1
         nursery.start_soon(self._run, directory)
 
@@ -63,4 +67,8 @@ class ListingPrefetch:
         except Exception as exc:  # an optimisation: the status requests go on without it
             log.info("listing prefetch of %s failed: %s", directory, exc)
         finally:
-            self._running.discard(directory)
+            self._running.pop(directory).set()
+
+    def listing(self, directory: str) -> trio.Event | None:
+        """Set when the listing of `directory` fetched ahead now ends; None if none runs."""
+        return self._running.get(directory)

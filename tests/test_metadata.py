@@ -265,6 +265,27 @@ def test_a_stat_scan_prefetches_the_directory_listing(s3_server, bucket, procs: 
     assert ufs_calls(worker, "stat") == calls and ufs_calls(worker, "list") == 1
 
 
+def test_a_mount_reading_small_files_by_name_asks_the_store_about_two_of_them(s3_server, bucket, procs: ProcessSet):
+    """Cold small files opened by name, one after another: the second miss in their
+    directory has the mount list it ahead, and the misses while that listing runs wait
+    for it rather than asking the store each (a HEAD and a one-key listing per status).
+    Opening the mount's root again and again is no scan of the directory above it."""
+    s3 = s3_server.client()
+    for i in range(30):
+        s3.put_object(Bucket=bucket, Key=f"two/d/f{i:02d}", Body=bytes([i]) * 100)
+    worker = procs.worker()
+    mount = procs.mount(f"s3://{bucket}/two", workers=[worker.address])
+    for _ in range(3):
+        os.stat(mount.mountpoint)
+    stats_before = ufs_calls(worker, "stat")
+    for i in range(30):
+        assert mount.path(f"d/f{i:02d}").read_bytes() == bytes([i]) * 100
+    # d (a directory, looked up once), f00 and f01; then the listing of d answers the rest
+    assert ufs_calls(worker, "stat") - stats_before <= 3
+    assert ufs_calls(worker, "list") <= 2  # d's listing (and the root's, if the kernel looked around)
+    assert worker.metrics()["dorafs_worker_ufs_requests_total{op=read}"] == 30
+
+
 def test_a_mount_opening_files_by_name_lists_their_directory_ahead(s3_server, bucket, procs: ProcessSet):
     """A mount that misses the status of eight files of one directory fetches that
     directory's listing once, and opens the rest of its files without a status request."""

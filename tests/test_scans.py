@@ -76,3 +76,30 @@ def test_again_after_lists_a_directory_at_most_once_in_that_time():
         assert len(listed) == 2 and listed[1] - listed[0] >= 60
 
     run(main)
+
+
+def test_one_entry_missed_again_and_again_is_one_miss_and_a_miss_can_wait_for_the_listing():
+    """A mount stats its own root (or one file) over and over: that is not a scan of the
+    directory above it. Two different entries are (after=2, as a mount counts); while
+    the listing runs, `listing` hands out the event its end sets."""
+    async def main():
+        listed = []
+
+        async def fetch(directory: str) -> None:
+            await trio.sleep(1)
+            listed.append(directory)
+
+        scans = ListingPrefetch(fetch, after=2)
+        async with trio.open_nursery() as nursery:
+            for _ in range(10):
+                scans.miss("s3://b", nursery, "s3://b/root")
+            await trio.sleep(5)
+            assert listed == [] and scans.listing("s3://b") is None
+            scans.miss("s3://b", nursery, "s3://b/other")
+            running = scans.listing("s3://b")
+            assert running is not None and not running.is_set()
+            await running.wait()
+            assert listed == ["s3://b"] and scans.listing("s3://b") is None
+        assert scans.started == 1
+
+    run(main)

@@ -217,8 +217,8 @@ class WorkerService:
             if other in self._run_pages or other in self._page_flights or self.store.lookup(other) is not None:
                 break
             extra.append(other)
-        for other in extra:
-            self._run_pages[other] = trio.Event()
+        own = {other: trio.Event() for other in extra}  # this run's; a later run may wait on the same page
+        self._run_pages.update(own)
         last = index + len(extra)
         start, end = index * page_size, min(size, (last + 1) * page_size)
         first_length = page_length(index, size, page_size)
@@ -268,14 +268,21 @@ class WorkerService:
                         break
                     await self.store.put_many(batch)
                     for other, _, _ in batch:
-                        self._run_pages.pop(other).set()
+                        landed(other)
                 self._seal_if_whole(oid, size)
             finally:
                 for other in extra:
-                    event = self._run_pages.pop(other, None)
-                    if event is not None:
-                        event.set()
+                    landed(other)
                 self.update_gauges()
+
+        def landed(other) -> None:
+            # Only this run's own event: once a page is done here and not kept (a full
+            # cache), another run may fill it again and register its own meanwhile.
+            event = own.pop(other, None)
+            if event is not None:
+                if self._run_pages.get(other) is event:
+                    del self._run_pages[other]
+                event.set()
 
         async def whole_run() -> None:
             try:
@@ -477,7 +484,7 @@ class WorkerService:
         self.metrics.metadata_requests.labels("stat", "miss").inc()
         parent = parent_uri(uri)
         if parent:
-            self._scans.miss(parent, self.background)  # the rest of a scan: from one listing
+            self._scans.miss(parent, self.background, uri)  # the rest of a scan: from one listing
 
         async def fetch() -> tuple[FileStatus | None, float]:
             fetched = time.time()

@@ -5,9 +5,11 @@ Subtleties:
   for `status_ttl`); a miss asks the owner of the URI (client/router.py), which answers
   from its metadata store within the TTL it is given; when no worker answers, the mount
   asks the UFS itself.
-- Misses in one directory soon bring its whole listing (dorafs/scans.py): the listing
-  runs in the background, in the nursery the client owns, and keeps every status it
-  brings, bounded by `LIST_AHEAD_ENTRIES`.
+- Misses in one directory soon bring its whole listing (dorafs/scans.py; the second
+  miss, `LIST_AHEAD_AFTER`): the listing runs in the background, in the nursery the
+  client owns, and keeps every status it brings, bounded by `LIST_AHEAD_ENTRIES`. A miss
+  in a directory being listed so waits for that listing (at most `LISTING_WAIT`) rather
+  than asking for its own status.
 - A listing comes in *batches* of up to `LIST_BATCH` entries (the wire protocol calls
   them pages: `/v1/list?after=&limit=`, `WorkerClient.list_batch`); `list_batches` yields
   them one at a time, so a directory of a million entries never sits in memory at once.
@@ -41,6 +43,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 LIST_BATCH = 1000  # entries per listing request
 LIST_AHEAD_ENTRIES = 16 * LIST_BATCH  # statuses a listing fetched ahead of a scan may bring
+# Status misses in one directory before its listing is fetched ahead. A miss costs the
+# store a HEAD and a one-key listing (dorafs/ufs/s3.py, `stat`); a listing of up to 1,000
+# entries costs one request: the second miss already says more are coming
+# (`python3 bench/coldcpu.py --mode quick --small`: S3 requests per small file).
+LIST_AHEAD_AFTER = 2
+LISTING_WAIT = 0.5  # seconds a status miss waits for its directory's listing on the way, at most
 # While the UFS fails, statuses and listings come straight from what the workers hold,
 # and one request per this many seconds tries the UFS again (each try costs the retries).
 OUTAGE_RECHECK = 2.0
@@ -58,7 +66,8 @@ class Metadata:
         self.statuses = StatusMemo(config.status_ttl, config.attr_timeout)
         # A listing is fetched ahead once per status_ttl at most: within it, further
         # misses mean a directory larger than the listing brought (LIST_AHEAD_ENTRIES).
-        self.scans = ListingPrefetch(self._list_ahead, again_after=max(config.status_ttl, 0.0))
+        self.scans = ListingPrefetch(self._list_ahead, after=LIST_AHEAD_AFTER,
+                                     again_after=max(config.status_ttl, 0.0))
         self.nursery: trio.Nursery | None = None  # the client's: listings fetched ahead run there
         self._outage: str | None = None  # the UFS error that made the mount use held metadata
         self._outage_recheck = 0.0  # until then, metadata requests skip the failing UFS
@@ -72,7 +81,15 @@ class Metadata:
             return status
         parent = parent_uri(uri)
         if parent:
-            self.scans.miss(parent, self.nursery)
+            listing = self.scans.listing(parent)
+            if listing is not None:  # the scan's listing is on its way: it brings this status too
+                with trio.move_on_after(LISTING_WAIT):
+                    await listing.wait()
+                status = self.statuses.get(uri, trio.current_time())
+                if status is not None:
+                    return status
+            else:
+                self.scans.miss(parent, self.nursery, uri)
         try:
             status, age = await self._from_owner(
                 uri,

@@ -4,8 +4,11 @@ Every `OpenFile` (client/reading.py) has its own `Prefetcher`; what all of them 
 flight together is counted in the mount's one `Prefetches`.
 
 Subtleties:
-- The window doubles on each sequential read (a read starting where the last one ended)
-  up to `readahead_pages`; any other read sets it back to nothing. When fewer than half
+- The window doubles on each sequential read (a read starting where the last one ended,
+  or at the file's start, where a reader that first read an archive's index at its end
+  starts reading it through) up to `readahead_pages`; it starts at `READ_AHEAD_FACTOR`
+  times the read (at least a page); any other read sets it back to nothing. A read whose
+  own pages nothing brings yet asks for them in the same run as the pages after them. When fewer than half
   of the window's pages are buffered or on their way, the rest is requested as runs of
   `RUN_PAGES` pages, side by side, at most `MAX_PREFETCH` pages across the mount.
 - A run's first page asks the worker to fill the whole run with one UFS read (`run=`).
@@ -40,6 +43,9 @@ log = logging.getLogger(__name__)
 
 MAX_PREFETCH = 48  # readahead pages in flight across the mount
 RUN_PAGES = 8  # pages per readahead run (one UFS read on a miss)
+RUN_LIMIT = 16  # pages one run may ask a worker to fill (the worker's MAX_RUN)
+READ_AHEAD_FACTOR = 4  # a sequential reader's first window: this many times its read, in pages (at least one)
+GROUP_PAGES = 8  # a large random read's aligned group of pages, fetched together (`around`)
 
 
 class Prefetches:
@@ -67,48 +73,91 @@ class Prefetcher:
         self.next_offset = 0  # where a sequential reader would read next
         self.window = 0  # current readahead window, in pages
         self.closed = False
-        self._runs: dict[trio.CancelScope, tuple[int, int]] = {}  # runs in flight -> (first, last) page
+        self._runs: dict[trio.CancelScope, tuple[int, int, bool]] = {}  # runs in flight -> (first, last, far)
 
-    def follow(self, sequential: bool, end: int, first_index: int, last_index: int) -> None:
-        """A read ending at `end`, of pages first_index..last_index, `sequential` when it
-        started at `next_offset`: keep the pages after it coming if the reader reads
-        sequentially; cancel the runs it went away from."""
+    def follow(self, sequential: bool, end: int, length: int, first_index: int, last_index: int) -> None:
+        """A read of `length` bytes ending at `end`, of pages first_index..last_index,
+        `sequential` when it started at `next_offset` (or at the file's start): keep the
+        pages after it coming if the reader reads sequentially, with the read's own pages
+        when nothing brings them yet (one UFS read for both); cancel the runs it went
+        away from."""
         self.next_offset = end
         if not sequential:
             self.window = 0
             if self._runs:
                 self._cancel_far(first_index, last_index)
-            return
+            if end != length:  # else a read from the file's start: a sequential reader starting
+                return
         if self.shared.nursery is None or self.closed or self.shared.config.readahead_pages <= 0:
             self.window = 0
             return
         f, reader, shared = self.file, self.reader, self.shared
-        self.window = min(max(1, self.window * 2), shared.config.readahead_pages)
         page_size = reader.page_size
+        first_window = -(-READ_AHEAD_FACTOR * length // page_size)  # a larger read starts a larger window
+        self.window = min(max(first_window, self.window * 2), shared.config.readahead_pages)
         last_page = min(last_index + self.window, page_count(f.status.size, page_size) - 1)
-        start = last_index + 1
-        while start <= last_page and reader.coming(f, start):
-            start += 1
-        ahead = start - last_index - 1
-        if start > last_page or (ahead and 2 * ahead >= self.window):
+        if last_page == last_index:
             return
+        start = first_index  # the read's own pages not coming yet come with the run after them
+        while start <= last_index and reader.coming(f, start):
+            start += 1
+        if start > last_index:
+            start = last_index + 1
+            while start <= last_page and reader.coming(f, start):
+                start += 1
+            ahead = start - last_index - 1
+            if start > last_page or (ahead and 2 * ahead >= self.window):
+                return
         count = min(last_page - start + 1, MAX_PREFETCH - shared.pages)
         for first in range(start, start + count, RUN_PAGES):  # runs fetched side by side
-            keys = [reader.key(f, i) for i in range(first, min(start + count, first + RUN_PAGES))]
-            events = {key: trio.Event() for key in keys}  # each set when its own page is in
-            shared.scheduled.update(events)
-            shared.pages += len(keys)
-            scope = trio.CancelScope()
-            self._runs[scope] = (first, first + len(keys) - 1)
-            shared.runs += 1
-            shared.nursery.start_soon(self._run, scope, first, keys, events)
+            self._start_run(first, min(start + count, first + RUN_PAGES) - first)
+
+    def around(self, first_index: int, last_index: int) -> None:
+        """A large read away from where the reader was (a column chunk of a Parquet file,
+        a record of an archive): the aligned group of `GROUP_PAGES` pages around it is
+        fetched as one run per stretch of pages that nothing is bringing yet, the read's
+        own pages with it, so that the reads that follow nearby find their pages in and a
+        cold file costs one UFS read per group instead of one per page. Such a run is not
+        cancelled when the reader reads elsewhere (its next read usually does), only at
+        `close`."""
+        shared, reader, f = self.shared, self.reader, self.file
+        if shared.nursery is None or self.closed or shared.config.readahead_pages <= 0:
+            return
+        lo = first_index - first_index % GROUP_PAGES
+        hi = min(max(last_index, lo + GROUP_PAGES - 1), lo + RUN_LIMIT - 1,
+                 page_count(f.status.size, reader.page_size) - 1)
+        index = lo
+        while index <= hi:
+            if reader.coming(f, index):
+                index += 1
+                continue
+            end = index
+            while end < hi and not reader.coming(f, end + 1):
+                end += 1
+            if shared.pages + end - index + 1 > MAX_PREFETCH:
+                return  # the mount's readahead is full: the read fetches its own pages
+            self._start_run(index, end - index + 1, far=False)
+            index = end + 1
+
+    def _start_run(self, first: int, count: int, far: bool = True) -> None:
+        """Pages first..first+count-1 fetched as one run in the client's nursery, each
+        scheduled until it is in. `far`: cancelled when the reader reads far from it."""
+        shared, reader, f = self.shared, self.reader, self.file
+        keys = [reader.key(f, i) for i in range(first, first + count)]
+        events = {key: trio.Event() for key in keys}  # each set when its own page is in
+        shared.scheduled.update(events)
+        shared.pages += len(keys)
+        scope = trio.CancelScope()
+        self._runs[scope] = (first, first + len(keys) - 1, far)
+        shared.runs += 1
+        shared.nursery.start_soon(self._run, scope, first, keys, events)
 
     def _cancel_far(self, first_index: int, last_index: int) -> None:
         """The reader left the runs in flight behind (or jumped back) by more than a
         window: their pages would come for nobody."""
         slack = max(self.shared.config.readahead_pages, RUN_PAGES)
-        for scope, (first, last) in list(self._runs.items()):
-            if first_index > last + slack or last_index + slack < first:
+        for scope, (first, last, far) in list(self._runs.items()):
+            if far and (first_index > last + slack or last_index + slack < first):
                 self._cancel(scope)
 
     def _cancel(self, scope: trio.CancelScope) -> None:
@@ -157,11 +206,15 @@ class Prefetcher:
                     except DoraError as exc:  # what did not come is fetched page by page below
                         log.debug("the run of pages %d+%d of %s broke off: %s", start, len(keys), f.uri, exc)
                 if landed is None:
+                    fallbacks = reader.stats.ufs_fallback_pages
                     try:
                         await reader.whole_page(f, start, run=len(keys), ahead=True)
                     finally:
                         arrived(keys[0])
                     landed = {start}
+                    if reader.stats.ufs_fallback_pages == fallbacks:  # a worker fills the run
+                        await self._rest_of_run(start, keys, arrived)
+                        return
                 async with trio.open_nursery() as nursery:  # what the run did not bring
                     for i in range(start, start + len(keys)):
                         if i in landed:
@@ -178,6 +231,23 @@ class Prefetcher:
                 arrived(key)
         if scope.cancelled_caught:
             log.debug("readahead of pages %d+%d of %s cancelled", start, len(keys), f.uri)
+
+    async def _rest_of_run(self, start: int, keys: list[tuple], arrived: Callable[[tuple], None]) -> None:
+        """The pages of a run after its first, which the worker is filling with the same
+        UFS read: each ask (`/v1/locate` from a worker on this machine) names the rest of
+        the run and brings every page of it already in, into one block, and waits for the
+        next one only: a request per few pages, not one per page, and the pages a reader
+        reads across are one slice of that block."""
+        reader, f = self.reader, self.file
+        end = start + len(keys)
+        for i in range(start + 1, end):
+            key = keys[i - start]
+            if key not in reader.buffer:
+                try:
+                    await reader.whole_page(f, i, run=end - i, ahead=True)
+                finally:
+                    arrived(key)
+            arrived(key)
 
     async def _run_over_http(self, start: int, keys: list[tuple],
                              arrived: Callable[[tuple], None], got: set[int]) -> bool:

@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 
 STALE_TRIES = 3  # reads of a page whose block was reused under them before one goes around the buffer
 FAILURE_MEMORY = 0.5  # seconds a page's final error is answered again without a new fetch
+MAX_READ_RUN = 16  # pages of one read fetched as one run (the worker's MAX_RUN)
+LARGE_READ = 256 << 10  # a read away from the last one this large brings its page's group (Prefetcher.around)
 
 
 @dataclass(eq=False)
@@ -117,7 +119,9 @@ class Reader:
             return b""
         ahead = f.ahead
         sequential = offset == ahead.next_offset
-        ahead.follow(sequential, offset + length, spans[0].index, spans[-1].index)
+        ahead.follow(sequential, offset + length, length, spans[0].index, spans[-1].index)
+        if not sequential and length >= LARGE_READ and offset:
+            ahead.around(spans[0].index, spans[-1].index)
         if len(spans) == 1 and not sequential and self.config.random_read:
             data = await self._random_part(f, spans[0])
             if data is not None:
@@ -165,10 +169,64 @@ class Reader:
             async def fill(span, part: memoryview) -> None:
                 part[:] = await self._span(f, span)
 
+            async def fill_run(stretch) -> None:  # the run first (one UFS read), then its pages' bytes
+                await self._fetch_run(f, stretch[0][0].index, len(stretch))
+                for span, part in stretch:
+                    await fill(span, part)
+
             async with trio.open_nursery() as nursery:
-                for span, part in missing:
-                    nursery.start_soon(fill, span, part)
+                for stretch in self._stretches(f, missing):
+                    if len(stretch) > 1:
+                        nursery.start_soon(fill_run, stretch)
+                    else:
+                        nursery.start_soon(fill, *stretch[0])
         return out
+
+    def _stretches(self, f: OpenFile, missing: list) -> list[list]:
+        """The missing spans of one read, in stretches of consecutive pages that nothing
+        is bringing yet (each fetched as one run), and alone the pages that are coming."""
+        stretches: list[list] = []
+        for item in missing:
+            index = item[0].index
+            if self.coming(f, index):
+                stretches.append([item])
+                stretches.append([])  # the next page starts a stretch of its own
+                continue
+            if stretches and stretches[-1] and stretches[-1][-1][0].index == index - 1 and \
+                    len(stretches[-1]) < MAX_READ_RUN:
+                stretches[-1].append(item)
+            else:
+                stretches.append([item])
+        return [s for s in stretches if s]
+
+    async def _fetch_run(self, f: OpenFile, first: int, count: int) -> None:
+        """Pages first..first+count-1 of one read, none of them coming, brought by one
+        UFS read: the first page asks its worker to fill the run, and the pages after it
+        are scheduled meanwhile (another reader waits for them; the worker answers them
+        as the run lands). Errors are left to each page's own read, which meets them."""
+        keys = [self.key(f, i) for i in range(first + 1, first + count)]
+        events = {key: trio.Event() for key in keys if key not in self._scheduled}
+        self._scheduled.update(events)
+        try:
+            await self.whole_page(f, first, run=count)
+            for i, key in enumerate(keys, first + 1):
+                try:
+                    if key not in self.buffer:  # the rest of the run in one ask, as far as it is in
+                        await self.whole_page(f, i, run=first + count - i, ahead=True)
+                finally:
+                    self._landed(key, events)
+        except DoraError as exc:
+            log.debug("the run of pages %d+%d of %s broke off: %s", first, count, f.uri, exc)
+        finally:
+            for key in keys:
+                self._landed(key, events)
+
+    def _landed(self, key: tuple, events: dict) -> None:
+        event = events.pop(key, None)
+        if event is not None:
+            if self._scheduled.get(key) is event:
+                del self._scheduled[key]
+            event.set()
 
     async def _span(self, f: OpenFile, span) -> bytes | memoryview:
         """The bytes of one page span: from the buffer, a verified local page file, or a fetch."""
