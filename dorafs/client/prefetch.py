@@ -213,7 +213,7 @@ class Prefetcher:
                         arrived(keys[0])
                     landed = {start}
                     if reader.stats.ufs_fallback_pages == fallbacks:  # a worker fills the run
-                        await self._rest_of_run(start, keys, arrived)
+                        await reader.rest_of_run(f, start, len(keys), arrived)
                         return
                 async with trio.open_nursery() as nursery:  # what the run did not bring
                     for i in range(start, start + len(keys)):
@@ -231,23 +231,6 @@ class Prefetcher:
                 arrived(key)
         if scope.cancelled_caught:
             log.debug("readahead of pages %d+%d of %s cancelled", start, len(keys), f.uri)
-
-    async def _rest_of_run(self, start: int, keys: list[tuple], arrived: Callable[[tuple], None]) -> None:
-        """The pages of a run after its first, which the worker is filling with the same
-        UFS read: each ask (`/v1/locate` from a worker on this machine) names the rest of
-        the run and brings every page of it already in, into one block, and waits for the
-        next one only: a request per few pages, not one per page, and the pages a reader
-        reads across are one slice of that block."""
-        reader, f = self.reader, self.file
-        end = start + len(keys)
-        for i in range(start + 1, end):
-            key = keys[i - start]
-            if key not in reader.buffer:
-                try:
-                    await reader.whole_page(f, i, run=end - i, ahead=True)
-                finally:
-                    arrived(key)
-            arrived(key)
 
     async def _run_over_http(self, start: int, keys: list[tuple],
                              arrived: Callable[[tuple], None], got: set[int]) -> bool:

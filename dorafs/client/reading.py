@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
 
 from dorafs.client.buffer import PageBuffer, Piece, view
 from dorafs.client.local import LocalPages, Unreadable, WouldBlock
-from dorafs.client.prefetch import Prefetcher, Prefetches
+from dorafs.client.prefetch import RUN_LIMIT, Prefetcher, Prefetches
 from dorafs.client.router import Router
 from dorafs.client.statuses import StatusMemo
 from dorafs.client.workers import WorkerClient
@@ -54,7 +55,6 @@ log = logging.getLogger(__name__)
 
 STALE_TRIES = 3  # reads of a page whose block was reused under them before one goes around the buffer
 FAILURE_MEMORY = 0.5  # seconds a page's final error is answered again without a new fetch
-MAX_READ_RUN = 16  # pages of one read fetched as one run (the worker's MAX_RUN)
 LARGE_READ = 256 << 10  # a read away from the last one this large brings its page's group (Prefetcher.around)
 
 
@@ -193,7 +193,7 @@ class Reader:
                 stretches.append([])  # the next page starts a stretch of its own
                 continue
             if stretches and stretches[-1] and stretches[-1][-1][0].index == index - 1 and \
-                    len(stretches[-1]) < MAX_READ_RUN:
+                    len(stretches[-1]) < RUN_LIMIT:
                 stretches[-1].append(item)
             else:
                 stretches.append([item])
@@ -209,17 +209,26 @@ class Reader:
         self._scheduled.update(events)
         try:
             await self.whole_page(f, first, run=count)
-            for i, key in enumerate(keys, first + 1):
-                try:
-                    if key not in self.buffer:  # the rest of the run in one ask, as far as it is in
-                        await self.whole_page(f, i, run=first + count - i, ahead=True)
-                finally:
-                    self._landed(key, events)
+            await self.rest_of_run(f, first, count, lambda key: self._landed(key, events))
         except DoraError as exc:
             log.debug("the run of pages %d+%d of %s broke off: %s", first, count, f.uri, exc)
         finally:
             for key in keys:
                 self._landed(key, events)
+
+    async def rest_of_run(self, f: OpenFile, first: int, count: int, done: Callable[[tuple], None]) -> None:
+        """The pages of a run after its first, which the worker is filling with the same
+        UFS read: each ask (`/v1/locate` from a worker on this machine) names the rest of
+        the run and brings every page of it already in, into one block, and waits for the
+        next one only: a request per few pages, not one per page. `done(key)` as each page
+        is in (or failed)."""
+        for i in range(first + 1, first + count):
+            key = self.key(f, i)
+            try:
+                if key not in self.buffer:
+                    await self.whole_page(f, i, run=first + count - i, ahead=True)
+            finally:
+                done(key)
 
     def _landed(self, key: tuple, events: dict) -> None:
         event = events.pop(key, None)
