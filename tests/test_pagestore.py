@@ -372,7 +372,7 @@ def test_complete_object_is_sealed_into_one_file_at_page_offsets(tmp_path):
         assert whole.path.read_bytes() == data
         for i in range(3):
             entry = store.lookup(key(1, i))
-            assert entry.path == whole.path and entry.offset == i * 1000 and entry.whole
+            assert entry.path == whole.path and entry.offset == i * 1000 and entry.in_object
             with open(entry.path, "rb") as f:
                 f.seek(entry.offset)
                 assert checksum(f.read(entry.size)) == entry.checksum

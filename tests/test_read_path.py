@@ -367,9 +367,10 @@ def test_a_warm_sequential_read_leaves_no_page_behind_in_the_buffer(procs, tmp_p
     assert metrics["dorafs_mount_buffer_bytes"] == 0
 
 
-def test_locate_fills_a_run_and_answers_where_its_page_files_are(procs, s3_server, bucket):
-    """/v1/locate: the files of consecutive pages, filled by one UFS read, for a client
-    on the same machine; they hold exactly the pages' bytes under the checksums given."""
+def test_locate_fills_a_run_and_answers_where_its_pages_are(procs, s3_server, bucket):
+    """/v1/locate: the files and offsets of consecutive pages, filled by one UFS read, for
+    a client on the same machine; they hold exactly the pages' bytes under the checksums
+    given (a version read by such a client grows in its one object file)."""
     import xxhash
 
     data = os.urandom(5 * MiB + 7)
@@ -385,12 +386,14 @@ def test_locate_fills_a_run_and_answers_where_its_page_files_are(procs, s3_serve
 
     pages = locate(1, 4)  # answered once page 1 is in, with the pages of the run cached by then
     assert [p["index"] for p in pages] == list(range(1, 1 + len(pages))) and pages
-    wait_for(lambda: len(worker.page_files()) == 4, what="the rest of the run")
+    wait_for(lambda: [p["index"] for p in locate(1, 4)] == [1, 2, 3, 4], what="the rest of the run")
     pages = locate(1, 4)
-    assert [p["index"] for p in pages] == [1, 2, 3, 4]
     assert worker.metrics()["dorafs_worker_ufs_requests_total{op=read}"] == 1  # one UFS read for the run
+    assert len({p["path"] for p in pages}) == 1 and [p["offset"] for p in pages] == [i * MiB for i in (1, 2, 3, 4)]
     for p in pages:
-        content = open(p["path"], "rb").read()
+        with open(p["path"], "rb") as f:
+            f.seek(p["offset"])
+            content = f.read(p["size"])
         assert content == data[p["index"] * MiB:(p["index"] + 1) * MiB] and len(content) == p["size"]
         assert xxhash.xxh3_64_hexdigest(content) == p["checksum"]
     tail = locate(4, 16)  # never past the end; page 4 is a hit, page 5 (7 bytes) a new fill
@@ -401,7 +404,7 @@ def test_locate_fills_a_run_and_answers_where_its_page_files_are(procs, s3_serve
     response = httpx.get(f"http://{worker.address}/v1/locate", params=params | {"index": 0, "version": "other"},
                          timeout=30)
     assert response.status_code == 412  # the object is not at that version: ESTALE, nothing cached
-    assert len(worker.page_files()) == 5
+    assert worker.metrics()["dorafs_worker_pages"] == 5
 
 
 def test_the_mount_raises_the_kernel_readahead_of_its_device(procs, s3_server, bucket):

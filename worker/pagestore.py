@@ -57,6 +57,7 @@ sendfile, page by page or run by run, from its offsets.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import itertools
@@ -80,6 +81,9 @@ REGROW_SECONDS = 60.0  # after a full disk lowered the limit, try the full capac
 # Write errors that say the disk itself is unusable (others concern one page's path).
 DISK_FAULTS = {errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENXIO, errno.ENODEV}
 HELD_RECHECK_SECONDS = 1.0  # how often unlinked object files a mount holds are looked at
+# A version grows in its object file only if it takes at most 1/GROW_SHARE of the store:
+# evicting any page of it removes all of it.
+GROW_SHARE = 4
 
 
 def checksum(data: bytes | memoryview) -> str:
@@ -88,11 +92,11 @@ def checksum(data: bytes | memoryview) -> str:
 
 @dataclass
 class PageEntry:
-    path: Path  # the page's file, or its object's whole file (then `whole` is set)
+    path: Path  # the page's file, or its object's file (then `in_object` is set)
     size: int
     checksum: str
     offset: int = 0  # where the page starts in `path`
-    whole: bool = False  # `path` is the sealed file of the whole object
+    in_object: bool = False  # `path` is the object file of its version (whole or growing)
 
 
 @dataclass
@@ -103,6 +107,21 @@ class WholeObject:
     size: int
     page_size: int
     checksums: list[str]
+
+
+@dataclass(eq=False)
+class Growing:
+    """An object version whose pages are written into its object file as they arrive,
+    each page's checksum appended to `<file>.log` once its bytes are in."""
+
+    path: Path
+    size: int
+    page_size: int
+    checksums: list[str | None]  # by page index; None: not in the file yet
+    completing: trio.Event | None = None  # set once its sums are written (or it went)
+
+    def complete(self) -> bool:
+        return all(c is not None for c in self.checksums)
 
 
 @dataclass
@@ -129,6 +148,9 @@ class PageStore:
         self._by_object: dict[str, set[int]] = {}
         self._limiter = thread_limiter or trio.CapacityLimiter(8)
         self._whole: dict[str, WholeObject] = {}  # sealed objects by object id
+        self._growing: dict[str, Growing] = {}  # versions written into their object file as pages land
+        self._page_writes: dict[str, int] = {}  # page files being written, by object id
+        self._growing_writes: set[PageKey] = set()  # pages being written into object files
         self._sealing: dict[str, trio.Event] = {}  # objects being sealed -> set when done
         self._held: list[_Held] = []  # unlinked object files a mount still holds
         self.held = 0  # their bytes (part of `used`)
@@ -167,15 +189,20 @@ class PageStore:
                 found.append((st.st_mtime, (oid, index), PageEntry(path, st.st_size, digest)))
         for mtime, whole in self._load_objects():
             for index, digest in enumerate(whole.checksums):
+                if digest is None:
+                    continue
                 length = min(whole.page_size, whole.size - index * whole.page_size)
                 found.append((mtime, (whole.path.name, index),
                               PageEntry(whole.path, length, digest, index * whole.page_size, True)))
-            self._whole[whole.path.name] = whole
-        sealed = {oid for oid in self._whole}
+            if isinstance(whole, Growing):
+                self._growing[whole.path.name] = whole
+            else:
+                self._whole[whole.path.name] = whole
+        in_files = set(self._whole) | set(self._growing)
         kept = []
         for item in found:
             _, (oid, _), entry = item
-            if oid in sealed and not entry.whole:  # sealed before a crash unlinked its pages
+            if oid in in_files and not entry.in_object:  # sealed before a crash unlinked its pages
                 entry.path.unlink(missing_ok=True)
             else:
                 kept.append(item)
@@ -187,8 +214,9 @@ class PageStore:
         log.info("page store: %d pages (%d whole objects), %d bytes of %d", len(self._index),
                  len(self._whole), self.used, self.capacity)
 
-    def _load_objects(self) -> list[tuple[float, WholeObject]]:
-        """The sealed objects on disk; removes what a crash left half done."""
+    def _load_objects(self) -> list[tuple[float, WholeObject | Growing]]:
+        """The object files on disk, whole or growing; removes what a crash left half done.
+        A growing file whose every page is in the file is made whole here."""
         self.objects.mkdir(mode=0o700, exist_ok=True)
         out = []
         for sub in self.objects.iterdir():
@@ -200,15 +228,24 @@ class PageStore:
                 if name.endswith(".tmp"):
                     path.unlink(missing_ok=True)
                     continue
-                if name.endswith(".sums"):
-                    if not (sub / name[:-5]).exists():
+                if name.endswith((".sums", ".log")):
+                    if not (sub / name[:-5] if name.endswith(".sums") else sub / name[:-4]).exists():
                         path.unlink(missing_ok=True)
                     continue
                 whole = _read_sums(path)
+                if whole is not None:
+                    Path(f"{path}.log").unlink(missing_ok=True)
+                else:
+                    whole = _read_log(path)
+                    if whole is not None and whole.complete():
+                        _write_sums(path, whole.size, whole.page_size, whole.checksums)
+                        Path(f"{path}.log").unlink()
+                        whole = WholeObject(path, whole.size, whole.page_size, list(whole.checksums))
                 if whole is None:
                     log.warning("removing object file without valid checksums: %s", path)
                     path.unlink(missing_ok=True)
                     Path(f"{path}.sums").unlink(missing_ok=True)
+                    Path(f"{path}.log").unlink(missing_ok=True)
                     continue
                 out.append((path.stat().st_mtime, whole))
         return out
@@ -239,6 +276,23 @@ class PageStore:
     def is_sealing(self, oid: str) -> bool:
         return oid in self._sealing
 
+    def is_growing(self, oid: str) -> bool:
+        return oid in self._growing
+
+    def grow(self, oid: str, size: int, page_size: int) -> bool:
+        """Write the pages of object version `oid` (`size` bytes in pages of `page_size`)
+        into its object file as they arrive, from now on; True if they go there (or it
+        is whole already). Not for a version with pages in page files (sealing copies
+        those), nor one bigger than a GROW_SHARE of the store: evicting any page of a
+        growing version removes all of it."""
+        if oid in self._growing or oid in self._whole:
+            return True
+        if oid in self._by_object or oid in self._page_writes or oid in self._sealing \
+                or size * GROW_SHARE > self.limit or size <= 0 or page_size <= 0:
+            return False
+        self._growing[oid] = Growing(self.objects / oid[:2] / oid, size, page_size, [None] * -(-size // page_size))
+        return True
+
     def health(self) -> str | None:
         """None when caching works; else one line on what degrades it."""
         if self.fault is not None:
@@ -257,27 +311,42 @@ class PageStore:
 
     async def put_many(self, pages: list[tuple[PageKey, bytes | memoryview, str]]) -> list[PageEntry | None]:
         """Store several pages (those of a run whose bytes are in) with one thread call
-        for all of their files; for each, its entry or None as `put` answers. Room for
-        all of them is reserved (evicting as needed) before the first file is written."""
+        for all of them; for each, its entry or None as `put` answers. Room for all of
+        them is reserved (evicting as needed) before the first byte is written. Pages
+        of a growing version go into its object file, the others into page files."""
         out: list[PageEntry | None] = [None] * len(pages)
-        todo: list[tuple[int, PageKey, bytes | memoryview, str, str]] = []
+        todo: list[tuple[int, PageKey, bytes | memoryview, str, str | Growing]] = []
         taken: set[PageKey] = set()
         for i, (key, data, digest) in enumerate(pages):
             if key in self._index:
                 out[i] = self._index[key]
-            elif key not in taken and self._reserve(len(data)):
+            elif key not in taken and key not in self._growing_writes and self._reserve(len(data)):
                 taken.add(key)
                 oid, index = key
-                todo.append((i, key, data, digest, f"{self.root}/{oid[:2]}/{oid}_{index}_{digest}"))
+                target = self._growing.get(oid)  # (after the room: making it may have evicted the version)
+                if target is None:
+                    target = f"{self.root}/{oid[:2]}/{oid}_{index}_{digest}"
+                    self._page_writes[oid] = self._page_writes.get(oid, 0) + 1
+                else:  # one writer per page of an object file: a failed write may punch its range
+                    self._growing_writes.add(key)
+                todo.append((i, key, data, digest, target))
         if not todo:
             return out
         try:
-            failure = await trio.to_thread.run_sync(self._write_all, [(t[4], t[2]) for t in todo],
+            failure = await trio.to_thread.run_sync(self._write_all, [(t[1][1], t[2], t[3], t[4]) for t in todo],
                                                     limiter=self._limiter)
         finally:
-            for _, _, data, _, _ in todo:
+            for _, key, data, _, target in todo:
                 self.used -= len(data)
                 self.reserved -= len(data)
+                if isinstance(target, str):
+                    left = self._page_writes[key[0]] - 1
+                    if left:
+                        self._page_writes[key[0]] = left
+                    else:
+                        del self._page_writes[key[0]]
+                else:
+                    self._growing_writes.discard(key)
         written = len(todo) if failure is None else failure[0]
         if failure is not None:
             self.write_errors += 1
@@ -285,13 +354,27 @@ class PageStore:
         elif self.fault is not None:
             log.info("cache disk writes work again (after: %s)", self.fault)
             self.fault = None
-        for i, key, data, digest, final in todo[:written]:
+        grown: dict[str, Growing] = {}
+        for i, key, data, digest, target in todo[:written]:
             if key in self._index:  # a concurrent put of the same page won the race
                 out[i] = self._index[key]
                 continue
-            entry = PageEntry(Path(final), len(data), digest)
+            if isinstance(target, Growing):
+                if self._growing.get(key[0]) is not target:  # the version went meanwhile
+                    if key[0] not in self._growing and key[0] not in self._whole:  # what this wrote after it went
+                        _unlink(str(target.path))
+                        _unlink(f"{target.path}.log")
+                    continue
+                target.checksums[key[1]] = digest
+                grown[key[0]] = target
+                entry = PageEntry(target.path, len(data), digest, key[1] * target.page_size, True)
+            else:
+                entry = PageEntry(Path(target), len(data), digest)
             self._insert(key, entry)
             out[i] = entry
+        for oid, growing in grown.items():
+            if growing.completing is None and growing.complete() and self._growing.get(oid) is growing:
+                await self._complete(oid, growing)
         return out
 
     def _reserve(self, size: int) -> bool:
@@ -319,7 +402,7 @@ class PageStore:
         entry = self._index.pop(key, None)
         if entry is not None:
             self._forget(key, entry)
-            if entry.whole:
+            if entry.in_object:
                 self._drop_whole(key[0])
             else:
                 self._unlink(entry)
@@ -330,7 +413,7 @@ class PageStore:
         self._check_held()
 
     def statistics(self) -> dict:
-        return {"whole_objects": len(self._whole), "sealed": self.sealed, "held_files": len(self._held),
+        return {"whole_objects": len(self._whole), "growing_objects": len(self._growing), "sealed": self.sealed, "held_files": len(self._held),
                 "held_bytes": self.held}
 
     def close(self) -> None:
@@ -349,12 +432,17 @@ class PageStore:
         page missing or corrupt, which is then dropped, or no room for the copy)."""
         if oid in self._whole:
             return self._whole[oid]
+        growing = self._growing.get(oid)
+        if growing is not None:  # whole once its last page lands: nothing to copy
+            if growing.completing is not None:
+                await growing.completing.wait()
+            return self._whole.get(oid)
         if oid in self._sealing:  # another caller is sealing it: its outcome is ours
             await self._sealing[oid].wait()
             return self._whole.get(oid)
         count = -(-size // page_size)
         entries = [self._index.get((oid, i)) for i in range(count)]
-        if any(e is None or e.whole or e.size != min(page_size, size - i * page_size)
+        if any(e is None or e.in_object or e.size != min(page_size, size - i * page_size)
                for i, e in enumerate(entries)):
             return None
         if self.reserved + self.held + size > self.limit:
@@ -409,6 +497,26 @@ class PageStore:
         self.sealed += 1
         return whole
 
+    async def _complete(self, oid: str, growing: Growing) -> None:
+        """Make a growing version whose every page is in its file whole: its sums are
+        written beside it (renamed into place) and its log removed."""
+        growing.completing = trio.Event()
+        try:
+            await trio.to_thread.run_sync(_write_sums, growing.path, growing.size, growing.page_size,
+                                          growing.checksums, limiter=self._limiter)
+            if self._growing.get(oid) is not growing:  # it went meanwhile: so do its sums
+                if oid not in self._growing and oid not in self._whole:
+                    Path(f"{growing.path}.sums").unlink(missing_ok=True)
+                return
+            Path(f"{growing.path}.log").unlink(missing_ok=True)
+            del self._growing[oid]
+            self._whole[oid] = WholeObject(growing.path, growing.size, growing.page_size, list(growing.checksums))
+            self.sealed += 1
+        except OSError as exc:  # it stays growing: whole at the next restart, or evicted
+            log.warning("cannot write the checksums of object %s: %s", oid, exc)
+        finally:
+            growing.completing.set()
+
     def _write_whole(self, whole: WholeObject, sources: list[Path]) -> tuple[Path, Path] | int | None:
         """Write the object file and its sums under temp names, checking every page
         against its checksum; None if a page file went, the index of a corrupt page.
@@ -444,8 +552,7 @@ class PageStore:
                 while data:
                     n = os.pwrite(out, data, at)
                     data, at = data[n:], at + n
-            with open(tmp_sums, "w") as f:
-                json.dump({"size": whole.size, "page_size": whole.page_size, "checksums": whole.checksums}, f)
+            _write_sums_to(tmp_sums, whole.size, whole.page_size, whole.checksums)
         except BaseException:
             os.close(out)
             tmp_file.unlink(missing_ok=True)
@@ -455,8 +562,9 @@ class PageStore:
         return tmp_sums, tmp_file
 
     def _drop_whole(self, oid: str) -> None:
-        """Forget every page of a sealed object and unlink its file (held if a mount holds it)."""
-        whole = self._whole.pop(oid, None)
+        """Forget every page of an object file (whole or growing) and unlink it (held if
+        a mount holds it)."""
+        whole = self._whole.pop(oid, None) or self._growing.pop(oid, None)
         for index in list(self._by_object.get(oid, ())):
             entry = self._index.pop((oid, index), None)
             if entry is not None:
@@ -464,6 +572,7 @@ class PageStore:
         if whole is None:
             return
         Path(f"{whole.path}.sums").unlink(missing_ok=True)
+        Path(f"{whole.path}.log").unlink(missing_ok=True)
         try:
             fd = os.open(whole.path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
@@ -549,7 +658,7 @@ class PageStore:
             return
         key, entry = self._index.popitem(last=False)
         self._forget(key, entry)
-        if entry.whole:
+        if entry.in_object:
             self.evictions += 1 + len(self._by_object.get(key[0], ()))
             self._drop_whole(key[0])
         else:
@@ -563,16 +672,39 @@ class PageStore:
         except FileNotFoundError:
             pass
 
-    def _write_all(self, pages: list[tuple[str, bytes | memoryview]]) -> tuple[int, OSError] | None:
-        """Write page files (final name, bytes) one after another, each under a temp
-        name renamed into place; None when all landed, else how many did and the error
-        that stopped the rest (they are not written: the disk said what it thinks)."""
-        for done, (final, data) in enumerate(pages):
-            try:
-                self._write(final, data)
-            except OSError as exc:
-                return done, exc
-        return None
+    def _write_all(self, pages: list[tuple[int, bytes | memoryview, str, str | Growing]]) -> tuple[int, OSError] | None:
+        """Write pages (index, bytes, checksum, page file name or growing version) one
+        after another; None when all landed, else how many did and the error that
+        stopped the rest (they are not written: the disk said what it thinks). A page
+        file is written under a temp name renamed into place; a growing version's page
+        at its offset in the object file, then its line in the log."""
+        files: dict[Path, tuple[int, int]] = {}  # object file -> its descriptor and its log's
+        try:
+            for done, (index, data, digest, target) in enumerate(pages):
+                try:
+                    if isinstance(target, str):
+                        self._write(target, data)
+                        continue
+                    fds = files.get(target.path)
+                    if fds is None:
+                        fds = files[target.path] = _open_growing(target.path)
+                    try:
+                        _pwrite_fully(fds[0], data, index * target.page_size)
+                    except OSError:
+                        # What it wrote holds space a full disk lacks; no reader reads a
+                        # page before its log line, and no other write has this page.
+                        _punch(fds[0], index * target.page_size, len(data))
+                        raise
+                    line = f"{index} {target.size} {target.page_size} {digest}\n".encode()
+                    if os.write(fds[1], line) != len(line):
+                        raise OSError(errno.ENOSPC, "short write of a page's checksum")
+                except OSError as exc:
+                    return done, exc
+            return None
+        finally:
+            for fd, log_fd in files.values():
+                os.close(fd)
+                os.close(log_fd)
 
     def _write(self, final: str, data: bytes | memoryview) -> None:
         tmp = f"{self.tmp}/{self._pid}-{next(self._serial)}.tmp"
@@ -618,6 +750,81 @@ def _read_fully(fd: int, into: memoryview) -> int:
             break
         got += n
     return got
+
+
+def _open_growing(path: Path) -> tuple[int, int]:
+    """Descriptors to write a growing object file and append to its log (both made if new)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    except FileNotFoundError:  # its directory is not there yet
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        return fd, os.open(f"{path}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+
+
+def _punch(fd: int, offset: int, length: int) -> None:
+    """Free the blocks of [offset, offset+length) of a file (best effort)."""
+    _libc.fallocate(fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, offset, length)
+
+
+def _pwrite_fully(fd: int, data: bytes | memoryview, at: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, at)
+        view, at = view[n:], at + n
+
+
+def _write_sums_to(path: Path, size: int, page_size: int, checksums: list) -> None:
+    with open(path, "w") as f:
+        json.dump({"size": size, "page_size": page_size, "checksums": checksums}, f)
+
+
+def _write_sums(path: Path, size: int, page_size: int, checksums: list) -> None:
+    """The sums of a whole object file, renamed into place beside it."""
+    tmp = Path(f"{path}.sums.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        _write_sums_to(tmp, size, page_size, checksums)
+        os.rename(tmp, f"{path}.sums")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _read_log(path: Path) -> Growing | None:
+    """The growing object file at `path` from its log: the pages whose line is whole and
+    whose bytes the file reaches (a crash may cut the last line or the file short)."""
+    try:
+        with open(f"{path}.log", "rb") as f:
+            text = f.read()
+        file_size = path.stat().st_size
+    except OSError:
+        return None
+    growing = None
+    for line in text.split(b"\n")[:-1]:  # the part after the last newline is cut short
+        fields = line.split()
+        if len(fields) != 4 or not all(x.isdigit() for x in fields[:3]) or len(fields[3]) != 16:
+            continue
+        index, size, page_size = (int(x) for x in fields[:3])
+        if growing is None:
+            if page_size <= 0 or size <= 0:
+                continue
+            growing = Growing(path, size, page_size, [None] * -(-size // page_size))
+        if (size, page_size) != (growing.size, growing.page_size) or index >= len(growing.checksums) \
+                or min(size, (index + 1) * page_size) > file_size:
+            continue
+        growing.checksums[index] = fields[3].decode()
+    if growing is None or not any(c is not None for c in growing.checksums):
+        return None
+    return growing
 
 
 def _read_sums(path: Path) -> WholeObject | None:

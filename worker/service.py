@@ -165,7 +165,13 @@ class WorkerService:
         return PageResult(entry.checksum, entry.size, entry=entry, hit=True, key=key)
 
     def read_here(self, uri: str, version: str) -> None:
-        """A mount on this machine reads this version from its files (short-circuit)."""
+        """A mount on this machine reads this version from its files (short-circuit).
+
+        Such a mount can hand the version's object file to the kernel once it is whole,
+        so the pages of a version of `seal_min_size` or more (and a page or more) that
+        one reads are written into that file as they are filled (`PageStore.grow`): it
+        is whole when its last page lands, with no copy. Pages it already had in page
+        files are copied into it when its last page is in (`_seal_if_whole`)."""
         oid = object_id(uri, version)
         self._read_here[oid] = None
         self._read_here.move_to_end(oid)
@@ -193,7 +199,7 @@ class WorkerService:
             try:
                 with open(entry.path, "rb") as f:
                     f.seek(entry.offset)
-                    data = f.read(entry.size + 1 if not entry.whole else entry.size)
+                    data = f.read(entry.size + 1 if not entry.in_object else entry.size)
             except FileNotFoundError:
                 return None
             return checksum(data) if len(data) == entry.size else "size-mismatch"
@@ -211,6 +217,8 @@ class WorkerService:
     async def _fill(self, key, uri: str, version: str, size: int, index: int, run: int = 1) -> PageResult:
         page_size = self.config.page_size
         oid = key[0]
+        if oid in self._read_here and self.config.seal_min_size and size >= max(self.config.seal_min_size, page_size):
+            self.store.grow(oid, size, page_size)  # whole as its last page lands: see `read_here`
         extra = []  # following pages this fill also reads: not cached, not being filled
         for i in range(index + 1, index + run):
             other = (oid, i)
@@ -335,6 +343,8 @@ class WorkerService:
         filled has landed (or failed: `CacheFull` when one could not be cached)."""
         fetched: list[int] = []
         end = first + count
+        if size >= self.config.page_size:  # the loader wants its one file (loader.py)
+            self.store.grow(object_id(uri, version), size, self.config.page_size)
         index = first
         while index < end:
             key, entry = await self._cached(uri, version, size, index, False)
@@ -380,15 +390,15 @@ class WorkerService:
         return whole
 
     def _seal_if_whole(self, oid: str, size: int) -> None:
-        """Seal object version `oid` into one file in the background once its last page
-        is in, if a mount on this machine reads it from its files (`read_here`) and it is
+        """Seal object version `oid` from its page files into one file in the background
+        once its last page is in (a version that grows in its file needs no copy), if a mount on this machine reads it from its files (`read_here`) and it is
         of `seal_min_size` and a page or more: that mount then finds it whole at its next
         open instead of waiting for the copy, and the copy is made while the pages are
         still in the kernel's page cache. Versions only remote mounts read are not
         copied (they cannot hold the file); load jobs seal what they load."""
         page_size, least = self.config.page_size, self.config.seal_min_size
         if self.background is None or not least or size < max(least, page_size) or oid not in self._read_here \
-                or self.store.whole(oid) is not None \
+                or self.store.whole(oid) is not None or self.store.is_growing(oid) \
                 or self.store.is_sealing(oid) or self.store.count_of(oid) != page_count(size, page_size):
             return
         self.background.start_soon(self._seal, oid, size)

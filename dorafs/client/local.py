@@ -81,6 +81,9 @@ SWEEP_BATCH = 512  # kept files checked between two checkpoints of the sweep
 # that, the least recently read are closed (the worker's own cache still has them).
 KEPT_BYTES = 4 << 30
 READ_THREADS = 4  # reads of kept files that must wait for the disk, at once
+# Pages remembered as checked, by the file (device, inode) and offset they were read at:
+# an object file whose every page is among them needs no checking pass (fuse/objectfiles.py).
+CHECKED_KEPT = 65536
 
 
 def _pread_and_close(fd: int, length: int, offset: int) -> bytes:
@@ -100,6 +103,8 @@ class LocalPages:
         self.dropped = 0  # kept files closed because their page was evicted or replaced
         self._open: OrderedDict[Hashable, tuple[int, int, int]] = OrderedDict()  # key -> (fd, size, base)
         self._threads = trio.CapacityLimiter(READ_THREADS)
+        self._checked: OrderedDict[tuple[int, int], dict[int, str]] = OrderedDict()  # file -> offset -> checksum
+        self._checked_count = 0
 
     def __len__(self) -> int:
         return len(self._open)
@@ -139,14 +144,35 @@ class LocalPages:
             return None
         return fd
 
-    def keep(self, key: Hashable, fd: int, size: int, base: int = 0) -> None:
+    def keep(self, key: Hashable, fd: int, size: int, base: int = 0, checksum: str | None = None) -> None:
         """Keep the descriptor of a verified page of `size` bytes at `base` of its file
-        (closing the least recently read past the budgets)."""
+        (closing the least recently read past the budgets); with its `checksum`, the
+        page is remembered as checked in that file (`checked`)."""
+        if checksum is not None:
+            self._remember(fd, base, checksum)
         self._drop(key)
         self._open[key] = (fd, size, base)
         self.bytes += size
         while self._open and (len(self._open) > self.max_open or self.bytes > self.max_bytes):
             self._drop(next(iter(self._open)))
+
+    def _remember(self, fd: int, base: int, checksum: str) -> None:
+        st = os.fstat(fd)
+        pages = self._checked.pop((st.st_dev, st.st_ino), None) or {}
+        self._checked_count += base not in pages
+        pages[base] = checksum
+        self._checked[(st.st_dev, st.st_ino)] = pages
+        while self._checked_count > CHECKED_KEPT and len(self._checked) > 1:
+            self._checked_count -= len(self._checked.popitem(last=False)[1])
+
+    def checked(self, st: os.stat_result, page_size: int, checksums: list[str]) -> bool:
+        """Has every page of the object file `st` (pages of `page_size` with these
+        checksums) been read and checked here, from that very file? Its bytes at those
+        offsets are what was checked: an object file's pages are written once, never
+        changed (worker/pagestore.py)."""
+        pages = self._checked.get((st.st_dev, st.st_ino))
+        return pages is not None and len(pages) >= len(checksums) and \
+            all(pages.get(index * page_size) == digest for index, digest in enumerate(checksums))
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._open

@@ -389,7 +389,7 @@ class Reader:
                         functools.partial(LocalPages.load_page_file, part, path, checksum, offset=offset))
                 if fd is None:
                     break
-                self.local.keep(self.key(f, index), fd, size, offset)
+                self.local.keep(self.key(f, index), fd, size, offset, checksum)
                 pieces.append(Piece(block, at, at + size))
                 at += size
         if not pieces:
