@@ -68,6 +68,29 @@ def test_a_wholly_cached_file_is_read_from_its_object_file_exactly(procs, s3_ser
     assert after["dorafs_mount_object_file_opens_total{result=held}"] >= 1
 
 
+def test_a_file_read_to_its_end_is_held_with_no_page_checked_again(procs, s3_server, bucket):
+    """The pages the mount read from the version's object file (the worker writes a
+    version a local mount reads into that file as its pages arrive) were checked as they
+    were read: holding the file at the next open checks none of them again, so it is held
+    as soon as the last reader closes. A mount that read none of them checks each once."""
+    data = os.urandom(5 * MiB + 17)
+    s3_server.client().put_object(Bucket=bucket, Key="h/c.bin", Body=data)
+    worker, m, metrics = setup(procs, bucket)
+    assert read_whole(m.path("c.bin")) == data
+    prepared(worker, metrics)
+    assert read_whole(m.path("c.bin")) == data
+    after = metrics()
+    assert after["dorafs_mount_object_file_opens_total{result=held}"] == 1
+    assert after["dorafs_mount_object_file_pages_checked_total"] == 0
+    port = free_port()
+    other = procs.mount(f"s3://{bucket}/h", workers=[worker.address],
+                        options=f"passthrough=0,direct_io,metrics_listen=127.0.0.1:{port}")
+    assert read_whole(other.path("c.bin")) == data
+    theirs = scrape(f"127.0.0.1:{port}")
+    assert theirs["dorafs_mount_object_file_opens_total{result=held}"] == 1
+    assert theirs["dorafs_mount_object_file_pages_checked_total"] == 6
+
+
 def test_eviction_and_an_overwrite_leave_an_open_held_file_unchanged(procs, s3_server, bucket):
     s3 = s3_server.client()
     old = os.urandom(2 * MiB + 99)

@@ -508,6 +508,117 @@ def test_concurrent_seals_of_one_object_make_one_file(tmp_path):
     trio.run(main)
 
 
+# -- versions that grow in their object file -------------------------------------------
+
+def test_a_growing_version_is_whole_when_its_last_page_lands_with_no_copy(tmp_path):
+    """Pages of a growing version go into its object file at their offsets, in any order
+    and several runs at once; the last one makes it whole (sums beside it, log gone),
+    with no page file written and no copy made (the file is the one written to)."""
+    store = new_store(tmp_path, 1 << 20)
+    data = page(4500, 3)
+    oid = key(1)[0]
+
+    async def main():
+        assert store.grow(oid, 4500, 1000)
+        await store.put_many([(key(1, i), data[i * 1000:(i + 1) * 1000], checksum(data[i * 1000:(i + 1) * 1000]))
+                              for i in (3, 4)])
+        first_inode = store.peek(key(1, 3)).path.stat().st_ino
+        assert store.whole(oid) is None and store.is_growing(oid)
+        async with trio.open_nursery() as nursery:  # two runs at once
+            nursery.start_soon(put, store, key(1, 0), data[:1000])
+            nursery.start_soon(put, store, key(1, 2), data[2000:3000])
+        assert store.whole(oid) is None and (await store.seal(oid, 4500, 1000)) is None  # page 1 missing
+        await put(store, key(1, 1), data[1000:2000])
+        whole = store.whole(oid)
+        assert whole is not None and not store.is_growing(oid)
+        assert whole.path.read_bytes() == data and whole.path.stat().st_ino == first_inode
+        assert Path(f"{whole.path}.sums").exists() and not Path(f"{whole.path}.log").exists()
+        assert await store.seal(oid, 4500, 1000) is whole and store.sealed == 1
+        for i in range(5):
+            entry = store.peek(key(1, i))
+            assert entry.in_object and entry.path == whole.path and entry.offset == i * 1000
+        assert page_files(tmp_path) == [] and store.used == 4500
+
+    trio.run(main)
+    again = new_store(tmp_path, 1 << 20)
+    assert again.whole(oid) is not None and again.used == 4500 and len(again) == 5
+
+
+def test_a_growing_version_keeps_its_pages_over_a_restart_and_never_a_torn_one(tmp_path):
+    """A partly filled object file is reloaded from its log: a line cut short by a crash
+    and a page whose bytes the file does not reach are not pages; the rest are, and the
+    version goes on growing after the restart until it is whole."""
+    store = new_store(tmp_path, 1 << 20)
+    data = page(3500, 5)
+    oid = key(2)[0]
+
+    async def main():
+        assert store.grow(oid, 3500, 1000)
+        for i in (0, 2):
+            await put(store, key(2, i), data[i * 1000:(i + 1) * 1000])
+
+    trio.run(main)
+    path = store.peek(key(2, 0)).path
+    with open(f"{path}.log", "ab") as f:  # a crash while the lines of pages 1 and 3 were written
+        f.write(f"3 3500 1000 {checksum(data[3000:])}\n".encode())  # its bytes never reached the file
+        f.write(b"1 3500 1000 0123")
+    again = new_store(tmp_path, 1 << 20)
+    assert again.pages_of(oid) == {0, 2} and again.is_growing(oid) and again.used == 2000
+
+    async def rest():
+        await put(again, key(2, 1), data[1000:2000])
+        await put(again, key(2, 3), data[3000:])
+
+    trio.run(rest)
+    assert again.whole(oid) is not None and path.read_bytes() == data
+
+
+def test_evicting_a_page_of_a_growing_version_removes_its_file(tmp_path):
+    store = new_store(tmp_path, 4000)
+    oid = key(1)[0]
+
+    async def main():
+        assert store.grow(oid, 1000 * 1000, 1000) is False  # more than a quarter of the store
+        assert store.grow(oid, 1000, 1000)
+        await put(store, key(1, 0), page(1000))
+        assert store.whole(oid) is not None  # one page: whole at once
+        other = key(2)[0]
+        assert store.grow(other, 2500, 1000) is False  # more than a quarter of the store
+        await put(store, key(3, 0), page(1000))
+        assert store.grow(key(3)[0], 1000, 1000) is False  # it has a page file: sealing copies those
+        path = store.peek(key(1, 0)).path
+        for n in (4, 5, 6):
+            await put(store, key(n), page(1000))
+        assert not path.exists() and store.whole(oid) is None and store.pages_of(oid) == set()
+        assert store.used == 4000
+
+    trio.run(main)
+
+
+def test_a_full_disk_frees_what_a_failed_page_left_in_an_object_file(tmp_path):
+    """A write into an object file that the disk cannot hold leaves no bytes behind: the
+    page is served uncached, the version's other pages stay."""
+    with tmpfs(tmp_path / "disk", "64k") as root:
+        store = new_store(root, 1 << 20)
+        oid = key(1)[0]
+        data = page(200 * 1024, 7)
+
+        async def main():
+            assert store.grow(oid, len(data), 32 * 1024)
+            got = await store.put_many([(key(1, i), data[i * 32768:(i + 1) * 32768],
+                                         checksum(data[i * 32768:(i + 1) * 32768])) for i in range(6)])
+            kept = [i for i, entry in enumerate(got) if entry is not None]
+            assert 0 < len(kept) < 6 and kept == list(range(len(kept))) and store.write_errors == 1
+            path = store.peek(key(1, 0)).path
+            assert path.stat().st_blocks * 512 <= len(kept) * 32768 + 4096  # nothing of the failed page
+            for i in kept:
+                with open(path, "rb") as f:
+                    f.seek(i * 32768)
+                    assert f.read(32768) == data[i * 32768:(i + 1) * 32768]
+
+        trio.run(main)
+
+
 # -- a worker seals a version when its last page lands (worker/service.py) ---------------
 
 def test_a_worker_seals_a_version_when_its_last_page_lands(procs, s3_server, bucket):

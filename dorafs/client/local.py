@@ -165,14 +165,15 @@ class LocalPages:
         while self._checked_count > CHECKED_KEPT and len(self._checked) > 1:
             self._checked_count -= len(self._checked.popitem(last=False)[1])
 
-    def checked(self, st: os.stat_result, page_size: int, checksums: list[str]) -> bool:
-        """Has every page of the object file `st` (pages of `page_size` with these
-        checksums) been read and checked here, from that very file? Its bytes at those
-        offsets are what was checked: an object file's pages are written once, never
-        changed (worker/pagestore.py)."""
+    def checked(self, st: os.stat_result, page_size: int, checksums: list[str]) -> set[int]:
+        """The pages of the object file `st` (pages of `page_size` with these checksums)
+        read and checked here, from that very file. Its bytes at those offsets are what
+        was checked: an object file's pages are written once, never changed
+        (worker/pagestore.py)."""
         pages = self._checked.get((st.st_dev, st.st_ino))
-        return pages is not None and len(pages) >= len(checksums) and \
-            all(pages.get(index * page_size) == digest for index, digest in enumerate(checksums))
+        if pages is None:
+            return set()
+        return {index for index, digest in enumerate(checksums) if pages.get(index * page_size) == digest}
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._open

@@ -84,6 +84,10 @@ PASSTHROUGH_OPENS = Counter("dorafs_mount_passthrough_opens", "Read-only opens o
 OBJECT_FILE_OPENS = Counter("dorafs_mount_object_file_opens", "Read-only opens of files of passthrough_min_size "
                             "or more: holding the verified object file of their version (result=held) or why "
                             "not", ["result"], registry=REGISTRY)
+OBJECT_FILE_PAGES_CHECKED = Counter("dorafs_mount_object_file_pages_checked", "Pages of object files checked "
+                                    "against their checksums in a pass before the file is held (pages the "
+                                    "mount read from that file and checked as it read them are not)",
+                                    registry=REGISTRY)
 OBJECT_FILES_PREPARING = Gauge("dorafs_mount_object_files_preparing", "Versions read to their end being sealed "
                                "by their worker and verified, to be held from their next open", registry=REGISTRY)
 PASSTHROUGH_FILES = Gauge("dorafs_mount_passthrough_files", "Backing files registered with the kernel "

@@ -45,12 +45,13 @@ import fcntl
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
 import xxhash
 
-from dorafs.fuse.metrics import OBJECT_FILE_OPENS, OBJECT_FILES_PREPARING
+from dorafs.fuse.metrics import OBJECT_FILE_OPENS, OBJECT_FILE_PAGES_CHECKED, OBJECT_FILES_PREPARING
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +89,16 @@ class HeldFile:
     opens: int = 1
 
 
-def verify(fd: int, size: int, page_size: int, checksums: list[str]) -> int | None:
-    """Check every page of an object file; the index of the first bad page, or None."""
+def verify(fd: int, size: int, page_size: int, checksums: list[str], done: set[int] = frozenset()) -> int | None:
+    """Check every page of an object file but those in `done`; the index of the first
+    bad page, or None."""
     if os.fstat(fd).st_size != size:
         return 0
     buf = bytearray(max(page_size, 1))
     view = memoryview(buf)
     for index, expected in enumerate(checksums):
+        if index in done:
+            continue
         length = min(page_size, size - index * page_size)
         part = view[:length]
         got = os.preadv(fd, [part], index * page_size)
@@ -150,7 +154,7 @@ class ObjectFiles:
         self.reader = HeldReader()
         self._verified: OrderedDict[tuple[int, int], str] = OrderedDict()  # (st_dev, st_ino) -> version
         self._preparing: dict[tuple[str, str], trio.Event] = {}  # set when prepared
-        self._again: dict[tuple[str, str], object] = {}  # released while being prepared: the file to ask again
+        self._again: dict[tuple[str, str], tuple] = {}  # released while being prepared: what to ask again
         self._holding: dict[tuple[str, str], trio.Event] = {}  # being opened and checked -> set when done
         self._prepare_limiter = trio.CapacityLimiter(PREPARING)
         self._limiter = trio.CapacityLimiter(VERIFY_THREADS)
@@ -237,31 +241,34 @@ class ObjectFiles:
         if self._verified.get(key) == version:
             self._verified.move_to_end(key)
             return None
-        if self.client.local.checked(st, int(whole["page_size"]), list(whole["checksums"])):
-            bad = None  # every page of it was checked as it was read through the mount
+        checksums = list(whole["checksums"])
+        done = self.client.local.checked(st, int(whole["page_size"]), checksums)  # as they were read
+        if len(done) == len(checksums):
+            bad = None
         else:
+            OBJECT_FILE_PAGES_CHECKED.inc(len(checksums) - len(done))
             bad = await trio.to_thread.run_sync(verify, fd, int(whole["size"]), int(whole["page_size"]),
-                                                list(whole["checksums"]), limiter=self._limiter)
+                                                checksums, done, limiter=self._limiter)
         if bad is None:
             self._verified[key] = version
             while len(self._verified) > VERIFIED_KEPT:
                 self._verified.popitem(last=False)
         return bad
 
-    def prepare_soon(self, f) -> None:
+    def prepare_soon(self, f, then: Callable[[], None] | None = None) -> None:
         """In the background: have the worker seal pinned version `f` (read through the
         mount) into one file if it holds all of it, and verify it, so its next open holds
-        it at once."""
+        it at once; then call `then`, if it is."""
         key = (f.uri, f.status.version)
         if self._nursery is None or f.status.size < self.min_size or key in self.held:
             return
         if key in self._preparing:  # asked before this reader's pages were there, maybe
-            self._again[key] = f
+            self._again[key] = (f, then)
             return
         self._preparing[key] = trio.Event()
-        self._nursery.start_soon(self._prepare, f, key)
+        self._nursery.start_soon(self._prepare, f, key, then)
 
-    async def _prepare(self, f, key) -> None:
+    async def _prepare(self, f, key, then: Callable[[], None] | None) -> None:
         ready = False
         try:
             async with self._prepare_limiter:
@@ -282,7 +289,9 @@ class ObjectFiles:
             self._preparing.pop(key).set()
             again = self._again.pop(key, None)
             if again is not None and not ready:
-                self.prepare_soon(again)
+                self.prepare_soon(*again)
+        if ready and then is not None:
+            then()
 
     def close(self) -> None:
         for held in self.held.values():

@@ -132,6 +132,16 @@ class DoraOperations(WritingOperations):
         if self.kernel is not None:
             self.kernel.invalidate_inode(inode)
 
+    def _drop_kernel_pages(self, node: Node, version: str) -> None:
+        """Version `version` of `node` is held from the next open on, and the kernel
+        reads it from the object file (passthrough): the pages it keeps of the FUSE file
+        from reads through the mount are of no more use. Dropped now, in the background,
+        rather than by that open: without `keep_cache` (which passthrough excludes) the
+        kernel drops them before the open returns, about 40 ms per 256 MiB here."""
+        if node.kernel_version == version and not node.cached_opens and self.passthrough.unavailable() is None:
+            node.kernel_version = None
+            self._invalidate_kernel(node.inode)
+
     def _gone(self, node: Node) -> None:
         """The store no longer has `node` under its name (deleted or renamed there): the
         kernel forgets the name now rather than when its entry_timeout runs out, so the
@@ -382,7 +392,7 @@ class DoraOperations(WritingOperations):
                     # Read through the mount: if its worker now holds all of that version (this
                     # reader read it to its end, or the last of several readers of its parts
                     # closes), it is held from the next open.
-                    self.objects.prepare_soon(handle.file)
+                    self.objects.prepare_soon(handle.file, lambda: self._drop_kernel_pages(node, version))
                 node.open_versions[version] -= 1
                 if node.open_versions[version] <= 0:
                     del node.open_versions[version]
