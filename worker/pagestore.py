@@ -3,7 +3,8 @@
 Layout: `ROOT/pages/<oid[:2]>/<oid>_<index>_<checksum>` where oid identifies one version
 of one object (`dorafs.pages.object_id`) and checksum is the page's xxh3-64. Keeping the
 checksum in the name means the index is rebuilt from a directory walk alone, so a
-restarted worker keeps its cache without any side database.
+restarted worker keeps its cache without any side database. Versions that have an
+object file keep their pages in it instead (below).
 
 Subtleties:
 - A page is written to `ROOT/pages/tmp/` and renamed into place: a crash leaves either
@@ -26,33 +27,45 @@ Subtleties:
   then one is tried again; a successful write ends the fault. Other errors concern one
   page's path and are only counted. `health()` says what is wrong.
 
-Whole objects: `seal` (called by the worker when the last page lands of a version of
-`seal_min_size` or more that a mount on this node reads from its files, or asked by
-such a mount that wants to hand a wholly cached object to the kernel, or by a load
-job) copies its pages, each checked against its checksum, into one file at their
-offsets, `ROOT/objects/<oid[:2]>/<oid>`, with `<oid>.sums` beside it (JSON: size, page size, the
-checksum of every page); then the page entries point into that file (`PageEntry.offset`)
-and the page files are unlinked. Such a file is what a mount on this node hands to the
-kernel for passthrough reads (`whole()` says where it is), and it is still sent with
-sendfile, page by page or run by run, from its offsets.
-- The sums are renamed into place before the object file and the object file is renamed
-  from a temp name once all of it is written, so a crash leaves a whole object, or temp
-  files and page files (both handled on start), never a torn one. On start, an object
-  file without its sums (or of another size than they say) is removed, and page files of
-  an object that has its file are removed.
-- An object file never changes once it has its name: eviction (of any of its pages) and
-  drop remove the whole object and unlink the file, never rewrite, truncate or punch
-  it. A mount that hands it to the kernel holds a shared `flock` on it; unlinking such a
-  file frees no disk space until the mount lets go, so the store keeps it open, counts
-  its bytes in `held` (and in `used`, so the byte bound covers them), and gives them back
-  once the lock is gone (checked at each put and eviction, at most every
+Object files: one file per object version, `ROOT/objects/<oid[:2]>/<oid>`, the pages
+at their offsets. Such a file, once whole, is what a mount on this node hands to the
+kernel for passthrough reads (`whole()` says where it is); it is also sent with
+sendfile, page by page or run by run, from its offsets, and a local mount reads pages
+from it. A version gets one in two ways:
+- **Grown** (`grow`): the worker asks for it when a mount on this node reads the version
+  from its files (and for a load job's files), before its first page is cached. Each
+  page is then written into the file at its offset and its checksum appended to
+  `<oid>.log` once its bytes are in; the page is indexed only after that. When the last
+  page lands, `<oid>.sums` (JSON: size, page size, every page's checksum) is renamed into
+  place beside it and the log removed: whole, with no copy.
+- **Sealed** (`seal`): a version whose pages are page files (a remote mount read it, or
+  it grew no file) is copied into one when a mount on this node or a load job asks, or
+  when its last page lands for such a mount: each page checked against its checksum,
+  written under a temp name, the sums renamed into place before the file, then the page
+  files unlinked. It costs one read and one write of the object, and room for the copy;
+  it is refused when making room would evict pages of the object itself.
+Rules:
+- A page of an object file is written once, at its offset, and never changed: a file
+  grows only into its holes; eviction (of any of its pages), drop and a failed write
+  remove the whole file (unlink), never rewrite, truncate or punch a page that was
+  logged. So a mount that read and checked a page of the file (or holds the whole file)
+  keeps reading those bytes. One write per page at a time: a write that fails (a full
+  disk) frees the blocks it took by punching its own page's range, which no reader
+  reads before its log line exists.
+- After a crash: a log line cut short, or naming a page the file does not reach, is not
+  a page; a page whose bytes never reached the disk is caught by the checksum every
+  reader checks (a mount before its first read of a page, or before it holds the whole
+  file; the worker when asked to verify). A log whose every page is there is made whole
+  on start; an object file with neither valid sums nor a log is removed, and so are page
+  files of a version that has an object file.
+- A version grows only if it takes at most 1/`GROW_SHARE` of the store, since evicting
+  any page of it removes all of it.
+- A mount that hands a whole file to the kernel holds a shared `flock` on it; unlinking
+  such a file frees no disk space until the mount lets go, so the store keeps it open,
+  counts its bytes in `held` (and in `used`, so the byte bound covers them), and gives
+  them back once the lock is gone (checked at each put and eviction, at most every
   `HELD_RECHECK_SECONDS`). Bytes held by open passthrough files therefore delay caching,
   never exceed the bound: while they fill it, new pages are served without caching.
-- Sealing costs one read and one write of the object on the cache disk, once, and room
-  for the copy while it is made; it is refused (the pages stay as they are) when making
-  room would evict pages of the object itself. Made when the last page lands, the copy
-  reads pages still in the kernel's page cache. Versions smaller than `seal_min_size`
-  (or a page) stay as pages unless asked for, and so do partly cached ones.
 """
 
 from __future__ import annotations
