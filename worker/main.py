@@ -21,6 +21,7 @@ from dorafs.log import setup_logging
 from dorafs.notify import notify
 from dorafs.security import Credentials, ServerSecurity
 from dorafs.ufs import RetryPolicy, UfsSet
+from dorafs.ufs.buffers import reuse_freed_memory
 from worker.metrics import WorkerMetrics
 from worker.server import build_server
 from worker.service import WorkerService
@@ -129,6 +130,7 @@ def _quiet_collector() -> None:
     serving starts is moved out of the collector's sight (`gc.freeze`), and young
     collections run less often; cycles are still collected."""
     gc.freeze()
+    reuse_freed_memory()
     _, middle, old = gc.get_threshold()
     gc.set_threshold(GC_YOUNG, middle, old)
 
