@@ -797,7 +797,7 @@ def _pwrite_fully(fd: int, data: bytes | memoryview, at: int) -> None:
 
 
 def _write_sums_to(path: Path, size: int, page_size: int, checksums: list) -> None:
-    with open(path, "w") as f:
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
         json.dump({"size": size, "page_size": page_size, "checksums": checksums}, f)
 
 
