@@ -12,7 +12,11 @@ Each round, on an empty store directory:
 - restart (sealed): the same load, of N/16 object files;
 - evict: N new pages into a store whose capacity is N pages (each put evicts), twice:
   first the sealed objects go (16 pages at once), then the new page files one by one:
-  evictions/s and CPU-ms per evicted page.
+  evictions/s and CPU-ms per evicted page;
+- grow: on an empty store, the same N pages written into their object files as they
+  arrive (`grow`, as the worker does for a version a mount on this machine reads), whole
+  at each object's last page with no seal: MiB/s and CPU-s per GiB, and the restart
+  (`load()`) of those N/16 object files.
 
 CPU is the process's (every thread's) CPU time, so a thread that writes counts too.
 Compare two checkouts by running this file from each with its own PYTHONPATH: the
@@ -99,6 +103,25 @@ def one_round(root: Path, pages: int, page_size: int) -> dict:
         out[f"CPU-ms/eviction ({what})"] = cpu * 1000 / max(1, evicted)
         assert small.used <= small.capacity
     small.close()
+
+    shutil.rmtree(root)
+    root.mkdir()
+    grown = PageStore(root, pages * page_size * 2)
+    grown.load()
+
+    async def grow() -> None:
+        for n, oid in enumerate(objects):
+            assert grown.grow(oid, min(RUN, pages - n * RUN) * page_size, page_size)
+        await fill(grown, keys)
+        assert all(grown.whole(oid) is not None for oid in objects)
+
+    _, wall, cpu = measure(lambda: trio.run(grow))
+    out["grow MiB/s"], out["grow CPU-s/GiB"] = pages * page_size / wall / (1 << 20), cpu / gib
+    grown.close()
+    again, wall, _ = measure(lambda: _loaded(root, pages * page_size * 2))
+    assert len(again) == pages, (len(again), pages)
+    out["restart s (grown)"] = wall
+    again.close()
     return out
 
 
