@@ -235,9 +235,13 @@ def main() -> None:
                             spied = args.profile and (system.is_dorafs or name == "dorafs-base")
                             spies = profile(args.profile, args.profiler, name, phase, pids) if spied else []
                             cpu0 = [cpu_seconds(pid) or 0.0 for pid in pids + [server.proc.pid]]
+                            faults0 = sum(minor_faults(pid) for pid in pids)
+                            mount_faults0 = minor_faults(pids[0])
                             try:
                                 results[name][phase] = r = run_pass(m.path / "data", args)
                                 cpu1 = [cpu_seconds(pid) or 0.0 for pid in pids + [server.proc.pid]]
+                                r["daemon_faults"] = sum(minor_faults(pid) for pid in pids) - faults0
+                                r["mount_faults"] = minor_faults(pids[0]) - mount_faults0
                             finally:
                                 stop_profile(spies)
                             r["s3"], _ = s3_gets(log, mark)
@@ -252,6 +256,15 @@ def main() -> None:
     report(results, args)
 
 
+def minor_faults(pid: int) -> int:
+    """Minor page faults of a live process so far (all its threads): memory faulted in."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[7])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def profile(out: Path, profiler: str, name: str, phase: str, pids: list[int]) -> list:
     """Sample `pids` (the mount and its worker) during a pass: py-spy (without pausing
     them) or perf."""
@@ -259,7 +272,7 @@ def profile(out: Path, profiler: str, name: str, phase: str, pids: list[int]) ->
 
     out.mkdir(parents=True, exist_ok=True)
     if profiler == "perf":
-        argvs = [["perf", "record", "-F", "999", "-g", "-o", str(out / f"{name}-{phase}.perf.data"),
+        argvs = [["perf", "record", *os.environ.get("PARQUET_PERF_EVENT", "-F 999").split(), "-g", "-o", str(out / f"{name}-{phase}.perf.data"),
                   "-p", ",".join(str(pid) for pid in pids)]]
     else:
         spy = Path(sys.executable).with_name("py-spy")
@@ -286,7 +299,7 @@ def show(name: str, phase: str, r: dict) -> None:
     extra = (f"; S3 {s3['gets']} GETs, {s3['get_mib']:.0f} MiB, mean {s3['mean_kib']} KiB, "
              f"{s3['heads']} HEADs, sizes {s3['sizes']}; CPU s: daemons {r['daemon_cpu_s']} "
              f"(mount {r.get('mount_cpu_s')}), "
-             f"s3rver {r['s3rver_cpu_s']}") if s3 else ""
+             f"s3rver {r['s3rver_cpu_s']}; daemons' page faults {r.get('daemon_faults')} (mount {r.get('mount_faults')})") if s3 else ""
     print(f"{name} {phase}: {r['mib_s']:.1f} MiB/s, {r['reads_s']:.1f} reads/s, {r['seconds']:.1f} s{extra}",
           flush=True)
 
