@@ -18,7 +18,6 @@ import trio
 from dorafs.config import ConfigError, WorkerConfig, load_config
 from dorafs.files import lock_directory, write_atomic
 from dorafs.log import setup_logging
-from dorafs.memory import keep_freed_memory
 from dorafs.notify import notify
 from dorafs.security import Credentials, ServerSecurity
 from dorafs.ufs import RetryPolicy, UfsSet
@@ -186,7 +185,6 @@ def main(argv: list[str] | None = None) -> None:
     config, security, level, lifeline = parse_args(argv)
     setup_logging("dorafs-worker", level)
     lock = _lock_cache_dir(config.cache_dir)
-    keep_freed_memory()  # run buffers of every size without fresh memory faulted in (dorafs/memory.py)
     try:
         trio.run(partial(run, config, security, lifeline=lifeline))
     except KeyboardInterrupt:
