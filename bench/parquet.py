@@ -179,11 +179,22 @@ def main() -> None:
     p.add_argument("--procs", type=int, default=4)
     p.add_argument("--reads", type=int, default=64, help="per process per pass")
     p.add_argument("--columns", type=int, default=4, help="columns per read")
+    p.add_argument("--baseline", type=Path, help="a checkout whose code the system dorafs-base runs "
+                   "(the same embedded mount; the change and the code before it in one run)")
+    p.add_argument("--profile", metavar="DIR", type=Path,
+                   help="sample the dorafs mount and its worker with py-spy during each pass "
+                        "(collapsed stacks: DIR/<system>-<pass>-<pid>.txt)")
+    p.add_argument("--profiler", choices=("py-spy", "perf"), default="py-spy",
+                   help="py-spy: Python stacks of every thread; perf: CPU samples with native and kernel "
+                        "symbols (DIR/<system>-<pass>.perf.data, `perf report -i` it)")
     args = p.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     from servers import SERVERS
-    from systems import SYSTEMS
+    from systems import SYSTEMS, DorafsBaseline
+
+    if args.baseline:
+        DorafsBaseline.checkout = args.baseline.resolve()
 
     for line in clean_stale():
         print(line)
@@ -221,9 +232,18 @@ def main() -> None:
                         pids = [m.proc.pid] + descendants(m.proc.pid)
                         for phase in phases:
                             _, mark = s3_gets(log, 0)
+                            spied = args.profile and (system.is_dorafs or name == "dorafs-base")
+                            spies = profile(args.profile, args.profiler, name, phase, pids) if spied else []
                             cpu0 = [cpu_seconds(pid) or 0.0 for pid in pids + [server.proc.pid]]
-                            results[name][phase] = r = run_pass(m.path / "data", args)
-                            cpu1 = [cpu_seconds(pid) or 0.0 for pid in pids + [server.proc.pid]]
+                            faults0 = sum(minor_faults(pid) for pid in pids)
+                            mount_faults0 = minor_faults(pids[0])
+                            try:
+                                results[name][phase] = r = run_pass(m.path / "data", args)
+                                cpu1 = [cpu_seconds(pid) or 0.0 for pid in pids + [server.proc.pid]]
+                                r["daemon_faults"] = sum(minor_faults(pid) for pid in pids) - faults0
+                                r["mount_faults"] = minor_faults(pids[0]) - mount_faults0
+                            finally:
+                                stop_profile(spies)
                             r["s3"], _ = s3_gets(log, mark)
                             r["daemon_cpu_s"] = round(sum(cpu1[:-1]) - sum(cpu0[:-1]), 2)
                             r["mount_cpu_s"] = round(cpu1[0] - cpu0[0], 2)  # the mount process alone
@@ -236,12 +256,50 @@ def main() -> None:
     report(results, args)
 
 
+def minor_faults(pid: int) -> int:
+    """Minor page faults of a live process so far (all its threads): memory faulted in."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[7])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def profile(out: Path, profiler: str, name: str, phase: str, pids: list[int]) -> list:
+    """Sample `pids` (the mount and its worker) during a pass: py-spy (without pausing
+    them) or perf."""
+    import subprocess
+
+    out.mkdir(parents=True, exist_ok=True)
+    if profiler == "perf":
+        argvs = [["perf", "record", *os.environ.get("PARQUET_PERF_EVENT", "-F 999").split(), "-g", "-o", str(out / f"{name}-{phase}.perf.data"),
+                  "-p", ",".join(str(pid) for pid in pids)]]
+    else:
+        spy = Path(sys.executable).with_name("py-spy")
+        argvs = [[str(spy), "record", "--nonblocking", "--threads", "--rate", "250", "--format", "raw",
+                  "-o", str(out / f"{name}-{phase}-{pid}.txt"), "-p", str(pid)] for pid in pids]
+    spies = [subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for argv in argvs]
+    time.sleep(1.0)  # the profiler attaches
+    return spies
+
+
+def stop_profile(spies: list) -> None:
+    for spy in spies:
+        spy.send_signal(signal.SIGINT)
+    for spy in spies:
+        try:
+            spy.wait(30)
+        except Exception:
+            spy.kill()
+            spy.wait()
+
+
 def show(name: str, phase: str, r: dict) -> None:
     s3 = r.get("s3")
     extra = (f"; S3 {s3['gets']} GETs, {s3['get_mib']:.0f} MiB, mean {s3['mean_kib']} KiB, "
              f"{s3['heads']} HEADs, sizes {s3['sizes']}; CPU s: daemons {r['daemon_cpu_s']} "
              f"(mount {r.get('mount_cpu_s')}), "
-             f"s3rver {r['s3rver_cpu_s']}") if s3 else ""
+             f"s3rver {r['s3rver_cpu_s']}; daemons' page faults {r.get('daemon_faults')} (mount {r.get('mount_faults')})") if s3 else ""
     print(f"{name} {phase}: {r['mib_s']:.1f} MiB/s, {r['reads_s']:.1f} reads/s, {r['seconds']:.1f} s{extra}",
           flush=True)
 
@@ -273,7 +331,7 @@ def report(results: dict, args) -> None:
     out.mkdir(exist_ok=True)
     (out / f"parquet-{stamp}.md").write_text(f"`{' '.join(sys.argv)}`\n\n{text}\n")
     (out / f"parquet-{stamp}.json").write_text(json.dumps({"argv": sys.argv, "args": vars(args),
-                                                           "results": results}, indent=1))
+                                                           "results": results}, indent=1, default=str))
     print(f"results: {out}/parquet-{stamp}.*")
 
 

@@ -9,6 +9,7 @@
 #     any other torch spec would download gigabytes of CUDA libraries)
 #   - pip, into the project's .venv: awscrt and obstore, the S3 clients bench/s3clients.py
 #     measures against boto3 (the versions its figures in bench/README.md were taken with)
+#   - pip, into the project's .venv: py-spy 0.4.3, for `bench/parquet.py --profile DIR`
 #   - Debian: openmpi-bin, libopenmpi-dev; pip, into .venv: mpi4py and dlio-benchmark 2.0.0
 #     for bench/dlio.py. DLIO's package requires GPU builds (nvidia-dali-cuda110, the full
 #     tensorflow, torchvision/torchaudio, which would pull CUDA torch) that its PyTorch/npz
@@ -71,6 +72,8 @@ if ! $venv -c "import awscrt.s3, obstore" 2>/dev/null; then
   $venv -m pip install -q "${S3CLIENTS[@]}" 2>&1 | grep -v -e "Running pip as the 'root'" -e "is ignored: it is neither" || true
 fi
 $venv -c "import awscrt.s3, obstore" 2>/dev/null || unavailable+=("pip:${S3CLIENTS[*]} (.venv)")
+[ -x .venv/bin/py-spy ] || $venv -m pip install -q "py-spy==0.4.3" 2>&1 | grep -v -e "Running pip as the 'root'" -e "is ignored: it is neither" || true
+[ -x .venv/bin/py-spy ] || unavailable+=("pip:py-spy==0.4.3 (.venv, bench/parquet.py --profile)")
 
 for pkg in openmpi-bin libopenmpi-dev; do
   installed "$pkg" || apt-get install -y -qq "$pkg" >/dev/null || unavailable+=("apt:$pkg")

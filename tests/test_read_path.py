@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dorafs.client.prefetch import GROUP_PAGES
 from dorafs.pages import object_id, page_count
 from dorafs.ring import HashRing
 from tests.cluster import CORRUPT, ESTALE_READ, FAILOVER, ProcessSet
@@ -631,8 +632,9 @@ def test_a_cold_archive_read_from_its_index_at_the_end_then_through_makes_few_ge
 
 def test_large_reads_at_random_places_bring_their_group_of_pages_in_one_get(procs, s3_server, bucket):
     """A reader of column chunks (0.5 MiB reads at random places, as pyarrow reads a
-    Parquet row group) makes one GET per aligned group of 8 pages it touches, not one
-    per page; a read across two pages of a group is served from that one run, exact."""
+    Parquet row group) makes one GET per aligned group of pages it touches
+    (`prefetch.GROUP_PAGES`), not one per page; a read across two pages of a group is
+    served from that one run, exact."""
     data = os.urandom(32 * MiB)
     put(s3_server.client(), bucket, "cols/t.parquet", data)
     worker = procs.worker()
@@ -647,9 +649,10 @@ def test_large_reads_at_random_places_bring_their_group_of_pages_in_one_get(proc
     finally:
         os.close(fd)
     mount.unmount()
-    groups = {(offset // PAGE) // 8 for offset in offsets} | {((offset + 528383) // PAGE) // 8 for offset in offsets}
+    groups = {(offset // PAGE) // GROUP_PAGES for offset in offsets} | {
+        ((offset + 528383) // PAGE) // GROUP_PAGES for offset in offsets}
     gets = _ufs_reads(worker) - before
-    assert gets <= len(groups) + 1, (gets, groups)  # 4 groups of 8 pages; 24 reads of 1-2 pages each before
+    assert gets <= len(groups) + 1, (gets, groups)  # 32 pages in groups; 24 reads of 1-2 pages each before
 
 
 def test_a_local_workers_run_is_located_in_a_few_requests(procs, s3_server, bucket):

@@ -144,11 +144,20 @@ class Reader:
 
     async def _spans(self, f: OpenFile, spans) -> bytearray | memoryview:
         """A read across pages: one slice of a block when they were read together, else
-        assembled in one buffer."""
-        held = [self.buffer.get(self.key(f, span.index)) for span in spans]
-        if all(isinstance(piece, Piece) for piece in held) and all(
-                later.follows(earlier) for earlier, later in zip(held, held[1:])):
-            return memoryview(held[0].block.data)[held[0].start + spans[0].start:held[-1].start + spans[-1].end]
+        assembled in one buffer. Pages a run is bringing are waited for first: a run
+        brings them into one block, and a read of a column chunk that the group around
+        it brings (`Prefetcher.around`) is then answered from that block without a copy
+        into fresh memory."""
+        held = self._held(f, spans)
+        if isinstance(held, memoryview):
+            return held
+        pending = [self._scheduled.get(self.key(f, span.index)) for span, data in zip(spans, held) if data is None]
+        if pending and all(event is not None for event in pending):
+            for event in pending:
+                await event.wait()
+            held = self._held(f, spans)
+            if isinstance(held, memoryview):
+                return held
         out = bytearray(sum(span.end - span.start for span in spans))
         missing = []
         at = 0
@@ -181,6 +190,15 @@ class Reader:
                     else:
                         nursery.start_soon(fill, *stretch[0])
         return out
+
+    def _held(self, f: OpenFile, spans) -> memoryview | list:
+        """The buffered pages of a read: one slice of their block when they are
+        consecutive pieces of one, else each page's bytes or None."""
+        held = [self.buffer.get(self.key(f, span.index)) for span in spans]
+        if all(isinstance(piece, Piece) for piece in held) and all(
+                later.follows(earlier) for earlier, later in zip(held, held[1:])):
+            return memoryview(held[0].block.data)[held[0].start + spans[0].start:held[-1].start + spans[-1].end]
+        return held
 
     def _stretches(self, f: OpenFile, missing: list) -> list[list]:
         """The missing spans of one read, in stretches of consecutive pages that nothing

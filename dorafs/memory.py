@@ -1,0 +1,36 @@
+"""The process's allocator: freed memory kept for the next large buffers.
+
+Why: the mount's page buffer (dorafs/client/buffer.py) takes a new bytearray of one to
+16 MiB for most runs of pages, of as many sizes as runs have pages, and a read across
+pages of different runs one of its own. By default glibc maps a block over its mmap
+threshold afresh and unmaps it when freed (the threshold rises only to the largest
+block freed so far), and gives a freed heap top over twice that back to the kernel:
+those buffers are then faulted in and zeroed 4 KiB at a time again. With the thresholds
+fixed high, freed buffers stay in the heap, already faulted in, for the next ones: a
+cold Parquet pass faulted in 46,000-55,000 pages of the mount instead of 72,000-80,000
+(bench/README.md, "Positioned reads on Parquet files, cold").
+
+Subtleties:
+- The cost is memory held after a burst: up to `KEEP_FREED` bytes at the heap's top stay
+  in the process (the page buffer itself is bounded by `buffer_size`).
+- Process-wide: the mount calls it at start (`dorafs mount`), never the fsspec client,
+  which lives in a user's process. A worker gained little from it (26,000 faults a pass
+  against 32,000), so it does not.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+KEEP_FREED = 256 << 20  # freed memory at the heap's top kept for the next buffers
+MMAP_THRESHOLD = 32 << 20  # glibc's largest on 64-bit; above the largest run (16 pages of 1 MiB)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc keep freed memory for the next buffers; False where this is not glibc."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, KEEP_FREED))
