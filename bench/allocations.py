@@ -7,8 +7,8 @@ blocks of such sizes; each is made, used and freed. This makes and frees bytearr
 1 to 16 MiB (sizes in turn, six alive at a time, as runs in flight) until `--gib` GiB
 were made, in a fresh interpreter for each setting, and prints the CPU seconds per GiB:
 `glibc defaults` (each buffer over the mmap threshold is fresh pages, faulted in and
-zeroed by the kernel, then zeroed again by Python) against `reuse_freed_memory`
-(dorafs/ufs/buffers.py, what the worker and the mount call at start).
+zeroed by the kernel, then zeroed again by Python) against `keep_freed_memory`
+(dorafs/memory.py, what the worker and the mount call at start).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ CHILD = """
 import os, sys
 sys.path.insert(0, {repo!r})
 if {tuned}:
-    from dorafs.ufs.buffers import reuse_freed_memory
-    reuse_freed_memory()
+    from dorafs.memory import keep_freed_memory
+    keep_freed_memory()
 target = {gib} << 30
 alive, made, i = [], 0, 0
 before = os.times()
@@ -48,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"{'setting':<22} CPU-s per GiB of buffers made and freed (1-16 MiB each)")
     for _ in range(args.rounds):
-        for name, tuned in (("glibc defaults", False), ("reuse_freed_memory", True)):
+        for name, tuned in (("glibc defaults", False), ("keep_freed_memory", True)):
             out = subprocess.run([sys.executable, "-c", CHILD.format(repo=str(REPO), tuned=tuned, gib=args.gib)],
                                  capture_output=True, text=True, check=True).stdout
             print(f"{name:<22} {float(out):.3f}", flush=True)

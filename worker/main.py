@@ -18,10 +18,10 @@ import trio
 from dorafs.config import ConfigError, WorkerConfig, load_config
 from dorafs.files import lock_directory, write_atomic
 from dorafs.log import setup_logging
+from dorafs.memory import keep_freed_memory
 from dorafs.notify import notify
 from dorafs.security import Credentials, ServerSecurity
 from dorafs.ufs import RetryPolicy, UfsSet
-from dorafs.ufs.buffers import reuse_freed_memory
 from worker.metrics import WorkerMetrics
 from worker.server import build_server
 from worker.service import WorkerService
@@ -130,7 +130,7 @@ def _quiet_collector() -> None:
     serving starts is moved out of the collector's sight (`gc.freeze`), and young
     collections run less often; cycles are still collected."""
     gc.freeze()
-    reuse_freed_memory()
+    keep_freed_memory()  # run buffers beyond the pool: no fresh memory faulted in (dorafs/memory.py)
     _, middle, old = gc.get_threshold()
     gc.set_threshold(GC_YOUNG, middle, old)
 

@@ -87,10 +87,8 @@ def run_foreground(config: MountConfig, log_level: str | None, ready_fd: int | N
 
     from dorafs.log import setup_logging
     from dorafs.mount import MountError, run_mount
-    from dorafs.ufs.buffers import reuse_freed_memory
 
     setup_logging("dorafs-mount", "DEBUG" if config.debug else log_level)
-    reuse_freed_memory()
 
     def ready() -> None:
         if ready_fd is not None:

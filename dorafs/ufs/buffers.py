@@ -25,10 +25,6 @@ import sys
 import threading
 
 MIN_SIZE = 1 << 20  # smaller buffers cost little to make: not pooled
-# glibc's malloc: allocations up to this size come from the heap, not a fresh mmap, and
-# up to KEEP_FREED bytes freed at the top of the heap stay mapped (see `reuse_freed_memory`).
-MMAP_THRESHOLD = 32 << 20  # glibc's largest
-KEEP_FREED = 128 << 20
 MAX_BYTES = 96 << 20  # at most this much kept for reuse (a cold sequential read keeps 4-8 runs in flight)
 
 
@@ -69,24 +65,3 @@ class BufferPool:
 # pool's list, the loop's variable `buf` and getrefcount's own argument.
 _FREE = 3
 
-
-def reuse_freed_memory() -> None:
-    """Have this process's large buffers reuse memory freed before, rather than fresh pages.
-
-    A daemon's data path makes a buffer per run of pages (a worker's receive buffers
-    beyond the pool, a mount's blocks), up to 16 MiB. glibc gives each one over its
-    mmap threshold fresh pages, which the kernel faults in and zeroes before Python
-    zeroes them again, and gives them back when freed: about 0.4 CPU-s per GiB of
-    buffers here, against 0.07 when the memory freed by the buffer before is reused
-    (bench/README.md). So such buffers come from the heap (threshold at glibc's
-    largest, 32 MiB) and up to KEEP_FREED bytes freed at its top stay mapped. A no-op
-    where the C library has no `mallopt`."""
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    mallopt(m_mmap_threshold, MMAP_THRESHOLD)
-    mallopt(m_trim_threshold, KEEP_FREED)
