@@ -426,8 +426,8 @@ class PageStore:
         self._check_held()
 
     def statistics(self) -> dict:
-        return {"whole_objects": len(self._whole), "growing_objects": len(self._growing), "sealed": self.sealed, "held_files": len(self._held),
-                "held_bytes": self.held}
+        return {"whole_objects": len(self._whole), "growing_objects": len(self._growing), "sealed": self.sealed,
+                "held_files": len(self._held), "held_bytes": self.held}
 
     def close(self) -> None:
         """Let go of held object files (their bytes are no longer counted)."""

@@ -391,7 +391,8 @@ class WorkerService:
 
     def _seal_if_whole(self, oid: str, size: int) -> None:
         """Seal object version `oid` from its page files into one file in the background
-        once its last page is in (a version that grows in its file needs no copy), if a mount on this machine reads it from its files (`read_here`) and it is
+        once its last page is in (a version that grows in its object file needs no
+        copy), if a mount on this machine reads it from its files (`read_here`) and it is
         of `seal_min_size` and a page or more: that mount then finds it whole at its next
         open instead of waiting for the copy, and the copy is made while the pages are
         still in the kernel's page cache. Versions only remote mounts read are not
