@@ -457,7 +457,10 @@ class Session:
             except OSError as exc:  # ENOENT: the kernel already forgot it
                 log.debug("kernel invalidation of %s: %s", what, exc)
 
-        self._nursery.start_soon(send)
+        try:
+            self._nursery.start_soon(send)
+        except RuntimeError:  # the session is ending (its nursery closed): nothing to tell any more
+            log.debug("kernel invalidation of %s: the session has ended", what)
 
     def statistics(self) -> dict:
         return {"requests": self.requests, "in_flight": len(self._running), "interrupted": self.interrupted}
