@@ -76,20 +76,23 @@ def one_round(root: Path, pages: int, page_size: int) -> dict:
 
     out = {}
     gib = pages * page_size / (1 << 30)
-    _, wall, cpu = measure(lambda: trio.run(fill, store, keys))
-    out["fill MiB/s"], out["fill CPU-s/GiB"] = pages * page_size / wall / (1 << 20), cpu / gib
+
+    def rate(name: str, fn) -> None:
+        _, wall, cpu = measure(fn)
+        out[f"{name} MiB/s"], out[f"{name} CPU-s/GiB"] = pages * page_size / wall / (1 << 20), cpu / gib
+
+    def restart(name: str) -> PageStore:
+        again, wall, _ = measure(lambda: _loaded(root, pages * page_size * 2))
+        assert len(again) == pages, (len(again), pages)
+        out[f"restart s ({name})"] = wall
+        return again
+
+    rate("fill", lambda: trio.run(fill, store, keys))
     store.close()
-    again, wall, _ = measure(lambda: _loaded(root, pages * page_size * 2))
-    assert len(again) == pages, (len(again), pages)
-    out["restart s (pages)"] = wall
-    store = again
-    _, wall, cpu = measure(lambda: trio.run(seal))
-    out["seal MiB/s"], out["seal CPU-s/GiB"] = pages * page_size / wall / (1 << 20), cpu / gib
+    store = restart("pages")
+    rate("seal", lambda: trio.run(seal))
     store.close()
-    again, wall, _ = measure(lambda: _loaded(root, pages * page_size * 2))
-    assert len(again) == pages, (len(again), pages)
-    out["restart s (sealed)"] = wall
-    again.close()
+    restart("sealed").close()
 
     small = PageStore(root, pages * page_size)  # as many pages as are there: each new one evicts
     small.load()
@@ -115,13 +118,9 @@ def one_round(root: Path, pages: int, page_size: int) -> dict:
         await fill(grown, keys)
         assert all(grown.whole(oid) is not None for oid in objects)
 
-    _, wall, cpu = measure(lambda: trio.run(grow))
-    out["grow MiB/s"], out["grow CPU-s/GiB"] = pages * page_size / wall / (1 << 20), cpu / gib
+    rate("grow", lambda: trio.run(grow))
     grown.close()
-    again, wall, _ = measure(lambda: _loaded(root, pages * page_size * 2))
-    assert len(again) == pages, (len(again), pages)
-    out["restart s (grown)"] = wall
-    again.close()
+    restart("grown").close()
     return out
 
 
