@@ -217,8 +217,9 @@ class WorkerConfig:
                             "page size; 1MiB serves eight 128 KiB kernel reads per fetch")
     seal_min_size: int = option(DEFAULT_PAGE_SIZE, _size_or_zero,
                                 "an object version this big or bigger that a mount on this machine reads from the "
-                                "worker's files is copied into one file as soon as its last page is cached (what such "
-                                "a mount hands to the kernel); 0: only when a mount or load job asks")
+                                "worker's files is kept as one file (what such a mount hands to the kernel): its pages "
+                                "are written into it as they arrive, or copied into it once its last page is cached; "
+                                "0: only when a mount or load job asks")
     status_ttl: float = option(300.0, _duration, "how long a cached status is trusted when a request names no TTL "
                                "(-1 never recheck, 0 always)")
     listing_ttl: float = option(300.0, _duration, "the same for a cached directory listing")
