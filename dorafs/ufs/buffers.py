@@ -64,4 +64,3 @@ class BufferPool:
 # References to a tracked buffer that nobody else holds, as `take` counts them: the
 # pool's list, the loop's variable `buf` and getrefcount's own argument.
 _FREE = 3
-
