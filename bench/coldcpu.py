@@ -1,6 +1,7 @@
 """Where the CPU goes during a sequential read, cold or warm: the mount, its worker and the S3 server.
 
     python3 bench/coldcpu.py [-o DORAFS_OPTIONS] [--repeat N] [--warm] [--mode quick] [--small]
+                             [--spy FILE] [--perf FILE]
 
 Needs the dataset in s3rver (run `python3 bench/harness.py --full` once; `--mode quick`
 reads the quick dataset's 256 MiB object instead, so the quick run of the harness is
@@ -46,6 +47,8 @@ def main() -> None:
     p.add_argument("--warm", action="store_true", help="keep the cache: fill it once, then time warm remounts")
     p.add_argument("--small", action="store_true", help="read the small files (4 processes) instead of the large object")
     p.add_argument("--spy", metavar="FILE", help="record the mount and the worker in each timed pass with py-spy (raw, FILE.N.ROLE)")
+    p.add_argument("--perf", metavar="FILE", help="record the whole machine in each timed pass with perf (FILE.N; "
+                   "then `perf report -i FILE.N --sort comm,dso`)")
     args = p.parse_args()
     work = WORK / "coldcpu"
     work.mkdir(parents=True, exist_ok=True)
@@ -84,9 +87,13 @@ def main() -> None:
                     for role in ("mount", "worker"):
                         spies.append(subprocess.Popen(
                             ["py-spy", "record", "--pid", str(pids[role]), "--rate", "500", "--threads", "--format",
-                             "raw", "--output", f"{args.spy}.{n + 1}.{role}", "--nonblocking"],
+                             "raw", "--output", f"{args.spy}.{n + 1}.{role}", "--nonblocking"] + os.environ.get("SPY_ARGS", "").split(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
                     time.sleep(1)
+                if args.perf and n >= 0:
+                    spies.append(subprocess.Popen(["perf", "record", "-a", "-g", "-q", "-o", f"{args.perf}.{n + 1}"],
+                                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                    time.sleep(0.5)
                 before = {k: cpu_seconds(v) for k, v in pids.items()}
                 if args.small:
                     requests = server.requests()
