@@ -674,3 +674,26 @@ def test_a_local_workers_run_is_located_in_a_few_requests(procs, s3_server, buck
     mount.unmount()
     assert asked < 21, asked  # 21 pages: one request per page before (12 seen here)
     assert worker.metrics()["dorafs_worker_ufs_requests_total{op=read}"] <= 8
+
+
+def test_a_sequential_readers_runs_end_on_run_boundaries(procs, s3_server, bucket):
+    """Once a sequential reader's window is a run or more, its readahead asks for whole
+    runs of `RUN_PAGES` pages: a top-up that would leave a tail of a page or two waits
+    for the next one, so a cold read costs about one UFS read per run, not one per
+    top-up's tail as well. The bytes are exact."""
+    from dorafs.client.prefetch import RUN_PAGES
+
+    pages = 96
+    data = os.urandom(pages * MiB)
+    put(s3_server.client(), bucket, "seq/f.bin", data)
+    worker = procs.worker()
+    mount = procs.mount(f"s3://{bucket}/seq", workers=[worker.address], options="passthrough=0")
+    with open(mount.path("f.bin"), "rb", buffering=0) as f:
+        got = bytearray()
+        while chunk := f.read(256 << 10):
+            got += chunk
+    mount.unmount()
+    assert got == data
+    reads = worker.metrics()["dorafs_worker_ufs_requests_total{op=read}"]
+    # Whole runs from page 8 on, and the window's first few small ones before it.
+    assert reads <= pages // RUN_PAGES + 4, reads

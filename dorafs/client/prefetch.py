@@ -10,7 +10,12 @@ Subtleties:
   times the read (at least a page); any other read sets it back to nothing. A read whose
   own pages nothing brings yet asks for them in the same run as the pages after them. When fewer than half
   of the window's pages are buffered or on their way, the rest is requested as runs of
-  `RUN_PAGES` pages, side by side, at most `MAX_PREFETCH` pages across the mount.
+  `RUN_PAGES` pages, side by side, at most `MAX_PREFETCH` pages across the mount. Once
+  the window is a run or more, runs end at multiples of `RUN_PAGES`: the window's end
+  is rounded up to one, and what the budget leaves of a run waits for a later top-up
+  unless it holds the read's own pages. A tail of a page or two would cost a UFS read
+  of its own, as much as a whole run. (A smaller window, a reader just starting, is
+  fetched as it is: its own pages must not wait behind a run it did not need.)
 - A run's first page asks the worker to fill the whole run with one UFS read (`run=`).
   From a worker on this machine the run then comes in one block (`/v1/locate`, read
   from its files); from another one in one answer (`/v1/run`, `_run_over_http`), each
@@ -108,9 +113,18 @@ class Prefetcher:
             ahead = start - last_index - 1
             if start > last_page or (ahead and 2 * ahead >= self.window):
                 return
-        count = min(last_page - start + 1, MAX_PREFETCH - shared.pages)
-        for first in range(start, start + count, RUN_PAGES):  # runs fetched side by side
-            self._start_run(first, min(start + count, first + RUN_PAGES) - first)
+        file_last = page_count(f.status.size, page_size) - 1
+        budget_end = start + MAX_PREFETCH - shared.pages - 1
+        end = min(last_page, budget_end)
+        if self.window >= RUN_PAGES:  # whole runs: to the end of one, or what the budget holds of them
+            end = min(last_page + -(last_page + 1) % RUN_PAGES, file_last, budget_end)
+            if (end + 1) % RUN_PAGES and end < file_last:  # the budget cut a run short
+                end = max(end - (end + 1) % RUN_PAGES, min(end, last_index))
+        first = start
+        while first <= end:  # runs fetched side by side
+            last = min(end, first - first % RUN_PAGES + RUN_PAGES - 1)
+            self._start_run(first, last - first + 1)
+            first = last + 1
 
     def around(self, first_index: int, last_index: int) -> None:
         """A large read away from where the reader was (a column chunk of a Parquet file,
