@@ -33,10 +33,12 @@ from procs import WORK, children, unmount  # noqa: E402
 from servers import S3rver  # noqa: E402
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int, user_only: bool = False) -> float:
+    """User and system CPU seconds of a process (with `user_only`, user only: the
+    interpreter's share, apart from the kernel's copies)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().split(")")[-1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + (0 if user_only else int(fields[12]))) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
@@ -65,7 +67,7 @@ def main() -> None:
                   f"  {'S3 req/file':>11}")
         else:
             print(f"{'pass':>4} {'MiB/s':>7} {'wall s':>7} {'mount':>7} {'worker':>7} {'s3rver':>7}  (CPU seconds)"
-                  f"  {'worker/GiB':>10} {'mount/GiB':>9} {'S3 req':>6}")
+                  f"  {'worker/GiB':>10} {'user':>5} {'mount/GiB':>9} {'user':>5} {'S3 req':>6}")
         shutil.rmtree(cache, ignore_errors=True)
         unmount(mnt)  # one a killed run left
         for n in range(-1 if args.warm else 0, args.repeat):  # pass 0 of --warm fills the cache
@@ -95,6 +97,7 @@ def main() -> None:
                                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
                     time.sleep(0.5)
                 before = {k: cpu_seconds(v) for k, v in pids.items()}
+                before_user = {k: cpu_seconds(v, user_only=True) for k, v in pids.items()}
                 if args.small:
                     requests = server.requests()
                     out = subprocess.run([sys.executable, str(Path(__file__).parent / "workloads.py"), "smallfiles",
@@ -113,6 +116,7 @@ def main() -> None:
                                       "--bs=256k", "--ioengine=psync", "--output-format=json"],
                                      capture_output=True, text=True, check=True)
                 spent = {k: cpu_seconds(v) - before[k] for k, v in pids.items()}
+                user = {k: cpu_seconds(v, user_only=True) - before_user[k] for k, v in pids.items()}
                 for spy in spies:
                     spy.send_signal(signal.SIGINT)
                     spy.wait(30)
@@ -121,7 +125,8 @@ def main() -> None:
                 gib = read["io_bytes"] / (1 << 30)
                 print(f"{label:>4} {read['bw'] / 1024:>7.0f} {read['runtime'] / 1000:>7.2f} {spent['mount']:>7.2f} "
                       f"{spent['worker']:>7.2f} {spent['s3rver']:>7.2f}  {spent['worker'] / gib:>10.2f} "
-                      f"{spent['mount'] / gib:>9.2f} {server.requests() - requests:>6}", flush=True)
+                      f"{user['worker'] / gib:>5.2f} {spent['mount'] / gib:>9.2f} {user['mount'] / gib:>5.2f} "
+                      f"{server.requests() - requests:>6}", flush=True)
             finally:
                 unmount(mnt)  # the mount then ends; a SIGTERM alone left the mount behind here
                 mount.terminate()

@@ -9,6 +9,10 @@ page and says so (the reader's timeout counts silence). Pages come in index orde
 each lands; the body's end (a zero chunk) ends the run, which may stop early (at an
 ERROR, or at a page that could not be read back): the reader asks for what is missing
 page by page.
+
+`GET /v1/locate?stream=1` (a reader on the worker's machine) answers with the same
+frames, but a PLACE frame instead of each PAGE: its data is where the page's bytes are,
+`<path>\n<offset>` in UTF-8, for the reader to read from the file itself.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import struct
 
 HEADER = struct.Struct("<B3xIQ8s")  # kind, length, index, checksum (raw xxh3-64, big-endian)
-PAGE, WAIT, ERROR = 1, 2, 3
+PAGE, WAIT, ERROR, PLACE = 1, 2, 3, 4
 
 
 def header(kind: int, index: int = 0, length: int = 0, checksum: str = "") -> bytes:

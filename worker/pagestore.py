@@ -132,9 +132,14 @@ class Growing:
     page_size: int
     checksums: list[str | None]  # by page index; None: not in the file yet
     completing: trio.Event | None = None  # set once its sums are written (or it went)
+    missing: int = -1  # pages not in the file yet (counted from `checksums` when made)
+
+    def __post_init__(self) -> None:
+        if self.missing < 0:
+            self.missing = self.checksums.count(None)
 
     def complete(self) -> bool:
-        return all(c is not None for c in self.checksums)
+        return self.missing == 0
 
 
 @dataclass
@@ -378,6 +383,8 @@ class PageStore:
                         _unlink(str(target.path))
                         _unlink(f"{target.path}.log")
                     continue
+                if target.checksums[key[1]] is None:
+                    target.missing -= 1
                 target.checksums[key[1]] = digest
                 grown[key[0]] = target
                 entry = PageEntry(target.path, len(data), digest, key[1] * target.page_size, True)
@@ -837,6 +844,7 @@ def _read_log(path: Path) -> Growing | None:
         growing.checksums[index] = fields[3].decode()
     if growing is None or not any(c is not None for c in growing.checksums):
         return None
+    growing.missing = growing.checksums.count(None)
     return growing
 
 

@@ -10,14 +10,16 @@
         the first missing one fills the rest with one UFS read (as run=N); a chunked body
         of frames, each page with its length and checksum (dorafs/runs.py). It may end
         early (an ERROR frame, or a page evicted before it could be sent)
-  GET /v1/locate?uri=&version=&size=&index=&page_size=[&count=N]
+  GET /v1/locate?uri=&version=&size=&index=&page_size=[&count=N][&stream=1]
         where the files of pages index.. index+N-1 are, {"pages": [{"index", "path",
         "size", "checksum", "offset"}]} (offset: where the page starts in the file),
         consecutive from `index`: the cached ones, up to and
         including the first miss, which one UFS read fills with the misses after it
         (as run=N) and which is answered once its own bytes are in; ending early at the
         next page not in yet or at a page held only in memory. For short-circuit reads
-        by a client on the same machine (dorafs/client/local.py)
+        by a client on the same machine (dorafs/client/local.py). stream=1: every page
+        of the run, each as it lands, in a chunked body of frames as /v1/run's, with a
+        PLACE frame (its file and offset) for each page's bytes (dorafs/runs.py)
   GET /v1/object?uri=&version=&size=&index=0&page_size=
         &wait=0|1 {"object": {"path", "size", "page_size", "checksums"} | null}: the one file of a
         wholly cached object version (sealed now if its pages are cached, or with wait=0
@@ -150,6 +152,26 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
 
         return Response(200, StreamBody(produce))
 
+    async def _places(send, uri: str, version: str, size: int, index: int, count: int) -> None:
+        """Where each page of a run is, as a PLACE frame once it lands (dorafs/runs.py);
+        the answer ends early at a page held only in memory (not cached)."""
+        for i in range(index, index + count):
+            result = service.ready(uri, version, size, i)
+            if result is None:
+                try:
+                    result = await _with_progress(send, lambda i=i: service.page(
+                        uri, version, size, i, verify=False, run=index + count - i))
+                except DoraError as exc:  # the pages before it stand; the reader learns why
+                    body = json.dumps(exc.to_wire() | {"status": exc.http_status}).encode()
+                    await send(runs.header(runs.ERROR, i, len(body)))
+                    await send(body)
+                    return
+            if result.entry is None:
+                return
+            place = f"{result.entry.path}\n{result.entry.offset}".encode()
+            await send(runs.header(runs.PLACE, i, len(place), result.checksum))
+            await send(place)
+
     @server.route("GET", "/v1/locate")
     async def locate(req: Request) -> Response:
         uri, version, size, index = await page_args(req)
@@ -158,6 +180,8 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
         # one UFS read and is answered as soon as its own bytes are in (the run goes on
         # landing meanwhile, and the caller asks for the pages after it).
         service.read_here(uri, version)  # a mount on this machine: worth sealing once whole
+        if req.query.get("stream") == "1":  # every page of the run in one answer, as each lands
+            return Response(200, StreamBody(lambda send: _places(send, uri, version, size, index, count)))
         pages = []
         waited = False
         for i in range(index, index + max(1, count)):

@@ -236,17 +236,54 @@ class Reader:
 
     async def rest_of_run(self, f: OpenFile, first: int, count: int, done: Callable[[tuple], None]) -> None:
         """The pages of a run after its first, which the worker is filling with the same
-        UFS read: each ask (`/v1/locate` from a worker on this machine) names the rest of
-        the run and brings every page of it already in, into one block, and waits for the
-        next one only: a request per few pages, not one per page. `done(key)` as each page
-        is in (or failed)."""
-        for i in range(first + 1, first + count):
+        UFS read: one ask (`/v1/locate?stream=1` to a worker on this machine) names each
+        page's file as it lands, and the page is read from there at once; what that
+        answer did not bring is asked for page by page. `done(key)` as each page is in
+        (or failed)."""
+        start = first + 1
+        while start < first + count and self.key(f, start) in self.buffer:  # the first ask brought them
+            done(self.key(f, start))
+            start += 1
+        if start < first + count:
+            start += await self._placed_run(f, start, first + count - start, done)
+        for i in range(start, first + count):
             key = self.key(f, i)
             try:
                 if key not in self.buffer:
                     await self.whole_page(f, i, run=first + count - i, ahead=True)
             finally:
                 done(key)
+
+    async def _placed_run(self, f: OpenFile, start: int, count: int, done: Callable[[tuple], None]) -> int:
+        """Pages start.. start+count-1 read from the files a worker on this machine names
+        in one answer as each lands; how many came (from `start` on)."""
+        status, got = f.status, 0
+
+        async def placed(located: tuple[int, str, int, str, int]) -> bool:
+            nonlocal got
+            if located[0] != start + got:
+                return False
+            pieces = await self._load_page_files(f, [located])
+            if not pieces:  # gone or corrupt: the worker checks it when asked for it alone
+                return False
+            key = self.key(f, located[0])
+            self.buffer.put(key, pieces[0])
+            self.stats.short_circuit_pages += 1
+            self.stats.worker_pages += 1
+            got += 1
+            done(key)
+            return got < count
+
+        async def from_worker(address: str) -> None:
+            if self.router.reads_files_of(address) and got < count:
+                await self.workers.places(address, f.uri, status.version, status.size, start + got,
+                                          self.page_size, count - got, placed)
+
+        try:
+            await self.router.route(f.uri, from_worker)
+        except DoraError as exc:  # asked for page by page: the answer is the reader's to see
+            log.debug("the places of pages %d+%d of %s broke off: %s", start, count, f.uri, exc)
+        return got
 
     def _landed(self, key: tuple, events: dict) -> None:
         event = events.pop(key, None)

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import xxhash
 
 from dorafs import runs
 from dorafs.client.transport import Chunks, Transport, TransportError
 from dorafs.errors import Unavailable, from_wire
+from dorafs.pages import page_length
 from dorafs.security import Credentials
 from dorafs.ufs import FileStatus
 
@@ -100,8 +101,13 @@ class WorkerClient:
                     return
                 landed(page)
 
+        await self._stream(address, "/v1/run", params, consume)
+
+    async def _stream(self, address: str, path: str, params: dict,
+                      consume: Callable[[Chunks], Awaitable[None]]) -> None:
+        """A request answered with frames (dorafs/runs.py), each taken by `consume`."""
         try:
-            response = await self._transport.stream(address, "/v1/run", params, consume)
+            response = await self._transport.stream(address, path, params, consume)
         except TransportError as exc:
             raise Unavailable(str(exc)) from None
         except ValueError as exc:
@@ -125,6 +131,38 @@ class WorkerClient:
         response = await self._get(address, "/v1/locate", params)
         pages = json.loads(response.body)["pages"]
         return [(p["index"], p["path"], p["size"], p["checksum"], p.get("offset", 0)) for p in pages]
+
+    async def places(self, address: str, uri: str, version: str, size: int, index: int, page_size: int,
+                     count: int, placed: Callable[[tuple[int, str, int, str, int]], Awaitable[bool]]) -> None:
+        """Where the files of pages index.. index+count-1 are, in one answer
+        (`/v1/locate?stream=1`), each as it lands: `await placed((index, path, size,
+        checksum, offset))`, which answers whether to go on. It may end early (a page
+        held only in memory, or one the worker could not fill): the caller asks for what
+        did not come page by page. An error answer for the first page is raised as is;
+        `Unavailable` when the worker breaks off."""
+        params = {"uri": uri, "version": version, "size": size, "index": index, "page_size": page_size,
+                  "count": count, "stream": 1}
+
+        async def consume(chunks: Chunks) -> None:
+            while (n := await chunks.size()):
+                kind, page, length, checksum = runs.parse(await chunks.read(n))
+                if kind == runs.WAIT:
+                    continue
+                if await chunks.size() != length:
+                    raise ValueError("a frame and its data differ in length")
+                body = await chunks.read(length)
+                if kind == runs.ERROR:
+                    if page == index:
+                        error = json.loads(body)
+                        raise from_wire(int(error.get("status", 502)), error)
+                    return
+                if kind != runs.PLACE:
+                    raise ValueError(f"a frame of kind {kind} in a run of places")
+                path, _, offset = bytes(body).decode().rpartition("\n")
+                if not await placed((page, path, page_length(page, size, page_size), checksum, int(offset))):
+                    return
+
+        await self._stream(address, "/v1/locate", params, consume)
 
     async def whole_object(self, address: str, uri: str, version: str, size: int,
                            page_size: int, wait: bool = True) -> dict | None:
