@@ -97,6 +97,11 @@ HELD_RECHECK_SECONDS = 1.0  # how often unlinked object files a mount holds are 
 # A version grows in its object file only if it takes at most 1/GROW_SHARE of the store:
 # evicting any page of it removes all of it.
 GROW_SHARE = 4
+# The most one write call puts into the page cache. For a larger write the kernel makes
+# larger folios, and on the machines measured those often came from memory the host had
+# taken back: up to ten times the system CPU per byte, where 64 KiB writes always cost
+# little (bench/README.md, "Pages written in pieces").
+WRITE_PIECE = 64 << 10
 
 
 def checksum(data: bytes | memoryview) -> str:
@@ -570,7 +575,7 @@ class PageStore:
                     return index
                 at = index * whole.page_size
                 while data:
-                    n = os.pwrite(out, data, at)
+                    n = os.pwrite(out, data[:WRITE_PIECE], at)
                     data, at = data[n:], at + n
             _write_sums_to(tmp_sums, whole.size, whole.page_size, whole.checksums)
         except BaseException:
@@ -736,7 +741,7 @@ class PageStore:
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view[:WRITE_PIECE]):]
         except OSError:
             os.close(fd)
             _unlink(tmp)  # a partial page would hold the space a full disk lacks
@@ -799,7 +804,7 @@ def _punch(fd: int, offset: int, length: int) -> None:
 def _pwrite_fully(fd: int, data: bytes | memoryview, at: int) -> None:
     view = memoryview(data)
     while view:
-        n = os.pwrite(fd, view, at)
+        n = os.pwrite(fd, view[:WRITE_PIECE], at)
         view, at = view[n:], at + n
 
 
