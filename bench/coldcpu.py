@@ -1,7 +1,7 @@
 """Where the CPU goes during a sequential read, cold or warm: the mount, its worker and the S3 server.
 
     python3 bench/coldcpu.py [-o DORAFS_OPTIONS] [--repeat N] [--warm] [--mode quick] [--small]
-                             [--spy FILE] [--perf FILE]
+                             [--spy FILE] [--perf FILE] [--peer s3fs]
 
 Needs the dataset in s3rver (run `python3 bench/harness.py --full` once; `--mode quick`
 reads the quick dataset's 256 MiB object instead, so the quick run of the harness is
@@ -12,7 +12,9 @@ With `--small`, each pass reads the dataset's small files instead (bench/workloa
 smallfiles: 4 processes, random order) and prints files/s, the CPU milliseconds per file
 of each process and the S3 requests per file.
 With `--warm`, the cache is filled once and kept: each pass is a fresh mount (and
-worker) over the full cache, as the harness's warm phase.
+worker) over the full cache, as the harness's warm phase. `--peer s3fs` times s3fs
+instead (with the harness's options); `user` columns are user-mode CPU alone (the
+interpreter's share), `locates` the worker's /v1/locate requests in the pass.
 """
 
 from __future__ import annotations
@@ -41,6 +43,20 @@ def cpu_seconds(pid: int, user_only: bool = False) -> float:
     return (int(fields[11]) + (0 if user_only else int(fields[12]))) / os.sysconf("SC_CLK_TCK")
 
 
+def worker_requests(cache: Path, path: str) -> float:
+    """Requests the mount's own worker answered on `path` so far (its /metrics, with the
+    secret and address the mount keeps in its cache directory)."""
+    import urllib.request
+
+    address = (cache / "worker.addr").read_text().strip()
+    secret = (cache / "worker.secret").read_text().strip()
+    request = urllib.request.Request(f"http://{address}/metrics", headers={"Authorization": f"Bearer {secret}"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        text = answer.read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("dorafs_worker_request_latency_seconds_count") and f'path="{path}"' in line)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-o", dest="options", default="", help="extra -o options for the dorafs mount")
@@ -49,6 +65,8 @@ def main() -> None:
     p.add_argument("--warm", action="store_true", help="keep the cache: fill it once, then time warm remounts")
     p.add_argument("--small", action="store_true", help="read the small files (4 processes) instead of the large object")
     p.add_argument("--spy", metavar="FILE", help="record the mount and the worker in each timed pass with py-spy (raw, FILE.N.ROLE)")
+    p.add_argument("--peer", choices=("s3fs",), help="mount the peer instead (the harness's options): its "
+                   "daemon's CPU in the mount column, no worker")
     p.add_argument("--perf", metavar="FILE", help="record the whole machine in each timed pass with perf (FILE.N; "
                    "then `perf report -i FILE.N --sort comm,dso`)")
     args = p.parse_args()
@@ -67,7 +85,7 @@ def main() -> None:
                   f"  {'S3 req/file':>11}")
         else:
             print(f"{'pass':>4} {'MiB/s':>7} {'wall s':>7} {'mount':>7} {'worker':>7} {'s3rver':>7}  (CPU seconds)"
-                  f"  {'worker/GiB':>10} {'user':>5} {'mount/GiB':>9} {'user':>5} {'S3 req':>6}")
+                  f"  {'worker/GiB':>10} {'user':>5} {'mount/GiB':>9} {'user':>5} {'S3 req':>6} {'locates':>7}")
         shutil.rmtree(cache, ignore_errors=True)
         unmount(mnt)  # one a killed run left
         for n in range(-1 if args.warm else 0, args.repeat):  # pass 0 of --warm fills the cache
@@ -75,6 +93,14 @@ def main() -> None:
                 shutil.rmtree(cache, ignore_errors=True)
             argv = [sys.executable, "-m", "dorafs.cli.main", "mount", f"s3://bench/{args.mode}", str(mnt), "--foreground",
                     "--cache-dir", str(cache)] + (["-o", args.options] if args.options else [])
+            if args.peer == "s3fs":
+                cache.mkdir(parents=True, exist_ok=True)
+                passwd = work / "s3fs.passwd"
+                passwd.write_text(f"{server.key}:{server.secret}\n")
+                passwd.chmod(0o600)
+                argv = ["s3fs", f"bench:/{args.mode}", str(mnt), "-f", "-o",
+                        f"url={server.endpoint},use_path_request_style,passwd_file={passwd},ro,use_cache={cache},"
+                        "kernel_cache,max_stat_cache_size=100000,dbglevel=warn"]
             mount = subprocess.Popen(argv, env=env, stdout=open(work / "mount.log", "w"), stderr=subprocess.STDOUT)
             try:
                 deadline = time.monotonic() + 30
@@ -82,8 +108,9 @@ def main() -> None:
                     if time.monotonic() > deadline or mount.poll() is not None:
                         raise SystemExit(f"coldcpu: the mount did not start (see {work / 'mount.log'})")
                     time.sleep(0.1)
-                worker = children(mount.pid)[0]
-                pids = {"mount": mount.pid, "worker": worker, "s3rver": server.proc.pid}
+                pids = {"mount": mount.pid, "s3rver": server.proc.pid}
+                if not args.peer:
+                    pids["worker"] = children(mount.pid)[0]
                 spies = []
                 if args.spy and n >= 0:
                     for role in ("mount", "worker"):
@@ -108,7 +135,7 @@ def main() -> None:
                     r = json.loads(out.stdout.strip().splitlines()[-1])
                     files = r["files"]
                     print(f"{n + 1:>4} {files / r['seconds']:>8.1f} {r['seconds']:>7.2f} "
-                          + " ".join(f"{spent[k] * 1000 / files:>7.2f}" for k in ("mount", "worker", "s3rver"))
+                          + " ".join(f"{spent.get(k, 0.0) * 1000 / files:>7.2f}" for k in ("mount", "worker", "s3rver"))
                           + f"  {requests / files:>11.2f}", flush=True)
                     continue
                 requests = server.requests()
@@ -117,6 +144,9 @@ def main() -> None:
                                      capture_output=True, text=True, check=True)
                 spent = {k: cpu_seconds(v) - before[k] for k, v in pids.items()}
                 user = {k: cpu_seconds(v, user_only=True) - before_user[k] for k, v in pids.items()}
+                spent.setdefault("worker", 0.0)
+                user.setdefault("worker", 0.0)
+                locates = "-" if args.peer else f"{worker_requests(cache, '/v1/locate'):.0f}"
                 for spy in spies:
                     spy.send_signal(signal.SIGINT)
                     spy.wait(30)
@@ -126,7 +156,7 @@ def main() -> None:
                 print(f"{label:>4} {read['bw'] / 1024:>7.0f} {read['runtime'] / 1000:>7.2f} {spent['mount']:>7.2f} "
                       f"{spent['worker']:>7.2f} {spent['s3rver']:>7.2f}  {spent['worker'] / gib:>10.2f} "
                       f"{user['worker'] / gib:>5.2f} {spent['mount'] / gib:>9.2f} {user['mount'] / gib:>5.2f} "
-                      f"{server.requests() - requests:>6}", flush=True)
+                      f"{server.requests() - requests:>6} {locates:>7}", flush=True)
             finally:
                 unmount(mnt)  # the mount then ends; a SIGTERM alone left the mount behind here
                 mount.terminate()
