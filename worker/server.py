@@ -129,32 +129,31 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
             raise InvalidRequest(f"page {index} is past the end of a {size}-byte object")
         count = min(req.int_arg("count", 1, minimum=1), MAX_RUN, total - index)
 
-        async def produce(send) -> None:
-            for i in range(index, index + count):
-                result = service.ready(uri, version, size, i)
-                if result is None:
-                    try:
-                        result = await _with_progress(send, lambda i=i: service.page(
-                            uri, version, size, i, verify=False, run=index + count - i))
-                    except DoraError as exc:  # the pages before it stand; the reader learns why
-                        body = json.dumps(exc.to_wire() | {"status": exc.http_status}).encode()
-                        await send(runs.header(runs.ERROR, i, len(body)))
-                        await send(body)
-                        return
-                part = result.data
-                if part is None:
-                    fd = service.open_page(result)
-                    if fd is None:  # evicted meanwhile: the reader asks for it on its own
-                        return
-                    part = FileBody(fd, result.entry.offset, result.size)
-                await send(runs.header(runs.PAGE, i, result.size, result.checksum))
-                await send(part)
+        async def send_page(send, i: int, result) -> bool:
+            part = result.data
+            if part is None:
+                fd = service.open_page(result)
+                if fd is None:  # evicted meanwhile: the reader asks for it on its own
+                    return False
+                part = FileBody(fd, result.entry.offset, result.size)
+            await send(runs.header(runs.PAGE, i, result.size, result.checksum))
+            await send(part)
+            return True
 
-        return Response(200, StreamBody(produce))
+        return Response(200, StreamBody(lambda send: _frames(send, uri, version, size, index, count, send_page)))
 
-    async def _places(send, uri: str, version: str, size: int, index: int, count: int) -> None:
-        """Where each page of a run is, as a PLACE frame once it lands (dorafs/runs.py);
-        the answer ends early at a page held only in memory (not cached)."""
+    async def _place(send, i: int, result) -> bool:
+        """Where page i is, as a PLACE frame; False for a page held only in memory."""
+        if result.entry is None:
+            return False
+        place = f"{result.entry.path}\n{result.entry.offset}".encode()
+        await send(runs.header(runs.PLACE, i, len(place), result.checksum))
+        await send(place)
+        return True
+
+    async def _frames(send, uri: str, version: str, size: int, index: int, count: int, frame) -> None:
+        """Each page of a run as `await frame(send, i, result)` once it lands, until one
+        answers False; a page that cannot be filled ends it with an ERROR frame."""
         for i in range(index, index + count):
             result = service.ready(uri, version, size, i)
             if result is None:
@@ -166,11 +165,8 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
                     await send(runs.header(runs.ERROR, i, len(body)))
                     await send(body)
                     return
-            if result.entry is None:
+            if not await frame(send, i, result):
                 return
-            place = f"{result.entry.path}\n{result.entry.offset}".encode()
-            await send(runs.header(runs.PLACE, i, len(place), result.checksum))
-            await send(place)
 
     @server.route("GET", "/v1/locate")
     async def locate(req: Request) -> Response:
@@ -181,7 +177,7 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
         # landing meanwhile, and the caller asks for the pages after it).
         service.read_here(uri, version)  # a mount on this machine: worth sealing once whole
         if req.query.get("stream") == "1":  # every page of the run in one answer, as each lands
-            return Response(200, StreamBody(lambda send: _places(send, uri, version, size, index, count)))
+            return Response(200, StreamBody(lambda send: _frames(send, uri, version, size, index, count, _place)))
         pages = []
         waited = False
         for i in range(index, index + max(1, count)):

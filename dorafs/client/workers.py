@@ -32,6 +32,27 @@ class CorruptPage(Unavailable):
     """A worker kept sending a page whose bytes do not match its checksum."""
 
 
+async def _next_frame(chunks: Chunks, index: int, kind: int) -> tuple[int, int, str] | None:
+    """The next frame of `kind` in an answer of frames (dorafs/runs.py), as (page, length,
+    checksum), its data still to read; None at the answer's end or at an ERROR frame for a
+    later page. An ERROR frame for page `index`, the first asked for, is raised."""
+    while (n := await chunks.size()):
+        got, page, length, checksum = runs.parse(await chunks.read(n))
+        if got == runs.WAIT:
+            continue
+        if await chunks.size() != length:
+            raise ValueError("a frame and its data differ in length")
+        if got == runs.ERROR:
+            body = json.loads(await chunks.read(length))
+            if page == index:
+                raise from_wire(int(body.get("status", 502)), body)
+            return None
+        if got != kind:
+            raise ValueError(f"a frame of kind {got} where {kind} was expected")
+        return page, length, checksum
+    return None
+
+
 class WorkerClient:
     def __init__(self, *, timeout: float, connect_timeout: float, credentials: Credentials | None = None):
         self._transport = Transport(timeout=timeout, connect_timeout=connect_timeout, credentials=credentials)
@@ -82,17 +103,8 @@ class WorkerClient:
                   "count": count}
 
         async def consume(chunks: Chunks) -> None:
-            while (n := await chunks.size()):
-                kind, page, length, checksum = runs.parse(await chunks.read(n))
-                if kind == runs.WAIT:
-                    continue
-                if await chunks.size() != length:
-                    raise ValueError("a run's frame and its data differ in length")
-                if kind == runs.ERROR:
-                    body = json.loads(await chunks.read(length))
-                    if page == index:
-                        raise from_wire(int(body.get("status", 502)), body)
-                    return
+            while (frame := await _next_frame(chunks, index, runs.PAGE)) is not None:
+                page, length, checksum = frame
                 view = into(page, length)
                 await chunks.read_into(view)
                 if xxhash.xxh3_64_hexdigest(view) != checksum:
@@ -144,21 +156,9 @@ class WorkerClient:
                   "count": count, "stream": 1}
 
         async def consume(chunks: Chunks) -> None:
-            while (n := await chunks.size()):
-                kind, page, length, checksum = runs.parse(await chunks.read(n))
-                if kind == runs.WAIT:
-                    continue
-                if await chunks.size() != length:
-                    raise ValueError("a frame and its data differ in length")
-                body = await chunks.read(length)
-                if kind == runs.ERROR:
-                    if page == index:
-                        error = json.loads(body)
-                        raise from_wire(int(error.get("status", 502)), error)
-                    return
-                if kind != runs.PLACE:
-                    raise ValueError(f"a frame of kind {kind} in a run of places")
-                path, _, offset = bytes(body).decode().rpartition("\n")
+            while (frame := await _next_frame(chunks, index, runs.PLACE)) is not None:
+                page, length, checksum = frame
+                path, _, offset = bytes(await chunks.read(length)).decode().rpartition("\n")
                 if not await placed((page, path, page_length(page, size, page_size), checksum, int(offset))):
                     return
 
