@@ -106,13 +106,16 @@ class Reader:
         key = self.key(f, index)
         return key in self.local or key in self.buffer or key in self._flights or key in self._scheduled
 
-    async def read(self, f: OpenFile, offset: int, length: int) -> bytes | bytearray | memoryview:
+    async def read(self, f: OpenFile, offset: int, length: int,
+                   pieces: bool = False) -> bytes | bytearray | memoryview | tuple[memoryview, ...]:
         """Bytes [offset, offset+length) of the pinned version, short only at EOF.
 
         Buffered pages are returned as memoryviews, no copy until the kernel takes the
-        bytes, and so is a read across pages of one block (a run read together). Else a
-        read is one `pread` of a verified local page file, or is assembled in one buffer,
-        each part read or copied straight into it.
+        bytes, and so is a read across pages of one block (a run read together). With
+        `pieces`, a read across buffered pages of different blocks is a tuple of views,
+        one per page, which the caller writes out with one `writev` (the FUSE session)
+        before anything else runs. Else a read is one `pread` of a verified local page
+        file, or is assembled in one buffer, each part read or copied straight into it.
         """
         spans = plan(offset, length, f.status.size, self.page_size)
         if not spans:
@@ -126,7 +129,7 @@ class Reader:
             data = await self._random_part(f, spans[0])
             if data is not None:
                 return data
-        data = await self._span(f, spans[0]) if len(spans) == 1 else await self._spans(f, spans)
+        data = await self._span(f, spans[0]) if len(spans) == 1 else await self._spans(f, spans, pieces)
         if sequential:
             self._consumed(f, spans)
         return data
@@ -142,15 +145,18 @@ class Reader:
             if span.end == page_length(span.index, size, page_size):
                 self.buffer.discard(self.key(f, span.index))
 
-    async def _spans(self, f: OpenFile, spans) -> bytearray | memoryview:
-        """A read across pages: one slice of a block when they were read together, else
-        assembled in one buffer. Pages a run is bringing are waited for first: a run
-        brings them into one block, and a read of a column chunk that the group around
-        it brings (`Prefetcher.around`) is then answered from that block without a copy
-        into fresh memory."""
+    async def _spans(self, f: OpenFile, spans, pieces: bool = False) -> bytearray | memoryview | tuple:
+        """A read across pages: one slice of a block when they were read together, with
+        `pieces` a view of each page when all are buffered, else assembled in one
+        buffer. Pages a run is bringing are waited for first: a run brings them into one
+        block, and a read of a column chunk that the group around it brings
+        (`Prefetcher.around`) is then answered from that block without a copy into
+        fresh memory."""
         held = self._held(f, spans)
         if isinstance(held, memoryview):
             return held
+        if pieces and None not in held:
+            return _views(spans, held)
         pending = [self._scheduled.get(self.key(f, span.index)) for span, data in zip(spans, held) if data is None]
         if pending and all(event is not None for event in pending):
             for event in pending:
@@ -158,6 +164,8 @@ class Reader:
             held = self._held(f, spans)
             if isinstance(held, memoryview):
                 return held
+            if pieces and None not in held:
+                return _views(spans, held)
         out = bytearray(sum(span.end - span.start for span in spans))
         missing = []
         at = 0
@@ -413,3 +421,9 @@ class Reader:
         if not pieces:
             self.buffer.give(block)
         return pieces
+
+
+def _views(spans, held: list) -> tuple[memoryview, ...]:
+    """The spans' bytes of their buffered pages, one view each (buffered pieces are
+    never stale: a block is reused only once none of its pieces is buffered)."""
+    return tuple(view(data)[span.start:span.end] for span, data in zip(spans, held))
