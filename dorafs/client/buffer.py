@@ -22,7 +22,12 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Hashable
 
-FREE_BLOCKS = 8  # idle blocks kept for reuse: one per readahead run in flight (prefetch.MAX_PREFETCH / RUN_PAGES)
+# Idle blocks kept for reuse, at most this many and at most the buffer's capacity in
+# bytes (so the mount holds at most twice that, as with 8 free blocks of a 16-page run
+# before): a cold sequential read asks its worker for the pages of a run as they land,
+# most often one at a time, so a block per page read ahead (prefetch.MAX_PREFETCH) may
+# be in use at once, and the number in use swings by more than a run's worth.
+FREE_BLOCKS = 64
 
 
 class Block:
@@ -71,6 +76,8 @@ class PageBuffer:
         self.misses = 0
         self._pages: OrderedDict[Hashable, Page] = OrderedDict()
         self._free: list[Block] = []
+        self._free_bytes = 0  # sizes of the blocks in _free
+        self.new_blocks = 0  # blocks made afresh (the others were reused)
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._pages
@@ -123,14 +130,23 @@ class PageBuffer:
 
     def block(self, size: int) -> Block:
         """A block of at least `size` bytes for a run: a reused one (its earlier pieces
-        now stale) or a new one. A free block more than twice the size is left for a
-        larger run: the buffer counts a block whole, so a small page in a big block
-        would crowd out many others."""
+        now stale) or a new one. The smallest free block that is large enough is
+        taken; one more than twice the size only while the buffer holds less than half
+        its capacity: the buffer counts a block whole, so a small page in a big block
+        would crowd out many others once it fills, while a new block costs its memory
+        zeroed (and faulted in) again."""
+        best = None
         for i, block in enumerate(self._free):
-            if size <= len(block.data) <= 2 * size:
-                del self._free[i]
+            if size <= len(block.data) and (best is None or len(block.data) < len(self._free[best].data)):
+                best = i
+        if best is not None:
+            block = self._free[best]
+            if len(block.data) <= 2 * size or self.used + len(block.data) <= self.capacity // 2:
+                del self._free[best]
+                self._free_bytes -= len(block.data)
                 block.generation += 1
                 return block
+        self.new_blocks += 1
         return Block(size)
 
     def filled(self, block: Block) -> None:
@@ -140,9 +156,17 @@ class PageBuffer:
         self.give(block)
 
     def give(self, block: Block) -> None:
-        """Take back a block none of whose pieces is buffered (or that got none)."""
-        if block.held == 0 and not block.filling and len(self._free) < FREE_BLOCKS and block not in self._free:
-            self._free.append(block)
+        """Take back a block none of whose pieces is buffered (or that got none). Past
+        the bounds of idle blocks (FREE_BLOCKS), the smallest are let go first: a large
+        block serves any run while the buffer has room, a small one only small runs."""
+        if block.held or block.filling or block in self._free:
+            return
+        self._free.append(block)
+        self._free_bytes += len(block.data)
+        while len(self._free) > FREE_BLOCKS or (self._free_bytes > self.capacity and len(self._free) > 1):
+            smallest = min(range(len(self._free)), key=lambda i: (len(self._free[i].data), -i))  # the newest of those
+            self._free_bytes -= len(self._free.pop(smallest).data)
 
     def statistics(self) -> dict:
-        return {"pages": len(self._pages), "bytes": self.used, "hits": self.hits, "misses": self.misses}
+        return {"pages": len(self._pages), "bytes": self.used, "hits": self.hits, "misses": self.misses,
+                "new_blocks": self.new_blocks}

@@ -32,6 +32,7 @@ duplicate of the descriptor (the kept one may be closed meanwhile).
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import os
 from collections import OrderedDict
@@ -41,7 +42,9 @@ import trio
 import xxhash
 
 
+@functools.lru_cache(maxsize=256)
 def is_loopback(address: str) -> bool:
+    """Is "host:port" on this machine? Asked for every page fetched: parsed once per address."""
     host = address.rpartition(":")[0].strip("[]")
     if host == "localhost":
         return True
