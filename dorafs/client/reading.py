@@ -56,6 +56,12 @@ log = logging.getLogger(__name__)
 STALE_TRIES = 3  # reads of a page whose block was reused under them before one goes around the buffer
 FAILURE_MEMORY = 0.5  # seconds a page's final error is answered again without a new fetch
 LARGE_READ = 256 << 10  # a read away from the last one this large brings its page's group (Prefetcher.around)
+# A readahead run asks for its next page once its reader has read up to this many pages
+# before it (the kernel asks for 1 MiB at a time ahead of the application), or after this
+# long whatever the reader does (`Reader.near`): a reader that went elsewhere never
+# holds a run's pages, nor the mount's readahead budget, for longer.
+NEAR_PAGES = 4
+NEAR_SECONDS = 0.1
 
 
 @dataclass(eq=False)
@@ -67,6 +73,7 @@ class OpenFile:
     uri: str
     status: FileStatus
     ahead: Prefetcher | None = field(default=None, repr=False)
+    advanced: trio.Event | None = field(default=None, repr=False)  # set at its next read (`Reader.near`)
 
 
 class Reader:
@@ -123,6 +130,9 @@ class Reader:
         ahead = f.ahead
         sequential = offset == ahead.next_offset
         ahead.follow(sequential, offset + length, length, spans[0].index, spans[-1].index)
+        if f.advanced is not None:  # runs waiting to ask for their next pages (`near`)
+            f.advanced.set()
+            f.advanced = None
         if not sequential and length >= LARGE_READ and offset:
             ahead.around(spans[0].index, spans[-1].index)
         if len(spans) == 1 and not sequential and self.config.random_read:
@@ -235,26 +245,48 @@ class Reader:
         self._scheduled.update(events)
         try:
             await self.whole_page(f, first, run=count)
-            await self.rest_of_run(f, first, count, lambda key: self._landed(key, events))
+            await self.rest_of_run(f, first, count, lambda key: self._landed(key, events), lazy=False)
         except DoraError as exc:
             log.debug("the run of pages %d+%d of %s broke off: %s", first, count, f.uri, exc)
         finally:
             for key in keys:
                 self._landed(key, events)
 
-    async def rest_of_run(self, f: OpenFile, first: int, count: int, done: Callable[[tuple], None]) -> None:
+    async def rest_of_run(self, f: OpenFile, first: int, count: int, done: Callable[[tuple], None],
+                          lazy: bool = True) -> None:
         """The pages of a run after its first, which the worker is filling with the same
         UFS read: each ask (`/v1/locate` from a worker on this machine) names the rest of
         the run and brings every page of it already in, into one block, and waits for the
         next one only: a request per few pages, not one per page. `done(key)` as each page
-        is in (or failed)."""
+        is in (or failed).
+
+        A run read ahead (`lazy`) asks for its next page only once the reader comes
+        near it (`near`): asked at once, as each page lands, nearly every answer held
+        one page, a request of the mount and of the worker per page; asked when the
+        reader comes, the pages that landed meanwhile come in one answer. A reader's own
+        run (`_fetch_run`) asks at once."""
         for i in range(first + 1, first + count):
             key = self.key(f, i)
             try:
                 if key not in self.buffer:
+                    if lazy:
+                        await self.near(f, i)
                     await self.whole_page(f, i, run=first + count - i, ahead=True)
             finally:
                 done(key)
+
+    async def near(self, f: OpenFile, index: int) -> None:
+        """Return once the reader of `f` has read up to NEAR_PAGES pages before page
+        `index` (or past it), or after NEAR_SECONDS, or at once when it has no prefetcher
+        (or it is closed)."""
+        ahead = f.ahead
+        if ahead is None or ahead.closed or ahead.next_offset // self.page_size + NEAR_PAGES >= index:
+            return
+        with trio.move_on_after(NEAR_SECONDS):
+            while not ahead.closed and ahead.next_offset // self.page_size + NEAR_PAGES < index:
+                if f.advanced is None:
+                    f.advanced = trio.Event()
+                await f.advanced.wait()
 
     def _landed(self, key: tuple, events: dict) -> None:
         event = events.pop(key, None)
