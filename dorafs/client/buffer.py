@@ -31,13 +31,26 @@ FREE_BLOCKS = 64
 
 
 class Block:
-    __slots__ = ("data", "generation", "held", "filling")
+    """Memory for the pages of one run. Its bytes are made at first use (`data`): a
+    readahead run takes a block before it knows whether its pages come over HTTP into
+    it or from a local worker's files into another one (client/prefetch.py), and a
+    block never used costs nothing."""
+
+    __slots__ = ("size", "_data", "generation", "held", "filling")
 
     def __init__(self, size: int):
-        self.data = bytearray(size)
+        self.size = size
+        self._data: bytearray | None = None
         self.generation = 0
         self.held = 0  # pieces of this generation in the buffer
         self.filling = False  # a run is still receiving into it: never reused meanwhile
+
+    @property
+    def data(self) -> bytearray:
+        data = self._data
+        if data is None:
+            data = self._data = bytearray(self.size)
+        return data
 
 
 class Piece:
@@ -95,7 +108,7 @@ class PageBuffer:
         return data
 
     def put(self, key: Hashable, data: Page) -> None:
-        if len(data) > self.capacity or (isinstance(data, Piece) and len(data.block.data) > self.capacity):
+        if len(data) > self.capacity or (isinstance(data, Piece) and data.block.size > self.capacity):
             return
         old = self._pages.pop(key, None)
         if old is not None:
@@ -104,7 +117,7 @@ class PageBuffer:
             if data.generation != data.block.generation:
                 return  # its block was reused meanwhile
             if data.block.held == 0:  # a block's memory counts whole while any piece of it is here
-                self.used += len(data.block.data)
+                self.used += data.block.size
             data.block.held += 1
         else:
             self.used += len(data)
@@ -125,7 +138,7 @@ class PageBuffer:
         block = data.block
         block.held -= 1
         if block.held == 0:
-            self.used -= len(block.data)
+            self.used -= block.size
             self.give(block)
 
     def block(self, size: int) -> Block:
@@ -137,13 +150,13 @@ class PageBuffer:
         zeroed (and faulted in) again."""
         best = None
         for i, block in enumerate(self._free):
-            if size <= len(block.data) and (best is None or len(block.data) < len(self._free[best].data)):
+            if size <= block.size and (best is None or block.size < self._free[best].size):
                 best = i
         if best is not None:
             block = self._free[best]
-            if len(block.data) <= 2 * size or self.used + len(block.data) <= self.capacity // 2:
+            if block.size <= 2 * size or self.used + block.size <= self.capacity // 2:
                 del self._free[best]
-                self._free_bytes -= len(block.data)
+                self._free_bytes -= block.size
                 block.generation += 1
                 return block
         self.new_blocks += 1
@@ -159,13 +172,13 @@ class PageBuffer:
         """Take back a block none of whose pieces is buffered (or that got none). Past
         the bounds of idle blocks (FREE_BLOCKS), the smallest are let go first: a large
         block serves any run while the buffer has room, a small one only small runs."""
-        if block.held or block.filling or block in self._free:
-            return
+        if block.held or block.filling or block._data is None or block in self._free:
+            return  # (a block never used holds no memory: a new one costs as little)
         self._free.append(block)
-        self._free_bytes += len(block.data)
+        self._free_bytes += block.size
         while len(self._free) > FREE_BLOCKS or (self._free_bytes > self.capacity and len(self._free) > 1):
-            smallest = min(range(len(self._free)), key=lambda i: (len(self._free[i].data), -i))  # the newest of those
-            self._free_bytes -= len(self._free.pop(smallest).data)
+            smallest = min(range(len(self._free)), key=lambda i: (self._free[i].size, -i))  # the newest of those
+            self._free_bytes -= self._free.pop(smallest).size
 
     def statistics(self) -> dict:
         return {"pages": len(self._pages), "bytes": self.used, "hits": self.hits, "misses": self.misses,
