@@ -88,6 +88,7 @@ class PageBuffer:
         self.hits = 0
         self.misses = 0
         self._pages: OrderedDict[Hashable, Page] = OrderedDict()
+        self.contains = self._pages.__contains__  # `key in buffer` without a Python frame (hot paths)
         self._free: list[Block] = []
         self._free_bytes = 0  # sizes of the blocks in _free
         self.new_blocks = 0  # blocks made afresh (the others were reused)

@@ -105,6 +105,7 @@ class LocalPages:
         self.bytes = 0  # sizes of the kept files
         self.dropped = 0  # kept files closed because their page was evicted or replaced
         self._open: OrderedDict[Hashable, tuple[int, int, int]] = OrderedDict()  # key -> (fd, size, base)
+        self.contains = self._open.__contains__  # `key in local` without a Python frame (hot paths)
         self._threads = trio.CapacityLimiter(READ_THREADS)
         self._checked: OrderedDict[tuple[int, int], dict[int, str]] = OrderedDict()  # file -> offset -> checksum
         self._checked_count = 0

@@ -95,6 +95,11 @@ class Reader:
         self._scheduled = self.prefetches.scheduled  # the same dict: pages runs are fetching
         self._flights = SingleFlight()
         self._failed: dict[tuple, tuple[float, Exception]] = {}  # page key -> (until, error)
+        # `coming`'s questions, each a bound method of a dict (no Python frame)
+        self._is_scheduled = self._scheduled.__contains__
+        self._is_buffered = self.buffer.contains
+        self._is_kept = self.local.contains
+        self._is_flying = self._flights.contains
 
     def _follow_page_size(self, page_size: int) -> None:
         self.page_size = page_size
@@ -109,9 +114,14 @@ class Reader:
         return (f.uri, f.status.version, self.page_size, index)
 
     def coming(self, f: OpenFile, index: int) -> bool:
-        """Is page `index` kept, buffered, being fetched or scheduled?"""
-        key = self.key(f, index)
-        return key in self.local or key in self.buffer or key in self._flights or key in self._scheduled
+        """Is page `index` kept, buffered, being fetched or scheduled?
+
+        Asked for every page of a sequential reader's window at each of its reads
+        (`Prefetcher.follow`): one key, and each question a lookup of C code, most
+        likely first (a page ahead of the reader is scheduled or buffered)."""
+        key = (f.uri, f.status.version, self.page_size, index)
+        return (self._is_scheduled(key) or self._is_buffered(key) or self._is_kept(key)
+                or self._is_flying(key))
 
     async def read(self, f: OpenFile, offset: int, length: int,
                    pieces: bool = False) -> bytes | bytearray | memoryview | tuple[memoryview, ...]:
@@ -166,7 +176,7 @@ class Reader:
         if isinstance(held, memoryview):
             return held
         if pieces and None not in held:
-            return _views(spans, held)
+            return tuple(view(data)[span.start:span.end] for span, data in zip(spans, held))
         pending = [self._scheduled.get(self.key(f, span.index)) for span, data in zip(spans, held) if data is None]
         if pending and all(event is not None for event in pending):
             for event in pending:
@@ -174,8 +184,10 @@ class Reader:
             held = self._held(f, spans)
             if isinstance(held, memoryview):
                 return held
-            if pieces and None not in held:
-                return _views(spans, held)
+        if pieces:
+            parts = self._parts(f, spans, held)
+            if parts is not None:
+                return parts
         out = bytearray(sum(span.end - span.start for span in spans))
         missing = []
         at = 0
@@ -208,6 +220,28 @@ class Reader:
                     else:
                         nursery.start_soon(fill, *stretch[0])
         return out
+
+    def _parts(self, f: OpenFile, spans, held: list) -> tuple[memoryview, ...] | None:
+        """Each span's bytes for a caller that takes pieces: a view of its buffered page
+        (buffered pieces are never stale), or read from the page's kept file into memory
+        of its own (a page read to its end by the read after this one, answered first,
+        is no longer buffered). None when a page is neither, or would wait for the disk."""
+        parts = []
+        for span, data in zip(spans, held):
+            if data is not None:
+                parts.append(view(data)[span.start:span.end])
+                continue
+            key = self.key(f, span.index)
+            if key in self._scheduled:
+                return None
+            part = memoryview(bytearray(span.end - span.start))
+            try:
+                if not self.local.readinto(key, part, span.start):
+                    return None
+            except WouldBlock:
+                return None
+            parts.append(part)
+        return tuple(parts)
 
     def _held(self, f: OpenFile, spans) -> memoryview | list:
         """The buffered pages of a read: one slice of their block when they are
@@ -454,8 +488,3 @@ class Reader:
             self.buffer.give(block)
         return pieces
 
-
-def _views(spans, held: list) -> tuple[memoryview, ...]:
-    """The spans' bytes of their buffered pages, one view each (buffered pieces are
-    never stale: a block is reused only once none of its pieces is buffered)."""
-    return tuple(view(data)[span.start:span.end] for span, data in zip(spans, held))

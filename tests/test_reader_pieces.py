@@ -1,0 +1,118 @@
+"""The read path's answers without copies (dorafs/client/reading.py), in process against a
+real worker on loopback (its page files read directly) and a real S3 API (moto): a read
+across pages taken as pieces, and a readahead run that asks for its next pages once its
+reader comes near them."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import trio
+
+from dorafs.client import DoraClient
+from dorafs.client import reading
+from dorafs.config import MountConfig
+from dorafs.membership import StaticMembership
+from dorafs.ufs import UfsSet
+
+MiB = 1 << 20
+
+
+def run(config: MountConfig, addresses: list[str], body) -> None:
+    async def main():
+        ufs = UfsSet()
+        client = DoraClient(config, StaticMembership(addresses), ufs)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(client.run)
+                await body(client)
+                nursery.cancel_scope.cancel()
+        finally:
+            await ufs.aclose()
+
+    trio.run(main)
+
+
+def test_a_read_across_pages_of_different_blocks_is_a_view_of_each(procs, s3_server, bucket):
+    data = os.urandom(3 * MiB + 12345)
+    s3_server.client().put_object(Bucket=bucket, Key="p/f.bin", Body=data)
+    worker = procs.worker()
+    uri = f"s3://{bucket}/p/f.bin"
+    config = MountConfig(readahead_pages=0, random_read=0)  # each page fetched on its own: a block each
+
+    async def body(client):
+        f = client.open_pinned(uri, await client.stat(uri))
+        for index in range(3):
+            assert bytes(await client.read(f, index * MiB, MiB)) == data[index * MiB:(index + 1) * MiB]
+        assert client.stats.short_circuit_pages == 3  # read from the worker's files, checked here
+        start, end = MiB // 2, 2 * MiB + MiB // 2
+        whole = await client.read(f, start, end - start)
+        assert not isinstance(whole, tuple) and bytes(whole) == data[start:end]
+        parts = await client.read(f, start, end - start, True)
+        assert isinstance(parts, tuple) and [len(p) for p in parts] == [MiB // 2, MiB, MiB // 2]
+        assert b"".join(parts) == data[start:end]
+        # A page read to its end by a later read that was answered first is no longer
+        # buffered, but its kept file answers its part.
+        client.buffer.discard(client.reader.key(f, 1))
+        parts = await client.read(f, start, end - start, True)
+        assert isinstance(parts, tuple) and b"".join(parts) == data[start:end]
+        client.close(f)
+
+    run(config, [worker.address], body)
+
+
+def test_a_run_asks_for_its_next_page_once_its_reader_comes_near(procs, s3_server, bucket, monkeypatch):
+    data = os.urandom(12 * MiB)
+    s3_server.client().put_object(Bucket=bucket, Key="n/f.bin", Body=data)
+    worker = procs.worker()
+    uri = f"s3://{bucket}/n/f.bin"
+    monkeypatch.setattr(reading, "NEAR_SECONDS", 30.0)
+
+    async def body(client):
+        f = client.open_pinned(uri, await client.stat(uri))
+        assert bytes(await client.read(f, 0, 4096)) == data[:4096]
+        returned = []
+
+        async def ask(index: int) -> None:
+            await client.reader.near(f, index)
+            returned.append(index)
+
+        async with trio.open_nursery() as nursery:
+            far = 2 + reading.NEAR_PAGES  # more than NEAR_PAGES after the reader's page
+            nursery.start_soon(ask, far)
+            await trio.sleep(0.5)
+            assert returned == []  # the reader stays at page 0
+            assert bytes(await client.read(f, 4096, 4096)) == data[4096:8192]
+            await trio.sleep(0.2)
+            assert returned == []  # still page 0
+            offset = (far - reading.NEAR_PAGES) * MiB
+            assert bytes(await client.read(f, offset, 4096)) == data[offset:offset + 4096]
+            with trio.fail_after(5):
+                while not returned:
+                    await trio.sleep(0.01)
+        await client.reader.near(f, 1)  # near already: at once
+        client.close(f)
+
+    run(MountConfig(), [worker.address], body)
+
+
+def test_a_run_asks_after_near_seconds_when_its_reader_does_not_come(procs, s3_server, bucket, monkeypatch):
+    data = os.urandom(12 * MiB)
+    s3_server.client().put_object(Bucket=bucket, Key="w/f.bin", Body=data)
+    worker = procs.worker()
+    uri = f"s3://{bucket}/w/f.bin"
+    monkeypatch.setattr(reading, "NEAR_SECONDS", 0.3)
+
+    async def body(client):
+        f = client.open_pinned(uri, await client.stat(uri))
+        assert bytes(await client.read(f, 0, 4096)) == data[:4096]
+        started = time.monotonic()
+        await client.reader.near(f, 11)
+        assert 0.25 <= time.monotonic() - started < 5
+        client.close(f)
+        started = time.monotonic()
+        await client.reader.near(f, 11)  # closed: no reader to wait for
+        assert time.monotonic() - started < 0.1
+
+    run(MountConfig(), [worker.address], body)
