@@ -26,8 +26,15 @@ Subtleties:
   failed readahead as a synchronous read at once, which would otherwise wait out the
   same UFS deadline a second time.
 - Buffered pages are returned as memoryviews, no copy until the kernel takes the bytes;
-  a sequential reader's pages read to their end are discarded from the buffer at once
-  (`_consumed`): it will not ask again, and the block is reused for the pages coming.
+  a read across pages of different blocks, for a caller that takes pieces (the FUSE
+  session writes them with one `writev`), is a tuple of views, one per page, not a copy
+  into fresh memory (the kernel's 1 MiB READs start half a page off the pages of a
+  sequential reader, so most cross two). A sequential reader's pages read to their end
+  are discarded from the buffer at once (`_consumed`): it will not ask again, and the
+  block is reused for the pages coming.
+- A readahead run from a worker on this machine asks for its pages after the first only
+  once the reader comes near them (`rest_of_run`, `near`): the pages that landed
+  meanwhile come in one `/v1/locate` answer instead of one each.
 """
 
 from __future__ import annotations
