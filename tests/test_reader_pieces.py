@@ -116,3 +116,25 @@ def test_a_run_asks_after_near_seconds_when_its_reader_does_not_come(procs, s3_s
         assert time.monotonic() - started < 0.1
 
     run(MountConfig(), [worker.address], body)
+
+
+def test_a_run_waiting_for_its_reader_answers_another_handle_at_once(procs, s3_server, bucket, monkeypatch):
+    data = os.urandom(24 * MiB)
+    s3_server.client().put_object(Bucket=bucket, Key="h/f.bin", Body=data)
+    worker = procs.worker()
+    uri = f"s3://{bucket}/h/f.bin"
+    monkeypatch.setattr(reading, "NEAR_SECONDS", 30.0)
+
+    async def body(client):
+        status = await client.stat(uri)
+        first = client.open_pinned(uri, status)
+        assert bytes(await client.read(first, 0, 4 * MiB)) == data[:4 * MiB]  # readahead: pages 4-19
+        await trio.sleep(1)  # the runs' later pages wait for this reader, which stays at page 4
+        other = client.open_pinned(uri, status)
+        offset = 15 * MiB + 100
+        with trio.fail_after(5):  # not NEAR_SECONDS: the run asks at once for a waiting reader
+            assert bytes(await client.read(other, offset, 4096)) == data[offset:offset + 4096]
+        client.close(other)
+        client.close(first)
+
+    run(MountConfig(), [worker.address], body)

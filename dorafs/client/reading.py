@@ -102,6 +102,9 @@ class Reader:
         self._scheduled = self.prefetches.scheduled  # the same dict: pages runs are fetching
         self._flights = SingleFlight()
         self._failed: dict[tuple, tuple[float, Exception]] = {}  # page key -> (until, error)
+        # Pages of runs waiting for their reader to come near (`near`) -> that file and
+        # whether another reader now waits for one of them.
+        self._lazy: dict[tuple, tuple[OpenFile, list[bool]]] = {}
         # `coming`'s questions, each a bound method of a dict (no Python frame)
         self._is_scheduled = self._scheduled.__contains__
         self._is_buffered = self.buffer.contains
@@ -184,8 +187,11 @@ class Reader:
             return held
         if pieces and None not in held:
             return tuple(view(data)[span.start:span.end] for span, data in zip(spans, held))
-        pending = [self._scheduled.get(self.key(f, span.index)) for span, data in zip(spans, held) if data is None]
+        keys = [self.key(f, span.index) for span, data in zip(spans, held) if data is None]
+        pending = [self._scheduled.get(key) for key in keys]
         if pending and all(event is not None for event in pending):
+            for key in keys:
+                self._want(key)
             for event in pending:
                 await event.wait()
             held = self._held(f, spans)
@@ -311,23 +317,43 @@ class Reader:
             try:
                 if key not in self.buffer:
                     if lazy:
-                        await self.near(f, i)
+                        await self.near(f, i, [self.key(f, j) for j in range(i, first + count)])
                     await self.whole_page(f, i, run=first + count - i, ahead=True)
             finally:
                 done(key)
 
-    async def near(self, f: OpenFile, index: int) -> None:
+    async def near(self, f: OpenFile, index: int, keys: list[tuple] = ()) -> None:
         """Return once the reader of `f` has read up to NEAR_PAGES pages before page
-        `index` (or past it), or after NEAR_SECONDS, or at once when it has no prefetcher
-        (or it is closed)."""
+        `index` (or past it), or another reader waits for one of `keys` (the run's pages
+        from `index` on: another handle on the same file), or after NEAR_SECONDS, or at
+        once when `f` has no prefetcher (or it is closed)."""
         ahead = f.ahead
         if ahead is None or ahead.closed or ahead.next_offset // self.page_size + NEAR_PAGES >= index:
             return
-        with trio.move_on_after(NEAR_SECONDS):
-            while not ahead.closed and ahead.next_offset // self.page_size + NEAR_PAGES < index:
-                if f.advanced is None:
-                    f.advanced = trio.Event()
-                await f.advanced.wait()
+        wanted = [False]
+        for key in keys:
+            self._lazy[key] = (f, wanted)
+        try:
+            with trio.move_on_after(NEAR_SECONDS):
+                while not (ahead.closed or wanted[0] or ahead.next_offset // self.page_size + NEAR_PAGES >= index):
+                    if f.advanced is None:
+                        f.advanced = trio.Event()
+                    await f.advanced.wait()
+        finally:
+            for key in keys:
+                if self._lazy.get(key, (None, None))[1] is wanted:
+                    del self._lazy[key]
+
+    def _want(self, key: tuple) -> None:
+        """A reader is about to wait for scheduled page `key`: a run waiting for its own
+        reader to come near that page asks for it now (`near`)."""
+        lazy = self._lazy.get(key)
+        if lazy is not None:
+            f, wanted = lazy
+            wanted[0] = True
+            if f.advanced is not None:
+                f.advanced.set()
+                f.advanced = None
 
     def _landed(self, key: tuple, events: dict) -> None:
         event = events.pop(key, None)
@@ -407,6 +433,7 @@ class Reader:
             return data
         pending = None if ahead else self._scheduled.get(key)
         if pending is not None:
+            self._want(key)
             await pending.wait()
             data = self.buffer.get(key)
             if data is not None:
