@@ -138,3 +138,28 @@ def test_a_run_waiting_for_its_reader_answers_another_handle_at_once(procs, s3_s
         client.close(first)
 
     run(MountConfig(), [worker.address], body)
+
+
+def test_a_reader_waiting_for_a_later_page_of_a_run_keeps_it_asking(procs, s3_server, bucket, proxy, monkeypatch):
+    """A store slow enough that a run's pages land one by one (4 MiB/s per connection):
+    once another reader waits for a page of a run that waits for its own reader, the run
+    asks for each of its pages as it lands, up to that page and past it."""
+    data = os.urandom(24 * MiB)
+    s3_server.client().put_object(Bucket=bucket, Key="s/f.bin", Body=data)
+    proxy.limit(4 * MiB)
+    worker = procs.worker(env=proxy.env(s3_server.env))
+    uri = f"s3://{bucket}/s/f.bin"
+    monkeypatch.setattr(reading, "NEAR_SECONDS", 30.0)
+
+    async def body(client):
+        status = await client.stat(uri)
+        first = client.open_pinned(uri, status)
+        assert bytes(await client.read(first, 0, 4 * MiB)) == data[:4 * MiB]  # runs of pages 0-7 and 8-15
+        other = client.open_pinned(uri, status)
+        offset = 14 * MiB + 100  # landing about 1.75 s after its run's GET started, after several asks
+        with trio.fail_after(15):  # not NEAR_SECONDS
+            assert bytes(await client.read(other, offset, 4096)) == data[offset:offset + 4096]
+        client.close(other)
+        client.close(first)
+
+    run(MountConfig(), [worker.address], body)

@@ -312,41 +312,54 @@ class Reader:
         one page, a request of the mount and of the worker per page; asked when the
         reader comes, the pages that landed meanwhile come in one answer. A reader's own
         run (`_fetch_run`) asks at once."""
-        for i in range(first + 1, first + count):
-            key = self.key(f, i)
-            try:
-                if key not in self.buffer:
-                    if lazy:
-                        await self.near(f, i, [self.key(f, j) for j in range(i, first + count)])
-                    await self.whole_page(f, i, run=first + count - i, ahead=True)
-            finally:
-                done(key)
-
-    async def near(self, f: OpenFile, index: int, keys: list[tuple] = ()) -> None:
-        """Return once the reader of `f` has read up to NEAR_PAGES pages before page
-        `index` (or past it), or another reader waits for one of `keys` (the run's pages
-        from `index` on: another handle on the same file), or after NEAR_SECONDS, or at
-        once when `f` has no prefetcher (or it is closed)."""
-        ahead = f.ahead
-        if ahead is None or ahead.closed or ahead.next_offset // self.page_size + NEAR_PAGES >= index:
-            return
-        wanted = [False]
-        for key in keys:
-            self._lazy[key] = (f, wanted)
-        try:
-            with trio.move_on_after(NEAR_SECONDS):
-                while not (ahead.closed or wanted[0] or ahead.next_offset // self.page_size + NEAR_PAGES >= index):
-                    if f.advanced is None:
-                        f.advanced = trio.Event()
-                    await f.advanced.wait()
-        finally:
+        keys = [self.key(f, i) for i in range(first + 1, first + count)]
+        wanted = [not lazy]  # once a reader waits for a page of the run, it asks at once
+        if lazy:
             for key in keys:
-                if self._lazy.get(key, (None, None))[1] is wanted:
-                    del self._lazy[key]
+                self._lazy[key] = (f, wanted)
+                event = self._scheduled.get(key)  # a reader that came before: `_want` found nothing
+                if event is not None and event.statistics().tasks_waiting:
+                    wanted[0] = True
+        try:
+            for i, key in enumerate(keys, first + 1):
+                try:
+                    if key not in self.buffer:
+                        if not wanted[0]:
+                            await self.near(f, i, wanted)
+                        await self.whole_page(f, i, run=first + count - i, ahead=True)
+                finally:
+                    done(key)
+        finally:
+            if lazy:
+                for key in keys:
+                    if self._lazy.get(key, (None, None))[1] is wanted:
+                        del self._lazy[key]
+
+    async def near(self, f: OpenFile, index: int, wanted: list[bool] | None = None) -> None:
+        """Return once the reader of `f` has read up to NEAR_PAGES pages before page
+        `index` (or past it), or `wanted[0]` is set (`_want`: another reader, such as
+        another handle on the same file, waits for a page of the run), or after
+        NEAR_SECONDS, or at once when `f` has no prefetcher (or it is closed)."""
+        ahead = f.ahead
+        if ahead is None:
+            return
+        wanted = wanted or [False]
+        page_size = self.page_size
+
+        def come() -> bool:
+            return ahead.closed or wanted[0] or ahead.next_offset // page_size + NEAR_PAGES >= index
+
+        if come():
+            return
+        with trio.move_on_after(NEAR_SECONDS):
+            while not come():
+                if f.advanced is None:
+                    f.advanced = trio.Event()
+                await f.advanced.wait()
 
     def _want(self, key: tuple) -> None:
         """A reader is about to wait for scheduled page `key`: a run waiting for its own
-        reader to come near that page asks for it now (`near`)."""
+        reader to come near asks for its pages from now on (`rest_of_run`)."""
         lazy = self._lazy.get(key)
         if lazy is not None:
             f, wanted = lazy
