@@ -44,7 +44,7 @@ from dorafs.fuse.operations import DoraOperations, passthrough_wanted
 from dorafs.fuse.session import WANTED, Session
 from dorafs.http import HttpServer, Response, json_response
 from dorafs.membership import open_membership
-from dorafs.memory import keep_freed_memory
+from dorafs.memory import keep_freed_memory, quiet_collector
 from dorafs.notify import notify
 from dorafs.security import SECRET_ENV, Credentials
 from dorafs.ufs import FileStatus, RetryPolicy, UfsSet, normalize
@@ -169,6 +169,7 @@ async def run_mount(config: MountConfig, ready=lambda: None) -> None:
         membership = open_membership(config.registry, workers, credentials)
         client = DoraClient(config, membership, ufs, credentials=credentials)
         keep_freed_memory()  # the page buffer's blocks: no fresh memory faulted in for each run (dorafs/memory.py)
+        quiet_collector()  # what is loaded by now lives as long as the mount (dorafs/memory.py)
         # The mount's one nursery owns every background task: the client's (membership,
         # readahead, listings ahead), the staging area's uploads, the session and its
         # kernel notifications, passthrough's sealing, metrics; cancelled on the way out.

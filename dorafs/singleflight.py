@@ -20,6 +20,7 @@ class _Flight:
 class SingleFlight:
     def __init__(self):
         self._flights: dict[Hashable, _Flight] = {}
+        self.contains = self._flights.__contains__  # `key in flights` without a Python frame (hot paths)
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._flights

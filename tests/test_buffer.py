@@ -116,3 +116,34 @@ def test_every_buffered_page_reads_back_its_own_bytes_through_block_reuse(ops, c
         for piece, was in held_outside:  # a stale piece is refused, a fresh one is exact
             current = view(piece)
             assert current is None or bytes(current) == was
+
+
+def test_a_big_free_block_serves_a_small_run_while_the_buffer_is_mostly_empty():
+    buffer = PageBuffer(capacity=64 * 16)
+    big = fill_run(buffer, 0, 8, 16)[0].block
+    for i in range(8):
+        buffer.discard(("f", i))  # read to their end: the block is free, the buffer empty
+    assert big in buffer._free and buffer.used == 0
+    small = fill_run(buffer, 8, 1, 16)[0].block
+    assert small is big  # no new memory for it
+    assert bytes(view(buffer.get(("f", 8)))) == content(8, 16)
+
+
+def test_a_block_never_used_holds_no_memory_and_is_not_kept():
+    buffer = PageBuffer(capacity=64 * 16)
+    block = buffer.block(8 * 16)
+    assert block._data is None  # a readahead run over HTTP takes one before it knows
+    buffer.filled(block)
+    assert block not in buffer._free
+    used = fill_run(buffer, 0, 2, 16)[0].block
+    assert len(used.data) == 2 * 16
+
+
+def test_more_blocks_freed_at_once_than_a_run_are_all_reused():
+    buffer = PageBuffer(capacity=64 * 16)
+    blocks = [fill_run(buffer, i, 1, 16)[0].block for i in range(20)]  # a run located page by page
+    for i in range(20):
+        buffer.discard(("f", i))
+    again = [fill_run(buffer, 100 + i, 1, 16)[0].block for i in range(20)]
+    assert {id(b) for b in again} == {id(b) for b in blocks}
+    assert buffer.new_blocks == 20

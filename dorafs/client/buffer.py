@@ -22,17 +22,35 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Hashable
 
-FREE_BLOCKS = 8  # idle blocks kept for reuse: one per readahead run in flight (prefetch.MAX_PREFETCH / RUN_PAGES)
+# Idle blocks kept for reuse, at most this many and at most the buffer's capacity in
+# bytes (so the mount holds at most twice that, as with 8 free blocks of a 16-page run
+# before): a cold sequential read asks its worker for the pages of a run as they land,
+# most often one at a time, so a block per page read ahead (prefetch.MAX_PREFETCH) may
+# be in use at once, and the number in use swings by more than a run's worth.
+FREE_BLOCKS = 64
 
 
 class Block:
-    __slots__ = ("data", "generation", "held", "filling")
+    """Memory for the pages of one run. Its bytes are made at first use (`data`): a
+    readahead run takes a block before it knows whether its pages come over HTTP into
+    it or from a local worker's files into another one (client/prefetch.py), and a
+    block never used costs nothing."""
+
+    __slots__ = ("size", "_data", "generation", "held", "filling")
 
     def __init__(self, size: int):
-        self.data = bytearray(size)
+        self.size = size
+        self._data: bytearray | None = None
         self.generation = 0
         self.held = 0  # pieces of this generation in the buffer
         self.filling = False  # a run is still receiving into it: never reused meanwhile
+
+    @property
+    def data(self) -> bytearray:
+        data = self._data
+        if data is None:
+            data = self._data = bytearray(self.size)
+        return data
 
 
 class Piece:
@@ -70,7 +88,10 @@ class PageBuffer:
         self.hits = 0
         self.misses = 0
         self._pages: OrderedDict[Hashable, Page] = OrderedDict()
+        self.contains = self._pages.__contains__  # `key in buffer` without a Python frame (hot paths)
         self._free: list[Block] = []
+        self._free_bytes = 0  # sizes of the blocks in _free
+        self.new_blocks = 0  # blocks made afresh (the others were reused)
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._pages
@@ -88,7 +109,7 @@ class PageBuffer:
         return data
 
     def put(self, key: Hashable, data: Page) -> None:
-        if len(data) > self.capacity or (isinstance(data, Piece) and len(data.block.data) > self.capacity):
+        if len(data) > self.capacity or (isinstance(data, Piece) and data.block.size > self.capacity):
             return
         old = self._pages.pop(key, None)
         if old is not None:
@@ -97,7 +118,7 @@ class PageBuffer:
             if data.generation != data.block.generation:
                 return  # its block was reused meanwhile
             if data.block.held == 0:  # a block's memory counts whole while any piece of it is here
-                self.used += len(data.block.data)
+                self.used += data.block.size
             data.block.held += 1
         else:
             self.used += len(data)
@@ -118,19 +139,28 @@ class PageBuffer:
         block = data.block
         block.held -= 1
         if block.held == 0:
-            self.used -= len(block.data)
+            self.used -= block.size
             self.give(block)
 
     def block(self, size: int) -> Block:
         """A block of at least `size` bytes for a run: a reused one (its earlier pieces
-        now stale) or a new one. A free block more than twice the size is left for a
-        larger run: the buffer counts a block whole, so a small page in a big block
-        would crowd out many others."""
+        now stale) or a new one. The smallest free block that is large enough is
+        taken; one more than twice the size only while the buffer holds less than half
+        its capacity: the buffer counts a block whole, so a small page in a big block
+        would crowd out many others once it fills, while a new block costs its memory
+        zeroed (and faulted in) again."""
+        best = None
         for i, block in enumerate(self._free):
-            if size <= len(block.data) <= 2 * size:
-                del self._free[i]
+            if size <= block.size and (best is None or block.size < self._free[best].size):
+                best = i
+        if best is not None:
+            block = self._free[best]
+            if block.size <= 2 * size or self.used + block.size <= self.capacity // 2:
+                del self._free[best]
+                self._free_bytes -= block.size
                 block.generation += 1
                 return block
+        self.new_blocks += 1
         return Block(size)
 
     def filled(self, block: Block) -> None:
@@ -140,9 +170,17 @@ class PageBuffer:
         self.give(block)
 
     def give(self, block: Block) -> None:
-        """Take back a block none of whose pieces is buffered (or that got none)."""
-        if block.held == 0 and not block.filling and len(self._free) < FREE_BLOCKS and block not in self._free:
-            self._free.append(block)
+        """Take back a block none of whose pieces is buffered (or that got none). Past
+        the bounds of idle blocks (FREE_BLOCKS), the smallest are let go first: a large
+        block serves any run while the buffer has room, a small one only small runs."""
+        if block.held or block.filling or block._data is None or block in self._free:
+            return  # (a block never used holds no memory: a new one costs as little)
+        self._free.append(block)
+        self._free_bytes += block.size
+        while len(self._free) > FREE_BLOCKS or (self._free_bytes > self.capacity and len(self._free) > 1):
+            smallest = min(range(len(self._free)), key=lambda i: (self._free[i].size, -i))  # the newest of those
+            self._free_bytes -= self._free.pop(smallest).size
 
     def statistics(self) -> dict:
-        return {"pages": len(self._pages), "bytes": self.used, "hits": self.hits, "misses": self.misses}
+        return {"pages": len(self._pages), "bytes": self.used, "hits": self.hits, "misses": self.misses,
+                "new_blocks": self.new_blocks}

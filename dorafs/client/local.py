@@ -32,6 +32,7 @@ duplicate of the descriptor (the kept one may be closed meanwhile).
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import os
 from collections import OrderedDict
@@ -41,7 +42,9 @@ import trio
 import xxhash
 
 
+@functools.lru_cache(maxsize=256)
 def is_loopback(address: str) -> bool:
+    """Is "host:port" on this machine? Asked for every page fetched: parsed once per address."""
     host = address.rpartition(":")[0].strip("[]")
     if host == "localhost":
         return True
@@ -102,6 +105,7 @@ class LocalPages:
         self.bytes = 0  # sizes of the kept files
         self.dropped = 0  # kept files closed because their page was evicted or replaced
         self._open: OrderedDict[Hashable, tuple[int, int, int]] = OrderedDict()  # key -> (fd, size, base)
+        self.contains = self._open.__contains__  # `key in local` without a Python frame (hot paths)
         self._threads = trio.CapacityLimiter(READ_THREADS)
         self._checked: OrderedDict[tuple[int, int], dict[int, str]] = OrderedDict()  # file -> offset -> checksum
         self._checked_count = 0

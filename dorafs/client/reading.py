@@ -26,8 +26,15 @@ Subtleties:
   failed readahead as a synchronous read at once, which would otherwise wait out the
   same UFS deadline a second time.
 - Buffered pages are returned as memoryviews, no copy until the kernel takes the bytes;
-  a sequential reader's pages read to their end are discarded from the buffer at once
-  (`_consumed`): it will not ask again, and the block is reused for the pages coming.
+  a read across pages of different blocks, for a caller that takes pieces (the FUSE
+  session writes them with one `writev`), is a tuple of views, one per page, not a copy
+  into fresh memory (the kernel's 1 MiB READs start half a page off the pages of a
+  sequential reader, so most cross two). A sequential reader's pages read to their end
+  are discarded from the buffer at once (`_consumed`): it will not ask again, and the
+  block is reused for the pages coming.
+- A readahead run from a worker on this machine learns where its pages after the first
+  are from one streamed answer, each page named as it lands (`rest_of_run`,
+  `/v1/locate?stream=1`), not from an ask per page.
 """
 
 from __future__ import annotations
@@ -88,6 +95,11 @@ class Reader:
         self._scheduled = self.prefetches.scheduled  # the same dict: pages runs are fetching
         self._flights = SingleFlight()
         self._failed: dict[tuple, tuple[float, Exception]] = {}  # page key -> (until, error)
+        # `coming`'s questions, each a bound method of a dict (no Python frame)
+        self._is_scheduled = self._scheduled.__contains__
+        self._is_buffered = self.buffer.contains
+        self._is_kept = self.local.contains
+        self._is_flying = self._flights.contains
 
     def _follow_page_size(self, page_size: int) -> None:
         self.page_size = page_size
@@ -102,17 +114,25 @@ class Reader:
         return (f.uri, f.status.version, self.page_size, index)
 
     def coming(self, f: OpenFile, index: int) -> bool:
-        """Is page `index` kept, buffered, being fetched or scheduled?"""
-        key = self.key(f, index)
-        return key in self.local or key in self.buffer or key in self._flights or key in self._scheduled
+        """Is page `index` kept, buffered, being fetched or scheduled?
 
-    async def read(self, f: OpenFile, offset: int, length: int) -> bytes | bytearray | memoryview:
+        Asked for every page of a sequential reader's window at each of its reads
+        (`Prefetcher.follow`): one key, and each question a lookup of C code, most
+        likely first (a page ahead of the reader is scheduled or buffered)."""
+        key = (f.uri, f.status.version, self.page_size, index)
+        return (self._is_scheduled(key) or self._is_buffered(key) or self._is_kept(key)
+                or self._is_flying(key))
+
+    async def read(self, f: OpenFile, offset: int, length: int,
+                   pieces: bool = False) -> bytes | bytearray | memoryview | tuple[memoryview, ...]:
         """Bytes [offset, offset+length) of the pinned version, short only at EOF.
 
         Buffered pages are returned as memoryviews, no copy until the kernel takes the
-        bytes, and so is a read across pages of one block (a run read together). Else a
-        read is one `pread` of a verified local page file, or is assembled in one buffer,
-        each part read or copied straight into it.
+        bytes, and so is a read across pages of one block (a run read together). With
+        `pieces`, a read across buffered pages of different blocks is a tuple of views,
+        one per page, which the caller writes out with one `writev` (the FUSE session)
+        before anything else runs. Else a read is one `pread` of a verified local page
+        file, or is assembled in one buffer, each part read or copied straight into it.
         """
         spans = plan(offset, length, f.status.size, self.page_size)
         if not spans:
@@ -126,7 +146,7 @@ class Reader:
             data = await self._random_part(f, spans[0])
             if data is not None:
                 return data
-        data = await self._span(f, spans[0]) if len(spans) == 1 else await self._spans(f, spans)
+        data = await self._span(f, spans[0]) if len(spans) == 1 else await self._spans(f, spans, pieces)
         if sequential:
             self._consumed(f, spans)
         return data
@@ -142,22 +162,30 @@ class Reader:
             if span.end == page_length(span.index, size, page_size):
                 self.buffer.discard(self.key(f, span.index))
 
-    async def _spans(self, f: OpenFile, spans) -> bytearray | memoryview:
-        """A read across pages: one slice of a block when they were read together, else
-        assembled in one buffer. Pages a run is bringing are waited for first: a run
-        brings them into one block, and a read of a column chunk that the group around
-        it brings (`Prefetcher.around`) is then answered from that block without a copy
-        into fresh memory."""
+    async def _spans(self, f: OpenFile, spans, pieces: bool = False) -> bytearray | memoryview | tuple:
+        """A read across pages: one slice of a block when they were read together, with
+        `pieces` a view of each page when all are buffered, else assembled in one
+        buffer. Pages a run is bringing are waited for first: a run brings them into one
+        block, and a read of a column chunk that the group around it brings
+        (`Prefetcher.around`) is then answered from that block without a copy into
+        fresh memory."""
         held = self._held(f, spans)
         if isinstance(held, memoryview):
             return held
-        pending = [self._scheduled.get(self.key(f, span.index)) for span, data in zip(spans, held) if data is None]
+        if pieces and None not in held:
+            return tuple(view(data)[span.start:span.end] for span, data in zip(spans, held))
+        keys = [self.key(f, span.index) for span, data in zip(spans, held) if data is None]
+        pending = [self._scheduled.get(key) for key in keys]
         if pending and all(event is not None for event in pending):
             for event in pending:
                 await event.wait()
             held = self._held(f, spans)
             if isinstance(held, memoryview):
                 return held
+        if pieces:
+            parts = self._parts(f, spans, held)
+            if parts is not None:
+                return parts
         out = bytearray(sum(span.end - span.start for span in spans))
         missing = []
         at = 0
@@ -190,6 +218,28 @@ class Reader:
                     else:
                         nursery.start_soon(fill, *stretch[0])
         return out
+
+    def _parts(self, f: OpenFile, spans, held: list) -> tuple[memoryview, ...] | None:
+        """Each span's bytes for a caller that takes pieces: a view of its buffered page
+        (buffered pieces are never stale), or read from the page's kept file into memory
+        of its own (a page read to its end by the read after this one, answered first,
+        is no longer buffered). None when a page is neither, or would wait for the disk."""
+        parts = []
+        for span, data in zip(spans, held):
+            if data is not None:
+                parts.append(view(data)[span.start:span.end])
+                continue
+            key = self.key(f, span.index)
+            if key in self._scheduled:
+                return None
+            part = memoryview(bytearray(span.end - span.start))
+            try:
+                if not self.local.readinto(key, part, span.start):
+                    return None
+            except WouldBlock:
+                return None
+            parts.append(part)
+        return tuple(parts)
 
     def _held(self, f: OpenFile, spans) -> memoryview | list:
         """The buffered pages of a read: one slice of their block when they are
@@ -450,3 +500,4 @@ class Reader:
         if not pieces:
             self.buffer.give(block)
         return pieces
+
