@@ -500,4 +500,3 @@ class Reader:
         if not pieces:
             self.buffer.give(block)
         return pieces
-
