@@ -92,3 +92,27 @@ def tmpfs(path: Path, size: str):
     finally:
         if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def run_client(config, body, addresses=(), **ufs_options) -> None:
+    """`await body(client)` with an in-process client (`DoraClient`, its tasks running) of
+    the workers at `addresses` (none: it reads the UFS itself), over a `UfsSet` made with
+    `ufs_options`; both are closed after."""
+    import trio
+
+    from dorafs.client import DoraClient
+    from dorafs.membership import StaticMembership
+    from dorafs.ufs import UfsSet
+
+    async def main():
+        ufs = UfsSet(**ufs_options)
+        client = DoraClient(config, StaticMembership(list(addresses)), ufs)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(client.run)
+                await body(client)
+                nursery.cancel_scope.cancel()
+        finally:
+            await ufs.aclose()
+
+    trio.run(main)

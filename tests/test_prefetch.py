@@ -16,14 +16,11 @@ import time
 
 import trio
 
-from dorafs.client import DoraClient
 from dorafs.ufs.s3 import CHUNK
 from tests.faultproxy import PIECE
-from tests.support import free_port
+from tests.support import free_port, run_client
 from tests.test_operations import scrape
 from dorafs.config import MountConfig
-from dorafs.membership import StaticMembership
-from dorafs.ufs import UfsSet
 
 PAGE = 256 << 10
 PAGES = 48
@@ -46,20 +43,7 @@ def setup(s3_server, bucket, proxy, monkeypatch, hold: float = HOLD):
 
 
 def run(body):
-    config = MountConfig(page_size=PAGE, readahead_pages=16, random_read=0)
-
-    async def main():
-        ufs = UfsSet(threads=THREADS)
-        client = DoraClient(config, StaticMembership([]), ufs)
-        try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(client.run)
-                await body(client)
-                nursery.cancel_scope.cancel()
-        finally:
-            await ufs.aclose()
-
-    trio.run(main)
+    run_client(MountConfig(page_size=PAGE, readahead_pages=16, random_read=0), body, threads=THREADS)
 
 
 async def start_readahead(client, uri):

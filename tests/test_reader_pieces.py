@@ -9,27 +9,14 @@ import os
 
 import trio
 
-from dorafs.client import DoraClient
 from dorafs.config import MountConfig
-from dorafs.membership import StaticMembership
-from dorafs.ufs import UfsSet
+from tests.support import run_client
 
 MiB = 1 << 20
 
 
 def run(config: MountConfig, addresses: list[str], body) -> None:
-    async def main():
-        ufs = UfsSet()
-        client = DoraClient(config, StaticMembership(addresses), ufs)
-        try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(client.run)
-                await body(client)
-                nursery.cancel_scope.cancel()
-        finally:
-            await ufs.aclose()
-
-    trio.run(main)
+    run_client(config, body, addresses)
 
 
 def test_a_read_across_pages_of_different_blocks_is_a_view_of_each(procs, s3_server, bucket):
