@@ -41,19 +41,21 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, KEEP_FREED))
 
 
-GC_YOUNG = 20_000  # allocations between young collections (Python's default: 700), as in the worker
+GC_YOUNG = 20_000  # allocations between young collections (Python's default: 700)
 
 
 def quiet_collector() -> None:
-    """Keep the cyclic garbage collector off what lives as long as the mount.
+    """Keep the cyclic garbage collector off what lives as long as the daemon (the
+    mount's, a worker).
 
-    Each FUSE read and each page fetched allocates short-lived objects (trio's tasks,
-    scopes and outcomes, the HTTP client's); with Python's defaults a young collection
-    ran every 700 of them, and the older ones walked every object loaded at start
-    (modules, boto3's models). What exists once the mount is wired is moved out of the
-    collector's sight (`gc.freeze`), and young collections run less often; cycles are
-    still collected. The mount's daemon only: never in a user's process (the fsspec
-    client)."""
+    Each FUSE read, request and page fetched allocates short-lived objects (trio's
+    tasks, scopes and outcomes, the HTTP layers', botocore's); with Python's defaults a
+    young collection ran every 700 of them, and the older ones walked every object
+    loaded at start (modules, boto3's models): about a tenth of the worker's CPU in a
+    cold sequential read (perf, bench/README.md). What exists once the daemon is wired
+    is moved out of the collector's sight (`gc.freeze`), and young collections run less
+    often; cycles are still collected. Daemons only: never in a user's process (the
+    fsspec client)."""
     gc.freeze()
     _, middle, old = gc.get_threshold()
     gc.set_threshold(GC_YOUNG, middle, old)

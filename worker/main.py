@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import os
 import signal
@@ -18,7 +17,7 @@ import trio
 from dorafs.config import ConfigError, WorkerConfig, load_config
 from dorafs.files import lock_directory, write_atomic
 from dorafs.log import setup_logging
-from dorafs.memory import keep_freed_memory
+from dorafs.memory import keep_freed_memory, quiet_collector
 from dorafs.notify import notify
 from dorafs.security import Credentials, ServerSecurity
 from dorafs.ufs import RetryPolicy, UfsSet
@@ -117,24 +116,6 @@ async def _watch_lifeline(fd: int, scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
-GC_YOUNG = 20_000  # allocations between young collections (Python's default: 700)
-
-
-def _quiet_collector() -> None:
-    """Keep the cyclic garbage collector off what lives as long as the daemon.
-
-    A worker answering requests and filling pages allocates many short-lived objects
-    (trio's, h11's, botocore's); with Python's defaults, collections that also walk
-    everything loaded at start (modules, the S3 client's models) took about a tenth of
-    the worker's CPU in a cold sequential read (perf, bench/README.md). What exists once
-    serving starts is moved out of the collector's sight (`gc.freeze`), and young
-    collections run less often; cycles are still collected."""
-    gc.freeze()
-    keep_freed_memory()  # run buffers beyond the pool: no fresh memory faulted in (dorafs/memory.py)
-    _, middle, old = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG, middle, old)
-
-
 async def run(config: WorkerConfig, security: Security | None = None, *, lifeline: int | None = None,
               task_status=trio.TASK_STATUS_IGNORED) -> None:
     from dorafs.membership import WorkerInfo, heartbeat_loop
@@ -170,7 +151,8 @@ async def run(config: WorkerConfig, security: Security | None = None, *, lifelin
                      wid, address, config.cache_dir, config.cache_size, config.page_size,
                      security.server.describe(), ", ".join(config.ufs_roots) or "any")
             notify("READY=1", f"STATUS=serving on {address}")
-            _quiet_collector()
+            keep_freed_memory()  # run buffers beyond the pool: no fresh memory faulted in (dorafs/memory.py)
+            quiet_collector()  # what is loaded by now lives as long as the worker (dorafs/memory.py)
             task_status.started(address)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for signum in signals:
