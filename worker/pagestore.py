@@ -100,7 +100,8 @@ GROW_SHARE = 4
 # The most one write call puts into the page cache. For a larger write the kernel makes
 # larger folios, and on the machines measured those often came from memory the host had
 # taken back: up to ten times the system CPU per byte, where 64 KiB writes always cost
-# little (bench/README.md, "Pages written in pieces").
+# little (bench/README.md, "Writing new bytes into the page cache costs ten times as
+# much in 1 MiB calls").
 WRITE_PIECE = 64 << 10
 
 
