@@ -77,9 +77,11 @@ import itertools
 import json
 import logging
 import os
+import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +118,17 @@ class PageEntry:
     checksum: str
     offset: int = 0  # where the page starts in `path`
     in_object: bool = False  # `path` is the object file of its version (whole or growing)
+
+
+@dataclass(slots=True)
+class PageWrite:
+    """A page with room reserved for it (`PageStore.reserve`), to be written (`write`,
+    in any thread) and then settled (`settle`)."""
+
+    key: PageKey
+    size: int
+    target: Growing | None  # the growing version whose object file takes it; None: a page file
+    digest: str = ""  # set before it is written
 
 
 @dataclass
@@ -339,51 +352,116 @@ class PageStore:
         them is reserved (evicting as needed) before the first byte is written. Pages
         of a growing version go into its object file, the others into page files."""
         out: list[PageEntry | None] = [None] * len(pages)
-        todo: list[tuple[int, PageKey, bytes | memoryview, str, str | Growing]] = []
-        taken: set[PageKey] = set()
+        writes = self.reserve([(key, len(page)) for key, page, _ in pages])
+        todo: list[tuple[int, PageWrite, bytes | memoryview]] = []
         for i, (key, data, digest) in enumerate(pages):
-            if key in self._index:
-                out[i] = self._index[key]
-            elif key not in taken and key not in self._growing_writes and self._reserve(len(data)):
-                taken.add(key)
-                oid, index = key
-                target = self._growing.get(oid)  # (after the room: making it may have evicted the version)
-                if target is None:
-                    target = f"{self.root}/{oid[:2]}/{oid}_{index}_{digest}"
-                    self._page_writes[oid] = self._page_writes.get(oid, 0) + 1
-                else:  # one writer per page of an object file: a failed write may punch its range
-                    self._growing_writes.add(key)
-                todo.append((i, key, data, digest, target))
+            write = writes[i]
+            if write is None:
+                out[i] = self._index.get(key)
+            else:
+                write.digest = digest
+                todo.append((i, write, data))
         if not todo:
             return out
+        written, error = 0, None
         try:
-            failure = await trio.to_thread.run_sync(self._write_all, [(t[1][1], t[2], t[3], t[4]) for t in todo],
+            failure = await trio.to_thread.run_sync(self.write, [(w, data) for _, w, data in todo],
                                                     limiter=self._limiter)
+            written, error = failure or (len(todo), None)
         finally:
-            for _, key, data, _, target in todo:
-                self.used -= len(data)
-                self.reserved -= len(data)
-                if isinstance(target, str):
-                    left = self._page_writes[key[0]] - 1
-                    if left:
-                        self._page_writes[key[0]] = left
-                    else:
-                        del self._page_writes[key[0]]
+            entries = await self.settle([w for _, w, _ in todo], written, error)
+        for (i, _, _), entry in zip(todo, entries):
+            out[i] = entry
+        return out
+
+    def reserve(self, pages: list[tuple[PageKey, int]]) -> list[PageWrite | None]:
+        """Room for pages about to be written (`(key, size)` each), evicting as needed:
+        for each, what `write` writes and `settle` gives back or indexes, or None (cached
+        already, being written by another, or no room: served without caching)."""
+        out: list[PageWrite | None] = []
+        taken: set[PageKey] = set()
+        for key, size in pages:
+            if key in self._index or key in taken or key in self._growing_writes or not self._reserve(size):
+                out.append(None)
+                continue
+            taken.add(key)
+            target = self._growing.get(key[0])  # (after the room: making it may have evicted the version)
+            if target is None:
+                self._page_writes[key[0]] = self._page_writes.get(key[0], 0) + 1
+            else:  # one writer per page of an object file: a failed write may punch its range
+                self._growing_writes.add(key)
+            out.append(PageWrite(key, size, target))
+        return out
+
+    def write(self, pages: list[tuple[PageWrite, bytes | memoryview]],
+              files: dict[Path, tuple[int, int]] | None = None) -> tuple[int, OSError] | None:
+        """Write reserved pages (each with its `digest` set) one after another, in any
+        thread; None when all landed, else how many did and the error that stopped the
+        rest (they are not written: the disk said what it thinks). A page file is
+        written under a temp name renamed into place; a growing version's page at its
+        offset in the object file, then its line in the log. `files` (object file -> its
+        descriptor and its log's) keeps them open for the caller to close; else they are
+        closed here."""
+        keep = files is not None
+        files = {} if files is None else files
+        try:
+            for done, (page, data) in enumerate(pages):
+                index, target = page.key[1], page.target
+                try:
+                    if target is None:
+                        self._write(self._page_path(page.key, page.digest), data)
+                        continue
+                    fds = files.get(target.path)
+                    if fds is None:
+                        fds = files[target.path] = _open_growing(target.path)
+                    try:
+                        _pwrite_fully(fds[0], data, index * target.page_size)
+                    except OSError:
+                        # What it wrote holds space a full disk lacks; no reader reads a
+                        # page before its log line, and no other write has this page.
+                        _punch(fds[0], index * target.page_size, len(data))
+                        raise
+                    line = f"{index} {target.size} {target.page_size} {page.digest}\n".encode()
+                    if os.write(fds[1], line) != len(line):
+                        raise OSError(errno.ENOSPC, "short write of a page's checksum")
+                except OSError as exc:
+                    return done, exc
+            return None
+        finally:
+            if not keep:
+                for fd, log_fd in files.values():
+                    os.close(fd)
+                    os.close(log_fd)
+
+    async def settle(self, pages: list[PageWrite], written: int, error: OSError | None = None) -> list[PageEntry | None]:
+        """After `write` of `pages`: give back their room and index the first `written`
+        (the others did not land: `error` is what stopped them, None when they were never
+        tried); for each, its entry or None."""
+        for page in pages:
+            self.used -= page.size
+            self.reserved -= page.size
+            if page.target is None:
+                left = self._page_writes[page.key[0]] - 1
+                if left:
+                    self._page_writes[page.key[0]] = left
                 else:
-                    self._growing_writes.discard(key)
-        written = len(todo) if failure is None else failure[0]
-        if failure is not None:
+                    del self._page_writes[page.key[0]]
+            else:
+                self._growing_writes.discard(page.key)
+        if error is not None:
             self.write_errors += 1
-            self._write_failed(failure[1], len(todo[written][2]))
-        elif self.fault is not None:
+            self._write_failed(error, pages[written].size)
+        elif written and self.fault is not None:
             log.info("cache disk writes work again (after: %s)", self.fault)
             self.fault = None
+        out: list[PageEntry | None] = [None] * len(pages)
         grown: dict[str, Growing] = {}
-        for i, key, data, digest, target in todo[:written]:
+        for i, page in enumerate(pages[:written]):
+            key, target = page.key, page.target
             if key in self._index:  # a concurrent put of the same page won the race
                 out[i] = self._index[key]
                 continue
-            if isinstance(target, Growing):
+            if target is not None:
                 if self._growing.get(key[0]) is not target:  # the version went meanwhile
                     if key[0] not in self._growing and key[0] not in self._whole:  # what this wrote after it went
                         _unlink(str(target.path))
@@ -391,17 +469,20 @@ class PageStore:
                     continue
                 if target.checksums[key[1]] is None:
                     target.missing -= 1
-                target.checksums[key[1]] = digest
+                target.checksums[key[1]] = page.digest
                 grown[key[0]] = target
-                entry = PageEntry(target.path, len(data), digest, key[1] * target.page_size, True)
+                entry = PageEntry(target.path, page.size, page.digest, key[1] * target.page_size, True)
             else:
-                entry = PageEntry(Path(target), len(data), digest)
+                entry = PageEntry(Path(self._page_path(key, page.digest)), page.size, page.digest)
             self._insert(key, entry)
             out[i] = entry
         for oid, growing in grown.items():
             if growing.completing is None and growing.complete() and self._growing.get(oid) is growing:
                 await self._complete(oid, growing)
         return out
+
+    def _page_path(self, key: PageKey, digest: str) -> str:
+        return f"{self.root}/{key[0][:2]}/{key[0]}_{key[1]}_{digest}"
 
     def _reserve(self, size: int) -> bool:
         """Hold room for a page about to be written (evicting as needed); False when it
@@ -698,40 +779,6 @@ class PageStore:
         except FileNotFoundError:
             pass
 
-    def _write_all(self, pages: list[tuple[int, bytes | memoryview, str, str | Growing]]) -> tuple[int, OSError] | None:
-        """Write pages (index, bytes, checksum, page file name or growing version) one
-        after another; None when all landed, else how many did and the error that
-        stopped the rest (they are not written: the disk said what it thinks). A page
-        file is written under a temp name renamed into place; a growing version's page
-        at its offset in the object file, then its line in the log."""
-        files: dict[Path, tuple[int, int]] = {}  # object file -> its descriptor and its log's
-        try:
-            for done, (index, data, digest, target) in enumerate(pages):
-                try:
-                    if isinstance(target, str):
-                        self._write(target, data)
-                        continue
-                    fds = files.get(target.path)
-                    if fds is None:
-                        fds = files[target.path] = _open_growing(target.path)
-                    try:
-                        _pwrite_fully(fds[0], data, index * target.page_size)
-                    except OSError:
-                        # What it wrote holds space a full disk lacks; no reader reads a
-                        # page before its log line, and no other write has this page.
-                        _punch(fds[0], index * target.page_size, len(data))
-                        raise
-                    line = f"{index} {target.size} {target.page_size} {digest}\n".encode()
-                    if os.write(fds[1], line) != len(line):
-                        raise OSError(errno.ENOSPC, "short write of a page's checksum")
-                except OSError as exc:
-                    return done, exc
-            return None
-        finally:
-            for fd, log_fd in files.values():
-                os.close(fd)
-                os.close(log_fd)
-
     def _write(self, final: str, data: bytes | memoryview) -> None:
         tmp = f"{self.tmp}/{self._pid}-{next(self._serial)}.tmp"
         try:
@@ -757,6 +804,130 @@ class PageStore:
         except OSError:
             _unlink(tmp)
             raise
+
+
+class RunWriter:
+    """The pages of one UFS read, each checksummed and written by the thread that
+    receives its bytes, as soon as they are all in.
+
+    Why: handed to another thread to be written, each page cost a thread switch and two
+    wakeups of the event loop (bench/README.md, "Pages written by the thread that
+    receives them"). Here the loop is woken once per page that landed, to index it.
+
+    How: the reading thread calls `take(done)` after each piece it delivered (the read's
+    `Progress.sink`); every page whose bytes are all in `progress.buffer` by then is
+    written there. Once the read ended, `close(data)` (in a thread) writes what no piece
+    wrote (an adapter that hands its bytes back only at the end: `data`) and stops any
+    writing after it. On the loop, `pages()` yields each page as it landed, with its
+    entry once `PageStore.settle` indexed it (None: not cached), until `close` ran.
+
+    Subtleties:
+    - Room for every page was reserved on the loop before the read began
+      (`PageStore.reserve`); a page without (None) is checksummed, not written.
+    - One lock orders the writes: a stalled attempt, abandoned, may still be writing a
+      page when the next attempt's thread delivers. Only delivered bytes are read, and
+      an abandoned attempt writes into the buffer only past them (dorafs/ufs/s3.py).
+    - After a failed write no later page of the run is written: the disk said what it
+      thinks (`PageStore.write`). The loop settles it with its error, the rest as never
+      tried, which gives their room back.
+    - The object file and its log stay open from the first page written to `close`.
+    """
+
+    def __init__(self, store: PageStore, keys: list[PageKey], sizes: list[int], progress) -> None:
+        self.store = store
+        self.keys = keys  # the read's pages, in order
+        self.writes = store.reserve(list(zip(keys, sizes)))  # by position in the read
+        self.ends = list(itertools.accumulate(sizes))  # where each page ends in the read's bytes
+        self.progress = progress
+        self.digests: list[str | None] = [None] * len(keys)  # each page's, once its bytes are in
+        self.head: memoryview | None = None  # the first page's bytes, once in
+        self._next = 0  # the first page not taken yet
+        self._error: OSError | None = None
+        self._files: dict[Path, tuple[int, int]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._landed: deque[tuple[int, str]] = deque()  # (position, "written" | "failed" | "skipped")
+        self._token = trio.lowlevel.current_trio_token()
+        self._event = trio.Event()
+
+    # -- the reading thread ---------------------------------------------------------
+
+    def take(self, done: int) -> None:
+        """The first `done` bytes of the read are in `progress.buffer`: write the pages
+        they complete."""
+        buffer = self.progress.buffer
+        if buffer is None or self._next >= len(self.ends) or self.ends[self._next] > done:
+            return
+        with self._lock:
+            if not self._closed:
+                self._take(memoryview(buffer), done)
+        self._tell()
+
+    def close(self, data: bytes | bytearray | memoryview | None) -> None:
+        """The read ended: write the pages whose bytes are in (in `data`, else in the
+        buffer) and no piece wrote; nothing is written after this."""
+        with self._lock:
+            if data is not None:
+                self._take(memoryview(data), len(data))
+            elif self.progress.buffer is not None:
+                self._take(memoryview(self.progress.buffer), self.progress.done)
+            while self._next < len(self.ends):
+                self._landed.append((self._next, "skipped"))
+                self._next += 1
+            for fd, log_fd in self._files.values():
+                os.close(fd)
+                os.close(log_fd)
+            self._files.clear()
+            self._closed = True  # last: the loop, seeing it, finds every page in `_landed`
+        self._tell()
+
+    def _take(self, view: memoryview, done: int) -> None:
+        while self._next < len(self.ends) and self.ends[self._next] <= done:
+            at = self._next
+            piece = view[self.ends[at - 1] if at else 0:self.ends[at]]
+            self.digests[at] = digest = checksum(piece)
+            if at == 0:
+                self.head = piece
+            write = self.writes[at]
+            if write is None or self._error is not None:
+                outcome = "skipped"
+            else:
+                write.digest = digest
+                failure = self.store.write([(write, piece)], self._files)
+                outcome = "written" if failure is None else "failed"
+                if failure is not None:
+                    self._error = failure[1]
+            self._landed.append((at, outcome))
+            self._next += 1
+
+    def _tell(self) -> None:
+        try:
+            self._token.run_sync_soon(self._event.set)
+        except trio.RunFinishedError:
+            pass
+
+    # -- the loop -------------------------------------------------------------------
+
+    async def pages(self) -> AsyncIterator[tuple[int, PageEntry | None]]:
+        """(position, entry) of each page as it lands, until `close` ran; the written
+        pages are indexed, the others give back their room."""
+        while True:
+            self._event = trio.Event()
+            batch = []
+            while self._landed:
+                batch.append(self._landed.popleft())
+            for at, outcome in batch:
+                write = self.writes[at]
+                if write is None:  # not this read's to write: cached already, or no room
+                    yield at, self.store.lookup(self.keys[at])
+                    continue
+                written = 1 if outcome == "written" else 0
+                (entry,) = await self.store.settle([write], written, self._error if outcome == "failed" else None)
+                yield at, entry
+            if not batch:
+                if self._closed and not self._landed:
+                    return
+                await self._event.wait()
 
 
 def _unlink(path: str) -> None:

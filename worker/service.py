@@ -35,7 +35,7 @@ from dorafs.ufs.base import parent as parent_uri
 from dorafs.ufs.retry import Progress
 from worker.metastore import Cached, Listing, MetaStore
 from worker.metrics import WorkerMetrics
-from worker.pagestore import PageEntry, PageStore, checksum
+from worker.pagestore import PageEntry, PageStore, RunWriter, checksum
 
 log = logging.getLogger(__name__)
 
@@ -229,9 +229,14 @@ class WorkerService:
         self._run_pages.update(own)
         last = index + len(extra)
         start, end = index * page_size, min(size, (last + 1) * page_size)
-        first_length = page_length(index, size, page_size)
         progress = Progress()
+        keys = [key] + extra
+        # Each page checksummed and written by the thread receiving the read, as its bytes come.
+        writer = RunWriter(self.store, keys, [page_length(k[1], size, page_size) for k in keys], progress)
+        progress.sink = writer.take
         outcome: list = []  # the read's bytes, or its exception
+        first = trio.Event()  # set once the first page landed, or the run ended without it
+        first_entry: list[PageEntry | None] = []
 
         async def read_run() -> None:
             try:
@@ -242,43 +247,22 @@ class WorkerService:
                 outcome.append(exc)
             finally:
                 progress.finish()
-
-        def have(upto: int) -> memoryview | None:
-            """Bytes [0, upto) of the run once they are in (None: they are not)."""
-            if progress.buffer is not None:  # an adapter that streams into it
-                data, valid = progress.buffer, progress.done
-            elif outcome and not isinstance(outcome[0], Exception):
-                data, valid = outcome[0], len(outcome[0])
-            else:
-                return None
-            return memoryview(data)[:upto] if valid >= upto else None
-
-        def page_end(i: int) -> int:  # where page i ends in the run's bytes
-            return (i - index) * page_size + page_length(i, size, page_size)
+                returned = outcome[0] if outcome and not isinstance(outcome[0], Exception) else None
+                with trio.CancelScope(shield=True):  # the writer's descriptors and reserved room
+                    await trio.to_thread.run_sync(writer.close, returned if progress.buffer is None else None)
 
         async def cache_rest() -> None:
-            """Each later page of the run as soon as its bytes are in; the pages whose
-            bytes are in by then go with it, their files written by one thread call."""
+            """Each page of the run indexed as it lands."""
             try:
-                at = 0
-                while at < len(extra):
-                    await progress.wait_for(page_end(extra[at][1]))
-                    batch = []
-                    while at < len(extra) and len(batch) < WRITE_BATCH:
-                        upto = page_end(extra[at][1])
-                        view = have(upto)
-                        if view is None:
-                            break
-                        piece = view[upto - page_length(extra[at][1], size, page_size):]
-                        batch.append((extra[at], piece, checksum(piece)))
-                        at += 1
-                    if not batch:
-                        break
-                    await self.store.put_many(batch)
-                    for other, _, _ in batch:
-                        landed(other)
+                async for at, entry in writer.pages():
+                    if at == 0:
+                        first_entry.append(entry)
+                        first.set()
+                    else:
+                        landed(keys[at])
                 self._seal_if_whole(oid, size)
             finally:
+                first.set()
                 for other in extra:
                     landed(other)
                 self.update_gauges()
@@ -302,22 +286,20 @@ class WorkerService:
 
         if self.background is not None:
             self.background.start_soon(whole_run)
-            await progress.wait_for(first_length)
+            await first.wait()
         else:  # no daemon around it (in-process use): the run is read before answering
             await whole_run()
-        view = have(first_length)
-        if view is None:
+        view, digest = writer.head, writer.digests[0]
+        if view is None or digest is None:
             if outcome and isinstance(outcome[0], Exception):
                 raise outcome[0]
             if not outcome:
                 raise Unavailable(f"the fill of page {index} of {uri} was cancelled")
             raise StaleVersion(f"{uri}: expected {end - start} bytes from page {index}, "
                                f"the UFS returned {progress.done}")
-        digest = checksum(view)  # the page is written from the receive buffer itself: no copy
-        entry = await self.store.put(key, view, digest)
-        self.update_gauges()
         self._seal_if_whole(oid, size)  # (its run's later pages may have landed first)
-        return PageResult(digest, len(view), entry=entry, data=view, key=key, run_pages=1 + len(extra))
+        return PageResult(digest, len(view), entry=first_entry[0] if first_entry else None, data=view, key=key,
+                          run_pages=1 + len(extra))
 
     async def load_page(self, uri: str, version: str, size: int, index: int, *, verify: bool = False) -> bool:
         """Make sure a page is cached (load jobs); True if this call fetched it from the UFS.
@@ -604,7 +586,6 @@ class WorkerService:
 
 
 MAX_RUN = 16  # pages one UFS read may fill for a sequential reader
-WRITE_BATCH = 8  # at most this many pages of a run written by one thread call
 READ_HERE_KEPT = 4096  # versions remembered as read by a mount on this machine
 SEAL_DELAY = 1.0  # seconds from a version's last page to its seal (see _seal)
 

@@ -98,6 +98,7 @@ class Progress:
     def __init__(self) -> None:
         self.done = 0  # bytes delivered, across attempts
         self.buffer: bytearray | None = None  # where a streaming adapter puts them
+        self.sink: Callable[[int], None] | None = None  # called in the thread after each delivery, with `done`
         self.finished = False  # the call returned or failed
         self._lock = threading.Lock()
         self._ticket = 0
@@ -134,6 +135,8 @@ class Progress:
                 self._told = now
         if tell:
             self._soon(self._alive)
+        if self.sink is not None:
+            self.sink(self.done)
         return n
 
     def _soon(self, fn: Callable[[], None]) -> None:
