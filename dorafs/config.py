@@ -286,10 +286,11 @@ class MountConfig:
     entry_timeout: float | None = option(None, _optional(_duration),
                                          "seconds the kernel keeps names (default: status_ttl; "
                                          "missing names: negative_ttl)")
-    buffer_size: int = option(128 << 20, _size, "mount's page buffer; 128 pages cover eight readers' readahead")
+    buffer_size: int = option(128 << 20, _size, "mount's page buffer; 128 pages cover the readahead in "
+                                  "flight across the mount's readers (at most 96 pages)")
     read_ahead_kb: int = option(1024, _count, "kernel readahead of the mount (its bdi's read_ahead_kb, set when "
                                 "permitted); 1024 lets the kernel ask for a whole page per request (0: leave it)")
-    readahead_pages: int = option(32, _count, "pages fetched ahead of a sequential reader, in runs "
+    readahead_pages: int = option(64, _count, "pages fetched ahead of a sequential reader, in runs "
                                   "filled by one UFS read each; a read of 256 KiB or more elsewhere in a "
                                   "file brings its aligned group of 8 pages as such a run (0: neither)")
     worker_timeout: float = option(5.0, _positive_duration, "a worker silent this long (no byte, no "

@@ -619,6 +619,81 @@ def test_a_full_disk_frees_what_a_failed_page_left_in_an_object_file(tmp_path):
         trio.run(main)
 
 
+def test_a_reads_pages_are_written_by_its_receiving_thread_as_their_bytes_come(tmp_path):
+    """RunWriter: each page of a read is checksummed and written by the thread that
+    delivers its last bytes, as soon as they are in (the loop indexes it while the read
+    goes on), the room of the pages whose bytes never came is given back, and nothing
+    keeps the read's buffer once it is closed (no cycle for the collector to find)."""
+    import gc
+    import sys
+
+    from dorafs.ufs.retry import Progress
+    from worker.pagestore import RunWriter
+
+    store = new_store(tmp_path, 1 << 20)
+    size = 4096
+    data = page(4 * size, 3)
+    received = int(2.5 * size)  # the read breaks off in its third page
+    writers: list[int] = []
+    write = store.write
+
+    def recording_write(pages, files=None):
+        writers.append(threading.get_ident())
+        return write(pages, files)
+
+    store.write = recording_write
+    first_indexed = threading.Event()
+    landed: dict[int, object] = {}
+
+    async def main():
+        keys = [key(1, i) for i in range(4)]
+        progress = Progress()
+        progress.buffer = bytearray(4 * size)
+        writer = RunWriter(store, keys, [size] * 4, progress)
+        progress.sink = writer.take
+        assert store.reserved == 4 * size
+
+        def receive() -> int:
+            ticket = progress.begin()
+            for at in range(0, received, 1000):
+                def put(done, n=min(1000, received - at)):
+                    progress.buffer[done:done + n] = data[done:done + n]
+                    return n
+                progress.deliver(ticket, put)
+                if progress.done >= size + 1000:
+                    assert first_indexed.wait(10), "the first page was not indexed while the read went on"
+            return threading.get_ident()
+
+        async def consume():
+            async for at, entry in writer.pages():
+                landed[at] = entry
+                if at == 0:
+                    first_indexed.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(consume)
+            reader = await trio.to_thread.run_sync(receive)
+            progress.finish()
+            await trio.to_thread.run_sync(writer.close, None)
+        assert writers and set(writers) == {reader}
+        assert writer.digests == [checksum(data[:size]), checksum(data[size:2 * size]), None, None]
+        del writer
+        return progress
+
+    gc.disable()
+    try:
+        progress = trio.run(main)
+        references = sys.getrefcount(progress.buffer)
+        assert references == 2  # the attribute, and getrefcount's argument
+    finally:
+        gc.enable()
+    assert sorted(landed) == [0, 1, 2, 3] and landed[2] is None and landed[3] is None
+    for i in (0, 1):
+        assert landed[i] is store.peek(key(1, i)) and landed[i].path.read_bytes() == data[i * size:(i + 1) * size]
+    assert store.reserved == 0 and store.used == 2 * size
+    check_consistent(store, tmp_path)
+
+
 # -- a worker seals a version when its last page lands (worker/service.py) ---------------
 
 def test_a_worker_seals_a_version_when_its_last_page_lands(procs, s3_server, bucket):

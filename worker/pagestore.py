@@ -15,8 +15,11 @@ Subtleties:
 - Evicted files are unlinked on the trio thread, before the put that evicted them
   continues (one unlink per page written, microseconds on a local disk): a late unlink
   in a thread could delete a page re-cached under the same name in the meantime.
-- The pages of a run whose bytes are in are written by one thread call (`put_many`),
-  their room reserved first; each page still gets its own temp file and rename.
+- A fill's pages are written by the thread that receives them, each as soon as its
+  bytes are in (`RunWriter`), their room reserved on the trio thread before the read
+  begins (`reserve`) and indexed there as each lands (`settle`); each page still gets
+  its own temp file and rename. `put_many` does the same for pages already in memory,
+  with one thread call for all of them.
 - The index lives on the trio thread; file I/O runs in threads. Readers of a page that
   eviction unlinks concurrently still hold their open fd, so sendfile completes.
 - A full or failing cache disk never fails a read: the page is served from memory

@@ -46,7 +46,9 @@ from dorafs.pages import page_count, page_length
 
 log = logging.getLogger(__name__)
 
-MAX_PREFETCH = 48  # readahead pages in flight across the mount
+# Readahead pages in flight across the mount: 12 runs. A store serves several long GETs at
+# once more cheaply than one or two (bench/README.md, "More GETs in flight").
+MAX_PREFETCH = 96
 RUN_PAGES = 8  # pages per readahead run (one UFS read on a miss)
 RUN_LIMIT = 16  # pages one run may ask a worker to fill (the worker's MAX_RUN)
 READ_AHEAD_FACTOR = 4  # a sequential reader's first window: this many times its read, in pages (at least one)

@@ -92,7 +92,9 @@ class Progress:
 
     The thread calls `begin()` when its attempt starts (a ticket) and `deliver(ticket, n)`
     after each chunk it stored; a ticket is refused once its attempt was abandoned. On
-    the loop, `wait_for(n)` returns once `n` bytes are in or the call ended.
+    the loop, `wait_for(n)` returns once `n` bytes are in or the call ended. A `sink`,
+    if set, is called in the thread after each delivery with the bytes delivered so far
+    (the worker writes the pages they complete there: worker/pagestore.py `RunWriter`).
     """
 
     def __init__(self) -> None:
