@@ -218,9 +218,12 @@ class Prefetcher:
                     landed = set()
                     try:
                         if not await self._run_over_http(start, keys, arrived, landed):
-                            landed = None
+                            # A worker on this machine: one streamed ask fills the run and names its pages.
+                            await reader.run_pages(f, start, len(keys), arrived)
+                            return
                     except DoraError as exc:  # what did not come is fetched page by page below
                         log.debug("the run of pages %d+%d of %s broke off: %s", start, len(keys), f.uri, exc)
+                        landed = None
                 if landed is None:
                     fallbacks = reader.stats.ufs_fallback_pages
                     try:
@@ -229,7 +232,7 @@ class Prefetcher:
                         arrived(keys[0])
                     landed = {start}
                     if reader.stats.ufs_fallback_pages == fallbacks:  # a worker fills the run
-                        await reader.rest_of_run(f, start, len(keys), arrived)
+                        await reader.run_pages(f, start, len(keys), arrived)
                         return
                 async with trio.open_nursery() as nursery:  # what the run did not bring
                     for i in range(start, start + len(keys)):

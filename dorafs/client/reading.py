@@ -32,8 +32,8 @@ Subtleties:
   sequential reader, so most cross two). A sequential reader's pages read to their end
   are discarded from the buffer at once (`_consumed`): it will not ask again, and the
   block is reused for the pages coming.
-- A readahead run from a worker on this machine learns where its pages after the first
-  are from one streamed answer, each page named as it lands (`rest_of_run`,
+- A readahead run from a worker on this machine learns where its pages are from one
+  streamed answer, each page named as it lands, its first page too (`run_pages`,
   `/v1/locate?stream=1`), not from an ask per page.
 """
 
@@ -277,21 +277,21 @@ class Reader:
         self._scheduled.update(events)
         try:
             await self.whole_page(f, first, run=count)
-            await self.rest_of_run(f, first, count, lambda key: self._landed(key, events))
+            await self.run_pages(f, first, count, lambda key: self._landed(key, events))
         except DoraError as exc:
             log.debug("the run of pages %d+%d of %s broke off: %s", first, count, f.uri, exc)
         finally:
             for key in keys:
                 self._landed(key, events)
 
-    async def rest_of_run(self, f: OpenFile, first: int, count: int, done: Callable[[tuple], None]) -> None:
-        """The pages of a run after its first, which the worker is filling with the same
-        UFS read: one ask (`/v1/locate?stream=1` to a worker on this machine) names each
-        page's file as it lands, and the page is read from there at once; what that
-        answer did not bring is asked for page by page. `done(key)` as each page is in
-        (or failed)."""
-        start = first + 1
-        while start < first + count and self.key(f, start) in self.buffer:  # the first ask brought them
+    async def run_pages(self, f: OpenFile, first: int, count: int, done: Callable[[tuple], None]) -> None:
+        """The pages of a run not buffered yet, which a worker fills with one UFS read:
+        one ask (`/v1/locate?stream=1` to a worker on this machine) starts the fill and
+        names each page's file as it lands, and the page is read from there at once;
+        what that answer did not bring is asked for page by page. `done(key)` as each
+        page is in (or failed)."""
+        start = first
+        while start < first + count and self.key(f, start) in self.buffer:  # an earlier ask brought them
             done(self.key(f, start))
             start += 1
         if start < first + count:
