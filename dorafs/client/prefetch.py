@@ -46,10 +46,12 @@ from dorafs.pages import page_count, page_length
 
 log = logging.getLogger(__name__)
 
-# Readahead pages in flight across the mount: 12 runs. A store serves several long GETs at
-# once more cheaply than one or two (bench/README.md, "More GETs in flight").
+# A sequential reader's readahead is fetched as runs of RUN_PAGES, several at once, at
+# most MAX_PREFETCH pages across the mount (6 runs). A store serves a few long GETs at
+# once for less CPU per byte than one or two, or than many short ones (bench/README.md,
+# "Longer runs, more of them at once").
 MAX_PREFETCH = 96
-RUN_PAGES = 8  # pages per readahead run (one UFS read on a miss)
+RUN_PAGES = 16  # pages per readahead run (one UFS read on a miss)
 RUN_LIMIT = 16  # pages one run may ask a worker to fill (the worker's MAX_RUN)
 READ_AHEAD_FACTOR = 4  # a sequential reader's first window: this many times its read, in pages (at least one)
 GROUP_PAGES = 8  # a large random read's aligned group of pages, fetched together (`around`)
