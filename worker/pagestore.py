@@ -85,7 +85,7 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
@@ -155,9 +155,6 @@ class Growing:
     checksums: list[str | None]  # by page index; None: not in the file yet
     completing: trio.Event | None = None  # set once its sums are written (or it went)
     missing: int = -1  # pages not in the file yet (counted from `checksums` when made)
-    # Held around each page's write: threads writing one file at once wait here, asleep,
-    # rather than spin in the kernel on the file's lock.
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.missing < 0:
@@ -420,17 +417,16 @@ class PageStore:
                     fds = files.get(target.path)
                     if fds is None:
                         fds = files[target.path] = _open_growing(target.path)
-                    with target.lock:
-                        try:
-                            _pwrite_fully(fds[0], data, index * target.page_size)
-                        except OSError:
-                            # What it wrote holds space a full disk lacks; no reader reads a
-                            # page before its log line, and no other write has this page.
-                            _punch(fds[0], index * target.page_size, len(data))
-                            raise
-                        line = f"{index} {target.size} {target.page_size} {page.digest}\n".encode()
-                        if os.write(fds[1], line) != len(line):
-                            raise OSError(errno.ENOSPC, "short write of a page's checksum")
+                    try:
+                        _pwrite_fully(fds[0], data, index * target.page_size)
+                    except OSError:
+                        # What it wrote holds space a full disk lacks; no reader reads a
+                        # page before its log line, and no other write has this page.
+                        _punch(fds[0], index * target.page_size, len(data))
+                        raise
+                    line = f"{index} {target.size} {target.page_size} {page.digest}\n".encode()
+                    if os.write(fds[1], line) != len(line):
+                        raise OSError(errno.ENOSPC, "short write of a page's checksum")
                 except OSError as exc:
                     return done, exc
             return None
