@@ -16,6 +16,7 @@ import time
 
 import trio
 
+from dorafs.client.prefetch import RUN_PAGES
 from dorafs.ufs.s3 import CHUNK
 from tests.faultproxy import PIECE
 from tests.support import free_port, run_client
@@ -23,11 +24,12 @@ from tests.test_operations import scrape
 from dorafs.config import MountConfig
 
 PAGE = 256 << 10
-PAGES = 48
+PAGES = 64
 HOLD = 0.6  # seconds the proxy holds each ranged GET
 THREADS = 2  # the client's store calls in flight (ufs_threads)
 MiB = 1 << 20
 RATE = 1 * MiB  # bytes/s the proxy passes on per connection in the mounted test
+RUNS_END = -(-17 // RUN_PAGES) * RUN_PAGES - 1  # the last page of the runs a 16-page window starts at page 0
 
 
 def ranged_gets(proxy) -> int:
@@ -48,7 +50,8 @@ def run(body):
 
 async def start_readahead(client, uri):
     """A sequential reader of small pieces of page 0: its window grows to 16 pages, and
-    the runs for pages 1-16 start; THREADS of their GETs are in flight, the others wait."""
+    the runs for pages 1 to `RUNS_END` start (the window's end rounded up to a whole
+    run); THREADS of their GETs are in flight, the others wait."""
     f = client.open_pinned(uri, await client.stat(uri))
     for n in range(6):
         await client.read(f, n * 4096, 4096)
@@ -116,10 +119,10 @@ def test_a_seek_away_cancels_the_runs_behind_it(s3_server, bucket, proxy, monkey
         f = await start_readahead(client, uri)
         runs = f.ahead.running
         at_seek = ranged_gets(proxy)
-        far = 40 * PAGE + 5  # more than a window past the runs in flight (pages 1-16)
+        far = (RUNS_END + max(16, RUN_PAGES) + 2) * PAGE + 5  # more than a window past the runs in flight
         assert bytes(await client.read(f, far, 4096)) == data[far:far + 4096]
         after = await quiet(proxy)
-        # The read at page 40 is one GET; the runs left behind ask for nothing more.
+        # The far read is one GET; the runs left behind ask for nothing more.
         assert after <= 2 + THREADS + 1, (at_seek, after, runs)
         assert f.ahead.running == 0
         assert client.reader.prefetches.cancelled_runs == runs
