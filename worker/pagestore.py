@@ -813,9 +813,10 @@ class RunWriter:
     """The pages of one UFS read, each checksummed and written by the thread that
     receives its bytes, as soon as they are all in.
 
-    Why: handed to another thread to be written, each page cost a thread switch and two
-    wakeups of the event loop (bench/README.md, "Pages written by the thread that
-    receives them"). Here the loop is woken once per page that landed, to index it.
+    Why: handed to another thread to be written, each page cost a thread call and two
+    wakeups of the event loop. Here the loop is woken once per page that landed, to
+    index it (bench/README.md, "Cold reads: longer runs, more of them at once, pages
+    written by the thread that receives them").
 
     How: the reading thread calls `take(done)` after each piece it delivered (the read's
     `Progress.sink`); every page whose bytes are all in `progress.buffer` by then is
@@ -826,7 +827,12 @@ class RunWriter:
 
     Subtleties:
     - Room for every page was reserved on the loop before the read began
-      (`PageStore.reserve`); a page without (None) is checksummed, not written.
+      (`PageStore.reserve`); a page without (None) is checksummed, not written. So a
+      cache smaller than the reads in flight (a run is up to 16 MiB) caches fewer of
+      their pages than room taken page by page would.
+    - `close` lets go of the read's progress: the progress calls the writer, and a
+      cycle between them would keep the receive buffer from its pool
+      (dorafs/ufs/buffers.py) until a full collection, which the worker makes rare.
     - One lock orders the writes: a stalled attempt, abandoned, may still be writing a
       page when the next attempt's thread delivers. Only delivered bytes are read, and
       an abandoned attempt writes into the buffer only past them (dorafs/ufs/s3.py).

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 # A sequential reader's readahead is fetched as runs of RUN_PAGES, several at once, at
 # most MAX_PREFETCH pages across the mount (6 runs). A store serves a few long GETs at
 # once for less CPU per byte than one or two, or than many short ones (bench/README.md,
-# "Longer runs, more of them at once").
+# "The S3 server spends less per byte on a few long GETs at once").
 MAX_PREFETCH = 96
 RUN_PAGES = 16  # pages per readahead run (one UFS read on a miss)
 RUN_LIMIT = 16  # pages one run may ask a worker to fill (the worker's MAX_RUN)
