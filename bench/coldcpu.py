@@ -102,6 +102,7 @@ def main() -> None:
                         f"url={server.endpoint},use_path_request_style,passwd_file={passwd},ro,use_cache={cache},"
                         "kernel_cache,max_stat_cache_size=100000,dbglevel=warn"]
             mount = subprocess.Popen(argv, env=env, stdout=open(work / "mount.log", "w"), stderr=subprocess.STDOUT)
+            worker = 0
             try:
                 deadline = time.monotonic() + 30
                 while not os.path.ismount(mnt):
@@ -110,7 +111,7 @@ def main() -> None:
                     time.sleep(0.1)
                 pids = {"mount": mount.pid, "s3rver": server.proc.pid}
                 if not args.peer:
-                    pids["worker"] = children(mount.pid)[0]
+                    pids["worker"] = worker = children(mount.pid)[0]
                 spies = []
                 if args.spy and n >= 0:
                     for role in ("mount", "worker"):
@@ -162,6 +163,10 @@ def main() -> None:
                 mount.terminate()
                 mount.wait(30)
                 unmount(mnt)
+                if worker:  # its worker lets go of the cache directory as it exits: the next pass's needs it
+                    deadline = time.monotonic() + 30
+                    while os.path.exists(f"/proc/{worker}") and time.monotonic() < deadline:
+                        time.sleep(0.05)
     finally:
         server.stop()
 
