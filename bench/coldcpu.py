@@ -1,11 +1,12 @@
 """Where the CPU goes during a sequential read, cold or warm: the mount, its worker and the S3 server.
 
     python3 bench/coldcpu.py [-o DORAFS_OPTIONS] [--repeat N] [--warm] [--mode quick] [--small]
-                             [--spy FILE] [--perf FILE] [--peer s3fs]
+                             [--readers N] [--spy FILE] [--perf FILE] [--peer s3fs]
 
 Needs the dataset in s3rver (run `python3 bench/harness.py --full` once; `--mode quick`
 reads the quick dataset's 256 MiB object instead, so the quick run of the harness is
-enough). Each pass mounts dorafs on an empty cache, reads the large object with fio (256 KiB, one reader)
+enough). Each pass mounts dorafs on an empty cache, reads the large object with fio (256 KiB, one reader;
+`--readers N`: N readers, each its own part, as the harness's seq4)
 and prints the throughput with the CPU seconds each process spent meanwhile: on two
 cores, their sum against twice the wall time tells whether the read is CPU-bound.
 With `--small`, each pass reads the dataset's small files instead (bench/workloads.py
@@ -31,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import dataset  # noqa: E402
 from procs import WORK, children, unmount  # noqa: E402
 from servers import S3rver  # noqa: E402
 
@@ -63,6 +65,8 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--mode", choices=("full", "quick"), default="full", help="which dataset's large object")
     p.add_argument("--warm", action="store_true", help="keep the cache: fill it once, then time warm remounts")
+    p.add_argument("--readers", type=int, default=1, help="fio jobs reading the large object, each its own part "
+                   "(4: the harness's seq4)")
     p.add_argument("--small", action="store_true", help="read the small files (4 processes) instead of the large object")
     p.add_argument("--spy", metavar="FILE", help="record the mount and the worker in each timed pass with py-spy (raw, FILE.N.ROLE)")
     p.add_argument("--peer", choices=("s3fs",), help="mount the peer instead (the harness's options): its "
@@ -78,7 +82,6 @@ def main() -> None:
     try:
         env = dict(os.environ) | server.env
         if args.small:
-            import dataset
             names = work / "small-names.txt"
             names.write_text("\n".join(dataset.SPECS[args.mode].small_names()) + "\n")
             print(f"{'pass':>4} {'files/s':>8} {'wall s':>7} {'mount':>7} {'worker':>7} {'s3rver':>7}  (CPU ms per file)"
@@ -140,8 +143,10 @@ def main() -> None:
                           + f"  {requests / files:>11.2f}", flush=True)
                     continue
                 requests = server.requests()
+                part = dataset.SPECS[args.mode].large_size // args.readers  # each reader its own part, as seq4
                 out = subprocess.run(["fio", "--name=cold", f"--filename={mnt}/large/big.bin", "--rw=read",
-                                      "--bs=256k", "--ioengine=psync", "--output-format=json"],
+                                      "--bs=256k", "--ioengine=psync", "--output-format=json", f"--numjobs={args.readers}",
+                                      f"--size={part}", f"--offset_increment={part}", "--group_reporting"],
                                      capture_output=True, text=True, check=True)
                 spent = {k: cpu_seconds(v) - before[k] for k, v in pids.items()}
                 user = {k: cpu_seconds(v, user_only=True) - before_user[k] for k, v in pids.items()}
