@@ -680,9 +680,9 @@ def test_a_sequential_readers_runs_end_on_run_boundaries(procs, s3_server, bucke
     """Once a sequential reader's window is a run or more, its readahead asks for whole
     runs of `RUN_PAGES` pages: a top-up that would leave a tail of a page or two waits
     for the next one, so a cold read costs about one UFS read per run, not one per
-    top-up's tail as well. The mount learns where a run's later pages are from one
-    streamed answer (`/v1/locate?stream=1`), not one ask per page or two. The bytes
-    are exact."""
+    top-up's tail as well. The mount learns where a run's pages are from one streamed
+    ask (`/v1/locate?stream=1`) that also starts the run, not one ask per page, nor a
+    first ask for the run's first page and a second for the rest. The bytes are exact."""
     from dorafs.client.prefetch import RUN_PAGES
 
     pages = 96
@@ -702,4 +702,4 @@ def test_a_sequential_readers_runs_end_on_run_boundaries(procs, s3_server, bucke
                   if k.startswith("dorafs_worker_request_latency_seconds_count") and "path=/v1/locate," in k)
     # Whole runs from page 8 on, and the window's first few small ones before it.
     assert reads <= pages // RUN_PAGES + 4, reads
-    assert locates <= 2 * reads + 2, (locates, reads)  # a run's first page, then the rest in one answer
+    assert locates <= reads + 2, (locates, reads)  # one streamed ask per run, its first page included
