@@ -677,7 +677,7 @@ def test_a_reads_pages_are_written_by_its_receiving_thread_as_their_bytes_come(t
             await trio.to_thread.run_sync(writer.close, None)
         assert writers and set(writers) == {reader}
         assert writer.digests == [checksum(data[:size]), checksum(data[size:2 * size]), None, None]
-        del writer
+        writer = None  # (the closures share this name: nothing here holds the writer now)
         return progress
 
     gc.disable()
