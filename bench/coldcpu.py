@@ -15,7 +15,9 @@ of each process and the S3 requests per file.
 With `--warm`, the cache is filled once and kept: each pass is a fresh mount (and
 worker) over the full cache, as the harness's warm phase. `--peer s3fs` times s3fs
 instead (with the harness's options); `user` columns are user-mode CPU alone (the
-interpreter's share), `locates` the worker's /v1/locate requests in the pass.
+interpreter's share), `locates` the worker's /v1/locate requests in the pass, `idle`
+the CPU seconds the whole machine left unused meanwhile (all cores): what a pass that
+waits rather than computes leaves on the table.
 """
 
 from __future__ import annotations
@@ -43,6 +45,13 @@ def cpu_seconds(pid: int, user_only: bool = False) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().split(")")[-1].split()
     return (int(fields[11]) + (0 if user_only else int(fields[12]))) / os.sysconf("SC_CLK_TCK")
+
+
+def idle_seconds() -> float:
+    """CPU seconds the whole machine spent idle so far (every core; /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")  # idle + iowait
 
 
 def worker_requests(cache: Path, path: str) -> float:
@@ -88,7 +97,7 @@ def main() -> None:
                   f"  {'S3 req/file':>11}")
         else:
             print(f"{'pass':>4} {'MiB/s':>7} {'wall s':>7} {'mount':>7} {'worker':>7} {'s3rver':>7}  (CPU seconds)"
-                  f"  {'worker/GiB':>10} {'user':>5} {'mount/GiB':>9} {'user':>5} {'S3 req':>6} {'locates':>7}")
+                  f"  {'worker/GiB':>10} {'user':>5} {'mount/GiB':>9} {'user':>5} {'S3 req':>6} {'locates':>7} {'idle':>5}")
         shutil.rmtree(cache, ignore_errors=True)
         unmount(mnt)  # one a killed run left
         for n in range(-1 if args.warm else 0, args.repeat):  # pass 0 of --warm fills the cache
@@ -143,12 +152,14 @@ def main() -> None:
                           + f"  {requests / files:>11.2f}", flush=True)
                     continue
                 requests = server.requests()
+                idle = idle_seconds()
                 part = dataset.SPECS[args.mode].large_size // args.readers  # each reader its own part, as seq4
                 out = subprocess.run(["fio", "--name=cold", f"--filename={mnt}/large/big.bin", "--rw=read",
                                       "--bs=256k", "--ioengine=psync", "--output-format=json", f"--numjobs={args.readers}",
                                       f"--size={part}", f"--offset_increment={part}", "--group_reporting"],
                                      capture_output=True, text=True, check=True)
                 spent = {k: cpu_seconds(v) - before[k] for k, v in pids.items()}
+                idle = idle_seconds() - idle
                 user = {k: cpu_seconds(v, user_only=True) - before_user[k] for k, v in pids.items()}
                 spent.setdefault("worker", 0.0)
                 user.setdefault("worker", 0.0)
@@ -162,7 +173,7 @@ def main() -> None:
                 print(f"{label:>4} {read['bw'] / 1024:>7.0f} {read['runtime'] / 1000:>7.2f} {spent['mount']:>7.2f} "
                       f"{spent['worker']:>7.2f} {spent['s3rver']:>7.2f}  {spent['worker'] / gib:>10.2f} "
                       f"{user['worker'] / gib:>5.2f} {spent['mount'] / gib:>9.2f} {user['mount'] / gib:>5.2f} "
-                      f"{server.requests() - requests:>6} {locates:>7}", flush=True)
+                      f"{server.requests() - requests:>6} {locates:>7} {idle:>5.2f}", flush=True)
             finally:
                 unmount(mnt)  # the mount then ends; a SIGTERM alone left the mount behind here
                 mount.terminate()
