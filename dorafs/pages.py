@@ -7,12 +7,15 @@ can never be mixed in one read.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import NamedTuple
 
 
+@functools.lru_cache(maxsize=4096)
 def object_id(uri: str, version: str) -> str:
-    """Stable 32-hex id of one version of one object."""
+    """Stable 32-hex id of one version of one object. Remembered for the objects read
+    lately: a worker asks it several times for every page it serves."""
     return hashlib.blake2b(f"{uri}\0{version}".encode(), digest_size=16).hexdigest()
 
 

@@ -408,6 +408,58 @@ def test_locate_fills_a_run_and_answers_where_its_pages_are(procs, s3_server, bu
     assert worker.metrics()["dorafs_worker_pages"] == 5
 
 
+def test_a_streamed_run_waiting_on_a_slow_store_says_so_while_it_waits(procs, s3_server, bucket, proxy,
+                                                                        monkeypatch):
+    """`/v1/locate?stream=1` while its pages come from a store slower than a reader's
+    patience for silence (1.5 s; a page takes about 2 s): the worker sends a WAIT frame
+    each PROGRESS_INTERVAL it has nothing else to send, and the reader gets every page
+    of the run, in order, each where the worker says."""
+    import trio
+
+    from dorafs import runs
+    from dorafs.client.workers import WorkerClient
+    from dorafs.http.server import PROGRESS_INTERVAL
+
+    data = os.urandom(2 * MiB)
+    etag = put(s3_server.client(), bucket, "slowrun/f.bin", data)
+    proxy.limit(512 * 1024)
+    worker = procs.worker(env=proxy.env(s3_server.env))
+    waits: list[float] = []
+    parse = runs.parse
+
+    def counting(frame: bytes):  # the reader's own parsing, counting what it skips
+        parsed = parse(frame)
+        if parsed[0] == runs.WAIT:
+            waits.append(time.monotonic())
+        return parsed
+
+    monkeypatch.setattr(runs, "parse", counting)
+
+    async def read_run() -> list[tuple]:
+        client = WorkerClient(timeout=1.5, connect_timeout=1)
+        placed: list[tuple] = []
+
+        async def each(located: tuple) -> bool:
+            placed.append(located)
+            return True
+
+        try:
+            await client.places(worker.address, f"s3://{bucket}/slowrun/f.bin", etag, len(data), 0, MiB, 2, each)
+        finally:
+            await client.aclose()
+        return placed
+
+    began = time.monotonic()
+    placed = trio.run(read_run)
+    took = time.monotonic() - began
+    assert [p[0] for p in placed] == [0, 1]
+    for index, path, size, _checksum, offset in placed:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            assert f.read(size) == data[index * MiB:(index + 1) * MiB]
+    assert took > 3 and len(waits) >= int(took / PROGRESS_INTERVAL) - 2, (took, waits)
+
+
 def test_the_mount_raises_the_kernel_readahead_of_its_device(procs, s3_server, bucket):
     """read_ahead_kb: sequential readers get whole-page requests; 0 leaves the kernel's default."""
     if os.geteuid() != 0:

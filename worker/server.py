@@ -52,7 +52,6 @@ from __future__ import annotations
 import json
 import time
 
-import outcome
 import trio
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -147,26 +146,28 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
         if result.entry is None:
             return False
         place = f"{result.entry.path}\n{result.entry.offset}".encode()
-        await send(runs.header(runs.PLACE, i, len(place), result.checksum))
-        await send(place)
+        await send((runs.header(runs.PLACE, i, len(place), result.checksum), place))  # two chunks, one write
         return True
 
     async def _frames(send, uri: str, version: str, size: int, index: int, count: int, frame) -> None:
         """Each page of a run as `await frame(send, i, result)` once it lands, until one
-        answers False; a page that cannot be filled ends it with an ERROR frame."""
-        for i in range(index, index + count):
-            result = service.ready(uri, version, size, i)
-            if result is None:
-                try:
-                    result = await _with_progress(send, lambda i=i: service.page(
-                        uri, version, size, i, verify=False, run=index + count - i))
-                except DoraError as exc:  # the pages before it stand; the reader learns why
-                    body = json.dumps(exc.to_wire() | {"status": exc.http_status}).encode()
-                    await send(runs.header(runs.ERROR, i, len(body)))
-                    await send(body)
+        answers False; a page that cannot be filled ends it with an ERROR frame. While
+        the stream waits for a page, a WAIT frame goes out every PROGRESS_INTERVAL
+        (`_Heartbeat`)."""
+        async def each_page(beat: _Heartbeat) -> None:
+            for i in range(index, index + count):
+                result = service.ready(uri, version, size, i)
+                if result is None:
+                    try:
+                        result = await service.page(uri, version, size, i, verify=False, run=index + count - i)
+                    except DoraError as exc:  # the pages before it stand; the reader learns why
+                        body = json.dumps(exc.to_wire() | {"status": exc.http_status}).encode()
+                        await beat.frame(send, (runs.header(runs.ERROR, i, len(body)), body))
+                        return
+                if not await beat.frame(frame, send, i, result):
                     return
-            if not await frame(send, i, result):
-                return
+
+        await _Heartbeat.around(send, each_page)
 
     @server.route("GET", "/v1/locate")
     async def locate(req: Request) -> Response:
@@ -267,23 +268,58 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
     return server
 
 
-async def _with_progress(send, fetch):
-    """`await fetch()`, sending a WAIT frame every PROGRESS_INTERVAL until it is done."""
-    box: list[outcome.Outcome] = []
-    done = trio.Event()
+class _Heartbeat:
+    """WAIT frames for one streamed answer whenever nothing was sent for PROGRESS_INTERVAL
+    (a page still being filled from a slow store), so that the reader sees the worker
+    at work, never silence.
 
-    async def run() -> None:
-        box.append(await outcome.acapture(fetch))
-        done.set()
+    One task for the whole stream, woken once an interval: a page that lands in time
+    costs a time stamp, not a task, a nursery and a timer of its own (those were a
+    sixth of the worker's loop in a cold sequential read: bench/README.md, "Receive
+    buffers that nobody zeroes"). A frame goes out whole: a WAIT is never sent inside
+    one, nor one inside a WAIT."""
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(run)
-        while not done.is_set():
-            with trio.move_on_after(PROGRESS_INTERVAL):
-                await done.wait()
-            if not done.is_set():
-                await send(runs.header(runs.WAIT))
-    return box[0].unwrap()
+    def __init__(self, send):
+        self._send = send
+        self._lock = trio.Lock()
+        self._last = trio.current_time()  # when the last frame went out
+
+    @classmethod
+    async def around(cls, send, produce) -> None:
+        """`await produce(beat)`, its frames sent through `beat.frame`, with WAIT frames
+        in its silences; its exception (or the heartbeat's: the reader is gone) raised as
+        it is, not in a group, for the server to tell a gone reader from a failure."""
+        beat = cls(send)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(beat.run)
+                try:
+                    await produce(beat)
+                finally:
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            sole: BaseException = group
+            while isinstance(sole, BaseExceptionGroup) and len(sole.exceptions) == 1:
+                sole = sole.exceptions[0]
+            raise sole from None
+
+    async def frame(self, fn, *args):
+        """`await fn(*args)`, which sends one frame (or none), with no WAIT meanwhile."""
+        try:
+            self._lock.acquire_nowait()  # the usual case: no WAIT going out; no checkpoint
+        except trio.WouldBlock:
+            await self._lock.acquire()
+        try:
+            return await fn(*args)
+        finally:
+            self._last = trio.current_time()
+            self._lock.release()
+
+    async def run(self) -> None:
+        while True:
+            await trio.sleep_until(self._last + PROGRESS_INTERVAL)
+            if trio.current_time() >= self._last + PROGRESS_INTERVAL and not self._lock.locked():
+                await self.frame(self._send, runs.header(runs.WAIT))
 
 
 def _ttl(req: Request, name: str) -> float | None:

@@ -134,8 +134,10 @@ class FileBody:
 class StreamBody:
     """A body of unknown length, sent chunked (HTTP/1.1 `Transfer-Encoding: chunked`) as
     `produce(send)` calls `await send(part)`; each part (bytes, a memoryview or a
-    `FileBody`, which `send` closes) is one chunk. When `produce` raises, the connection
-    is closed after what was sent: the client sees a body without its end."""
+    `FileBody`, which `send` closes) is one chunk, and a tuple of bytes is as many
+    chunks, sent together (a frame and its data: one write, one wakeup of the reader).
+    When `produce` raises, the connection is closed after what was sent: the client
+    sees a body without its end."""
 
     produce: Callable[[Callable[[bytes | memoryview | FileBody], Awaitable[None]]], Awaitable[None]]
 
@@ -505,9 +507,10 @@ class HttpServer:
         headers = [("Content-Type", response.content_type), ("Server", self.name), *response.headers.items()]
         await send_all(stream, conn.send(h11.Response(status_code=response.status, headers=headers)))
 
-        async def send(part: bytes | memoryview | FileBody) -> None:
-            if len(part):
-                await _send_data(conn, stream, part)
+        async def send(part: bytes | memoryview | FileBody | tuple[bytes, ...]) -> None:
+            for piece in part if isinstance(part, tuple) else (part,):
+                if len(piece):
+                    await _send_data(conn, stream, piece)
 
         await _produce(body, send)
         await send_all(stream, conn.send(h11.EndOfMessage()))
@@ -623,8 +626,11 @@ async def _produce(body: StreamBody, send: Callable[[bytes | memoryview | FileBo
         raise trio.BrokenResourceError(str(exc)) from exc
 
 
-async def _send_chunk(stream: trio.abc.Stream, part: bytes | memoryview | FileBody) -> None:
-    """One chunk of a chunked answer framed without h11."""
+async def _send_chunk(stream: trio.abc.Stream, part: bytes | memoryview | FileBody | tuple[bytes, ...]) -> None:
+    """One chunk of a chunked answer framed without h11 (a tuple: one chunk each, in one write)."""
+    if isinstance(part, tuple):
+        await send_all(stream, b"".join(b"".join((lean.chunk_head(len(p)), p, lean.CHUNK_END)) for p in part if len(p)))
+        return
     if not len(part):
         return
     if isinstance(part, FileBody):

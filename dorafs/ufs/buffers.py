@@ -17,10 +17,20 @@ Subtleties:
   a worker holds on to when idle); others are plain new bytearrays.
 - A reused buffer still holds its previous read's bytes past what the new read has
   delivered. Callers only ever look at the bytes a read delivered (`Progress.done`).
+- A buffer the pool keeps is an anonymous mapping (`mmap`), not a bytearray: Python zeroes
+  a bytearray while it holds the interpreter lock, and `take` runs on the worker's event
+  loop, so a fresh 16 MiB run buffer stopped every thread for about 12 ms (a fifth of the
+  loop's samples in a cold pass: bench/README.md, "Receive buffers that nobody zeroes").
+  The kernel hands out a mapping's pages zeroed as they are first written, by the
+  receiving thread's `recv_into`, which has let go of the lock. A mapping has what the
+  callers use of a bytearray: the buffer protocol, slices, `len`. One the pool does not
+  keep is a bytearray: a mapping would give its pages back when freed, to be faulted in
+  again for the next one, while glibc keeps freed heap memory (dorafs/memory.py).
 """
 
 from __future__ import annotations
 
+import mmap
 import sys
 import threading
 
@@ -33,13 +43,14 @@ class BufferPool:
         self.keep = keep
         self.min_size = min_size
         self.max_bytes = max_bytes
-        self._lent: list[bytearray] = []  # every buffer tracked, free or not
+        self._lent: list[mmap.mmap] = []  # every buffer tracked, free or not
         self._lock = threading.Lock()
         self.reused = 0  # statistics (tests read them)
         self.made = 0
 
-    def take(self, size: int) -> bytearray:
-        """A bytearray of `size` bytes (their content undefined) that nobody else refers to."""
+    def take(self, size: int) -> bytearray | mmap.mmap:
+        """A writable buffer of `size` bytes (their content undefined) that nobody else
+        refers to: a mapping when the pool keeps it, else a bytearray."""
         if size < self.min_size:
             return bytearray(size)
         with self._lock:
@@ -51,13 +62,14 @@ class BufferPool:
                         self.reused += 1
                         return buf
                     spare = i
-            fresh = bytearray(size)
             self.made += 1
             held = sum(len(b) for b in self._lent)
             if len(self._lent) < self.keep and held + size <= self.max_bytes:
-                self._lent.append(fresh)
+                self._lent.append(fresh := mmap.mmap(-1, size))
             elif spare >= 0 and held - len(self._lent[spare]) + size <= self.max_bytes:
-                self._lent[spare] = fresh
+                self._lent[spare] = fresh = mmap.mmap(-1, size)
+            else:  # not kept: from the memory glibc keeps for the next ones (dorafs/memory.py)
+                fresh = bytearray(size)
             return fresh
 
 
