@@ -58,3 +58,20 @@ def test_a_new_buffer_the_pool_keeps_is_not_touched_until_bytes_arrive():
     held = [pool.take(16 * MIB) for _ in range(3)]  # the first again, one more kept, one not
     assert pool.reused == 1 and pool.made == 3 and all(len(b) == 16 * MIB for b in held)
     assert sum(len(b) for b in pool._lent) == 32 * MIB
+
+
+def test_free_buffers_of_other_sizes_make_room_for_the_size_asked_for():
+    """A reader's first runs are short, the later ones long: the short ones' buffers,
+    free, give their room to a long one (as many as it takes), which is then kept and
+    reused; a busy one keeps its place."""
+    pool = BufferPool(keep=3, max_bytes=5 * MIB)
+    first = [pool.take(MIB) for _ in range(3)]
+    del first
+    long = pool.take(4 * MIB)  # two of the three free 1 MiB ones go
+    assert sorted(len(b) for b in pool._lent) == [MIB, 4 * MIB]
+    del long
+    busy = pool.take(4 * MIB)
+    assert pool.reused == 1 and pool.made == 4
+    other = pool.take(4 * MIB)  # the kept one is busy, and the free 1 MiB one is not room enough
+    assert len(other) == 4 * MIB and sorted(len(b) for b in pool._lent) == [MIB, 4 * MIB]
+    del busy, other

@@ -14,7 +14,8 @@ Subtleties:
   write it, and no caller has to give one back.
 - Only buffers of exactly the size asked for are reused (a sequential reader's runs are
   mostly of one size), at most `keep` of them and `max_bytes` in all are tracked (what
-  a worker holds on to when idle); others are plain new bytearrays.
+  a worker holds on to when idle); others are plain new bytearrays. Free buffers of
+  other sizes (the short first runs of a reader) make room for the size asked for.
 - A reused buffer still holds its previous read's bytes past what the new read has
   delivered. Callers only ever look at the bytes a read delivered (`Progress.done`).
 - A buffer the pool keeps is an anonymous mapping (`mmap`), not a bytearray: Python zeroes
@@ -35,7 +36,7 @@ import sys
 import threading
 
 MIN_SIZE = 1 << 20  # smaller buffers cost little to make: not pooled
-MAX_BYTES = 96 << 20  # at most this much kept for reuse (a cold sequential read keeps 4-8 runs in flight)
+MAX_BYTES = 128 << 20  # at most this much kept for reuse (a cold sequential read keeps 4-8 runs of 16 MiB alive)
 
 
 class BufferPool:
@@ -54,20 +55,22 @@ class BufferPool:
         if size < self.min_size:
             return bytearray(size)
         with self._lock:
-            spare = -1  # where a free buffer of another size is: room for this size
+            spares = []  # free buffers of other sizes: room for this size if need be
             for i in range(len(self._lent)):
                 buf = self._lent[i]
                 if sys.getrefcount(buf) == _FREE:
                     if len(buf) == size:
                         self.reused += 1
                         return buf
-                    spare = i
+                    spares.append(i)
             self.made += 1
             held = sum(len(b) for b in self._lent)
+            room = held - sum(len(self._lent[i]) for i in spares)  # what only busy ones hold
+            if len(self._lent) - len(spares) < self.keep and room + size <= self.max_bytes:
+                while len(self._lent) >= self.keep or held + size > self.max_bytes:
+                    held -= len(self._lent.pop(spares.pop()))  # the last first: the indices before it stand
             if len(self._lent) < self.keep and held + size <= self.max_bytes:
                 self._lent.append(fresh := mmap.mmap(-1, size))
-            elif spare >= 0 and held - len(self._lent[spare]) + size <= self.max_bytes:
-                self._lent[spare] = fresh = mmap.mmap(-1, size)
             else:  # not kept: from the memory glibc keeps for the next ones (dorafs/memory.py)
                 fresh = bytearray(size)
             return fresh
