@@ -1,7 +1,7 @@
 """Where the CPU goes during a sequential read, cold or warm: the mount, its worker and the S3 server.
 
     python3 bench/coldcpu.py [-o DORAFS_OPTIONS] [--repeat N] [--warm] [--mode quick] [--small]
-                             [--readers N] [--spy FILE] [--perf FILE] [--peer s3fs]
+                             [--readers N] [--fill-only N] [--spy FILE] [--perf FILE] [--peer s3fs]
 
 Needs the dataset in s3rver (run `python3 bench/harness.py --full` once; `--mode quick`
 reads the quick dataset's 256 MiB object instead, so the quick run of the harness is
@@ -12,6 +12,10 @@ cores, their sum against twice the wall time tells whether the read is CPU-bound
 With `--small`, each pass reads the dataset's small files instead (bench/workloads.py
 smallfiles: 4 processes, random order) and prints files/s, the CPU milliseconds per file
 of each process and the S3 requests per file.
+With `--fill-only N`, nothing reads through the mount: the pass asks the mount's worker
+for the large object's runs itself (`/v1/locate?stream=1`, as a sequential reader's
+readahead does), N at once, and the row is the fill alone: what the worker and the store
+manage without the mount and the reader beside them on the same cores.
 With `--warm`, the cache is filled once and kept: each pass is a fresh mount (and
 worker) over the full cache, as the harness's warm phase. `--peer s3fs` times s3fs
 instead (with the harness's options); `user` columns are user-mode CPU alone (the
@@ -54,6 +58,58 @@ def idle_seconds() -> float:
     return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")  # idle + iowait
 
 
+def fill_only(server: S3rver, cache: Path, mode: str, at_once: int) -> dict:
+    """The worker's fill alone, without the mount's reads: the large object asked for as
+    streamed runs (`/v1/locate?stream=1`, RUN_PAGES pages each, as a sequential reader's
+    readahead asks), `at_once` of them in flight, each answer read to its end. fio's
+    figures: {"bw": KiB/s, "runtime": ms, "io_bytes"}."""
+    import threading
+
+    import boto3
+    import httpx
+
+    from dorafs.client.prefetch import RUN_PAGES
+
+    s3 = boto3.client("s3", endpoint_url=server.endpoint, aws_access_key_id=server.key,
+                      aws_secret_access_key=server.secret, region_name="us-east-1")
+    key = f"{mode}/large/big.bin"
+    head = s3.head_object(Bucket="bench", Key=key)
+    size, page = head["ContentLength"], 1 << 20
+    address = (cache / "worker.addr").read_text().strip()
+    secret = (cache / "worker.secret").read_text().strip()
+    firsts = list(range(0, -(-size // page), RUN_PAGES))[::-1]
+    lock = threading.Lock()
+    failures: list[BaseException] = []
+
+    def drive() -> None:
+        try:
+            with httpx.Client(headers={"Authorization": f"Bearer {secret}"}, timeout=60) as client:
+                while True:
+                    with lock:
+                        if not firsts:
+                            return
+                        first = firsts.pop()
+                    params = {"uri": f"s3://bench/{key}", "version": head["ETag"], "size": size, "index": first,
+                              "page_size": page, "count": RUN_PAGES, "stream": 1}
+                    with client.stream("GET", f"http://{address}/v1/locate", params=params) as answer:
+                        answer.raise_for_status()
+                        for _ in answer.iter_raw():
+                            pass
+        except BaseException as exc:  # reported on the main thread
+            failures.append(exc)
+
+    began = time.monotonic()
+    threads = [threading.Thread(target=drive) for _ in range(at_once)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.monotonic() - began
+    if failures:
+        raise failures[0]
+    return {"bw": size / 1024 / seconds, "runtime": seconds * 1000, "io_bytes": size}
+
+
 def worker_requests(cache: Path, path: str) -> float:
     """Requests the mount's own worker answered on `path` so far (its /metrics, with the
     secret and address the mount keeps in its cache directory)."""
@@ -76,6 +132,8 @@ def main() -> None:
     p.add_argument("--warm", action="store_true", help="keep the cache: fill it once, then time warm remounts")
     p.add_argument("--readers", type=int, default=1, help="fio jobs reading the large object, each its own part "
                    "(4: the harness's seq4)")
+    p.add_argument("--fill-only", type=int, metavar="N", help="no reads through the mount: ask its worker for the "
+                   "large object's runs directly, N at once (the fill alone: the worker and the store)")
     p.add_argument("--small", action="store_true", help="read the small files (4 processes) instead of the large object")
     p.add_argument("--spy", metavar="FILE", help="record the mount and the worker in each timed pass with py-spy (raw, FILE.N.ROLE)")
     p.add_argument("--peer", choices=("s3fs",), help="mount the peer instead (the harness's options): its "
@@ -153,11 +211,15 @@ def main() -> None:
                     continue
                 requests = server.requests()
                 idle = idle_seconds()
-                part = dataset.SPECS[args.mode].large_size // args.readers  # each reader its own part, as seq4
-                out = subprocess.run(["fio", "--name=cold", f"--filename={mnt}/large/big.bin", "--rw=read",
-                                      "--bs=256k", "--ioengine=psync", "--output-format=json", f"--numjobs={args.readers}",
-                                      f"--size={part}", f"--offset_increment={part}", "--group_reporting"],
-                                     capture_output=True, text=True, check=True)
+                if args.fill_only:
+                    read = fill_only(server, cache, args.mode, args.fill_only)
+                else:
+                    part = dataset.SPECS[args.mode].large_size // args.readers  # each reader its own part, as seq4
+                    out = subprocess.run(["fio", "--name=cold", f"--filename={mnt}/large/big.bin", "--rw=read",
+                                          "--bs=256k", "--ioengine=psync", "--output-format=json",
+                                          f"--numjobs={args.readers}", f"--size={part}", f"--offset_increment={part}",
+                                          "--group_reporting"], capture_output=True, text=True, check=True)
+                    read = json.loads(out.stdout)["jobs"][0]["read"]
                 spent = {k: cpu_seconds(v) - before[k] for k, v in pids.items()}
                 idle = idle_seconds() - idle
                 user = {k: cpu_seconds(v, user_only=True) - before_user[k] for k, v in pids.items()}
@@ -167,7 +229,6 @@ def main() -> None:
                 for spy in spies:
                     spy.send_signal(signal.SIGINT)
                     spy.wait(30)
-                read = json.loads(out.stdout)["jobs"][0]["read"]
                 label = "fill" if n < 0 else str(n + 1)
                 gib = read["io_bytes"] / (1 << 30)
                 print(f"{label:>4} {read['bw'] / 1024:>7.0f} {read['runtime'] / 1000:>7.2f} {spent['mount']:>7.2f} "

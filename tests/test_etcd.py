@@ -163,7 +163,9 @@ def test_member_killed_mid_watch_and_whole_cluster_outage(etcd, caplog):
     async def main():
         membership = etcd_backend.EtcdMembership(etcd.url)
         async with trio.open_nursery() as nursery:
-            await nursery.start(heartbeat_loop, etcd.url, info(1), 0.3)
+            # A beat a second (a 5 s lease): w1 stays registered while its heartbeat moves to
+            # another member, however busy the machine (a 2 s lease once ran out here).
+            await nursery.start(heartbeat_loop, etcd.url, info(1), 1.0)
             await nursery.start(membership.run)
             assert "w1" in membership.workers
             # The member the client watches through dies: it moves to another one.
