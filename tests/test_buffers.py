@@ -30,9 +30,9 @@ def test_only_the_same_size_is_reused_and_what_is_kept_is_bounded():
     one = pool.take(2 * MIB)
     del one
     other = pool.take(3 * MIB)  # a free buffer of another size is not handed out
-    assert pool.reused == 0 and len(other) == 3 * MIB
+    assert pool.reused == 0 and len(other) == 4 * MIB  # the power of two at or above it
     del other
-    assert len(pool.take(3 * MIB)) == 3 * MIB and pool.reused == 1
+    assert len(pool.take(4 * MIB)) == 4 * MIB and pool.reused == 1  # any length of that size
     small = pool.take(MIB // 2)  # below the pooled size: a plain bytearray
     assert len(small) == MIB // 2 and pool.made == 2
     held = [pool.take(4 * MIB) for _ in range(3)]  # beyond keep and max_bytes: not kept
@@ -75,3 +75,15 @@ def test_free_buffers_of_other_sizes_make_room_for_the_size_asked_for():
     other = pool.take(4 * MIB)  # the kept one is busy, and the free 1 MiB one is not room enough
     assert len(other) == 4 * MIB and sorted(len(b) for b in pool._lent) == [MIB, 4 * MIB]
     del busy, other
+
+
+def test_reads_of_different_lengths_share_the_power_of_two_above_them():
+    """A Parquet reader's runs are 1 to 16 pages long: a run of 3 pages reuses the buffer
+    a run of 4 left, and one of 5 takes the next size up."""
+    pool = BufferPool(keep=4, max_bytes=64 * MIB)
+    four = pool.take(4 * MIB)
+    del four
+    three = pool.take(3 * MIB + 5)
+    assert len(three) == 4 * MIB and pool.reused == 1 and pool.made == 1
+    five = pool.take(5 * MIB)
+    assert len(five) == 8 * MIB and pool.made == 2

@@ -12,9 +12,11 @@ Subtleties:
   it, an answer being sent from it, a read's thread that was abandoned but may still
   write into it). So a buffer is never handed out while anything can still read or
   write it, and no caller has to give one back.
-- Only buffers of exactly the size asked for are reused (a sequential reader's runs are
-  mostly of one size), at most `keep` of them and `max_bytes` in all are tracked (what
-  a worker holds on to when idle); others are plain new bytearrays. Free buffers of
+- Buffers come in powers of two from `min_size` on (1, 2, 4, 8, 16 MiB): a read gets
+  the smallest at least its length, and uses its start. Runs of every length (a Parquet
+  reader's groups of 1-16 pages) then share five sizes, not sixteen, and find a free
+  one to reuse. At most `keep` of them and `max_bytes` in all are tracked (what a
+  worker holds on to when idle); others are plain new bytearrays. Free buffers of
   other sizes (the short first runs of a reader) make room for the size asked for.
 - A reused buffer still holds its previous read's bytes past what the new read has
   delivered. Callers only ever look at the bytes a read delivered (`Progress.done`).
@@ -50,10 +52,12 @@ class BufferPool:
         self.made = 0
 
     def take(self, size: int) -> bytearray | mmap.mmap:
-        """A writable buffer of `size` bytes (their content undefined) that nobody else
-        refers to: a mapping when the pool keeps it, else a bytearray."""
+        """A writable buffer of at least `size` bytes (their content undefined) that
+        nobody else refers to: exactly `size` below `min_size`, else the power of two
+        at or above it; a mapping when the pool keeps it, else a bytearray."""
         if size < self.min_size:
             return bytearray(size)
+        size = 1 << (size - 1).bit_length()
         with self._lock:
             spares = []  # free buffers of other sizes: room for this size if need be
             for i in range(len(self._lent)):

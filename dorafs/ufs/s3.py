@@ -397,7 +397,8 @@ class S3Ufs(UnderFileSystem):
             base["IfMatch"] = version
         client = await self._s3()
         progress = progress or Progress()
-        buffer = progress.buffer = self.buffers.take(length)
+        pooled = self.buffers.take(length)  # its size a power of two: this read has its start
+        buffer = progress.buffer = pooled if len(pooled) == length else memoryview(pooled)[:length]
 
         # obstore for what it does cheaper: small GETs. Per MiB boto3 is the cheaper
         # receiver (bench/README.md: about 1.2 ms + 0.44 ms/MiB against obstore's
