@@ -318,8 +318,12 @@ class _Heartbeat:
     async def run(self) -> None:
         while True:
             await trio.sleep_until(self._last + PROGRESS_INTERVAL)
-            if trio.current_time() >= self._last + PROGRESS_INTERVAL and not self._lock.locked():
-                await self.frame(self._send, runs.header(runs.WAIT))
+            if trio.current_time() < self._last + PROGRESS_INTERVAL:
+                continue  # a frame went out meanwhile
+            if self._lock.locked():  # a frame is going out (to a slow reader): it is no silence
+                await trio.sleep(PROGRESS_INTERVAL)
+                continue
+            await self.frame(self._send, runs.header(runs.WAIT))
 
 
 def _ttl(req: Request, name: str) -> float | None:
