@@ -154,6 +154,45 @@ def ensure_dataset(server, spec: dataset.Spec) -> None:
                   f"in {time.perf_counter() - start:.0f} s")
 
 
+def warm_server(server, spec: dataset.Spec) -> float:
+    """Read the large object once straight from the S3 server, untimed, before any system
+    is timed; its seconds. A server that compiles its code as it runs (s3rver on node)
+    serves its first long reads slower and at more CPU per byte: the first system of
+    the first scenario read cold sequential at 223 MiB/s where the next, the same code
+    a commit earlier, read at 349 (bench/README.md, "Receive buffers that nobody
+    zeroes"). Ranged GETs of 16 MiB, four at once, as a cold sequential reader's
+    readahead asks."""
+    s3 = server.client()
+    key = f"{spec.prefix}/large/big.bin"
+    starts = list(range(0, spec.large_size, 16 << 20))
+    lock = threading.Lock()
+    failures: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            while True:
+                with lock:
+                    if not starts:
+                        return
+                    start = starts.pop()
+                end = min(spec.large_size, start + (16 << 20)) - 1
+                body = s3.get_object(Bucket=dataset.BUCKET, Key=key, Range=f"bytes={start}-{end}")["Body"]
+                while body.read(1 << 20):
+                    pass
+        except BaseException as exc:  # reported on the main thread
+            failures.append(exc)
+
+    began = time.perf_counter()
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failures:
+        raise failures[0]
+    return time.perf_counter() - began
+
+
 def verify(spec: dataset.Spec, mnt: Path) -> str | None:
     """Compare a sample of bytes read through the mount with the dataset; None if equal."""
     rng = random.Random(7)
@@ -281,7 +320,12 @@ def main(argv=None) -> int:
                 finally:
                     session.close()
 
-            # 2. the scenarios, each side by side across systems
+            # 2. the S3 server warmed up, untimed: no system pays for its first long reads
+            progress.update(task, description="warming the S3 server")
+            progress.console.print(f"S3 server warmed up: the large object read once from it, untimed "
+                                   f"({warm_server(server, spec):.1f} s)")
+
+            # 3. the scenarios, each side by side across systems
             for scenario in scenarios:
                 native = scenario.native(ctx) if hasattr(scenario, "native") else None
                 if native is not None:
