@@ -39,7 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import dataset  # noqa: E402
-from procs import WORK, children, unmount  # noqa: E402
+from procs import WORK, children, each_at_once, unmount  # noqa: E402
 from servers import S3rver  # noqa: E402
 
 
@@ -63,8 +63,6 @@ def fill_only(server: S3rver, cache: Path, mode: str, at_once: int) -> dict:
     streamed runs (`/v1/locate?stream=1`, RUN_PAGES pages each, as a sequential reader's
     readahead asks), `at_once` of them in flight, each answer read to its end. fio's
     figures: {"bw": KiB/s, "runtime": ms, "io_bytes"}."""
-    import threading
-
     import boto3
     import httpx
 
@@ -77,36 +75,19 @@ def fill_only(server: S3rver, cache: Path, mode: str, at_once: int) -> dict:
     size, page = head["ContentLength"], 1 << 20
     address = (cache / "worker.addr").read_text().strip()
     secret = (cache / "worker.secret").read_text().strip()
-    firsts = list(range(0, -(-size // page), RUN_PAGES))[::-1]
-    lock = threading.Lock()
-    failures: list[BaseException] = []
 
-    def drive() -> None:
-        try:
-            with httpx.Client(headers={"Authorization": f"Bearer {secret}"}, timeout=60) as client:
-                while True:
-                    with lock:
-                        if not firsts:
-                            return
-                        first = firsts.pop()
-                    params = {"uri": f"s3://bench/{key}", "version": head["ETag"], "size": size, "index": first,
-                              "page_size": page, "count": RUN_PAGES, "stream": 1}
-                    with client.stream("GET", f"http://{address}/v1/locate", params=params) as answer:
-                        answer.raise_for_status()
-                        for _ in answer.iter_raw():
-                            pass
-        except BaseException as exc:  # reported on the main thread
-            failures.append(exc)
+    def run(first: int, client) -> None:
+        params = {"uri": f"s3://bench/{key}", "version": head["ETag"], "size": size, "index": first,
+                  "page_size": page, "count": RUN_PAGES, "stream": 1}
+        with client.stream("GET", f"http://{address}/v1/locate", params=params) as answer:
+            answer.raise_for_status()
+            for _ in answer.iter_raw():
+                pass
 
     began = time.monotonic()
-    threads = [threading.Thread(target=drive) for _ in range(at_once)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    each_at_once(range(0, -(-size // page), RUN_PAGES), at_once, run,
+                 per_thread=lambda: httpx.Client(headers={"Authorization": f"Bearer {secret}"}, timeout=60))
     seconds = time.monotonic() - began
-    if failures:
-        raise failures[0]
     return {"bw": size / 1024 / seconds, "runtime": seconds * 1000, "io_bytes": size}
 
 

@@ -31,7 +31,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
                            TimeElapsedColumn, TransferSpeedColumn)
 
 import dataset  # noqa: E402
-from procs import BENCH, CACHE, REGISTRY, WORK, clean_stale, peak_rss_mib, reset_peak_rss, rss_mib  # noqa: E402
+from procs import (BENCH, CACHE, REGISTRY, WORK, clean_stale, each_at_once, peak_rss_mib,  # noqa: E402
+                   reset_peak_rss, rss_mib)
 from report import Report, Result, fmt  # noqa: E402
 from scenarios import Ctx, all_scenarios, describe  # noqa: E402
 from servers import SERVERS  # noqa: E402
@@ -164,32 +165,15 @@ def warm_server(server, spec: dataset.Spec) -> float:
     readahead asks."""
     s3 = server.client()
     key = f"{spec.prefix}/large/big.bin"
-    starts = list(range(0, spec.large_size, 16 << 20))
-    lock = threading.Lock()
-    failures: list[BaseException] = []
 
-    def reader() -> None:
-        try:
-            while True:
-                with lock:
-                    if not starts:
-                        return
-                    start = starts.pop()
-                end = min(spec.large_size, start + (16 << 20)) - 1
-                body = s3.get_object(Bucket=dataset.BUCKET, Key=key, Range=f"bytes={start}-{end}")["Body"]
-                while body.read(1 << 20):
-                    pass
-        except BaseException as exc:  # reported on the main thread
-            failures.append(exc)
+    def read(start: int, _) -> None:
+        end = min(spec.large_size, start + (16 << 20)) - 1
+        body = s3.get_object(Bucket=dataset.BUCKET, Key=key, Range=f"bytes={start}-{end}")["Body"]
+        while body.read(1 << 20):
+            pass
 
     began = time.perf_counter()
-    threads = [threading.Thread(target=reader) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if failures:
-        raise failures[0]
+    each_at_once(range(0, spec.large_size, 16 << 20), 4, read)
     return time.perf_counter() - began
 
 

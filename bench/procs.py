@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -25,6 +26,40 @@ REPO = BENCH.parent
 CACHE = BENCH / ".cache"
 WORK = CACHE / "work"
 PIDFILE = CACHE / "pids.json"
+
+
+def each_at_once(items, at_once: int, work, per_thread=lambda: None) -> None:
+    """`work(item, mine)` for every item in order, `at_once` threads each taking the next
+    one as it finishes (`mine`: what `per_thread()` made for that thread, a buffer or a
+    client, closed at the thread's end if it has `close`); the first failure is raised
+    here once every thread has stopped."""
+    pending = list(items)[::-1]
+    lock = threading.Lock()
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        mine = None
+        try:
+            mine = per_thread()
+            while True:
+                with lock:
+                    if not pending or failures:
+                        return
+                    item = pending.pop()
+                work(item, mine)
+        except BaseException as exc:  # reported on the calling thread
+            failures.append(exc)
+        finally:
+            if hasattr(mine, "close"):
+                mine.close()
+
+    threads = [threading.Thread(target=run) for _ in range(at_once)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failures:
+        raise failures[0]
 
 
 def free_port() -> int:

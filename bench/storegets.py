@@ -18,14 +18,13 @@ import argparse
 import os
 import socket
 import sys
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dataset import SPECS  # noqa: E402
-from procs import WORK  # noqa: E402
+from procs import WORK, each_at_once  # noqa: E402
 from servers import S3rver  # noqa: E402
 
 MiB = 1 << 20
@@ -61,30 +60,10 @@ def get(server: S3rver, key: str, start: int, length: int, buffer: bytearray) ->
 
 def cell(server: S3rver, key: str, size: int, length: int, at_once: int) -> tuple[float, float]:
     """Read the object as GETs of `length`, `at_once` in flight: (server CPU-s per GiB, MiB/s)."""
-    starts = list(range(0, size - size % length, length))
-    lock = threading.Lock()
-    failures: list[BaseException] = []
-
-    def reader() -> None:
-        buffer = bytearray(length + 64 * 1024)
-        try:
-            while True:
-                with lock:
-                    if not starts:
-                        return
-                    start = starts.pop()
-                get(server, key, start, length, buffer)
-        except BaseException as exc:  # reported on the main thread
-            failures.append(exc)
-
     before, began = cpu_seconds(server.proc.pid), time.monotonic()
-    threads = [threading.Thread(target=reader) for _ in range(at_once)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if failures:
-        raise failures[0]
+    each_at_once(range(0, size - size % length, length), at_once,
+                 lambda start, buffer: get(server, key, start, length, buffer),
+                 per_thread=lambda: bytearray(length + 64 * 1024))
     seconds = time.monotonic() - began
     served = (size - size % length) / (1 << 30)
     return (cpu_seconds(server.proc.pid) - before) / served, served * 1024 / seconds
