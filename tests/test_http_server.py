@@ -52,6 +52,7 @@ def make_server(data_path) -> HttpServer:
             await send(b"first;")
             await send(b"")
             await send(FileBody(os.open(data_path, os.O_RDONLY), 10, 100_000))
+            await send((b";(", b"", b"pair)"))  # chunks sent together (a frame and its data)
             await send(memoryview(b";last"))
 
         return Response(200, StreamBody(produce))
@@ -413,9 +414,13 @@ def test_a_streamed_answer_and_a_close_without_h11(data_path):
     async def client(address):
         stream = await trio.open_tcp_stream(*address)
         raw = RawClient(stream)
-        head, body = await raw.request("GET", "/stream")
-        assert head.status_code == 200 and body == b"first;" + FILE_DATA[10:100_010] + b";last"
+        streamed = b"first;" + FILE_DATA[10:100_010] + b";(pair);last"
+        head, body = await raw.request("GET", "/stream")  # with Content-Length: read by h11
+        assert head.status_code == 200 and body == streamed
         assert (b"transfer-encoding", b"chunked") in head.headers
+        async with httpx.AsyncClient() as http:  # the common shape: read and answered without h11
+            answer = await http.get(f"http://{address[0]}:{address[1]}/stream")
+            assert answer.status_code == 200 and answer.content == streamed
         head, body = await raw.request("HEAD", "/stream")
         assert head.status_code == 200 and body == b""
         await stream.aclose()
