@@ -121,3 +121,12 @@ def from_wire(status: int, body: dict | None) -> DoraError:
         return IsADirectory(message)
     cls = _BY_STATUS.get(status, DoraError)
     return cls(message, errno=code if isinstance(code, int) else None)
+
+
+def sole(exc: BaseException) -> BaseException:
+    """The one exception inside groups of one (a failure raised in a trio nursery arrives
+    wrapped in an exception group): the error itself, to be told apart by its type; a
+    group of several is returned as it is."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

@@ -57,7 +57,7 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dorafs import runs
-from dorafs.errors import DoraError, InvalidRequest
+from dorafs.errors import DoraError, InvalidRequest, sole
 from dorafs.http import FileBody, HttpServer, Request, Response, json_response
 from dorafs.http.server import PROGRESS_INTERVAL, StreamBody
 from dorafs.pages import page_count
@@ -298,10 +298,7 @@ class _Heartbeat:
                 finally:
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
-            sole: BaseException = group
-            while isinstance(sole, BaseExceptionGroup) and len(sole.exceptions) == 1:
-                sole = sole.exceptions[0]
-            raise sole from None
+            raise sole(group) from None
 
     async def frame(self, fn, *args):
         """`await fn(*args)`, which sends one frame (or none), with no WAIT meanwhile."""

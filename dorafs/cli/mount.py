@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from dorafs.config import ConfigError, MountConfig, load_config, user_cache_dir
+from dorafs.errors import sole
 from dorafs.security import Credentials
 
 # mount(8) generic options that mean nothing to a FUSE file system of ours.
@@ -100,9 +101,7 @@ def run_foreground(config: MountConfig, log_level: str | None, ready_fd: int | N
     except KeyboardInterrupt:
         pass
     except BaseException as exc:
-        # A MountError raised inside the mount's nursery arrives in an exception group.
-        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-            exc = exc.exceptions[0]
+        exc = sole(exc)  # a MountError raised inside the mount's nursery arrives in an exception group
         if not isinstance(exc, MountError):
             raise
         print(f"dorafs: {exc}", file=sys.stderr)

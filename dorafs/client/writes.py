@@ -54,7 +54,7 @@ from typing import Callable
 import trio
 
 from dorafs.config import MountConfig, user_cache_dir
-from dorafs.errors import DoraError, IsADirectory, NoSpace, StaleVersion, UfsError
+from dorafs.errors import DoraError, IsADirectory, NoSpace, StaleVersion, UfsError, sole
 from dorafs.ufs import FileStatus, UfsSet
 from dorafs.ufs.base import NEW, Upload
 
@@ -387,9 +387,7 @@ class WriteFile:
                     self.sent.clear()
             except BaseException as failure:
                 await self._after_failure()
-                exc = failure
-                while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-                    exc = exc.exceptions[0]  # one part failed: its error is the cause
+                exc = sole(failure)  # one part failed: its error is the cause
                 self.last_error = exc if isinstance(exc, DoraError) else UfsError(f"upload of {uri} failed")
                 if isinstance(exc, DoraError):
                     raise exc from None
