@@ -1,12 +1,12 @@
 """Where the CPU goes during a sequential read, cold or warm: the mount, its worker and the S3 server.
 
     python3 bench/coldcpu.py [-o DORAFS_OPTIONS] [--repeat N] [--warm] [--mode quick] [--small]
-                             [--readers N] [--fill-only N] [--spy FILE] [--perf FILE] [--peer s3fs]
+                             [--readers N] [--bs SIZE] [--fill-only N] [--spy FILE] [--perf FILE] [--peer s3fs]
 
 Needs the dataset in s3rver (run `python3 bench/harness.py --full` once; `--mode quick`
 reads the quick dataset's 256 MiB object instead, so the quick run of the harness is
 enough). Each pass mounts dorafs on an empty cache, reads the large object with fio (256 KiB, one reader;
-`--readers N`: N readers, each its own part, as the harness's seq4)
+`--readers N`: N readers, each its own part, as the harness's seq4; `--bs` another read size)
 and prints the throughput with the CPU seconds each process spent meanwhile: on two
 cores, their sum against twice the wall time tells whether the read is CPU-bound.
 With `--small`, each pass reads the dataset's small files instead (bench/workloads.py
@@ -113,6 +113,7 @@ def main() -> None:
     p.add_argument("--warm", action="store_true", help="keep the cache: fill it once, then time warm remounts")
     p.add_argument("--readers", type=int, default=1, help="fio jobs reading the large object, each its own part "
                    "(4: the harness's seq4)")
+    p.add_argument("--bs", default="256k", help="fio's read size (default 256k, as the harness)")
     p.add_argument("--fill-only", type=int, metavar="N", help="no reads through the mount: ask its worker for the "
                    "large object's runs directly, N at once (the fill alone: the worker and the store)")
     p.add_argument("--small", action="store_true", help="read the small files (4 processes) instead of the large object")
@@ -196,8 +197,8 @@ def main() -> None:
                     read = fill_only(server, cache, args.mode, args.fill_only)
                 else:
                     part = dataset.SPECS[args.mode].large_size // args.readers  # each reader its own part, as seq4
-                    out = subprocess.run(["fio", "--name=cold", f"--filename={mnt}/large/big.bin", "--rw=read",
-                                          "--bs=256k", "--ioengine=psync", "--output-format=json",
+                    out = subprocess.run(["fio", "--name=cold", f"--filename={mnt}/large/big.bin", "--readonly", "--rw=read",
+                                          f"--bs={args.bs}", "--ioengine=psync", "--output-format=json",
                                           f"--numjobs={args.readers}", f"--size={part}", f"--offset_increment={part}",
                                           "--group_reporting"], capture_output=True, text=True, check=True)
                     read = json.loads(out.stdout)["jobs"][0]["read"]

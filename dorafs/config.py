@@ -306,7 +306,10 @@ class MountConfig:
                                  "plus 1s per 64KiB it moves")
     ufs_timeout: float = option(2.0, _positive_duration, "an S3 attempt of the mount that makes no progress this "
                                 "long (connect, or no byte) is abandoned and retried")
-    direct_io: bool = option(False, _flag, "bypass the kernel page cache (benchmarks, read-path tests)")
+    direct_io: bool | None = option(None, _optional(_flag), "read past the kernel page cache: 1 in every open "
+                                    "(benchmarks, read-path tests); 0 only where another version is open; "
+                                    "unset: also in a cold open of a file later opens get by passthrough, "
+                                    "unless its process reads in small pieces (docs/SEMANTICS.md)")
     passthrough: bool | None = option(None, _optional(_flag), "hand files wholly cached by a worker on this "
                                       "machine to the kernel (FUSE passthrough: needs root and kernel 6.9+; "
                                       "default: on unless direct_io, see docs/SEMANTICS.md)")

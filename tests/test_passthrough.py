@@ -298,3 +298,57 @@ def test_passthrough_is_on_by_default_on_a_writable_mount(setup):
     assert read_whole(m.path("default.bin")) == data
     now = metrics()
     assert opens(now, "granted") == 1 and reads(now) == before
+
+
+def test_a_cold_open_reads_past_the_kernels_page_cache_and_maps_through_it(setup):
+    """A cold open of a file later opens get by passthrough is direct_io: a piece read
+    twice reaches the mount twice (the kernel keeps none of it: its bytes are cached once,
+    in the worker's file). Mapped shared, it reads through the kernel's page cache, and
+    while that mapping lives an open of the sealed version is not handed over (the kernel
+    would fail it): it reads the held file through the mount, exactly."""
+    worker, mount, put, metrics = setup
+    data = os.urandom(2 * MiB + 333)
+    put("cold.bin", data)
+    m = mount("")
+    path = m.path("cold.bin")
+    with open(path, "rb") as f:
+        before = reads(metrics())
+        assert os.pread(f.fileno(), 4096, MiB) == data[MiB:MiB + 4096]
+        assert os.pread(f.fileno(), 4096, MiB) == data[MiB:MiB + 4096]
+        assert reads(metrics()) == before + 2, "the kernel kept the pages of a cold open"
+        with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as view:  # MAP_SHARED: DIRECT_IO_ALLOW_MMAP
+            assert view[:] == data
+            with open(path, "rb") as g:  # asks the worker for the whole file: it is sealed meanwhile
+                assert g.read() == data
+            prepared(metrics, worker)
+            granted = opens(metrics(), "granted")
+            with open(path, "rb") as h:  # held, not passed through beside the mapping
+                assert h.read() == data
+                assert os.pread(h.fileno(), 100, 2 * MiB) == data[2 * MiB:2 * MiB + 100]
+            assert opens(metrics(), "granted") == granted
+            assert opens(metrics(), "cached_open") >= 1
+            assert view[MiB - 5:MiB + 5] == data[MiB - 5:MiB + 5]
+    wait_for(lambda: metrics()["dorafs_mount_passthrough_files"] == 0, what="every handle released")
+    before = reads(metrics())
+    assert read_whole(path) == data  # mapping and handles gone: passthrough again
+    assert opens(metrics(), "granted") == granted + 1 and reads(metrics()) == before
+
+
+def test_a_process_reading_in_small_pieces_gets_the_page_cache_for_its_next_opens(setup):
+    """Without the page cache every read is a request to the mount: a process seen reading
+    a cold file in small sequential pieces gets the kernel's page cache (and readahead) in
+    its next cold opens, and every byte it reads is exact either way."""
+    worker, mount, put, metrics = setup
+    first, second = os.urandom(2 * MiB + 1), os.urandom(2 * MiB + 2)
+    put("one.bin", first)
+    put("two.bin", second)
+    m = mount("")
+    with open(m.path("one.bin"), "rb", buffering=0) as f:
+        got = b"".join(f.read(16384) for _ in range(32))  # direct: each read a request
+        assert got == first[:len(got)]
+    with open(m.path("two.bin"), "rb", buffering=0) as f:
+        before = reads(metrics())
+        assert os.pread(f.fileno(), 4096, MiB) == second[MiB:MiB + 4096]
+        assert os.pread(f.fileno(), 4096, MiB) == second[MiB:MiB + 4096]
+        assert reads(metrics()) == before + 1, "the second piece did not come from the kernel's page cache"
+        assert f.read() == second

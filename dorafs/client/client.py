@@ -150,13 +150,20 @@ class DoraClient:
         is on this machine and holds all of it: {"path", "size", "page_size",
         "checksums"}; None otherwise (nothing is fetched). Without `wait`, None too
         while the worker is still making that file (from its pages, in the background)."""
-        for address in self.router.candidates(f.uri)[:1]:
-            if not self.router.is_local(address) or self.router.suspected(address):
-                return None
-            try:
-                return await self.workers.whole_object(address, f.uri, f.status.version, f.status.size,
-                                                       self.page_size, wait)
-            except (DoraError, OSError) as exc:
-                log.debug("worker %s: no whole file of %s: %s", address, f.uri, exc)
-                return None
+        address = self.owner_here(f.uri)
+        if address is None:
+            return None
+        try:
+            return await self.workers.whole_object(address, f.uri, f.status.version, f.status.size,
+                                                   self.page_size, wait)
+        except (DoraError, OSError) as exc:
+            log.debug("worker %s: no whole file of %s: %s", address, f.uri, exc)
+            return None
+
+    def owner_here(self, uri: str) -> str | None:
+        """The address of the worker that owns `uri`, if it is on this machine (and not
+        suspected of being down); else None."""
+        for address in self.router.candidates(uri)[:1]:
+            if self.router.is_local(address) and not self.router.suspected(address):
+                return address
         return None

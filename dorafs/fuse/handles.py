@@ -42,7 +42,10 @@ class FileHandle:
     file: OpenFile | None  # the pinned version read from the cache; None when `writer` serves
     writer: WriteFile | None = None
     append: bool = False
-    cached: bool = False  # uses the kernel's page cache (counted in node.cached_opens)
+    cached: bool = False  # may use the kernel's page cache (counted in node.cached_opens)
+    direct: bool = False  # reads past the kernel's page cache (direct_io), an mmap of it aside
+    opener: int = 0  # the process that opened it (a direct handle's), and how many small
+    small_reads: int = 0  # pieces it read each where the last read ended (fuse/operations.py)
     passthrough: bool = False  # read by the kernel from a backing file
     held: HeldFile | None = None  # the verified object file of its version, if one is held
     read_end: int = 0  # the furthest byte read through the mount

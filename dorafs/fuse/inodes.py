@@ -26,7 +26,9 @@ class Node:
     status: FileStatus
     lookups: int = 0
     open_handles: int = 0
-    cached_opens: int = 0  # open handles that use the kernel's page cache (no direct I/O, no passthrough)
+    # Open handles that may use the kernel's page cache: all but passthrough ones (a
+    # direct_io handle does when it is mmapped).
+    cached_opens: int = 0
     # Version whose pages the kernel may hold in its page cache for this inode; None
     # when it may hold pages of more than one version (then the next open flushes them).
     kernel_version: str | None = None

@@ -27,6 +27,7 @@ import logging
 import os
 import stat
 import time
+from collections import OrderedDict
 from dataclasses import replace
 
 import trio
@@ -41,7 +42,7 @@ from dorafs.fuse.errors import fuse_operation
 from dorafs.fuse.handles import NAME_MAX, DirHandle, FileHandle, too_long, valid_name
 from dorafs.fuse.inodes import InodeTable, Node
 from dorafs.fuse.metrics import INODES, READS, STAGING_BYTES
-from dorafs.fuse.objectfiles import Fallback, ObjectFiles
+from dorafs.fuse.objectfiles import NOT_CACHED, Fallback, ObjectFiles
 from dorafs.fuse.passthrough import CACHED_OPEN, OTHER_VERSION, WRITING, Passthrough
 from dorafs.fuse.types import ROOT_INODE, EntryAttributes, FileInfo, FUSEError, StatvfsData
 from dorafs.fuse.writing import WritingOperations
@@ -51,6 +52,13 @@ log = logging.getLogger(__name__)
 
 
 KERNEL_FOREVER = 365 * 86400.0  # a TTL of -1 ("never recheck") as a kernel timeout
+# A cold open reads past the kernel's page cache (`_bypasses_page_cache`) unless its
+# process was seen reading in small pieces: SMALL_READS reads under SMALL_READ bytes,
+# each where the one before ended, of one such open. The last SMALL_READERS such
+# processes are remembered.
+SMALL_READ = 128 << 10
+SMALL_READS = 16
+SMALL_READERS = 1024
 
 
 def _first(value: float | None, default: float) -> float:
@@ -88,6 +96,7 @@ class DoraOperations(WritingOperations):
         self.objects = ObjectFiles(client, config.passthrough_min_size, max_held=descriptor_budget())
         self.passthrough = Passthrough(passthrough_wanted(config))
         self._writing: set[Node] = set()  # nodes with a WriteFile
+        self._small_readers: OrderedDict[int, None] = OrderedDict()  # pids that read in small pieces
         STAGING_BYTES.set_function(lambda: self.staging.used)
         INODES.set_function(lambda: len(self.inodes))
         self._handles: dict[int, FileHandle | DirHandle] = {}
@@ -310,6 +319,7 @@ class DoraOperations(WritingOperations):
             self._invalidate_kernel(node.inode)
         handle = FileHandle(node, self.client.open_pinned(node.uri, status))
         backing_id = 0
+        not_held = None  # why the version is not held, when that is the reason it is not handed over
         try:
             if self._holds_object_files():
                 # A reader that read this version through the kernel's page cache left
@@ -325,6 +335,7 @@ class DoraOperations(WritingOperations):
             backing_id = self.passthrough.register(node.inode, handle.held)
         except Fallback as why:  # a mount that cannot hand over any file says so first
             self.passthrough.fallback(self.passthrough.unavailable() or why.reason, why.detail)
+            not_held = why.reason
         except BaseException:
             if handle.held is not None:
                 self.objects.let_go(handle.held)
@@ -332,9 +343,16 @@ class DoraOperations(WritingOperations):
         if backing_id:
             direct_io, keep_cache = False, False
             handle.passthrough = True
-        elif others or stale_attributes or self.config.direct_io or self.passthrough.holds(node.inode):
+        elif (others or stale_attributes or self.config.direct_io or self.passthrough.holds(node.inode)
+              or self._bypasses_page_cache(node, not_held, ctx.pid)):
             direct_io, keep_cache = True, False
             node.kernel_version = None
+            handle.direct = True
+            handle.opener = ctx.pid
+            # A direct handle that is mmapped puts the inode in the kernel's page-cache mode,
+            # which would fail a passthrough open beside it (EIO): counted as a cached open.
+            handle.cached = True
+            node.cached_opens += 1
         else:
             direct_io, keep_cache = False, node.kernel_version == version
             node.kernel_version = version
@@ -345,6 +363,35 @@ class DoraOperations(WritingOperations):
         fh = next(self._numbers)
         self._handles[fh] = handle
         return FileInfo(fh=fh, keep_cache=keep_cache, direct_io=direct_io, backing_id=backing_id)
+
+    def _bypasses_page_cache(self, node: Node, not_held: str | None, pid: int) -> bool:
+        """Does this cold open read past the kernel's page cache (`direct_io` unset)?
+
+        Yes when a later open of the version will be handed to the kernel whole: this
+        mount passes files through, the file is large enough to be, a worker on this
+        machine owns it, and the kernel holds no page of this version. Pages the kernel
+        would cache now would be of no use then, and filling them is the costliest copy
+        of a cold read (fresh memory for every byte, bench/README.md "A cold open reads
+        past the kernel's page cache"). Not for a process seen reading in small
+        sequential pieces: without the page cache every one of its reads is a request
+        to the mount, where the kernel's readahead would ask for a megabyte at a time."""
+        if self.config.direct_io is not None or not_held != NOT_CACHED:
+            return False
+        if self.passthrough.unavailable() is not None or node.kernel_version == node.status.version:
+            return False
+        return pid not in self._small_readers and self.client.owner_here(node.uri) is not None
+
+    def _read_small(self, handle: FileHandle) -> None:
+        """A direct handle read a small piece where its last read ended: after
+        SMALL_READS of them its opener's next cold opens use the page cache."""
+        handle.small_reads += 1
+        if handle.small_reads == SMALL_READS and handle.opener:
+            self._small_readers[handle.opener] = None
+            self._small_readers.move_to_end(handle.opener)
+            while len(self._small_readers) > SMALL_READERS:
+                self._small_readers.popitem(last=False)
+            log.info("process %d reads %s in pieces under %d KiB: its next opens use the kernel's page cache",
+                     handle.opener, handle.node.path, SMALL_READ >> 10)
 
     def _holds_object_files(self) -> bool:
         """Are object files held, to be read by the kernel (passthrough) or by the mount
@@ -366,6 +413,8 @@ class DoraOperations(WritingOperations):
         else:
             data = await self.client.read(handle.file, off, size, True)  # a read across pages: a view of each
             n = sum(map(len, data)) if type(data) is tuple else len(data)
+            if handle.direct and size < SMALL_READ and off == handle.read_end and n == size:
+                self._read_small(handle)
             if off + n > handle.read_end:
                 handle.read_end = off + n
             READS.add(n, time.perf_counter() - start)

@@ -75,9 +75,12 @@ SPIN_SECONDS = 0.00005
 
 # What dorafs asks of the kernel, where offered. Not WRITEBACK_CACHE (writes must reach
 # the mount as they are made), not READDIRPLUS_AUTO (every readdir is a readdirplus, so
-# lookup counts are kept the same way whatever the kernel guesses).
+# lookup counts are kept the same way whatever the kernel guesses). DIRECT_IO_ALLOW_MMAP:
+# a file opened with direct_io can still be mapped shared (numpy, pyarrow and Python's
+# mmap map files MAP_SHARED), through the kernel's page cache (6.6+).
 WANTED = (p.ASYNC_READ | p.ATOMIC_O_TRUNC | p.EXPORT_SUPPORT | p.BIG_WRITES | p.AUTO_INVAL_DATA
-          | p.DO_READDIRPLUS | p.ASYNC_DIO | p.PARALLEL_DIROPS | p.MAX_PAGES | p.INIT_EXT)
+          | p.DO_READDIRPLUS | p.ASYNC_DIO | p.PARALLEL_DIROPS | p.MAX_PAGES | p.INIT_EXT
+          | p.DIRECT_IO_ALLOW_MMAP)
 
 
 @dataclass(frozen=True)
