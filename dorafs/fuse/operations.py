@@ -6,7 +6,8 @@ Subtleties:
 - Kernel page cache: `keep_cache` is set only when the kernel can hold pages of this
   version alone. If another handle of the same inode is open on a different version,
   the new handle bypasses the kernel cache (`direct_io`) and the inode is marked so that
-  the next open flushes the cache.
+  the next open flushes the cache. A cold open of a file that later opens will get by
+  passthrough bypasses it too (`_bypasses_page_cache`, docs/SEMANTICS.md promise 5).
 - readdir offsets are positions in a listing snapshot taken when the directory handle
   first reads, so offsets are stable across calls; every entry reported through
   readdirplus takes one lookup reference, as the kernel expects.
