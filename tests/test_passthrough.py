@@ -352,3 +352,23 @@ def test_a_process_reading_in_small_pieces_gets_the_page_cache_for_its_next_open
         assert os.pread(f.fileno(), 4096, MiB) == second[MiB:MiB + 4096]
         assert reads(metrics()) == before + 1, "the second piece did not come from the kernel's page cache"
         assert f.read() == second
+
+
+def test_a_file_read_in_small_pieces_gets_the_page_cache_in_every_next_open(setup):
+    """Another process (a tool run once per file) read a cold file in small sequential
+    pieces: the file's next cold open, by this process, uses the kernel's page cache."""
+    worker, mount, put, metrics = setup
+    data = os.urandom(3 * MiB + 3)
+    put("pieces.bin", data)
+    m = mount("readahead_pages=0")  # the child's reads leave the file's last pages uncached
+    child = ("import sys\n"
+             "with open(sys.argv[1], 'rb', buffering=0) as f:\n"
+             "    sys.stdout.buffer.write(b''.join(f.read(8192) for _ in range(64)))\n")
+    out = subprocess.run([sys.executable, "-c", child, m.path("pieces.bin")], capture_output=True, timeout=60)
+    assert out.returncode == 0 and out.stdout == data[:8192 * 64], out.stderr[-2000:]
+    with open(m.path("pieces.bin"), "rb", buffering=0) as f:  # not whole yet: a cold open
+        before = reads(metrics())
+        assert os.pread(f.fileno(), 4096, 2 * MiB) == data[2 * MiB:2 * MiB + 4096]
+        assert os.pread(f.fileno(), 4096, 2 * MiB) == data[2 * MiB:2 * MiB + 4096]
+        assert reads(metrics()) == before + 1, "the second piece did not come from the kernel's page cache"
+        assert f.read() == data

@@ -54,9 +54,9 @@ log = logging.getLogger(__name__)
 
 KERNEL_FOREVER = 365 * 86400.0  # a TTL of -1 ("never recheck") as a kernel timeout
 # A cold open reads past the kernel's page cache (`_bypasses_page_cache`) unless its
-# process was seen reading in small pieces: SMALL_READS reads under SMALL_READ bytes,
-# each where the one before ended, of one such open. The last SMALL_READERS such
-# processes are remembered.
+# process, or its file, was seen read in small pieces: SMALL_READS reads under
+# SMALL_READ bytes, each where the one before ended, of one such open. The last
+# SMALL_READERS such processes are remembered; a file, as long as its inode is.
 SMALL_READ = 128 << 10
 SMALL_READS = 16
 SMALL_READERS = 1024
@@ -374,25 +374,31 @@ class DoraOperations(WritingOperations):
         would cache now would be of no use then, and filling them is the costliest copy
         of a cold read (fresh memory for every byte, bench/README.md "A cold open reads
         past the kernel's page cache"). Not for a process seen reading in small
-        sequential pieces: without the page cache every one of its reads is a request
-        to the mount, where the kernel's readahead would ask for a megabyte at a time."""
+        sequential pieces, nor for a file that was: without the page cache every one of
+        such a reader's reads is a request to the mount, where the kernel's readahead
+        would ask for a megabyte at a time."""
         if self.config.direct_io is not None or not_held != NOT_CACHED:
             return False
         if self.passthrough.unavailable() is not None or node.kernel_version == node.status.version:
             return False
-        return pid not in self._small_readers and self.client.owner_here(node.uri) is not None
+        if node.read_in_pieces or pid in self._small_readers:
+            return False
+        return self.client.owner_here(node.uri) is not None
 
     def _read_small(self, handle: FileHandle) -> None:
         """A direct handle read a small piece where its last read ended: after
-        SMALL_READS of them its opener's next cold opens use the page cache."""
+        SMALL_READS of them its opener's next cold opens use the page cache, and so do
+        the next cold opens of that file, whoever makes them (a tool run once per file)."""
         handle.small_reads += 1
-        if handle.small_reads == SMALL_READS and handle.opener:
-            self._small_readers[handle.opener] = None
-            self._small_readers.move_to_end(handle.opener)
-            while len(self._small_readers) > SMALL_READERS:
-                self._small_readers.popitem(last=False)
-            log.info("process %d reads %s in pieces under %d KiB: its next opens use the kernel's page cache",
-                     handle.opener, handle.node.path, SMALL_READ >> 10)
+        if handle.small_reads == SMALL_READS:
+            handle.node.read_in_pieces = True
+            if handle.opener:
+                self._small_readers[handle.opener] = None
+                self._small_readers.move_to_end(handle.opener)
+                while len(self._small_readers) > SMALL_READERS:
+                    self._small_readers.popitem(last=False)
+            log.info("process %d reads %s in pieces under %d KiB: its next opens, and the file's, use the "
+                     "kernel's page cache", handle.opener, handle.node.path, SMALL_READ >> 10)
 
     def _holds_object_files(self) -> bool:
         """Are object files held, to be read by the kernel (passthrough) or by the mount
