@@ -372,3 +372,18 @@ def test_a_file_read_in_small_pieces_gets_the_page_cache_in_every_next_open(setu
         assert os.pread(f.fileno(), 4096, 2 * MiB) == data[2 * MiB:2 * MiB + 4096]
         assert reads(metrics()) == before + 1, "the second piece did not come from the kernel's page cache"
         assert f.read() == data
+
+
+def test_direct_io_0_keeps_the_kernels_page_cache_in_a_cold_open(setup):
+    """`-o direct_io=0`: a cold open of a file later opens get by passthrough still reads
+    through the kernel's page cache, so a piece read twice reaches the mount once."""
+    worker, mount, put, metrics = setup
+    data = os.urandom(2 * MiB + 77)
+    put("kept.bin", data)
+    m = mount("direct_io=0")
+    with open(m.path("kept.bin"), "rb", buffering=0) as f:
+        before = reads(metrics())
+        assert os.pread(f.fileno(), 4096, MiB) == data[MiB:MiB + 4096]
+        assert os.pread(f.fileno(), 4096, MiB) == data[MiB:MiB + 4096]
+        assert reads(metrics()) == before + 1, "the second piece did not come from the kernel's page cache"
+        assert f.read() == data
