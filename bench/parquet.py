@@ -277,7 +277,8 @@ def profile(out: Path, profiler: str, name: str, phase: str, pids: list[int]) ->
     else:
         spy = Path(sys.executable).with_name("py-spy")
         argvs = [[str(spy), "record", "--nonblocking", "--threads", "--rate", "250", "--format", "raw",
-                  "-o", str(out / f"{name}-{phase}-{pid}.txt"), "-p", str(pid)] for pid in pids]
+                  "-o", str(out / f"{name}-{phase}-{pid}.txt"), "-p", str(pid), *os.environ.get("SPY_ARGS", "").split()]
+                 for pid in pids]
     spies = [subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for argv in argvs]
     time.sleep(1.0)  # the profiler attaches
     return spies

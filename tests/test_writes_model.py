@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,8 @@ paths = st.sampled_from(["a", "b", "c"]) | st.sampled_from(["c/a", "c/b", "a/a",
 blobs = st.binary(max_size=3000) | st.builds(lambda n, b: bytes([b]) * n, st.integers(0, 70_000), st.integers(0, 255))
 offsets = st.integers(0, 3000) | st.integers(0, 80_000)
 where = st.floats(0, 1.3) | st.sampled_from([0.0, 1.0])  # a position relative to the file's size
+
+CHECKERS = ThreadPoolExecutor(8, thread_name_prefix="model-check")  # the invariant's reads of the mount
 
 
 @pytest.fixture(scope="module")
@@ -188,14 +191,22 @@ class WritesModel(RuleBasedStateMachine):
 
     @invariant()
     def same_tree(self):
+        """Every directory lists the same names and every file holds the same bytes.
+
+        The mount's side of each check (a listing, a whole file) is made from threads, all
+        at once: with TTLs of 0 each is several requests to the bucket, and one after
+        another they were most of this test's time."""
         if not hasattr(self, "ref"):
             return
+        checks = []
         for root, dirs, files in os.walk(self.ref):
             rel = os.path.relpath(root, self.ref)
-            mounted = self.dut / rel
-            assert sorted(os.listdir(mounted)) == sorted(dirs + files), rel
+            checks.append((rel, sorted(dirs + files), lambda d=self.dut / rel: sorted(os.listdir(d))))
             for name in files:
-                assert (mounted / name).read_bytes() == (Path(root) / name).read_bytes(), f"{rel}/{name}"
+                checks.append((f"{rel}/{name}", (Path(root) / name).read_bytes(), (self.dut / rel / name).read_bytes))
+        got = list(CHECKERS.map(lambda check: check[2](), checks))
+        for (what, want, _), mounted in zip(checks, got):
+            assert mounted == want, what
 
     def teardown(self):
         if hasattr(self, "ref"):
