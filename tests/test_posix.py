@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -105,12 +108,23 @@ def _walk_down(top: int, names: list[str]) -> int:
     return fd
 
 
-def test_paths_over_path_max_answer_enametoolong(procs, tmp_path):
+@pytest.fixture
+def short_dir():
+    """A directory with a short absolute path: the UFS root of a mount whose deepest
+    directories must stay within PATH_MAX on the local disk however long the test's own
+    temporary directory is (pytest-xdist adds a level to it)."""
+    path = Path(tempfile.mkdtemp(prefix="dorafs-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_paths_over_path_max_answer_enametoolong(procs, short_dir):
     """A name whose path from the mount root is over PATH_MAX answers ENAMETOOLONG (not
     EINVAL from the worker's URI bound), reached one directory at a time as `openat` does."""
-    data = tmp_path / "data"
+    data = short_dir / "data"
     data.mkdir()
     names = ["d" * 250] * 16  # 4,016 bytes of path, each name within NAME_MAX
+    assert len(f"file://{data}/") + 16 * 251 < 4096  # every directory a URI the worker takes
     top = os.open(data, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fd = top

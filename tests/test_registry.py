@@ -453,10 +453,20 @@ def test_admin_workers(registry):
     assert w1["id"] == "w1" and w1["address"] == "127.0.0.1:30001" and w1["page_size"] == 4096
     assert "last_heartbeat_age" in w1
 
-    result = subprocess.run([sys.executable, "-m", "dorafs.cli.admin", "workers"], capture_output=True, text=True,
-                            cwd=REPO, env=_env() | {"DORAFS_REGISTRY": f"127.0.0.1:{registry.port}"}, timeout=30)
-    assert result.returncode == 0, result.stderr
-    assert "w1" in result.stdout and "127.0.0.1:30001" in result.stdout and "1 GiB" in result.stdout
+    def table(columns: int) -> str:
+        result = subprocess.run([sys.executable, "-m", "dorafs.cli.admin", "workers"], capture_output=True, text=True,
+                                cwd=REPO, env=_env() | {"DORAFS_REGISTRY": f"127.0.0.1:{registry.port}",
+                                                        "COLUMNS": str(columns)}, timeout=30)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    wide = table(200)
+    assert "w1" in wide and "127.0.0.1:30001" in wide and "1 GiB" in wide
+    # A narrow terminal wraps the cells rather than cutting them off with an ellipsis.
+    narrow = table(60)
+    assert "…" not in narrow and "1 GiB" in narrow
+    address = "".join(line.split("│")[3].strip() for line in narrow.splitlines() if line.startswith("│"))
+    assert address == "127.0.0.1:30001", narrow
 
 
 def test_admin_registry_down():

@@ -55,6 +55,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def _table(title: str, columns: tuple[str, ...], right: tuple[str, ...] = ()) -> Table:
+    """A table whose cells wrap in a narrow terminal instead of being cut off: an
+    address, a path or an id is only useful whole."""
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify="right" if column in right else "left", overflow="fold")
+    return table
+
+
 def _console(stderr: bool = False) -> Console:
     """A terminal's width; piped output gets wide lines rather than cut-off cells."""
     console = Console(stderr=stderr)
@@ -158,10 +167,9 @@ def cmd_workers(args) -> int:
         print(json.dumps(state, indent=2))
         return 0
     workers = state.get("workers", [])
-    table = Table(title=f"{len(workers)} live workers (membership version {state.get('version')})")
     right = ("PAGE SIZE", "CAPACITY", "USED", "HIT RATE", "HEARTBEAT")
-    for column in ("ID", "STATE", "ADDRESS", *right):
-        table.add_column(column, justify="right" if column in right else "left")
+    table = _table(f"{len(workers)} live workers (membership version {state.get('version')})",
+                   ("ID", "STATE", "ADDRESS", *right), right)
     for w in workers:
         used = "-" if w["used"] is None else _human_bytes(int(w["used"]))
         rate = "-" if w["hit_rate"] is None else f"{w['hit_rate']:.1%}"
@@ -224,10 +232,9 @@ def cmd_report(args) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 1 if unreachable else 0
-    table = Table(title=f"dorafs cluster: {len(rows)} workers reporting"
-                        + (f", {len(unreachable)} unreachable" if unreachable else ""))
-    for column in ("WORKER", "USED", "CAPACITY", "PAGES", "HIT RATE", "SERVED", "UFS REQUESTS", "UFS READ"):
-        table.add_column(column, justify="left" if column == "WORKER" else "right")
+    right = ("USED", "CAPACITY", "PAGES", "HIT RATE", "SERVED", "UFS REQUESTS", "UFS READ")
+    table = _table(f"dorafs cluster: {len(rows)} workers reporting"
+                   + (f", {len(unreachable)} unreachable" if unreachable else ""), ("WORKER", *right), right)
 
     def add(name: str, f: dict) -> None:
         rate = "-" if f["hit_rate"] is None else f"{f['hit_rate']:.1%}"
@@ -275,9 +282,9 @@ def cmd_refresh(args) -> int:
     if args.json:
         print(json.dumps({"uri": uri, "workers": results, "failed": failed}, indent=2))
     else:
-        table = Table(title=f"refreshed {uri}" + (" and everything under it" if args.recursive else ""))
-        for column in ("WORKER", "STATUSES", "LISTINGS", "PAGES"):
-            table.add_column(column, justify="left" if column == "WORKER" else "right")
+        right = ("STATUSES", "LISTINGS", "PAGES")
+        table = _table(f"refreshed {uri}" + (" and everything under it" if args.recursive else ""),
+                       ("WORKER", *right), right)
         for address, counts in sorted(results.items()):
             table.add_row(address, str(counts.get("statuses")), str(counts.get("listings")), str(counts.get("pages")))
         Console().print(table)
@@ -413,10 +420,8 @@ def cmd_job(args) -> int:
         if args.json:
             print(json.dumps(jobs, indent=2))
             return 0
-        table = Table(title=f"{len(jobs)} jobs")
-        for column in ("ID", "KIND", "STATE", "PATH", "FILES", "FAILED", "FETCHED", "ELAPSED"):
-            table.add_column(column, justify="right" if column in ("FILES", "FAILED", "FETCHED", "ELAPSED")
-                             else "left")
+        right = ("FILES", "FAILED", "FETCHED", "ELAPSED")
+        table = _table(f"{len(jobs)} jobs", ("ID", "KIND", "STATE", "PATH", *right), right)
         for job in jobs:
             table.add_row(job["id"], job["kind"], job["state"], job["uri"] + ("/**" if job["recursive"] else ""),
                           f"{job['files_done']}/{job['files_listed']}", str(job["files_failed"]),
@@ -469,10 +474,9 @@ def cmd_stat(args) -> int:
     if args.json:
         print(json.dumps(rows if len(rows) > 1 else info, indent=2))
         return 0
-    table = Table(title=uri + (" (directory: its files" + (f", first {args.limit}" if info.get("more") else "")
-                               + ")" if info["status"]["is_dir"] else ""))
-    for column in ("PATH", "SIZE", "VERSION", "OWNER", "CACHED PAGES", "CACHED"):
-        table.add_column(column, justify="right" if column in ("SIZE", "CACHED PAGES", "CACHED") else "left")
+    table = _table(uri + (" (directory: its files" + (f", first {args.limit}" if info.get("more") else "")
+                          + ")" if info["status"]["is_dir"] else ""),
+                   ("PATH", "SIZE", "VERSION", "OWNER", "CACHED PAGES", "CACHED"), ("SIZE", "CACHED PAGES", "CACHED"))
     for row in rows:
         status = row["status"]
         table.add_row(row["uri"], "-" if status["is_dir"] else _human_bytes(status["size"]), status["version"] or "-",
@@ -493,9 +497,7 @@ def cmd_ring(args) -> int:
     if args.json:
         print(json.dumps({"uri": uri, "candidates": candidates, "left_out": routing.left_out}, indent=2))
         return 0
-    table = Table(title=f"ring candidates for {uri} (tried in this order, then the UFS)")
-    for column in ("#", "WORKER", "ADDRESS", "ROLE"):
-        table.add_column(column)
+    table = _table(f"ring candidates for {uri} (tried in this order, then the UFS)", ("#", "WORKER", "ADDRESS", "ROLE"))
     for c in candidates:
         table.add_row(str(c["rank"]), c["id"], c["address"], c["role"])
     _console().print(table)
