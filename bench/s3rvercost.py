@@ -1,0 +1,141 @@
+"""What s3rver itself spends to serve bytes, by how a client asks for them and receives them.
+
+    .venv/bin/python bench/s3rvercost.py [--mib 512] [--rounds 4]
+
+Every cold figure of bench/ is taken against one s3rver on the same two cores as the
+system measured, so its CPU per byte bounds them all. This reads the large object of the
+full dataset (bench/harness.py --full uploads it) with plain HTTP GETs of presigned URLs
+from threads of this process (no S3 client library in the way), in runs of 1, 8 or 64
+MiB, one or several at once, receiving with `recv_into` of a given size, and prints
+s3rver's CPU seconds per GiB (its /proc stat, all threads) and the rate for each way of
+asking. The ways are interleaved round after round, so a drift of the machine shows as a
+spread within one row, not as a difference between rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from servers import S3rver  # noqa: E402
+
+KEY = "full/large/big.bin"
+MiB = 1 << 20
+# (run, at once, receive size, SO_RCVBUF or None)
+WAYS = [(8 * MiB, 3, 256 << 10, None), (8 * MiB, 3, 64 << 10, None), (8 * MiB, 3, MiB, None),
+        (8 * MiB, 3, 256 << 10, 4 * MiB), (8 * MiB, 1, 256 << 10, None), (64 * MiB, 1, 256 << 10, None),
+        (MiB, 1, 256 << 10, None), (MiB, 3, 256 << 10, None)]
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def get(port: int, path: str, start: int, length: int, recv: int, rcvbuf: int | None) -> None:
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        if rcvbuf:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                  f"Range: bytes={start}-{start + length - 1}\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = s.recv(65536)
+            if not chunk:
+                raise RuntimeError("s3rver closed the connection before its headers")
+            head += chunk
+        status, _, rest = head.partition(b"\r\n\r\n")
+        first_line = status.split(b"\r\n", 1)[0]
+        if b" 206 " not in first_line:
+            raise RuntimeError(f"s3rver answered {first_line!r}")
+        got, buf = len(rest), memoryview(bytearray(recv))
+        while got < length:
+            n = s.recv_into(buf)
+            if not n:
+                raise RuntimeError(f"short body: {got} of {length} bytes")
+            got += n
+
+
+def one_way(port: int, path: str, pid: int, total: int, way: tuple) -> tuple[float, float]:
+    """(s3rver CPU-s per GiB, MiB/s) for `total` bytes read one way."""
+    run, at_once, recv, rcvbuf = way
+    starts = list(range(0, total, run))
+    lock = threading.Lock()
+    failures: list[BaseException] = []
+
+    def reader() -> None:
+        while True:
+            with lock:
+                if not starts or failures:
+                    return
+                start = starts.pop(0)
+            try:
+                get(port, path, start, min(run, total - start), recv, rcvbuf)
+            except BaseException as exc:  # reported after the threads are joined
+                failures.append(exc)
+                return
+
+    cpu, began = cpu_seconds(pid), time.monotonic()
+    threads = [threading.Thread(target=reader) for _ in range(at_once)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failures:
+        raise failures[0]
+    wall, spent = time.monotonic() - began, cpu_seconds(pid) - cpu
+    return spent / (total / (1 << 30)), total / MiB / wall
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--mib", type=int, default=512, help="bytes read per way and round")
+    p.add_argument("--rounds", type=int, default=4)
+    args = p.parse_args()
+    if not S3rver.available():
+        print("s3rvercost: s3rver is not installed (bash bench/setup.sh)", file=sys.stderr)
+        return 1
+    work = Path(__file__).resolve().parent / ".cache" / "work" / "s3rvercost"
+    work.mkdir(parents=True, exist_ok=True)
+    server = S3rver(work)
+    try:
+        client = server.client()
+        try:
+            size = client.head_object(Bucket="bench", Key=KEY)["ContentLength"]
+        except Exception as exc:
+            print(f"s3rvercost: no s3://bench/{KEY} in s3rver ({exc}); run bench/harness.py --full once",
+                  file=sys.stderr)
+            return 1
+        url = client.generate_presigned_url("get_object", Params={"Bucket": "bench", "Key": KEY}, ExpiresIn=3600)
+        path = url.split(f":{server.port}", 1)[1]
+        total = min(size, args.mib * MiB)
+        pid = server.proc.pid
+        results: dict[tuple, list[tuple[float, float]]] = {way: [] for way in WAYS}
+        for r in range(args.rounds):
+            for way in WAYS:
+                results[way].append(one_way(server.port, path, pid, total, way))
+            print(f"round {r + 1} of {args.rounds} done", file=sys.stderr, flush=True)
+        print(f"s3rver serving {total // MiB} MiB of s3://bench/{KEY} per way and round, {args.rounds} rounds; "
+              f"load average {os.getloadavg()[0]:.1f} at the end\n")
+        print("| run | at once | recv | SO_RCVBUF | s3rver CPU-s/GiB, each round | median | MiB/s, median |")
+        print("|---|---|---|---|---|---|---|")
+        for (run, at_once, recv, rcvbuf), got in results.items():
+            cpus = [c for c, _ in got]
+            print(f"| {run // MiB} MiB | {at_once} | {recv >> 10} KiB | {'default' if rcvbuf is None else f'{rcvbuf // MiB} MiB'} "
+                  f"| {', '.join(f'{c:.2f}' for c in cpus)} | {statistics.median(cpus):.2f} "
+                  f"| {statistics.median(r for _, r in got):.0f} |")
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
