@@ -19,11 +19,11 @@ import os
 import socket
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from procs import each_at_once  # noqa: E402
 from servers import S3rver  # noqa: E402
 
 KEY = "full/large/big.bin"
@@ -67,30 +67,9 @@ def get(port: int, path: str, start: int, length: int, recv: int, rcvbuf: int | 
 def one_way(port: int, path: str, pid: int, total: int, way: tuple) -> tuple[float, float]:
     """(s3rver CPU-s per GiB, MiB/s) for `total` bytes read one way."""
     run, at_once, recv, rcvbuf = way
-    starts = list(range(0, total, run))
-    lock = threading.Lock()
-    failures: list[BaseException] = []
-
-    def reader() -> None:
-        while True:
-            with lock:
-                if not starts or failures:
-                    return
-                start = starts.pop(0)
-            try:
-                get(port, path, start, min(run, total - start), recv, rcvbuf)
-            except BaseException as exc:  # reported after the threads are joined
-                failures.append(exc)
-                return
-
     cpu, began = cpu_seconds(pid), time.monotonic()
-    threads = [threading.Thread(target=reader) for _ in range(at_once)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if failures:
-        raise failures[0]
+    each_at_once(range(0, total, run), at_once,
+                 lambda start, _: get(port, path, start, min(run, total - start), recv, rcvbuf))
     wall, spent = time.monotonic() - began, cpu_seconds(pid) - cpu
     return spent / (total / (1 << 30)), total / MiB / wall
 
@@ -118,6 +97,8 @@ def main() -> int:
         path = url.split(f":{server.port}", 1)[1]
         total = min(size, args.mib * MiB)
         pid = server.proc.pid
+        # Untimed first: s3rver's first requests after it started cost it more (its code warming up).
+        one_way(server.port, path, pid, min(size, 64 * MiB), (8 * MiB, 3, 256 << 10, None))
         results: dict[tuple, list[tuple[float, float]]] = {way: [] for way in WAYS}
         for r in range(args.rounds):
             for way in WAYS:
