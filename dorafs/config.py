@@ -292,7 +292,8 @@ class MountConfig:
                                 "permitted); 1024 lets the kernel ask for a whole page per request (0: leave it)")
     readahead_pages: int = option(64, _count, "pages fetched ahead of a sequential reader, in runs "
                                   "filled by one UFS read each; a read of 256 KiB or more elsewhere in a "
-                                  "file brings its aligned group of 8 pages as such a run (0: neither)")
+                                  "file brings its aligned group of 8 pages as such a run, 16 once most such reads of "
+                                  "the file land in pages already coming (0: neither)")
     worker_timeout: float = option(5.0, _positive_duration, "a worker silent this long (no byte, no "
                                    "\"still working\" signal) is skipped for the next")
     connect_timeout: float = option(1.0, _positive_duration, "time to connect to a worker")

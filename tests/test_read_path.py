@@ -707,6 +707,46 @@ def test_large_reads_at_random_places_bring_their_group_of_pages_in_one_get(proc
     assert gets <= len(groups) + 1, (gets, groups)  # 32 pages in groups; 24 reads of 1-2 pages each before
 
 
+def test_a_reader_coming_back_to_what_it_fetched_gets_larger_groups_and_a_scattered_one_does_not(
+        procs, s3_server, bucket):
+    """Large reads at random places bring groups of `GROUP_PAGES` pages; once most of a
+    file's large reads land in pages already coming (column chunks of row groups read
+    again and again), its groups are `RUN_LIMIT` pages: one GET where two were. A reader
+    whose reads keep landing in new places keeps the smaller groups, so each of its reads
+    waits for fewer bytes it never reads. Exact bytes throughout."""
+    from dorafs.client.prefetch import DENSE_AFTER, RUN_LIMIT
+
+    assert RUN_LIMIT == 2 * GROUP_PAGES
+    data = os.urandom(64 * MiB)
+    client = s3_server.client()
+    put(client, bucket, "groups/dense.bin", data)
+    put(client, bucket, "groups/scattered.bin", data)
+    worker = procs.worker()
+    mount = procs.mount(f"s3://{bucket}/groups", workers=[worker.address], options="passthrough=0")
+    chunk = 528384
+
+    def reads(name: str, pages: list[float]) -> float:
+        """GETs the worker made for chunk reads at these page positions, one after another."""
+        before = _ufs_reads(worker)
+        fd = os.open(mount.path(name), os.O_RDONLY)
+        try:
+            for at in pages:
+                offset = int(at * PAGE)
+                assert os.pread(fd, chunk, offset) == data[offset:offset + chunk], (name, at)
+        finally:
+            os.close(fd)
+        return _ufs_reads(worker) - before
+
+    # Reads back and forth within the first group: all but the first land in its pages.
+    assert reads("dense.bin", [0.1, 1.3, 2.5, 3.7, 4.2, 5.5][:DENSE_AFTER + 2]) >= 1
+    # Now one read brings the 16 pages from page 32 on: the reads at 40 and 45 need no GET.
+    assert reads("dense.bin", [32.2, 40.3, 45.1]) == 1
+
+    # Reads that each land in a new group bring 8 pages each: page 9 is not among them.
+    assert reads("scattered.bin", [1.1, 17.1, 33.1, 49.1]) == 4
+    assert reads("scattered.bin", [9.1]) == 1
+
+
 def test_a_local_workers_run_is_located_in_a_few_requests(procs, s3_server, bucket):
     """With short-circuit reads, the pages of a readahead run after its first are asked
     for together (`/v1/locate` of the rest of the run brings every page already in), not

@@ -40,6 +40,7 @@ Subtleties:
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 
 import trio
@@ -60,6 +61,10 @@ RUN_PAGES = 16  # pages per readahead run (one UFS read on a miss)
 RUN_LIMIT = 16  # pages one run may ask a worker to fill (the worker's MAX_RUN)
 READ_AHEAD_FACTOR = 4  # a sequential reader's first window: this many times its read, in pages (at least one)
 GROUP_PAGES = 8  # a large random read's aligned group of pages, fetched together (`around`)
+# A reader whose large random reads land in pages already coming at least this often (and
+# after this many of them) reads back over what it fetched: its groups are RUN_LIMIT pages.
+DENSE_SHARE = 0.5
+DENSE_AFTER = 4
 
 
 class Prefetches:
@@ -72,6 +77,9 @@ class Prefetches:
         self.nursery: trio.Nursery | None = None  # the client's, while it runs: the run tasks live there
         self.runs = 0  # runs started (dorafs_mount_readahead_runs_total)
         self.cancelled_runs = 0  # of those, cancelled by a close or a seek away
+        # Per file version, of the large random reads of all its readers (`Prefetcher.around`):
+        # [how many, how many landed in pages coming already]. The last 1,024 files.
+        self.large_reads: OrderedDict[tuple[str, str], list[int]] = OrderedDict()
 
 
 class Prefetcher:
@@ -141,7 +149,7 @@ class Prefetcher:
 
     def around(self, first_index: int, last_index: int) -> None:
         """A large read away from where the reader was (a column chunk of a Parquet file,
-        a record of an archive): the aligned group of `GROUP_PAGES` pages around it is
+        a record of an archive): the aligned group of pages around it (`_group`) is
         fetched as one run per stretch of pages that nothing is bringing yet, the read's
         own pages with it, so that the reads that follow nearby find their pages in and a
         cold file costs one UFS read per group instead of one per page. Such a run is not
@@ -150,8 +158,9 @@ class Prefetcher:
         shared, reader, f = self.shared, self.reader, self.file
         if shared.nursery is None or self.closed or shared.config.readahead_pages <= 0:
             return
-        lo = first_index - first_index % GROUP_PAGES
-        hi = min(max(last_index, lo + GROUP_PAGES - 1), lo + RUN_LIMIT - 1,
+        group = self._group(reader.coming(f, first_index))
+        lo = first_index - first_index % group
+        hi = min(max(last_index, lo + group - 1), lo + RUN_LIMIT - 1,
                  page_count(f.status.size, reader.page_size) - 1)
         index = lo
         while index <= hi:
@@ -165,6 +174,27 @@ class Prefetcher:
                 return  # the mount's readahead is full: the read fetches its own pages
             self._start_run(index, end - index + 1, far=False)
             index = end + 1
+
+    def _group(self, landed_in: bool) -> int:
+        """The group of pages for this large read: GROUP_PAGES, or RUN_LIMIT once this
+        reader's large reads mostly land in pages already coming (`landed_in` says whether
+        this one does), counted over all the readers of the file. Such a reader comes back to the regions it read (the column chunks
+        of one Parquet row group, a random reader covering the file), and one GET of a
+        larger group costs the store less than two; a reader whose reads keep landing in
+        new places uses one page of each group, and a larger group would make each of its
+        reads wait for more bytes it never reads (bench/README.md, "Tried and not kept:
+        groups of 16 pages around a large random read")."""
+        seen = self.shared.large_reads
+        which = (self.file.uri, self.file.status.version)
+        counts = seen.pop(which, None) or [0, 0]
+        seen[which] = counts
+        if len(seen) > 1024:
+            seen.popitem(last=False)
+        counts[0] += 1
+        counts[1] += landed_in
+        if counts[0] > DENSE_AFTER and counts[1] >= DENSE_SHARE * counts[0]:
+            return RUN_LIMIT
+        return GROUP_PAGES
 
     def _start_run(self, first: int, count: int, far: bool = True) -> None:
         """Pages first..first+count-1 fetched as one run in the client's nursery, each
