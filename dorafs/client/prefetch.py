@@ -61,8 +61,8 @@ RUN_PAGES = 16  # pages per readahead run (one UFS read on a miss)
 RUN_LIMIT = 16  # pages one run may ask a worker to fill (the worker's MAX_RUN)
 READ_AHEAD_FACTOR = 4  # a sequential reader's first window: this many times its read, in pages (at least one)
 GROUP_PAGES = 8  # a large random read's aligned group of pages, fetched together (`around`)
-# A reader whose large random reads land in pages already coming at least this often (and
-# after this many of them) reads back over what it fetched: its groups are RUN_LIMIT pages.
+# A file whose large random reads (by all its readers) land in pages already coming at least
+# this often, after more than this many of them, is read back over: its groups are RUN_LIMIT pages.
 DENSE_SHARE = 0.5
 DENSE_AFTER = 4
 
@@ -176,20 +176,23 @@ class Prefetcher:
             index = end + 1
 
     def _group(self, landed_in: bool) -> int:
-        """The group of pages for this large read: GROUP_PAGES, or RUN_LIMIT once this
-        reader's large reads mostly land in pages already coming (`landed_in` says whether
-        this one does), counted over all the readers of the file. Such a reader comes back to the regions it read (the column chunks
-        of one Parquet row group, a random reader covering the file), and one GET of a
-        larger group costs the store less than two; a reader whose reads keep landing in
-        new places uses one page of each group, and a larger group would make each of its
-        reads wait for more bytes it never reads (bench/README.md, "Tried and not kept:
-        groups of 16 pages around a large random read")."""
+        """The group of pages for this large read: GROUP_PAGES, or RUN_LIMIT once the
+        file's large reads, counted over all its readers, mostly land in pages already
+        coming (`landed_in`: whether this one does). Its readers come back to the regions
+        they read (the column chunks of one Parquet row group, a random reader covering
+        the file), and one GET of a larger group costs the store less than two. A reader
+        whose reads keep landing in new places uses one page of each group: a larger group
+        would make each of its reads wait for more bytes it never reads (bench/README.md,
+        "Tried and not kept: groups of 16 pages around a large random read")."""
         seen = self.shared.large_reads
         which = (self.file.uri, self.file.status.version)
-        counts = seen.pop(which, None) or [0, 0]
-        seen[which] = counts
-        if len(seen) > 1024:
-            seen.popitem(last=False)
+        counts = seen.get(which)
+        if counts is None:
+            seen[which] = counts = [0, 0]
+            if len(seen) > 1024:
+                seen.popitem(last=False)
+        else:
+            seen.move_to_end(which)
         counts[0] += 1
         counts[1] += landed_in
         if counts[0] > DENSE_AFTER and counts[1] >= DENSE_SHARE * counts[0]:
