@@ -346,12 +346,18 @@ def test_a_process_reading_in_small_pieces_gets_the_page_cache_for_its_next_open
     with open(m.path("one.bin"), "rb", buffering=0) as f:
         got = b"".join(f.read(16384) for _ in range(32))  # direct: each read a request
         assert got == first[:len(got)]
-    with open(m.path("two.bin"), "rb", buffering=0) as f:
+    _read_twice_then_whole(m.path("two.bin"), second, MiB, metrics)
+
+
+def _read_twice_then_whole(path, data: bytes, offset: int, metrics) -> None:
+    """Open `path`, read the 4 KiB at `offset` twice: the mount sees one read, the second
+    comes from the kernel's page cache; then the whole file, exact."""
+    with open(path, "rb", buffering=0) as f:
         before = reads(metrics())
-        assert os.pread(f.fileno(), 4096, MiB) == second[MiB:MiB + 4096]
-        assert os.pread(f.fileno(), 4096, MiB) == second[MiB:MiB + 4096]
+        assert os.pread(f.fileno(), 4096, offset) == data[offset:offset + 4096]
+        assert os.pread(f.fileno(), 4096, offset) == data[offset:offset + 4096]
         assert reads(metrics()) == before + 1, "the second piece did not come from the kernel's page cache"
-        assert f.read() == second
+        assert f.read() == data
 
 
 def test_a_file_read_in_small_pieces_gets_the_page_cache_in_every_next_open(setup):
@@ -366,12 +372,7 @@ def test_a_file_read_in_small_pieces_gets_the_page_cache_in_every_next_open(setu
              "    sys.stdout.buffer.write(b''.join(f.read(8192) for _ in range(64)))\n")
     out = subprocess.run([sys.executable, "-c", child, m.path("pieces.bin")], capture_output=True, timeout=60)
     assert out.returncode == 0 and out.stdout == data[:8192 * 64], out.stderr[-2000:]
-    with open(m.path("pieces.bin"), "rb", buffering=0) as f:  # not whole yet: a cold open
-        before = reads(metrics())
-        assert os.pread(f.fileno(), 4096, 2 * MiB) == data[2 * MiB:2 * MiB + 4096]
-        assert os.pread(f.fileno(), 4096, 2 * MiB) == data[2 * MiB:2 * MiB + 4096]
-        assert reads(metrics()) == before + 1, "the second piece did not come from the kernel's page cache"
-        assert f.read() == data
+    _read_twice_then_whole(m.path("pieces.bin"), data, 2 * MiB, metrics)  # not whole yet: a cold open
 
 
 def test_direct_io_0_keeps_the_kernels_page_cache_in_a_cold_open(setup):
@@ -381,9 +382,4 @@ def test_direct_io_0_keeps_the_kernels_page_cache_in_a_cold_open(setup):
     data = os.urandom(2 * MiB + 77)
     put("kept.bin", data)
     m = mount("direct_io=0")
-    with open(m.path("kept.bin"), "rb", buffering=0) as f:
-        before = reads(metrics())
-        assert os.pread(f.fileno(), 4096, MiB) == data[MiB:MiB + 4096]
-        assert os.pread(f.fileno(), 4096, MiB) == data[MiB:MiB + 4096]
-        assert reads(metrics()) == before + 1, "the second piece did not come from the kernel's page cache"
-        assert f.read() == data
+    _read_twice_then_whole(m.path("kept.bin"), data, MiB, metrics)
