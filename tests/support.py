@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import os
+import random
 import signal
 import socket
 import subprocess
@@ -10,10 +13,36 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+# Ports for the tests' daemons come from below the kernel's ephemeral range (32768 and up
+# by default), one block per pytest-xdist worker, handed out in turn. A port from the
+# ephemeral range (bind to port 0) could be taken by any outgoing connection's source port,
+# here or in the other worker, between this check and the daemon binding it.
+_PORT_BLOCK = 5000
+_PORT_BASE = 12000
+
+
+def _port_block() -> range:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    low = _PORT_BASE + (index % 4) * _PORT_BLOCK
+    return range(low, low + _PORT_BLOCK)
+
+
+_ports = _port_block()
+_next_port = itertools.count(random.randrange(len(_ports)))
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port no one listens on, that no other test of this run is handed."""
+    for _ in range(len(_ports)):
+        port = _ports[next(_next_port) % len(_ports)]
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {_ports.start}-{_ports.stop - 1}")
 
 
 def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05, what: str = "condition"):
