@@ -232,14 +232,16 @@ def main() -> None:
                         pids = [m.proc.pid] + descendants(m.proc.pid)
                         for phase in phases:
                             _, mark = s3_gets(log, 0)
-                            spied = args.profile and (system.is_dorafs or name == "dorafs-base")
+                            spied = args.profile and (system.is_dorafs or name == "dorafs-base" or os.environ.get("PARQUET_PERF_ALL"))
                             spies = profile(args.profile, args.profiler, name, phase, pids) if spied else []
                             cpu0 = [cpu_seconds(pid) or 0.0 for pid in pids + [server.proc.pid]]
                             faults0 = sum(minor_faults(pid) for pid in pids)
                             mount_faults0 = minor_faults(pids[0])
+                            idle0 = machine_idle()
                             try:
                                 results[name][phase] = r = run_pass(m.path / "data", args)
                                 cpu1 = [cpu_seconds(pid) or 0.0 for pid in pids + [server.proc.pid]]
+                                r["idle_share"] = idle_share(idle0, machine_idle())
                                 r["daemon_faults"] = sum(minor_faults(pid) for pid in pids) - faults0
                                 r["mount_faults"] = minor_faults(pids[0]) - mount_faults0
                             finally:
@@ -254,6 +256,20 @@ def main() -> None:
     finally:
         REGISTRY.teardown()
     report(results, args)
+
+
+def machine_idle() -> tuple[int, int]:
+    """The machine's idle and total CPU time so far, in ticks (/proc/stat's first line)."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    return ticks[3] + ticks[4], sum(ticks[:8])  # idle + iowait; user..steal
+
+
+def idle_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """The share of the machine's CPU time that was idle between two `machine_idle` readings:
+    near 0, the pass was bound by the CPU of everything on the machine together."""
+    total = after[1] - before[1]
+    return round((after[0] - before[0]) / total, 2) if total else 0.0
 
 
 def minor_faults(pid: int) -> int:
@@ -273,7 +289,7 @@ def profile(out: Path, profiler: str, name: str, phase: str, pids: list[int]) ->
     out.mkdir(parents=True, exist_ok=True)
     if profiler == "perf":
         argvs = [["perf", "record", *os.environ.get("PARQUET_PERF_EVENT", "-F 999").split(), "-g", "-o", str(out / f"{name}-{phase}.perf.data"),
-                  "-p", ",".join(str(pid) for pid in pids)]]
+                  *(["-a"] if os.environ.get("PARQUET_PERF_ALL") else ["-p", ",".join(str(pid) for pid in pids)])]]
     else:
         spy = Path(sys.executable).with_name("py-spy")
         argvs = [[str(spy), "record", "--nonblocking", "--threads", "--rate", "250", "--format", "raw",
@@ -300,7 +316,7 @@ def show(name: str, phase: str, r: dict) -> None:
     extra = (f"; S3 {s3['gets']} GETs, {s3['get_mib']:.0f} MiB, mean {s3['mean_kib']} KiB, "
              f"{s3['heads']} HEADs, sizes {s3['sizes']}; CPU s: daemons {r['daemon_cpu_s']} "
              f"(mount {r.get('mount_cpu_s')}), "
-             f"s3rver {r['s3rver_cpu_s']}; daemons' page faults {r.get('daemon_faults')} (mount {r.get('mount_faults')})") if s3 else ""
+             f"s3rver {r['s3rver_cpu_s']}; machine idle {r.get('idle_share')}; daemons' page faults {r.get('daemon_faults')} (mount {r.get('mount_faults')})") if s3 else ""
     print(f"{name} {phase}: {r['mib_s']:.1f} MiB/s, {r['reads_s']:.1f} reads/s, {r['seconds']:.1f} s{extra}",
           flush=True)
 
