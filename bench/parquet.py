@@ -237,6 +237,9 @@ def main() -> None:
                             cpu0 = [cpu_seconds(pid) or 0.0 for pid in pids + [server.proc.pid]]
                             faults0 = sum(minor_faults(pid) for pid in pids)
                             mount_faults0 = minor_faults(pids[0])
+                            calls0 = syscalls(pids[0])
+                            wcalls0 = [sum(c) for c in zip(*(syscalls(p) for p in pids[1:]))] or [0, 0]
+                            served0 = mount_reads(m.metrics_port)
                             idle0 = machine_idle()
                             try:
                                 results[name][phase] = r = run_pass(m.path / "data", args)
@@ -244,6 +247,10 @@ def main() -> None:
                                 r["idle_share"] = idle_share(idle0, machine_idle())
                                 r["daemon_faults"] = sum(minor_faults(pid) for pid in pids) - faults0
                                 r["mount_faults"] = minor_faults(pids[0]) - mount_faults0
+                                r["mount_syscalls"] = [b - a for a, b in zip(calls0, syscalls(pids[0]))]
+                                r["worker_syscalls"] = [b - a for a, b in zip(wcalls0, [sum(c) for c in zip(*(syscalls(p) for p in pids[1:]))] or [0, 0])]
+                                served1 = mount_reads(m.metrics_port)
+                                r["mount_reads"] = served1 - served0 if served0 is not None and served1 is not None else None
                             finally:
                                 stop_profile(spies)
                             r["s3"], _ = s3_gets(log, mark)
@@ -270,6 +277,35 @@ def idle_share(before: tuple[int, int], after: tuple[int, int]) -> float:
     near 0, the pass was bound by the CPU of everything on the machine together."""
     total = after[1] - before[1]
     return round((after[0] - before[0]) / total, 2) if total else 0.0
+
+
+def mount_reads(port: int | None) -> int | None:
+    """read() requests a dorafs mount answered so far (its /metrics' dorafs_mount_reads);
+    None for a mount without /metrics."""
+    if port is None:
+        return None
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+            text = answer.read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("dorafs_mount_reads_total ") or line.startswith("dorafs_mount_reads "):
+            return int(float(line.split()[1]))
+    return None
+
+
+def syscalls(pid: int) -> tuple[int, int]:
+    """A live process's read and write system calls so far (/proc/PID/io's syscr and syscw;
+    the mount's writes are mostly its FUSE replies)."""
+    try:
+        with open(f"/proc/{pid}/io") as f:
+            fields = dict(line.split(": ") for line in f.read().splitlines())
+        return int(fields["syscr"]), int(fields["syscw"])
+    except (OSError, KeyError, ValueError):
+        return 0, 0
 
 
 def minor_faults(pid: int) -> int:
@@ -316,7 +352,7 @@ def show(name: str, phase: str, r: dict) -> None:
     extra = (f"; S3 {s3['gets']} GETs, {s3['get_mib']:.0f} MiB, mean {s3['mean_kib']} KiB, "
              f"{s3['heads']} HEADs, sizes {s3['sizes']}; CPU s: daemons {r['daemon_cpu_s']} "
              f"(mount {r.get('mount_cpu_s')}), "
-             f"s3rver {r['s3rver_cpu_s']}; machine idle {r.get('idle_share')}; daemons' page faults {r.get('daemon_faults')} (mount {r.get('mount_faults')})") if s3 else ""
+             f"s3rver {r['s3rver_cpu_s']}; machine idle {r.get('idle_share')}; daemons' page faults {r.get('daemon_faults')} (mount {r.get('mount_faults')}); the mount's read() requests {r.get('mount_reads')}, read and write calls {r.get('mount_syscalls')}, the worker's {r.get('worker_syscalls')}") if s3 else ""
     print(f"{name} {phase}: {r['mib_s']:.1f} MiB/s, {r['reads_s']:.1f} reads/s, {r['seconds']:.1f} s{extra}",
           flush=True)
 

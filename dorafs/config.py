@@ -310,7 +310,7 @@ class MountConfig:
     direct_io: bool | None = option(None, _optional(_flag), "read past the kernel page cache: 1 in every open "
                                     "(benchmarks, read-path tests); 0 only where another version is open; "
                                     "unset: also in a cold open of a file later opens get by passthrough, "
-                                    "unless it or its process was read in small pieces (docs/SEMANTICS.md)")
+                                    "unless it or its process was read in small pieces or footer first (docs/SEMANTICS.md)")
     passthrough: bool | None = option(None, _optional(_flag), "hand files wholly cached by a worker on this "
                                       "machine to the kernel (FUSE passthrough: needs root and kernel 6.9+; "
                                       "default: on unless direct_io, see docs/SEMANTICS.md)")

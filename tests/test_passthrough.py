@@ -375,6 +375,41 @@ def test_a_file_read_in_small_pieces_gets_the_page_cache_in_every_next_open(setu
     _read_twice_then_whole(m.path("pieces.bin"), data, 2 * MiB, metrics)  # not whole yet: a cold open
 
 
+def test_a_reader_of_a_files_end_first_gets_the_page_cache_for_its_next_opens_and_the_files(setup):
+    """A reader of a format whose index is at the end (Parquet, ORC, zip) reads the
+    file's end first and then pieces of it, coming back to some: the next cold opens of
+    its process, and of that file by anyone, use the kernel's page cache, where a piece
+    read twice reaches the mount once. The open that read the footer stays direct, and
+    so does an open whose first read is away from the end; every byte is exact."""
+    worker, mount, put, metrics = setup
+    table, other, shared = os.urandom(3 * MiB + 5), os.urandom(2 * MiB + 7), os.urandom(3 * MiB + 9)
+    fresh = os.urandom(2 * MiB + 11)
+    for name, data in (("table", table), ("other", other), ("shared", shared), ("fresh", fresh)):
+        put(f"{name}.parquet", data)
+    m = mount("")
+    child = ("import os, sys\n"
+             "with open(sys.argv[1], 'rb', buffering=0) as f:\n"
+             "    size = os.fstat(f.fileno()).st_size\n"
+             "    sys.stdout.buffer.write(os.pread(f.fileno(), 65536, size - 65536))\n")
+    out = subprocess.run([sys.executable, "-c", child, m.path("shared.parquet")], capture_output=True, timeout=60)
+    assert out.returncode == 0 and out.stdout == shared[-65536:], out.stderr[-2000:]
+    _read_twice_then_whole(m.path("shared.parquet"), shared, MiB, metrics)  # the file's next cold open
+
+    with open(m.path("table.parquet"), "rb", buffering=0) as f:
+        before = reads(metrics())
+        assert os.pread(f.fileno(), 4096, MiB) == table[MiB:MiB + 4096]  # not at the end: no footer
+        assert os.pread(f.fileno(), 65536, len(table) - 65536) == table[-65536:]
+        assert os.pread(f.fileno(), 4096, MiB) == table[MiB:MiB + 4096]
+        assert reads(metrics()) == before + 3, "a cold open whose first read is not its end kept the page cache"
+    with open(m.path("other.parquet"), "rb", buffering=0) as f:
+        before = reads(metrics())
+        assert os.pread(f.fileno(), 65536, len(other) - 65536) == other[-65536:]  # footer first
+        assert os.pread(f.fileno(), 4096, MiB) == other[MiB:MiB + 4096]
+        assert os.pread(f.fileno(), 4096, MiB) == other[MiB:MiB + 4096]
+        assert reads(metrics()) == before + 3, "the open that read its footer first kept the page cache"
+    _read_twice_then_whole(m.path("fresh.parquet"), fresh, MiB, metrics)  # this process's next cold open
+
+
 def test_direct_io_0_keeps_the_kernels_page_cache_in_a_cold_open(setup):
     """`-o direct_io=0`: a cold open of a file later opens get by passthrough still reads
     through the kernel's page cache, so a piece read twice reaches the mount once."""

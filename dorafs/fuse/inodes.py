@@ -29,7 +29,7 @@ class Node:
     # Open handles that may use the kernel's page cache: all but passthrough ones (a
     # direct_io handle does when it is mmapped).
     cached_opens: int = 0
-    read_in_pieces: bool = False  # a cold open of it was read in small pieces (fuse/operations.py)
+    page_cache_reads: bool = False  # a cold open of it was read as the page cache serves better (fuse/operations.py)
     # Version whose pages the kernel may hold in its page cache for this inode; None
     # when it may hold pages of more than one version (then the next open flushes them).
     kernel_version: str | None = None

@@ -54,12 +54,14 @@ log = logging.getLogger(__name__)
 
 KERNEL_FOREVER = 365 * 86400.0  # a TTL of -1 ("never recheck") as a kernel timeout
 # A cold open reads past the kernel's page cache (`_bypasses_page_cache`) unless its
-# process, or its file, was seen read in small pieces: SMALL_READS reads under
-# SMALL_READ bytes, each where the one before ended, of one such open. The last
-# SMALL_READERS such processes are remembered; a file, as long as its inode is.
+# process, or its file, was seen reading in a way the page cache serves better: in small
+# pieces (SMALL_READS reads under SMALL_READ bytes, each where the one before ended, of
+# one such open), or footer first (the first read of such an open ends at the file's
+# end, away from its start). The last PAGE_CACHE_READERS such processes are remembered;
+# a file, as long as its inode is.
 SMALL_READ = 128 << 10
 SMALL_READS = 16
-SMALL_READERS = 1024
+PAGE_CACHE_READERS = 1024
 
 
 def _first(value: float | None, default: float) -> float:
@@ -97,7 +99,7 @@ class DoraOperations(WritingOperations):
         self.objects = ObjectFiles(client, config.passthrough_min_size, max_held=descriptor_budget())
         self.passthrough = Passthrough(passthrough_wanted(config))
         self._writing: set[Node] = set()  # nodes with a WriteFile
-        self._small_readers: OrderedDict[int, None] = OrderedDict()  # pids that read in small pieces
+        self._page_cache_readers: OrderedDict[int, None] = OrderedDict()  # pids whose cold opens keep it
         STAGING_BYTES.set_function(lambda: self.staging.used)
         INODES.set_function(lambda: len(self.inodes))
         self._handles: dict[int, FileHandle | DirHandle] = {}
@@ -373,32 +375,48 @@ class DoraOperations(WritingOperations):
         machine owns it, and the kernel holds no page of this version. Pages the kernel
         would cache now would be of no use then, and filling them is the costliest copy
         of a cold read (fresh memory for every byte, bench/README.md "A cold open reads
-        past the kernel's page cache"). Not for a process seen reading in small
-        sequential pieces, nor for a file that was: without the page cache every one of
-        such a reader's reads is a request to the mount, where the kernel's readahead
-        would ask for a megabyte at a time."""
+        past the kernel's page cache"). Not for a process seen reading in a way the page
+        cache serves better, nor for a file that was (`_keep_page_cache`)."""
         if self.config.direct_io is not None or not_held != NOT_CACHED:
             return False
         if self.passthrough.unavailable() is not None or node.kernel_version == node.status.version:
             return False
-        if node.read_in_pieces or pid in self._small_readers:
+        if node.page_cache_reads or pid in self._page_cache_readers:
             return False
         return self.client.owner_here(node.uri) is not None
 
-    def _read_small(self, handle: FileHandle) -> None:
-        """A direct handle read a small piece where its last read ended: after
-        SMALL_READS of them its opener's next cold opens use the page cache, and so do
-        the next cold opens of that file, whoever makes them (a tool run once per file)."""
-        handle.small_reads += 1
-        if handle.small_reads == SMALL_READS:
-            handle.node.read_in_pieces = True
-            if handle.opener:
-                self._small_readers[handle.opener] = None
-                self._small_readers.move_to_end(handle.opener)
-                while len(self._small_readers) > SMALL_READERS:
-                    self._small_readers.popitem(last=False)
-            log.info("process %d reads %s in pieces under %d KiB: its next opens, and the file's, use the "
-                     "kernel's page cache", handle.opener, handle.node.path, SMALL_READ >> 10)
+    def _read_direct(self, handle: FileHandle, off: int, size: int, n: int) -> None:
+        """Learn from a read of a direct handle (its first, or one where the last ended)
+        whether its reader is one the kernel's page cache serves better:
+
+        - small sequential pieces: without the page cache each is a request to the
+          mount, where the kernel's readahead would ask for a megabyte at a time
+          (SMALL_READS of them);
+        - footer first: a first read that ends at the file's end, away from its start,
+          is a reader of a format whose index is at the end (Parquet, ORC, Arrow's IPC
+          files, zip and npz), which then reads pieces of the file, coming back to
+          some (a column chunk read by several processes, a dataset read again): the
+          kernel serves those again without a request (bench/README.md, "Footer-first
+          readers keep the page cache")."""
+        if not handle.read_end and off and n and off + n == handle.file.status.size:
+            self._keep_page_cache(handle, "read it footer first")
+        elif size < SMALL_READ and off == handle.read_end and n == size:
+            handle.small_reads += 1
+            if handle.small_reads == SMALL_READS:
+                self._keep_page_cache(handle, f"reads it in pieces under {SMALL_READ >> 10} KiB")
+
+    def _keep_page_cache(self, handle: FileHandle, why: str) -> None:
+        """The opener's next cold opens use the page cache, and so do the next cold opens
+        of that file, whoever makes them (a tool run once per file, the other readers of
+        a dataset)."""
+        handle.node.page_cache_reads = True
+        if handle.opener:
+            self._page_cache_readers[handle.opener] = None
+            self._page_cache_readers.move_to_end(handle.opener)
+            while len(self._page_cache_readers) > PAGE_CACHE_READERS:
+                self._page_cache_readers.popitem(last=False)
+        log.info("process %d %s (%s): its next cold opens, and the file's, use the kernel's page cache",
+                 handle.opener, why, handle.node.path)
 
     def _holds_object_files(self) -> bool:
         """Are object files held, to be read by the kernel (passthrough) or by the mount
@@ -420,8 +438,8 @@ class DoraOperations(WritingOperations):
         else:
             data = await self.client.read(handle.file, off, size, True)  # a read across pages: a view of each
             n = sum(map(len, data)) if type(data) is tuple else len(data)
-            if handle.direct and size < SMALL_READ and off == handle.read_end and n == size:
-                self._read_small(handle)
+            if handle.direct:
+                self._read_direct(handle, off, size, n)
             if off + n > handle.read_end:
                 handle.read_end = off + n
             READS.add(n, time.perf_counter() - start)
