@@ -108,6 +108,14 @@ GROW_SHARE = 4
 # little (bench/README.md, "Writing new bytes into the page cache costs ten times as
 # much in 1 MiB calls").
 WRITE_PIECE = 64 << 10
+# A run's receiving thread wakes the event loop for the first page it wrote, then once
+# TELL_PAGES more landed, TELL_AFTER seconds went by, or the run ended; the loop also
+# looks every LOOK_EVERY seconds while it waits, so a page that landed just before the
+# store stalled is not held back for the stall. Each wakeup costs the loop a turn and
+# every reader of the run a frame (bench/README.md, "Pages told in fours").
+TELL_PAGES = 4
+TELL_AFTER = 0.01
+LOOK_EVERY = 0.05
 
 
 def checksum(data: bytes | memoryview) -> str:
@@ -823,7 +831,10 @@ class RunWriter:
     written there. Once the read ended, `close(data)` (in a thread) writes what no piece
     wrote (an adapter that hands its bytes back only at the end: `data`) and stops any
     writing after it. On the loop, `pages()` yields each page as it landed, with its
-    entry once `PageStore.settle` indexed it (None: not cached), until `close` ran.
+    entry once `PageStore.settle` indexed it (None: not cached), until `close` ran. The
+    thread wakes the loop for the run's first page (the fill's caller waits for it), then
+    for every TELL_PAGES pages, after TELL_AFTER, and at `close`; `pages()` also looks
+    every LOOK_EVERY while it waits (a stall after a page landed).
 
     Subtleties:
     - Room for every page was reserved on the loop before the read began
@@ -856,6 +867,8 @@ class RunWriter:
         self._lock = threading.Lock()
         self._closed = False
         self._landed: deque[tuple[int, str]] = deque()  # (position, "written" | "failed" | "skipped")
+        self._told = 0  # pages landed when the loop was last woken, and when that was
+        self._told_at = 0.0
         self._token = trio.lowlevel.current_trio_token()
         self._event = trio.Event()
 
@@ -870,6 +883,11 @@ class RunWriter:
         with self._lock:
             if not self._closed:
                 self._take(memoryview(buffer), done)
+            landed, now = self._next, time.perf_counter()
+            if self._told and landed < min(self._told + TELL_PAGES, len(self.ends)) \
+                    and now < self._told_at + TELL_AFTER:
+                return  # told with the pages after it
+            self._told, self._told_at = landed, now
         self._tell()
 
     def close(self, data: bytes | bytearray | memoryview | None) -> None:
@@ -939,7 +957,8 @@ class RunWriter:
             if not batch:
                 if self._closed and not self._landed:
                     return
-                await self._event.wait()
+                with trio.move_on_after(LOOK_EVERY):
+                    await self._event.wait()
 
 
 def _unlink(path: str) -> None:

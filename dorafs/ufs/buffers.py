@@ -20,7 +20,8 @@ Subtleties:
   other sizes (the short first runs of a reader) make room for the size asked for.
 - A reused buffer still holds its previous read's bytes past what the new read has
   delivered. Callers only ever look at the bytes a read delivered (`Progress.done`).
-- A buffer the pool keeps is an anonymous mapping (`mmap`), not a bytearray: Python zeroes
+- A buffer the pool keeps is a private anonymous mapping (`mmap`; a shared one is backed
+  by shmem, whose pages cost more to fault in), not a bytearray: Python zeroes
   a bytearray while it holds the interpreter lock, and `take` runs on the worker's event
   loop, so a fresh 16 MiB run buffer stopped every thread for about 12 ms (a fifth of the
   loop's samples in a cold pass: bench/README.md, "Receive buffers that nobody zeroes").
@@ -74,7 +75,7 @@ class BufferPool:
                 while len(self._lent) >= self.keep or held + size > self.max_bytes:
                     held -= len(self._lent.pop(spares.pop()))  # the last first: the indices before it stand
             if len(self._lent) < self.keep and held + size <= self.max_bytes:
-                self._lent.append(fresh := mmap.mmap(-1, size))
+                self._lent.append(fresh := mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
             else:  # not kept: from the memory glibc keeps for the next ones (dorafs/memory.py)
                 fresh = bytearray(size)
             return fresh
