@@ -128,44 +128,61 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
             raise InvalidRequest(f"page {index} is past the end of a {size}-byte object")
         count = min(req.int_arg("count", 1, minimum=1), MAX_RUN, total - index)
 
-        async def send_page(send, i: int, result) -> bool:
+        async def send_page(send, pages: list) -> int:
+            (i, result), = pages
             part = result.data
             if part is None:
                 fd = service.open_page(result)
                 if fd is None:  # evicted meanwhile: the reader asks for it on its own
-                    return False
+                    return 0
                 part = FileBody(fd, result.entry.offset, result.size)
             await send(runs.header(runs.PAGE, i, result.size, result.checksum))
             await send(part)
-            return True
+            return 1
 
         return Response(200, StreamBody(lambda send: _frames(send, uri, version, size, index, count, send_page)))
 
-    async def _place(send, i: int, result) -> bool:
-        """Where page i is, as a PLACE frame; False for a page held only in memory."""
-        if result.entry is None:
-            return False
-        place = f"{result.entry.path}\n{result.entry.offset}".encode()
-        await send((runs.header(runs.PLACE, i, len(place), result.checksum), place))  # two chunks, one write
-        return True
+    async def _place(send, pages: list) -> int:
+        """Where each page is, a PLACE frame each, all in one write; it stops before a page
+        held only in memory. How many were sent."""
+        parts = []
+        for i, result in pages:
+            if result.entry is None:
+                break
+            place = f"{result.entry.path}\n{result.entry.offset}".encode()
+            parts += (runs.header(runs.PLACE, i, len(place), result.checksum), place)
+        if parts:
+            await send(tuple(parts))
+        return len(parts) // 2
 
-    async def _frames(send, uri: str, version: str, size: int, index: int, count: int, frame) -> None:
-        """Each page of a run as `await frame(send, i, result)` once it lands, until one
-        answers False; a page that cannot be filled ends it with an ERROR frame. While
-        the stream waits for a page, a WAIT frame goes out every PROGRESS_INTERVAL
-        (`_Heartbeat`)."""
+    async def _frames(send, uri: str, version: str, size: int, index: int, count: int, frame,
+                      together: bool = False) -> None:
+        """Each page of a run as `await frame(send, [(i, result)])` once it lands, until
+        one is not sent; with `together`, a page with the pages after it that have landed
+        too (`frame` answers how many it sent). A page that cannot be filled ends it with
+        an ERROR frame. While the stream waits for a page, a WAIT frame goes out every
+        PROGRESS_INTERVAL (`_Heartbeat`)."""
         async def each_page(beat: _Heartbeat) -> None:
-            for i in range(index, index + count):
+            i, end = index, index + count
+            while i < end:
                 result = service.ready(uri, version, size, i)
                 if result is None:
                     try:
-                        result = await service.page(uri, version, size, i, verify=False, run=index + count - i)
+                        result = await service.page(uri, version, size, i, verify=False, run=end - i)
                     except DoraError as exc:  # the pages before it stand; the reader learns why
                         body = json.dumps(exc.to_wire() | {"status": exc.http_status}).encode()
                         await beat.frame(send, (runs.header(runs.ERROR, i, len(body)), body))
                         return
-                if not await beat.frame(frame, send, i, result):
+                pages = [(i, result)]
+                while together and i + len(pages) < end:
+                    landed = service.ready(uri, version, size, i + len(pages))
+                    if landed is None:
+                        break
+                    pages.append((i + len(pages), landed))
+                sent = await beat.frame(frame, send, pages)
+                if sent < len(pages):
                     return
+                i += sent
 
         await _Heartbeat.around(send, each_page)
 
@@ -178,7 +195,8 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
         # landing meanwhile, and the caller asks for the pages after it).
         service.read_here(uri, version)  # a mount on this machine: worth sealing once whole
         if req.query.get("stream") == "1":  # every page of the run in one answer, as each lands
-            return Response(200, StreamBody(lambda send: _frames(send, uri, version, size, index, count, _place)))
+            return Response(200, StreamBody(lambda send: _frames(send, uri, version, size, index, count, _place,
+                                                                 together=True)))
         pages = []
         waited = False
         for i in range(index, index + max(1, count)):

@@ -28,8 +28,11 @@ Subtleties:
   The kernel hands out a mapping's pages zeroed as they are first written, by the
   receiving thread's `recv_into`, which has let go of the lock. A mapping has what the
   callers use of a bytearray: the buffer protocol, slices, `len`. One the pool does not
-  keep is a bytearray: a mapping would give its pages back when freed, to be faulted in
-  again for the next one, while glibc keeps freed heap memory (dorafs/memory.py).
+  keep (more runs in flight than it keeps) is a mapping too: its pages go back to the
+  kernel when it is freed, and the next one is faulted in again, but by the receiving
+  thread. As a bytearray from the memory glibc keeps (dorafs/memory.py) it was zeroed on
+  the loop: 50 ms of a cold Parquet pass's 3 s with the interpreter held (py-spy,
+  bench/README.md "Pages told in fours").
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ class BufferPool:
     def take(self, size: int) -> bytearray | mmap.mmap:
         """A writable buffer of at least `size` bytes (their content undefined) that
         nobody else refers to: exactly `size` below `min_size`, else the power of two
-        at or above it; a mapping when the pool keeps it, else a bytearray."""
+        at or above it: a mapping, kept for reuse within the pool's bounds."""
         if size < self.min_size:
             return bytearray(size)
         size = 1 << (size - 1).bit_length()
@@ -74,10 +77,9 @@ class BufferPool:
             if len(self._lent) - len(spares) < self.keep and room + size <= self.max_bytes:
                 while len(self._lent) >= self.keep or held + size > self.max_bytes:
                     held -= len(self._lent.pop(spares.pop()))  # the last first: the indices before it stand
+            fresh = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             if len(self._lent) < self.keep and held + size <= self.max_bytes:
-                self._lent.append(fresh := mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
-            else:  # not kept: from the memory glibc keeps for the next ones (dorafs/memory.py)
-                fresh = bytearray(size)
+                self._lent.append(fresh)
             return fresh
 
 
