@@ -239,7 +239,7 @@ def main() -> None:
                             mount_faults0 = minor_faults(pids[0])
                             calls0 = syscalls(pids[0])
                             wcalls0 = [sum(c) for c in zip(*(syscalls(p) for p in pids[1:]))] or [0, 0]
-                            served0 = mount_reads(m.metrics_port)
+                            served0 = mount_reads(m)
                             idle0 = machine_idle()
                             try:
                                 results[name][phase] = r = run_pass(m.path / "data", args)
@@ -249,7 +249,7 @@ def main() -> None:
                                 r["mount_faults"] = minor_faults(pids[0]) - mount_faults0
                                 r["mount_syscalls"] = [b - a for a, b in zip(calls0, syscalls(pids[0]))]
                                 r["worker_syscalls"] = [b - a for a, b in zip(wcalls0, [sum(c) for c in zip(*(syscalls(p) for p in pids[1:]))] or [0, 0])]
-                                served1 = mount_reads(m.metrics_port)
+                                served1 = mount_reads(m)
                                 r["mount_reads"] = served1 - served0 if served0 is not None and served1 is not None else None
                             finally:
                                 stop_profile(spies)
@@ -279,22 +279,13 @@ def idle_share(before: tuple[int, int], after: tuple[int, int]) -> float:
     return round((after[0] - before[0]) / total, 2) if total else 0.0
 
 
-def mount_reads(port: int | None) -> int | None:
-    """read() requests a dorafs mount answered so far (its /metrics' dorafs_mount_reads);
-    None for a mount without /metrics."""
-    if port is None:
-        return None
-    import urllib.request
+def mount_reads(m) -> int | None:
+    """read() requests a dorafs mount answered so far (its /metrics); None for a mount
+    without /metrics."""
+    from harness import scrape_mount
 
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
-            text = answer.read().decode()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith("dorafs_mount_reads_total ") or line.startswith("dorafs_mount_reads "):
-            return int(float(line.split()[1]))
-    return None
+    reads = (scrape_mount(m) or {}).get("reads")
+    return None if reads is None else int(reads)
 
 
 def syscalls(pid: int) -> tuple[int, int]:
