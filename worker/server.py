@@ -129,16 +129,18 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
         count = min(req.int_arg("count", 1, minimum=1), MAX_RUN, total - index)
 
         async def send_page(send, pages: list) -> int:
-            (i, result), = pages
-            part = result.data
-            if part is None:
-                fd = service.open_page(result)
-                if fd is None:  # evicted meanwhile: the reader asks for it on its own
-                    return 0
-                part = FileBody(fd, result.entry.offset, result.size)
-            await send(runs.header(runs.PAGE, i, result.size, result.checksum))
-            await send(part)
-            return 1
+            sent = 0
+            for i, result in pages:
+                part = result.data
+                if part is None:
+                    fd = service.open_page(result)
+                    if fd is None:  # evicted meanwhile: the reader asks for it on its own
+                        break
+                    part = FileBody(fd, result.entry.offset, result.size)
+                await send(runs.header(runs.PAGE, i, result.size, result.checksum))
+                await send(part)
+                sent += 1
+            return sent
 
         return Response(200, StreamBody(lambda send: _frames(send, uri, version, size, index, count, send_page)))
 
@@ -155,13 +157,12 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
             await send(tuple(parts))
         return len(parts) // 2
 
-    async def _frames(send, uri: str, version: str, size: int, index: int, count: int, frame,
-                      together: bool = False) -> None:
-        """Each page of a run as `await frame(send, [(i, result)])` once it lands, until
-        one is not sent; with `together`, a page with the pages after it that have landed
-        too (`frame` answers how many it sent). A page that cannot be filled ends it with
-        an ERROR frame. While the stream waits for a page, a WAIT frame goes out every
-        PROGRESS_INTERVAL (`_Heartbeat`)."""
+    async def _frames(send, uri: str, version: str, size: int, index: int, count: int, frame) -> None:
+        """The pages of a run as they land: `await frame(send, [(i, result), ...])` for a
+        page with the pages after it that have landed too (the worker's thread tells its
+        loop of them a few at a time), which answers how many it sent; it ends at one not
+        sent. A page that cannot be filled ends it with an ERROR frame. While the stream
+        waits for a page, a WAIT frame goes out every PROGRESS_INTERVAL (`_Heartbeat`)."""
         async def each_page(beat: _Heartbeat) -> None:
             i, end = index, index + count
             while i < end:
@@ -174,7 +175,7 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
                         await beat.frame(send, (runs.header(runs.ERROR, i, len(body)), body))
                         return
                 pages = [(i, result)]
-                while together and i + len(pages) < end:
+                while i + len(pages) < end:
                     landed = service.ready(uri, version, size, i + len(pages))
                     if landed is None:
                         break
@@ -195,8 +196,7 @@ def build_server(service: WorkerService, info: dict) -> HttpServer:
         # landing meanwhile, and the caller asks for the pages after it).
         service.read_here(uri, version)  # a mount on this machine: worth sealing once whole
         if req.query.get("stream") == "1":  # every page of the run in one answer, as each lands
-            return Response(200, StreamBody(lambda send: _frames(send, uri, version, size, index, count, _place,
-                                                                 together=True)))
+            return Response(200, StreamBody(lambda send: _frames(send, uri, version, size, index, count, _place)))
         pages = []
         waited = False
         for i in range(index, index + max(1, count)):

@@ -386,8 +386,8 @@ class DoraOperations(WritingOperations):
         return self.client.owner_here(node.uri) is not None
 
     def _read_direct(self, handle: FileHandle, off: int, size: int, n: int) -> None:
-        """Learn from a read of a direct handle (its first, or one where the last ended)
-        whether its reader is one the kernel's page cache serves better:
+        """Learn from each read of a direct handle whether its reader is one the kernel's
+        page cache serves better:
 
         - small sequential pieces: without the page cache each is a request to the
           mount, where the kernel's readahead would ask for a megabyte at a time
