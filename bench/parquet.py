@@ -237,8 +237,7 @@ def main() -> None:
                             cpu0 = [cpu_seconds(pid) or 0.0 for pid in pids + [server.proc.pid]]
                             faults0 = sum(minor_faults(pid) for pid in pids)
                             mount_faults0 = minor_faults(pids[0])
-                            calls0 = syscalls(pids[0])
-                            wcalls0 = [sum(c) for c in zip(*(syscalls(p) for p in pids[1:]))] or [0, 0]
+                            calls0, worker_calls0 = syscalls(pids[0]), syscalls(*pids[1:])
                             served0 = mount_reads(m)
                             idle0 = machine_idle()
                             try:
@@ -248,7 +247,7 @@ def main() -> None:
                                 r["daemon_faults"] = sum(minor_faults(pid) for pid in pids) - faults0
                                 r["mount_faults"] = minor_faults(pids[0]) - mount_faults0
                                 r["mount_syscalls"] = [b - a for a, b in zip(calls0, syscalls(pids[0]))]
-                                r["worker_syscalls"] = [b - a for a, b in zip(wcalls0, [sum(c) for c in zip(*(syscalls(p) for p in pids[1:]))] or [0, 0])]
+                                r["worker_syscalls"] = [b - a for a, b in zip(worker_calls0, syscalls(*pids[1:]))]
                                 served1 = mount_reads(m)
                                 r["mount_reads"] = served1 - served0 if served0 is not None and served1 is not None else None
                             finally:
@@ -288,15 +287,18 @@ def mount_reads(m) -> int | None:
     return None if reads is None else int(reads)
 
 
-def syscalls(pid: int) -> tuple[int, int]:
-    """A live process's read and write system calls so far (/proc/PID/io's syscr and syscw;
-    the mount's writes are mostly its FUSE replies)."""
-    try:
-        with open(f"/proc/{pid}/io") as f:
-            fields = dict(line.split(": ") for line in f.read().splitlines())
-        return int(fields["syscr"]), int(fields["syscw"])
-    except (OSError, KeyError, ValueError):
-        return 0, 0
+def syscalls(*pids: int) -> tuple[int, int]:
+    """The read and write system calls so far of live processes, summed (/proc/PID/io's
+    syscr and syscw; the mount's writes are mostly its FUSE replies)."""
+    reads = writes = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/io") as f:
+                fields = dict(line.split(": ") for line in f.read().splitlines())
+            reads, writes = reads + int(fields["syscr"]), writes + int(fields["syscw"])
+        except (OSError, KeyError, ValueError):
+            pass
+    return reads, writes
 
 
 def minor_faults(pid: int) -> int:
