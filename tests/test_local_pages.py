@@ -7,7 +7,7 @@ import os
 import pytest
 import xxhash
 
-from dorafs.client.local import LocalPages, WouldBlock
+from dorafs.client.local import LocalPages, NotMapped, WouldBlock
 
 
 def page_file(tmp_path, data: bytes, name: str = "page") -> tuple[str, str]:
@@ -55,3 +55,27 @@ def test_a_page_file_on_the_disk_only_is_left_to_a_waiting_read(tmp_path):
     fd = LocalPages.load_page_file(memoryview(into), path, checksum)  # what the mount then does in a thread
     assert fd is not None and into == data
     os.close(fd)
+
+
+def test_a_cached_page_is_mapped_where_it_lies_and_a_short_or_missing_file_is_not(tmp_path):
+    data = os.urandom(300_000)
+    path, _ = page_file(tmp_path, data, "object")
+    fd, mapping, at = LocalPages.map_page_file(path, 100_000, 100_000)  # not at a multiple of the system's page
+    try:
+        assert mapping[at:at + 100_000] == data[100_000:200_000]
+    finally:
+        mapping.close()
+        os.close(fd)
+    assert LocalPages.map_page_file(path, 200_000, 100_001) is None  # the file ends before the page does
+    assert LocalPages.map_page_file(str(tmp_path / "gone"), 0, 10) is None  # evicted
+
+
+def test_a_page_on_the_disk_only_is_not_mapped(tmp_path):
+    """Checking it through a mapping would wait for the disk on the event loop (and an
+    I/O error there would be a signal): it is read instead."""
+    data = os.urandom(1 << 20)
+    path, _ = page_file(tmp_path, data)
+    if not drop_from_page_cache(path):
+        pytest.skip("this file system keeps the file in memory (tmpfs): nothing to wait for")
+    with pytest.raises(NotMapped):
+        LocalPages.map_page_file(path, 0, len(data))

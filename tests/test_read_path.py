@@ -540,6 +540,57 @@ def test_local_worker_pages_are_read_from_their_files(procs, s3_server, bucket):
     assert worker.counter("dorafs_worker_corrupt_pages_total") == 1
 
 
+def cached_pages(path: Path) -> int:
+    """How many of a file's pages the kernel's page cache holds (mincore over a mapping)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    with open(path, "rb") as f:
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    answer = (ctypes.c_ubyte * -(-len(mapping) // mmap.PAGESIZE))()
+    anchor = ctypes.c_char.from_buffer(mapping)
+    assert libc.mincore(ctypes.addressof(anchor), len(mapping), answer) == 0
+    del anchor
+    mapping.close()
+    return sum(b & 1 for b in answer)
+
+
+def test_a_local_workers_cached_pages_are_mapped_and_pages_on_its_disk_only_are_read(procs, s3_server, bucket):
+    """Pages a worker on this machine just wrote are in the kernel's page cache: the
+    mount maps them into its buffer and checks them there, no copy into its memory.
+    A page only on the worker's disk is read into memory instead (in a thread, never
+    through a mapping on the event loop). Exact bytes both ways."""
+    from tests.support import free_port
+
+    data = os.urandom(4 * MiB + 5)
+    put(s3_server.client(), bucket, "mapped/f.bin", data)
+    worker = procs.worker()
+    counts = []
+    for _ in ("just written", "on the disk only"):
+        port = free_port()
+        mount = procs.mount(f"s3://{bucket}/mapped", workers=[worker.address],
+                            options=f"direct_io,metrics_listen=127.0.0.1:{port},{PAGEWISE}")
+        assert read_file(mount.path("f.bin")) == data
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        counts.append({line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+                       if line.startswith(("dorafs_mount_short_circuit_pages_total", "dorafs_mount_mapped_pages_total"))})
+        mount.unmount()
+        (held,) = (worker.cache_dir / "objects").glob("??/????????????????????????????????")
+        fd = os.open(held, os.O_RDONLY)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+        if cached_pages(held):
+            pytest.skip("the worker's cache keeps its files in memory (tmpfs): no page is on the disk only")
+    assert counts[0] == {"dorafs_mount_short_circuit_pages_total": 5, "dorafs_mount_mapped_pages_total": 5}
+    # The first page came from the disk, read; the kernel's readahead of that read may
+    # have brought the pages after it, which are then cached and mapped.
+    assert counts[1]["dorafs_mount_short_circuit_pages_total"] == 5
+    assert counts[1]["dorafs_mount_mapped_pages_total"] < 5
+
+
 def test_a_remote_workers_run_comes_in_one_answer(procs, s3_server, bucket):
     """Without short-circuit reads, a sequential reader's readahead runs come from the
     worker as one `/v1/run` answer each (every page with its checksum), not a request

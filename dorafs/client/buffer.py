@@ -14,11 +14,14 @@ and never read: `view` answers None for it. A view returned to the FUSE session 
 the kernel before the event loop runs anything else, so a later reuse never changes
 bytes already answered. A block a remote run is still streaming into is `filling`: its
 first pages may be read and dropped before the last arrive, and it is not reused until
-the run ends.
+the run ends. A block may also be a mapping of a local worker's page file
+(`Block.mapping`, client/local.py): no memory of its own, never reused, unmapped once
+nothing refers to it.
 """
 
 from __future__ import annotations
 
+import mmap
 from collections import OrderedDict
 from collections.abc import Hashable
 
@@ -36,17 +39,25 @@ class Block:
     it or from a local worker's files into another one (client/prefetch.py), and a
     block never used costs nothing."""
 
-    __slots__ = ("size", "_data", "generation", "held", "filling")
+    __slots__ = ("size", "_data", "generation", "held", "filling", "mapped")
 
     def __init__(self, size: int):
         self.size = size
-        self._data: bytearray | None = None
+        self._data: bytearray | mmap.mmap | None = None
         self.generation = 0
         self.held = 0  # pieces of this generation in the buffer
         self.filling = False  # a run is still receiving into it: never reused meanwhile
+        self.mapped = False  # a mapping of a page file: read-only to dorafs, never reused
+
+    @classmethod
+    def mapping(cls, data: mmap.mmap) -> Block:
+        block = cls(len(data))
+        block._data = data
+        block.mapped = True
+        return block
 
     @property
-    def data(self) -> bytearray:
+    def data(self) -> bytearray | mmap.mmap:
         data = self._data
         if data is None:
             data = self._data = bytearray(self.size)
@@ -173,7 +184,7 @@ class PageBuffer:
         """Take back a block none of whose pieces is buffered (or that got none). Past
         the bounds of idle blocks (FREE_BLOCKS), the smallest are let go first: a large
         block serves any run while the buffer has room, a small one only small runs."""
-        if block.held or block.filling or block._data is None or block in self._free:
+        if block.held or block.filling or block.mapped or block._data is None or block in self._free:
             return  # (a block never used holds no memory: a new one costs as little)
         self._free.append(block)
         self._free_bytes += block.size

@@ -50,6 +50,7 @@ __all__ = ["ClientStats", "DoraClient", "OpenFile"]
 class ClientStats:
     worker_pages: int = 0
     short_circuit_pages: int = 0  # of worker_pages, read from a local worker's page file
+    mapped_pages: int = 0  # of short_circuit_pages, mapped from the kernel's page cache, not copied
     worker_parts: int = 0  # parts of pages a random reader fetched instead of whole pages
     ufs_fallback_pages: int = 0
     ufs_fallback_metadata: int = 0

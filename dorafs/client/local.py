@@ -27,13 +27,27 @@ the space it frees sooner).
 Reads of kept files try `preadv(RWF_NOWAIT)` on the event loop first (a page in the
 kernel's page cache); one that would wait for the disk is read in a thread, from a
 duplicate of the descriptor (the kept one may be closed meanwhile).
+
+A page the kernel's page cache holds whole (a page a worker just wrote, above all) is
+not read into the mount's memory at all: it is mapped (`map_page_file`), checked
+through the mapping, and buffered as that mapping (client/buffer.py, `Block.mapping`).
+Reading it into a block cost a copy and, for a fresh block, the kernel faulting in and
+zeroing new memory 4 KiB at a time: together about ten times the hash
+(bench/README.md). A mapping is made only of bytes that are all cached, so checking
+them never waits for the disk on the event loop, and never touches a page that would
+have to be read from it (an I/O error there would be a signal, not an errno); the
+file's pages never change and the file is never shortened under a logged page
+(worker/pagestore.py), so the mapped bytes stay the checked ones. A mapping pins its
+file's disk space like a kept descriptor, until the buffer lets go of its pages.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import ipaddress
+import mmap
 import os
 from collections import OrderedDict
 from collections.abc import Hashable
@@ -60,6 +74,29 @@ class Unreadable(Exception):
 
 class WouldBlock(Exception):
     """The file is not (wholly) in the kernel's page cache: reading it would wait for the disk."""
+
+
+class NotMapped(Exception):
+    """Bytes of a page file that are not mapped (not all in the kernel's page cache, or
+    a file system that cannot map them): read them instead."""
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+_RESIDENT = bytes(b & 1 for b in range(256))  # mincore's answer per page: the low bit says cached
+
+
+def _all_cached(mapping: mmap.mmap) -> bool:
+    """Are all the pages of a file's mapping in the kernel's page cache (mincore)?"""
+    pages = -(-len(mapping) // mmap.PAGESIZE)
+    answer = (ctypes.c_ubyte * pages)()
+    anchor = ctypes.c_char.from_buffer(mapping)  # only for the mapping's address
+    try:
+        if _libc.mincore(ctypes.addressof(anchor), len(mapping), answer) != 0:
+            return False
+    finally:
+        del anchor
+    return 0 not in bytes(answer).translate(_RESIDENT)
 
 
 def descriptor_budget() -> int:
@@ -147,6 +184,37 @@ class LocalPages:
             os.close(fd)
             return None
         return fd
+
+    @staticmethod
+    def map_page_file(path: str, offset: int, length: int) -> tuple[int, mmap.mmap, int] | None:
+        """Map bytes [offset, offset+length) of a page file (a page file, or the file
+        of an object), all of which the kernel's page cache holds: its open descriptor,
+        the mapping (private: what dorafs never writes, it shares with the cache) and
+        where the bytes start in it. None when the file is missing or shorter. Raises
+        Unreadable when it cannot be opened, NotMapped when some of the bytes are not
+        cached (or the file system maps none)."""
+        if length <= 0:  # (a length of 0 would map the whole file)
+            raise NotMapped(path)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise Unreadable(f"{path}: {exc.strerror}") from None
+        start = offset % mmap.ALLOCATIONGRANULARITY
+        try:
+            mapping = mmap.mmap(fd, start + length, access=mmap.ACCESS_COPY, offset=offset - start)
+        except ValueError:  # the file ends before the bytes do
+            os.close(fd)
+            return None
+        except OSError:
+            os.close(fd)
+            raise NotMapped(path) from None
+        if not _all_cached(mapping):
+            mapping.close()
+            os.close(fd)
+            raise NotMapped(path)
+        return fd, mapping, start
 
     def keep(self, key: Hashable, fd: int, size: int, base: int = 0, checksum: str | None = None) -> None:
         """Keep the descriptor of a verified page of `size` bytes at `base` of its file

@@ -41,13 +41,15 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
+import xxhash
 
-from dorafs.client.buffer import PageBuffer, Piece, view
-from dorafs.client.local import LocalPages, Unreadable, WouldBlock
+from dorafs.client.buffer import Block, PageBuffer, Piece, view
+from dorafs.client.local import LocalPages, NotMapped, Unreadable, WouldBlock
 from dorafs.client.prefetch import RUN_LIMIT, Prefetcher, Prefetches
 from dorafs.client.router import Router
 from dorafs.client.statuses import StatusMemo
@@ -466,10 +468,11 @@ class Reader:
         return await self.workers.page(address, f.uri, status.version, status.size, index, page_size, run=run)
 
     async def _load_page_files(self, f: OpenFile, located: list[tuple[int, str, int, str, int]]) -> list[Piece]:
-        """Read located page files one after another into one block, each checked
-        against its checksum; keep their descriptors; the pieces of the leading pages
-        that matched (a missing or corrupt one is fetched over HTTP, where the worker
-        checks it).
+        """The located pages, each checked against its checksum, their descriptors
+        kept: the pieces of the leading pages that matched (a missing or corrupt one is
+        fetched over HTTP, where the worker checks it). Those the kernel's page cache
+        holds are mapped (`_map_page_files`); the others are read one after another
+        into one block.
 
         On the event loop, with a checkpoint between pages, when the page is in the
         kernel's page cache: then it costs a copy and a hash (a fraction of a
@@ -479,8 +482,11 @@ class Reader:
         is read in a thread, so the loop never waits for the disk."""
         if not located:
             return []
+        pieces, done = self._map_page_files(f, located)
+        if done:
+            return pieces
+        located = located[len(pieces):]
         block = self.buffer.block(sum(size for _, _, size, _, _ in located))
-        pieces = []
         at = 0
         with memoryview(block.data) as whole:
             for index, path, size, checksum, offset in located:
@@ -497,6 +503,42 @@ class Reader:
                 self.local.keep(self.key(f, index), fd, size, offset, checksum)
                 pieces.append(Piece(block, at, at + size))
                 at += size
-        if not pieces:
+        if not at:
             self.buffer.give(block)
         return pieces
+
+    def _map_page_files(self, f: OpenFile, located: list[tuple[int, str, int, str, int]]) -> tuple[list[Piece], bool]:
+        """The leading located pages that the kernel's page cache holds, mapped and
+        checked (client/local.py, `map_page_file`), pages that follow one another in one
+        file in one mapping (a read across them is one slice); keep their descriptors.
+        Also whether that is all: True when every page was mapped or one is missing or
+        corrupt (as `_load_page_files` answers), False when the rest are to be read."""
+        pieces: list[Piece] = []
+        i = 0
+        while i < len(located):
+            _, path, _, _, first = located[i]
+            j, end = i + 1, first + located[i][2]
+            while j < len(located) and located[j][1] == path and located[j][4] == end:
+                end += located[j][2]
+                j += 1
+            try:
+                mapped = LocalPages.map_page_file(path, first, end - first)
+            except NotMapped:
+                return pieces, False
+            if mapped is None:
+                return pieces, True
+            fd, mapping, at = mapped
+            block = Block.mapping(mapping)
+            try:
+                with memoryview(mapping) as whole:
+                    for index, _, size, checksum, offset in located[i:j]:
+                        if xxhash.xxh3_64_hexdigest(whole[at:at + size]) != checksum:
+                            return pieces, True
+                        self.local.keep(self.key(f, index), os.dup(fd), size, offset, checksum)
+                        self.stats.mapped_pages += 1
+                        pieces.append(Piece(block, at, at + size))
+                        at += size
+            finally:
+                os.close(fd)
+            i = j
+        return pieces, True

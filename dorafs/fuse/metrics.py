@@ -117,6 +117,9 @@ class ClientCollector:
         yield CounterMetricFamily("dorafs_mount_short_circuit_pages",
                                   "Pages read from a local worker's page file instead of over HTTP",
                                   value=stats.short_circuit_pages)
+        yield CounterMetricFamily("dorafs_mount_mapped_pages",
+                                  "Pages of a local worker's files mapped from the kernel's page cache, not copied",
+                                  value=stats.mapped_pages)
         yield CounterMetricFamily("dorafs_mount_worker_page_parts",
                                   "Parts of pages fetched from workers for random readers, instead of whole pages",
                                   value=stats.worker_parts)
