@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import os
 
+import httpx
+
 import pytest
 import trio
 import xxhash
 
 from dorafs.client.local import LocalPages, WouldBlock
-from tests.support import tmpfs, wait_for
+from tests.support import free_port, tmpfs, wait_for
 
 MiB = 1 << 20
 
@@ -54,6 +56,41 @@ def test_kept_page_files_are_dropped_when_the_worker_evicts_them(procs, s3_serve
                 os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
                 assert f.read() == data
     finally:
+        for proc in procs.started:
+            proc.stop()  # free the tmpfs before the fixture unmounts it
+
+
+def test_pages_held_as_mappings_are_let_go_when_the_worker_evicts_them(procs, s3_server, bucket, cache_disk):
+    """Readers going backwards a page at a time, their files still open: the mount holds
+    their pages in a large page buffer as mappings of the worker's files (a tmpfs cache
+    is all in the kernel's page cache), which pin them as a kept descriptor does; the
+    sweep lets go of those the worker evicted, and the disk comes back under its bound."""
+    s3 = s3_server.client()
+    files = {f"f{i}.bin": os.urandom(6 * MiB) for i in range(4)}
+    for name, data in files.items():
+        s3.put_object(Bucket=bucket, Key=f"mapped/{name}", Body=data)
+    worker = procs.worker(cache_dir=cache_disk / "cache", cache_size="8MiB")
+    opened = []
+    try:
+        port = free_port()
+        mount = procs.mount(f"s3://{bucket}/mapped", workers=[worker.address],
+                            options=f"buffer_size=128MiB,direct_io,metrics_listen=127.0.0.1:{port}")
+        base = used(cache_disk)
+        for name, data in files.items():
+            f = open(mount.path(name), "rb", buffering=0)
+            opened.append(f)
+            for at in range(len(data) - MiB, -1, -MiB):  # (not to a page's end: that would drop it)
+                assert os.pread(f.fileno(), 64 << 10, at) == data[at:at + (64 << 10)]
+        metrics = {line.split()[0]: float(line.split()[1])
+                   for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines()
+                   if line.startswith(("dorafs_mount_mapped_pages_total", "dorafs_mount_buffer_bytes"))}
+        assert metrics["dorafs_mount_mapped_pages_total"] >= 16, metrics  # most of the 24 pages
+        assert metrics["dorafs_mount_buffer_bytes"] >= 16 * MiB, metrics  # and held
+        wait_for(lambda: used(cache_disk) - base <= 8 * MiB + 512 * 1024, timeout=10,
+                 what=f"the cache disk to come back under its bound (used {used(cache_disk) - base})")
+    finally:
+        for f in opened:
+            f.close()
         for proc in procs.started:
             proc.stop()  # free the tmpfs before the fixture unmounts it
 

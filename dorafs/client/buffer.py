@@ -143,6 +143,13 @@ class PageBuffer:
         if data is not None:
             self._let_go(data)
 
+    def discard_mapped(self, key: Hashable) -> None:
+        """Drop a page held as a mapping of a file (whose file is gone: the mapping
+        would pin its disk space); a page held in memory stays."""
+        data = self._pages.get(key)
+        if isinstance(data, Piece) and data.block.mapped:
+            self.discard(key)
+
     def _let_go(self, data: Page) -> None:
         if not isinstance(data, Piece):
             self.used -= len(data)

@@ -38,7 +38,13 @@ them never waits for the disk on the event loop, and never touches a page that w
 have to be read from it (an I/O error there would be a signal, not an errno); the
 file's pages never change and the file is never shortened under a logged page
 (worker/pagestore.py), so the mapped bytes stay the checked ones. A mapping pins its
-file's disk space like a kept descriptor, until the buffer lets go of its pages.
+file's disk space like a kept descriptor: the sweep that closes a kept file the worker
+unlinked also has the buffer drop that page (`gone`), and a mapped page whose
+descriptor is no longer kept pins it until the buffer lets go of it (at most the
+buffer's size). Under memory pressure the kernel may drop a mapped page from its
+cache while the buffer holds it; the reply that reads it then reads it back from the
+disk, on the event loop, and an error there ends that read with EIO (the kernel's
+answer to a reply it could not copy).
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ import ipaddress
 import mmap
 import os
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 import trio
 import xxhash
@@ -136,7 +142,9 @@ def _pread_and_close(fd: int, length: int, offset: int) -> bytes:
 class LocalPages:
     """Verified page files of local workers, by page key, with their descriptors kept."""
 
-    def __init__(self, max_open: int | None = None, max_bytes: int = KEPT_BYTES):
+    def __init__(self, max_open: int | None = None, max_bytes: int = KEPT_BYTES,
+                 gone: Callable[[Hashable], None] | None = None):
+        self.gone = gone  # told of each page whose kept file the sweep found unlinked
         self.max_open = descriptor_budget() if max_open is None else max_open
         self.max_bytes = max_bytes
         self.bytes = 0  # sizes of the kept files
@@ -320,6 +328,8 @@ class LocalPages:
             if kept is not None and os.fstat(kept[0]).st_nlink == 0:
                 self.dropped += 1
                 self._drop(key)
+                if self.gone is not None:
+                    self.gone(key)
 
     def _drop(self, key: Hashable) -> None:
         kept = self._open.pop(key, None)

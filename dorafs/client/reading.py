@@ -92,7 +92,7 @@ class Reader:
         self.page_size = router.page_size  # the cluster's: the router tells when it changes
         router.page_size_followers.append(self._follow_page_size)
         self.buffer = PageBuffer(config.buffer_size)
-        self.local = LocalPages()
+        self.local = LocalPages(gone=self.buffer.discard_mapped)
         self.prefetches = Prefetches(config)
         self._scheduled = self.prefetches.scheduled  # the same dict: pages runs are fetching
         self._flights = SingleFlight()
