@@ -145,3 +145,59 @@ def run_client(config, body, addresses=(), **ufs_options) -> None:
             await ufs.aclose()
 
     trio.run(main)
+
+
+def cached_pages(path) -> int:
+    """How many of a file's pages the kernel's page cache holds (mincore over a
+    mapping of it; asking by reading would start a readahead that brings them back)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    with open(path, "rb") as f:
+        if not os.fstat(f.fileno()).st_size:
+            return 0
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    answer = (ctypes.c_ubyte * -(-len(mapping) // mmap.PAGESIZE))()
+    anchor = ctypes.c_char.from_buffer(mapping)
+    assert libc.mincore(ctypes.addressof(anchor), len(mapping), answer) == 0
+    del anchor
+    mapping.close()
+    return sum(b & 1 for b in answer)
+
+
+def drop_from_page_cache(path, tries: int = 20) -> bool:
+    """Have the kernel forget a file's cached pages (written back first); True once it
+    holds none. A page still in a CPU's batch of new pages is not dropped at once:
+    asked again a few times. False on a file system that keeps files in memory (tmpfs)."""
+    for _ in range(tries):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        if not cached_pages(path):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def disk_only(path, attempt, tries: int = 10) -> None:
+    """`attempt()` must raise WouldBlock (dorafs.client.local) for a file only on the
+    disk. A read that does not wait may still start the kernel's readahead, which on a
+    fast disk can bring the bytes before the read looks: then the file is dropped and
+    asked again, up to `tries` times. Skips on a file system that keeps files in memory."""
+    import pytest
+
+    from dorafs.client.local import WouldBlock
+
+    for _ in range(tries):
+        if not drop_from_page_cache(path):
+            pytest.skip("this file system keeps the file in memory (tmpfs): nothing to wait for")
+        try:
+            attempt()
+        except WouldBlock:
+            return
+    pytest.fail(f"a read that does not wait found {path} in the page cache after each of {tries} drops")

@@ -12,7 +12,7 @@ import pytest
 import trio
 import xxhash
 
-from dorafs.client.local import LocalPages, WouldBlock
+from dorafs.client.local import LocalPages
 from tests.support import free_port, tmpfs, wait_for
 
 MiB = 1 << 20
@@ -128,17 +128,14 @@ def test_kept_files_are_bounded_by_bytes_and_dropped_once_unlinked(tmp_path):
 
 
 def test_a_kept_file_not_in_the_page_cache_is_never_read_on_the_loop(tmp_path):
-    from tests.test_local_pages import drop_from_page_cache
+    from tests.support import disk_only
 
     pages = LocalPages()
     data = os.urandom(1 << 20)
     try:
         path = _kept(tmp_path, pages, "cold", data)
-        if not drop_from_page_cache(path):
-            pytest.skip("this file system keeps the file in memory (tmpfs): nothing to wait for")
-        far = len(data) - 8192  # beyond the readahead the probe at 0 may have started
-        with pytest.raises(WouldBlock):
-            pages.readinto("cold", memoryview(bytearray(4096)), far)
+        far = len(data) - 8192
+        disk_only(path, lambda: pages.readinto("cold", memoryview(bytearray(4096)), far))
         threads = []
 
         async def read():

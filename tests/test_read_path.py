@@ -540,29 +540,12 @@ def test_local_worker_pages_are_read_from_their_files(procs, s3_server, bucket):
     assert worker.counter("dorafs_worker_corrupt_pages_total") == 1
 
 
-def cached_pages(path: Path) -> int:
-    """How many of a file's pages the kernel's page cache holds (mincore over a mapping)."""
-    import ctypes
-    import mmap
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    with open(path, "rb") as f:
-        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    answer = (ctypes.c_ubyte * -(-len(mapping) // mmap.PAGESIZE))()
-    anchor = ctypes.c_char.from_buffer(mapping)
-    assert libc.mincore(ctypes.addressof(anchor), len(mapping), answer) == 0
-    del anchor
-    mapping.close()
-    return sum(b & 1 for b in answer)
-
-
 def test_a_local_workers_cached_pages_are_mapped_and_pages_on_its_disk_only_are_read(procs, s3_server, bucket):
     """Pages a worker on this machine just wrote are in the kernel's page cache: the
     mount maps them into its buffer and checks them there, no copy into its memory.
     A page only on the worker's disk is read into memory instead (in a thread, never
     through a mapping on the event loop). Exact bytes both ways."""
-    from tests.support import free_port
+    from tests.support import drop_from_page_cache, free_port
 
     data = os.urandom(4 * MiB + 5)
     put(s3_server.client(), bucket, "mapped/f.bin", data)
@@ -578,11 +561,7 @@ def test_a_local_workers_cached_pages_are_mapped_and_pages_on_its_disk_only_are_
                        if line.startswith(("dorafs_mount_short_circuit_pages_total", "dorafs_mount_mapped_pages_total"))})
         mount.unmount()
         (held,) = (worker.cache_dir / "objects").glob("??/????????????????????????????????")
-        fd = os.open(held, os.O_RDONLY)
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
-        if cached_pages(held):
+        if not drop_from_page_cache(held):
             pytest.skip("the worker's cache keeps its files in memory (tmpfs): no page is on the disk only")
     assert counts[0] == {"dorafs_mount_short_circuit_pages_total": 5, "dorafs_mount_mapped_pages_total": 5}
     # The first page came from the disk, read; the kernel's readahead of that read may
