@@ -12,6 +12,9 @@ count them): `--files` files of 32 uncompressed int64 columns (no dictionary), r
 of `--chunk-kib` KiB per column chunk (0.5 MiB: 65,536 rows), `--row-groups` of them per
 file (4: 64 MiB files).
 
+Before any system is timed, every data file is read once straight from s3rver, untimed
+(`warm_server`): its first reads after it starts cost it more.
+
 The workload: `--procs` processes (forked, started together), each opening every file
 once with `pyarrow.parquet.ParquetFile` (the footer) and then making `--reads` reads of
 `--columns` random columns of a random row group of a random file
@@ -107,6 +110,29 @@ def upload(s3, local: Path) -> None:
             s3.upload_file(str(p), BUCKET, f"{PREFIX}/data/{p.name}")
     # bench/systems.py calls a mount ready when it shows a `large` directory
     s3.put_object(Bucket=BUCKET, Key=f"{PREFIX}/large/README", Body=b"the mount-ready marker of bench/systems.py\n")
+
+
+def warm_server(s3) -> float:
+    """Read every data file once straight from s3rver, untimed, before any system is
+    timed; its seconds. s3rver (node) serves its first reads after it starts slower and
+    at more CPU per byte, which the first system timed paid alone: dorafs's first pass
+    after s3rver started was its slowest in every session (bench/README.md). Ranged
+    GETs of 8 MiB, four at once, as the systems' cold passes ask."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    keys = [(o["Key"], o["Size"]) for page in s3.get_paginator("list_objects_v2").paginate(
+        Bucket=BUCKET, Prefix=f"{PREFIX}/data/") for o in page.get("Contents", [])]
+
+    def read(job: tuple[str, int]) -> None:
+        key, start, size = job
+        body = s3.get_object(Bucket=BUCKET, Key=key, Range=f"bytes={start}-{min(size, start + (8 << 20)) - 1}")["Body"]
+        while body.read(1 << 20):
+            pass
+
+    began = time.perf_counter()
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(read, [(key, start, size) for key, size in keys for start in range(0, size, 8 << 20)]))
+    return time.perf_counter() - began
 
 
 # -- the workload ------------------------------------------------------------------------
@@ -208,6 +234,7 @@ def main() -> None:
         server = SERVERS["s3rver"](work)
         os.environ.update(server.env)
         upload(server.client(), local)
+        print(f"s3rver warmed up: the data files read once from it, untimed ({warm_server(server.client()):.1f} s)")
         log = server.proc.log_path
         for name in args.systems.split(","):
             results[name] = {}

@@ -87,6 +87,10 @@ class NotMapped(Exception):
     a file system that cannot map them): read them instead."""
 
 
+# The least a mapping covers: each holds a descriptor of its own while it lives (CPython's
+# mmap keeps a duplicate), so pages of a small page size are copied, which costs them
+# little, and a buffer of 128 MiB holds at most 2,048 mappings.
+MAP_MIN = 64 << 10
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 _RESIDENT = bytes(b & 1 for b in range(256))  # mincore's answer per page: the low bit says cached
@@ -200,14 +204,17 @@ class LocalPages:
         the mapping (private: what dorafs never writes, it shares with the cache) and
         where the bytes start in it. None when the file is missing or shorter. Raises
         Unreadable when it cannot be opened, NotMapped when some of the bytes are not
-        cached (or the file system maps none)."""
-        if length <= 0:  # (a length of 0 would map the whole file)
+        cached, when they are fewer than MAP_MIN, or when the file system or the
+        descriptors left map none."""
+        if length < MAP_MIN:  # (and a length of 0 would map the whole file)
             raise NotMapped(path)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
         except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):  # out of descriptors, not refused
+                raise NotMapped(path) from None
             raise Unreadable(f"{path}: {exc.strerror}") from None
         start = offset % mmap.ALLOCATIONGRANULARITY
         try:
