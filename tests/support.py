@@ -201,3 +201,12 @@ def disk_only(path, attempt, tries: int = 10) -> None:
         except WouldBlock:
             return
     pytest.fail(f"a read that does not wait found {path} in the page cache after each of {tries} drops")
+
+
+def mount_counters(port: int, *names: str) -> dict[str, float]:
+    """The samples of a mount's /metrics (served on 127.0.0.1:`port`) whose names start
+    with one of `names`, by name."""
+    import httpx
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith(names)}

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import os
 
-import httpx
 
 import pytest
 import trio
 import xxhash
 
 from dorafs.client.local import LocalPages
-from tests.support import free_port, tmpfs, wait_for
+from tests.support import free_port, mount_counters, tmpfs, wait_for
 
 MiB = 1 << 20
 
@@ -81,9 +80,7 @@ def test_pages_held_as_mappings_are_let_go_when_the_worker_evicts_them(procs, s3
             opened.append(f)
             for at in range(len(data) - MiB, -1, -MiB):  # (not to a page's end: that would drop it)
                 assert os.pread(f.fileno(), 64 << 10, at) == data[at:at + (64 << 10)]
-        metrics = {line.split()[0]: float(line.split()[1])
-                   for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines()
-                   if line.startswith(("dorafs_mount_mapped_pages_total", "dorafs_mount_buffer_bytes"))}
+        metrics = mount_counters(port, "dorafs_mount_mapped_pages_total", "dorafs_mount_buffer_bytes")
         assert metrics["dorafs_mount_mapped_pages_total"] >= 16, metrics  # most of the 24 pages
         assert metrics["dorafs_mount_buffer_bytes"] >= 16 * MiB, metrics  # and held
         wait_for(lambda: used(cache_disk) - base <= 8 * MiB + 512 * 1024, timeout=10,
