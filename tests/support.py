@@ -150,21 +150,20 @@ def run_client(config, body, addresses=(), **ufs_options) -> None:
 def cached_pages(path) -> int:
     """How many of a file's pages the kernel's page cache holds (mincore over a
     mapping of it; asking by reading would start a readahead that brings them back)."""
-    import ctypes
     import mmap
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    from dorafs.client.local import page_cache_residency
+
     with open(path, "rb") as f:
         if not os.fstat(f.fileno()).st_size:
             return 0
         mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    answer = (ctypes.c_ubyte * -(-len(mapping) // mmap.PAGESIZE))()
-    anchor = ctypes.c_char.from_buffer(mapping)
-    assert libc.mincore(ctypes.addressof(anchor), len(mapping), answer) == 0
-    del anchor
-    mapping.close()
-    return sum(b & 1 for b in answer)
+    try:
+        residency = page_cache_residency(mapping)
+    finally:
+        mapping.close()
+    assert residency is not None, "mincore refused"
+    return sum(residency)
 
 
 def drop_from_page_cache(path, tries: int = 20) -> bool:

@@ -96,17 +96,23 @@ _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 _RESIDENT = bytes(b & 1 for b in range(256))  # mincore's answer per page: the low bit says cached
 
 
-def _all_cached(mapping: mmap.mmap) -> bool:
-    """Are all the pages of a file's mapping in the kernel's page cache (mincore)?"""
-    pages = -(-len(mapping) // mmap.PAGESIZE)
-    answer = (ctypes.c_ubyte * pages)()
+def page_cache_residency(mapping: mmap.mmap) -> bytes | None:
+    """For each system page of a writable mapping of a file, 1 if the kernel's page
+    cache holds it, else 0 (mincore); None if the kernel would not say."""
+    answer = (ctypes.c_ubyte * -(-len(mapping) // mmap.PAGESIZE))()
     anchor = ctypes.c_char.from_buffer(mapping)  # only for the mapping's address
     try:
         if _libc.mincore(ctypes.addressof(anchor), len(mapping), answer) != 0:
-            return False
+            return None
     finally:
         del anchor
-    return 0 not in bytes(answer).translate(_RESIDENT)
+    return bytes(answer).translate(_RESIDENT)
+
+
+def _all_cached(mapping: mmap.mmap) -> bool:
+    """Are all the pages of a file's mapping in the kernel's page cache?"""
+    residency = page_cache_residency(mapping)
+    return residency is not None and 0 not in residency
 
 
 def descriptor_budget() -> int:
