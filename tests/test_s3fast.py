@@ -207,9 +207,10 @@ def test_the_ca_bundle_boto3_uses_is_the_fast_paths(s3_server, tmp_path, monkeyp
     assert os.environ["AWS_CA_BUNDLE"].endswith("absent.pem")
 
 
-def test_long_runs_stay_with_boto3(s3_server, bucket):
-    """Per MiB boto3 is the cheaper receiver: a GET longer than FAST_GET_LIMIT (a
-    sequential reader's run) goes through it, pinned all the same."""
+def test_long_runs_are_read_with_boto3_where_presigned_gets_are_not_used(s3_server, bucket):
+    """A GET longer than FAST_GET_LIMIT (a sequential reader's run) is not obstore's:
+    without the presigned path (dorafs/ufs/s3direct.py; a proxy, a refusing bucket)
+    boto3 makes it, pinned all the same."""
     from dorafs.ufs.s3 import FAST_GET_LIMIT
 
     data = _data(FAST_GET_LIMIT + MIB)
@@ -217,6 +218,7 @@ def test_long_runs_stay_with_boto3(s3_server, bucket):
 
     async def main():
         ufs = S3Ufs()
+        ufs._direct = None
         try:
             assert bytes(await ufs.read(f"s3://{bucket}/long", 0, len(data), etag)) == data
             assert ufs._fast.gets == 0
@@ -232,10 +234,11 @@ def test_long_runs_stay_with_boto3(s3_server, bucket):
 
 
 def test_a_long_run_cut_mid_body_goes_on_from_its_bytes(s3_server, bucket, proxy, monkeypatch):
-    """A long pinned GET (boto3's, received straight into the caller's buffer) whose
+    """A long pinned GET made by boto3 (received straight into the caller's buffer) whose
     answer breaks off is an incomplete read, retried from the bytes that did arrive, never
     a short object. A later read of the same length receives into that buffer once
-    nothing refers to it, and returns its own object's bytes."""
+    nothing refers to it, and returns its own object's bytes. (The same through the
+    presigned path: tests/test_s3direct.py.)"""
     from dorafs.ufs.s3 import FAST_GET_LIMIT
 
     data = _data(FAST_GET_LIMIT + 3 * MIB)
@@ -247,6 +250,7 @@ def test_a_long_run_cut_mid_body_goes_on_from_its_bytes(s3_server, bucket, proxy
 
     async def main():
         ufs = S3Ufs(retry=RetryPolicy(base=0.01))
+        ufs._direct = None
         try:
             got = await ufs.read(f"s3://{bucket}/cut", 0, len(data), etag)
             assert bytes(got) == data

@@ -69,6 +69,7 @@ from dorafs.errors import DoraError, NotADirectory, NotFound, StaleVersion, UfsE
 from dorafs.ufs.base import NEW, CommitConflict, FileStatus, UnderFileSystem, Upload
 from dorafs.ufs.buffers import BufferPool
 from dorafs.ufs.retry import Abandoned, Attempt, Progress, RetryPolicy, call_with_retries
+from dorafs.ufs.s3direct import DirectGets, Refused
 from dorafs.ufs.s3fast import FastPath
 
 log = logging.getLogger(__name__)
@@ -195,6 +196,8 @@ class S3Ufs(UnderFileSystem):
         self._honours: dict[str, bool] = {}  # bucket -> does its server honour conditional writes
         # GETs and HEADs go through obstore (dorafs.ufs.s3fast) where it can make them.
         self._fast = FastPath(self.retry, threads) if FastPath.available() else None
+        # Longer GETs through presigned URLs over kept sockets (dorafs.ufs.s3direct).
+        self._direct: DirectGets | None = DirectGets(self.retry, threads)
         self.buffers = BufferPool()  # receive buffers of long reads, reused (dorafs/ufs/buffers.py)
 
     # -- plumbing ---------------------------------------------------------------------
@@ -221,6 +224,12 @@ class S3Ufs(UnderFileSystem):
             except Exception as exc:  # an unreadable CA bundle...: boto3 reads everything
                 log.warning("S3 reads go through boto3 (the fast path cannot be configured: %s)", exc)
                 self._fast = None
+        if self._direct is not None and read_timeout is None:
+            try:
+                self._direct.configure(session, client)
+            except Exception as exc:
+                log.warning("long S3 reads go through boto3 (presigned GETs cannot be configured: %s)", exc)
+                self._direct = None
         return client
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
@@ -400,10 +409,12 @@ class S3Ufs(UnderFileSystem):
         pooled = self.buffers.take(length)  # its size a power of two: this read has its start
         buffer = progress.buffer = pooled if len(pooled) == length else memoryview(pooled)[:length]
 
-        # obstore for what it does cheaper: small GETs. Per MiB boto3 is the cheaper
-        # receiver (bench/README.md: about 1.2 ms + 0.44 ms/MiB against obstore's
-        # 0.2 + 0.72), so a long run (a sequential reader's readahead) stays with boto3.
+        # obstore for short GETs; a long run (a sequential reader's readahead, a Parquet
+        # reader's column chunks) through a presigned URL over a kept socket, received
+        # straight into the buffer (bench/README.md, "Long GETs over a kept socket");
+        # boto3 where neither can make the request.
         fast = self._fast if length <= FAST_GET_LIMIT else None
+        direct = self._direct if length > FAST_GET_LIMIT else None
 
         def get() -> int:
             """One attempt: the bytes still missing, streamed into `buffer`."""
@@ -411,6 +422,15 @@ class S3Ufs(UnderFileSystem):
             start = offset + progress.done
             if progress.done >= length:
                 return progress.done
+            if direct is not None and direct.usable(bucket):
+                try:
+                    etag = direct.get_into(bucket, key, start, offset + length, version, progress, ticket, buffer)
+                except Refused:
+                    pass  # boto3 reads it (and, for an answer about the bucket, the bucket from now on)
+                else:
+                    if version and etag and etag != version:  # a store that ignores If-Match
+                        raise _OtherVersion(etag)
+                    return progress.done
             if fast is not None and fast.usable(bucket, key):
                 try:
                     etag = fast.get_into(bucket, key, start, offset + length, version, progress, ticket, buffer)
@@ -474,6 +494,8 @@ class S3Ufs(UnderFileSystem):
         return buffer
 
     async def aclose(self) -> None:
+        if self._direct is not None:
+            self._direct.close()
         client, self._client = self._client, None
         if client is not None:
             await self._call(client.close)
