@@ -126,7 +126,8 @@ SERVERS = {"s3rver": S3rver, "moto": Moto}
 # a GET's "/bench/dlio/train/x.npz" shows as "/dlio/train/x.npz", a HEAD's as
 # "h/dlio/train/x.npz", a listing's "/bench?list-type=2&..." as "?list-type=2&..."; then
 # the status, the time to the answer's last byte, and the answer's length rounded to two
-# decimals of its unit (a HEAD prints its object's length).
+# decimals of its unit (a HEAD prints its object's length). A presigned URL's query
+# (dorafs/ufs/s3direct.py) does not make a GET a listing.
 _SERVED = re.compile(r"^info: (\S+) (\d{3}) ([\d,.]+)(m?s) ([\d.]+)(b|kb|mb|gb)$", re.M)
 _UNIT = {"b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30}
 
@@ -146,7 +147,8 @@ def s3rver_served(log: Path, offset: int = 0) -> tuple[list[Served], int]:
         data = f.read()
     found = []
     for path, status, took, took_unit, size, unit in _SERVED.findall(_ANSI.sub(b"", data).decode(errors="replace")):
-        if "=" in path or "?" in path:
+        presigned = "X-Amz-Signature=" in path or "Signature=" in path  # a GET of a presigned URL
+        if ("=" in path or "?" in path) and not presigned:
             kind = "listing"
         elif path.startswith("h/"):
             kind = "head"

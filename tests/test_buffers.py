@@ -11,7 +11,7 @@ MIB = 1 << 20
 
 
 def test_a_buffer_comes_back_only_when_nothing_refers_to_it():
-    pool = BufferPool(keep=4)
+    pool = BufferPool(keep=4, least=MIB)
     first = pool.take(2 * MIB)
     first[:5] = b"first"
     view = memoryview(first)[:5]  # a page still being written or sent from it
@@ -26,7 +26,7 @@ def test_a_buffer_comes_back_only_when_nothing_refers_to_it():
 
 
 def test_only_the_same_size_is_reused_and_what_is_kept_is_bounded():
-    pool = BufferPool(keep=2, max_bytes=5 * MIB)
+    pool = BufferPool(keep=2, max_bytes=5 * MIB, least=MIB)
     one = pool.take(2 * MIB)
     del one
     other = pool.take(3 * MIB)  # a free buffer of another size is not handed out
@@ -44,7 +44,7 @@ def test_a_new_buffer_the_pool_keeps_is_not_touched_until_bytes_arrive():
     """Taking one costs no page of it (the worker takes them on its event loop: a zeroed
     bytearray of 16 MiB held the interpreter for about 12 ms); the bytes come in through
     the buffer protocol, as a socket's `recv_into` delivers them."""
-    pool = BufferPool(keep=2, max_bytes=32 * MIB)
+    pool = BufferPool(keep=2, max_bytes=32 * MIB, least=MIB)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     buffer = pool.take(16 * MIB)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults < 64  # 4,096 pages if zeroed
@@ -67,7 +67,7 @@ def test_free_buffers_of_other_sizes_make_room_for_the_size_asked_for():
     """A reader's first runs are short, the later ones long: the short ones' buffers,
     free, give their room to a long one (as many as it takes), which is then kept and
     reused; a busy one keeps its place."""
-    pool = BufferPool(keep=3, max_bytes=5 * MIB)
+    pool = BufferPool(keep=3, max_bytes=5 * MIB, least=MIB)
     first = [pool.take(MIB) for _ in range(3)]
     del first
     long = pool.take(4 * MIB)  # two of the three free 1 MiB ones go
@@ -83,10 +83,25 @@ def test_free_buffers_of_other_sizes_make_room_for_the_size_asked_for():
 def test_reads_of_different_lengths_share_the_power_of_two_above_them():
     """A Parquet reader's runs are 1 to 16 pages long: a run of 3 pages reuses the buffer
     a run of 4 left, and one of 5 takes the next size up."""
-    pool = BufferPool(keep=4, max_bytes=64 * MIB)
+    pool = BufferPool(keep=4, max_bytes=64 * MIB, least=MIB)
     four = pool.take(4 * MIB)
     del four
     three = pool.take(3 * MIB + 5)
     assert len(three) == 4 * MIB and pool.reused == 1 and pool.made == 1
     five = pool.take(5 * MIB)
     assert len(five) == 8 * MIB and pool.made == 2
+
+
+def test_runs_of_every_length_share_one_size_of_buffer():
+    """A pool's buffers are all `least` bytes (the longest run of 1 MiB pages): a short
+    run reuses the buffer a long one freed, and the other way round, instead of making
+    a fresh one whose pages are faulted in again. Longer reads still get the power of
+    two at or above them."""
+    pool = BufferPool(keep=2)
+    long = pool.take(16 * MIB)
+    del long
+    short = pool.take(2 * MIB)
+    assert len(short) == 16 * MIB and (pool.reused, pool.made) == (1, 1)
+    del short
+    assert len(pool.take(9 * MIB)) == 16 * MIB and (pool.reused, pool.made) == (2, 1)
+    assert len(pool.take(17 * MIB)) == 32 * MIB and pool.made == 2

@@ -12,12 +12,16 @@ Subtleties:
   it, an answer being sent from it, a read's thread that was abandoned but may still
   write into it). So a buffer is never handed out while anything can still read or
   write it, and no caller has to give one back.
-- Buffers come in powers of two from `min_size` on (1, 2, 4, 8, 16 MiB): a read gets
-  the smallest at least its length, and uses its start. Runs of every length (a Parquet
-  reader's groups of 1-16 pages) then share five sizes, not sixteen, and find a free
-  one to reuse. At most `keep` of them and `max_bytes` in all are tracked (what a
-  worker holds on to when idle); others are plain new bytearrays. Free buffers of
-  other sizes (the short first runs of a reader) make room for the size asked for.
+- Buffers are `least` bytes (16 MiB: the longest run of 1 MiB pages), or the power of
+  two at or above a longer read's length: a read uses the start of one. Runs of every
+  length (a Parquet reader's groups of 1-16 pages) then share one size and find a free
+  buffer to reuse: with the sizes in powers of two (1, 2, 4, 8, 16 MiB), free buffers
+  of the wrong size made a third of a cold Parquet pass's runs take a fresh one, each
+  page of it faulted in again (bench/README.md, "Long GETs over a kept socket"). Only
+  the pages a read touched are memory; once every kept buffer served a long run, the
+  pool holds `max_bytes`, as it did before. At most `keep` of them and `max_bytes` in
+  all are tracked (what a worker holds on to when idle); others are plain new
+  mappings. Free buffers of other sizes make room for the size asked for.
 - A reused buffer still holds its previous read's bytes past what the new read has
   delivered. Callers only ever look at the bytes a read delivered (`Progress.done`).
 - A buffer the pool keeps is a private anonymous mapping (`mmap`; a shared one is backed
@@ -43,12 +47,14 @@ import threading
 
 MIN_SIZE = 1 << 20  # smaller buffers cost little to make: not pooled
 MAX_BYTES = 128 << 20  # at most this much kept for reuse (a cold sequential read keeps 4-8 runs of 16 MiB alive)
+LEAST = 16 << 20  # the size of every pooled buffer up to it: the longest run of 1 MiB pages (worker.service.MAX_RUN)
 
 
 class BufferPool:
-    def __init__(self, keep: int = 8, min_size: int = MIN_SIZE, max_bytes: int = MAX_BYTES):
+    def __init__(self, keep: int = 8, min_size: int = MIN_SIZE, max_bytes: int = MAX_BYTES, least: int = LEAST):
         self.keep = keep
         self.min_size = min_size
+        self.least = least
         self.max_bytes = max_bytes
         self._lent: list[mmap.mmap] = []  # every buffer tracked, free or not
         self._lock = threading.Lock()
@@ -57,11 +63,12 @@ class BufferPool:
 
     def take(self, size: int) -> bytearray | mmap.mmap:
         """A writable buffer of at least `size` bytes (their content undefined) that
-        nobody else refers to: exactly `size` below `min_size`, else the power of two
-        at or above it: a mapping, kept for reuse within the pool's bounds."""
+        nobody else refers to: exactly `size` below `min_size`, else `least` or the
+        power of two at or above `size`: a mapping, kept for reuse within the pool's
+        bounds."""
         if size < self.min_size:
             return bytearray(size)
-        size = 1 << (size - 1).bit_length()
+        size = max(self.least, 1 << (size - 1).bit_length())
         with self._lock:
             spares = []  # free buffers of other sizes: room for this size if need be
             for i in range(len(self._lent)):
