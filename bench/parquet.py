@@ -348,7 +348,7 @@ def profile(out: Path, profiler: str, name: str, phase: str, pids: list[int]) ->
                   *(["-a"] if os.environ.get("PARQUET_PERF_ALL") else ["-p", ",".join(str(pid) for pid in pids)])]]
     else:
         spy = Path(sys.executable).with_name("py-spy")
-        argvs = [[str(spy), "record", "--nonblocking", "--threads", "--rate", "250", "--format", "raw",
+        argvs = [[str(spy), "record", "--nonblocking", "--threads", "--rate", os.environ.get("SPY_RATE", "250"), "--format", "raw",
                   "-o", str(out / f"{name}-{phase}-{pid}.txt"), "-p", str(pid), *os.environ.get("SPY_ARGS", "").split()]
                  for pid in pids]
     spies = [subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for argv in argvs]
