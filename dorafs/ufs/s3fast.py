@@ -2,11 +2,12 @@
 
 Why: boto3 spends about 1-2 ms of interpreter time on every request before a byte
 arrives (signing, hooks, parsing); obstore spends 0.15-0.4 ms and releases the
-interpreter while it waits (bench/README.md, "S3 clients"). Per MiB received boto3 is
-the cheaper of the two, so the adapter sends HEADs and GETs of up to
-`dorafs.ufs.s3.FAST_GET_LIMIT` (4 MiB, where the two cost the same) here: a cold small
-file (a HEAD and a GET) and a random reader's page, not a sequential reader's long runs. Control calls,
-listings and writes stay with boto3 (dorafs.ufs.s3).
+interpreter while it waits (bench/README.md, "S3 clients"). Per MiB received obstore
+costs more (its buffers, then a copy into the caller's), so the adapter sends HEADs and
+GETs of up to `dorafs.ufs.s3.FAST_GET_LIMIT` (4 MiB) here: a cold small file (a HEAD
+and a GET) and a random reader's page. A sequential reader's long runs go through
+presigned URLs over kept sockets (dorafs.ufs.s3direct); control calls, listings and
+writes stay with boto3 (dorafs.ufs.s3).
 
 Subtleties:
 - Configuration comes from the boto3 client the adapter already made, so both agree:
