@@ -10,6 +10,7 @@ Each client answers `get(key, start, length, slot, if_match) -> (nbytes, etag)`,
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -146,6 +147,67 @@ class Boto3Readinto(Boto3):
                     break
                 got += n
         return got, response["ETag"]
+
+
+class _Delivered:
+    """What dorafs.ufs.s3direct reports each received piece to (a `Progress` without
+    the trio loop behind it): the bytes delivered so far."""
+
+    def __init__(self) -> None:
+        self.done = 0
+
+    def deliver(self, ticket: int, store) -> int:
+        n = store(self.done)
+        self.done += n
+        return n
+
+
+class Presigned(ThreadedClient):
+    """dorafs's own long GETs (dorafs/ufs/s3direct.py): a URL boto3 presigns, sent over a
+    kept socket, the body received straight into a preallocated buffer."""
+
+    name = "presigned"
+
+    def __init__(self, server: S3Server, workdir: Path, session=None):
+        super().__init__(server, workdir)
+        import boto3.session
+        from botocore.config import Config
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from dorafs.ufs.retry import RetryPolicy
+        from dorafs.ufs.s3direct import DirectGets
+
+        self.keep = [bytearray(LARGE) for _ in range(8)]  # preallocated, reused
+        with EnvVars(AWS_ENDPOINT_URL=server.endpoint if session is None else os.environ.get("AWS_ENDPOINT_URL")):
+            session = session or boto3.session.Session(aws_access_key_id=server.key,
+                                                       aws_secret_access_key=server.secret, region_name=REGION)
+            self.s3 = session.client("s3", region_name=session.region_name or REGION,
+                                     config=Config(max_pool_connections=16))
+            self.direct = DirectGets(RetryPolicy(), 8)
+            self.direct.configure(session, self.s3)
+
+    def get(self, key, start, length, slot=0, if_match=None):
+        from botocore.exceptions import ClientError
+
+        delivered = _Delivered()
+        try:
+            etag = self.direct.get_into(BUCKET, key, start, start + length, if_match or "", delivered, 0,
+                                        memoryview(self.keep[slot])[:length])
+        except ClientError as exc:
+            if boto3_error_is_412(exc):
+                raise Precondition(str(exc)) from exc
+            raise
+        if if_match and etag and etag != if_match:
+            raise Precondition(f"answered {etag}")
+        return delivered.done, etag
+
+    def head(self, key):  # boto3's (dorafs sends its HEADs through obstore)
+        r = self.s3.head_object(Bucket=BUCKET, Key=key)
+        return r["ContentLength"], r["ETag"]
+
+    def close(self) -> None:
+        super().close()
+        self.direct.close()
 
 
 class Obstore(ThreadedClient):
@@ -333,7 +395,7 @@ class CrtFile(Crt):
 
 CLIENTS: dict[str, Callable[[S3Server, Path], object]] = {
     "boto3": Boto3, "boto3-readinto": Boto3Readinto, "crt-mem": Crt, "crt-file": CrtFile, "obstore": Obstore,
-    "obstore-file": ObstoreFile,
+    "obstore-file": ObstoreFile, "presigned": Presigned,
 }
 
 
@@ -385,6 +447,10 @@ def client_from_environment(name: str, server: S3Server, workdir: Path):
     if name.startswith("boto3"):
         cls = Boto3Readinto if name == "boto3-readinto" else Boto3
         return cls(server, workdir, client=boto3_client(None, None, None))
+    if name == "presigned":
+        import boto3.session
+
+        return Presigned(server, workdir, session=boto3.session.Session())
     if name.startswith("crt"):
         from awscrt import auth
 
@@ -400,7 +466,7 @@ def client_from_environment(name: str, server: S3Server, workdir: Path):
 
 def client_from_profile(name: str, server: S3Server, workdir: Path):
     """A named profile (AWS_PROFILE) and the endpoint from the environment."""
-    if name.startswith("boto3") or name.startswith("crt"):
+    if name.startswith("boto3") or name.startswith("crt") or name == "presigned":
         return client_from_environment(name, server, workdir)  # their default chains read profiles
     from obstore.auth.boto3 import Boto3CredentialProvider
     from obstore.store import S3Store

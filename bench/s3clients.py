@@ -17,6 +17,9 @@ HEADs, one request at a time and eight at once, on both servers:
                      object_store; the synchronous call releases the interpreter)
 - `obstore-file`     the same, then the body written to a file with os.write (open with
                      O_TRUNC, write, close): what crt-file does, done by the caller
+- `presigned`        dorafs's own long GETs (dorafs/ufs/s3direct.py): a URL boto3
+                     presigns, sent over a kept socket, the body received with recv_into
+                     straight into a preallocated buffer (its HEADs are boto3's)
 
 boto3 and obstore are synchronous: eight at once is eight threads. The CRT is asynchronous:
 eight at once is eight meta-requests in flight (its own event-loop threads do the work).
