@@ -249,3 +249,40 @@ def test_a_proxy_in_the_environment_leaves_long_reads_to_boto3(s3_server, bucket
     finally:
         relay.close()
     assert relay.connections >= 1
+
+
+def test_a_url_signed_earlier_is_used_again_and_signed_anew_when_refused(s3_server, bucket, proxy, monkeypatch):
+    """GETs of one object within a minute share one presigned URL; a 403 to a URL signed
+    earlier (credentials rotated meanwhile) is asked again once with a URL signed now,
+    while a 403 to a URL just signed is the store's answer: EACCES, asked once."""
+    import errno
+
+    data = _data(LONG)
+    etag = s3_server.client().put_object(Bucket=bucket, Key="u", Body=data)["ETag"]
+    other = s3_server.client().put_object(Bucket=bucket, Key="v", Body=data)["ETag"]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+
+    def signatures(key: str) -> list[str]:
+        return [s.path.split("X-Amz-Signature=")[1] for s in proxy.seen
+                if s.op == "get_range" and f"/{key}?" in s.path]
+
+    async def main():
+        ufs = S3Ufs(retry=RetryPolicy(base=0.01))
+        try:
+            for _ in range(2):
+                assert bytes(await ufs.read(f"s3://{bucket}/u", 0, LONG, etag)) == data
+                await trio.sleep(1.1)  # signed again, the URL would differ (X-Amz-Date is in seconds)
+            assert len(set(signatures("u"))) == 1  # two GETs, one URL
+            proxy.fail(1, 403, "AccessDenied")
+            assert bytes(await ufs.read(f"s3://{bucket}/u", 0, LONG, etag)) == data
+            assert len(signatures("u")) == 4 and ufs._direct.gets == 4
+            proxy.fail(1, 403, "AccessDenied")
+            with pytest.raises(UfsError) as caught:
+                await ufs.read(f"s3://{bucket}/v", 0, LONG, other)
+            assert caught.value.errno == errno.EACCES
+            assert len(signatures("v")) == 1 and ufs._direct.gets == 5
+        finally:
+            proxy.passthrough()
+            await ufs.aclose()
+
+    _run(main)

@@ -10,10 +10,12 @@ over a kept socket"). So a fill's long run (a sequential reader's readahead, a P
 reader's column chunks) comes here; HEADs and short GETs stay with obstore
 (dorafs.ufs.s3fast), listings and writes with boto3 (dorafs.ufs.s3).
 
-How: for each GET, boto3 presigns a GetObject URL (Signature Version 4, valid for
-`EXPIRES`): credentials, endpoint, addressing style and region are boto3's, from the
-same session as the adapter's client, so every credential source users configure for
-boto3 works, refreshed when boto3 refreshes them. `Range` and `If-Match` go as plain
+How: boto3 presigns a GetObject URL (Signature Version 4, valid for `EXPIRES`, used
+for further GETs of the object for `URL_REUSE`): credentials, endpoint, addressing style
+and region are boto3's, from the same session as the adapter's client, so every
+credential source users configure for boto3 works, refreshed when boto3 refreshes them
+(botocore renews temporary credentials 10-15 minutes before they expire, longer than a
+URL is reused; a 403 to a reused URL is asked again with a new one). `Range` and `If-Match` go as plain
 headers (a presigned URL signs only `host`). The answer is read here: its head parsed,
 its body received with `recv_into` into the caller's buffer a `CHUNK` at a time (one
 `recv` call with MSG_WAITALL on a plain socket), each chunk reported to the `Progress`.
@@ -51,6 +53,7 @@ import struct
 import threading
 import time
 import urllib.request
+from collections import OrderedDict
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -62,7 +65,9 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20  # received and reported in pieces of this size (a page)
 TICK = 0.25  # seconds a receive waits at most before reporting what came
-EXPIRES = 900  # seconds a presigned URL is valid for (each GET signs its own)
+EXPIRES = 900  # seconds a presigned URL is valid for
+URL_REUSE = 60  # seconds one is used for further GETs of its object (well within EXPIRES and a token's life)
+URLS_KEPT = 4096  # objects whose URLs are kept
 HEAD_LIMIT = 64 << 10  # the longest answer head accepted
 _CODE = re.compile(rb"<Code>([^<]{1,100})</Code>")
 _MESSAGE = re.compile(rb"<Message>([^<]{0,300})</Message>")
@@ -89,6 +94,7 @@ class DirectGets:
         self._idle: dict[tuple[str, str, int], list[socket.socket]] = {}
         self._lock = threading.Lock()
         self._refused: set[str] = set()
+        self._urls: OrderedDict[tuple[str, str], tuple[Any, float]] = OrderedDict()  # (bucket, key) -> (URL, signed at)
         self._proxied = False
         self.gets = 0  # requests made here (statistics; tests read them)
         self.connections = 0  # sockets opened
@@ -131,8 +137,37 @@ class DirectGets:
         """Bytes [start, end) of the object streamed into `buffer` at `progress.done`
         onwards (short at the object's end); the answer's ETag. `Refused` when the
         store's answer is not one this path reads."""
+        url, reused = self._url(bucket, key, fresh=False)
+        try:
+            return self._get_into(url, bucket, start, end, version, progress, ticket, buffer)
+        except ClientError as exc:
+            if not reused or exc.response["ResponseMetadata"]["HTTPStatusCode"] != 403:
+                raise
+        # Refused with a URL signed a while ago (credentials rotated, a clock that jumped):
+        # once more with one signed now, which is what boto3 would send.
+        url, _ = self._url(bucket, key, fresh=True)
+        return self._get_into(url, bucket, start, end, version, progress, ticket, buffer)
+
+    def _url(self, bucket: str, key: str, fresh: bool) -> tuple[Any, bool]:
+        """The object's presigned URL, split, and whether it was signed before: one
+        signed within `URL_REUSE` seconds is used again (signing costs 0.3-1 ms of
+        interpreter time, most of a short GET's), unless `fresh`."""
+        now = time.monotonic()
+        with self._lock:
+            cached = self._urls.get((bucket, key))
+        if cached is not None and not fresh and now - cached[1] < URL_REUSE:
+            return cached[0], True
         url = urlsplit(self._signer.generate_presigned_url(
             "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=EXPIRES))
+        with self._lock:
+            self._urls[(bucket, key)] = (url, now)
+            self._urls.move_to_end((bucket, key))
+            while len(self._urls) > URLS_KEPT:
+                self._urls.popitem(last=False)
+        return url, False
+
+    def _get_into(self, url: Any, bucket: str, start: int, end: int, version: str, progress: Progress,
+                  ticket: int, buffer: Any) -> str:
         origin = (url.scheme, url.hostname or "", url.port or (443 if url.scheme == "https" else 80))
         request = (f"GET {url.path}{'?' + url.query if url.query else ''} HTTP/1.1\r\nHost: {url.netloc}\r\n"
                    f"Range: bytes={start}-{end - 1}\r\n" + (f"If-Match: {version}\r\n" if version else "")
