@@ -160,6 +160,17 @@ class Worker(Process):
         root = self.cache_dir / "pages"
         return [p for p in root.glob("??/*") if p.is_file()]
 
+    def page_bytes(self) -> int:
+        """The bytes of the page files on disk now (a file the worker evicts between the
+        listing and its stat counts as gone)."""
+        total = 0
+        for path in self.page_files():
+            try:
+                total += path.stat().st_size
+            except FileNotFoundError:
+                pass
+        return total
+
 
 class Registry(Process):
     def __init__(self, tmp: Path, name: str = "registry", *, ttl: str = "3s", extra: list[str] = (),

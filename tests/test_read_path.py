@@ -489,7 +489,7 @@ def test_worker_cache_never_exceeds_its_capacity(procs, s3_server, bucket):
     for _ in range(2):
         for name, blob in files.items():
             assert read_file(mount.path(name)) == blob
-            assert sum(p.stat().st_size for p in worker.page_files()) <= 3 * MiB
+            assert worker.page_bytes() <= 3 * MiB
     metrics = worker.metrics()
     assert metrics["dorafs_worker_cache_used_bytes"] <= 3 * MiB
     assert metrics["dorafs_worker_evictions"] >= 7

@@ -5,7 +5,6 @@ a retry asks only for the bytes still missing)."""
 
 from __future__ import annotations
 
-import gc
 import os
 
 import pytest
@@ -231,40 +230,3 @@ def test_long_runs_are_read_with_boto3_where_presigned_gets_are_not_used(s3_serv
             await ufs.aclose()
 
     _run(main)
-
-
-def test_a_long_run_cut_mid_body_goes_on_from_its_bytes(s3_server, bucket, proxy, monkeypatch):
-    """A long pinned GET made by boto3 (received straight into the caller's buffer) whose
-    answer breaks off is an incomplete read, retried from the bytes that did arrive, never
-    a short object. A later read of the same length receives into that buffer once
-    nothing refers to it, and returns its own object's bytes. (The same through the
-    presigned path: tests/test_s3direct.py.)"""
-    from dorafs.ufs.s3 import FAST_GET_LIMIT
-
-    data = _data(FAST_GET_LIMIT + 3 * MIB)
-    other = _data(len(data), seed=11)
-    etag = s3_server.client().put_object(Bucket=bucket, Key="cut", Body=data)["ETag"]
-    other_etag = s3_server.client().put_object(Bucket=bucket, Key="other", Body=other)["ETag"]
-    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
-    proxy.cut(1, 2 * MIB + 100, lambda seen: seen.op == "get_range")
-
-    async def main():
-        ufs = S3Ufs(retry=RetryPolicy(base=0.01))
-        ufs._direct = None
-        try:
-            got = await ufs.read(f"s3://{bucket}/cut", 0, len(data), etag)
-            assert bytes(got) == data
-            del got
-            gc.collect()  # the retried attempt's exception held the buffer in a cycle
-            again = await ufs.read(f"s3://{bucket}/other", 0, len(other), other_etag)
-            assert bytes(again) == other
-            return ufs.buffers.reused
-        finally:
-            await ufs.aclose()
-
-    reused = _run(main)
-    ranges = [{k.lower(): v for k, v in s.headers.items()}["range"] for s in proxy.seen if s.op == "get_range"]
-    assert len(ranges) == 3  # the cut answer, the rest of it, the other object
-    start = int(ranges[1].split("=")[1].split("-")[0])
-    assert 0 < start <= 2 * MIB + 100  # the retry asked only for what was missing
-    assert reused == 1

@@ -406,15 +406,17 @@ class S3Ufs(UnderFileSystem):
             base["IfMatch"] = version
         client = await self._s3()
         progress = progress or Progress()
-        pooled = self.buffers.take(length)  # its size a power of two: this read has its start
+        pooled = self.buffers.take(length)  # 16 MiB or a power of two: this read has its start
         buffer = progress.buffer = pooled if len(pooled) == length else memoryview(pooled)[:length]
 
         # obstore for short GETs; a long run (a sequential reader's readahead, a Parquet
         # reader's column chunks) through a presigned URL over a kept socket, received
         # straight into the buffer (bench/README.md, "Long GETs over a kept socket");
-        # boto3 where neither can make the request.
+        # boto3 where neither can make the request. Only a pinned read receives straight
+        # into the buffer: an abandoned attempt may still write there, which is harmless
+        # only when it writes the same version's bytes (see `_receive_into`).
         fast = self._fast if length <= FAST_GET_LIMIT else None
-        direct = self._direct if length > FAST_GET_LIMIT else None
+        direct = self._direct if length > FAST_GET_LIMIT and version else None
 
         def get() -> int:
             """One attempt: the bytes still missing, streamed into `buffer`."""

@@ -21,6 +21,10 @@ its body received with `recv_into` into the caller's buffer a `CHUNK` at a time 
 `recv` call with MSG_WAITALL on a plain socket), each chunk reported to the `Progress`.
 
 Subtleties:
+- Only for reads pinned to a version (`dorafs.ufs.s3` sends the others elsewhere): an
+  attempt abandoned while its `recv_into` waits may still write into the buffer once
+  bytes come, at offsets the next attempt delivered too; with If-Match they are the
+  same bytes.
 - Pinned reads: a store that ignores If-Match is caught by comparing the answer's ETag,
   as `dorafs.ufs.s3` does for boto3's answers; the answer's Content-Range must start
   where the read asked, else the bucket is read with boto3 from then on.
@@ -304,7 +308,7 @@ class DirectGets:
         got = 0
         if rest:
             piece = rest[:want]
-            self._deliver(progress, ticket, view, piece, len(piece))
+            self._deliver(progress, ticket, view, piece, len(piece), progress.done)
             got = len(piece)
         quiet = time.monotonic()
         while got < want:
@@ -327,12 +331,13 @@ class DirectGets:
 
     @staticmethod
     def _deliver(progress: Progress, ticket: int, view: memoryview, piece: bytes | None, n: int,
-                 at: int | None = None) -> None:
+                 at: int) -> None:
+        """Report `n` bytes received at `at` in `view` (`piece`: bytes to put there first)."""
         def store(now: int) -> int:
+            if now != at:  # another attempt delivered meanwhile: this one was abandoned
+                raise Abandoned()
             if piece is not None:
                 view[now:now + n] = piece
-            elif now != at:  # another attempt delivered meanwhile: this one was abandoned
-                raise Abandoned()
             return n
 
         progress.deliver(ticket, store)
