@@ -293,3 +293,24 @@ def test_a_url_signed_earlier_is_used_again_and_signed_anew_when_refused(s3_serv
             await ufs.aclose()
 
     _run(main)
+
+
+def test_an_unreadable_ca_bundle_leaves_long_reads_to_boto3_and_says_so(s3_server, bucket, tmp_path, monkeypatch, caplog):
+    """The signing client and its TLS context are made at the first long GET (not at the
+    adapter's first call); one that cannot be made is said once, and boto3 reads."""
+    data = _data(LONG)
+    etag = s3_server.client().put_object(Bucket=bucket, Key="ca", Body=data)["ETag"]
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(tmp_path / "absent.pem"))
+
+    async def main():
+        ufs = S3Ufs()
+        try:
+            for _ in range(2):
+                assert bytes(await ufs.read(f"s3://{bucket}/ca", 0, LONG, etag)) == data
+            assert ufs._direct.gets == 0
+        finally:
+            await ufs.aclose()
+
+    _run(main)
+    said = [r for r in caplog.records if "presigned GETs cannot be set up" in r.getMessage()]
+    assert len(said) == 1 and "absent.pem" in said[0].getMessage()

@@ -93,34 +93,59 @@ class DirectGets:
         self.retry = retry
         self.threads = threads
         self.tick = min(TICK, retry.timeout / 4)
-        self._signer: Any = None  # a boto3 client that presigns (Signature Version 4)
+        self._session: Any = None  # the adapter's boto3 session and client (`configure`)
+        self._client: Any = None
+        self._signer: Any = None  # a boto3 client that presigns (Signature Version 4), made on first use
+        self._making = threading.Lock()
         self._tls: ssl.SSLContext | None = None
         self._idle: dict[tuple[str, str, int], list[socket.socket]] = {}
         self._lock = threading.Lock()
         self._refused: set[str] = set()
         self._urls: OrderedDict[tuple[str, str], tuple[Any, float]] = OrderedDict()  # (bucket, key) -> (URL, signed at)
         self._proxied = False
+        self._broken = False  # the signing client or TLS context could not be made
         self.gets = 0  # requests made here (statistics; tests read them)
         self.connections = 0  # sockets opened
 
     def configure(self, session: Any, client: Any) -> None:
         """Sign with `session` as the adapter's `client` is configured, but always with
-        Signature Version 4 (what every current S3 region and compatible store takes)."""
-        from botocore.config import Config
-
+        Signature Version 4 (what every current S3 region and compatible store takes).
+        The signing client and the TLS context are made at the first GET (`_ready`):
+        making them here would double the time the adapter's first call takes (a
+        mount's first look at its root)."""
         meta = client.meta
-        self._signer = session.client("s3", region_name=meta.region_name,
-                                      config=meta.config.merge(Config(signature_version="s3v4")))
-        endpoint = urlsplit(self._signer.meta.endpoint_url)
+        self._session, self._client = session, client
+        endpoint = urlsplit(meta.endpoint_url)
         proxies = urllib.request.getproxies()
         if meta.config.proxies or (proxies.get(endpoint.scheme) and not urllib.request.proxy_bypass(endpoint.hostname or "")):
             self._proxied = True
             log.info("long S3 reads go through boto3: a proxy is configured for %s", endpoint.netloc)
-        ca_file = session._session.get_config_variable("ca_bundle")
-        self._tls = ssl.create_default_context(cafile=ca_file) if ca_file else ssl.create_default_context()
+
+    def _ready(self) -> Any:
+        """The signing client, made on first use (with the TLS context)."""
+        signer = self._signer
+        if signer is None:
+            from botocore.config import Config
+
+            with self._making:
+                if self._signer is None:
+                    meta = self._client.meta
+                    ca_file = None
+                    try:
+                        ca_file = self._session._session.get_config_variable("ca_bundle")
+                        self._tls = ssl.create_default_context(cafile=ca_file) if ca_file else ssl.create_default_context()
+                        self._signer = self._session.client(
+                            "s3", region_name=meta.region_name, config=meta.config.merge(Config(signature_version="s3v4")))
+                    except Exception as exc:  # an unreadable CA bundle...: boto3 reads, and says why
+                        self._broken = True
+                        log.warning("long S3 reads go through boto3 (presigned GETs cannot be set up: %s%s)",
+                                    exc, f"; CA bundle {ca_file}" if ca_file else "")
+                        raise Refused(str(exc)) from exc
+                signer = self._signer
+        return signer
 
     def usable(self, bucket: str) -> bool:
-        return self._signer is not None and not self._proxied and bucket not in self._refused
+        return self._session is not None and not self._proxied and not self._broken and bucket not in self._refused
 
     def refuse(self, bucket: str, why: str) -> None:
         if bucket not in self._refused:
@@ -161,7 +186,7 @@ class DirectGets:
             cached = self._urls.get((bucket, key))
         if cached is not None and not fresh and now - cached[1] < URL_REUSE:
             return cached[0], True
-        url = urlsplit(self._signer.generate_presigned_url(
+        url = urlsplit(self._ready().generate_presigned_url(
             "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=EXPIRES))
         with self._lock:
             self._urls[(bucket, key)] = (url, now)
