@@ -187,25 +187,6 @@ def test_a_slow_long_body_that_keeps_moving_is_not_cut(s3_server, bucket, proxy,
     assert proxy.count("get_range") == 1
 
 
-def test_a_silent_store_fails_a_long_read_after_its_attempts(s3_server, bucket, proxy, monkeypatch):
-    etag = s3_server.client().put_object(Bucket=bucket, Key="quiet", Body=_data(LONG))["ETag"]
-    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
-
-    async def main():
-        ufs = S3Ufs(retry=RetryPolicy(attempts=2, timeout=0.5, deadline=3.0))
-        try:
-            await ufs.stat(f"s3://{bucket}/quiet")  # the client exists before the store goes quiet
-            proxy.hang()
-            with pytest.raises(UfsError, match="stalled|deadline|timed out|timeout"):
-                await ufs.read(f"s3://{bucket}/quiet", 0, LONG, etag)
-        finally:
-            proxy.passthrough()
-            await ufs.aclose()
-
-    _run(main)
-    assert proxy.count("get_range") == 2
-
-
 def test_throttling_is_retried_a_412_is_not_and_an_answer_about_the_request_goes_to_boto3(
         s3_server, bucket, proxy, monkeypatch):
     data = _data(LONG)

@@ -12,7 +12,7 @@ import trio
 
 from dorafs.errors import NotFound, StaleVersion, UfsError
 from dorafs.ufs.retry import RetryPolicy
-from dorafs.ufs.s3 import S3Ufs
+from dorafs.ufs.s3 import FAST_GET_LIMIT, S3Ufs
 
 MIB = 1 << 20
 
@@ -148,8 +148,11 @@ def test_a_slow_body_that_keeps_moving_is_not_cut(s3_server, bucket, proxy, monk
     assert proxy.count("get_range") == 1
 
 
-def test_a_silent_store_fails_the_read_after_its_attempts(s3_server, bucket, proxy, monkeypatch):
-    etag = s3_server.client().put_object(Bucket=bucket, Key="quiet", Body=_data(1000))["ETag"]
+@pytest.mark.parametrize("size", [1000, FAST_GET_LIMIT + MIB], ids=["obstore", "presigned"])
+def test_a_silent_store_fails_the_read_after_its_attempts(s3_server, bucket, proxy, monkeypatch, size):
+    """Through obstore (a short read) and through the presigned path (a long one:
+    dorafs/ufs/s3direct.py) alike."""
+    etag = s3_server.client().put_object(Bucket=bucket, Key="quiet", Body=_data(size))["ETag"]
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
 
     async def main():
@@ -158,7 +161,7 @@ def test_a_silent_store_fails_the_read_after_its_attempts(s3_server, bucket, pro
             await ufs.stat(f"s3://{bucket}/quiet")  # the client exists before the store goes quiet
             proxy.hang()
             with pytest.raises(UfsError, match="stalled|deadline|timed out|timeout"):
-                await ufs.read(f"s3://{bucket}/quiet", 0, 1000, etag)
+                await ufs.read(f"s3://{bucket}/quiet", 0, size, etag)
         finally:
             proxy.passthrough()
             await ufs.aclose()
@@ -210,8 +213,6 @@ def test_long_runs_are_read_with_boto3_where_presigned_gets_are_not_used(s3_serv
     """A GET longer than FAST_GET_LIMIT (a sequential reader's run) is not obstore's:
     without the presigned path (dorafs/ufs/s3direct.py; a proxy, a refusing bucket)
     boto3 makes it, pinned all the same."""
-    from dorafs.ufs.s3 import FAST_GET_LIMIT
-
     data = _data(FAST_GET_LIMIT + MIB)
     etag = s3_server.client().put_object(Bucket=bucket, Key="long", Body=data)["ETag"]
 
