@@ -147,7 +147,7 @@ def s3rver_served(log: Path, offset: int = 0) -> tuple[list[Served], int]:
         data = f.read()
     found = []
     for path, status, took, took_unit, size, unit in _SERVED.findall(_ANSI.sub(b"", data).decode(errors="replace")):
-        presigned = "X-Amz-Signature=" in path or "Signature=" in path  # a GET of a presigned URL
+        presigned = "Signature=" in path  # a GET of a presigned URL (V4's X-Amz-Signature, V2's Signature)
         if ("=" in path or "?" in path) and not presigned:
             kind = "listing"
         elif path.startswith("h/"):
