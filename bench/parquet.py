@@ -210,9 +210,10 @@ def main() -> None:
     p.add_argument("--profile", metavar="DIR", type=Path,
                    help="sample the dorafs mount and its worker with py-spy during each pass "
                         "(collapsed stacks: DIR/<system>-<pass>-<pid>.txt)")
-    p.add_argument("--profiler", choices=("py-spy", "perf"), default="py-spy",
+    p.add_argument("--profiler", choices=("py-spy", "perf", "strace"), default="py-spy",
                    help="py-spy: Python stacks of every thread; perf: CPU samples with native and kernel "
-                        "symbols (DIR/<system>-<pass>.perf.data, `perf report -i` it)")
+                        "symbols (DIR/<system>-<pass>.perf.data, `perf report -i` it); strace: system calls "
+                        "counted per process and thread (DIR/<system>-<pass>-<pid>.strace)")
     args = p.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
@@ -339,13 +340,15 @@ def minor_faults(pid: int) -> int:
 
 def profile(out: Path, profiler: str, name: str, phase: str, pids: list[int]) -> list:
     """Sample `pids` (the mount and its worker) during a pass: py-spy (without pausing
-    them) or perf."""
+    them), perf or strace (which slows every system call it counts)."""
     import subprocess
 
     out.mkdir(parents=True, exist_ok=True)
     if profiler == "perf":
         argvs = [["perf", "record", *os.environ.get("PARQUET_PERF_EVENT", "-F 999").split(), "-g", "-o", str(out / f"{name}-{phase}.perf.data"),
                   *(["-a"] if os.environ.get("PARQUET_PERF_ALL") else ["-p", ",".join(str(pid) for pid in pids)])]]
+    elif profiler == "strace":
+        argvs = [["strace", "-f", "-c", "-o", str(out / f"{name}-{phase}-{pid}.strace"), "-p", str(pid)] for pid in pids]
     else:
         spy = Path(sys.executable).with_name("py-spy")
         argvs = [[str(spy), "record", "--nonblocking", "--threads", "--rate", os.environ.get("SPY_RATE", "250"), "--format", "raw",
