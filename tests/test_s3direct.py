@@ -96,11 +96,19 @@ def test_one_socket_serves_one_get_after_another_and_a_closed_one_is_replaced(s3
         front.close()
 
 
-def test_a_store_behind_tls_is_read_with_the_ca_bundle_boto3_uses(s3_server, bucket, tmp_path, monkeypatch):
+def _tls_context(ca_path=None) -> ssl.SSLContext:
+    """A server context with a certificate for loopback from a CA of its own (written
+    to `ca_path` if given)."""
     ca = trustme.CA()
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
-    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    if ca_path is not None:
+        ca.cert_pem.write_to_path(str(ca_path))
+    return context
+
+
+def test_a_store_behind_tls_is_read_with_the_ca_bundle_boto3_uses(s3_server, bucket, tmp_path, monkeypatch):
+    context = _tls_context(tmp_path / "ca.pem")
     data = _data(LONG + 5)
     etag = s3_server.client().put_object(Bucket=bucket, Key="t", Body=data)["ETag"]
     front = KeepAliveFront(s3_server.endpoint)
@@ -276,9 +284,9 @@ def test_a_url_signed_earlier_is_used_again_and_signed_anew_when_refused(s3_serv
     _run(main)
 
 
-def test_an_unreadable_ca_bundle_leaves_long_reads_to_boto3_and_says_so(s3_server, bucket, tmp_path, monkeypatch, caplog):
-    """The signing client and its TLS context are made at the first long GET (not at the
-    adapter's first call); one that cannot be made is said once, and boto3 reads."""
+def test_an_unreadable_ca_bundle_plays_no_part_over_plain_http(s3_server, bucket, tmp_path, monkeypatch, caplog):
+    """Over plain http no CA bundle is loaded (as with boto3): long reads are presigned
+    GETs, and nothing is said about the bundle."""
     data = _data(LONG)
     etag = s3_server.client().put_object(Bucket=bucket, Key="ca", Body=data)["ETag"]
     monkeypatch.setenv("AWS_CA_BUNDLE", str(tmp_path / "absent.pem"))
@@ -288,10 +296,37 @@ def test_an_unreadable_ca_bundle_leaves_long_reads_to_boto3_and_says_so(s3_serve
         try:
             for _ in range(2):
                 assert bytes(await ufs.read(f"s3://{bucket}/ca", 0, LONG, etag)) == data
-            assert ufs._direct.gets == 0
+            assert ufs._direct.gets == 2 and ufs._direct._tls is None
         finally:
             await ufs.aclose()
 
     _run(main)
+    assert not [r for r in caplog.records if "cannot be set up" in r.getMessage()]
+
+
+def test_an_unreadable_ca_bundle_leaves_long_reads_to_boto3_and_says_so(s3_server, bucket, tmp_path, monkeypatch, caplog):
+    """The signing client and its TLS context are made at the first long GET (not at the
+    adapter's first call); one that cannot be made is said once, and boto3 reads (and
+    fails as boto3 does without the bundle: a clear error, not a hang)."""
+    data = _data(LONG)
+    etag = s3_server.client().put_object(Bucket=bucket, Key="ca", Body=data)["ETag"]
+    relay = Relay(_port(s3_server.endpoint), tls=_tls_context())
+    monkeypatch.setenv("AWS_ENDPOINT_URL", relay.endpoint)
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(tmp_path / "absent.pem"))
+
+    async def main():
+        ufs = S3Ufs(retry=RetryPolicy(timeout=2.0, attempts=2))
+        try:
+            for _ in range(2):
+                with pytest.raises(UfsError):
+                    await ufs.read(f"s3://{bucket}/ca", 0, LONG, etag)
+            assert ufs._direct.gets == 0
+        finally:
+            await ufs.aclose()
+
+    try:
+        _run(main)
+    finally:
+        relay.close()
     said = [r for r in caplog.records if "presigned GETs cannot be set up" in r.getMessage()]
     assert len(said) == 1 and "absent.pem" in said[0].getMessage()

@@ -122,7 +122,8 @@ class DirectGets:
             log.info("long S3 reads go through boto3: a proxy is configured for %s", endpoint.netloc)
 
     def _ready(self) -> Any:
-        """The signing client, made on first use (with the TLS context)."""
+        """The signing client, made on first use (with the TLS context, for an https
+        endpoint only)."""
         signer = self._signer
         if signer is None:
             from botocore.config import Config
@@ -133,7 +134,8 @@ class DirectGets:
                     ca_file = None
                     try:
                         ca_file = self._session._session.get_config_variable("ca_bundle")
-                        self._tls = ssl.create_default_context(cafile=ca_file) if ca_file else ssl.create_default_context()
+                        if urlsplit(meta.endpoint_url).scheme == "https":  # (loading the CAs costs ~60 ms of CPU)
+                            self._tls = ssl.create_default_context(cafile=ca_file) if ca_file else ssl.create_default_context()
                         self._signer = self._session.client(
                             "s3", region_name=meta.region_name, config=meta.config.merge(Config(signature_version="s3v4")))
                     except Exception as exc:  # an unreadable CA bundle...: boto3 reads, and says why
