@@ -13,7 +13,10 @@ of `--chunk-kib` KiB per column chunk (0.5 MiB: 65,536 rows), `--row-groups` of 
 file (4: 64 MiB files).
 
 Before any system is timed, every data file is read once straight from s3rver, untimed
-(`warm_server`): its first reads after it starts cost it more.
+(`warm_server`): its first reads after it starts cost it more. Just before each cold
+pass, `--prime-gib` GiB of memory is touched and freed (bench/firsttouch.py): on a
+virtual machine memory nobody touched lately costs four times as much to fault in, and
+without it the first system timed paid that for the others.
 
 The workload: `--procs` processes (forked, started together), each opening every file
 once with `pyarrow.parquet.ParquetFile` (the footer) and then making `--reads` reads of
@@ -55,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cachelimit import descendants, drop_page_cache  # noqa: E402
 from dlio import cpu_seconds  # noqa: E402
+from firsttouch import prime  # noqa: E402
 from procs import BENCH, CACHE, REGISTRY, WORK, clean_stale  # noqa: E402
 from servers import s3rver_served  # noqa: E402
 
@@ -205,6 +209,10 @@ def main() -> None:
     p.add_argument("--procs", type=int, default=4)
     p.add_argument("--reads", type=int, default=64, help="per process per pass")
     p.add_argument("--columns", type=int, default=4, help="columns per read")
+    p.add_argument("--prime-gib", type=float, default=4.0,
+                   help="GiB of memory touched and freed just before each cold pass, so that no system "
+                        "pays the machine's first touch of fresh memory for the others (bench/firsttouch.py; "
+                        "0: none)")
     p.add_argument("--baseline", type=Path, help="a checkout whose code the system dorafs-base runs "
                    "(the same embedded mount; the change and the code before it in one run)")
     p.add_argument("--profile", metavar="DIR", type=Path,
@@ -241,6 +249,7 @@ def main() -> None:
             results[name] = {}
             if name == "native":
                 drop_page_cache(local)
+                prime(args.prime_gib)
                 for phase in ("cold", "warm", "hot"):
                     results[name][phase] = run_pass(local, args)
                     show(name, phase, results[name][phase])
@@ -259,6 +268,8 @@ def main() -> None:
                     with session.mount() as m:
                         pids = [m.proc.pid] + descendants(m.proc.pid)
                         for phase in phases:
+                            if phase == "cold":
+                                prime(args.prime_gib)
                             _, mark = s3_gets(log, 0)
                             spied = args.profile and (system.is_dorafs or name == "dorafs-base" or os.environ.get("PARQUET_PERF_ALL"))
                             spies = profile(args.profile, args.profiler, name, phase, pids) if spied else []
