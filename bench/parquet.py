@@ -5,6 +5,7 @@ bucket and from the local disk.
     bash bench/setup.sh; . .venv/bin/activate
     python3 bench/parquet.py                          # dorafs, s3fs, rclone, native
     python3 bench/parquet.py --systems s3fs,native --reads 16
+    python3 bench/parquet.py --systems dorafs,s3fs --rounds 6   # the order turned each round, then a summary
 
 The files (written once with pyarrow under bench/.cache/parquet/, uploaded to s3rver
 under `bench/parquet/data/`, a prefix of their own so bench/dataset.py's datasets never
@@ -209,6 +210,11 @@ def main() -> None:
     p.add_argument("--procs", type=int, default=4)
     p.add_argument("--reads", type=int, default=64, help="per process per pass")
     p.add_argument("--columns", type=int, default=4, help="columns per read")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the systems this many times, the order turned by one each round (the first "
+                        "system timed goes last next), and summarize the rounds: MiB/s per round and the "
+                        "median, and each system's ratio to --versus in the same round")
+    p.add_argument("--versus", default="s3fs", help="the system the summary's ratios are to")
     p.add_argument("--prime-gib", type=float, default=4.0,
                    help="GiB of memory touched and freed just before each cold pass, so that no system "
                         "pays the machine's first touch of fresh memory for the others (bench/firsttouch.py; "
@@ -226,7 +232,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     from servers import SERVERS
-    from systems import SYSTEMS, DorafsBaseline
+    from systems import DorafsBaseline
 
     if args.baseline:
         DorafsBaseline.checkout = args.baseline.resolve()
@@ -238,69 +244,85 @@ def main() -> None:
     work.mkdir(parents=True)
     local = write_files(args)
     args.file_mib = round(sum(p.stat().st_size for p in local.glob("*.parquet")) / args.files / MiB, 1)
-    results: dict[str, dict] = {}
+    rounds: list[dict[str, dict]] = []
     try:
         server = SERVERS["s3rver"](work)
         os.environ.update(server.env)
         upload(server.client(), local)
         print(f"s3rver warmed up: the data files read once from it, untimed ({warm_server(server.client()):.1f} s)")
-        log = server.proc.log_path
-        for name in args.systems.split(","):
-            results[name] = {}
-            if name == "native":
-                drop_page_cache(local)
-                prime(args.prime_gib)
-                for phase in ("cold", "warm", "hot"):
-                    results[name][phase] = run_pass(local, args)
-                    show(name, phase, results[name][phase])
-                continue
-            cls = SYSTEMS[name]
-            why = cls.available()
-            if why:
-                print(f"{name}: skipped ({why})")
-                del results[name]
-                continue
-            system = cls(server, PREFIX, work)
-            session = system.session()
-            results[name]["config"] = system.config
-            try:
-                for phases in (("cold",), ("warm", "hot")):
-                    with session.mount() as m:
-                        pids = [m.proc.pid] + descendants(m.proc.pid)
-                        for phase in phases:
-                            if phase == "cold":
-                                prime(args.prime_gib)
-                            _, mark = s3_gets(log, 0)
-                            spied = args.profile and (system.is_dorafs or name == "dorafs-base" or os.environ.get("PARQUET_PERF_ALL"))
-                            spies = profile(args.profile, args.profiler, name, phase, pids) if spied else []
-                            cpu0 = [cpu_seconds(pid) or 0.0 for pid in pids + [server.proc.pid]]
-                            faults0 = sum(minor_faults(pid) for pid in pids)
-                            mount_faults0 = minor_faults(pids[0])
-                            calls0, worker_calls0 = syscalls(pids[0]), syscalls(*pids[1:])
-                            served0 = mount_reads(m)
-                            idle0 = machine_idle()
-                            try:
-                                results[name][phase] = r = run_pass(m.path / "data", args)
-                                cpu1 = [cpu_seconds(pid) or 0.0 for pid in pids + [server.proc.pid]]
-                                r["idle_share"] = idle_share(idle0, machine_idle())
-                                r["daemon_faults"] = sum(minor_faults(pid) for pid in pids) - faults0
-                                r["mount_faults"] = minor_faults(pids[0]) - mount_faults0
-                                r["mount_syscalls"] = [b - a for a, b in zip(calls0, syscalls(pids[0]))]
-                                r["worker_syscalls"] = [b - a for a, b in zip(worker_calls0, syscalls(*pids[1:]))]
-                                served1 = mount_reads(m)
-                                r["mount_reads"] = served1 - served0 if served0 is not None and served1 is not None else None
-                            finally:
-                                stop_profile(spies)
-                            r["s3"], _ = s3_gets(log, mark)
-                            r["daemon_cpu_s"] = round(sum(cpu1[:-1]) - sum(cpu0[:-1]), 2)
-                            r["mount_cpu_s"] = round(cpu1[0] - cpu0[0], 2)  # the mount process alone
-                            r["s3rver_cpu_s"] = round(cpu1[-1] - cpu0[-1], 2)
-                            show(name, phase, r)
-            finally:
-                session.close()
+        systems = args.systems.split(",")
+        for turn in range(args.rounds):
+            order = systems[turn % len(systems):] + systems[:turn % len(systems)]
+            if args.rounds > 1:
+                print(f"round {turn + 1} of {args.rounds}: {', '.join(order)}", flush=True)
+            rounds.append(run_systems(order, server, local, work, args))
+            report(rounds[-1], args)
     finally:
         REGISTRY.teardown()
-    report(results, args)
+    if args.rounds > 1:
+        summary(rounds, args)
+
+
+def run_systems(order: list[str], server, local: Path, work: Path, args) -> dict[str, dict]:
+    """Each system's passes, one system after another; their results by system and pass."""
+    from systems import SYSTEMS
+
+    results: dict[str, dict] = {}
+    log = server.proc.log_path
+    for name in order:
+        results[name] = {}
+        if name == "native":
+            drop_page_cache(local)
+            prime(args.prime_gib)
+            for phase in ("cold", "warm", "hot"):
+                results[name][phase] = run_pass(local, args)
+                show(name, phase, results[name][phase])
+            continue
+        cls = SYSTEMS[name]
+        why = cls.available()
+        if why:
+            print(f"{name}: skipped ({why})")
+            del results[name]
+            continue
+        system = cls(server, PREFIX, work)
+        session = system.session()
+        results[name]["config"] = system.config
+        try:
+            for phases in (("cold",), ("warm", "hot")):
+                with session.mount() as m:
+                    pids = [m.proc.pid] + descendants(m.proc.pid)
+                    for phase in phases:
+                        if phase == "cold":
+                            prime(args.prime_gib)
+                        _, mark = s3_gets(log, 0)
+                        spied = args.profile and (system.is_dorafs or name == "dorafs-base" or os.environ.get("PARQUET_PERF_ALL"))
+                        spies = profile(args.profile, args.profiler, name, phase, pids) if spied else []
+                        cpu0 = [cpu_seconds(pid) or 0.0 for pid in pids + [server.proc.pid]]
+                        faults0 = sum(minor_faults(pid) for pid in pids)
+                        mount_faults0 = minor_faults(pids[0])
+                        calls0, worker_calls0 = syscalls(pids[0]), syscalls(*pids[1:])
+                        served0 = mount_reads(m)
+                        idle0 = machine_idle()
+                        try:
+                            results[name][phase] = r = run_pass(m.path / "data", args)
+                            cpu1 = [cpu_seconds(pid) or 0.0 for pid in pids + [server.proc.pid]]
+                            r["idle_share"] = idle_share(idle0, machine_idle())
+                            r["daemon_faults"] = sum(minor_faults(pid) for pid in pids) - faults0
+                            r["mount_faults"] = minor_faults(pids[0]) - mount_faults0
+                            r["mount_syscalls"] = [b - a for a, b in zip(calls0, syscalls(pids[0]))]
+                            r["worker_syscalls"] = [b - a for a, b in zip(worker_calls0, syscalls(*pids[1:]))]
+                            served1 = mount_reads(m)
+                            r["mount_reads"] = served1 - served0 if served0 is not None and served1 is not None else None
+                        finally:
+                            stop_profile(spies)
+                        r["s3"], _ = s3_gets(log, mark)
+                        r["daemon_cpu_s"] = round(sum(cpu1[:-1]) - sum(cpu0[:-1]), 2)
+                        r["mount_cpu_s"] = round(cpu1[0] - cpu0[0], 2)  # the mount process alone
+                        r["s3rver_cpu_s"] = round(cpu1[-1] - cpu0[-1], 2)
+                        show(name, phase, r)
+        finally:
+            session.close()
+    return results
 
 
 def machine_idle() -> tuple[int, int]:
@@ -389,6 +411,33 @@ def show(name: str, phase: str, r: dict) -> None:
              f"s3rver {r['s3rver_cpu_s']}; machine idle {r.get('idle_share')}; daemons' page faults {r.get('daemon_faults')} (mount {r.get('mount_faults')}); the mount's read() requests {r.get('mount_reads')}, read and write calls {r.get('mount_syscalls')}, the worker's {r.get('worker_syscalls')}") if s3 else ""
     print(f"{name} {phase}: {r['mib_s']:.1f} MiB/s, {r['reads_s']:.1f} reads/s, {r['seconds']:.1f} s{extra}",
           flush=True)
+
+
+def summary(rounds: list[dict[str, dict]], args) -> None:
+    """Per system and pass: MiB/s in each round and the median; and the ratio to
+    `--versus` in each round (both timed in that round) and its median."""
+    import statistics
+
+    stamp = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}"
+    names = list(dict.fromkeys(name for r in rounds for name in r))
+    lines = [f"Parquet, {len(rounds)} rounds (the order turned each round): MiB/s per round, median; "
+             f"× {args.versus} in the same round, median", "",
+             "| system | pass | MiB/s by round | median | × " + args.versus + " by round | median × |",
+             "|---|---|---|---|---|---|"]
+    for name in names:
+        for phase in ("cold", "warm", "hot"):
+            rates = [r[name][phase]["mib_s"] for r in rounds if phase in r.get(name, {})]
+            if not rates:
+                continue
+            ratios = [r[name][phase]["mib_s"] / r[args.versus][phase]["mib_s"] for r in rounds
+                      if phase in r.get(name, {}) and phase in r.get(args.versus, {})]
+            lines.append(f"| {name} | {phase} | {', '.join(f'{x:.1f}' for x in rates)} | {statistics.median(rates):.1f} | "
+                         + (f"{', '.join(f'{x:.2f}' for x in ratios)} | {statistics.median(ratios):.2f} |" if ratios else "– | – |"))
+    text = "\n".join(lines)
+    print("\n" + text)
+    out = BENCH / "results"
+    (out / f"parquet-rounds-{stamp}.md").write_text(f"`{' '.join(sys.argv)}`\n\n{text}\n")
+    print(f"summary: {out}/parquet-rounds-{stamp}.md")
 
 
 def report(results: dict, args) -> None:
