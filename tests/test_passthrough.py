@@ -102,6 +102,32 @@ def test_a_cached_file_is_read_by_the_kernel_exactly_and_without_reads_reaching_
     wait_for(lambda: metrics()["dorafs_mount_passthrough_files"] == 0, what="the backing file closed at release")
 
 
+def test_readahead_advised_on_a_passthrough_file_is_refused_unread_and_reads_stay_exact(setup):
+    """posix_fadvise(WILLNEED) on a passthrough descriptor makes the kernel read ahead into
+    the FUSE file's own page cache, which no read of the descriptor uses: the mount
+    refuses those READs without reading (no read served, no error counted for an
+    application), and every read of the descriptor, after the advice too, is the
+    kernel's from the backing file, exact."""
+    worker, mount, put, metrics = setup
+    data = os.urandom(4 * MiB + 999)
+    put("w.bin", data)
+    m = mount()
+    path = m.path("w.bin")
+    assert read_whole(path) == data
+    prepared(metrics, worker)
+    before = metrics()
+    refused = "dorafs_mount_passthrough_readahead_refused_total"
+    with open(path, "rb") as f:
+        os.posix_fadvise(f.fileno(), MiB, 2 * MiB, os.POSIX_FADV_WILLNEED)
+        wait_for(lambda: metrics()[refused] > before[refused], what="the advised readahead refused")
+        assert os.pread(f.fileno(), 2 * MiB, MiB) == data[MiB:3 * MiB]
+        assert f.read() == data
+    after = metrics()
+    assert opens(after, "granted") == opens(before, "granted") + 1
+    assert reads(after) == reads(before), "the advised readahead was read and served"
+    assert after.get("dorafs_mount_errors_total{errno=EIO}") == before.get("dorafs_mount_errors_total{errno=EIO}")
+
+
 def test_two_handles_of_one_version_share_one_backing_file(setup):
     worker, mount, put, metrics = setup
     data = os.urandom(2 * MiB + 1)

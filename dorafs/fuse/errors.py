@@ -32,7 +32,8 @@ def fuse_operation(fn):
         try:
             return await fn(*args, **kwargs)
         except FUSEError as exc:
-            _count(exc.errno)
+            if exc.counted:
+                _count(exc.errno)
             raise
         except DoraError as exc:
             level = logging.DEBUG if exc.errno in _QUIET else logging.WARNING

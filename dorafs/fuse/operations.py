@@ -42,7 +42,7 @@ from dorafs.errors import IsADirectory, NotADirectory, NotFound, UfsError
 from dorafs.fuse.errors import fuse_operation
 from dorafs.fuse.handles import NAME_MAX, DirHandle, FileHandle, too_long, valid_name
 from dorafs.fuse.inodes import InodeTable, Node
-from dorafs.fuse.metrics import INODES, READS, STAGING_BYTES
+from dorafs.fuse.metrics import INODES, PASSTHROUGH_READAHEAD_REFUSED, READS, STAGING_BYTES
 from dorafs.fuse.objectfiles import NOT_CACHED, Fallback, ObjectFiles
 from dorafs.fuse.passthrough import CACHED_OPEN, OTHER_VERSION, WRITING, Passthrough
 from dorafs.fuse.types import ROOT_INODE, EntryAttributes, FileInfo, FUSEError, StatvfsData
@@ -426,6 +426,16 @@ class DoraOperations(WritingOperations):
     @fuse_operation
     async def read(self, fh, off, size):
         handle = self._handles[fh]
+        if handle.passthrough:
+            # The kernel reads a passthrough handle from the backing file (read, mmap,
+            # splice): what reaches the mount for it is the kernel's readahead into the FUSE
+            # file's own page cache, which pyarrow asks for before each column chunk
+            # (posix_fadvise WILLNEED). No read of the handle uses those pages and the next
+            # open drops them, so they are refused unread: for an asynchronous readahead an
+            # error only leaves the pages unfilled (bench/README.md, "Readahead of a
+            # passthrough file refused").
+            PASSTHROUGH_READAHEAD_REFUSED.inc()
+            raise FUSEError(errno.EIO, counted=False)
         start = time.perf_counter()
         if handle.held is not None:  # a verified object file: one preadv, nothing else
             data = self.objects.reader.now(handle.held, off, size)

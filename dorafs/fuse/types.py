@@ -17,9 +17,10 @@ class FUSEError(Exception):
     """Answer the kernel request with this errno. Raising it is the adapter's way to say
     "this errno, on purpose": the error boundary passes it on without logging."""
 
-    def __init__(self, errno: int):
+    def __init__(self, errno: int, counted: bool = True):
         super().__init__(errno)
         self.errno = errno
+        self.counted = counted  # False: an answer to the kernel itself, not an error an application sees
 
     def __str__(self) -> str:
         import os
