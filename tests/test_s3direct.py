@@ -96,6 +96,21 @@ def test_one_socket_serves_one_get_after_another_and_a_closed_one_is_replaced(s3
         front.close()
 
 
+def _through(relay: Relay, read, **ufs_args) -> None:
+    """`await read(ufs)` with a new S3Ufs (closed after it), then the relay closed."""
+    async def main():
+        ufs = S3Ufs(**ufs_args)
+        try:
+            await read(ufs)
+        finally:
+            await ufs.aclose()
+
+    try:
+        _run(main)
+    finally:
+        relay.close()
+
+
 def _tls_context(ca_path=None) -> ssl.SSLContext:
     """A server context with a certificate for loopback from a CA of its own (written
     to `ca_path` if given)."""
@@ -116,20 +131,15 @@ def test_a_store_behind_tls_is_read_with_the_ca_bundle_boto3_uses(s3_server, buc
     monkeypatch.setenv("AWS_ENDPOINT_URL", relay.endpoint)
     monkeypatch.setenv("AWS_CA_BUNDLE", str(tmp_path / "ca.pem"))
 
-    async def main():
-        ufs = S3Ufs()
-        try:
-            assert relay.endpoint.startswith("https://")
-            assert bytes(await ufs.read(f"s3://{bucket}/t", 3, LONG, etag)) == data[3:3 + LONG]
-            assert bytes(await ufs.read(f"s3://{bucket}/t", 0, LONG, etag)) == data[:LONG]
-            assert (ufs._direct.gets, ufs._direct.connections) == (2, 1)
-        finally:
-            await ufs.aclose()
+    async def read(ufs):
+        assert relay.endpoint.startswith("https://")
+        assert bytes(await ufs.read(f"s3://{bucket}/t", 3, LONG, etag)) == data[3:3 + LONG]
+        assert bytes(await ufs.read(f"s3://{bucket}/t", 0, LONG, etag)) == data[:LONG]
+        assert (ufs._direct.gets, ufs._direct.connections) == (2, 1)
 
     try:
-        _run(main)
+        _through(relay, read)
     finally:
-        relay.close()
         front.close()
 
 
@@ -232,18 +242,11 @@ def test_a_proxy_in_the_environment_leaves_long_reads_to_boto3(s3_server, bucket
     for name in ("NO_PROXY", "no_proxy"):
         monkeypatch.delenv(name, raising=False)
 
-    async def main():
-        ufs = S3Ufs()
-        try:
-            assert bytes(await ufs.read(f"s3://{bucket}/p", 0, LONG, etag)) == data
-            assert ufs._direct.gets == 0
-        finally:
-            await ufs.aclose()
+    async def read(ufs):
+        assert bytes(await ufs.read(f"s3://{bucket}/p", 0, LONG, etag)) == data
+        assert ufs._direct.gets == 0
 
-    try:
-        _run(main)
-    finally:
-        relay.close()
+    _through(relay, read)
     assert relay.connections >= 1
 
 
@@ -314,19 +317,12 @@ def test_an_unreadable_ca_bundle_leaves_long_reads_to_boto3_and_says_so(s3_serve
     monkeypatch.setenv("AWS_ENDPOINT_URL", relay.endpoint)
     monkeypatch.setenv("AWS_CA_BUNDLE", str(tmp_path / "absent.pem"))
 
-    async def main():
-        ufs = S3Ufs(retry=RetryPolicy(timeout=2.0, attempts=2))
-        try:
-            for _ in range(2):
-                with pytest.raises(UfsError):
-                    await ufs.read(f"s3://{bucket}/ca", 0, LONG, etag)
-            assert ufs._direct.gets == 0
-        finally:
-            await ufs.aclose()
+    async def read(ufs):
+        for _ in range(2):
+            with pytest.raises(UfsError):
+                await ufs.read(f"s3://{bucket}/ca", 0, LONG, etag)
+        assert ufs._direct.gets == 0
 
-    try:
-        _run(main)
-    finally:
-        relay.close()
+    _through(relay, read, retry=RetryPolicy(timeout=2.0, attempts=2))
     said = [r for r in caplog.records if "presigned GETs cannot be set up" in r.getMessage()]
     assert len(said) == 1 and "absent.pem" in said[0].getMessage()
