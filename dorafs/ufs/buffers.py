@@ -92,8 +92,9 @@ class BufferPool:
 
 
 # Transparent huge pages for every buffer (Linux): a fresh 16 MiB buffer is faulted in
-# 2 MiB at a time, 8 faults instead of 4,096 (about 2.5 ms of the receiving thread's CPU
-# instead of 14 here; bench/README.md, "Receive buffers in huge pages"). Where THP is
+# 2 MiB at a time, 8 faults instead of 4,096 (2.1 ms of the receiving thread's CPU
+# instead of 10.5 here: bench/hugebuffers.py; bench/README.md, "Receive buffers in huge
+# pages"). Where THP is
 # off (`never`) the advice is ignored; a kernel built without THP refuses it (EINVAL),
 # and the buffer stays in small pages.
 _HUGE = getattr(mmap, "MADV_HUGEPAGE", None)

@@ -134,7 +134,7 @@ class DirectGets:
                     ca_file = None
                     try:
                         ca_file = self._session._session.get_config_variable("ca_bundle")
-                        if urlsplit(meta.endpoint_url).scheme == "https":  # (loading the CAs costs ~60 ms of CPU)
+                        if urlsplit(meta.endpoint_url).scheme == "https":  # (loading the CAs costs 30-60 ms of CPU)
                             self._tls = ssl.create_default_context(cafile=ca_file) if ca_file else ssl.create_default_context()
                         self._signer = self._session.client(
                             "s3", region_name=meta.region_name, config=meta.config.merge(Config(signature_version="s3v4")))
