@@ -119,8 +119,8 @@ def _all_cached(mapping: mmap.mmap) -> bool:
 # of the descriptor, no mapping and no page tables walked: 2.8 us here against 23 for
 # mincore over a mapping of 1 MiB through ctypes, for every page a run brings
 # (bench/pagemap.py; bench/README.md, "The page cache asked once per page file"). The
-# same number on every architecture (the generic system call table). Where the kernel lacks it (ENOSYS) or a
-# seccomp filter refuses it (EPERM), mincore answers, from then on.
+# same number on every architecture (the generic system call table). Where the kernel
+# lacks it (ENOSYS) or a seccomp filter refuses it (EPERM), mincore answers, from then on.
 _CACHESTAT = 451
 _cachestat_usable = True
 
