@@ -60,9 +60,23 @@ def touch_rounds(gib: int, rounds: int, pause: float) -> Iterator[list[float]]:
             time.sleep(pause)
 
 
+def available() -> int:
+    """MemAvailable of /proc/meminfo, in bytes (0 if unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def prime(gib: float) -> float:
-    """Touch `gib` GiB and free it at once (see the module's note); the seconds it took."""
-    size = int(gib * GiB) // mmap.PAGESIZE * mmap.PAGESIZE
+    """Touch `gib` GiB and free it at once (see the module's note); the seconds it took.
+    At most a quarter of the memory available, so that no cache the pass reads from
+    (s3rver's files in the page cache) is pushed out for it."""
+    size = min(int(gib * GiB), available() // 4) // mmap.PAGESIZE * mmap.PAGESIZE
     if size <= 0:
         return 0.0
     began = time.perf_counter()
