@@ -21,18 +21,18 @@ pages), prints each GiB's CPU seconds, unmaps it and waits `--pause` seconds.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator
 import mmap
-import resource
+import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from procs import own_cpu  # noqa: E402
 
 GiB = 1 << 30
 _POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14
-
-
-def _cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def _touch(mapping: mmap.mmap, start: int, length: int) -> None:
@@ -51,9 +51,9 @@ def touch_rounds(gib: int, rounds: int, pause: float) -> Iterator[list[float]]:
             mapping.madvise(mmap.MADV_NOHUGEPAGE)
         costs = []
         for g in range(gib):
-            began = _cpu()
+            began = own_cpu()
             _touch(mapping, g * GiB, GiB)
-            costs.append(_cpu() - began)
+            costs.append(own_cpu() - began)
         mapping.close()
         yield costs
         if i < rounds - 1:

@@ -15,6 +15,12 @@ import argparse
 import mmap
 import resource
 import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dorafs.ufs.buffers import _advise_huge  # noqa: E402
 
 MiB = 1 << 20
 
@@ -22,11 +28,8 @@ MiB = 1 << 20
 def fill(size: int, huge: bool) -> tuple[float, int]:
     before = resource.getrusage(resource.RUSAGE_SELF)
     buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if huge and hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            buf.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:
-            pass
+    if huge:
+        _advise_huge(buf)  # what the worker's BufferPool does to a fresh buffer
     piece = b"\xa5" * MiB
     view = memoryview(buf)
     for at in range(0, size, MiB):

@@ -13,8 +13,8 @@ and each question alone. CPU microseconds per page, the best of the repeats.
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
-import resource
 import shutil
 import sys
 from pathlib import Path
@@ -25,14 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import xxhash  # noqa: E402
 
 from dorafs.client import local  # noqa: E402
-from procs import WORK  # noqa: E402
+from procs import WORK, own_cpu  # noqa: E402
 
 MiB = 1 << 20
-
-
-def cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def map_and_check(path: str) -> None:
@@ -45,10 +40,10 @@ def map_and_check(path: str) -> None:
 
 
 def per_page(paths: list[str], fn) -> float:
-    began = cpu()
+    began = own_cpu()
     for path in paths:
         fn(path)
-    return (cpu() - began) / len(paths) * 1e6
+    return (own_cpu() - began) / len(paths) * 1e6
 
 
 def main() -> None:
@@ -71,7 +66,6 @@ def main() -> None:
                 print("no cachestat in this kernel: the mount asks with mincore")
             best = {"cachestat": float("inf"), "mincore": float("inf")}
             alone = {"cachestat": float("inf"), "mincore": float("inf")}
-            import mmap
             mapping = mmap.mmap(f.fileno(), MiB, access=mmap.ACCESS_COPY)
             for _ in range(args.repeat):
                 for way in best:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -26,6 +27,12 @@ REPO = BENCH.parent
 CACHE = BENCH / ".cache"
 WORK = CACHE / "work"
 PIDFILE = CACHE / "pids.json"
+
+
+def own_cpu() -> float:
+    """CPU seconds (user and system) this process has spent so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def each_at_once(items, at_once: int, work, per_thread=lambda: None) -> None:

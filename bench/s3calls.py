@@ -13,20 +13,14 @@ the rest of the wall time is the server's. A cold small-file read costs the work
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from procs import WORK  # noqa: E402
+from procs import WORK, own_cpu  # noqa: E402
 from servers import S3rver  # noqa: E402
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -51,10 +45,10 @@ def main() -> None:
         print(f"{'call':<20} {'round':>5} {'wall ms':>8} {'CPU ms':>7}  (per call, {len(keys)} calls)")
         for name, call in calls.items():
             for round_ in (1, 2):
-                wall, cpu = time.perf_counter(), cpu_seconds()
+                wall, cpu = time.perf_counter(), own_cpu()
                 for key in keys:
                     call(key)
-                wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
+                wall, cpu = time.perf_counter() - wall, own_cpu() - cpu
                 print(f"{name:<20} {round_:>5} {wall / len(keys) * 1e3:>8.2f} {cpu / len(keys) * 1e3:>7.2f}",
                       flush=True)
     finally:

@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import select
 import socket
+import sys
 import time
+from pathlib import Path
 
 import trio
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-def cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+from procs import own_cpu  # noqa: E402
 
 
 def sender(messages: int, gap: float) -> tuple[socket.socket, int]:
@@ -43,7 +43,8 @@ def sender(messages: int, gap: float) -> tuple[socket.socket, int]:
     return ours, pid
 
 
-def read_all(fd: int, wait) -> int:
+async def read_all(fd: int, wait) -> int:
+    """Read `fd` to its end, `await wait()` whenever it is empty; how many waits."""
     waits = 0
     while True:
         try:
@@ -51,31 +52,24 @@ def read_all(fd: int, wait) -> int:
                 return waits
         except BlockingIOError:
             waits += 1
-            wait()
-
-
-async def read_all_trio(fd: int) -> int:
-    waits = 0
-    while True:
-        try:
-            if not os.read(fd, 4096):
-                return waits
-        except BlockingIOError:
-            waits += 1
-            await trio.lowlevel.wait_readable(fd)
+            await wait()
 
 
 def measure(way: str, messages: int, gap: float) -> float:
     sock, pid = sender(messages, gap)
     try:
-        began = cpu()
-        if way == "poll":
+        if way == "poll":  # blocks the thread, never yields to trio's loop
             poller = select.poll()
             poller.register(sock.fileno(), select.POLLIN)
-            waits = read_all(sock.fileno(), poller.poll)
+
+            async def wait() -> None:
+                poller.poll()
         else:
-            waits = trio.run(read_all_trio, sock.fileno())
-        return (cpu() - began) / max(waits, 1) * 1e6
+            async def wait() -> None:
+                await trio.lowlevel.wait_readable(sock.fileno())
+        began = own_cpu()
+        waits = trio.run(read_all, sock.fileno(), wait)
+        return (own_cpu() - began) / max(waits, 1) * 1e6
     finally:
         sock.close()
         os.waitpid(pid, 0)
