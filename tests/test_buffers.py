@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import resource
 import socket
+
+import pytest
 
 from dorafs.ufs.buffers import BufferPool
 
@@ -105,3 +109,38 @@ def test_runs_of_every_length_share_one_size_of_buffer():
     del short
     assert len(pool.take(9 * MIB)) == 16 * MIB and (pool.reused, pool.made) == (2, 1)
     assert len(pool.take(17 * MIB)) == 32 * MIB and pool.made == 2
+
+
+def _vm_flags(buf) -> list[str]:
+    """The VmFlags of the mapping that holds `buf` (/proc/self/smaps)."""
+    anchor = ctypes.c_char.from_buffer(buf)
+    address = ctypes.addressof(anchor)
+    del anchor
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            head = line.split(None, 1)[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(x, 16) for x in head.split("-"))
+                inside = start <= address < end
+            elif inside and line.startswith("VmFlags:"):
+                return line.split()[1:]
+    raise AssertionError("the buffer's mapping is not in /proc/self/smaps")
+
+
+def test_a_fresh_buffer_is_advised_into_huge_pages():
+    """A new pooled buffer asks for transparent huge pages (MADV_HUGEPAGE: `hg` in its
+    VmFlags), so the receiving thread faults it in 2 MiB at a time."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            if "[never]" in f.read():
+                pytest.skip("transparent huge pages are off here")
+    except OSError:
+        pytest.skip("no transparent huge pages in this kernel")
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        pytest.skip("no MADV_HUGEPAGE in this Python")
+    pool = BufferPool(keep=2, least=4 * MIB)
+    kept = pool.take(4 * MIB)
+    beyond = [pool.take(4 * MIB) for _ in range(3)]  # past `keep`: plain mappings, advised too
+    for buf in [kept, *beyond]:
+        assert "hg" in _vm_flags(buf)
