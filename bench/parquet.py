@@ -196,7 +196,8 @@ def s3_gets(log: Path, offset: int) -> tuple[dict, int]:
                 break
     return {"gets": len(sizes), "get_mib": round(sum(sizes) / MiB, 1),
             "heads": sum(r.kind == "head" for r in served), "other": sum(r.kind in ("listing", "other") for r in served),
-            "mean_kib": round(sum(sizes) / len(sizes) / 1024) if sizes else 0, "sizes": hist}, end
+            "mean_kib": round(sum(sizes) / len(sizes) / 1024) if sizes else 0, "sizes": hist,
+            "get_ms": round(sum(r.ms for r in served if r.kind == "get"))}, end
 
 
 # -- the run -----------------------------------------------------------------------------
@@ -406,6 +407,7 @@ def stop_profile(spies: list) -> None:
 def show(name: str, phase: str, r: dict) -> None:
     s3 = r.get("s3")
     extra = (f"; S3 {s3['gets']} GETs, {s3['get_mib']:.0f} MiB, mean {s3['mean_kib']} KiB, "
+             f"{s3['get_ms'] / 1000 / r['seconds']:.1f} in flight (their logged times over the wall time), "
              f"{s3['heads']} HEADs, sizes {s3['sizes']}; CPU s: daemons {r['daemon_cpu_s']} "
              f"(mount {r.get('mount_cpu_s')}), "
              f"s3rver {r['s3rver_cpu_s']}; machine idle {r.get('idle_share')}; daemons' page faults {r.get('daemon_faults')} (mount {r.get('mount_faults')}); the mount's read() requests {r.get('mount_reads')}, read and write calls {r.get('mount_syscalls')}, the worker's {r.get('worker_syscalls')}") if s3 else ""
