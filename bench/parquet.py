@@ -35,9 +35,9 @@ page cache (POSIX_FADV_DONTNEED), warm and hot from the page cache.
 
 Per pass: MiB/s of column data (the chunks' sizes from the footer, summed over every
 read of every process, over the slowest process's wall time), reads/s, what s3rver
-served during the pass, from its request log (GETs, and their sizes in buckets; the log's
-format is described in bench/servers.py), and the CPU seconds of the mount's processes and
-of s3rver during the pass.
+served during the pass, from its request log (GETs, their sizes in buckets, and how many
+were in flight on average; the log's format is described in bench/servers.py), and the CPU
+seconds of the mount's processes, of the readers and of s3rver during the pass.
 Results: a table, bench/results/parquet-<timestamp>.json and .md.
 """
 
@@ -148,7 +148,7 @@ def reader(root: str, seed: int, reads: int, columns: int, start, out) -> None:
     rng = random.Random(seed)
     paths = sorted(str(p) for p in Path(root).glob("*.parquet"))
     start.wait()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     files = [pq.ParquetFile(p) for p in paths]
     nbytes = 0
     for _ in range(reads):
@@ -159,7 +159,7 @@ def reader(root: str, seed: int, reads: int, columns: int, start, out) -> None:
         table = files[f].read_row_group(rg, columns=[meta.schema.column(c).name for c in cols])
         assert table.num_rows == meta.row_group(rg).num_rows
         nbytes += sum(meta.row_group(rg).column(c).total_compressed_size for c in cols)
-    out.put((seed, nbytes, time.perf_counter() - t0))
+    out.put((seed, nbytes, time.perf_counter() - t0, time.process_time() - cpu0))
 
 
 def run_pass(root: Path, args) -> dict:
@@ -181,7 +181,8 @@ def run_pass(root: Path, args) -> dict:
     nbytes = sum(g[1] for g in got)
     wall = max(g[2] for g in got)
     reads = args.procs * args.reads
-    return {"mib_s": nbytes / MiB / wall, "reads_s": reads / wall, "seconds": wall, "data_mib": nbytes / MiB}
+    return {"mib_s": nbytes / MiB / wall, "reads_s": reads / wall, "seconds": wall, "data_mib": nbytes / MiB,
+            "reader_cpu_s": round(sum(g[3] for g in got), 2)}
 
 
 def s3_gets(log: Path, offset: int) -> tuple[dict, int]:
@@ -301,6 +302,7 @@ def run_systems(order: list[str], server, local: Path, work: Path, args) -> dict
                         cpu0 = [cpu_seconds(pid) or 0.0 for pid in pids + [server.proc.pid]]
                         faults0 = sum(minor_faults(pid) for pid in pids)
                         mount_faults0 = minor_faults(pids[0])
+                        store_faults0 = minor_faults(server.proc.pid)
                         calls0, worker_calls0 = syscalls(pids[0]), syscalls(*pids[1:])
                         served0 = mount_reads(m)
                         idle0 = machine_idle()
@@ -310,6 +312,7 @@ def run_systems(order: list[str], server, local: Path, work: Path, args) -> dict
                             r["idle_share"] = idle_share(idle0, machine_idle())
                             r["daemon_faults"] = sum(minor_faults(pid) for pid in pids) - faults0
                             r["mount_faults"] = minor_faults(pids[0]) - mount_faults0
+                            r["s3rver_faults"] = minor_faults(server.proc.pid) - store_faults0
                             r["mount_syscalls"] = [b - a for a, b in zip(calls0, syscalls(pids[0]))]
                             r["worker_syscalls"] = [b - a for a, b in zip(worker_calls0, syscalls(*pids[1:]))]
                             served1 = mount_reads(m)
@@ -410,7 +413,7 @@ def show(name: str, phase: str, r: dict) -> None:
              f"{s3['get_ms'] / 1000 / r['seconds']:.1f} in flight (their logged times over the wall time), "
              f"{s3['heads']} HEADs, sizes {s3['sizes']}; CPU s: daemons {r['daemon_cpu_s']} "
              f"(mount {r.get('mount_cpu_s')}), "
-             f"s3rver {r['s3rver_cpu_s']}; machine idle {r.get('idle_share')}; daemons' page faults {r.get('daemon_faults')} (mount {r.get('mount_faults')}); the mount's read() requests {r.get('mount_reads')}, read and write calls {r.get('mount_syscalls')}, the worker's {r.get('worker_syscalls')}") if s3 else ""
+             f"s3rver {r['s3rver_cpu_s']}, the readers {r.get('reader_cpu_s')}; machine idle {r.get('idle_share')}; daemons' page faults {r.get('daemon_faults')} (mount {r.get('mount_faults')}), s3rver's {r.get('s3rver_faults')}; the mount's read() requests {r.get('mount_reads')}, read and write calls {r.get('mount_syscalls')}, the worker's {r.get('worker_syscalls')}") if s3 else ""
     print(f"{name} {phase}: {r['mib_s']:.1f} MiB/s, {r['reads_s']:.1f} reads/s, {r['seconds']:.1f} s{extra}",
           flush=True)
 
