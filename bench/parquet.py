@@ -150,6 +150,7 @@ def reader(root: str, seed: int, reads: int, columns: int, start, out) -> None:
     start.wait()
     t0, cpu0 = time.perf_counter(), time.process_time()
     files = [pq.ParquetFile(p) for p in paths]
+    opened = time.perf_counter() - t0
     nbytes = 0
     for _ in range(reads):
         f = rng.randrange(len(files))
@@ -159,7 +160,7 @@ def reader(root: str, seed: int, reads: int, columns: int, start, out) -> None:
         table = files[f].read_row_group(rg, columns=[meta.schema.column(c).name for c in cols])
         assert table.num_rows == meta.row_group(rg).num_rows
         nbytes += sum(meta.row_group(rg).column(c).total_compressed_size for c in cols)
-    out.put((seed, nbytes, time.perf_counter() - t0, time.process_time() - cpu0))
+    out.put((seed, nbytes, time.perf_counter() - t0, time.process_time() - cpu0, opened))
 
 
 def run_pass(root: Path, args) -> dict:
@@ -182,7 +183,7 @@ def run_pass(root: Path, args) -> dict:
     wall = max(g[2] for g in got)
     reads = args.procs * args.reads
     return {"mib_s": nbytes / MiB / wall, "reads_s": reads / wall, "seconds": wall, "data_mib": nbytes / MiB,
-            "reader_cpu_s": round(sum(g[3] for g in got), 2)}
+            "reader_cpu_s": round(sum(g[3] for g in got), 2), "open_s": round(max(g[4] for g in got), 3)}
 
 
 def s3_gets(log: Path, offset: int) -> tuple[dict, int]:
@@ -414,7 +415,8 @@ def show(name: str, phase: str, r: dict) -> None:
              f"{s3['heads']} HEADs, sizes {s3['sizes']}; CPU s: daemons {r['daemon_cpu_s']} "
              f"(mount {r.get('mount_cpu_s')}), "
              f"s3rver {r['s3rver_cpu_s']}, the readers {r.get('reader_cpu_s')}; machine idle {r.get('idle_share')}; daemons' page faults {r.get('daemon_faults')} (mount {r.get('mount_faults')}), s3rver's {r.get('s3rver_faults')}; the mount's read() requests {r.get('mount_reads')}, read and write calls {r.get('mount_syscalls')}, the worker's {r.get('worker_syscalls')}") if s3 else ""
-    print(f"{name} {phase}: {r['mib_s']:.1f} MiB/s, {r['reads_s']:.1f} reads/s, {r['seconds']:.1f} s{extra}",
+    print(f"{name} {phase}: {r['mib_s']:.1f} MiB/s, {r['reads_s']:.1f} reads/s, {r['seconds']:.2f} s "
+          f"(opening the files and reading their footers: {r.get('open_s')} s){extra}",
           flush=True)
 
 

@@ -163,3 +163,36 @@ def test_a_file_read_in_parts_by_several_readers_is_held_at_its_next_open(procs,
         before["dorafs_mount_object_file_opens_total{result=held}"] + 1
     assert held_reads(after) > held_reads(before)
     assert pages(after) == pages(before), "pages were fetched for a file held whole"
+
+
+def test_a_held_file_is_taken_again_by_the_next_open_and_let_go_once_the_worker_unlinks_it(procs, s3_server,
+                                                                                           bucket):
+    """The last open of a version ends: its verified object file stays held a while, and
+    the next opens take it without asking the worker; once the worker unlinks it (its
+    pages dropped), the mount lets go of it within a sweep, the worker stops counting it,
+    and the next open reads the version page by page again, exactly."""
+    data = os.urandom(2 * MiB + 7)
+    s3_server.client().put_object(Bucket=bucket, Key="h/r.bin", Body=data)
+    worker, m, metrics = setup(procs, bucket)
+    assert read_whole(m.path("r.bin")) == data
+    prepared(worker, metrics)
+    assert read_whole(m.path("r.bin")) == data  # held from this open on
+    before = metrics()
+    for _ in range(3):
+        assert read_whole(m.path("r.bin")) == data
+    after = metrics()
+    assert after["dorafs_mount_object_files_taken_again_total"] == \
+        before["dorafs_mount_object_files_taken_again_total"] + 3
+    assert after["dorafs_mount_object_file_opens_total{result=held}"] == \
+        before["dorafs_mount_object_file_opens_total{result=held}"] + 3
+    assert held_reads(after) > held_reads(before) and pages(after) == pages(before)
+    r = httpx.post(f"http://{worker.address}/v1/invalidate",
+                   params={"uri": f"s3://{bucket}/h/r.bin", "pages": "1"}, timeout=10)
+    assert r.status_code == 200 and r.json()["pages"] > 0
+    assert not sealed(worker)
+    wait_for(lambda: worker.metrics()["dorafs_worker_held_bytes"] == 0, timeout=10,
+             what="the mount to let go of the idle file the worker unlinked")
+    assert read_whole(m.path("r.bin")) == data
+    later = metrics()
+    assert later["dorafs_mount_object_files_taken_again_total"] == after["dorafs_mount_object_files_taken_again_total"]
+    assert held_reads(later) == held_reads(after), "read from the file the worker let go of"

@@ -84,6 +84,9 @@ PASSTHROUGH_OPENS = Counter("dorafs_mount_passthrough_opens", "Read-only opens o
 OBJECT_FILE_OPENS = Counter("dorafs_mount_object_file_opens", "Read-only opens of files of passthrough_min_size "
                             "or more: holding the verified object file of their version (result=held) or why "
                             "not", ["result"], registry=REGISTRY)
+OBJECT_FILES_TAKEN_AGAIN = Counter("dorafs_mount_object_files_taken_again", "Opens that took an object file held "
+                                   "on after the last open of its version ended, without asking the worker for it",
+                                   registry=REGISTRY)
 OBJECT_FILE_PAGES_CHECKED = Counter("dorafs_mount_object_file_pages_checked", "Pages of object files checked "
                                     "against their checksums in a pass before the file is held (pages the "
                                     "mount read from that file and checked as it read them are not)",

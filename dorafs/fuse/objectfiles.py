@@ -4,7 +4,9 @@ A worker on this machine that holds every page of an object version keeps it as 
 file at the page offsets (worker/pagestore.py seals it). When a file is opened
 read-only and the worker that owns it has sealed (or can seal) its pinned version, the
 mount opens that file, checks every page of it against the checksum the worker recorded
-when the page arrived, and holds it open for the opens of that version. Then either the
+when the page arrived, and holds it open for the opens of that version and for LINGER
+seconds after the last of them (the next open takes it without asking the worker, opening
+and locking it again). Then either the
 kernel reads it itself (passthrough.py registers it as a backing file) or, when it
 cannot, the mount answers each READ of such an open with one `preadv` of the held file:
 no page planning, no buffer, no per-page descriptor. The second way is what a mount
@@ -43,6 +45,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
+import math
 import os
 from collections import OrderedDict
 from collections.abc import Callable
@@ -51,7 +54,8 @@ from dataclasses import dataclass
 import trio
 import xxhash
 
-from dorafs.fuse.metrics import OBJECT_FILE_OPENS, OBJECT_FILE_PAGES_CHECKED, OBJECT_FILES_PREPARING
+from dorafs.fuse.metrics import (OBJECT_FILE_OPENS, OBJECT_FILE_PAGES_CHECKED, OBJECT_FILES_PREPARING,
+                                 OBJECT_FILES_TAKEN_AGAIN)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,12 @@ HELD = "held"
 for _result in (HELD, NOT_CACHED, UNREADABLE, CORRUPT, TOO_MANY):
     OBJECT_FILE_OPENS.labels(_result)
 
+# A held file stays held this long after its last open ends: the next open of that
+# version (the next epoch's, a reader that opens a file per sample) takes it at once,
+# without asking the worker for it, opening it and locking it again (bench/README.md).
+# One the worker unlinked (evicted, freed, refreshed) is let go at once instead.
+LINGER = 10.0
+SWEEP_EVERY = 1.0  # how often idle held files are looked at (past LINGER, or unlinked)
 VERIFY_THREADS = 2  # checksum passes over object files at once
 PREPARING = 2  # files sealed and verified ahead of their next open, at once
 VERIFIED_KEPT = 100_000  # object files remembered as verified (their device and inode)
@@ -87,6 +97,12 @@ class HeldFile:
     fd: int
     size: int
     opens: int = 1
+    idle_since: float = 0.0  # when its last open ended (trio's clock), while `opens` is 0
+
+
+def _unlinked(fd: int) -> bool:
+    """Has the worker unlinked this file since (evicted, freed, refreshed, replaced)?"""
+    return os.fstat(fd).st_nlink == 0
 
 
 def verify(fd: int, size: int, page_size: int, checksums: list[str], done: set[int] = frozenset()) -> int | None:
@@ -162,8 +178,28 @@ class ObjectFiles:
         OBJECT_FILES_PREPARING.set_function(lambda: len(self._preparing))
 
     def started(self, nursery: trio.Nursery) -> None:
-        """The mount runs: `nursery` runs the preparation of files read to their end."""
+        """The mount runs: `nursery` runs the preparation of files read to their end, and
+        lets go of held files no open used for LINGER seconds."""
         self._nursery = nursery
+        nursery.start_soon(self._sweep)
+
+    async def _sweep(self) -> None:
+        while True:
+            await trio.sleep(SWEEP_EVERY)
+            self._let_go_idle(trio.current_time() - LINGER)
+
+    def _let_go_idle(self, before: float, limit: int | None = None) -> int:
+        """Close held files without an open since before `before`, or whose file the
+        worker unlinked, the longest idle first, at most `limit` of them; how many."""
+        idle = sorted((h for h in self.held.values() if h.opens == 0), key=lambda h: h.idle_since)
+        closed = 0
+        for held in idle:
+            if limit is not None and closed >= limit:
+                break
+            if held.idle_since <= before or _unlinked(held.fd):
+                self._close(held)
+                closed += 1
+        return closed
 
     async def hold(self, f, wait: bool = True) -> HeldFile:
         """The verified object file of pinned version `f`, held until `let_go`; raises
@@ -190,9 +226,13 @@ class ObjectFiles:
             await holding.wait()
         held = self.held.get(key)
         if held is not None:
-            held.opens += 1
-            return held
-        if len(self.held) >= self.max_held:
+            if held.opens or not _unlinked(held.fd):  # (an idle one the worker let go of is asked for again)
+                if not held.opens:
+                    OBJECT_FILES_TAKEN_AGAIN.inc()
+                held.opens += 1
+                return held
+            self._close(held)
+        if len(self.held) >= self.max_held and not self._let_go_idle(math.inf, limit=1):
             raise Fallback(TOO_MANY)
         holding = self._holding[key] = trio.Event()
         try:
@@ -226,11 +266,18 @@ class ObjectFiles:
         return held
 
     def let_go(self, held: HeldFile) -> None:
-        """One open of `held` ended; the last one closes it, which lets go of the flock
-        (the worker may give the bytes back)."""
+        """One open of `held` ended. After the last one it stays held for LINGER seconds
+        (`_sweep`), unless the worker unlinked it: then it is closed at once, which lets
+        go of the flock (the worker may give the bytes back)."""
         held.opens -= 1
         if held.opens > 0:
             return
+        if self._nursery is None or self.held.get(held.key) is not held or _unlinked(held.fd):
+            self._close(held)
+        else:
+            held.idle_since = trio.current_time()
+
+    def _close(self, held: HeldFile) -> None:
         if self.held.get(held.key) is held:
             del self.held[held.key]
         os.close(held.fd)
