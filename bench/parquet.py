@@ -26,12 +26,14 @@ once with `pyarrow.parquet.ParquetFile` (the footer) and then making `--reads` r
 per process, the same for every system and every pass. Passes per system:
 
 - cold: the first mount of a fresh cache (the system's own cache empty);
+- again: the same reads again on that mount, a training job's second epoch (what the
+  kernel and the mount kept of the cold pass);
 - warm: a new mount over the cache the cold pass left (the kernel's page cache of the
   first mount is gone with it);
 - hot: the same reads again on that mount (what the kernel kept).
 
 `native` reads the same files on the local disk (no FUSE): cold after dropping their
-page cache (POSIX_FADV_DONTNEED), warm and hot from the page cache.
+page cache (POSIX_FADV_DONTNEED), the other passes from the page cache.
 
 Per pass: MiB/s of column data (the chunks' sizes from the footer, summed over every
 read of every process, over the slowest process's wall time), reads/s, what s3rver
@@ -66,6 +68,7 @@ from servers import s3rver_served  # noqa: E402
 MiB = 1 << 20
 BUCKET, PREFIX = "bench", "parquet"
 COLUMNS = 32
+PASSES = ("cold", "again", "warm", "hot")  # (the module's note says what each is)
 BUCKETS = [(64 << 10, "≤64K"), (256 << 10, "≤256K"), (1 << 20, "≤1M"), (4 << 20, "≤4M"), (16 << 20, "≤16M"),
            (None, ">16M")]
 
@@ -277,7 +280,7 @@ def run_systems(order: list[str], server, local: Path, work: Path, args) -> dict
         if name == "native":
             drop_page_cache(local)
             prime(args.prime_gib)
-            for phase in ("cold", "warm", "hot"):
+            for phase in PASSES:
                 results[name][phase] = run_pass(local, args)
                 show(name, phase, results[name][phase])
             continue
@@ -291,7 +294,7 @@ def run_systems(order: list[str], server, local: Path, work: Path, args) -> dict
         session = system.session()
         results[name]["config"] = system.config
         try:
-            for phases in (("cold",), ("warm", "hot")):
+            for phases in (("cold", "again"), ("warm", "hot")):
                 with session.mount() as m:
                     pids = [m.proc.pid] + descendants(m.proc.pid)
                     for phase in phases:
@@ -432,7 +435,7 @@ def summary(rounds: list[dict[str, dict]], args) -> None:
              "| system | pass | MiB/s by round | median | × " + args.versus + " by round | median × |",
              "|---|---|---|---|---|---|"]
     for name in names:
-        for phase in ("cold", "warm", "hot"):
+        for phase in PASSES:
             rates = [r[name][phase]["mib_s"] for r in rounds if phase in r.get(name, {})]
             if not rates:
                 continue
@@ -458,7 +461,7 @@ def report(results: dict, args) -> None:
              "|---|---|---|---|---|---|---|---|---|---|"]
     native = results.get("native", {})
     for name, r in results.items():
-        for phase in ("cold", "warm", "hot"):
+        for phase in PASSES:
             if phase not in r:
                 continue
             x = r[phase]

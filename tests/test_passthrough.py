@@ -436,6 +436,50 @@ def test_a_reader_of_a_files_end_first_gets_the_page_cache_for_its_next_opens_an
     _read_twice_then_whole(m.path("fresh.parquet"), fresh, MiB, metrics)  # this process's next cold open
 
 
+def test_a_file_its_readers_read_through_the_page_cache_keeps_those_pages_at_its_next_opens(setup):
+    """A process reads a file footer first (Parquet), then another file: both files are
+    read through the kernel's page cache (the first by anyone after that footer, the
+    other by that process). Once their worker holds them whole, their next opens of
+    that version (a second epoch) are not handed over: they read the pages the kernel
+    kept, no request reaching the mount, and what the kernel dropped comes from the held
+    object file; every byte exact. A file read plainly is handed over as before."""
+    worker, mount, put, metrics = setup
+    table, other, plain = os.urandom(3 * MiB + 5), os.urandom(2 * MiB + 3), os.urandom(2 * MiB + 7)
+    put("table.parquet", table)
+    put("other.parquet", other)
+    put("plain.bin", plain)
+    m = mount("")
+    child = ("import os, sys\n"
+             "with open(sys.argv[1], 'rb', buffering=0) as f:\n"
+             "    size = os.fstat(f.fileno()).st_size\n"
+             "    sys.stdout.buffer.write(os.pread(f.fileno(), 65536, size - 65536))\n"
+             "with open(sys.argv[2], 'rb', buffering=0) as f:\n"
+             "    sys.stdout.buffer.write(f.read())\n")
+    out = subprocess.run([sys.executable, "-c", child, m.path("table.parquet"), m.path("other.parquet")],
+                         capture_output=True, timeout=60)
+    assert out.returncode == 0 and out.stdout == table[-65536:] + other, out.stderr[-2000:]
+    assert read_whole(m.path("table.parquet")) == table  # through the page cache, to its end
+    assert read_whole(m.path("plain.bin")) == plain
+    prepared(metrics, worker, sealed=3)
+    before = metrics()
+    for _ in range(2):
+        for name, data in (("table.parquet", table), ("other.parquet", other)):
+            with open(m.path(name), "rb", buffering=0) as f:
+                assert f.read() == data
+    after = metrics()
+    assert opens(after, "kernel_pages") == opens(before, "kernel_pages") + 4
+    assert opens(after, "granted") == opens(before, "granted")
+    assert reads(after) == reads(before), "the next opens did not read the pages the kernel kept"
+    with open(m.path("table.parquet"), "rb", buffering=0) as f:
+        os.posix_fadvise(f.fileno(), MiB, MiB, os.POSIX_FADV_DONTNEED)  # the kernel lets a page go
+        assert os.pread(f.fileno(), MiB, MiB) == table[MiB:2 * MiB]
+    held = metrics()
+    assert held["dorafs_mount_object_file_reads_total"] > after["dorafs_mount_object_file_reads_total"]
+    assert held["dorafs_mount_worker_pages_total"] == after["dorafs_mount_worker_pages_total"]
+    assert read_whole(m.path("plain.bin")) == plain
+    assert opens(metrics(), "granted") == opens(held, "granted") + 1
+
+
 def test_direct_io_0_keeps_the_kernels_page_cache_in_a_cold_open(setup):
     """`-o direct_io=0`: a cold open of a file later opens get by passthrough still reads
     through the kernel's page cache, so a piece read twice reaches the mount once."""

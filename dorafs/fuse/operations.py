@@ -44,7 +44,7 @@ from dorafs.fuse.handles import NAME_MAX, DirHandle, FileHandle, too_long, valid
 from dorafs.fuse.inodes import InodeTable, Node
 from dorafs.fuse.metrics import INODES, PASSTHROUGH_READAHEAD_REFUSED, READS, STAGING_BYTES
 from dorafs.fuse.objectfiles import NOT_CACHED, Fallback, ObjectFiles
-from dorafs.fuse.passthrough import CACHED_OPEN, OTHER_VERSION, WRITING, Passthrough
+from dorafs.fuse.passthrough import CACHED_OPEN, KERNEL_PAGES, OTHER_VERSION, WRITING, Passthrough
 from dorafs.fuse.types import ROOT_INODE, EntryAttributes, FileInfo, FUSEError, StatvfsData
 from dorafs.fuse.writing import WritingOperations
 from dorafs.ufs import FileStatus, join
@@ -149,7 +149,11 @@ class DoraOperations(WritingOperations):
         reads it from the object file (passthrough): the pages it keeps of the FUSE file
         from reads through the mount are of no more use. Dropped now, in the background,
         rather than by that open: without `keep_cache` (which passthrough excludes) the
-        kernel drops them before the open returns, about 40 ms per 256 MiB here."""
+        kernel drops them before the open returns, about 40 ms per 256 MiB here. Kept
+        for a file whose readers read through the page cache: its next opens read them
+        (`open`, KERNEL_PAGES)."""
+        if node.page_cache_reads:
+            return
         if node.kernel_version == version and not node.cached_opens and self.passthrough.unavailable() is None:
             node.kernel_version = None
             self._invalidate_kernel(node.inode)
@@ -335,6 +339,13 @@ class DoraOperations(WritingOperations):
                 raise Fallback(OTHER_VERSION)
             if node.cached_opens and not self.passthrough.holds(node.inode):
                 raise Fallback(CACHED_OPEN)
+            if node.page_cache_reads and node.kernel_version == version and not self.passthrough.holds(node.inode):
+                # Its readers read through the kernel's page cache, which holds this version
+                # from their earlier opens: the next epoch reads it there, with no request
+                # (a passthrough open would drop it, and pyarrow's posix_fadvise before each
+                # column chunk would then cost a refused readahead each, bench/README.md).
+                # What the kernel lacks comes from the held file, one preadv a read.
+                raise Fallback(KERNEL_PAGES)
             backing_id = self.passthrough.register(node.inode, handle.held)
         except Fallback as why:  # a mount that cannot hand over any file says so first
             self.passthrough.fallback(self.passthrough.unavailable() or why.reason, why.detail)
@@ -359,6 +370,8 @@ class DoraOperations(WritingOperations):
         else:
             direct_io, keep_cache = False, node.kernel_version == version
             node.kernel_version = version
+            if ctx.pid in self._page_cache_readers:  # a reader the page cache serves better: its files too
+                node.page_cache_reads = True
             handle.cached = True
             node.cached_opens += 1
         node.open_versions[version] = node.open_versions.get(version, 0) + 1

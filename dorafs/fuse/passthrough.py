@@ -44,10 +44,11 @@ NOT_PERMITTED = "not_permitted"  # registering failed with EPERM (not root)
 WRITING = "writing"  # open for writing, or the file is staged
 OTHER_VERSION = "other_version"  # another open of the inode reads another version
 CACHED_OPEN = "cached_open"  # another open of the inode uses the kernel's page cache
+KERNEL_PAGES = "kernel_pages"  # the kernel holds this version's pages, and the file's readers read them
 NEW_INODE = "new_inode"  # the inode is read through passthrough, this open could not be: a new inode
 FAILED = "failed"  # registering failed otherwise
 GRANTED = "granted"
-REASONS = (GRANTED, OFF, NOT_GRANTED, NOT_PERMITTED, WRITING, OTHER_VERSION, CACHED_OPEN, NOT_CACHED,
+REASONS = (GRANTED, OFF, NOT_GRANTED, NOT_PERMITTED, WRITING, OTHER_VERSION, CACHED_OPEN, KERNEL_PAGES, NOT_CACHED,
            UNREADABLE, CORRUPT, FAILED, SMALL, TOO_MANY, NEW_INODE)
 for _reason in REASONS:
     PASSTHROUGH_OPENS.labels(_reason)
@@ -59,6 +60,8 @@ _MESSAGES = {
     WRITING: "the file is open for writing or staged",
     OTHER_VERSION: "another open of the file reads another version",
     CACHED_OPEN: "another open of the file uses the kernel's page cache",
+    KERNEL_PAGES: "the kernel's page cache holds the version, and the file's readers read it there "
+                  "(footer first, or in small pieces)",
     NOT_CACHED: "the version is not wholly cached by a worker on this machine",
     UNREADABLE: "the worker's object file cannot be read by this mount",
     CORRUPT: "a page of the worker's object file did not match its checksum",
