@@ -102,12 +102,13 @@ def test_a_cached_file_is_read_by_the_kernel_exactly_and_without_reads_reaching_
     wait_for(lambda: metrics()["dorafs_mount_passthrough_files"] == 0, what="the backing file closed at release")
 
 
-def test_readahead_advised_on_a_passthrough_file_is_refused_unread_and_reads_stay_exact(setup):
+def test_readahead_advised_on_a_passthrough_file_fills_the_page_cache_its_next_open_reads(setup):
     """posix_fadvise(WILLNEED) on a passthrough descriptor makes the kernel read ahead into
-    the FUSE file's own page cache, which no read of the descriptor uses: the mount
-    refuses those READs without reading (no read served, no error counted for an
-    application), and every read of the descriptor, after the advice too, is the
-    kernel's from the backing file, exact."""
+    the FUSE file's own page cache, which no read of that descriptor uses: the mount
+    answers it from the held object file, and every read of the descriptor is still the
+    kernel's from the backing file, exact. The file's next open is not handed over: it
+    reads the advised pages the kernel kept with no request, the rest from the held
+    file, exact, and nothing is fetched again."""
     worker, mount, put, metrics = setup
     data = os.urandom(4 * MiB + 999)
     put("w.bin", data)
@@ -116,16 +117,25 @@ def test_readahead_advised_on_a_passthrough_file_is_refused_unread_and_reads_sta
     assert read_whole(path) == data
     prepared(metrics, worker)
     before = metrics()
-    refused = "dorafs_mount_passthrough_readahead_refused_total"
+    advised = "dorafs_mount_passthrough_readahead_total"
     with open(path, "rb") as f:
-        os.posix_fadvise(f.fileno(), MiB, 2 * MiB, os.POSIX_FADV_WILLNEED)
-        wait_for(lambda: metrics()[refused] > before[refused], what="the advised readahead refused")
+        os.posix_fadvise(f.fileno(), MiB, MiB, os.POSIX_FADV_WILLNEED)
+        wait_for(lambda: metrics()[advised] > before[advised], what="the advised readahead answered")
         assert os.pread(f.fileno(), 2 * MiB, MiB) == data[MiB:3 * MiB]
         assert f.read() == data
     after = metrics()
     assert opens(after, "granted") == opens(before, "granted") + 1
-    assert reads(after) == reads(before), "the advised readahead was read and served"
     assert after.get("dorafs_mount_errors_total{errno=EIO}") == before.get("dorafs_mount_errors_total{errno=EIO}")
+    with open(path, "rb", buffering=0) as f:
+        assert os.pread(f.fileno(), MiB, MiB) == data[MiB:2 * MiB]
+        kept = metrics()
+        assert reads(kept) == reads(after), "the advised pages the kernel kept were asked for again"
+        assert os.pread(f.fileno(), len(data), 2 * MiB) == data[2 * MiB:]
+        assert os.pread(f.fileno(), MiB, 0) == data[:MiB]
+    later = metrics()
+    assert opens(later, "kernel_pages") == opens(after, "kernel_pages") + 1
+    assert reads(later) > reads(kept)
+    assert later["dorafs_mount_worker_pages_total"] == after["dorafs_mount_worker_pages_total"]
 
 
 def test_two_handles_of_one_version_share_one_backing_file(setup):

@@ -93,11 +93,10 @@ OBJECT_FILE_PAGES_CHECKED = Counter("dorafs_mount_object_file_pages_checked", "P
                                     registry=REGISTRY)
 OBJECT_FILES_PREPARING = Gauge("dorafs_mount_object_files_preparing", "Versions read to their end being sealed "
                                "by their worker and verified, to be held from their next open", registry=REGISTRY)
-PASSTHROUGH_READAHEAD_REFUSED = Counter("dorafs_mount_passthrough_readahead_refused", "READ requests for a handle "
-                                       "the kernel reads by passthrough, answered EIO unread: the kernel's "
-                                       "readahead into the FUSE file's own page cache (posix_fadvise WILLNEED, "
-                                       "readahead(2)), which no read of a passthrough handle uses",
-                                       registry=REGISTRY)
+PASSTHROUGH_READAHEAD = Counter("dorafs_mount_passthrough_readahead", "READ requests for a handle the kernel "
+                                "reads by passthrough: its readahead into the FUSE file's own page cache "
+                                "(posix_fadvise WILLNEED, readahead(2)), answered from the held object file, for "
+                                "the file's next opens to read", registry=REGISTRY)
 PASSTHROUGH_FILES = Gauge("dorafs_mount_passthrough_files", "Backing files registered with the kernel "
                           "(one per inode read through passthrough)", registry=REGISTRY)
 ERRORS = Counter("dorafs_mount_errors", "Errors returned to applications, by errno", ["errno"], registry=REGISTRY)

@@ -42,7 +42,7 @@ from dorafs.errors import IsADirectory, NotADirectory, NotFound, UfsError
 from dorafs.fuse.errors import fuse_operation
 from dorafs.fuse.handles import NAME_MAX, DirHandle, FileHandle, too_long, valid_name
 from dorafs.fuse.inodes import InodeTable, Node
-from dorafs.fuse.metrics import INODES, PASSTHROUGH_READAHEAD_REFUSED, READS, STAGING_BYTES
+from dorafs.fuse.metrics import INODES, PASSTHROUGH_READAHEAD, READS, STAGING_BYTES
 from dorafs.fuse.objectfiles import NOT_CACHED, Fallback, ObjectFiles
 from dorafs.fuse.passthrough import CACHED_OPEN, KERNEL_PAGES, OTHER_VERSION, WRITING, Passthrough
 from dorafs.fuse.types import ROOT_INODE, EntryAttributes, FileInfo, FUSEError, StatvfsData
@@ -443,12 +443,16 @@ class DoraOperations(WritingOperations):
             # The kernel reads a passthrough handle from the backing file (read, mmap,
             # splice): what reaches the mount for it is the kernel's readahead into the FUSE
             # file's own page cache, which pyarrow asks for before each column chunk
-            # (posix_fadvise WILLNEED). No read of the handle uses those pages and the next
-            # open drops them, so they are refused unread: for an asynchronous readahead an
-            # error only leaves the pages unfilled (bench/README.md, "Readahead of a
-            # passthrough file refused").
-            PASSTHROUGH_READAHEAD_REFUSED.inc()
-            raise FUSEError(errno.EIO, counted=False)
+            # (posix_fadvise WILLNEED). No read of this handle uses those pages, but the
+            # file's next opens do: its reader advises the kernel of what it reads, which
+            # the page cache serves better, so they keep those pages rather than being
+            # handed over (`open`, KERNEL_PAGES) and read them with no request, where
+            # passthrough would drop them and have every advice asked for again
+            # (bench/README.md, "A second epoch reads the kernel's pages").
+            PASSTHROUGH_READAHEAD.inc()
+            node = handle.node
+            node.page_cache_reads = True
+            node.kernel_version = handle.file.status.version
         start = time.perf_counter()
         if handle.held is not None:  # a verified object file: one preadv, nothing else
             data = self.objects.reader.now(handle.held, off, size)
