@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import httpx
+import pytest
 
 from tests.cluster import CORRUPT, ProcessSet
 from tests.support import free_port, wait_for
@@ -196,3 +197,44 @@ def test_a_held_file_is_taken_again_by_the_next_open_and_let_go_once_the_worker_
     later = metrics()
     assert later["dorafs_mount_object_files_taken_again_total"] == after["dorafs_mount_object_files_taken_again_total"]
     assert held_reads(later) == held_reads(after), "read from the file the worker let go of"
+
+
+# -- in-process: answering reads of a held file -------------------------------------------
+
+
+def test_a_held_file_is_answered_from_its_mapping_when_cached_and_never_from_the_disk_on_the_loop(
+        tmp_path, monkeypatch):
+    """A read of a held file whose pages the kernel's page cache holds is a view of the
+    file's mapping (no copy before the reply's); one with a page the cache lacks is left
+    to a thread (None); where cachestat cannot answer, the buffer's RWF_NOWAIT read
+    decides. Every answer is the file's bytes, short only at its end."""
+    import trio
+
+    from dorafs.client import local
+    from dorafs.fuse.objectfiles import HeldFile, HeldReader
+
+    data = os.urandom(3 * MiB + 5)
+    path = tmp_path / "object"
+    with open(path, "wb") as f:
+        f.write(data)
+        os.fsync(f.fileno())  # clean pages: the kernel may let them go when advised
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if local.cached_in_range(fd, 0, 1) is None:
+            pytest.skip("no cachestat in this kernel")
+        held, reader = HeldFile(("u", "v"), fd, len(data)), HeldReader()
+        os.pread(fd, len(data), 0)  # all of it in the page cache
+        part = reader.now(held, MiB + 3, MiB)
+        assert bytes(part) == data[MiB + 3:2 * MiB + 3] and part.obj is held.mapping
+        assert bytes(reader.now(held, 3 * MiB, MiB)) == data[3 * MiB:]  # short at the end
+        del part
+        held.mapping = None  # unmapped (the kernel keeps pages a mapping shows)
+        os.posix_fadvise(fd, 2 * MiB, MiB, os.POSIX_FADV_DONTNEED)
+        assert local.cached_in_range(fd, 2 * MiB, MiB) == 0
+        assert reader.now(held, MiB, 2 * MiB) is None  # a page from the disk: a thread reads it
+        assert trio.run(reader.later, held, MiB, 2 * MiB) == data[MiB:3 * MiB]
+        monkeypatch.setattr(local, "_cachestat_usable", False)
+        other = HeldFile(("u", "w"), fd, len(data))
+        assert bytes(reader.now(other, 0, MiB)) == data[:MiB] and other.mapping is None
+    finally:
+        os.close(fd)

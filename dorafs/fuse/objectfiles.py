@@ -46,6 +46,7 @@ import errno
 import fcntl
 import logging
 import math
+import mmap
 import os
 from collections import OrderedDict
 from collections.abc import Callable
@@ -54,6 +55,7 @@ from dataclasses import dataclass
 import trio
 import xxhash
 
+from dorafs.client.local import cached_in_range
 from dorafs.fuse.metrics import (OBJECT_FILE_OPENS, OBJECT_FILE_PAGES_CHECKED, OBJECT_FILES_PREPARING,
                                  OBJECT_FILES_TAKEN_AGAIN)
 
@@ -98,6 +100,9 @@ class HeldFile:
     size: int
     opens: int = 1
     idle_since: float = 0.0  # when its last open ended (trio's clock), while `opens` is 0
+    # Read-only shared mapping of the whole file, made at its first read by the mount
+    # (HeldReader); False where none could be made. Unmapped when the last view of it goes.
+    mapping: mmap.mmap | None | bool = None
 
 
 def _unlinked(fd: int) -> bool:
@@ -124,11 +129,15 @@ def verify(fd: int, size: int, page_size: int, checksums: list[str], done: set[i
 
 
 class HeldReader:
-    """Answers READs of held files: one `preadv` into a buffer reused by every read.
+    """Answers READs of held files: a view of the held file's mapping when the kernel's
+    page cache holds every byte asked for (the reply is the only copy), else one
+    `preadv` into a buffer reused by every read.
 
-    The answer is a view of that buffer, which is safe because the session writes a
-    handler's answer to the kernel before anything else runs on the loop, and a read that
-    has to wait for the disk gets bytes of its own instead."""
+    The answer is a view of that mapping or buffer, which is safe because the session
+    writes a handler's answer to the kernel before anything else runs on the loop, and a
+    read that has to wait for the disk gets bytes of its own instead. A mapping is only
+    read where cachestat found every page cached, so the loop does not wait for the disk
+    (unless the kernel drops a page in between: then the reply reads it back)."""
 
     def __init__(self):
         self._buffer = bytearray(1 << 20)
@@ -136,6 +145,20 @@ class HeldReader:
 
     def now(self, held: HeldFile, offset: int, size: int) -> memoryview | None:
         """The bytes, if the kernel's page cache has them all; None if they must come from the disk."""
+        end = min(offset + size, held.size)
+        if end > offset and held.mapping is not False:
+            first = offset - offset % mmap.PAGESIZE
+            cached = cached_in_range(held.fd, first, end - first)
+            if cached is not None:
+                if cached < -(-(end - first) // mmap.PAGESIZE):
+                    return None
+                if held.mapping is None:
+                    try:
+                        held.mapping = mmap.mmap(held.fd, held.size, access=mmap.ACCESS_READ)
+                    except (OSError, ValueError):  # (out of address space or map count): read it
+                        held.mapping = False
+                if held.mapping:
+                    return memoryview(held.mapping)[offset:end]
         if size > len(self._buffer):
             self._view.release()
             self._buffer = bytearray(size)
@@ -280,6 +303,7 @@ class ObjectFiles:
     def _close(self, held: HeldFile) -> None:
         if self.held.get(held.key) is held:
             del self.held[held.key]
+        held.mapping = None
         os.close(held.fd)
 
     async def _verify(self, fd: int, st: os.stat_result, whole: dict, version: str) -> int | None:
@@ -342,5 +366,6 @@ class ObjectFiles:
 
     def close(self) -> None:
         for held in self.held.values():
+            held.mapping = None
             os.close(held.fd)
         self.held.clear()
