@@ -490,6 +490,37 @@ def test_a_file_its_readers_read_through_the_page_cache_keeps_those_pages_at_its
     assert opens(metrics(), "granted") == opens(held, "granted") + 1
 
 
+def test_a_footer_first_readers_first_open_leaves_the_pages_it_advised_for_the_next_opens(setup):
+    """A process's first open of a file is direct (nothing known of it yet); it reads the
+    footer first, then advises the kernel of a chunk before reading it (as pyarrow does),
+    then the rest. The readahead it advised fills the kernel's pages of the file, of that
+    one version: once the worker holds the file whole, the next open keeps them and reads
+    that chunk with no request; every byte exact."""
+    worker, mount, put, metrics = setup
+    data = os.urandom(4 * MiB + 77)
+    put("solo.parquet", data)
+    m = mount("")
+    child = ("import os, sys\n"
+             "MiB = 1 << 20\n"
+             "with open(sys.argv[1], 'rb', buffering=0) as f:\n"
+             "    size = os.fstat(f.fileno()).st_size\n"
+             "    out = [os.pread(f.fileno(), 65536, size - 65536)]\n"
+             "    os.posix_fadvise(f.fileno(), MiB, MiB, os.POSIX_FADV_WILLNEED)\n"
+             "    out.append(os.pread(f.fileno(), MiB, MiB))\n"
+             "    out.append(os.pread(f.fileno(), size, 0))\n"
+             "sys.stdout.buffer.write(b''.join(out))\n")
+    out = subprocess.run([sys.executable, "-c", child, m.path("solo.parquet")], capture_output=True, timeout=60)
+    assert out.returncode == 0 and out.stdout == data[-65536:] + data[MiB:2 * MiB] + data, out.stderr[-2000:]
+    prepared(metrics, worker)
+    before = metrics()
+    with open(m.path("solo.parquet"), "rb", buffering=0) as f:
+        assert os.pread(f.fileno(), MiB, MiB) == data[MiB:2 * MiB]
+        kept = metrics()
+        assert f.read() == data
+    assert opens(kept, "kernel_pages") == opens(before, "kernel_pages") + 1
+    assert reads(kept) == reads(before), "the chunk the first open advised was asked for again"
+
+
 def test_direct_io_0_keeps_the_kernels_page_cache_in_a_cold_open(setup):
     """`-o direct_io=0`: a cold open of a file later opens get by passthrough still reads
     through the kernel's page cache, so a piece read twice reaches the mount once."""

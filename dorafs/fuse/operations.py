@@ -467,6 +467,14 @@ class DoraOperations(WritingOperations):
             n = sum(map(len, data)) if type(data) is tuple else len(data)
             if handle.direct:
                 self._read_direct(handle, off, size, n)
+                node = handle.node
+                if node.page_cache_reads and len(node.open_versions) == 1:
+                    # A direct handle of a reader the page cache serves better (its first
+                    # open, before the mount knew): the readahead it advises still fills the
+                    # kernel's pages of the FUSE file, with this version only (its open
+                    # dropped any other, and no other version is open), so the file's next
+                    # opens read them (`open`, KERNEL_PAGES).
+                    node.kernel_version = handle.file.status.version
             if off + n > handle.read_end:
                 handle.read_end = off + n
             READS.add(n, time.perf_counter() - start)
