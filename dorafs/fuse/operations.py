@@ -344,7 +344,7 @@ class DoraOperations(WritingOperations):
                 # from their earlier opens: the next epoch reads it there, with no request
                 # (a passthrough open would drop it, and pyarrow's posix_fadvise before each
                 # column chunk would then cost a refused readahead each, bench/README.md).
-                # What the kernel lacks comes from the held file, one preadv a read.
+                # What the kernel lacks comes from the held file (HeldReader).
                 raise Fallback(KERNEL_PAGES)
             backing_id = self.passthrough.register(node.inode, handle.held)
         except Fallback as why:  # a mount that cannot hand over any file says so first
