@@ -153,6 +153,14 @@ def cached_in_range(fd: int, offset: int, length: int) -> int | None:
     return stat.nr_cache
 
 
+def all_cached(fd: int, offset: int, length: int) -> bool | None:
+    """Does the kernel's page cache hold every system page of bytes [offset,
+    offset+length) of the open file? None if cachestat is not available here."""
+    first = offset - offset % mmap.PAGESIZE
+    cached = cached_in_range(fd, first, offset + length - first)
+    return None if cached is None else cached == -(-(offset + length - first) // mmap.PAGESIZE)
+
+
 def descriptor_budget() -> int:
     """How many page files to keep open: a quarter of the descriptor limit, raised to
     its hard maximum first (a random reader of a 4 GiB file touches 4,096 pages)."""
@@ -269,9 +277,8 @@ class LocalPages:
         except OSError:
             os.close(fd)
             raise NotMapped(path) from None
-        cached = cached_in_range(fd, offset - start, start + length)
-        whole = cached == -(-(start + length) // mmap.PAGESIZE) if cached is not None else _all_cached(mapping)
-        if not whole:
+        whole = all_cached(fd, offset - start, start + length)
+        if not (_all_cached(mapping) if whole is None else whole):
             mapping.close()
             os.close(fd)
             raise NotMapped(path)

@@ -55,7 +55,7 @@ from dataclasses import dataclass
 import trio
 import xxhash
 
-from dorafs.client.local import cached_in_range
+from dorafs.client.local import all_cached
 from dorafs.fuse.metrics import (OBJECT_FILE_OPENS, OBJECT_FILE_PAGES_CHECKED, OBJECT_FILES_PREPARING,
                                  OBJECT_FILES_TAKEN_AGAIN)
 
@@ -147,10 +147,9 @@ class HeldReader:
         """The bytes, if the kernel's page cache has them all; None if they must come from the disk."""
         end = min(offset + size, held.size)
         if end > offset and held.mapping is not False:
-            first = offset - offset % mmap.PAGESIZE
-            cached = cached_in_range(held.fd, first, end - first)
-            if cached is not None:
-                if cached < -(-(end - first) // mmap.PAGESIZE):
+            whole = all_cached(held.fd, offset, end - offset)
+            if whole is not None:
+                if not whole:
                     return None
                 if held.mapping is None:
                     try:
