@@ -439,8 +439,8 @@ def test_a_streamed_run_waiting_on_a_slow_store_says_so_while_it_waits(procs, s3
         client = WorkerClient(timeout=1.5, connect_timeout=1)
         placed: list[tuple] = []
 
-        async def each(located: tuple) -> bool:
-            placed.append(located)
+        async def each(located: list) -> bool:
+            placed.extend(located)
             return True
 
         try:

@@ -284,24 +284,30 @@ class LocalPages:
             raise NotMapped(path)
         return fd, mapping, start
 
-    def keep(self, key: Hashable, fd: int, size: int, base: int = 0, checksum: str | None = None) -> None:
+    def keep(self, key: Hashable, fd: int, size: int, base: int = 0, checksum: str | None = None,
+             file: tuple[int, int] | None = None) -> None:
         """Keep the descriptor of a verified page of `size` bytes at `base` of its file
         (closing the least recently read past the budgets); with its `checksum`, the
-        page is remembered as checked in that file (`checked`)."""
+        page is remembered as checked in that file (`checked`), which `file` (its
+        device and inode) names when the caller knows them already."""
         if checksum is not None:
-            self._remember(fd, base, checksum)
+            self._remember(fd if file is None else file, base, checksum)
         self._drop(key)
         self._open[key] = (fd, size, base)
         self.bytes += size
         while self._open and (len(self._open) > self.max_open or self.bytes > self.max_bytes):
             self._drop(next(iter(self._open)))
 
-    def _remember(self, fd: int, base: int, checksum: str) -> None:
-        st = os.fstat(fd)
-        pages = self._checked.pop((st.st_dev, st.st_ino), None) or {}
+    def _remember(self, fd: int | tuple[int, int], base: int, checksum: str) -> None:
+        if isinstance(fd, int):
+            st = os.fstat(fd)
+            file = (st.st_dev, st.st_ino)
+        else:
+            file = fd
+        pages = self._checked.pop(file, None) or {}
         self._checked_count += base not in pages
         pages[base] = checksum
-        self._checked[(st.st_dev, st.st_ino)] = pages
+        self._checked[file] = pages
         while self._checked_count > CHECKED_KEPT and len(self._checked) > 1:
             self._checked_count -= len(self._checked.popitem(last=False)[1])
 

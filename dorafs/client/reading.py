@@ -311,20 +311,22 @@ class Reader:
         in one answer as each lands; how many came (from `start` on)."""
         status, got = f.status, 0
 
-        async def placed(located: tuple[int, str, int, str, int]) -> bool:
+        async def placed(located: list[tuple[int, str, int, str, int]]) -> bool:
+            """Pages that landed together: their files read (mapped) at once, pages
+            that follow one another in one file in one mapping."""
             nonlocal got
-            if located[0] != start + got:
+            if [page[0] for page in located] != list(range(start + got, start + got + len(located))):
                 return False
-            pieces = await self._load_page_files(f, [located])
-            if not pieces:  # gone or corrupt: the worker checks it when asked for it alone
-                return False
-            key = self.key(f, located[0])
-            self.buffer.put(key, pieces[0])
-            self.stats.short_circuit_pages += 1
-            self.stats.worker_pages += 1
-            got += 1
-            done(key)
-            return got < count
+            pieces = await self._load_page_files(f, located)
+            for (index, *_), piece in zip(located, pieces):
+                key = self.key(f, index)
+                self.buffer.put(key, piece)
+                self.stats.short_circuit_pages += 1
+                self.stats.worker_pages += 1
+                got += 1
+                done(key)
+            # one gone or corrupt ends it: the worker checks it when asked for it alone
+            return len(pieces) == len(located) and got < count
 
         async def from_worker(address: str) -> None:
             if self.router.reads_files_of(address) and got < count:
@@ -530,11 +532,13 @@ class Reader:
             fd, mapping, at = mapped
             block = Block.mapping(mapping)
             try:
+                st = os.fstat(fd)
                 with memoryview(mapping) as whole:
                     for index, _, size, checksum, offset in located[i:j]:
                         if xxhash.xxh3_64_hexdigest(whole[at:at + size]) != checksum:
                             return pieces, True
-                        self.local.keep(self.key(f, index), os.dup(fd), size, offset, checksum)
+                        self.local.keep(self.key(f, index), os.dup(fd), size, offset, checksum,
+                                        file=(st.st_dev, st.st_ino))
                         self.stats.mapped_pages += 1
                         pieces.append(Piece(block, at, at + size))
                         at += size

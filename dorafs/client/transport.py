@@ -334,6 +334,19 @@ class Chunks:
         await self.read_into(memoryview(data))
         return data
 
+    def take_received(self, parse: Callable[[bytearray], tuple[list, int]]) -> list:
+        """What `parse` finds whole in the bytes already received and not yet read,
+        taken off the answer: `parse(received)` answers the items and how many bytes,
+        from a chunk's size line on, they took. None taken (an empty list) while a chunk
+        is partly read or once the answer ended: no waiting here."""
+        if self._ended or self._left:
+            return []
+        received = self._conn.pending
+        items, used = parse(received)
+        if used:
+            del received[:used]
+        return items
+
     async def finish(self) -> None:
         """Read (and drop) whatever the consumer left, up to the answer's end."""
         while await self.size():

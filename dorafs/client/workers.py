@@ -145,21 +145,31 @@ class WorkerClient:
         return [(p["index"], p["path"], p["size"], p["checksum"], p.get("offset", 0)) for p in pages]
 
     async def places(self, address: str, uri: str, version: str, size: int, index: int, page_size: int,
-                     count: int, placed: Callable[[tuple[int, str, int, str, int]], Awaitable[bool]]) -> None:
+                     count: int, placed: Callable[[list[tuple[int, str, int, str, int]]], Awaitable[bool]]) -> None:
         """Where the files of pages index.. index+count-1 are, in one answer
-        (`/v1/locate?stream=1`), each as it lands: `await placed((index, path, size,
-        checksum, offset))`, which answers whether to go on. It may end early (a page
-        held only in memory, or one the worker could not fill): the caller asks for what
-        did not come page by page. An error answer for the first page is raised as is;
+        (`/v1/locate?stream=1`), as they land: `await placed([(index, path, size,
+        checksum, offset), ...])` for each page in order, the pages whose frames came
+        together in one call (the worker names the pages that landed together in one
+        write), which answers whether to go on. It may end early (a page held only in
+        memory, or one the worker could not fill): the caller asks for what did not
+        come page by page. An error answer for the first page is raised as is;
         `Unavailable` when the worker breaks off."""
         params = {"uri": uri, "version": version, "size": size, "index": index, "page_size": page_size,
                   "count": count, "stream": 1}
 
+        def take_places(received: bytearray) -> tuple[list, int]:
+            return runs.whole_frames(received, runs.PLACE)
+
         async def consume(chunks: Chunks) -> None:
             while (frame := await _next_frame(chunks, index, runs.PLACE)) is not None:
                 page, length, checksum = frame
-                path, _, offset = bytes(await chunks.read(length)).decode().rpartition("\n")
-                if not await placed((page, path, page_length(page, size, page_size), checksum, int(offset))):
+                together = [(page, length, checksum, bytes(await chunks.read(length)))]
+                together += chunks.take_received(take_places)
+                located = []
+                for page, _, checksum, data in together:
+                    path, _, offset = data.decode().rpartition("\n")
+                    located.append((page, path, page_length(page, size, page_size), checksum, int(offset)))
+                if not await placed(located):
                     return
 
         await self._stream(address, "/v1/locate", params, consume)
