@@ -161,10 +161,15 @@ class WorkerClient:
             return runs.whole_frames(received, runs.PLACE)
 
         async def consume(chunks: Chunks) -> None:
-            while (frame := await _next_frame(chunks, index, runs.PLACE)) is not None:
-                page, length, checksum = frame
-                together = [(page, length, checksum, bytes(await chunks.read(length)))]
-                together += chunks.take_received(take_places)
+            while True:
+                together = chunks.take_received(take_places)  # what came already, at once
+                if not together:  # else wait for the next frame (or a WAIT, an ERROR, the end)
+                    frame = await _next_frame(chunks, index, runs.PLACE)
+                    if frame is None:
+                        return
+                    page, length, checksum = frame
+                    together = [(page, length, checksum, bytes(await chunks.read(length)))]
+                    together += chunks.take_received(take_places)
                 located = []
                 for page, _, checksum, data in together:
                     path, _, offset = data.decode().rpartition("\n")
