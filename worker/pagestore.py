@@ -102,16 +102,12 @@ HELD_RECHECK_SECONDS = 1.0  # how often unlinked object files a mount holds are 
 # A version grows in its object file only if it takes at most 1/GROW_SHARE of the store:
 # evicting any page of it removes all of it.
 GROW_SHARE = 4
-# The most one write call puts into the page cache. The kernel makes folios as large as
-# the write, and on the machines measured 1 MiB writes once cost up to ten times the
-# system CPU per byte of 64 KiB ones when the memory they landed in had been taken back
-# by the host (bench/README.md, "Writing new bytes into the page cache costs ten times
-# as much in 1 MiB calls"). Each call also lets go of the interpreter lock and takes it
-# back, and the receiving thread waits for it beside the loop and the other runs: with
-# 256 KiB calls (four a page) a cold Parquet pass's daemons spent 0.06 CPU-s less than
-# with sixteen 64 KiB ones, and 1 MiB calls no less than 256 KiB (bench/README.md,
-# "Page files written in 256 KiB calls").
-WRITE_PIECE = 256 << 10
+# The most one write call puts into the page cache. For a larger write the kernel makes
+# larger folios, and on the machines measured those often came from memory the host had
+# taken back: up to ten times the system CPU per byte, where 64 KiB writes always cost
+# little (bench/README.md, "Writing new bytes into the page cache costs ten times as
+# much in 1 MiB calls").
+WRITE_PIECE = 64 << 10
 # A run's receiving thread wakes the event loop for the first page it wrote, then once
 # TELL_PAGES more landed, TELL_AFTER seconds went by, or the run ended; the loop also
 # looks every LOOK_EVERY seconds while it waits, so a page that landed just before the
