@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dorafs.client.buffer import Piece, PageBuffer, view
+from dorafs.client.buffer import Block, Piece, PageBuffer, view
 
 
 def fill_run(buffer: PageBuffer, first: int, count: int, page: int) -> list[Piece]:
@@ -147,3 +147,36 @@ def test_more_blocks_freed_at_once_than_a_run_are_all_reused():
     again = [fill_run(buffer, 100 + i, 1, 16)[0].block for i in range(20)]
     assert {id(b) for b in again} == {id(b) for b in blocks}
     assert buffer.new_blocks == 20
+
+
+def mapped_page(index: int, page: int) -> Piece:
+    """A page as the mount holds one a local worker's page file gave: a mapping of it."""
+    import mmap
+
+    mapping = mmap.mmap(-1, page)
+    mapping[:] = content(index, page)
+    block = Block.mapping(mapping)
+    return Piece(block, 0, page)
+
+
+def test_mapped_pages_are_bounded_apart_from_the_pages_in_memory():
+    """Pages mapped from page files cost the mount no memory: pages in memory never push
+    them out, nor they those; each kind goes least recently read first within its own
+    bound."""
+    page = 16
+    buffer = PageBuffer(capacity=4 * page, mapped_capacity=6 * page)
+    for i in range(6):
+        buffer.put(("m", i), mapped_page(i, page))
+    assert buffer.mapped == 6 * page and buffer.used == 0
+    for i in range(8):  # twice the memory bound: only pages in memory go
+        buffer.put(("b", i), bytearray(content(100 + i, page)))
+    assert buffer.used == 4 * page and all(("m", i) in buffer for i in range(6))
+    assert [("b", i) in buffer for i in range(8)] == [False] * 4 + [True] * 4
+    assert buffer.get(("m", 0)) is not None  # now the most recent mapped page
+    buffer.put(("m", 6), mapped_page(6, page))
+    assert ("m", 1) not in buffer and ("m", 0) in buffer and buffer.mapped == 6 * page
+    assert all(("b", i) in buffer for i in range(4, 8))
+    buffer.discard(("m", 0))
+    assert buffer.mapped == 5 * page and len(buffer) == 9
+    assert bytes(view(buffer.get(("m", 6)))) == content(6, page)
+    assert buffer.statistics()["mapped_bytes"] == 5 * page

@@ -79,9 +79,9 @@ def test_pages_held_as_mappings_are_let_go_when_the_worker_evicts_them(procs, s3
             opened.append(f)
             for at in range(len(data) - MiB, -1, -MiB):  # (not to a page's end: that would drop it)
                 assert os.pread(f.fileno(), 64 << 10, at) == data[at:at + (64 << 10)]
-        metrics = mount_counters(port, "dorafs_mount_mapped_pages_total", "dorafs_mount_buffer_bytes")
+        metrics = mount_counters(port, "dorafs_mount_mapped_pages_total", "dorafs_mount_buffer_mapped_bytes")
         assert metrics["dorafs_mount_mapped_pages_total"] >= 16, metrics  # most of the 24 pages
-        assert metrics["dorafs_mount_buffer_bytes"] >= 16 * MiB, metrics  # and held
+        assert metrics["dorafs_mount_buffer_mapped_bytes"] >= 16 * MiB, metrics  # and held
         wait_for(lambda: used(cache_disk) - base <= 8 * MiB + 512 * 1024, timeout=10,
                  what=f"the cache disk to come back under its bound (used {used(cache_disk) - base})")
     finally:

@@ -362,10 +362,11 @@ def test_a_warm_sequential_read_leaves_no_page_behind_in_the_buffer(procs, tmp_p
             pass
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     metrics = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-               if line.startswith(("dorafs_mount_buffer_bytes", "dorafs_mount_short_circuit_pages_total"))}
+               if line.startswith(("dorafs_mount_buffer_bytes", "dorafs_mount_buffer_mapped_bytes",
+                                   "dorafs_mount_short_circuit_pages_total"))}
     mount.unmount()
     assert metrics["dorafs_mount_short_circuit_pages_total"] == 96
-    assert metrics["dorafs_mount_buffer_bytes"] == 0
+    assert metrics["dorafs_mount_buffer_bytes"] == 0 and metrics["dorafs_mount_buffer_mapped_bytes"] == 0
 
 
 def test_locate_fills_a_run_and_answers_where_its_pages_are(procs, s3_server, bucket):

@@ -16,7 +16,7 @@ bytes already answered. A block a remote run is still streaming into is `filling
 first pages may be read and dropped before the last arrive, and it is not reused until
 the run ends. A block may also be a mapping of a local worker's page file
 (`Block.mapping`, client/local.py): no memory of its own, never reused, unmapped once
-nothing refers to it.
+nothing refers to it; such pages are bounded apart from those in memory (`MAPPED_SHARE`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,15 @@ from collections.abc import Hashable
 # most often one at a time, so a block per page read ahead (prefetch.MAX_PREFETCH) may
 # be in use at once, and the number in use swings by more than a run's worth.
 FREE_BLOCKS = 64
+# Pages mapped from a local worker's files are bounded apart from the pages in the
+# mount's memory, at this many times the buffer's capacity: they cost the mount no
+# memory of its own (their bytes are the kernel's page cache, which it may reclaim), and
+# within the memory's bound alone a cold pass of readers over a few hundred MiB let go
+# of pages other readers read next, each read then copied again from the page file
+# (bench/README.md, "Mapped pages kept apart from the buffer's memory"). Their bound
+# keeps what the mount's resident size shows, and the descriptors the mappings hold,
+# in proportion.
+MAPPED_SHARE = 4
 
 
 class Block:
@@ -93,12 +102,21 @@ def view(data: Page) -> memoryview | None:
 
 
 class PageBuffer:
-    def __init__(self, capacity: int):
+    """Buffered pages by key, each kind least recently read first: pages in the mount's
+    memory (blocks and bytes) within `capacity` bytes, pages mapped from a local
+    worker's files within `mapped_capacity` (MAPPED_SHARE times `capacity` unless
+    given). A block counts whole while any of its pieces is buffered."""
+
+    def __init__(self, capacity: int, mapped_capacity: int | None = None):
         self.capacity = capacity
-        self.used = 0
+        self.mapped_capacity = MAPPED_SHARE * capacity if mapped_capacity is None else mapped_capacity
+        self.used = 0  # bytes of the mount's own memory the buffered pages hold
+        self.mapped = 0  # bytes of page files' mappings the buffered pages hold
         self.hits = 0
         self.misses = 0
-        self._pages: OrderedDict[Hashable, Page] = OrderedDict()
+        self._pages: dict[Hashable, Page] = {}  # every buffered page
+        self._lru: OrderedDict[Hashable, None] = OrderedDict()  # the pages in memory, least recently read first
+        self._lru_mapped: OrderedDict[Hashable, None] = OrderedDict()  # the mapped pages, likewise
         self.contains = self._pages.__contains__  # `key in buffer` without a Python frame (hot paths)
         self._free: list[Block] = []
         self._free_bytes = 0  # sizes of the blocks in _free
@@ -110,37 +128,50 @@ class PageBuffer:
     def __len__(self) -> int:
         return len(self._pages)
 
+    def _order(self, data: Page) -> OrderedDict:
+        return self._lru_mapped if type(data) is Piece and data.block.mapped else self._lru
+
     def get(self, key: Hashable) -> Page | None:
         data = self._pages.get(key)
         if data is None:
             self.misses += 1
             return None
         self.hits += 1
-        self._pages.move_to_end(key)
+        self._order(data).move_to_end(key)
         return data
 
     def put(self, key: Hashable, data: Page) -> None:
-        if len(data) > self.capacity or (isinstance(data, Piece) and data.block.size > self.capacity):
+        mapped = type(data) is Piece and data.block.mapped
+        bound = self.mapped_capacity if mapped else self.capacity
+        if len(data) > bound or (isinstance(data, Piece) and data.block.size > bound):
             return
-        old = self._pages.pop(key, None)
-        if old is not None:
-            self._let_go(old)
+        self.discard(key)
         if isinstance(data, Piece):
             if data.generation != data.block.generation:
                 return  # its block was reused meanwhile
-            if data.block.held == 0:  # a block's memory counts whole while any piece of it is here
-                self.used += data.block.size
+            if data.block.held == 0:  # a block counts whole while any piece of it is here
+                if mapped:
+                    self.mapped += data.block.size
+                else:
+                    self.used += data.block.size
             data.block.held += 1
         else:
             self.used += len(data)
         self._pages[key] = data
-        while self.used > self.capacity and self._pages:
-            self._let_go(self._pages.popitem(last=False)[1])
+        if mapped:
+            self._lru_mapped[key] = None
+            while self.mapped > self.mapped_capacity and self._lru_mapped:
+                self._let_go(self._pages.pop(self._lru_mapped.popitem(last=False)[0]))
+        else:
+            self._lru[key] = None
+            while self.used > self.capacity and self._lru:
+                self._let_go(self._pages.pop(self._lru.popitem(last=False)[0]))
 
     def discard(self, key: Hashable) -> None:
         """Drop a page that will not be read again (its block is reused once all its pages are)."""
         data = self._pages.pop(key, None)
         if data is not None:
+            del self._order(data)[key]
             self._let_go(data)
 
     def discard_mapped(self, key: Hashable) -> None:
@@ -157,7 +188,10 @@ class PageBuffer:
         block = data.block
         block.held -= 1
         if block.held == 0:
-            self.used -= block.size
+            if block.mapped:
+                self.mapped -= block.size
+            else:
+                self.used -= block.size
             self.give(block)
 
     def block(self, size: int) -> Block:
@@ -200,5 +234,5 @@ class PageBuffer:
             self._free_bytes -= self._free.pop(smallest).size
 
     def statistics(self) -> dict:
-        return {"pages": len(self._pages), "bytes": self.used, "hits": self.hits, "misses": self.misses,
-                "new_blocks": self.new_blocks}
+        return {"pages": len(self._pages), "bytes": self.used, "mapped_bytes": self.mapped, "hits": self.hits,
+                "misses": self.misses, "new_blocks": self.new_blocks}

@@ -147,4 +147,6 @@ class ClientCollector:
         hits.add_metric(["miss"], buffer["misses"])
         yield hits
         yield GaugeMetricFamily("dorafs_mount_buffer_bytes", "Memory held by the page buffer", value=buffer["bytes"])
+        yield GaugeMetricFamily("dorafs_mount_buffer_mapped_bytes",
+                                "Bytes of local page files the page buffer holds mapped", value=buffer["mapped_bytes"])
         yield GaugeMetricFamily("dorafs_mount_workers", "Workers on the ring", value=len(self.client.ring))
