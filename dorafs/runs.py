@@ -47,34 +47,32 @@ def whole_frames(buf: bytes | bytearray, kind: int) -> tuple[list[tuple[int, int
     frames = []
     at = taken = 0
     end = len(buf)
-    size = HEADER.size
     while True:
-        line = buf.find(b"\r\n", at, at + 18)
-        if line < 0 or line == at:
+        head = _whole_chunk(buf, at, end)
+        if head is None or head[1] != HEADER.size:
             break
-        try:
-            if int(buf[at:line], 16) != size:
-                break
-        except ValueError:
-            break
-        head = line + 2
-        if head + size + 2 > end or buf[head + size:head + size + 2] != b"\r\n":
-            break
-        got, length, index, digest = HEADER.unpack_from(buf, head)
+        got, length, index, digest = HEADER.unpack_from(buf, head[0])
         if got != kind or not length:
             break
-        at = head + size + 2
-        line = buf.find(b"\r\n", at, at + 18)
-        if line < 0 or line == at:
+        data = _whole_chunk(buf, head[0] + HEADER.size + 2, end)
+        if data is None or data[1] != length:
             break
-        try:
-            if int(buf[at:line], 16) != length:
-                break
-        except ValueError:
-            break
-        data = line + 2
-        if data + length + 2 > end or buf[data + length:data + length + 2] != b"\r\n":
-            break
-        frames.append((index, length, digest.hex(), bytes(buf[data:data + length])))
-        at = taken = data + length + 2
+        frames.append((index, length, digest.hex(), bytes(buf[data[0]:data[0] + length])))
+        at = taken = data[0] + length + 2
     return frames, taken
+
+
+def _whole_chunk(buf: bytes | bytearray, at: int, end: int) -> tuple[int, int] | None:
+    """(where its data starts, its size) of the chunk whose size line starts at `at`,
+    if buf[:end] holds all of it and its closing CRLF; None otherwise."""
+    line = buf.find(b"\r\n", at, at + 18)
+    if line <= at:
+        return None
+    try:
+        size = int(buf[at:line], 16)
+    except ValueError:
+        return None
+    data = line + 2
+    if data + size + 2 > end or buf[data + size:data + size + 2] != b"\r\n":
+        return None
+    return data, size
