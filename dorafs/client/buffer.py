@@ -137,7 +137,7 @@ class PageBuffer:
             self.misses += 1
             return None
         self.hits += 1
-        self._order(data).move_to_end(key)
+        (self._lru_mapped if type(data) is Piece and data.block.mapped else self._lru).move_to_end(key)
         return data
 
     def put(self, key: Hashable, data: Page) -> None:
