@@ -36,9 +36,9 @@ FREE_BLOCKS = 64
 # memory of its own (their bytes are the kernel's page cache, which it may reclaim), and
 # within the memory's bound alone a cold pass of readers over a few hundred MiB let go
 # of pages other readers read next, each read then copied again from the page file
-# (bench/README.md, "Mapped pages kept apart from the buffer's memory"). Their bound
-# keeps what the mount's resident size shows, and the descriptors the mappings hold,
-# in proportion.
+# (bench/README.md, "What a page costs the cold Parquet pass, mapped pages kept
+# apart"). Their bound keeps what the mount's resident size shows, and the descriptors
+# the mappings hold, in proportion.
 MAPPED_SHARE = 4
 
 

@@ -291,19 +291,17 @@ class LocalPages:
         page is remembered as checked in that file (`checked`), which `file` (its
         device and inode) names when the caller knows them already."""
         if checksum is not None:
-            self._remember(fd if file is None else file, base, checksum)
+            if file is None:
+                st = os.fstat(fd)
+                file = (st.st_dev, st.st_ino)
+            self._remember(file, base, checksum)
         self._drop(key)
         self._open[key] = (fd, size, base)
         self.bytes += size
         while self._open and (len(self._open) > self.max_open or self.bytes > self.max_bytes):
             self._drop(next(iter(self._open)))
 
-    def _remember(self, fd: int | tuple[int, int], base: int, checksum: str) -> None:
-        if isinstance(fd, int):
-            st = os.fstat(fd)
-            file = (st.st_dev, st.st_ino)
-        else:
-            file = fd
+    def _remember(self, file: tuple[int, int], base: int, checksum: str) -> None:
         pages = self._checked.pop(file, None) or {}
         self._checked_count += base not in pages
         pages[base] = checksum
