@@ -31,6 +31,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
                            TimeElapsedColumn, TransferSpeedColumn)
 
 import dataset  # noqa: E402
+from firsttouch import prime  # noqa: E402
 from procs import (BENCH, CACHE, REGISTRY, WORK, clean_stale, each_at_once, peak_rss_mib,  # noqa: E402
                    reset_peak_rss, rss_mib)
 from report import Report, Result, fmt  # noqa: E402
@@ -217,6 +218,10 @@ def parse_args(argv=None):
                    help="another dorafs checkout (with its .venv) to run beside this one as dorafs-base")
     p.add_argument("--timeout", type=float, default=None, help="seconds allowed per workload")
     p.add_argument("--keep-work", action="store_true", help="keep logs under bench/.cache/work/")
+    p.add_argument("--prime-gib", type=float, default=4.0,
+                   help="GiB of memory touched and freed just before each cold pass, so that no system "
+                        "pays the machine's first touch of fresh memory for the others (bench/firsttouch.py; "
+                        "0: none)")
     return p.parse_args(argv)
 
 
@@ -253,6 +258,7 @@ def main(argv=None) -> int:
         scenarios = [s for s in scenarios if s.name in keep or keep & set(s.row_names())]
     timeout = args.timeout or (300 if args.mode == "quick" else 1500)
     ctx = Ctx(spec, workdir, args.mode == "quick", timeout)
+    ctx.prime_gib = args.prime_gib
 
     results: list[Result] = []
     natives: dict[str, float] = {}
@@ -378,6 +384,8 @@ def _commit() -> str:
 
 def run_phase(ctx, server, scenario, system, session, phase, *, prefill, console, dorafs) -> list[Result]:
     rows = scenario.row_names()
+    if phase == "cold" and ctx.prime_gib:
+        prime(ctx.prime_gib)  # memory touched a moment ago for every system's cold pass alike
     with session.mount() as m:
         watch = RssWatch(m)
         metrics_before = scrape_mount(m)

@@ -43,6 +43,7 @@ class Ctx:
     # left that a later read would find done (a dorafs mount: no object file being
     # prepared); the seconds waited, or None where there is nothing to wait for.
     settle: Callable[[], float | None] = field(init=False, default=lambda: None)
+    prime_gib: float = field(init=False, default=0.0)  # memory touched and freed before each cold pass
 
     def __post_init__(self):
         self.names_file = self.workdir / "small-names.txt"
