@@ -6,7 +6,9 @@ Every cold figure of bench/ is taken against one s3rver on the same two cores as
 system measured, so its CPU per byte bounds them all. This reads the large object of the
 full dataset (bench/harness.py --full uploads it) with plain HTTP GETs of presigned URLs
 from threads of this process (no S3 client library in the way), in runs of 1, 8 or 64
-MiB, one or several at once, receiving with `recv_into` of a given size, and prints
+MiB, one or several at once, receiving with `recv_into` of a given size (and for the
+last ways, stopping a moment after each MiB received, as a receiver that writes each page
+before it receives the next: `recv_into` with MSG_WAITALL, then a sleep), and prints
 s3rver's CPU seconds per GiB (its /proc stat, all threads) and the rate for each way of
 asking. The ways are interleaved round after round, so a drift of the machine shows as a
 spread within one row, not as a difference between rows.
@@ -28,10 +30,11 @@ from servers import S3rver  # noqa: E402
 
 KEY = "full/large/big.bin"
 MiB = 1 << 20
-# (run, at once, receive size, SO_RCVBUF or None)
-WAYS = [(8 * MiB, 3, 256 << 10, None), (8 * MiB, 3, 64 << 10, None), (8 * MiB, 3, MiB, None),
-        (8 * MiB, 3, 256 << 10, 4 * MiB), (8 * MiB, 1, 256 << 10, None), (64 * MiB, 1, 256 << 10, None),
-        (MiB, 1, 256 << 10, None), (MiB, 3, 256 << 10, None)]
+# (run, at once, receive size, SO_RCVBUF or None, seconds stopped after each receive)
+WAYS = [(8 * MiB, 3, 256 << 10, None, 0.0), (8 * MiB, 3, 64 << 10, None, 0.0), (8 * MiB, 3, MiB, None, 0.0),
+        (8 * MiB, 3, 256 << 10, 4 * MiB, 0.0), (8 * MiB, 1, 256 << 10, None, 0.0), (64 * MiB, 1, 256 << 10, None, 0.0),
+        (MiB, 1, 256 << 10, None, 0.0), (MiB, 3, 256 << 10, None, 0.0),
+        (16 * MiB, 3, MiB, None, 0.0), (16 * MiB, 3, MiB, None, 0.001), (16 * MiB, 3, MiB, None, 0.003)]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -40,7 +43,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def get(port: int, path: str, start: int, length: int, recv: int, rcvbuf: int | None) -> None:
+def get(port: int, path: str, start: int, length: int, recv: int, rcvbuf: int | None, pause: float) -> None:
     with socket.create_connection(("127.0.0.1", port)) as s:
         if rcvbuf:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -58,18 +61,23 @@ def get(port: int, path: str, start: int, length: int, recv: int, rcvbuf: int | 
             raise RuntimeError(f"s3rver answered {first_line!r}")
         got, buf = len(rest), memoryview(bytearray(recv))
         while got < length:
-            n = s.recv_into(buf)
+            if pause:  # a whole piece, then the stop
+                n = s.recv_into(buf, min(recv, length - got), socket.MSG_WAITALL)
+            else:
+                n = s.recv_into(buf)
             if not n:
                 raise RuntimeError(f"short body: {got} of {length} bytes")
             got += n
+            if pause:
+                time.sleep(pause)
 
 
 def one_way(port: int, path: str, pid: int, total: int, way: tuple) -> tuple[float, float]:
     """(s3rver CPU-s per GiB, MiB/s) for `total` bytes read one way."""
-    run, at_once, recv, rcvbuf = way
+    run, at_once, recv, rcvbuf, pause = way
     cpu, began = cpu_seconds(pid), time.monotonic()
     each_at_once(range(0, total, run), at_once,
-                 lambda start, _: get(port, path, start, min(run, total - start), recv, rcvbuf))
+                 lambda start, _: get(port, path, start, min(run, total - start), recv, rcvbuf, pause))
     wall, spent = time.monotonic() - began, cpu_seconds(pid) - cpu
     return spent / (total / (1 << 30)), total / MiB / wall
 
@@ -98,7 +106,7 @@ def main() -> int:
         total = min(size, args.mib * MiB)
         pid = server.proc.pid
         # Untimed first: s3rver's first requests after it started cost it more (its code warming up).
-        one_way(server.port, path, pid, min(size, 64 * MiB), (8 * MiB, 3, 256 << 10, None))
+        one_way(server.port, path, pid, min(size, 64 * MiB), (8 * MiB, 3, 256 << 10, None, 0.0))
         results: dict[tuple, list[tuple[float, float]]] = {way: [] for way in WAYS}
         for r in range(args.rounds):
             for way in WAYS:
@@ -106,11 +114,12 @@ def main() -> int:
             print(f"round {r + 1} of {args.rounds} done", file=sys.stderr, flush=True)
         print(f"s3rver serving {total // MiB} MiB of s3://bench/{KEY} per way and round, {args.rounds} rounds; "
               f"load average {os.getloadavg()[0]:.1f} at the end\n")
-        print("| run | at once | recv | SO_RCVBUF | s3rver CPU-s/GiB, each round | median | MiB/s, median |")
-        print("|---|---|---|---|---|---|---|")
-        for (run, at_once, recv, rcvbuf), got in results.items():
+        print("| run | at once | recv | SO_RCVBUF | stop after each | s3rver CPU-s/GiB, each round | median | MiB/s, median |")
+        print("|---|---|---|---|---|---|---|---|")
+        for (run, at_once, recv, rcvbuf, pause), got in results.items():
             cpus = [c for c, _ in got]
             print(f"| {run // MiB} MiB | {at_once} | {recv >> 10} KiB | {'default' if rcvbuf is None else f'{rcvbuf // MiB} MiB'} "
+                  f"| {f'{pause * 1000:g} ms' if pause else '–'} "
                   f"| {', '.join(f'{c:.2f}' for c in cpus)} | {statistics.median(cpus):.2f} "
                   f"| {statistics.median(r for _, r in got):.0f} |")
     finally:
