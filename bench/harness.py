@@ -359,7 +359,7 @@ def main(argv=None) -> int:
             "dataset": {"large": spec.large_size, "small": spec.small_count, "small_size": spec.small_size,
                         "medium": spec.medium_count, "medium_size": spec.medium_size, "flat": spec.flat_count},
             "systems": {s.name: s.config for s in systems}, "versions": versions(), "notes": notes,
-            "cold": "first mount of a fresh, empty cache", "warm": "remount of the same cache: the system's cache "
+            "cold": "first mount of a fresh, empty cache", "prime_gib": args.prime_gib, "warm": "remount of the same cache: the system's cache "
             "kept, the kernel page/dentry cache of the old mount gone with it"}
     base = RESULTS / f"{stamp}-{args.mode}"
     report.save_json(base.with_suffix(".json"), meta)
