@@ -257,8 +257,7 @@ def main(argv=None) -> int:
         keep = {s.strip() for s in args.scenarios.split(",")}
         scenarios = [s for s in scenarios if s.name in keep or keep & set(s.row_names())]
     timeout = args.timeout or (300 if args.mode == "quick" else 1500)
-    ctx = Ctx(spec, workdir, args.mode == "quick", timeout)
-    ctx.prime_gib = args.prime_gib
+    ctx = Ctx(spec, workdir, args.mode == "quick", timeout, args.prime_gib)
 
     results: list[Result] = []
     natives: dict[str, float] = {}

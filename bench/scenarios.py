@@ -37,13 +37,13 @@ class Ctx:
     workdir: Path
     quick: bool
     timeout: float
+    prime_gib: float = 0.0  # GiB of memory touched and freed just before each cold pass (bench/firsttouch.py)
     names_file: Path = field(init=False)
     flat_file: Path = field(init=False)
     # Set by the harness around a workload: waits until the mount has no background work
     # left that a later read would find done (a dorafs mount: no object file being
     # prepared); the seconds waited, or None where there is nothing to wait for.
     settle: Callable[[], float | None] = field(init=False, default=lambda: None)
-    prime_gib: float = field(init=False, default=0.0)  # memory touched and freed before each cold pass
 
     def __post_init__(self):
         self.names_file = self.workdir / "small-names.txt"
