@@ -51,6 +51,12 @@ def cpu_seconds(pid: int, user_only: bool = False) -> float:
     return (int(fields[11]) + (0 if user_only else int(fields[12]))) / os.sysconf("SC_CLK_TCK")
 
 
+def written_bytes(pid: int) -> int:
+    """Bytes the process has handed to write and send calls (its sockets' too): for s3rver, what it served."""
+    with open(f"/proc/{pid}/io") as f:
+        return int(next(line for line in f if line.startswith("wchar:")).split()[1])
+
+
 def idle_seconds() -> float:
     """CPU seconds the whole machine spent idle so far (every core; /proc/stat)."""
     with open("/proc/stat") as f:
@@ -122,6 +128,8 @@ def main() -> None:
                    "daemon's CPU in the mount column, no worker")
     p.add_argument("--perf", metavar="FILE", help="record the whole machine in each timed pass with perf (FILE.N; "
                    "then `perf report -i FILE.N --sort comm,dso`)")
+    p.add_argument("--fio-log", metavar="PREFIX", help="fio's bandwidth every 50 ms of each timed pass, in "
+                   "PREFIX.N_bw.*.log (ms, KiB/s): where a pass ramps up, waits or tails off")
     args = p.parse_args()
     work = WORK / "coldcpu"
     work.mkdir(parents=True, exist_ok=True)
@@ -137,7 +145,7 @@ def main() -> None:
                   f"  {'S3 req/file':>11}")
         else:
             print(f"{'pass':>4} {'MiB/s':>7} {'wall s':>7} {'mount':>7} {'worker':>7} {'s3rver':>7}  (CPU seconds)"
-                  f"  {'worker/GiB':>10} {'user':>5} {'mount/GiB':>9} {'user':>5} {'S3 req':>6} {'locates':>7} {'idle':>5}")
+                  f"  {'worker/GiB':>10} {'user':>5} {'mount/GiB':>9} {'user':>5} {'S3 req':>6} {'locates':>7} {'idle':>5} {'served':>6}")
         shutil.rmtree(cache, ignore_errors=True)
         unmount(mnt)  # one a killed run left
         for n in range(-1 if args.warm else 0, args.repeat):  # pass 0 of --warm fills the cache
@@ -193,6 +201,7 @@ def main() -> None:
                     continue
                 requests = server.requests()
                 idle = idle_seconds()
+                served = written_bytes(server.proc.pid)
                 if args.fill_only:
                     read = fill_only(server, cache, args.mode, args.fill_only)
                 else:
@@ -200,10 +209,14 @@ def main() -> None:
                     out = subprocess.run(["fio", "--name=cold", f"--filename={mnt}/large/big.bin", "--readonly", "--rw=read",
                                           f"--bs={args.bs}", "--ioengine=psync", "--output-format=json",
                                           f"--numjobs={args.readers}", f"--size={part}", f"--offset_increment={part}",
-                                          "--group_reporting"], capture_output=True, text=True, check=True)
+                                          "--group_reporting"]
+                                         + ([f"--write_bw_log={args.fio_log}.{n + 1}", "--log_avg_msec=50"]
+                                            if args.fio_log and n >= 0 else []),
+                                         capture_output=True, text=True, check=True)
                     read = json.loads(out.stdout)["jobs"][0]["read"]
                 spent = {k: cpu_seconds(v) - before[k] for k, v in pids.items()}
                 idle = idle_seconds() - idle
+                served = written_bytes(server.proc.pid) - served
                 user = {k: cpu_seconds(v, user_only=True) - before_user[k] for k, v in pids.items()}
                 spent.setdefault("worker", 0.0)
                 user.setdefault("worker", 0.0)
@@ -216,7 +229,7 @@ def main() -> None:
                 print(f"{label:>4} {read['bw'] / 1024:>7.0f} {read['runtime'] / 1000:>7.2f} {spent['mount']:>7.2f} "
                       f"{spent['worker']:>7.2f} {spent['s3rver']:>7.2f}  {spent['worker'] / gib:>10.2f} "
                       f"{user['worker'] / gib:>5.2f} {spent['mount'] / gib:>9.2f} {user['mount'] / gib:>5.2f} "
-                      f"{server.requests() - requests:>6} {locates:>7} {idle:>5.2f}", flush=True)
+                      f"{server.requests() - requests:>6} {locates:>7} {idle:>5.2f} {served / read['io_bytes']:>6.3f}", flush=True)
             finally:
                 unmount(mnt)  # the mount then ends; a SIGTERM alone left the mount behind here
                 mount.terminate()

@@ -34,7 +34,7 @@ import dataset  # noqa: E402
 from firsttouch import prime  # noqa: E402
 from procs import (BENCH, CACHE, REGISTRY, WORK, clean_stale, each_at_once, peak_rss_mib,  # noqa: E402
                    reset_peak_rss, rss_mib)
-from report import Report, Result, fmt  # noqa: E402
+from report import Report, Result, fmt, merge_rounds  # noqa: E402
 from scenarios import Ctx, all_scenarios, describe  # noqa: E402
 from servers import SERVERS  # noqa: E402
 from systems import SYSTEMS, Dorafs, DorafsBaseline, Mounted, versions  # noqa: E402
@@ -222,7 +222,14 @@ def parse_args(argv=None):
                    help="GiB of memory touched and freed just before each cold pass, so that no system "
                         "pays the machine's first touch of fresh memory for the others (bench/firsttouch.py; "
                         "0: none)")
-    return p.parse_args(argv)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the scenarios this many times, the systems' order turned by one each round; "
+                        "the table gives each figure's median, and a second table dorafs's ratio to the best "
+                        "peer in each round")
+    args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
+    return args
 
 
 def main(argv=None) -> int:
@@ -259,7 +266,7 @@ def main(argv=None) -> int:
     timeout = args.timeout or (300 if args.mode == "quick" else 1500)
     ctx = Ctx(spec, workdir, args.mode == "quick", timeout, args.prime_gib)
 
-    results: list[Result] = []
+    rounds: list[list[Result]] = []
     natives: dict[str, float] = {}
     notes: list[str] = []
     started = time.perf_counter()
@@ -283,7 +290,7 @@ def main(argv=None) -> int:
             systems.append(system)
         dorafs_name = next((s.name for s in systems if s.is_dorafs), "dorafs")
 
-        steps = 2 * len(systems) + sum(len(s.phases) * len(systems) for s in scenarios)
+        steps = 2 * len(systems) + args.rounds * sum(len(s.phases) * len(systems) for s in scenarios)
         columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn())
         with Progress(*columns, console=console) as progress:
@@ -314,24 +321,32 @@ def main(argv=None) -> int:
             progress.console.print(f"S3 server warmed up: the large object read once from it, untimed "
                                    f"({warm_server(server, spec):.1f} s)")
 
-            # 3. the scenarios, each side by side across systems
-            for scenario in scenarios:
-                native = scenario.native(ctx) if hasattr(scenario, "native") else None
-                if native is not None:
-                    natives[scenario.name] = native
-                    progress.console.print(f"  {scenario.name:<10} native local file    "
-                                           f"{fmt(native, scenario.unit):>10} {scenario.unit}")
-                for system in systems:
-                    session = system.session()
-                    try:
-                        for i, phase in enumerate(scenario.phases):
-                            progress.update(task, description=f"{scenario.name} · {phase} · {system.name}")
-                            results += run_phase(ctx, server, scenario, system, session, phase,
-                                                 prefill=(i + 1 < len(scenario.phases)), console=progress.console,
-                                                 dorafs=dorafs_name)
-                            progress.advance(task)
-                    finally:
-                        session.close()
+            # 3. the scenarios, each side by side across systems; with --rounds, all of
+            # them again, the systems' order turned by one each round
+            for n in range(args.rounds):
+                turn = systems[n % len(systems):] + systems[:n % len(systems)] if systems else []
+                if args.rounds > 1:
+                    progress.console.print(f"round {n + 1} of {args.rounds}: {', '.join(s.name for s in turn)}")
+                this_round: list[Result] = []
+                for scenario in scenarios:
+                    native = scenario.native(ctx) if hasattr(scenario, "native") and n == 0 else None
+                    if native is not None:
+                        natives[scenario.name] = native
+                        progress.console.print(f"  {scenario.name:<10} native local file    "
+                                               f"{fmt(native, scenario.unit):>10} {scenario.unit}")
+                    for system in turn:
+                        session = system.session()
+                        try:
+                            for i, phase in enumerate(scenario.phases):
+                                progress.update(task, description=f"{scenario.name} · {phase} · {system.name}"
+                                                + (f" · round {n + 1}" if args.rounds > 1 else ""))
+                                this_round += run_phase(ctx, server, scenario, system, session, phase,
+                                                        prefill=(i + 1 < len(scenario.phases)),
+                                                        console=progress.console, dorafs=dorafs_name)
+                                progress.advance(task)
+                        finally:
+                            session.close()
+                rounds.append(this_round)
             progress.update(task, description=f"done in {time.perf_counter() - started:.0f} s", total=steps,
                             completed=steps)
     except KeyboardInterrupt:
@@ -344,13 +359,16 @@ def main(argv=None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
     elapsed = time.perf_counter() - started
+    peers = [s.name for s in systems if s.is_peer]
+    results = rounds[0] if len(rounds) == 1 else merge_rounds(rounds, peers, dorafs_name)
     order = [(row, phase) for s in scenarios for row in s.row_names() for phase in s.phases]
     titles = {row: describe(s, ctx) for s in scenarios for row in s.row_names()}
-    report = Report(results, [s.name for s in systems], [s.name for s in systems if s.is_peer], dorafs_name,
-                    natives, order, titles)
+    report = Report(results, [s.name for s in systems], peers, dorafs_name, natives, order, titles)
     title = (f"dorafs bench, {args.mode} mode, S3 server {args.s3}, {os.cpu_count()} CPUs, "
              f"{elapsed / 60:.1f} min — ratios > 1 mean dorafs is better")
     console.print(report.table(title))
+    if len(rounds) > 1:
+        console.print(report.rounds_table())
     console.print(report.targets_table())
     for line in notes:
         console.print(f"[yellow]note: {line}[/yellow]")
@@ -358,12 +376,13 @@ def main(argv=None) -> int:
             "dataset": {"large": spec.large_size, "small": spec.small_count, "small_size": spec.small_size,
                         "medium": spec.medium_count, "medium_size": spec.medium_size, "flat": spec.flat_count},
             "systems": {s.name: s.config for s in systems}, "versions": versions(), "notes": notes,
-            "cold": "first mount of a fresh, empty cache", "prime_gib": args.prime_gib, "warm": "remount of the same cache: the system's cache "
+            "cold": "first mount of a fresh, empty cache", "prime_gib": args.prime_gib, "rounds": len(rounds), "warm": "remount of the same cache: the system's cache "
             "kept, the kernel page/dentry cache of the old mount gone with it"}
     base = RESULTS / f"{stamp}-{args.mode}"
     report.save_json(base.with_suffix(".json"), meta)
     report.save_png(base.with_suffix(".png"), title.split(" — ")[0])
-    base.with_suffix(".md").write_text(report.plain_table() + "\n")
+    base.with_suffix(".md").write_text(report.plain_table() + "\n"
+                                       + ("\n" + report.plain_rounds() + "\n" if len(rounds) > 1 else ""))
     console.print(f"results: {base}.json, {base.name}.png, {base.name}.md")
     return 0
 

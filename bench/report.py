@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -168,6 +169,39 @@ class Report:
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
+    # -- rounds ---------------------------------------------------------------------------
+
+    def round_rows(self) -> list[tuple[str, str, list, float | None]]:
+        """(row, phase, dorafs's ratio to the best peer in each round, their median)."""
+        out = []
+        for row, phase in self.order:
+            d = self.by.get((row, phase, self.dorafs))
+            ratios = (d.detail or {}).get("round_ratios") if d is not None else None
+            if not ratios:
+                continue
+            known = [r for r in ratios if r is not None]
+            out.append((row, phase, ratios, statistics.median(known) if known else None))
+        return out
+
+    def rounds_table(self) -> Table:
+        t = Table(title=f"{self.dorafs} / best peer, each round (passes run side by side)", title_justify="left")
+        t.add_column("scenario")
+        t.add_column("phase")
+        t.add_column("each round", justify="right")
+        t.add_column("median", justify="right")
+        t.add_column("rounds ≥ 1", justify="right")
+        for row, phase, ratios, median in self.round_rows():
+            t.add_row(row, phase, "  ".join(fmt_ratio(r) for r in ratios), fmt_ratio(median),
+                      f"{sum(1 for r in ratios if r is not None and r >= 1)} of {len(ratios)}")
+        return t
+
+    def plain_rounds(self) -> str:
+        lines = [f"| scenario | phase | {self.dorafs}/best peer, each round | median | rounds ≥ 1 |", "|---|---|---|---|---|"]
+        for row, phase, ratios, median in self.round_rows():
+            lines.append(f"| {row} | {phase} | {', '.join(fmt_ratio(r) for r in ratios)} | {fmt_ratio(median)} | "
+                         f"{sum(1 for r in ratios if r is not None and r >= 1)} of {len(ratios)} |")
+        return "\n".join(lines)
+
     # -- the targets of issue 3 -------------------------------------------------------
 
     def targets(self) -> list[dict]:
@@ -272,6 +306,47 @@ class Report:
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
+
+
+def merge_rounds(rounds: list[list[Result]], peers: list[str], dorafs: str) -> list[Result]:
+    """One result per (row, phase, system) from several rounds of the same runs: the
+    median of the rounds that gave a value (an error only when none did), with every
+    round's value in `detail["rounds"]`; dorafs's result also gets, per round, its ratio
+    to the best peer *of that round* (`detail["round_ratios"]`): a pass and the peers'
+    passes minutes apart on a shared machine differ by more than the systems do, so the
+    ratios of passes run side by side are what to compare."""
+    by: dict[tuple, list[Result]] = {}
+    for results in rounds:
+        for r in results:
+            by.setdefault((r.row, r.phase, r.system), []).append(r)
+    merged = []
+    for (row, phase, system), runs in by.items():
+        good = [r for r in runs if not r.error and r.value is not None]
+        if not good:
+            merged.append(runs[-1])
+            continue
+        first = good[0]
+        detail = dict(first.detail, rounds=[None if r.error else r.value for r in runs])
+        if system == dorafs:
+            ratios = []
+            for results in rounds:
+                mine = next((r for r in results if (r.row, r.phase, r.system) == (row, phase, system)), None)
+                theirs = [r.value for r in results if (r.row, r.phase) == (row, phase) and r.system in peers
+                          and not r.error and r.value is not None]
+                if mine is None or mine.error or mine.value is None or not theirs:
+                    ratios.append(None)
+                    continue
+                peer = max(theirs) if first.higher_better else min(theirs)
+                ratio = better(mine.value, peer, first.higher_better)
+                ratios.append(None if ratio is None else round(ratio, 3))
+            detail["round_ratios"] = ratios
+        rss = {role: max((r.rss_mib or {}).get(role) or 0.0 for r in good) for role in first.rss_mib}
+        requests = [r.s3_requests for r in good if r.s3_requests is not None]
+        merged.append(Result(row, phase, system, statistics.median(r.value for r in good), first.unit,
+                             first.higher_better, detail, rss,
+                             int(statistics.median(requests)) if requests else None,
+                             round(statistics.median(r.wall_s for r in good), 3), None))
+    return merged
 
 
 def finite(x) -> bool:
