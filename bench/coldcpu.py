@@ -120,6 +120,9 @@ def main() -> None:
     p.add_argument("--readers", type=int, default=1, help="fio jobs reading the large object, each its own part "
                    "(4: the harness's seq4)")
     p.add_argument("--bs", default="256k", help="fio's read size (default 256k, as the harness)")
+    p.add_argument("--random", metavar="MIB", type=int, help="random reads instead (fio randread): each reader "
+                   "this many MiB at random places of the whole object, as the harness's rand4k (64 per reader, "
+                   "--bs 4k) and rand256k (256, --bs 256k), with --readers 4")
     p.add_argument("--fill-only", type=int, metavar="N", help="no reads through the mount: ask its worker for the "
                    "large object's runs directly, N at once (the fill alone: the worker and the store)")
     p.add_argument("--small", action="store_true", help="read the small files (4 processes) instead of the large object")
@@ -130,6 +133,8 @@ def main() -> None:
                    "then `perf report -i FILE.N --sort comm,dso`)")
     p.add_argument("--fio-log", metavar="PREFIX", help="fio's bandwidth every 50 ms of each timed pass, in "
                    "PREFIX.N_bw.*.log (ms, KiB/s): where a pass ramps up, waits or tails off")
+    p.add_argument("--warm-server", type=int, default=0, metavar="N",
+                   help="read the large object N times straight from s3rver first, untimed (the harness: once)")
     args = p.parse_args()
     work = WORK / "coldcpu"
     work.mkdir(parents=True, exist_ok=True)
@@ -146,6 +151,10 @@ def main() -> None:
         else:
             print(f"{'pass':>4} {'MiB/s':>7} {'wall s':>7} {'mount':>7} {'worker':>7} {'s3rver':>7}  (CPU seconds)"
                   f"  {'worker/GiB':>10} {'user':>5} {'mount/GiB':>9} {'user':>5} {'S3 req':>6} {'locates':>7} {'idle':>5} {'served':>6}")
+        if args.warm_server:
+            from harness import warm_server
+            for _ in range(args.warm_server):
+                print(f"s3rver warmed up: the large object read from it in {warm_server(server, dataset.SPECS[args.mode]):.1f} s")
         shutil.rmtree(cache, ignore_errors=True)
         unmount(mnt)  # one a killed run left
         for n in range(-1 if args.warm else 0, args.repeat):  # pass 0 of --warm fills the cache
@@ -206,10 +215,11 @@ def main() -> None:
                     read = fill_only(server, cache, args.mode, args.fill_only)
                 else:
                     part = dataset.SPECS[args.mode].large_size // args.readers  # each reader its own part, as seq4
-                    out = subprocess.run(["fio", "--name=cold", f"--filename={mnt}/large/big.bin", "--readonly", "--rw=read",
+                    shape = ([f"--size={part}", f"--offset_increment={part}", "--rw=read"] if not args.random else
+                             [f"--io_size={args.random}m", "--rw=randread", "--randrepeat=1", "--randseed=20261121"])
+                    out = subprocess.run(["fio", "--name=cold", f"--filename={mnt}/large/big.bin", "--readonly",
                                           f"--bs={args.bs}", "--ioengine=psync", "--output-format=json",
-                                          f"--numjobs={args.readers}", f"--size={part}", f"--offset_increment={part}",
-                                          "--group_reporting"]
+                                          f"--numjobs={args.readers}", *shape, "--group_reporting"]
                                          + ([f"--write_bw_log={args.fio_log}.{n + 1}", "--log_avg_msec=50"]
                                             if args.fio_log and n >= 0 else []),
                                          capture_output=True, text=True, check=True)
