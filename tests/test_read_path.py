@@ -774,6 +774,50 @@ def test_a_reader_coming_back_to_what_it_fetched_gets_larger_groups_and_a_scatte
     assert reads("scattered.bin", [9.1]) == 1
 
 
+def test_small_reads_covering_a_file_bring_groups_and_scattered_ones_their_page(procs, s3_server, bucket):
+    """A small read at a random place brings its own page only; once most of a file's
+    small reads that miss find another page of their group (`RUN_LIMIT` pages) coming
+    already, its readers are covering the file, and a miss brings the rest of its group
+    in one run (one GET per stretch nothing brings yet). A reader whose small reads keep
+    landing in new groups gets one page per read. Exact bytes throughout."""
+    from dorafs.client.prefetch import DENSE_AFTER, RUN_LIMIT
+
+    assert RUN_LIMIT == 16 and DENSE_AFTER == 4
+    data = os.urandom(64 * MiB)
+    client = s3_server.client()
+    put(client, bucket, "small/dense.bin", data)
+    put(client, bucket, "small/scattered.bin", data)
+    worker = procs.worker()
+    mount = procs.mount(f"s3://{bucket}/small", workers=[worker.address], options="passthrough=0")
+
+    def reads(name: str, offsets: list[int]) -> float:
+        """GETs the worker made for 4 KiB reads at these offsets, one after another."""
+        before = _ufs_reads(worker)
+        fd = os.open(mount.path(name), os.O_RDONLY)
+        try:
+            for offset in offsets:
+                assert os.pread(fd, 4096, offset) == data[offset:offset + 4096], (name, offset)
+        finally:
+            os.close(fd)
+        return _ufs_reads(worker) - before
+
+    try:
+        # 4 KiB reads all over the first 32 pages: a GET per page touched before, here
+        # about a page per read for the first few misses, then the rest of each group.
+        rng = random.Random(11)
+        offsets = [rng.randrange(4096, 32 * MiB - 4096) for _ in range(400)]
+        assert len({offset // PAGE for offset in offsets}) == 32
+        covering = reads("dense.bin", offsets)
+        assert covering <= 16, covering
+
+        # Misses in four new groups, then one near each of two of them: too few near.
+        scattered = [int((page + 0.3) * PAGE) for page in (1, 17, 33, 49, 2, 18)]
+        assert reads("scattered.bin", scattered) == 6
+        assert reads("scattered.bin", [int(3.3 * PAGE)]) == 1  # page 3 was not brought along
+    finally:
+        mount.unmount()
+
+
 def test_a_local_workers_run_is_located_in_a_few_requests(procs, s3_server, bucket):
     """With short-circuit reads, the pages of a readahead run after its first are asked
     for together (`/v1/locate` of the rest of the run brings every page already in), not

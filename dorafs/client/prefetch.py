@@ -65,6 +65,10 @@ GROUP_PAGES = 8  # a large random read's aligned group of pages, fetched togethe
 # this often, after more than this many of them, is read back over: its groups are RUN_LIMIT pages.
 DENSE_SHARE = 0.5
 DENSE_AFTER = 4
+# A file whose small random reads, after this many missed, found pages of their group
+# coming in under half of DENSE_SHARE of them is read in scattered pieces: its misses
+# are not looked around any more (`Prefetcher.scattered`).
+SCATTERED_AFTER = 64
 
 
 class Prefetches:
@@ -80,6 +84,10 @@ class Prefetches:
         # Per file version, of the large random reads of all its readers (`Prefetcher.around`):
         # [how many, how many landed in pages coming already]. The last 1,024 files.
         self.large_reads: OrderedDict[tuple[str, str], list[int]] = OrderedDict()
+        # Per file version, of the small random reads of all its readers that found their
+        # page missing (`Prefetcher.scattered`): [how many, how many of them had a page of
+        # their group coming already]. The last 1,024 files.
+        self.small_misses: OrderedDict[tuple[str, str], list[int]] = OrderedDict()
 
 
 class Prefetcher:
@@ -158,7 +166,12 @@ class Prefetcher:
         shared, reader, f = self.shared, self.reader, self.file
         if shared.nursery is None or self.closed or shared.config.readahead_pages <= 0:
             return
-        group = self._group(reader.coming(f, first_index))
+        self._fetch_group(first_index, last_index, self._group(reader.coming(f, first_index)))
+
+    def _fetch_group(self, first_index: int, last_index: int, group: int) -> None:
+        """The aligned `group` of pages around pages first_index..last_index (at most
+        RUN_LIMIT pages), one run per stretch of them that nothing brings yet."""
+        shared, reader, f = self.shared, self.reader, self.file
         lo = first_index - first_index % group
         hi = min(max(last_index, lo + group - 1), lo + RUN_LIMIT - 1,
                  page_count(f.status.size, reader.page_size) - 1)
@@ -175,6 +188,28 @@ class Prefetcher:
             self._start_run(index, end - index + 1, far=False)
             index = end + 1
 
+    def scattered(self, first_index: int, last_index: int) -> None:
+        """A small read away from where the reader was. Its page alone is fetched (a
+        random reader of a large file reads little of each region), until the file's
+        small reads that miss mostly find other pages of their group coming already: then
+        its readers are covering the file (fio's random reads, a sampler of records), and
+        the pages of the read's group that nothing brings yet come in one run, its own
+        with them: a file read all over costs about a GET per group, not one per page
+        (bench/README.md, "Small random reads that cover a file")."""
+        shared, reader, f = self.shared, self.reader, self.file
+        if shared.nursery is None or self.closed or shared.config.readahead_pages <= 0:
+            return
+        if reader.coming(f, first_index):
+            return
+        counts = shared.small_misses.get((f.uri, f.status.version))
+        if counts is not None and counts[0] >= SCATTERED_AFTER and 2 * counts[1] < DENSE_SHARE * counts[0]:
+            return  # its readers read scattered pieces: no need to look around each miss
+        lo = first_index - first_index % RUN_LIMIT
+        hi = min(lo + RUN_LIMIT, page_count(f.status.size, reader.page_size))
+        near = any(reader.coming(f, i) for i in range(lo, hi) if i != first_index)
+        if self._tally(shared.small_misses, near):
+            self._fetch_group(first_index, last_index, RUN_LIMIT)
+
     def _group(self, landed_in: bool) -> int:
         """The group of pages for this large read: GROUP_PAGES, or RUN_LIMIT once the
         file's large reads, counted over all its readers, mostly land in pages already
@@ -184,7 +219,12 @@ class Prefetcher:
         whose reads keep landing in new places uses one page of each group: a larger group
         would make each of its reads wait for more bytes it never reads (bench/README.md,
         "Tried and not kept: groups of 16 pages around a large random read")."""
-        seen = self.shared.large_reads
+        return RUN_LIMIT if self._tally(self.shared.large_reads, landed_in) else GROUP_PAGES
+
+    def _tally(self, seen: OrderedDict[tuple[str, str], list[int]], near: bool) -> bool:
+        """Count a read of this file's version in `seen` (`near`: one that found pages
+        coming already); whether, after more than DENSE_AFTER, at least DENSE_SHARE of
+        them did."""
         which = (self.file.uri, self.file.status.version)
         counts = seen.get(which)
         if counts is None:
@@ -194,10 +234,8 @@ class Prefetcher:
         else:
             seen.move_to_end(which)
         counts[0] += 1
-        counts[1] += landed_in
-        if counts[0] > DENSE_AFTER and counts[1] >= DENSE_SHARE * counts[0]:
-            return RUN_LIMIT
-        return GROUP_PAGES
+        counts[1] += near
+        return counts[0] > DENSE_AFTER and counts[1] >= DENSE_SHARE * counts[0]
 
     def _start_run(self, first: int, count: int, far: bool = True) -> None:
         """Pages first..first+count-1 fetched as one run in the client's nursery, each

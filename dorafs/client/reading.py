@@ -142,8 +142,11 @@ class Reader:
         ahead = f.ahead
         sequential = offset == ahead.next_offset
         ahead.follow(sequential, offset + length, length, spans[0].index, spans[-1].index)
-        if not sequential and length >= LARGE_READ and offset:
-            ahead.around(spans[0].index, spans[-1].index)
+        if not sequential and offset:
+            if length >= LARGE_READ:
+                ahead.around(spans[0].index, spans[-1].index)
+            else:
+                ahead.scattered(spans[0].index, spans[-1].index)
         if len(spans) == 1 and not sequential and self.config.random_read:
             data = await self._random_part(f, spans[0])
             if data is not None:
