@@ -171,35 +171,39 @@ class Report:
 
     # -- rounds ---------------------------------------------------------------------------
 
-    def round_rows(self) -> list[tuple[str, str, list, float | None]]:
-        """(row, phase, dorafs's ratio to the best peer in each round, their median)."""
+    def round_rows(self) -> list[tuple[str, str, str, list, float | None]]:
+        """(row, phase, system, its ratio to the best peer in each round, their median),
+        for dorafs and a baseline beside it."""
         out = []
         for row, phase in self.order:
-            d = self.by.get((row, phase, self.dorafs))
-            ratios = (d.detail or {}).get("round_ratios") if d is not None else None
-            if not ratios:
-                continue
-            known = [r for r in ratios if r is not None]
-            out.append((row, phase, ratios, statistics.median(known) if known else None))
+            for system in self.systems:
+                d = self.by.get((row, phase, system))
+                ratios = (d.detail or {}).get("round_ratios") if d is not None else None
+                if not ratios:
+                    continue
+                known = [r for r in ratios if r is not None]
+                out.append((row, phase, system, ratios, statistics.median(known) if known else None))
         return out
 
     def rounds_table(self) -> Table:
-        t = Table(title=f"{self.dorafs} / best peer, each round (passes run side by side)", title_justify="left")
+        t = Table(title="× the best peer, each round (passes run side by side)", title_justify="left")
         t.add_column("scenario")
         t.add_column("phase")
+        t.add_column("system")
         t.add_column("each round", justify="right")
         t.add_column("median", justify="right")
         t.add_column("rounds ≥ 1", justify="right")
-        for row, phase, ratios, median in self.round_rows():
-            t.add_row(row, phase, "  ".join(fmt_ratio(r) for r in ratios), fmt_ratio(median),
+        for row, phase, system, ratios, median in self.round_rows():
+            t.add_row(row, phase, system, "  ".join(fmt_ratio(r) for r in ratios), fmt_ratio(median),
                       f"{sum(1 for r in ratios if r is not None and r >= 1)} of {len(ratios)}")
         return t
 
     def plain_rounds(self) -> str:
-        lines = [f"| scenario | phase | {self.dorafs}/best peer, each round | median | rounds ≥ 1 |", "|---|---|---|---|---|"]
-        for row, phase, ratios, median in self.round_rows():
-            lines.append(f"| {row} | {phase} | {', '.join(fmt_ratio(r) for r in ratios)} | {fmt_ratio(median)} | "
-                         f"{sum(1 for r in ratios if r is not None and r >= 1)} of {len(ratios)} |")
+        lines = ["| scenario | phase | system | × the best peer, each round | median | rounds ≥ 1 |",
+                 "|---|---|---|---|---|---|"]
+        for row, phase, system, ratios, median in self.round_rows():
+            lines.append(f"| {row} | {phase} | {system} | {', '.join(fmt_ratio(r) for r in ratios)} | "
+                         f"{fmt_ratio(median)} | {sum(1 for r in ratios if r is not None and r >= 1)} of {len(ratios)} |")
         return "\n".join(lines)
 
     # -- the targets of issue 3 -------------------------------------------------------
@@ -311,7 +315,7 @@ class Report:
 def merge_rounds(rounds: list[list[Result]], peers: list[str], dorafs: str) -> list[Result]:
     """One result per (row, phase, system) from several rounds of the same runs: the
     median of the rounds that gave a value (an error only when none did), with every
-    round's value in `detail["rounds"]`; dorafs's result also gets, per round, its ratio
+    round's value in `detail["rounds"]`; dorafs's result (and a baseline's) also gets, per round, its ratio
     to the best peer *of that round* (`detail["round_ratios"]`): a pass and the peers'
     passes minutes apart on a shared machine differ by more than the systems do, so the
     ratios of passes run side by side are what to compare."""
@@ -327,7 +331,7 @@ def merge_rounds(rounds: list[list[Result]], peers: list[str], dorafs: str) -> l
             continue
         first = good[0]
         detail = dict(first.detail, rounds=[None if r.error else r.value for r in runs])
-        if system == dorafs:
+        if system.startswith("dorafs"):  # dorafs, and a baseline checkout beside it
             ratios = []
             for results in rounds:
                 mine = next((r for r in results if (r.row, r.phase, r.system) == (row, phase, system)), None)
