@@ -709,6 +709,32 @@ def test_a_cold_archive_read_from_its_index_at_the_end_then_through_makes_few_ge
     assert gets <= 5, gets  # the index's page, then runs of up to 8 pages: 17 pages
 
 
+def _dense_and_scattered(procs, s3_server, bucket, prefix: str):
+    """The same 64 MiB of random bytes as `dense.bin` and `scattered.bin` under `prefix`,
+    a worker, and a mount of them that reads every page through the worker: (the
+    bytes, the worker, the mount)."""
+    data = os.urandom(64 * MiB)
+    client = s3_server.client()
+    put(client, bucket, f"{prefix}/dense.bin", data)
+    put(client, bucket, f"{prefix}/scattered.bin", data)
+    worker = procs.worker()
+    mount = procs.mount(f"s3://{bucket}/{prefix}", workers=[worker.address], options="passthrough=0")
+    return data, worker, mount
+
+
+def _gets_for_reads(worker, mount, data: bytes, name: str, offsets: list[int], size: int) -> float:
+    """GETs the worker made for reads of `size` bytes at these offsets of the mounted
+    file `name`, one after another, each checked against `data`."""
+    before = _ufs_reads(worker)
+    fd = os.open(mount.path(name), os.O_RDONLY)
+    try:
+        for offset in offsets:
+            assert os.pread(fd, size, offset) == data[offset:offset + size], (name, offset)
+    finally:
+        os.close(fd)
+    return _ufs_reads(worker) - before
+
+
 def test_large_reads_at_random_places_bring_their_group_of_pages_in_one_get(procs, s3_server, bucket):
     """A reader of column chunks (0.5 MiB reads at random places, as pyarrow reads a
     Parquet row group) makes one GET per aligned group of pages it touches
@@ -744,25 +770,11 @@ def test_a_reader_coming_back_to_what_it_fetched_gets_larger_groups_and_a_scatte
     from dorafs.client.prefetch import DENSE_AFTER, RUN_LIMIT
 
     assert RUN_LIMIT == 2 * GROUP_PAGES
-    data = os.urandom(64 * MiB)
-    client = s3_server.client()
-    put(client, bucket, "groups/dense.bin", data)
-    put(client, bucket, "groups/scattered.bin", data)
-    worker = procs.worker()
-    mount = procs.mount(f"s3://{bucket}/groups", workers=[worker.address], options="passthrough=0")
-    chunk = 528384
+    data, worker, mount = _dense_and_scattered(procs, s3_server, bucket, "groups")
 
     def reads(name: str, pages: list[float]) -> float:
-        """GETs the worker made for chunk reads at these page positions, one after another."""
-        before = _ufs_reads(worker)
-        fd = os.open(mount.path(name), os.O_RDONLY)
-        try:
-            for at in pages:
-                offset = int(at * PAGE)
-                assert os.pread(fd, chunk, offset) == data[offset:offset + chunk], (name, at)
-        finally:
-            os.close(fd)
-        return _ufs_reads(worker) - before
+        """GETs the worker made for column-chunk reads at these page positions."""
+        return _gets_for_reads(worker, mount, data, name, [int(at * PAGE) for at in pages], 528384)
 
     # Reads back and forth within the first group: all but the first land in its pages.
     assert reads("dense.bin", [0.1, 1.3, 2.5, 3.7, 4.2, 5.5][:DENSE_AFTER + 2]) >= 1
@@ -783,23 +795,11 @@ def test_small_reads_covering_a_file_bring_groups_and_scattered_ones_their_page(
     from dorafs.client.prefetch import DENSE_AFTER, RUN_LIMIT
 
     assert RUN_LIMIT == 16 and DENSE_AFTER == 4
-    data = os.urandom(64 * MiB)
-    client = s3_server.client()
-    put(client, bucket, "small/dense.bin", data)
-    put(client, bucket, "small/scattered.bin", data)
-    worker = procs.worker()
-    mount = procs.mount(f"s3://{bucket}/small", workers=[worker.address], options="passthrough=0")
+    data, worker, mount = _dense_and_scattered(procs, s3_server, bucket, "small")
 
     def reads(name: str, offsets: list[int]) -> float:
-        """GETs the worker made for 4 KiB reads at these offsets, one after another."""
-        before = _ufs_reads(worker)
-        fd = os.open(mount.path(name), os.O_RDONLY)
-        try:
-            for offset in offsets:
-                assert os.pread(fd, 4096, offset) == data[offset:offset + 4096], (name, offset)
-        finally:
-            os.close(fd)
-        return _ufs_reads(worker) - before
+        """GETs the worker made for 4 KiB reads at these offsets."""
+        return _gets_for_reads(worker, mount, data, name, offsets, 4096)
 
     try:
         # 4 KiB reads all over the first 32 pages: a GET per page touched before, here
