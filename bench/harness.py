@@ -224,8 +224,8 @@ def parse_args(argv=None):
                         "0: none)")
     p.add_argument("--rounds", type=int, default=1,
                    help="run the scenarios this many times, the systems' order turned by one each round; "
-                        "the table gives each figure's median, and a second table dorafs's ratio to the best "
-                        "peer in each round")
+                        "the table gives each figure's median, and a second table dorafs's (and a baseline's) ratio "
+                        "to the best peer in each round")
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
