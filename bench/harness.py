@@ -225,7 +225,8 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=1,
                    help="run the scenarios this many times, the systems' order turned by one each round; "
                         "the table gives each figure's median, and a second table dorafs's (and a baseline's) ratio "
-                        "to the best peer in each round")
+                        "to the best peer in each round; a multiple of the number of systems times each "
+                        "system first as often as the others (the first of a round read slower in some runs)")
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
