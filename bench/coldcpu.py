@@ -39,16 +39,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import dataset  # noqa: E402
-from procs import WORK, children, each_at_once, unmount  # noqa: E402
+from procs import WORK, children, cpu_seconds, each_at_once, unmount  # noqa: E402
 from servers import S3rver  # noqa: E402
-
-
-def cpu_seconds(pid: int, user_only: bool = False) -> float:
-    """User and system CPU seconds of a process (with `user_only`, user only: the
-    interpreter's share, apart from the kernel's copies)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().split(")")[-1].split()
-    return (int(fields[11]) + (0 if user_only else int(fields[12]))) / os.sysconf("SC_CLK_TCK")
 
 
 def written_bytes(pid: int) -> int:

@@ -32,7 +32,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
 
 import dataset  # noqa: E402
 from firsttouch import prime  # noqa: E402
-from procs import (BENCH, CACHE, REGISTRY, WORK, clean_stale, each_at_once, peak_rss_mib,  # noqa: E402
+from procs import (BENCH, CACHE, REGISTRY, WORK, clean_stale, cpu_seconds, each_at_once, peak_rss_mib,  # noqa: E402
                    reset_peak_rss, rss_mib)
 from report import Report, Result, fmt, merge_rounds  # noqa: E402
 from scenarios import Ctx, all_scenarios, describe  # noqa: E402
@@ -409,6 +409,7 @@ def run_phase(ctx, server, scenario, system, session, phase, *, prefill, console
         watch = RssWatch(m)
         metrics_before = scrape_mount(m)
         s3_before = server.requests()
+        s3_cpu = cpu_seconds(server.proc.pid)
         start = time.perf_counter()
         ctx.settle = lambda: settle(m)
         try:
@@ -422,6 +423,7 @@ def run_phase(ctx, server, scenario, system, session, phase, *, prefill, console
         through = mount_delta(metrics_before, scrape_mount(m))
         rss = watch.stop()
         s3_requests = server.requests() - s3_before
+        s3_cpu = round(cpu_seconds(server.proc.pid) - s3_cpu, 2)  # the S3 server's share of the two cores
         settled = None
         if prefill and error is None:
             try:
@@ -436,12 +438,13 @@ def run_phase(ctx, server, scenario, system, session, phase, *, prefill, console
             detail = dict(detail, mount=through)
         if settled is not None:
             detail = dict(detail, settle_s=settled)
+        detail = dict(detail, s3_server_cpu_s=s3_cpu)
         results.append(Result(row, phase, system.name, value, scenario.unit, scenario.higher_better, detail,
                               rss, s3_requests, round(wall, 3), error))
         rss_text = "+".join(f"{v:.0f}" for v in rss.values())
         text = (f"[red]{error[:300]}[/red]" if error else
                 f"{fmt(value, scenario.unit):>10} {scenario.unit:<9} RSS {rss_text:>9} MiB  "
-                f"S3 req {s3_requests:>6}  {wall:6.1f} s")
+                f"S3 req {s3_requests:>6} ({s3_cpu:.2f} CPU-s)  {wall:6.1f} s")
         console.print(f"  {row:<10} {phase:<5} {system.name:<8} {text}")
         if through and row == rows[0]:
             console.print("      mount: " + " ".join(f"{k}={v}" for k, v in sorted(through.items())) +

@@ -128,6 +128,14 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def cpu_seconds(pid: int, user_only: bool = False) -> float:
+    """User and system CPU seconds of a process (with `user_only`, user only: the
+    interpreter's share, apart from the kernel's copies)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().split(")")[-1].split()
+    return (int(fields[11]) + (0 if user_only else int(fields[12]))) / os.sysconf("SC_CLK_TCK")
+
+
 def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
