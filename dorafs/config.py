@@ -293,7 +293,9 @@ class MountConfig:
     readahead_pages: int = option(64, _count, "pages fetched ahead of a sequential reader, in runs "
                                   "filled by one UFS read each; a read of 256 KiB or more elsewhere in a "
                                   "file brings its aligned group of 8 pages as such a run, 16 once most such reads of "
-                                  "the file land in pages already coming (0: neither)")
+                                  "the file land in pages already coming; a smaller read elsewhere that misses brings "
+                                  "its group of 16 once most of the file's such misses found a page of their group "
+                                  "coming (0: none of these)")
     worker_timeout: float = option(5.0, _positive_duration, "a worker silent this long (no byte, no "
                                    "\"still working\" signal) is skipped for the next")
     connect_timeout: float = option(1.0, _positive_duration, "time to connect to a worker")
