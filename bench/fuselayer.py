@@ -32,16 +32,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dataset import SPECS, object_key, read_range  # noqa: E402
-from procs import REPO, WORK, children, is_mounted, unmount, wait_for  # noqa: E402
+from procs import REPO, WORK, children, cpu_seconds, is_mounted, unmount, wait_for  # noqa: E402
 
 SIZE = SPECS["quick"].large_size
 REL = "large/big.bin"
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().split(")")[-1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def make_file(ufs: Path) -> Path:

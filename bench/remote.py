@@ -37,7 +37,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 
-from procs import WORK  # noqa: E402
+from procs import WORK, cpu_seconds  # noqa: E402
 from servers import S3rver  # noqa: E402
 
 import tests.cluster  # noqa: E402
@@ -45,12 +45,6 @@ from tests.cluster import ProcessSet  # noqa: E402
 from tests.support import wait_for  # noqa: E402
 
 FILE = "large/big.bin"
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().split(")")[-1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextmanager

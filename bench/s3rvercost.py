@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from procs import each_at_once  # noqa: E402
+from procs import cpu_seconds, each_at_once  # noqa: E402
 from servers import S3rver  # noqa: E402
 
 KEY = "full/large/big.bin"
@@ -35,12 +35,6 @@ WAYS = [(8 * MiB, 3, 256 << 10, None, 0.0), (8 * MiB, 3, 64 << 10, None, 0.0), (
         (8 * MiB, 3, 256 << 10, 4 * MiB, 0.0), (8 * MiB, 1, 256 << 10, None, 0.0), (64 * MiB, 1, 256 << 10, None, 0.0),
         (MiB, 1, 256 << 10, None, 0.0), (MiB, 3, 256 << 10, None, 0.0),
         (16 * MiB, 3, MiB, None, 0.0), (16 * MiB, 3, MiB, None, 0.001), (16 * MiB, 3, MiB, None, 0.003)]
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def get(port: int, path: str, start: int, length: int, recv: int, rcvbuf: int | None, pause: float) -> None:

@@ -15,7 +15,6 @@ second the server spends is one the mount, its worker and the reader do not get.
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import sys
 import time
@@ -24,17 +23,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dataset import SPECS  # noqa: E402
-from procs import WORK, each_at_once  # noqa: E402
+from procs import WORK, cpu_seconds, each_at_once  # noqa: E402
 from servers import S3rver  # noqa: E402
 
 MiB = 1 << 20
 CELLS = [(8, 1), (8, 2), (8, 4), (8, 8), (4, 4), (4, 8), (16, 2), (16, 4), (16, 8)]  # (MiB per GET, in flight)
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().split(")")[-1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def get(server: S3rver, key: str, start: int, length: int, buffer: bytearray) -> None:
