@@ -49,6 +49,48 @@ def written_bytes(pid: int) -> int:
         return int(next(line for line in f if line.startswith("wchar:")).split()[1])
 
 
+SYSCALLS = ("read", "pread64", "write", "writev", "epoll_wait", "epoll_pwait", "epoll_ctl", "futex", "mmap", "munmap")
+
+
+def threads_cpu(pid: int) -> dict[str, float]:
+    """s3rver's CPU seconds so far, split: its main thread (the event loop: parsing, JS,
+    socket writes) and the others (libuv's pool reading the files, V8's collecting
+    garbage and compiling: all named "node"), each user and system,
+    and its context switches (voluntary: it waited; involuntary: it was put off a core)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = dict.fromkeys(("main_user", "main_sys", "others_user", "others_sys", "waits", "preempted"), 0.0)
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/stat") as f:
+                fields = f.read().split(")")[-1].split()
+            with open(f"/proc/{pid}/task/{task}/status") as f:
+                status = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:  # a thread that ended meanwhile
+            continue
+        who = "main" if task == str(pid) else "others"
+        out[f"{who}_user"] += int(fields[11]) / tick
+        out[f"{who}_sys"] += int(fields[12]) / tick
+        out["waits"] += int(status["voluntary_ctxt_switches"])
+        out["preempted"] += int(status["nonvoluntary_ctxt_switches"])
+    return out
+
+
+def syscall_counter(pid: int, path: Path) -> subprocess.Popen:
+    """perf counting s3rver's system calls of `SYSCALLS` (all its threads) until SIGINT, into `path`."""
+    events = ",".join(f"syscalls:sys_enter_{name}" for name in SYSCALLS)
+    return subprocess.Popen(["perf", "stat", "-x", ",", "-e", events, "-p", str(pid), "-o", str(path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def syscall_counts(path: Path) -> dict[str, int]:
+    counts = {}
+    for line in path.read_text().splitlines():
+        fields = line.split(",")
+        if len(fields) > 2 and fields[2].startswith("syscalls:sys_enter_") and fields[0].isdigit():
+            counts[fields[2].removeprefix("syscalls:sys_enter_")] = int(fields[0])
+    return counts
+
+
 def idle_seconds() -> float:
     """CPU seconds the whole machine spent idle so far (every core; /proc/stat)."""
     with open("/proc/stat") as f:
@@ -125,6 +167,9 @@ def main() -> None:
                    "then `perf report -i FILE.N --sort comm,dso`)")
     p.add_argument("--fio-log", metavar="PREFIX", help="fio's bandwidth every 50 ms of each timed pass, in "
                    "PREFIX.N_bw.*.log (ms, KiB/s): where a pass ramps up, waits or tails off")
+    p.add_argument("--s3rver-stat", action="store_true",
+                   help="a second line a pass: s3rver's CPU by thread (event loop, pool) and mode, its context "
+                        "switches, and its system calls per MiB read (perf)")
     p.add_argument("--warm-server", type=int, default=0, metavar="N",
                    help="read the large object N times straight from s3rver first, untimed (the harness: once)")
     args = p.parse_args()
@@ -185,6 +230,10 @@ def main() -> None:
                     spies.append(subprocess.Popen(["perf", "record", "-a", "-g", "-q", "-o", f"{args.perf}.{n + 1}"],
                                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
                     time.sleep(0.5)
+                if args.s3rver_stat:
+                    counter = syscall_counter(server.proc.pid, work / "s3rver-syscalls.txt")
+                    time.sleep(0.3)
+                    split = threads_cpu(server.proc.pid)
                 before = {k: cpu_seconds(v) for k, v in pids.items()}
                 before_user = {k: cpu_seconds(v, user_only=True) for k, v in pids.items()}
                 if args.small:
@@ -222,6 +271,15 @@ def main() -> None:
                 user = {k: cpu_seconds(v, user_only=True) - before_user[k] for k, v in pids.items()}
                 spent.setdefault("worker", 0.0)
                 user.setdefault("worker", 0.0)
+                if args.s3rver_stat:
+                    split = {k: v - split[k] for k, v in threads_cpu(server.proc.pid).items()}
+                    counter.send_signal(signal.SIGINT)
+                    counter.wait(30)
+                    mib = read["io_bytes"] / (1 << 20)
+                    calls = syscall_counts(work / "s3rver-syscalls.txt")
+                    print("      s3rver: " + " ".join(f"{k}={v:.2f}" if "_" in k else f"{k}/MiB={v / mib:.1f}"
+                                                     for k, v in split.items())
+                          + "  calls/MiB: " + " ".join(f"{k}={v / mib:.1f}" for k, v in calls.items() if v), flush=True)
                 locates = "-" if args.peer else f"{worker_requests(cache, '/v1/locate'):.0f}"
                 for spy in spies:
                     spy.send_signal(signal.SIGINT)

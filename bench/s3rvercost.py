@@ -80,7 +80,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mib", type=int, default=512, help="bytes read per way and round")
     p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--ways", metavar="RUNxAT,...", help="these ways instead, each RUN MiB GETs AT at once, received "
+                   "a MiB at a time (e.g. 16x1,16x3,16x8)")
     args = p.parse_args()
+    ways = WAYS if not args.ways else [(int(run) * MiB, int(at), MiB, None, 0.0)
+                                       for run, at in (w.split("x") for w in args.ways.split(","))]
     if not S3rver.available():
         print("s3rvercost: s3rver is not installed (bash bench/setup.sh)", file=sys.stderr)
         return 1
@@ -101,9 +105,9 @@ def main() -> int:
         pid = server.proc.pid
         # Untimed first: s3rver's first requests after it started cost it more (its code warming up).
         one_way(server.port, path, pid, min(size, 64 * MiB), (8 * MiB, 3, 256 << 10, None, 0.0))
-        results: dict[tuple, list[tuple[float, float]]] = {way: [] for way in WAYS}
+        results: dict[tuple, list[tuple[float, float]]] = {way: [] for way in ways}
         for r in range(args.rounds):
-            for way in WAYS:
+            for way in ways:
                 results[way].append(one_way(server.port, path, pid, total, way))
             print(f"round {r + 1} of {args.rounds} done", file=sys.stderr, flush=True)
         print(f"s3rver serving {total // MiB} MiB of s3://bench/{KEY} per way and round, {args.rounds} rounds; "

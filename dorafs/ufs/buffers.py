@@ -37,6 +37,15 @@ Subtleties:
   thread. As a bytearray from the memory glibc keeps (dorafs/memory.py) it was zeroed on
   the loop: 50 ms of a cold Parquet pass's 3 s with the interpreter held (py-spy,
   bench/README.md "Pages told in fours").
+- Small pages, not transparent huge pages (no MADV_HUGEPAGE). A huge page is a 2 MiB
+  block of free memory, and on a virtual machine that hands its free memory back to
+  the host (a balloon's free page reporting, as on these Firecracker machines, which
+  report free blocks of 8 MiB and more) such blocks are the ones given back: the first
+  touch of each makes the host supply it again. A fresh worker's first buffers cost
+  about 10 ms of CPU per MiB in huge pages there against 1-2 in small ones, up to half
+  of the worker's CPU in a cold sequential pass (bench/README.md, "Receive buffers in
+  small pages"). Memory used before and freed is cheaper in huge pages, but a kept
+  buffer is faulted in only once either way.
 """
 
 from __future__ import annotations
@@ -85,27 +94,9 @@ class BufferPool:
                 while len(self._lent) >= self.keep or held + size > self.max_bytes:
                     held -= len(self._lent.pop(spares.pop()))  # the last first: the indices before it stand
             fresh = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            _advise_huge(fresh)
             if len(self._lent) < self.keep and held + size <= self.max_bytes:
                 self._lent.append(fresh)
             return fresh
-
-
-# Transparent huge pages for every buffer (Linux): a fresh 16 MiB buffer is faulted in
-# 2 MiB at a time, 8 faults instead of 4,096 (2.1 ms of the receiving thread's CPU
-# instead of 10.5 here: bench/hugebuffers.py; bench/README.md, "Receive buffers in huge
-# pages"). Where THP is
-# off (`never`) the advice is ignored; a kernel built without THP refuses it (EINVAL),
-# and the buffer stays in small pages.
-_HUGE = getattr(mmap, "MADV_HUGEPAGE", None)
-
-
-def _advise_huge(buf: mmap.mmap) -> None:
-    if _HUGE is not None:
-        try:
-            buf.madvise(_HUGE)
-        except OSError:
-            pass  # no THP in this kernel: small pages, as without the advice
 
 
 # References to a tracked buffer that nobody else holds, as `take` counts them: the
