@@ -36,7 +36,7 @@ from procs import (BENCH, CACHE, REGISTRY, WORK, clean_stale, cpu_seconds, each_
                    reset_peak_rss, rss_mib)
 from report import Report, Result, fmt, merge_rounds  # noqa: E402
 from scenarios import Ctx, all_scenarios, describe  # noqa: E402
-from servers import SERVERS  # noqa: E402
+from servers import S3RVER_NODE_FLAGS, SERVERS  # noqa: E402
 from systems import SYSTEMS, Dorafs, DorafsBaseline, Mounted, versions  # noqa: E402
 
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -274,7 +274,8 @@ def main(argv=None) -> int:
     load_start = os.getloadavg()
     try:
         server = server_cls(workdir)
-        console.print(f"S3 server: {server.name} on {server.endpoint}")
+        console.print(f"S3 server: {server.name} on {server.endpoint}"
+                      + (f" (node {' '.join(S3RVER_NODE_FLAGS) or 'without flags'})" if server.name == "s3rver" else ""))
         ensure_dataset(server, spec)
 
         systems = []
@@ -373,7 +374,8 @@ def main(argv=None) -> int:
     console.print(report.targets_table())
     for line in notes:
         console.print(f"[yellow]note: {line}[/yellow]")
-    meta = {"timestamp": stamp, "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "dorafs_commit": _commit(), "mode": args.mode, "s3_server": args.s3, "elapsed_s": round(elapsed, 1),
+    meta = {"timestamp": stamp, "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "dorafs_commit": _commit(), "mode": args.mode, "s3_server": args.s3,
+            "s3rver_node_flags": " ".join(S3RVER_NODE_FLAGS) if args.s3 == "s3rver" else None, "elapsed_s": round(elapsed, 1),
             "dataset": {"large": spec.large_size, "small": spec.small_count, "small_size": spec.small_size,
                         "medium": spec.medium_count, "medium_size": spec.medium_size, "flat": spec.flat_count},
             "systems": {s.name: s.config for s in systems}, "versions": versions(), "notes": notes,

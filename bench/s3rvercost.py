@@ -1,6 +1,6 @@
 """What s3rver itself spends to serve bytes, by how a client asks for them and receives them.
 
-    .venv/bin/python bench/s3rvercost.py [--mib 512] [--rounds 4]
+    .venv/bin/python bench/s3rvercost.py [--mib 512] [--rounds 4] [--ways 16x3,16x1] [--trace-gc]
 
 Every cold figure of bench/ is taken against one s3rver on the same two cores as the
 system measured, so its CPU per byte bounds them all. This reads the large object of the
@@ -11,7 +11,10 @@ last ways, stopping a moment after each MiB received, as a receiver that writes 
 before it receives the next: `recv_into` with MSG_WAITALL, then a sleep), and prints
 s3rver's CPU seconds per GiB (its /proc stat, all threads) and the rate for each way of
 asking. The ways are interleaved round after round, so a drift of the machine shows as a
-spread within one row, not as a difference between rows.
+spread within one row, not as a difference between rows. `--trace-gc` also counts
+s3rver's full collections of its heap in each way (V8's Mark-Compact), which decide its
+cost per byte without the heap room bench/servers.py gives it (`BENCH_S3RVER_NODE_FLAGS=`
+runs it without: see bench/README.md, "s3rver's two costs per byte").
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from procs import cpu_seconds, each_at_once  # noqa: E402
-from servers import S3rver  # noqa: E402
+from servers import S3RVER_NODE_FLAGS, S3rver  # noqa: E402
 
 KEY = "full/large/big.bin"
 MiB = 1 << 20
@@ -66,20 +69,28 @@ def get(port: int, path: str, start: int, length: int, recv: int, rcvbuf: int | 
                 time.sleep(pause)
 
 
-def one_way(port: int, path: str, pid: int, total: int, way: tuple) -> tuple[float, float]:
-    """(s3rver CPU-s per GiB, MiB/s) for `total` bytes read one way."""
+def one_way(port: int, path: str, pid: int, total: int, way: tuple, log: Path | None = None) -> tuple[float, float, int]:
+    """(s3rver CPU-s per GiB, MiB/s, full collections of its heap or -1) for `total` bytes read one way."""
     run, at_once, recv, rcvbuf, pause = way
+    logged = log.stat().st_size if log else 0
     cpu, began = cpu_seconds(pid), time.monotonic()
     each_at_once(range(0, total, run), at_once,
                  lambda start, _: get(port, path, start, min(run, total - start), recv, rcvbuf, pause))
     wall, spent = time.monotonic() - began, cpu_seconds(pid) - cpu
-    return spent / (total / (1 << 30)), total / MiB / wall
+    full = -1
+    if log:
+        with open(log, "rb") as f:
+            f.seek(logged)
+            full = f.read().count(b"Mark-Compact")
+    return spent / (total / (1 << 30)), total / MiB / wall, full
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mib", type=int, default=512, help="bytes read per way and round")
     p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--trace-gc", action="store_true", help="run s3rver with V8's --trace-gc and count its full "
+                   "collections (Mark-Compact) in each way")
     p.add_argument("--ways", metavar="RUNxAT,...", help="these ways instead, each RUN MiB GETs AT at once, received "
                    "a MiB at a time (e.g. 16x1,16x3,16x8)")
     args = p.parse_args()
@@ -90,7 +101,8 @@ def main() -> int:
         return 1
     work = Path(__file__).resolve().parent / ".cache" / "work" / "s3rvercost"
     work.mkdir(parents=True, exist_ok=True)
-    server = S3rver(work)
+    server = S3rver(work, ("--trace-gc",) if args.trace_gc else ())
+    log = server.log_path if args.trace_gc else None
     try:
         client = server.client()
         try:
@@ -105,21 +117,25 @@ def main() -> int:
         pid = server.proc.pid
         # Untimed first: s3rver's first requests after it started cost it more (its code warming up).
         one_way(server.port, path, pid, min(size, 64 * MiB), (8 * MiB, 3, 256 << 10, None, 0.0))
-        results: dict[tuple, list[tuple[float, float]]] = {way: [] for way in ways}
+        results: dict[tuple, list[tuple[float, float, int]]] = {way: [] for way in ways}
         for r in range(args.rounds):
             for way in ways:
-                results[way].append(one_way(server.port, path, pid, total, way))
+                results[way].append(one_way(server.port, path, pid, total, way, log))
             print(f"round {r + 1} of {args.rounds} done", file=sys.stderr, flush=True)
-        print(f"s3rver serving {total // MiB} MiB of s3://bench/{KEY} per way and round, {args.rounds} rounds; "
-              f"load average {os.getloadavg()[0]:.1f} at the end\n")
-        print("| run | at once | recv | SO_RCVBUF | stop after each | s3rver CPU-s/GiB, each round | median | MiB/s, median |")
-        print("|---|---|---|---|---|---|---|---|")
+        flags = " ".join(S3RVER_NODE_FLAGS) or "none"
+        print(f"s3rver (node flags: {flags}) serving {total // MiB} MiB of s3://bench/{KEY} per way and round, "
+              f"{args.rounds} rounds; load average {os.getloadavg()[0]:.1f} at the end\n")
+        gc = " full collections, each round |" if args.trace_gc else ""
+        print("| run | at once | recv | SO_RCVBUF | stop after each | s3rver CPU-s/GiB, each round | median | MiB/s, median |"
+              + gc)
+        print("|---|---|---|---|---|---|---|---|" + ("---|" if gc else ""))
         for (run, at_once, recv, rcvbuf, pause), got in results.items():
-            cpus = [c for c, _ in got]
+            cpus = [c for c, _, _ in got]
             print(f"| {run // MiB} MiB | {at_once} | {recv >> 10} KiB | {'default' if rcvbuf is None else f'{rcvbuf // MiB} MiB'} "
                   f"| {f'{pause * 1000:g} ms' if pause else '–'} "
                   f"| {', '.join(f'{c:.2f}' for c in cpus)} | {statistics.median(cpus):.2f} "
-                  f"| {statistics.median(r for _, r in got):.0f} |")
+                  f"| {statistics.median(r for _, r, _ in got):.0f} |"
+                  + (f" {', '.join(str(n) for _, _, n in got)} |" if gc else ""))
     finally:
         server.stop()
     return 0

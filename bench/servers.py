@@ -24,6 +24,17 @@ from pathlib import Path
 from procs import CACHE, Tracked, free_port, port_open, wait_for
 
 S3RVER_BIN = CACHE / "node" / "node_modules" / ".bin" / "s3rver"
+# s3rver's V8 heap starts with room for 128 MB of old objects. Without it, its cost per
+# byte served flips between two states: with its heap small (11-15 MB live), the
+# collector's limit for a full collection counts the 64 KiB buffers each read streams,
+# and once it is reached s3rver collects the whole heap every 20 MiB or so (20-30 full
+# collections per 512 MiB, 1.8-2.8 CPU-s a GiB), else it frees them in young-generation
+# collections alone (0-5 full ones, 1.2-1.6 CPU-s a GiB). Which state a pass meets
+# depends on what s3rver served before it, not on the client timed: the same GETs met
+# both within one run. With the room, no full collection in any way of asking, 1.1-1.4
+# CPU-s a GiB (bench/README.md, "s3rver's two costs per byte"). BENCH_S3RVER_NODE_FLAGS
+# replaces the flags ("" for s3rver as it comes).
+S3RVER_NODE_FLAGS = os.environ.get("BENCH_S3RVER_NODE_FLAGS", "--initial-old-space-size=128").split()
 _ANSI = re.compile(rb"\x1b\[[0-9;]*m")
 
 
@@ -83,14 +94,16 @@ class S3rver(S3Server):
     # "info: /bench/quick/large/big.bin 206 3ms 1mb"
     _request_line = re.compile(rb"^info: \S+ \d{3} [\d,.]+m?s ", re.M)
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, extra_node_flags: tuple[str, ...] = ()):
         super().__init__(workdir)
+        self.log_path = workdir / "s3rver.log"
         self.data_dir = CACHE / "s3rver-data"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         env["NODE_OPTIONS"] = (env.get("NODE_OPTIONS", "") + " --openssl-legacy-provider").strip()
-        self.proc = Tracked("s3rver", [S3RVER_BIN, "-d", self.data_dir, "-a", "127.0.0.1", "-p", self.port],
-                            workdir / "s3rver.log", env=env)
+        node = shutil.which("node") or "node"
+        self.proc = Tracked("s3rver", [node, *S3RVER_NODE_FLAGS, *extra_node_flags, S3RVER_BIN, "-d", self.data_dir, "-a", "127.0.0.1",
+                                       "-p", self.port], workdir / "s3rver.log", env=env)
         self._wait()
 
     def clear(self, prefix: str) -> None:
