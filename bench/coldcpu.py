@@ -168,7 +168,7 @@ def main() -> None:
     p.add_argument("--fio-log", metavar="PREFIX", help="fio's bandwidth every 50 ms of each timed pass, in "
                    "PREFIX.N_bw.*.log (ms, KiB/s): where a pass ramps up, waits or tails off")
     p.add_argument("--s3rver-stat", action="store_true",
-                   help="a second line a pass: s3rver's CPU by thread (event loop, pool) and mode, its context "
+                   help="a second line a pass: s3rver's CPU by thread (its event loop, the others) and mode, its context "
                         "switches, and its system calls per MiB read (perf)")
     p.add_argument("--warm-server", type=int, default=0, metavar="N",
                    help="read the large object N times straight from s3rver first, untimed (the harness: once)")
