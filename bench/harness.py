@@ -382,7 +382,7 @@ def main(argv=None) -> int:
             "cold": "first mount of a fresh, empty cache", "prime_gib": args.prime_gib, "rounds": len(rounds), "warm": "remount of the same cache: the system's cache "
             "kept, the kernel page/dentry cache of the old mount gone with it"}
     base = RESULTS / f"{stamp}-{args.mode}"
-    report.save_json(base.with_suffix(".json"), meta)
+    report.save_json(base.with_suffix(".json"), meta, rounds if len(rounds) > 1 else None)
     report.save_png(base.with_suffix(".png"), title.split(" — ")[0])
     base.with_suffix(".md").write_text(report.plain_table() + "\n"
                                        + ("\n" + report.plain_rounds() + "\n" if len(rounds) > 1 else ""))

@@ -250,7 +250,9 @@ class Report:
 
     # -- files ------------------------------------------------------------------------
 
-    def save_json(self, path: Path, meta: dict) -> None:
+    def save_json(self, path: Path, meta: dict, passes: list[list[Result]] | None = None) -> None:
+        """The report as JSON; with `passes`, every round's own results too (each pass's
+        value, wall time, S3 requests and the S3 server's CPU), beside the medians."""
         data = {
             "meta": meta,
             "scenarios": self.titles,
@@ -259,6 +261,8 @@ class Report:
             "ratios": [{"row": row, "phase": phase, **self.ratios(row, phase)} for row, phase in self.order],
             "targets": self.targets(),
         }
+        if passes is not None:
+            data["passes"] = [[asdict(r) for r in results] for results in passes]
         path.write_text(json.dumps(data, indent=1, default=str))
 
     def save_png(self, path: Path, title: str) -> None:
